@@ -1,0 +1,55 @@
+# uprobed — build, run, test. Every target installs what it needs on a fresh Debian 12 machine
+# (as root, through apt-get) before it builds.
+SWIFT   ?= swift
+PREFIX  ?= /usr/local
+DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3 libsqlite3-0 bpftrace bpftool linux-perf
+SOCKET  ?= /run/uprobed/uprobed.sock
+ARGS    ?=
+
+.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch install clean
+
+## Install the Debian packages the build and the tests need (only the missing ones).
+deps:
+	@missing=""; for p in $(DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+## Run the daemon in the foreground with built-in defaults (socket $(SOCKET)).
+run: build
+	.build/debug/uprobed --socket $(SOCKET) $(ARGS)
+
+## The test suite: unit tests plus integration tests against the real kernel.
+test: deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build --parallel --num-workers 2
+
+## The tree and epoch tests under ThreadSanitizer and AddressSanitizer.
+sanitize: deps
+	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --filter UprobeTreeTests
+	$(SWIFT) test --sanitize=address --scratch-path .build-asan --filter UprobeTreeTests
+
+bench: bench-tree bench-batch
+
+bench-tree: deps
+	$(SWIFT) run -c release bench-tree
+
+bench-batch: deps
+	$(SWIFT) build -c release
+	$(SWIFT) run -c release bench-batch
+
+install: build
+	$(SWIFT) build -c release
+	install -D -m 0755 .build/release/uprobed $(DESTDIR)$(PREFIX)/bin/uprobed
+	install -D -m 0755 .build/release/uprobectl $(DESTDIR)$(PREFIX)/bin/uprobectl
+	install -D -m 0644 systemd/uprobed.service $(DESTDIR)/etc/systemd/system/uprobed.service
+	install -D -m 0644 systemd/uprobed.socket $(DESTDIR)/etc/systemd/system/uprobed.socket
+	install -D -m 0644 config/uprobed.conf $(DESTDIR)/etc/uprobed/uprobed.conf
+
+clean:
+	rm -rf .build .build-tsan .build-asan

@@ -1,0 +1,77 @@
+// swift-tools-version:6.0
+// uprobed — a daemon that owns every user-space probe on a host.
+//
+// Module layout follows the data flow (see ../shared/DESIGN.md and README.md):
+//   CUprobeSys, CSystemd      C shims: bpf(2)/perf_event_open(2), UAPI structs; libsystemd
+//   UprobeELF                 spec -> (file, offset): symbols, versions, USDT, libraries
+//   UprobeKernel              BPF counting program, maps, uprobe_multi links, counter reads
+//   UprobeTree                the uprobes tree and its epoch-based reclamation domain
+//   UprobeCore                slots, batcher and engine (the single writer)
+//   UprobedProtocol           JSON-lines wire types shared by daemon and CLI
+//   UprobedServer             socket, peer auth, systemd, config, persistence
+//   uprobed, uprobectl        the two executables, thin
+import PackageDescription
+
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+    name: "uprobed",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "uprobed", targets: ["uprobed"]),
+        .executable(name: "uprobectl", targets: ["uprobectl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        .target(name: "CUprobeSys"),
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd",
+                       providers: [.apt(["libsystemd-dev"])]),
+        .target(name: "UprobeELF",
+                dependencies: [.product(name: "SystemPackage", package: "swift-system")],
+                swiftSettings: strict),
+        .target(name: "UprobeKernel",
+                dependencies: ["CUprobeSys", .product(name: "SystemPackage", package: "swift-system")],
+                swiftSettings: strict),
+        .target(name: "UprobeTree", swiftSettings: strict),
+        .target(name: "UprobeCore",
+                dependencies: ["UprobeTree", "UprobeELF", "UprobeKernel",
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: strict),
+        .target(name: "UprobedProtocol", swiftSettings: strict),
+        .target(name: "UprobedClient", dependencies: ["UprobedProtocol"], swiftSettings: strict),
+        .target(name: "UprobedServer",
+                dependencies: ["UprobeCore", "UprobedProtocol", "CSystemd", "CUprobeSys",
+                               .product(name: "NIOCore", package: "swift-nio"),
+                               .product(name: "NIOPosix", package: "swift-nio"),
+                               .product(name: "Logging", package: "swift-log"),
+                               .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                               .product(name: "SystemPackage", package: "swift-system")],
+                swiftSettings: strict),
+        .executableTarget(name: "uprobed",
+                          dependencies: ["UprobedServer",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          swiftSettings: strict),
+        .executableTarget(name: "uprobectl",
+                          dependencies: ["UprobedProtocol", "UprobedClient",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          swiftSettings: strict),
+        .executableTarget(name: "bench-tree", dependencies: ["UprobeTree"], path: "bench/TreeBench",
+                          swiftSettings: strict),
+        .executableTarget(name: "bench-batch",
+                          dependencies: ["UprobeKernel", "UprobeELF", "UprobedProtocol", "UprobedClient"],
+                          path: "bench/BatchBench", swiftSettings: strict),
+        .testTarget(name: "UprobeELFTests", dependencies: ["UprobeELF"]),
+        .testTarget(name: "UprobeTreeTests", dependencies: ["UprobeTree"]),
+        .testTarget(name: "UprobeKernelTests", dependencies: ["UprobeKernel", "UprobeELF"]),
+        .testTarget(name: "UprobeCoreTests", dependencies: ["UprobeCore"]),
+        .testTarget(name: "UprobedProtocolTests", dependencies: ["UprobedProtocol"]),
+        .testTarget(name: "UprobedServerTests", dependencies: ["UprobedServer"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["UprobedProtocol", "UprobedClient"]),
+    ]
+)

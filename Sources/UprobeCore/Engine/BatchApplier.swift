@@ -1,0 +1,355 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import UprobeELF
+import UprobeKernel
+
+/// A request waiting for the writer.
+enum PendingOp: Sendable {
+    case register(items: [RegisterItem], consumer: String?, peer: Peer,
+                  reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
+    case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
+                    reply: @Sendable (Result<Int, EngineError>) -> Void)
+}
+
+/// The single writer: applies a whole batch of requests to the kernel and the registry.
+///
+/// Lives on the engine's writer thread and is never shared, so it needs no lock of its own.
+/// One batch = one slot allocation pass, at most one new uprobe_multi link per
+/// (binary, pid filter, direction), one publication, one round of detach work whose link
+/// closes are issued together so they share grace periods.
+final class BatchApplier {
+    private let kernel: any KernelBackend
+    private let logger: Logger
+    private let publish: (RegistrySnapshot) -> Void
+    private let persist: (RegistrySnapshot) throws -> Void
+
+    private var slots: SlotAllocator
+    private var probes: [String: ProbeRecord] = [:]
+    private var nextProbeNumber: UInt64 = 1
+    private var links: [ObjectIdentifier: LinkRecord] = [:]
+    /// The newest link holding each attached slot.
+    private var slotLink: [UInt32: LinkRecord] = [:]
+    /// Slots whose probe is gone but which are still attached (waiting for detach work).
+    private var deadSlots: Set<UInt32> = []
+    private var counters = EngineCounters()
+    private var generation: UInt64 = 0
+
+    init(kernel: any KernelBackend, logger: Logger,
+         publish: @escaping (RegistrySnapshot) -> Void,
+         persist: @escaping (RegistrySnapshot) throws -> Void) {
+        self.kernel = kernel
+        self.logger = logger
+        self.publish = publish
+        self.persist = persist
+        self.slots = SlotAllocator(capacity: kernel.capacity)
+    }
+
+    // MARK: - One batch
+
+    private struct PlannedProbe {
+        var sites: [ProbeSite]
+        var spec: ProbeSpecInput
+    }
+
+    private struct PlannedRegister {
+        var index: Int  // position in the batch
+        var probes: [PlannedProbe] = []
+        var failure: EngineError?
+        var consumer: String?
+        var peer: Peer
+    }
+
+    func apply(_ batch: [PendingOp]) {
+        let started = ContinuousClock.now
+        counters.batches += 1
+        counters.requests += UInt64(batch.count)
+        counters.lastBatchSize = batch.count
+        counters.maxBatchSize = max(counters.maxBatchSize, batch.count)
+
+        // Phase A: plan. Allocate slots for registrations; validate removals.
+        var registers: [PlannedRegister] = []
+        var removals: [(ids: [String], reply: @Sendable (Result<Int, EngineError>) -> Void)] = []
+        var removedInBatch: Set<String> = []
+        var newSlots: [UInt32] = []
+        for (n, op) in batch.enumerated() {
+            switch op {
+            case .register(let items, let consumer, let peer, _):
+                var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
+                let groups = items.map(\.probeGroups)
+                let needed = groups.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } }
+                guard let allocated = slots.allocate(needed) else {
+                    plan.failure = EngineError(
+                        code: "capacity_exhausted",
+                        message: "no counter slots left for \(needed) probe sites (\(slots.inUse) of \(slots.capacity) in use); unregister probes or raise slot_capacity")
+                    registers.append(plan)
+                    continue
+                }
+                newSlots += allocated
+                var next = allocated.makeIterator()
+                for (item, probeGroups) in zip(items, groups) {
+                    for targets in probeGroups {
+                        let sites = targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
+                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
+                    }
+                }
+                registers.append(plan)
+            case .unregister(let ids, let consumer, _, let authorize, let reply):
+                let selected: [String]
+                if let ids {
+                    if let missing = ids.first(where: { probes[$0] == nil || removedInBatch.contains($0) }) {
+                        reply(.failure(EngineError(code: "probe_not_found", message: "no probe with id '\(missing)'")))
+                        continue
+                    }
+                    selected = Array(Set(ids))
+                } else {
+                    selected = probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
+                }
+                if let denied = selected.first(where: { id in probes[id].map { !authorize($0) } ?? false }) {
+                    reply(.failure(EngineError(code: "permission_denied",
+                                               message: "probe '\(denied)' belongs to another user")))
+                    continue
+                }
+                removedInBatch.formUnion(selected)
+                removals.append((selected, reply))
+            }
+        }
+
+        // Counters of reused slots still hold their previous owner's hits.
+        if !newSlots.isEmpty {
+            do { try kernel.resetCounters(slots: newSlots) } catch {
+                logger.error("resetting counters failed", metadata: ["error": "\(error.message)"])
+                for i in registers.indices where registers[i].failure == nil {
+                    registers[i].failure = EngineError(code: error.code, message: "resetting counters failed: \(error.message)")
+                }
+            }
+        }
+
+        // Phase B: attach, one link per (binary, pid filter, direction) across all requests.
+        attachPlanned(&registers)
+
+        // Phase C: commit, persist, publish, reply.
+        var orphanSlots: [UInt32] = []  // attached for a request that then failed
+        var unattachedSlots: [UInt32] = []
+        let now = Double(clockRealtimeSeconds())
+        let nowMono = ContinuousClock.now
+        var created: [Int: [ProbeRecord]] = [:]
+        for plan in registers {
+            if plan.failure != nil {
+                for p in plan.probes {
+                    for s in p.sites {
+                        if slotLink[s.slot] != nil { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
+                    }
+                }
+                continue
+            }
+            var records: [ProbeRecord] = []
+            for p in plan.probes {
+                let id = ProbeID.make(nextProbeNumber)
+                nextProbeNumber += 1
+                let r = ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: p.spec,
+                                    sites: p.sites, registeredAt: now, registeredAtMonotonic: nowMono)
+                probes[id] = r
+                records.append(r)
+            }
+            created[plan.index] = records
+        }
+        var removedCount: [Int] = []
+        for removal in removals {
+            var n = 0
+            for id in removal.ids {
+                guard let r = probes.removeValue(forKey: id) else { continue }
+                n += 1
+                for s in r.sites { deadSlots.insert(s.slot) }
+            }
+            removedCount.append(n)
+        }
+        deadSlots.formUnion(orphanSlots)
+        slots.release(unattachedSlots)
+        counters.pendingRemovals = deadSlots.count
+
+        let snapshot = makeSnapshot()
+        var persistError: EngineError? = nil
+        do { try persist(snapshot) } catch {
+            // The kernel state is ahead of the state file; report it rather than pretend.
+            logger.error("saving state failed", metadata: ["error": "\(error)"])
+            persistError = EngineError(code: "state_write_failed",
+                                       message: "probes are attached but the state file could not be written: \(error)")
+        }
+        publish(snapshot)
+        for plan in registers {
+            guard case .register(_, _, _, let reply) = batch[plan.index] else { continue }
+            if let f = plan.failure { reply(.failure(f)) } else if let persistError { reply(.failure(persistError)) } else {
+                reply(.success(created[plan.index] ?? []))
+            }
+        }
+        for (removal, n) in zip(removals, removedCount) { removal.reply(.success(n)) }
+
+        // Phase D: detach work for everything that died in this batch.
+        if !deadSlots.isEmpty { detachDeadSlots() }
+        counters.lastBatchMicros = UInt64((ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000)
+            + UInt64((ContinuousClock.now - started).components.seconds) * 1_000_000
+        publish(makeSnapshot())
+    }
+
+    /// Creates the links of a batch. A group's link failing is retried request by request so
+    /// one bad request cannot fail its neighbours; a request that loses any group fails whole.
+    private func attachPlanned(_ registers: inout [PlannedRegister]) {
+        struct Entry { var reg: Int; var site: ProbeSite; var spec: ProbeSpecInput }
+        var groups: [LinkGroupKey: (path: String, entries: [Entry])] = [:]
+        var order: [LinkGroupKey] = []
+        for (r, plan) in registers.enumerated() where plan.failure == nil {
+            for p in plan.probes {
+                for s in p.sites {
+                    let key = LinkGroupKey(device: s.target.device, inode: s.target.inode,
+                                           pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
+                    if groups[key] == nil { groups[key] = (s.target.path, []); order.append(key) }
+                    groups[key]?.entries.append(Entry(reg: r, site: s, spec: p.spec))
+                }
+            }
+        }
+        for key in order {
+            guard let group = groups[key] else { continue }
+            let live = group.entries.filter { registers[$0.reg].failure == nil }
+            guard !live.isEmpty else { continue }
+            do {
+                try attachLink(key: key, path: group.path, sites: live.map(\.site))
+            } catch let whole {
+                let regsInGroup = Array(Set(live.map(\.reg))).sorted()
+                if regsInGroup.count == 1 {
+                    registers[regsInGroup[0]].failure = attachFailure(whole, path: group.path)
+                    continue
+                }
+                for r in regsInGroup {
+                    let mine = live.filter { $0.reg == r }.map(\.site)
+                    do { try attachLink(key: key, path: group.path, sites: mine) } catch {
+                        registers[r].failure = attachFailure(error, path: group.path)
+                    }
+                }
+            }
+        }
+    }
+
+    private func attachFailure(_ error: KernelError, path: String) -> EngineError {
+        EngineError(code: error.code, message: "attaching probes in \(path) failed: \(error.message)")
+    }
+
+    private func attachLink(key: LinkGroupKey, path: String, sites: [ProbeSite]) throws(KernelError) {
+        let linkSites = sites.map { LinkSite(offset: $0.target.fileOffset, refCtrOffset: $0.target.refCtrOffset, slot: $0.slot) }
+        let handle = try kernel.attach(path: path, sites: linkSites, pid: key.pid == 0 ? nil : key.pid, retprobe: key.retprobe)
+        let record = LinkRecord(group: key, path: path, sites: linkSites, handle: handle)
+        links[ObjectIdentifier(record)] = record
+        for s in linkSites { slotLink[s.slot] = record }
+        counters.linksCreated += 1
+    }
+
+    /// Closes links whose sites all died; rebuilds (make-before-break) links that still hold
+    /// live sites, with the BPF hand-off on so no hit is lost or doubled during the overlap.
+    /// All closes of the round are issued together so they share grace periods.
+    private func detachDeadSlots() {
+        var affected: [ObjectIdentifier: LinkRecord] = [:]
+        var freeNow: [UInt32] = []
+        for s in deadSlots {
+            if let l = slotLink[s] { affected[ObjectIdentifier(l)] = l } else { freeNow.append(s) }
+        }
+        var toClose: [LinkRecord] = []
+        var rebuilds: [(old: LinkRecord, live: [LinkSite])] = []
+        for l in affected.values {
+            let live = l.sites.filter { !deadSlots.contains($0.slot) }
+            if live.isEmpty { toClose.append(l) } else { rebuilds.append((l, live)) }
+        }
+        let overlapSlots = rebuilds.flatMap { $0.live.map(\.slot) }
+        var overlapOn = false
+        if !overlapSlots.isEmpty {
+            do {
+                try kernel.setOverlap(true, slots: overlapSlots)
+                overlapOn = true
+            } catch {
+                logger.error("cannot start link hand-off; removals stay pending", metadata: ["error": "\(error.message)"])
+            }
+        }
+        if overlapOn {
+            for (old, live) in rebuilds {
+                do {
+                    let handle = try kernel.attach(path: old.path, sites: live, pid: old.group.pid == 0 ? nil : old.group.pid,
+                                                   retprobe: old.group.retprobe)
+                    let fresh = LinkRecord(group: old.group, path: old.path, sites: live, handle: handle)
+                    links[ObjectIdentifier(fresh)] = fresh
+                    for s in live { slotLink[s.slot] = fresh }
+                    counters.linksCreated += 1
+                    counters.linkRebuilds += 1
+                    toClose.append(old)
+                } catch {
+                    // The old link keeps counting its live sites exactly; the dead ones are retried next batch.
+                    logger.warning("link rebuild failed; removal stays pending",
+                                   metadata: ["path": "\(old.path)", "error": "\(error.message)"])
+                }
+            }
+        }
+        if !toClose.isEmpty {
+            kernel.closeAll(toClose.map(\.handle))
+            counters.gracePeriods += 1
+            counters.linksClosed += UInt64(toClose.count)
+        }
+        if overlapOn {
+            // Only now is no older link left on these slots (closeAll waited for the grace period).
+            do {
+                try kernel.setOverlap(false, slots: overlapSlots)
+                try kernel.sweepMarks(slots: Set(overlapSlots))
+            } catch {
+                logger.error("ending link hand-off failed", metadata: ["error": "\(error.message)"])
+            }
+        }
+        for l in toClose {
+            links.removeValue(forKey: ObjectIdentifier(l))
+            for s in l.sites where deadSlots.contains(s.slot) && slotLink[s.slot] === l {
+                slotLink.removeValue(forKey: s.slot)
+                freeNow.append(s.slot)
+            }
+        }
+        for s in freeNow { deadSlots.remove(s) }
+        slots.release(freeNow)
+        counters.pendingRemovals = deadSlots.count
+    }
+
+    private func makeSnapshot() -> RegistrySnapshot {
+        generation += 1
+        var s = RegistrySnapshot()
+        s.probes = probes
+        s.slotHighWater = slots.highWater
+        s.slotsInUse = slots.inUse
+        s.slotCapacity = slots.capacity
+        s.linksOpen = links.count
+        var keys = Set<UprobeSiteKey>()
+        for p in probes.values {
+            for site in p.sites {
+                keys.insert(UprobeSiteKey(device: site.target.device, inode: site.target.inode, offset: site.target.fileOffset))
+            }
+        }
+        s.uprobes = keys.count
+        s.counters = counters
+        s.generation = generation
+        return s
+    }
+
+    /// Detaches everything (daemon shutdown without persistence of kernel state: links die with
+    /// the process anyway, but closing them together is faster than the kernel doing it one by one).
+    func shutdown() {
+        kernel.closeAll(links.values.map(\.handle))
+        links.removeAll()
+        slotLink.removeAll()
+    }
+}
+
+struct UprobeSiteKey: Hashable {
+    var device: UInt64
+    var inode: UInt64
+    var offset: UInt64
+}
+
+func clockRealtimeSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}

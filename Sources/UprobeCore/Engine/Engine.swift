@@ -1,0 +1,176 @@
+import Foundation
+import Logging
+import Synchronization
+import UprobeELF
+
+/// Per-probe statistics as `stats` reports them.
+public struct ProbeStats: Sendable {
+    public var id: String
+    public var hits: UInt64
+    /// Mean hits per second since the registration.
+    public var ratePerSecond: Double
+    public var sites: Int
+}
+
+/// The engine: batches requests from every connection and applies them on one writer thread.
+///
+/// Readers (`stats`, `list`, `status`) never wait for the writer: they read the last published
+/// snapshot and the kernel counters directly.
+public final class Engine: Sendable {
+    public let config: EngineConfig
+    private let kernel: any KernelBackend
+    private let logger: Logger
+    private let queue: OpQueue
+    /// The last published snapshot. Written by the writer once per batch; readers copy it.
+    private let published: SnapshotCell
+    private let writerDone = DispatchSemaphore(value: 0)
+
+    /// Starts the writer thread. `persist` is called on the writer thread once per batch,
+    /// after the kernel work and before any reply, with the registrations to save.
+    public init(config: EngineConfig, kernel: any KernelBackend, logger: Logger,
+                persist: @escaping @Sendable (RegistrySnapshot) throws -> Void = { _ in }) {
+        self.config = config
+        self.kernel = kernel
+        self.logger = logger
+        self.queue = OpQueue()
+        var initial = RegistrySnapshot()
+        initial.slotCapacity = kernel.capacity
+        self.published = SnapshotCell(initial)
+        let queue = self.queue
+        let published = self.published
+        let done = self.writerDone
+        let window = config.batchWindow
+        let maxBatch = config.maxBatchRequests
+        let thread = Thread {
+            let applier = BatchApplier(kernel: kernel, logger: logger,
+                                       publish: { s in published.store(s) },
+                                       persist: persist)
+            while let batch = queue.nextBatch(window: window, max: maxBatch) {
+                applier.apply(batch)
+            }
+            applier.shutdown()
+            done.signal()
+        }
+        thread.name = "uprobed-writer"
+        thread.start()
+    }
+
+    /// Registers the probes of one request atomically: all of them or none.
+    public func register(_ items: [RegisterItem], consumer: String?, peer: Peer) async -> Result<[ProbeRecord], EngineError> {
+        await withCheckedContinuation { (cont: CheckedContinuation<Result<[ProbeRecord], EngineError>, Never>) in
+            let accepted = queue.push(.register(items: items, consumer: consumer, peer: peer, reply: { cont.resume(returning: $0) }))
+            if !accepted { cont.resume(returning: .failure(Self.stopping)) }
+        }
+    }
+
+    /// Unregisters by ids (all must exist) or by consumer name. `authorize` is asked for each probe.
+    public func unregister(ids: [String]?, consumer: String?, peer: Peer,
+                           authorize: @escaping @Sendable (ProbeRecord) -> Bool = { _ in true }) async -> Result<Int, EngineError> {
+        await withCheckedContinuation { (cont: CheckedContinuation<Result<Int, EngineError>, Never>) in
+            let accepted = queue.push(.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize,
+                                                  reply: { cont.resume(returning: $0) }))
+            if !accepted { cont.resume(returning: .failure(Self.stopping)) }
+        }
+    }
+
+    private static let stopping = EngineError(code: "shutting_down", message: "uprobed is stopping")
+
+    /// The last published registry.
+    public var snapshot: RegistrySnapshot { published.load() }
+
+    /// Hit counts of the given probes (all if nil). Unknown ids give `probe_not_found`.
+    public func stats(ids: [String]?) -> Result<[ProbeStats], EngineError> {
+        let snap = snapshot
+        let records: [ProbeRecord]
+        if let ids {
+            var r: [ProbeRecord] = []
+            for id in ids {
+                guard let p = snap.probes[id] else {
+                    return .failure(EngineError(code: "probe_not_found", message: "no probe with id '\(id)'"))
+                }
+                r.append(p)
+            }
+            records = r
+        } else {
+            records = snap.sortedProbes
+        }
+        let counts: [UInt64]
+        do { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch {
+            return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
+        }
+        let now = ContinuousClock.now
+        return .success(records.map { r in
+            let hits = r.sites.reduce(UInt64(0)) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
+            let elapsed = now - r.registeredAtMonotonic
+            let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            return ProbeStats(id: r.id, hits: hits, ratePerSecond: secs > 0 ? Double(hits) / secs : 0, sites: r.sites.count)
+        })
+    }
+
+    /// Stops taking requests, answers those already queued, detaches everything and waits for
+    /// the writer to finish.
+    public func shutdown() {
+        guard queue.close() else { return }
+        writerDone.wait()
+    }
+}
+
+/// Holds the last published registry. The lock is held only to swap or copy one reference-
+/// counted value, never while the writer works.
+final class SnapshotCell: Sendable {
+    private let mutex: Mutex<RegistrySnapshot>
+    init(_ initial: RegistrySnapshot) { mutex = Mutex(initial) }
+    func store(_ s: RegistrySnapshot) { mutex.withLock { $0 = s } }
+    func load() -> RegistrySnapshot { mutex.withLock { $0 } }
+}
+
+/// The queue between connections and the writer, with its batching window.
+///
+/// One lock (the NSCondition) protects the pending list; the writer holds it only to take a
+/// batch, never while it talks to the kernel.
+final class OpQueue: @unchecked Sendable {
+    // @unchecked: every field is guarded by `cond`.
+    private let cond = NSCondition()
+    private var pending: [PendingOp] = []
+    private var closed = false
+
+    /// False once the queue is closed (the op was not queued).
+    func push(_ op: PendingOp) -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        guard !closed else { return false }
+        pending.append(op)
+        cond.signal()
+        return true
+    }
+
+    /// Closes the queue; returns false if it was already closed.
+    func close() -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        guard !closed else { return false }
+        closed = true
+        cond.broadcast()
+        return true
+    }
+
+    /// Blocks until there is work; then waits up to `window` for more (or until `max`
+    /// requests). Returns nil once closed and drained.
+    func nextBatch(window: Duration, max: Int) -> [PendingOp]? {
+        cond.lock()
+        defer { cond.unlock() }
+        while pending.isEmpty && !closed { cond.wait() }
+        if pending.isEmpty { return nil }
+        let secs = Double(window.components.seconds) + Double(window.components.attoseconds) / 1e18
+        if secs > 0 {
+            let deadline = Date(timeIntervalSinceNow: secs)
+            while pending.count < max && !closed {
+                if !cond.wait(until: deadline) { break }
+            }
+        }
+        let n = Swift.min(max, pending.count)
+        let batch = Array(pending.prefix(n))
+        pending.removeFirst(n)
+        return batch
+    }
+}

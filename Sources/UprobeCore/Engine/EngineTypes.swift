@@ -1,0 +1,67 @@
+import UprobeELF
+
+/// A failed engine operation, with a stable code and (when one probe is to blame) its index
+/// in the request.
+public struct EngineError: Error, Sendable, Equatable {
+    public var code: String
+    public var message: String
+    public var probeIndex: Int?
+    public init(code: String, message: String, probeIndex: Int? = nil) {
+        self.code = code
+        self.message = message
+        self.probeIndex = probeIndex
+    }
+}
+
+/// One spec of a register request after resolution: what the client asked and where it lands.
+public struct RegisterItem: Sendable {
+    public var spec: ProbeSpecInput
+    public var targets: [ResolvedProbe]
+    public init(spec: ProbeSpecInput, targets: [ResolvedProbe]) {
+        self.spec = spec
+        self.targets = targets
+    }
+
+    /// A USDT spec is one probe with one site per note; a symbol glob is one probe per function.
+    var probeGroups: [[ResolvedProbe]] {
+        spec.usdt != nil ? [targets] : targets.map { [$0] }
+    }
+}
+
+/// Engine tuning; defaults are the daemon's built-in defaults (config/uprobed.conf mirrors them).
+public struct EngineConfig: Sendable {
+    /// How long the writer waits for more requests after the first one of a batch.
+    public var batchWindow: Duration
+    /// At most this many requests per batch.
+    public var maxBatchRequests: Int
+    /// Counter slots (one per attached site); registrations beyond it get `capacity_exhausted`.
+    public var slotCapacity: UInt32
+
+    public init(batchWindow: Duration = .microseconds(500), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536) {
+        self.batchWindow = batchWindow
+        self.maxBatchRequests = maxBatchRequests
+        self.slotCapacity = slotCapacity
+    }
+}
+
+/// The (binary, pid filter, direction) a uprobe_multi link is made for.
+struct LinkGroupKey: Hashable {
+    var device: UInt64
+    var inode: UInt64
+    var pid: Int32  // 0: every process
+    var retprobe: Bool
+}
+
+/// An attached link and the sites it covers. Owned by the writer.
+final class LinkRecord {
+    let group: LinkGroupKey
+    let path: String
+    let sites: [LinkSite]
+    let handle: any KernelLink
+    init(group: LinkGroupKey, path: String, sites: [LinkSite], handle: any KernelLink) {
+        self.group = group
+        self.path = path
+        self.sites = sites
+        self.handle = handle
+    }
+}

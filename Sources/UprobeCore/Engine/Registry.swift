@@ -1,0 +1,83 @@
+import UprobeELF
+
+/// Who made a request (from SO_PEERCRED), carried to the engine for ownership and limits.
+public struct Peer: Sendable, Hashable {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+    public init(pid: Int32, uid: UInt32, gid: UInt32) {
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+    }
+    public static let daemon = Peer(pid: 0, uid: 0, gid: 0)
+}
+
+/// One attached site of a probe: where it is and which counter slot it counts into.
+public struct ProbeSite: Sendable, Equatable {
+    public var target: ResolvedProbe
+    public var slot: UInt32
+}
+
+/// A registered probe: one id, one or more sites (several for a multi-site USDT probe).
+public struct ProbeRecord: Sendable {
+    public let id: String
+    public let consumer: String?
+    public let owner: Peer
+    public let spec: ProbeSpecInput
+    public let sites: [ProbeSite]
+    /// Seconds since the Unix epoch when the registration was acknowledged.
+    public let registeredAt: Double
+    /// Monotonic registration time, for rates.
+    public let registeredAtMonotonic: ContinuousClock.Instant
+}
+
+/// Counters of the engine's own work, reported by `status`.
+public struct EngineCounters: Sendable {
+    public var requests: UInt64 = 0
+    public var batches: UInt64 = 0
+    public var maxBatchSize: Int = 0
+    public var linksCreated: UInt64 = 0
+    public var linksClosed: UInt64 = 0
+    public var linkRebuilds: UInt64 = 0
+    /// Rounds of detach work; each round's closes are issued together and share grace periods.
+    public var gracePeriods: UInt64 = 0
+    public var pendingRemovals: Int = 0
+    public var lastBatchSize: Int = 0
+    public var lastBatchMicros: UInt64 = 0
+    public var meanBatchSize: Double { batches == 0 ? 0 : Double(requests) / Double(batches) }
+}
+
+/// What readers see: one consistent version, published by the writer after each batch.
+public struct RegistrySnapshot: Sendable {
+    public var probes: [String: ProbeRecord] = [:]
+    /// Counter slots in use are all below this.
+    public var slotHighWater: UInt32 = 0
+    public var slotsInUse: Int = 0
+    public var slotCapacity: UInt32 = 0
+    public var linksOpen: Int = 0
+    /// Distinct (dev, inode, offset) uprobes.
+    public var uprobes: Int = 0
+    public var counters = EngineCounters()
+    public var generation: UInt64 = 0
+
+    /// Probes sorted by their numeric id, for stable listings.
+    public var sortedProbes: [ProbeRecord] {
+        probes.values.sorted { ProbeID.order($0.id, $1.id) }
+    }
+}
+
+/// Probe ids are `p<N>`; sorting by N keeps listings in registration order.
+public enum ProbeID {
+    public static func make(_ n: UInt64) -> String { "p\(n)" }
+    public static func number(_ id: String) -> UInt64? {
+        guard id.hasPrefix("p") else { return nil }
+        return UInt64(id.dropFirst())
+    }
+    static func order(_ a: String, _ b: String) -> Bool {
+        switch (number(a), number(b)) {
+        case let (x?, y?): return x < y
+        default: return a < b
+        }
+    }
+}

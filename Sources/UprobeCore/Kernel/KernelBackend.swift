@@ -1,0 +1,81 @@
+import UprobeELF
+import UprobeKernel
+
+/// What the engine needs from the kernel. The real implementation is `BPFKernelBackend`;
+/// unit tests of batching decisions use a fake. Integration tests always use the real one.
+public protocol KernelBackend: Sendable {
+    /// Number of counter slots.
+    var capacity: UInt32 { get }
+    /// Creates one uprobe_multi link for `sites` of one binary (one pid filter, one direction).
+    func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink
+    /// Turns the make-before-break hand-off on or off for `slots` (see `CounterProgram.setOverlap`).
+    func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError)
+    /// Forgets hand-off marks of `slots`; only valid once no older link holds them.
+    func sweepMarks(slots: Set<UInt32>) throws(KernelError)
+    /// Zeroes the counters of `slots` on every CPU.
+    func resetCounters(slots: [UInt32]) throws(KernelError)
+    /// Reads counters `[0, upTo)`, summed over CPUs, in one batched lookup.
+    func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64]
+    /// Closes links so that they share grace periods; returns once none of them can fire.
+    func closeAll(_ links: [any KernelLink])
+}
+
+/// One offset of a link and the counter slot its hits go to.
+public struct LinkSite: Sendable, Hashable {
+    public var offset: UInt64
+    public var refCtrOffset: UInt64?
+    public var slot: UInt32
+    public init(offset: UInt64, refCtrOffset: UInt64?, slot: UInt32) {
+        self.offset = offset
+        self.refCtrOffset = refCtrOffset
+        self.slot = slot
+    }
+}
+
+/// An attached link; closing it detaches all its offsets.
+public protocol KernelLink: AnyObject, Sendable {
+    var generation: UInt32 { get }
+    func close()
+}
+
+extension UprobeMultiLink: KernelLink {}
+
+/// The real kernel: one BPF counting program, uprobe_multi links.
+public final class BPFKernelBackend: KernelBackend {
+    public let program: CounterProgram
+
+    public init(capacity: UInt32) throws(KernelError) {
+        try KernelSupport.check()
+        program = try CounterProgram(capacity: capacity)
+    }
+
+    public var capacity: UInt32 { program.capacity }
+
+    public func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
+        let refs: [UInt64]? = sites.contains(where: { $0.refCtrOffset != nil }) ? sites.map { $0.refCtrOffset ?? 0 } : nil
+        return try program.attach(path: path, offsets: sites.map(\.offset), refCtrOffsets: refs,
+                                  slots: sites.map(\.slot), pid: pid, retprobe: retprobe)
+    }
+
+    public func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {
+        try program.setOverlap(on, slots: slots)
+    }
+
+    public func sweepMarks(slots: Set<UInt32>) throws(KernelError) {
+        try program.sweepMarks(slots: slots)
+    }
+
+    public func resetCounters(slots: [UInt32]) throws(KernelError) {
+        try program.resetCounters(slots: slots)
+    }
+
+    public func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64] {
+        try program.readAllCounters(upTo: upTo)
+    }
+
+    public func closeAll(_ links: [any KernelLink]) {
+        let real = links.compactMap { $0 as? UprobeMultiLink }
+        LinkCloser.closeAll(real)
+        for l in links where !(l is UprobeMultiLink) { l.close() }
+    }
+}

@@ -1,0 +1,123 @@
+import Foundation
+
+/// The daemon's configuration. Every field has a built-in default; `config/uprobed.conf`
+/// documents each key with exactly these defaults (a test keeps the two equal).
+public struct DaemonConfig: Sendable, Equatable {
+    /// Unix socket the daemon binds when not socket-activated.
+    public var socketPath = "/run/uprobed/uprobed.sock"
+    /// Permission bits of a socket the daemon binds itself.
+    public var socketMode: UInt32 = 0o660
+    /// Where the state file lives.
+    public var stateDir = "/var/lib/uprobed"
+    /// Longest request line accepted, in bytes (a 10,000-probe request is about 0.6 MB).
+    public var maxLineBytes = 4 * 1024 * 1024
+    /// Most probe specs in one register request.
+    public var maxProbesPerRequest = 10_000
+    /// Most functions one glob may expand to.
+    public var maxGlobMatches = 10_000
+    /// Batching: how long the writer waits for more requests after the first, in microseconds.
+    public var batchWindowMicros = 500
+    /// Batching: most requests in one batch.
+    public var maxBatchRequests = 1024
+    /// Counter slots, i.e. the most probe sites attached at once.
+    public var slotCapacity: UInt32 = 65_536
+    /// Least `interval_ms` a `watch` may ask for.
+    public var minWatchIntervalMs = 100
+    /// trace, debug, info, notice, warning, error, critical.
+    public var logLevel = "info"
+
+    public init() {}
+
+    public static let defaultPath = "/etc/uprobed/uprobed.conf"
+
+    /// Parses `key = value` lines; `#` starts a comment. Unknown keys and bad values are errors
+    /// naming the line, so a typo is never silently ignored.
+    public static func parse(_ text: String, base: DaemonConfig = DaemonConfig()) throws(ConfigError) -> DaemonConfig {
+        var c = base
+        for (n, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+            let trimmed = line.trimmingCharacters(in: .whitespaces)
+            if trimmed.isEmpty { continue }
+            guard let eq = trimmed.firstIndex(of: "=") else {
+                throw ConfigError(line: n + 1, message: "expected 'key = value', got '\(trimmed)'")
+            }
+            let key = trimmed[..<eq].trimmingCharacters(in: .whitespaces)
+            let value = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+            func int(_ range: ClosedRange<Int>) throws(ConfigError) -> Int {
+                guard let v = Int(value.replacingOccurrences(of: "_", with: "")), range.contains(v) else {
+                    throw ConfigError(line: n + 1, message: "\(key) must be an integer in \(range.lowerBound)...\(range.upperBound), got '\(value)'")
+                }
+                return v
+            }
+            switch key {
+            case "socket":
+                guard value.hasPrefix("/") else { throw ConfigError(line: n + 1, message: "socket must be an absolute path") }
+                c.socketPath = value
+            case "socket_mode":
+                guard let m = UInt32(value, radix: 8), m <= 0o777 else {
+                    throw ConfigError(line: n + 1, message: "socket_mode must be octal like 0660, got '\(value)'")
+                }
+                c.socketMode = m
+            case "state_dir":
+                guard value.hasPrefix("/") else { throw ConfigError(line: n + 1, message: "state_dir must be an absolute path") }
+                c.stateDir = value
+            case "max_line_bytes": c.maxLineBytes = try int(1024...(256 << 20))
+            case "max_probes_per_request": c.maxProbesPerRequest = try int(1...1_000_000)
+            case "max_glob_matches": c.maxGlobMatches = try int(1...1_000_000)
+            case "batch_window_us": c.batchWindowMicros = try int(0...1_000_000)
+            case "max_batch_requests": c.maxBatchRequests = try int(1...1_000_000)
+            case "slot_capacity": c.slotCapacity = UInt32(try int(16...16_777_216))
+            case "min_watch_interval_ms": c.minWatchIntervalMs = try int(1...3_600_000)
+            case "log_level":
+                guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(value) else {
+                    throw ConfigError(line: n + 1, message: "log_level must be one of trace, debug, info, notice, warning, error, critical")
+                }
+                c.logLevel = value
+            default:
+                throw ConfigError(line: n + 1, message: "unknown key '\(key)'")
+            }
+        }
+        return c
+    }
+
+    /// Loads `path`; a missing file at the default path means built-in defaults.
+    public static func load(path: String?, base: DaemonConfig = DaemonConfig()) throws(ConfigError) -> DaemonConfig {
+        let p = path ?? defaultPath
+        guard FileManager.default.fileExists(atPath: p) else {
+            if path == nil { return base }
+            throw ConfigError(line: 0, message: "config file \(p) does not exist")
+        }
+        guard let bytes = readWholeFile(p, limit: 1 << 20) else {
+            throw ConfigError(line: 0, message: "cannot read \(p): \(String(cString: strerror(errno)))")
+        }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw ConfigError(line: 0, message: "\(p) is not UTF-8 text")
+        }
+        do { return try parse(text, base: base) } catch {
+            throw ConfigError(line: error.line, message: "\(p): \(error.message)")
+        }
+    }
+}
+
+public struct ConfigError: Error, Sendable, CustomStringConvertible {
+    public let line: Int
+    public let message: String
+    public var description: String { line > 0 ? "line \(line): \(message)" : message }
+}
+
+/// Reads a small file with open(2)/read(2) (works for /dev/null and other special files,
+/// which Foundation's readers reject). Nil on error (errno set) or when over `limit` bytes.
+func readWholeFile(_ path: String, limit: Int) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 { if errno == EINTR { continue }; return nil }
+        if n == 0 { return out }
+        out.append(contentsOf: chunk[0..<n])
+        if out.count > limit { errno = EFBIG; return nil }
+    }
+}

@@ -1,0 +1,234 @@
+import Logging
+import NIOCore
+import NIOPosix
+import UprobeCore
+import UprobedProtocol
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Errors that stop the daemon from serving at all.
+public struct ServerError: Error, Sendable, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
+/// The JSON-lines server on a Unix stream socket.
+///
+/// Each connection reads lines in order and answers them in order; one request's failure never
+/// closes the connection. Connections run concurrently; all mutations meet in the engine.
+final class SocketServer: Sendable {
+    private let handler: RequestHandler
+    private let logger: Logger
+    private let maxLineBytes: Int
+    private let minWatchIntervalMs: Int
+    /// Open connections, so a graceful shutdown can stop their input after the current request.
+    private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
+    private let listener = Mutex<(any Channel)?>(nil)
+    private let stopping = Atomic<Bool>(false)
+
+    init(handler: RequestHandler, logger: Logger, maxLineBytes: Int, minWatchIntervalMs: Int) {
+        self.handler = handler
+        self.logger = logger
+        self.maxLineBytes = maxLineBytes
+        self.minWatchIntervalMs = minWatchIntervalMs
+    }
+
+    typealias Connection = NIOAsyncChannel<LineFrame, ByteBuffer>
+
+    /// Where to listen: a socket systemd passed us, or a path we bind ourselves.
+    enum Endpoint: Sendable {
+        case activated(fd: Int32)
+        case path(String, mode: UInt32)
+    }
+
+    /// Binds (or adopts) the listening socket, calls `ready` once it accepts connections,
+    /// then serves until `stop()`.
+    func run(endpoint: Endpoint, group: MultiThreadedEventLoopGroup, ready: @Sendable () -> Void) async throws {
+        let maxLine = maxLineBytes
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<Connection> = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFramer(maxLength: maxLine)))
+                return try Connection(wrappingChannelSynchronously: channel,
+                                      configuration: .init(isOutboundHalfClosureEnabled: false))
+            }
+        }
+        let server: NIOAsyncChannel<Connection, Never>
+        switch endpoint {
+        case .activated(let fd):
+            server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
+        case .path(let path, let mode):
+            try Self.prepareSocketPath(path)
+            let old = umask(0o177)
+            defer { umask(old) }
+            server = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true,
+                                              childChannelInitializer: initializer)
+            guard chmod(path, mode_t(mode)) == 0 else {
+                throw ServerError(message: "chmod \(path): \(String(cString: strerror(errno)))")
+            }
+        }
+        listener.withLock { $0 = server.channel }
+        if stopping.load(ordering: .acquiring) { server.channel.close(promise: nil) }
+        ready()
+        try await withThrowingDiscardingTaskGroup { group in
+            try await server.executeThenClose { inbound in
+                for try await connection in inbound {
+                    group.addTask { await self.serve(connection) }
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, and stops reading from every connection after its current request
+    /// (whose reply is still written).
+    func stop() {
+        stopping.store(true, ordering: .releasing)
+        listener.withLock { $0?.close(promise: nil) }
+        for c in connections.withLock({ Array($0.values) }) { c.close(mode: .input, promise: nil) }
+    }
+
+    /// Creates the socket's directory and refuses to steal the socket of a running daemon.
+    static func prepareSocketPath(_ path: String) throws {
+        let dir = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
+        if !dir.isEmpty { try makeDirectories(dir) }
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+            throw ServerError(message: "\(path) exists and is not a socket; refusing to replace it")
+        }
+        if (try? probeConnect(path)) == true {
+            throw ServerError(message: "another uprobed is already serving \(path)")
+        }
+    }
+
+    static func makeDirectories(_ dir: String) throws {
+        var built = ""
+        for part in dir.split(separator: "/") {
+            built += "/" + part
+            if mkdir(built, 0o755) != 0 && errno != EEXIST {
+                throw ServerError(message: "mkdir \(built): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// True if something accepts connections on the socket at `path`.
+    static func probeConnect(_ path: String) throws -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in bytes.enumerated() { raw[i] = b } }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        return rc == 0
+    }
+
+    /// The peer's pid/uid/gid from SO_PEERCRED (getsockopt(2)).
+    static func peerCredentials(_ channel: any Channel) async -> Peer? {
+        guard let provider = channel as? any SocketOptionProvider else { return nil }
+        do {
+            let cred: UCred = try await provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)).get()
+            return Peer(pid: cred.pid, uid: cred.uid, gid: cred.gid)
+        } catch {
+            return nil
+        }
+    }
+
+    /// Layout of `struct ucred` (socket(7)): Glibc's module map hides it behind _GNU_SOURCE.
+    struct UCred: Sendable {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+    }
+
+    private func serve(_ connection: Connection) async {
+        let channel = connection.channel
+        let key = ObjectIdentifier(channel)
+        connections.withLock { $0[key] = channel }
+        defer { connections.withLock { _ = $0.removeValue(forKey: key) } }
+        if stopping.load(ordering: .acquiring) { channel.close(mode: .input, promise: nil) }
+        guard let peer = await Self.peerCredentials(channel) else {
+            logger.warning("connection without peer credentials refused")
+            try? await channel.close()
+            return
+        }
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                var watch: Task<Void, Never>? = nil
+                defer { watch?.cancel() }
+                for try await frame in inbound {
+                    // Any new request ends a running watch stream first.
+                    if let w = watch { w.cancel(); await w.value; watch = nil }
+                    let reply: JSONValue
+                    switch frame {
+                    case .tooLong(let limit):
+                        reply = Reply.failure(id: nil, ProtocolError(
+                            .lineTooLong, "request line longer than \(limit) bytes (max_line_bytes); it was discarded"))
+                    case .line(let buffer):
+                        let bytes = Array(buffer.readableBytesView)
+                        if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }  // blank keep-alive lines
+                        let decoded = RequestDecoder.decode(bytes, limits: handler.limits)
+                        if case .success(let env) = decoded, case .watch(let interval, _) = env.request {
+                            watch = startWatch(env, intervalMs: interval, peer: peer, outbound: outbound)
+                            continue
+                        }
+                        switch decoded {
+                        case .success(let env): reply = await handler.handle(env, peer: peer)
+                        case .failure(let f): reply = Reply.failure(id: f.id, f.error)
+                        }
+                    }
+                    try await outbound.write(ByteBuffer(bytes: JSONSerializer.serializeLine(reply)))
+                }
+                if let w = watch { w.cancel(); await w.value }
+            }
+        } catch {
+            logger.debug("connection ended", metadata: ["error": "\(error)", "peer_pid": "\(peer.pid)"])
+        }
+    }
+
+    /// Streams one `stats` event per interval until cancelled (a new request or the client
+    /// closing). The first event is sent at once.
+    private func startWatch(_ env: RequestEnvelope, intervalMs: Int, peer: Peer,
+                            outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>) -> Task<Void, Never> {
+        let handler = self.handler
+        return Task {
+            var previous: [String: UInt64] = [:]
+            var last = ContinuousClock.now
+            while !Task.isCancelled {
+                let reply = await handler.handle(env, peer: peer)
+                let now = ContinuousClock.now
+                var event = reply
+                // Replace the mean rate by the rate over this interval.
+                if case .object(var o) = reply, let stats = o["stats"]?.arrayValue {
+                    let dt = now - last
+                    let secs = Double(dt.components.seconds) + Double(dt.components.attoseconds) / 1e18
+                    var next: [String: UInt64] = [:]
+                    o["stats"] = .array(stats.map { s in
+                        guard var so = s.objectValue, let id = so["id"]?.stringValue,
+                              let hits = so["hits"]?.int64Value else { return s }
+                        next[id] = UInt64(hits)
+                        if let before = previous[id], secs > 0 {
+                            so["rate"] = .double((Double(UInt64(hits) &- before) / secs * 1000).rounded() / 1000)
+                        }
+                        return .object(so)
+                    })
+                    o["event"] = "stats"
+                    previous = next
+                    event = .object(o)
+                }
+                last = now
+                do { try await outbound.write(ByteBuffer(bytes: JSONSerializer.serializeLine(event))) } catch { return }
+                if case .object(let o) = reply, o["ok"] == .bool(false) { return }
+                try? await Task.sleep(for: .milliseconds(intervalMs))
+            }
+        }
+    }
+}

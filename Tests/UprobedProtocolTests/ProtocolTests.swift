@@ -1,0 +1,99 @@
+import Foundation
+import Testing
+@testable import UprobedProtocol
+
+struct JSONTests {
+    @Test("round trip keeps integers, key order, escapes and unicode")
+    func roundTrip() throws {
+        let text = #"{"id":7,"op":"register","x":[1,-2,3.5,true,false,null,"a\"b\\c\n\u00e9\ud83d\ude00"],"big":18446744073709551615}"#
+        let v = try JSONParser.parse(text)
+        #expect(v.objectValue?["id"] == .int(7))
+        #expect(v.objectValue?.keys == ["id", "op", "x", "big"])
+        let again = try JSONParser.parse(JSONSerializer.serialize(v))
+        #expect(again == v)
+        #expect(v.objectValue?["x"]?.arrayValue?[6] == .string("a\"b\\c\né😀"))
+    }
+
+    @Test("malformed documents are rejected with a position", arguments: [
+        "", "{", "{\"a\":}", "[1,]", "{\"a\" 1}", "tru", "01", "1.", "-", "\"\u{01}\"", "\"\\x\"", "\"\\ud800\"",
+        "{} {}", "[" + String(repeating: "[", count: 100) + String(repeating: "]", count: 101),
+    ])
+    func rejects(_ text: String) {
+        #expect(throws: JSONParseError.self) { try JSONParser.parse(text) }
+    }
+
+    @Test("agrees with Foundation on random documents")
+    func agreesWithFoundation() throws {
+        var rng = SystemRandomNumberGenerator()
+        func gen(_ depth: Int) -> JSONValue {
+            switch Int.random(in: 0..<(depth > 3 ? 4 : 6), using: &rng) {
+            case 0: return .int(Int64.random(in: -1_000_000...1_000_000, using: &rng))
+            case 1: return .bool(Bool.random(using: &rng))
+            case 2: return .string(String((0..<Int.random(in: 0..<8, using: &rng)).map { _ in "aé\"\\\n\t/😀z".randomElement(using: &rng)! }))
+            case 3: return .null
+            case 4: return .array((0..<Int.random(in: 0..<4, using: &rng)).map { _ in gen(depth + 1) })
+            default:
+                var o = JSONObject()
+                for i in 0..<Int.random(in: 0..<4, using: &rng) { o["k\(i)"] = gen(depth + 1) }
+                return .object(o)
+            }
+        }
+        for _ in 0..<300 {
+            let v = gen(0)
+            let text = JSONSerializer.serialize(.array([v]))
+            let ours = try JSONParser.parse(text)
+            #expect(ours == .array([v]))
+            let theirs = try JSONSerialization.jsonObject(with: Data(text.utf8), options: [.fragmentsAllowed])
+            let back = try JSONSerialization.data(withJSONObject: theirs, options: [.fragmentsAllowed])
+            #expect(try JSONParser.parse(Array(back)).arrayValue?.count == 1)
+        }
+    }
+}
+
+struct RequestDecodingTests {
+    func fail(_ line: String) -> RequestDecodingFailure? {
+        if case .failure(let f) = RequestDecoder.decode(Array(line.utf8)) { return f } else { return nil }
+    }
+
+    @Test func decodesRegister() throws {
+        let line = #"{"op":"register","id":"a","consumer":"me","probes":[{"path":"/bin/x","symbol":"f*","pid":42,"retprobe":true},{"path":"libc","offset":"0x10"},{"path":"/usr/bin/python3","usdt":"python:function__entry"}]}"#
+        guard case .success(let env) = RequestDecoder.decode(Array(line.utf8)) else { Issue.record("failed"); return }
+        #expect(env.id == "a")
+        guard case .register(let probes, let consumer) = env.request else { Issue.record("wrong op"); return }
+        #expect(consumer == "me")
+        #expect(probes[0] == ProbeSpec(path: "/bin/x", symbol: "f*", pid: 42, retprobe: true))
+        #expect(probes[1].offset == 16)
+        #expect(probes[2].usdt == "python:function__entry")
+    }
+
+    @Test func errorCodes() {
+        #expect(fail("{")?.error.code == .invalidJSON)
+        #expect(fail("{\"op\":\"nope\",\"id\":3}")?.error.code == .unknownOp)
+        #expect(fail("{\"op\":\"nope\",\"id\":3}")?.id == .int(3))
+        #expect(fail("{\"op\":\"status\",\"id\":[1]}")?.error.code == .invalidRequest)
+        #expect(fail("{\"op\":\"status\",\"extra\":1}")?.error.code == .invalidRequest)
+        #expect(fail("{\"op\":\"register\",\"probes\":[{\"path\":\"/x\",\"symbol\":\"a\",\"offset\":1}]}")?.error.code == .invalidRequest)
+        #expect(fail("{\"op\":\"register\",\"probes\":[{\"path\":\"/x\",\"symbl\":\"a\"}]}")?.error.message.contains("symbl") == true)
+        #expect(fail("{\"op\":\"register\",\"probes\":[{\"path\":\"/x\",\"symbol\":\"a\",\"pid\":-1}]}")?.error.details["probe"] == .int(0))
+        #expect(fail("{\"op\":\"unregister\"}")?.error.code == .invalidRequest)
+        #expect(fail("{\"op\":\"watch\",\"interval_ms\":1}")?.error.code == .invalidRequest)
+    }
+
+    @Test("bpftrace spellings", arguments: [
+        ("uprobe:/bin/bash:readline", ProbeSpec(path: "/bin/bash", symbol: "readline")),
+        ("uretprobe:/bin/bash:readline", ProbeSpec(path: "/bin/bash", symbol: "readline", retprobe: true)),
+        ("/bin/bash:readline", ProbeSpec(path: "/bin/bash", symbol: "readline")),
+        ("libc:malloc", ProbeSpec(path: "libc", symbol: "malloc")),
+        ("/bin/x:0x1f0", ProbeSpec(path: "/bin/x", offset: 0x1f0)),
+        ("usdt:/usr/bin/python3:python:function__entry", ProbeSpec(path: "/usr/bin/python3", usdt: "python:function__entry")),
+    ])
+    func cliSpellings(_ text: String, _ expected: ProbeSpec) throws {
+        #expect(try ProbeSpec(cliSpelling: text) == expected)
+    }
+
+    @Test func badCLISpellings() {
+        for t in ["nocolon", "uprobe:/bin/x", "usdt:/bin/x:onlyone", "/bin/x:0xzz", ":f"] {
+            #expect(throws: ProtocolError.self) { try ProbeSpec(cliSpelling: t) }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+import Foundation
+import Testing
+@testable import UprobedServer
+
+struct ConfigTests {
+    static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    @Test("config/uprobed.conf documents exactly the built-in defaults")
+    func shippedConfigEqualsDefaults() throws {
+        let text = try String(contentsOf: Self.repo.appendingPathComponent("config/uprobed.conf"), encoding: .utf8)
+        // Parse onto a base where every field differs from the default: every key must be present.
+        var scrambled = DaemonConfig()
+        scrambled.socketPath = "/x"; scrambled.socketMode = 0o600; scrambled.stateDir = "/y"
+        scrambled.maxLineBytes = 2048; scrambled.maxProbesPerRequest = 1; scrambled.maxGlobMatches = 1
+        scrambled.batchWindowMicros = 1; scrambled.maxBatchRequests = 1; scrambled.slotCapacity = 16
+        scrambled.minWatchIntervalMs = 1; scrambled.logLevel = "error"
+        let parsed = try DaemonConfig.parse(text, base: scrambled)
+        #expect(parsed == DaemonConfig())
+    }
+
+    @Test("bad config lines are errors naming the line")
+    func badConfig() {
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("slot_capacity = lots\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("no_such_key = 1\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("socket relative\n") }
+        do { _ = try DaemonConfig.parse("\n\nbatch_window_us = -5\n"); Issue.record("accepted") } catch {
+            #expect(error.line == 3)
+        }
+    }
+
+    @Test("systemd units pass systemd-analyze verify with no output")
+    func unitsVerify() throws {
+        let dir = NSTemporaryDirectory() + "uprobed-units-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // verify checks that ExecStart exists: point it at a binary that does.
+        let service = try String(contentsOf: Self.repo.appendingPathComponent("systemd/uprobed.service"), encoding: .utf8)
+            .replacingOccurrences(of: "/usr/local/bin/uprobed", with: "/bin/true")
+        try service.write(toFile: dir + "/uprobed.service", atomically: true, encoding: .utf8)
+        try FileManager.default.copyItem(atPath: Self.repo.appendingPathComponent("systemd/uprobed.socket").path, toPath: dir + "/uprobed.socket")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/systemd-analyze")
+        p.arguments = ["verify", dir + "/uprobed.socket", dir + "/uprobed.service"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        #expect(text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "systemd-analyze verify said: \(text)")
+        let service2 = try String(contentsOf: Self.repo.appendingPathComponent("systemd/uprobed.service"), encoding: .utf8)
+        #expect(service2.contains("Type=notify"))
+    }
+}

@@ -1,0 +1,1 @@
+print("bench-batch: not yet written")
