@@ -68,7 +68,7 @@ let package = Package(
                           path: "bench/BatchBench", swiftSettings: strict),
         .testTarget(name: "UprobeELFTests", dependencies: ["UprobeELF"]),
         .testTarget(name: "UprobeTreeTests", dependencies: ["UprobeTree"]),
-        .testTarget(name: "UprobeKernelTests", dependencies: ["UprobeKernel", "UprobeELF"]),
+        .testTarget(name: "UprobeKernelTests", dependencies: ["UprobeKernel"]),
         .testTarget(name: "UprobeCoreTests", dependencies: ["UprobeCore"]),
         .testTarget(name: "UprobedProtocolTests", dependencies: ["UprobedProtocol"]),
         .testTarget(name: "UprobedServerTests", dependencies: ["UprobedServer"]),

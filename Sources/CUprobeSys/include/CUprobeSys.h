@@ -1,0 +1,111 @@
+// CUprobeSys — the C side of uprobed's kernel attacher.
+//
+// Swift cannot call the variadic syscall(2), so bpf(2) and perf_event_open(2) are wrapped
+// here. The distribution's <linux/bpf.h> (Debian 12: Linux 6.1 UAPI) predates the
+// uprobe_multi link (Linux 6.6), so the pieces of the UAPI we need that it lacks are defined
+// below under our own names and their layout is checked with _Static_assert against the
+// kernel's (see shim.c).
+//
+// Every function returns what the syscall returns (an fd, 0, or -1 with errno set); none of
+// them retries EINTR — the Swift side (BPFSyscall) does that and turns errno into errors.
+#ifndef CUPROBESYS_H
+#define CUPROBESYS_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/perf_event.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// MARK: - UAPI additions missing from the 6.1 header
+
+/// enum bpf_attach_type value of the uprobe_multi link (Linux >= 6.6).
+#define CUPROBESYS_BPF_TRACE_UPROBE_MULTI 48u
+/// link_create.uprobe_multi.flags: attach to function returns instead of entries.
+#define CUPROBESYS_BPF_F_UPROBE_MULTI_RETURN 1u
+/// enum bpf_attach_type value of perf_event links (present in 6.1, restated for Swift).
+#define CUPROBESYS_BPF_PERF_EVENT 41u
+
+/// The BPF_LINK_CREATE part of union bpf_attr with the uprobe_multi member, laid out as in
+/// the kernel UAPI: the four u32 heads (prog_fd, target_fd, attach_type, flags) followed by
+/// the per-link-type union, in which uprobe_multi sits at the same offset as kprobe_multi.
+struct CUprobeSys_link_create_uprobe_multi {
+    __u32 prog_fd;
+    __u32 target_fd;
+    __u32 attach_type;
+    __u32 flags;
+    struct {
+        __aligned_u64 path;
+        __aligned_u64 offsets;
+        __aligned_u64 ref_ctr_offsets;
+        __aligned_u64 cookies;
+        __u32 cnt;
+        __u32 flags;
+        __u32 pid;
+    } uprobe_multi;
+};
+
+/// union bpf_attr widened with our link_create layout; passed whole to bpf(2).
+union CUprobeSys_bpf_attr {
+    union bpf_attr base;
+    struct CUprobeSys_link_create_uprobe_multi link_create_uprobe_multi;
+};
+
+// MARK: - Raw syscalls
+
+/// bpf(2): syscall(__NR_bpf, cmd, attr, size).
+int CUprobeSys_bpf(int cmd, union bpf_attr *attr, unsigned int size);
+
+/// perf_event_open(2): syscall(__NR_perf_event_open, attr, pid, cpu, group_fd, flags).
+int CUprobeSys_perf_event_open(struct perf_event_attr *attr, pid_t pid, int cpu,
+                               int group_fd, unsigned long flags);
+
+// MARK: - bpf(2) commands with their attr filled in C
+
+/// BPF_MAP_CREATE. `name` may be NULL; at most BPF_OBJ_NAME_LEN-1 bytes are used.
+int CUprobeSys_map_create(uint32_t map_type, uint32_t key_size, uint32_t value_size,
+                          uint32_t max_entries, uint32_t map_flags, const char *name);
+
+/// BPF_PROG_LOAD with a verifier log buffer (log_level 1 when `log_buf` is non-NULL).
+/// `insns` is an array of `insn_cnt` struct bpf_insn encoded as little-endian u64 words.
+int CUprobeSys_prog_load(uint32_t prog_type, uint32_t expected_attach_type,
+                         const uint64_t *insns, uint32_t insn_cnt, const char *license,
+                         const char *name, char *log_buf, uint32_t log_size);
+
+/// BPF_LINK_CREATE for a uprobe_multi link. `ref_ctr_offsets`/`cookies` may be NULL;
+/// `pid` 0 means every process.
+int CUprobeSys_link_create_uprobe_multi(int prog_fd, const char *path, const uint64_t *offsets,
+                                        const uint64_t *ref_ctr_offsets, const uint64_t *cookies,
+                                        uint32_t cnt, uint32_t flags, uint32_t pid);
+
+/// BPF_LINK_CREATE for a BPF_PERF_EVENT link (program on a perf event, with bpf_cookie).
+int CUprobeSys_link_create_perf_event(int prog_fd, int perf_fd, uint64_t cookie);
+
+/// BPF_MAP_LOOKUP_ELEM / BPF_MAP_UPDATE_ELEM / BPF_MAP_DELETE_ELEM / BPF_MAP_GET_NEXT_KEY.
+int CUprobeSys_map_lookup_elem(int map_fd, const void *key, void *value);
+int CUprobeSys_map_update_elem(int map_fd, const void *key, const void *value, uint64_t flags);
+int CUprobeSys_map_delete_elem(int map_fd, const void *key);
+/// `key` NULL asks for the first key.
+int CUprobeSys_map_get_next_key(int map_fd, const void *key, void *next_key);
+
+/// BPF_MAP_LOOKUP_BATCH. `in_batch` NULL starts at the beginning; `*count` is in/out.
+/// Returns -1/ENOENT (with `*count` filled) when the map has no more elements.
+int CUprobeSys_map_lookup_batch(int map_fd, const void *in_batch, void *out_batch,
+                                void *keys, void *values, uint32_t *count);
+
+/// perf_event_open(2) of the "uprobe" PMU (`pmu_type` from
+/// /sys/bus/event_source/devices/uprobe/type): config1 = path pointer, config2 = file offset,
+/// `config` carries the retprobe bit. pid -1 = every process (then cpu 0 is used, as the
+/// kernel requires a cpu for task-less events; BPF programs still run on every CPU).
+int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *path,
+                                uint64_t offset, pid_t pid);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,496 @@
+import CUprobeSys
+import Synchronization
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The counting BPF program and its maps: one instance per daemon.
+///
+/// Maps (all created by `init`, all fds owned and closed on deinit):
+/// - `counters`: BPF_MAP_TYPE_PERCPU_ARRAY, u32 slot → u64 hits, `capacity` entries.
+/// - `overlap`:  BPF_MAP_TYPE_ARRAY, u32 slot → u32 flag; non-zero while a link rebuild of
+///   that slot is in progress (two links attached on it).
+/// - `marks`:    BPF_MAP_TYPE_HASH, {u32 tid; u32 slot} → u32 generation; the per-thread
+///   hand-off between the two links of a slot during a rebuild.
+///
+/// Program (BPF_PROG_TYPE_KPROBE, expected attach type BPF_TRACE_UPROBE_MULTI, "GPL"):
+/// the attach cookie is `(generation << 32) | slot`.
+/// ```
+/// if overlap[slot] == 0 { counters[slot] += 1 (atomic); return }          // fast path
+/// m = marks[{tid, slot}]
+/// if m exists && m > generation { delete marks[{tid, slot}]; return }   // newer link counted it
+/// marks[{tid, slot}] = generation; counters[slot] += 1 (atomic)
+/// ```
+///
+/// ## Make-before-break (rebuilding a link) — the invariant the engine must keep
+/// A link cannot be changed; to drop probes the engine attaches a new link with the remaining
+/// offsets (same slots, fresh generation) and then closes the old one. While both are attached
+/// every hit runs both programs in the same thread, newest link first (the kernel adds
+/// consumers at the head of a uprobe's list). The exact sequence per rebuild is:
+/// 1. `setOverlap(true, slots:)` for the slots of the new link that the old link also covers;
+/// 2. `attach(...)` the new link;
+/// 3. close the old link (`UprobeMultiLink.close()` or `LinkCloser.closeAll`) — returns only
+///    after the uprobe grace period, so no old program is still running afterwards;
+/// 4. `setOverlap(false, slots:)`;
+/// 5. `sweepMarks(slots:)`.
+///
+/// Within one hit the newer program counts and marks, the older one finds a mark with a newer
+/// generation and consumes it instead of counting. A mark left behind because the old link went
+/// away between the two programs of one hit carries a generation ≤ that of every link still
+/// attached to the slot, so it never suppresses a count. This holds only if, **on any slot, at
+/// most two links are attached at once and the newer of two links is never closed while the
+/// older one is still attached.** Counter slots must be zeroed (`resetCounters`) before reuse.
+///
+/// Limits of the scheme, by construction:
+/// - If `marks` is full (more than `markCapacity` {thread, slot} pairs in hand-off at once) the
+///   newer program cannot leave its mark and that hit is counted by both links.
+/// - Generations are 32-bit and start at 1 per `CounterProgram`; the order breaks after 2³²
+///   links created by one instance.
+/// - "close returns after the grace period" holds only if uprobed holds the only reference to
+///   the link (no pin, no fd passed on; a concurrent `bpftool link` walk briefly holds one).
+/// - Both the entry and the return (uretprobe) consumers run newest first on Linux 6.18; the
+///   tests rebuild links under load for both.
+public final class CounterProgram: Sendable {
+    /// Number of counter slots (entries of the per-CPU array).
+    public let capacity: UInt32
+    /// Capacity of the `marks` hash map (threads × slots in hand-off at once).
+    public let markCapacity: UInt32
+
+    let counters: FileDescriptor
+    let overlap: FileDescriptor
+    let marks: FileDescriptor
+    /// The program attached through uprobe_multi links.
+    let multiProgram: FileDescriptor
+    /// A second instance of the same instructions, loaded without the uprobe_multi expected
+    /// attach type, for perf_event based attachment (the benchmark baseline). Lazily loaded.
+    private let perfProgramFD: Mutex<FileDescriptor?>
+    /// Number of possible CPUs: per-CPU map values hold one 8-byte-aligned value per possible CPU.
+    let possibleCPUs: Int
+    private let lastGeneration = Atomic<UInt32>(0)
+
+    /// BPF_PROG_TYPE_KPROBE (uprobe programs are kprobe-type programs).
+    static let kprobeProgramType = BPF_PROG_TYPE_KPROBE
+    static let helperMapLookup: Int32 = 1
+    static let helperMapUpdate: Int32 = 2
+    static let helperMapDelete: Int32 = 3
+    static let helperGetCurrentPidTgid: Int32 = 14
+    static let helperGetAttachCookie: Int32 = 174
+
+    /// Creates the three maps (BPF_MAP_CREATE ×3) and loads the counting program
+    /// (BPF_PROG_LOAD). Errors: `bpf_unavailable` (EPERM/ENOSYS), `map_create_failed`,
+    /// `uprobe_multi_unsupported` (the kernel rejects the attach type), `prog_load_failed`
+    /// (message carries the verifier log).
+    public init(capacity: UInt32, markCapacity: UInt32 = 65_536) throws(KernelError) {
+        guard capacity > 0, markCapacity > 0 else {
+            throw KernelError(code: "invalid_argument", message: "capacity and markCapacity must be > 0")
+        }
+        self.capacity = capacity
+        self.markCapacity = markCapacity
+        self.possibleCPUs = Self.countPossibleCPUs()
+        var opened: [FileDescriptor] = []
+        func create(_ type: bpf_map_type, _ key: UInt32, _ value: UInt32, _ max: UInt32,
+                    _ name: String) throws(KernelError) -> FileDescriptor {
+            do {
+                let fd = try BPFSyscall.mapCreate(type: type, keySize: key, valueSize: value,
+                                                  maxEntries: max, name: name)
+                opened.append(fd)
+                return fd
+            } catch {
+                for fd in opened { try? fd.close() }
+                if error.errno == .notPermitted || error.errno == .noFunction {
+                    throw KernelError(code: "bpf_unavailable", error, context: "map \(name)")
+                }
+                throw KernelError(code: "map_create_failed", error, context: "map \(name)")
+            }
+        }
+        counters = try create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, capacity, "uprobed_counts")
+        overlap = try create(BPF_MAP_TYPE_ARRAY, 4, 4, capacity, "uprobed_overlap")
+        marks = try create(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, "uprobed_marks")
+        let insns = Self.instructions(counters: counters.rawValue, overlap: overlap.rawValue,
+                                      marks: marks.rawValue)
+        switch BPFSyscall.progLoad(type: BPF_PROG_TYPE_KPROBE,
+                                   expectedAttachType: CUPROBESYS_BPF_TRACE_UPROBE_MULTI,
+                                   instructions: insns, license: "GPL", name: "uprobed_count") {
+        case .success(let fd):
+            multiProgram = fd
+        case .failure(let pf):
+            let failure = pf.failure, log = pf.log
+            for fd in opened { try? fd.close() }
+            if failure.errno == .notPermitted {
+                throw KernelError(code: "bpf_unavailable", failure, context: "counting program")
+            }
+            // An unknown expected_attach_type makes the kernel fail with EINVAL before the
+            // verifier runs, i.e. with an empty log.
+            if failure.errno == .invalidArgument && log.isEmpty {
+                throw KernelError(code: "uprobe_multi_unsupported",
+                                  message: "the kernel rejects BPF_TRACE_UPROBE_MULTI programs (needs Linux >= 6.6 with CONFIG_UPROBES): \(failure.call) failed: \(failure.errno)",
+                                  errno: failure.errno.rawValue)
+            }
+            throw KernelError(code: "prog_load_failed",
+                              message: "\(failure.call) failed: \(failure.errno); verifier log:\n\(log)",
+                              errno: failure.errno.rawValue)
+        }
+        perfProgramFD = Mutex(nil)
+    }
+
+    deinit {
+        if let fd = perfProgramFD.withLock({ $0 }) { try? fd.close() }
+        try? multiProgram.close()
+        try? marks.close()
+        try? overlap.close()
+        try? counters.close()
+    }
+
+    /// The counting program (see the type's documentation), assembled.
+    static func instructions(counters: Int32, overlap: Int32, marks: Int32) -> [UInt64] {
+        var a = BPFAssembler()
+        let count = a.newLabel(), markAndCount = a.newLabel(), out = a.newLabel()
+        // Stack: [r10-4] u32 slot key; [r10-16] mark key {tid, slot}; [r10-20] u32 generation.
+        a.call(helperGetAttachCookie)          // r0 = cookie (r1 = ctx on entry)
+        a.mov32(.r8, .r0)                      // r8 = slot = cookie & 0xffffffff
+        a.mov(.r7, .r0)
+        a.rsh(.r7, imm: 32)                    // r7 = generation = cookie >> 32
+        a.storeW(.r10, off: -4, .r8)
+        a.loadMap(.r1, fd: overlap)
+        a.mov(.r2, .r10)
+        a.add(.r2, imm: -4)
+        a.call(helperMapLookup)                // r0 = &overlap[slot] or NULL
+        a.jumpIfZero(.r0, count)
+        a.loadW(.r1, .r0, off: 0)
+        a.jumpIfZero(.r1, count)               // fast path: no rebuild in progress
+        a.call(helperGetCurrentPidTgid)        // lower 32 bits = thread id
+        a.storeW(.r10, off: -16, .r0)
+        a.storeW(.r10, off: -12, .r8)
+        a.loadMap(.r1, fd: marks)
+        a.mov(.r2, .r10)
+        a.add(.r2, imm: -16)
+        a.call(helperMapLookup)
+        a.jumpIfZero(.r0, markAndCount)
+        a.loadW(.r1, .r0, off: 0)              // mark generation
+        a.jumpIfLessOrEqual(.r1, .r7, markAndCount)
+        // A newer link's program already counted this hit in this thread: consume its mark.
+        // Only this thread reads or writes this key, so no ordering against other CPUs matters.
+        a.loadMap(.r1, fd: marks)
+        a.mov(.r2, .r10)
+        a.add(.r2, imm: -16)
+        a.call(helperMapDelete)
+        a.jump(out)
+        a.bind(markAndCount)
+        a.storeW(.r10, off: -20, .r7)
+        a.loadMap(.r1, fd: marks)
+        a.mov(.r2, .r10)
+        a.add(.r2, imm: -16)
+        a.mov(.r3, .r10)
+        a.add(.r3, imm: -20)
+        a.mov(.r4, imm: 0)                     // BPF_ANY
+        a.call(helperMapUpdate)
+        a.bind(count)
+        a.storeW(.r10, off: -4, .r8)
+        a.loadMap(.r1, fd: counters)
+        a.mov(.r2, .r10)
+        a.add(.r2, imm: -4)
+        a.call(helperMapLookup)
+        a.jumpIfZero(.r0, out)
+        a.mov(.r1, imm: 1)
+        // Atomic, although the value is per-CPU: uprobe programs run with migration disabled
+        // but preemptible, so another task on this CPU may add to the same value between a
+        // plain load and store.
+        a.atomicAdd64(.r0, off: 0, .r1)
+        a.bind(out)
+        a.mov(.r0, imm: 0)
+        a.exit()
+        return a.finish()
+    }
+
+    /// The program instance for perf_event attachment (BPF_PROG_LOAD on first use, type KPROBE,
+    /// no expected attach type), sharing this instance's maps.
+    func perfProgram() throws(KernelError) -> FileDescriptor {
+        let result: Result<FileDescriptor, KernelError> = perfProgramFD.withLock { slot in
+            if let fd = slot { return .success(fd) }
+            let insns = Self.instructions(counters: counters.rawValue, overlap: overlap.rawValue,
+                                          marks: marks.rawValue)
+            switch BPFSyscall.progLoad(type: BPF_PROG_TYPE_KPROBE, expectedAttachType: 0,
+                                       instructions: insns, license: "GPL", name: "uprobed_count_pe") {
+            case .success(let fd):
+                slot = fd
+                return .success(fd)
+            case .failure(let pf):
+            let failure = pf.failure, log = pf.log
+                return .failure(KernelError(code: "prog_load_failed",
+                                            message: "\(failure.call) failed: \(failure.errno); verifier log:\n\(log)",
+                                            errno: failure.errno.rawValue))
+            }
+        }
+        return try result.get()
+    }
+
+    /// A fresh link generation (monotonically increasing, starting at 1).
+    func nextGeneration() -> UInt32 {
+        lastGeneration.add(1, ordering: .relaxed).newValue
+    }
+
+    /// Creates one uprobe_multi link (BPF_LINK_CREATE, attach type BPF_TRACE_UPROBE_MULTI):
+    /// probe `offsets[i]` of `path` counts into `slots[i]`, with the cookie
+    /// `(generation << 32) | slots[i]` and a fresh generation. `refCtrOffsets` are USDT
+    /// semaphore offsets (nil = none); `pid` nil = all processes; `retprobe` sets
+    /// BPF_F_UPROBE_MULTI_RETURN. Returns once every uprobe is registered (and installed in
+    /// processes that currently map the file). See the type's documentation for the rebuild
+    /// protocol and its invariant.
+    public func attach(path: String, offsets: [UInt64], refCtrOffsets: [UInt64]?, slots: [UInt32],
+                       pid: Int32?, retprobe: Bool) throws(KernelError) -> UprobeMultiLink {
+        guard !offsets.isEmpty else {
+            throw KernelError(code: "invalid_argument", message: "a link needs at least one offset")
+        }
+        guard offsets.count == slots.count, refCtrOffsets.map({ $0.count == offsets.count }) ?? true else {
+            throw KernelError(code: "invalid_argument",
+                              message: "offsets, slots and refCtrOffsets must have the same length")
+        }
+        if let bad = slots.first(where: { $0 >= capacity }) {
+            throw KernelError(code: "capacity_exhausted", message: "slot \(bad) is outside the counter capacity \(capacity)")
+        }
+        if let pid, pid <= 0 {
+            throw KernelError(code: "invalid_argument", message: "pid must be positive, got \(pid)")
+        }
+        // Pre-check the file so the two common mistakes get precise codes; the kernel checks too.
+        var st = stat()
+        if stat(path, &st) != 0 {
+            let err = Errno(rawValue: Glibc.errno)
+            throw KernelError(code: err == .noSuchFileOrDirectory ? "path_not_found" : "link_create_failed",
+                              message: "cannot stat \(path): \(err)", errno: err.rawValue)
+        }
+        if let bad = offsets.first(where: { $0 >= UInt64(st.st_size) }) {
+            throw KernelError(code: "offset_out_of_range",
+                              message: "offset \(bad) is beyond the end of \(path) (\(st.st_size) bytes)",
+                              errno: Errno.invalidArgument.rawValue)
+        }
+        if let exec = ExecutableRanges.of(path: path),
+           let bad = offsets.first(where: { off in !exec.contains { $0.contains(off) } }) {
+            throw KernelError(code: "offset_not_executable",
+                              message: "offset \(bad) of \(path) is not inside an executable segment; the kernel would accept it but the probe could never fire",
+                              errno: Errno.invalidArgument.rawValue)
+        }
+        let generation = nextGeneration()
+        let cookies = slots.map { (UInt64(generation) << 32) | UInt64($0) }
+        do {
+            let fd = try BPFSyscall.linkCreateUprobeMulti(
+                program: multiProgram, path: path, offsets: offsets, refCtrOffsets: refCtrOffsets,
+                cookies: cookies, flags: retprobe ? CUPROBESYS_BPF_F_UPROBE_MULTI_RETURN : 0,
+                pid: pid.map { UInt32($0) } ?? 0)
+            return UprobeMultiLink(fd: fd, generation: generation, offsetCount: offsets.count)
+        } catch {
+            switch error.errno {
+            case .noSuchFileOrDirectory:
+                throw KernelError(code: "path_not_found", error, context: path)
+            case .noSuchProcess:
+                throw KernelError(code: "process_not_found", error, context: "pid \(pid ?? 0)")
+            case .badFileDescriptor, .invalidArgument:
+                throw KernelError(code: "link_create_failed", error,
+                                  context: "\(path): not a regular file, or an offset is not a probeable instruction")
+            default:
+                throw KernelError(code: "link_create_failed", error, context: path)
+            }
+        }
+    }
+
+    /// Sets or clears the rebuild flag of `slots` (BPF_MAP_UPDATE_ELEM on `overlap`, one call
+    /// per slot).
+    ///
+    /// Ordering: set it before creating the new link — link creation (a syscall that takes
+    /// the uprobe locks) orders this store before any run of the new link's program; clear it
+    /// only after the old link's close has returned — by then no old program is in flight, and
+    /// a program that still sees the flag just takes the exact slow path.
+    public func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {
+        var value: UInt32 = on ? 1 : 0
+        for var slot in slots {
+            guard slot < capacity else {
+                throw KernelError(code: "invalid_argument", message: "slot \(slot) is outside the capacity \(capacity)")
+            }
+            do {
+                try BPFSyscall.mapUpdate(overlap, key: &slot, value: &value)
+            } catch {
+                throw KernelError(code: "map_op_failed", error, context: "overlap[\(slot)]")
+            }
+        }
+    }
+
+    /// Deletes the hand-off marks of `slots` (BPF_MAP_GET_NEXT_KEY walk, then
+    /// BPF_MAP_DELETE_ELEM). Call after `setOverlap(false, ...)`, when no old link of these
+    /// slots is attached any more.
+    public func sweepMarks(slots: Set<UInt32>) throws(KernelError) {
+        guard !slots.isEmpty else { return }
+        var doomed: [UInt64] = []
+        var key: UInt64 = 0
+        var next: UInt64 = 0
+        var first = true
+        do {
+            while true {
+                let found: Bool
+                if first {
+                    found = try BPFSyscall.mapNextKey(marks, key: nil, next: &next)
+                    first = false
+                } else {
+                    found = try BPFSyscall.mapNextKey(marks, key: &key, next: &next)
+                }
+                if !found { break }
+                // Key layout {u32 tid; u32 slot}, little-endian: slot is the upper half.
+                if slots.contains(UInt32(truncatingIfNeeded: next >> 32)) { doomed.append(next) }
+                key = next
+            }
+            for var k in doomed { try BPFSyscall.mapDelete(marks, key: &k) }
+        } catch {
+            throw KernelError(code: "map_op_failed", error, context: "sweeping marks")
+        }
+    }
+
+    /// Number of hand-off marks currently held for `slot` (BPF_MAP_GET_NEXT_KEY walk); for
+    /// tests and diagnostics.
+    public func markCount(slot: UInt32) throws(KernelError) -> Int {
+        var count = 0
+        var key: UInt64 = 0
+        var next: UInt64 = 0
+        var first = true
+        do {
+            while true {
+                let found = first ? try BPFSyscall.mapNextKey(marks, key: nil, next: &next)
+                                  : try BPFSyscall.mapNextKey(marks, key: &key, next: &next)
+                first = false
+                if !found { break }
+                if UInt32(truncatingIfNeeded: next >> 32) == slot { count += 1 }
+                key = next
+            }
+        } catch {
+            throw KernelError(code: "map_op_failed", error, context: "walking marks")
+        }
+        return count
+    }
+
+    /// Zeroes the counters of `slots` on every CPU (BPF_MAP_UPDATE_ELEM with a per-CPU value
+    /// of zeros). Do this before a slot is reused.
+    public func resetCounters(slots: [UInt32]) throws(KernelError) {
+        let zeros = [UInt64](repeating: 0, count: possibleCPUs)
+        for var slot in slots {
+            guard slot < capacity else {
+                throw KernelError(code: "invalid_argument", message: "slot \(slot) is outside the capacity \(capacity)")
+            }
+            do {
+                try zeros.withUnsafeBytes { buf in
+                    Result { () throws(SyscallFailure) in
+                        guard let base = buf.baseAddress else { return }
+                        try BPFSyscall.mapUpdate(counters, key: &slot, value: base)
+                    }
+                }.get()
+            } catch {
+                throw KernelError(code: "map_op_failed", error, context: "counters[\(slot)]")
+            }
+        }
+    }
+
+    /// The hits of one slot, summed over CPUs (BPF_MAP_LOOKUP_ELEM).
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        guard slot < capacity else {
+            throw KernelError(code: "invalid_argument", message: "slot \(slot) is outside the capacity \(capacity)")
+        }
+        var key = slot
+        var values = [UInt64](repeating: 0, count: possibleCPUs)
+        do {
+            _ = try values.withUnsafeMutableBytes { buf in
+                Result { () throws(SyscallFailure) -> Bool in
+                    guard let base = buf.baseAddress else { return false }
+                    return try BPFSyscall.mapLookup(counters, key: &key, value: base)
+                }
+            }.get()
+        } catch {
+            throw KernelError(code: "map_op_failed", error, context: "counters[\(slot)]")
+        }
+        return values.reduce(0, &+)
+    }
+
+    /// Bulk read of slots [0, upTo) summed over possible CPUs (BPF_MAP_LOOKUP_BATCH on the
+    /// per-CPU array, in chunks of up to 4096 slots).
+    public func readAllCounters(upTo: UInt32) throws(KernelError) -> [UInt64] {
+        let limit = min(upTo, capacity)
+        var result = [UInt64](repeating: 0, count: Int(limit))
+        guard limit > 0 else { return result }
+        let chunk = min(limit, 4096)
+        let cpus = possibleCPUs
+        var keys = [UInt32](repeating: 0, count: Int(chunk))
+        var values = [UInt64](repeating: 0, count: Int(chunk) * cpus)
+        var token: UInt32 = 0       // array maps use the next index as batch token
+        var outToken: UInt32 = 0
+        var started = false
+        var read: UInt32 = 0
+        do {
+            while read < limit {
+                let want = min(chunk, limit - read)
+                let r = try keys.withUnsafeMutableBytes { k in
+                    values.withUnsafeMutableBytes { v in
+                        Result { () throws(SyscallFailure) -> (copied: UInt32, done: Bool) in
+                            guard let kb = k.baseAddress, let vb = v.baseAddress else { return (0, true) }
+                            if started {
+                                return try BPFSyscall.mapLookupBatch(counters, inBatch: &token, outBatch: &outToken,
+                                                                     keys: kb, values: vb, count: want)
+                            }
+                            return try BPFSyscall.mapLookupBatch(counters, inBatch: nil, outBatch: &outToken,
+                                                                 keys: kb, values: vb, count: want)
+                        }
+                    }
+                }.get()
+                for i in 0..<Int(r.copied) {
+                    let slot = Int(keys[i])
+                    guard slot < result.count else { continue }
+                    var sum: UInt64 = 0
+                    for c in 0..<cpus { sum &+= values[i * cpus + c] }
+                    result[slot] = sum
+                }
+                read += r.copied
+                if r.done || r.copied == 0 { break }
+                started = true
+                token = outToken
+            }
+        } catch {
+            throw KernelError(code: "map_op_failed", error, context: "reading counters")
+        }
+        return result
+    }
+
+    /// Number of possible CPUs, from /sys/devices/system/cpu/possible ("0-3,5" style lists).
+    static func countPossibleCPUs() -> Int {
+        guard let text = readSmallFile("/sys/devices/system/cpu/possible") else {
+            return max(1, Int(sysconf(Int32(_SC_NPROCESSORS_CONF))))
+        }
+        var count = 0
+        for part in text.split(separator: ",") {
+            let bounds = part.split(separator: "-").compactMap {
+                Int($0.trimmingCharacters(in: " \n"))
+            }
+            if bounds.count == 2 { count += bounds[1] - bounds[0] + 1 } else if bounds.count == 1 { count += 1 }
+        }
+        return max(count, 1)
+    }
+}
+
+extension Substring {
+    fileprivate func trimmingCharacters(in set: String) -> Substring {
+        var s = self
+        while let f = s.first, set.contains(f) { s.removeFirst() }
+        while let l = s.last, set.contains(l) { s.removeLast() }
+        return s
+    }
+}
+
+/// Reads a small text file (sysfs) whole; nil if it cannot be read.
+func readSmallFile(_ path: String) -> String? {
+    guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
+    defer { try? fd.close() }
+    var bytes: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = (try? buf.withUnsafeMutableBytes { try fd.read(into: $0, retryOnInterrupt: true) }) ?? 0
+        if n <= 0 { break }
+        bytes.append(contentsOf: buf[0..<n])
+        if bytes.count > 1 << 20 { break }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
