@@ -100,13 +100,17 @@ public struct RequestHandler: Sendable {
     }
 
     static func describe(_ r: ProbeRecord) -> JSONValue {
-        guard var o = r.sites.first.map({ describe($0.target) })?.objectValue else { return .null }
+        guard var o = r.targets.first.map({ describe($0) })?.objectValue else { return .null }
         var head = JSONObject()
         head["id"] = .string(r.id)
         for p in o.pairs { head[p.key] = p.value }
         o = head
-        if r.sites.count > 1 {
-            o["sites"] = .array(r.sites.map { describe($0.target) })
+        if r.targets.count > 1 {
+            o["sites"] = .array(r.targets.map { describe($0) })
+        }
+        if case .degraded(let reason) = r.state {
+            o["state"] = "degraded"
+            o["reason"] = .string(reason)
         }
         return .object(o)
     }
@@ -159,6 +163,10 @@ public struct RequestHandler: Sendable {
                 o["id"] = .string(s.id)
                 o["hits"] = JSONValue(s.hits)
                 o["rate"] = .double((s.ratePerSecond * 1000).rounded() / 1000)
+                if case .degraded(let reason) = s.state {
+                    o["state"] = "degraded"
+                    o["reason"] = .string(reason)
+                }
                 return .object(o)
             })])
         }

@@ -9,6 +9,8 @@ import UprobeKernel
 enum PendingOp: Sendable {
     case register(items: [RegisterItem], consumer: String?, peer: Peer,
                   reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
+    /// Registrations from the state file, with their ids; each one is atomic on its own.
+    case restore(items: [RestoreItem], reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
     case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
                     reply: @Sendable (Result<Int, EngineError>) -> Void)
 }
@@ -51,6 +53,7 @@ final class BatchApplier {
     private struct PlannedProbe {
         var sites: [ProbeSite]
         var spec: ProbeSpecInput
+        var restored: RestoreItem? = nil
     }
 
     private struct PlannedRegister {
@@ -59,6 +62,7 @@ final class BatchApplier {
         var failure: EngineError?
         var consumer: String?
         var peer: Peer
+        var restoreID: String? = nil
     }
 
     func apply(_ batch: [PendingOp]) {
@@ -95,6 +99,28 @@ final class BatchApplier {
                     }
                 }
                 registers.append(plan)
+            case .restore(let items, _):
+                // Each restored registration is its own request, so one that cannot attach
+                // never takes the others down with it.
+                for item in items {
+                    var plan = PlannedRegister(index: n, consumer: item.consumer, peer: item.owner)
+                    plan.restoreID = item.id
+                    if item.degradedReason != nil {
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    guard let allocated = slots.allocate(item.targets.count) else {
+                        plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left to restore \(item.id)")
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    newSlots += allocated
+                    plan.probes = [PlannedProbe(sites: zip(item.targets, allocated).map { ProbeSite(target: $0, slot: $1) },
+                                                spec: item.spec, restored: item)]
+                    registers.append(plan)
+                }
             case .unregister(let ids, let consumer, _, let authorize, let reply):
                 let selected: [String]
                 if let ids {
@@ -135,25 +161,42 @@ final class BatchApplier {
         let now = Double(clockRealtimeSeconds())
         let nowMono = ContinuousClock.now
         var created: [Int: [ProbeRecord]] = [:]
+        var restored: [Int: [Result<ProbeRecord, EngineError>]] = [:]
         for plan in registers {
-            if plan.failure != nil {
+            if let failure = plan.failure {
                 for p in plan.probes {
                     for s in p.sites {
                         if slotLink[s.slot] != nil { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
                     }
                 }
+                if let item = plan.probes.first?.restored {
+                    // A restored registration that cannot attach stays registered, degraded:
+                    // dropping it silently would lose an acknowledged registration.
+                    let r = record(id: item.id, plan: plan, spec: item.spec, sites: [], now: now, nowMono: nowMono,
+                                   restored: item, state: .degraded(reason: failure.message))
+                    restored[plan.index, default: []].append(.success(r))
+                }
                 continue
             }
             var records: [ProbeRecord] = []
             for p in plan.probes {
-                let id = ProbeID.make(nextProbeNumber)
-                nextProbeNumber += 1
-                let r = ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: p.spec,
-                                    sites: p.sites, registeredAt: now, registeredAtMonotonic: nowMono)
-                probes[id] = r
-                records.append(r)
+                let id: String
+                if let fixed = plan.restoreID {
+                    id = fixed
+                    if let n = ProbeID.number(fixed) { nextProbeNumber = max(nextProbeNumber, n + 1) }
+                } else {
+                    id = ProbeID.make(nextProbeNumber)
+                    nextProbeNumber += 1
+                }
+                let state: ProbeState = p.restored?.degradedReason.map { .degraded(reason: $0) } ?? .active
+                records.append(record(id: id, plan: plan, spec: p.spec, sites: p.sites, now: now, nowMono: nowMono,
+                                      restored: p.restored, state: state))
             }
-            created[plan.index] = records
+            if plan.restoreID != nil {
+                restored[plan.index, default: []] += records.map { .success($0) }
+            } else {
+                created[plan.index] = records
+            }
         }
         var removedCount: [Int] = []
         for removal in removals {
@@ -184,6 +227,9 @@ final class BatchApplier {
                 reply(.success(created[plan.index] ?? []))
             }
         }
+        for (n, op) in batch.enumerated() {
+            if case .restore(_, let reply) = op { reply(restored[n] ?? []) }
+        }
         for (removal, n) in zip(removals, removedCount) { removal.reply(.success(n)) }
 
         // Phase D: detach work for everything that died in this batch.
@@ -191,6 +237,16 @@ final class BatchApplier {
         counters.lastBatchMicros = UInt64((ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000)
             + UInt64((ContinuousClock.now - started).components.seconds) * 1_000_000
         publish(makeSnapshot())
+    }
+
+    private func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: Double,
+                        nowMono: ContinuousClock.Instant, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+        let r = ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: spec, sites: sites,
+                            registeredAt: restored?.registeredAt ?? now, registeredAtMonotonic: nowMono,
+                            state: state, baseHits: restored?.baseHits ?? 0,
+                            targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+        probes[id] = r
+        return r
     }
 
     /// Creates the links of a batch. A group's link failing is retried request by request so

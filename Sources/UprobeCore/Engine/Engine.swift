@@ -10,6 +10,7 @@ public struct ProbeStats: Sendable {
     /// Mean hits per second since the registration.
     public var ratePerSecond: Double
     public var sites: Int
+    public var state: ProbeState
 }
 
 /// The engine: batches requests from every connection and applies them on one writer thread.
@@ -73,6 +74,16 @@ public final class Engine: Sendable {
         }
     }
 
+    /// Brings back registrations from the state file in one batch, keeping their ids. Each item
+    /// stands alone: one that cannot attach comes back degraded, never dropped.
+    public func restore(_ items: [RestoreItem]) async -> [Result<ProbeRecord, EngineError>] {
+        guard !items.isEmpty else { return [] }
+        return await withCheckedContinuation { (cont: CheckedContinuation<[Result<ProbeRecord, EngineError>], Never>) in
+            let accepted = queue.push(.restore(items: items, reply: { cont.resume(returning: $0) }))
+            if !accepted { cont.resume(returning: items.map { _ in .failure(Self.stopping) }) }
+        }
+    }
+
     private static let stopping = EngineError(code: "shutting_down", message: "uprobed is stopping")
 
     /// The last published registry.
@@ -100,10 +111,12 @@ public final class Engine: Sendable {
         }
         let now = ContinuousClock.now
         return .success(records.map { r in
-            let hits = r.sites.reduce(UInt64(0)) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
+            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
             let elapsed = now - r.registeredAtMonotonic
             let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            return ProbeStats(id: r.id, hits: hits, ratePerSecond: secs > 0 ? Double(hits) / secs : 0, sites: r.sites.count)
+            let counted = hits - r.baseHits
+            return ProbeStats(id: r.id, hits: hits, ratePerSecond: secs > 0 ? Double(counted) / secs : 0,
+                              sites: r.sites.count, state: r.state)
         })
     }
 

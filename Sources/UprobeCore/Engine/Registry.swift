@@ -19,17 +19,56 @@ public struct ProbeSite: Sendable, Equatable {
     public var slot: UInt32
 }
 
+/// Whether a registration is counting.
+public enum ProbeState: Sendable, Equatable {
+    case active
+    /// Registered but not attached, e.g. its binary vanished or changed while the daemon was
+    /// down; `reason` says what happened. It is never silently attached elsewhere.
+    case degraded(reason: String)
+}
+
 /// A registered probe: one id, one or more sites (several for a multi-site USDT probe).
 public struct ProbeRecord: Sendable {
     public let id: String
     public let consumer: String?
     public let owner: Peer
     public let spec: ProbeSpecInput
+    /// Attached sites; empty when degraded.
     public let sites: [ProbeSite]
-    /// Seconds since the Unix epoch when the registration was acknowledged.
+    /// Seconds since the Unix epoch when the registration was first acknowledged.
     public let registeredAt: Double
-    /// Monotonic registration time, for rates.
+    /// Monotonic time this daemon started counting it, for rates.
     public let registeredAtMonotonic: ContinuousClock.Instant
+    public let state: ProbeState
+    /// Hits counted before this daemon process took over (carried over from the state file).
+    public let baseHits: UInt64
+    /// Where the probe was resolved when it was registered (kept for degraded probes, whose
+    /// `sites` are empty, so `list` still shows what was asked and where it was).
+    public let targets: [ResolvedProbe]
+}
+
+/// A registration to bring back after a restart, with its original id.
+public struct RestoreItem: Sendable {
+    public var id: String
+    public var consumer: String?
+    public var owner: Peer
+    public var spec: ProbeSpecInput
+    public var registeredAt: Double
+    public var baseHits: UInt64
+    /// The targets as resolved now (attached when `degradedReason` is nil) or as recorded.
+    public var targets: [ResolvedProbe]
+    public var degradedReason: String?
+    public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
+                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?) {
+        self.id = id
+        self.consumer = consumer
+        self.owner = owner
+        self.spec = spec
+        self.registeredAt = registeredAt
+        self.baseHits = baseHits
+        self.targets = targets
+        self.degradedReason = degradedReason
+    }
 }
 
 /// Counters of the engine's own work, reported by `status`.
