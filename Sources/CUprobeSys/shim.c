@@ -150,6 +150,20 @@ int CUprobeSys_map_lookup_batch(int map_fd, const void *in_batch, void *out_batc
     return rc;
 }
 
+int CUprobeSys_map_update_batch(int map_fd, const void *keys, const void *values, uint32_t *count) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.batch.map_fd = (__u32)map_fd;
+    attr.batch.keys = ptr_to_u64(keys);
+    attr.batch.values = ptr_to_u64(values);
+    attr.batch.count = *count;
+    int rc = CUprobeSys_bpf(BPF_MAP_UPDATE_BATCH, &attr, sizeof(attr));
+    int saved = errno;
+    *count = attr.batch.count; // elements updated, also on error
+    errno = saved;
+    return rc;
+}
+
 int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *path,
                                 uint64_t offset, pid_t pid) {
     struct perf_event_attr attr;

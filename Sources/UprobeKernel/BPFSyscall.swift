@@ -196,6 +196,22 @@ enum BPFSyscall {
         }
     }
 
+    /// BPF_MAP_UPDATE_BATCH: writes `count` u32 keys and their values (`valueSize` bytes each)
+    /// in one call (array maps, Linux >= 5.6). An interrupted call resumes where it stopped.
+    static func mapUpdateBatch(_ map: FileDescriptor, keys: UnsafePointer<UInt32>, values: UnsafeRawPointer,
+                               valueSize: Int, count: UInt32) throws(SyscallFailure) {
+        var done: UInt32 = 0
+        while done < count {
+            var n = count - done
+            let rc = CUprobeSys_map_update_batch(map.rawValue, keys + Int(done), values + Int(done) * valueSize, &n)
+            let err = errno
+            done += n
+            if rc == 0 { continue }
+            if err == EINTR { continue }
+            throw SyscallFailure(call: "bpf(BPF_MAP_UPDATE_BATCH)", errno: Errno(rawValue: err))
+        }
+    }
+
     /// perf_event_open(2) on the "uprobe" PMU; see CUprobeSys_perf_uprobe_open.
     static func perfUprobeOpen(pmuType: UInt32, config: UInt64, path: String, offset: UInt64,
                                pid: Int32) throws(SyscallFailure) -> FileDescriptor {

@@ -294,24 +294,38 @@ public final class CounterProgram: Sendable {
         }
     }
 
-    /// Sets or clears the rebuild flag of `slots` (BPF_MAP_UPDATE_ELEM on `overlap`, one call
-    /// per slot).
+    /// Sets or clears the rebuild flag of `slots` (one BPF_MAP_UPDATE_BATCH on `overlap`).
     ///
     /// Ordering: set it before creating the new link — link creation (a syscall that takes
     /// the uprobe locks) orders this store before any run of the new link's program; clear it
     /// only after the old link's close has returned — by then no old program is in flight, and
     /// a program that still sees the flag just takes the exact slow path.
     public func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {
-        var value: UInt32 = on ? 1 : 0
-        for var slot in slots {
-            guard slot < capacity else {
-                throw KernelError(code: "invalid_argument", message: "slot \(slot) is outside the capacity \(capacity)")
+        try checkSlots(slots)
+        let values = [UInt32](repeating: on ? 1 : 0, count: slots.count)
+        do {
+            try updateBatch(overlap, keys: slots, values: values, valueSize: 4)
+        } catch {
+            throw KernelError(code: "map_op_failed", error, context: "overlap (\(slots.count) slots)")
+        }
+    }
+
+    private func updateBatch<V>(_ map: FileDescriptor, keys: [UInt32], values: [V], valueSize: Int) throws(SyscallFailure) {
+        guard !keys.isEmpty else { return }
+        let result: Result<Void, SyscallFailure> = keys.withUnsafeBufferPointer { k in
+            values.withUnsafeBytes { v in
+                guard let kb = k.baseAddress, let vb = v.baseAddress else { return .success(()) }
+                return Result { () throws(SyscallFailure) in
+                    try BPFSyscall.mapUpdateBatch(map, keys: kb, values: vb, valueSize: valueSize, count: UInt32(keys.count))
+                }
             }
-            do {
-                try BPFSyscall.mapUpdate(overlap, key: &slot, value: &value)
-            } catch {
-                throw KernelError(code: "map_op_failed", error, context: "overlap[\(slot)]")
-            }
+        }
+        try result.get()
+    }
+
+    private func checkSlots(_ slots: [UInt32]) throws(KernelError) {
+        if let bad = slots.first(where: { $0 >= capacity }) {
+            throw KernelError(code: "invalid_argument", message: "slot \(bad) is outside the capacity \(capacity)")
         }
     }
 
@@ -366,24 +380,17 @@ public final class CounterProgram: Sendable {
         return count
     }
 
-    /// Zeroes the counters of `slots` on every CPU (BPF_MAP_UPDATE_ELEM with a per-CPU value
+    /// Zeroes the counters of `slots` on every CPU (one BPF_MAP_UPDATE_BATCH with a per-CPU value
     /// of zeros). Do this before a slot is reused.
     public func resetCounters(slots: [UInt32]) throws(KernelError) {
-        let zeros = [UInt64](repeating: 0, count: possibleCPUs)
-        for var slot in slots {
-            guard slot < capacity else {
-                throw KernelError(code: "invalid_argument", message: "slot \(slot) is outside the capacity \(capacity)")
-            }
-            do {
-                try zeros.withUnsafeBytes { buf in
-                    Result { () throws(SyscallFailure) in
-                        guard let base = buf.baseAddress else { return }
-                        try BPFSyscall.mapUpdate(counters, key: &slot, value: base)
-                    }
-                }.get()
-            } catch {
-                throw KernelError(code: "map_op_failed", error, context: "counters[\(slot)]")
-            }
+        try checkSlots(slots)
+        guard !slots.isEmpty else { return }
+        // One BPF_MAP_UPDATE_BATCH: a 10,000-probe request resets its slots in one syscall.
+        let zeros = [UInt64](repeating: 0, count: possibleCPUs * slots.count)
+        do {
+            try updateBatch(counters, keys: slots, values: zeros, valueSize: 8 * possibleCPUs)
+        } catch {
+            throw KernelError(code: "map_op_failed", error, context: "resetting \(slots.count) counters")
         }
     }
 
