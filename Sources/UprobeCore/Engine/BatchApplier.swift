@@ -35,13 +35,19 @@ final class BatchApplier {
     private var slotLink: [UInt32: LinkRecord] = [:]
     /// Slots whose probe is gone but which are still attached (waiting for detach work).
     private var deadSlots: Set<UInt32> = []
+    /// Open links of each (binary, pid filter, direction).
+    private var groupLinks: [LinkGroupKey: Set<ObjectIdentifier>] = [:]
+    /// When the pending detach/merge work must run at the latest (nil: nothing pending).
+    private(set) var compactionDue: ContinuousClock.Instant?
+    private let tuning: EngineConfig
     private var counters = EngineCounters()
     private var generation: UInt64 = 0
 
-    init(kernel: any KernelBackend, logger: Logger,
+    init(kernel: any KernelBackend, tuning: EngineConfig, logger: Logger,
          publish: @escaping (RegistrySnapshot) -> Void,
          persist: @escaping (RegistrySnapshot) throws -> Void) {
         self.kernel = kernel
+        self.tuning = tuning
         self.logger = logger
         self.publish = publish
         self.persist = persist
@@ -83,6 +89,10 @@ final class BatchApplier {
                 var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
                 let groups = items.map(\.probeGroups)
                 let needed = groups.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } }
+                if slots.available < needed && !deadSlots.isEmpty {
+                    // Reclaim retired slots (their links close, a grace period passes) before refusing.
+                    compact()
+                }
                 guard let allocated = slots.allocate(needed) else {
                     plan.failure = EngineError(
                         code: "capacity_exhausted",
@@ -110,6 +120,7 @@ final class BatchApplier {
                         registers.append(plan)
                         continue
                     }
+                    if slots.available < item.targets.count && !deadSlots.isEmpty { compact() }
                     guard let allocated = slots.allocate(item.targets.count) else {
                         plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left to restore \(item.id)")
                         plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
@@ -232,8 +243,10 @@ final class BatchApplier {
         }
         for (removal, n) in zip(removals, removedCount) { removal.reply(.success(n)) }
 
-        // Phase D: detach work for everything that died in this batch.
-        if !deadSlots.isEmpty { detachDeadSlots() }
+        // Phase D: detach work is deferred (compaction_delay) so that the removals of many
+        // batches share one rebuild per link and one grace period; it runs now if it is due.
+        scheduleCompaction()
+        if let due = compactionDue, ContinuousClock.now >= due { compact() }
         counters.lastBatchMicros = UInt64((ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000)
             + UInt64((ContinuousClock.now - started).components.seconds) * 1_000_000
         publish(makeSnapshot())
@@ -295,25 +308,59 @@ final class BatchApplier {
         let linkSites = sites.map { LinkSite(offset: $0.target.fileOffset, refCtrOffset: $0.target.refCtrOffset, slot: $0.slot) }
         let handle = try kernel.attach(path: path, sites: linkSites, pid: key.pid == 0 ? nil : key.pid, retprobe: key.retprobe)
         let record = LinkRecord(group: key, path: path, sites: linkSites, handle: handle)
+        adopt(record)
+    }
+
+    private func adopt(_ record: LinkRecord) {
         links[ObjectIdentifier(record)] = record
-        for s in linkSites { slotLink[s.slot] = record }
+        groupLinks[record.group, default: []].insert(ObjectIdentifier(record))
+        for s in record.sites { slotLink[s.slot] = record }
         counters.linksCreated += 1
     }
 
-    /// Closes links whose sites all died; rebuilds (make-before-break) links that still hold
-    /// live sites, with the BPF hand-off on so no hit is lost or doubled during the overlap.
-    /// All closes of the round are issued together so they share grace periods.
-    private func detachDeadSlots() {
-        var affected: [ObjectIdentifier: LinkRecord] = [:]
-        var freeNow: [UInt32] = []
-        for s in deadSlots {
-            if let l = slotLink[s] { affected[ObjectIdentifier(l)] = l } else { freeNow.append(s) }
-        }
+    private func forget(_ record: LinkRecord) {
+        links.removeValue(forKey: ObjectIdentifier(record))
+        groupLinks[record.group]?.remove(ObjectIdentifier(record))
+        if groupLinks[record.group]?.isEmpty == true { groupLinks.removeValue(forKey: record.group) }
+    }
+
+    /// Whether a group has more links than it should (many small batches each added one).
+    private func groupNeedsMerge(_ g: LinkGroupKey) -> Bool {
+        (groupLinks[g]?.count ?? 0) > tuning.maxLinksPerGroup
+    }
+
+    /// Sets `compactionDue` when there is detach or merge work, keeping an earlier deadline.
+    private func scheduleCompaction() {
+        let pending = !deadSlots.isEmpty || groupLinks.keys.contains(where: groupNeedsMerge)
+        guard pending else { compactionDue = nil; return }
+        let now = ContinuousClock.now
+        // Too many open links (fds, kernel objects): do it now rather than after the delay.
+        if links.count > tuning.maxOpenLinks { compactionDue = now; return }
+        if compactionDue == nil { compactionDue = now + tuning.compactionDelay }
+    }
+
+    /// Runs pending detach/merge work if it is due (called by the writer when it wakes idle).
+    func maintain() {
+        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        publish(makeSnapshot())
+    }
+
+    /// Replaces every link of each group that holds dead sites or has too many links by one
+    /// link of the group's live sites (make-before-break, with the BPF hand-off on so no hit is
+    /// lost or doubled during the overlap), and closes groups whose sites all died. All closes
+    /// of the round are issued together so they share grace periods; dead slots are freed only
+    /// after that, so a slot is never reused while a link can still count into it.
+    func compact() {
+        var touched: Set<LinkGroupKey> = []
+        for s in deadSlots { if let l = slotLink[s] { touched.insert(l.group) } }
+        for g in groupLinks.keys where groupNeedsMerge(g) { touched.insert(g) }
+        var freeNow: [UInt32] = deadSlots.filter { slotLink[$0] == nil }
         var toClose: [LinkRecord] = []
-        var rebuilds: [(old: LinkRecord, live: [LinkSite])] = []
-        for l in affected.values {
-            let live = l.sites.filter { !deadSlots.contains($0.slot) }
-            if live.isEmpty { toClose.append(l) } else { rebuilds.append((l, live)) }
+        var rebuilds: [(group: LinkGroupKey, old: [LinkRecord], live: [LinkSite])] = []
+        for g in touched {
+            let old = (groupLinks[g] ?? []).compactMap { links[$0] }
+            let live = old.flatMap { $0.sites.filter { !deadSlots.contains($0.slot) } }
+            if live.isEmpty { toClose += old } else { rebuilds.append((g, old, live)) }
         }
         let overlapSlots = rebuilds.flatMap { $0.live.map(\.slot) }
         var overlapOn = false
@@ -326,20 +373,18 @@ final class BatchApplier {
             }
         }
         if overlapOn {
-            for (old, live) in rebuilds {
+            for r in rebuilds {
+                guard let path = r.old.first?.path else { continue }
                 do {
-                    let handle = try kernel.attach(path: old.path, sites: live, pid: old.group.pid == 0 ? nil : old.group.pid,
-                                                   retprobe: old.group.retprobe)
-                    let fresh = LinkRecord(group: old.group, path: old.path, sites: live, handle: handle)
-                    links[ObjectIdentifier(fresh)] = fresh
-                    for s in live { slotLink[s.slot] = fresh }
-                    counters.linksCreated += 1
+                    let handle = try kernel.attach(path: path, sites: r.live, pid: r.group.pid == 0 ? nil : r.group.pid,
+                                                   retprobe: r.group.retprobe)
+                    adopt(LinkRecord(group: r.group, path: path, sites: r.live, handle: handle))
                     counters.linkRebuilds += 1
-                    toClose.append(old)
+                    toClose += r.old
                 } catch {
-                    // The old link keeps counting its live sites exactly; the dead ones are retried next batch.
+                    // The old links keep counting their live sites exactly; dead ones stay pending.
                     logger.warning("link rebuild failed; removal stays pending",
-                                   metadata: ["path": "\(old.path)", "error": "\(error.message)"])
+                                   metadata: ["path": "\(path)", "error": "\(error.message)"])
                 }
             }
         }
@@ -349,7 +394,7 @@ final class BatchApplier {
             counters.linksClosed += UInt64(toClose.count)
         }
         if overlapOn {
-            // Only now is no older link left on these slots (closeAll waited for the grace period).
+            // Only now is no older link left on these slots: closeAll waited for the grace period.
             do {
                 try kernel.setOverlap(false, slots: overlapSlots)
                 try kernel.sweepMarks(slots: Set(overlapSlots))
@@ -358,7 +403,7 @@ final class BatchApplier {
             }
         }
         for l in toClose {
-            links.removeValue(forKey: ObjectIdentifier(l))
+            forget(l)
             for s in l.sites where deadSlots.contains(s.slot) && slotLink[s.slot] === l {
                 slotLink.removeValue(forKey: s.slot)
                 freeNow.append(s.slot)
@@ -367,6 +412,11 @@ final class BatchApplier {
         for s in freeNow { deadSlots.remove(s) }
         slots.release(freeNow)
         counters.pendingRemovals = deadSlots.count
+        counters.compactions += 1
+        compactionDue = nil
+        scheduleCompaction()
+        // A failed rebuild must not spin: retry after the delay, not at once.
+        if let due = compactionDue, due <= ContinuousClock.now { compactionDue = ContinuousClock.now + tuning.compactionDelay }
     }
 
     private func makeSnapshot() -> RegistrySnapshot {
@@ -394,6 +444,7 @@ final class BatchApplier {
     func shutdown() {
         kernel.closeAll(links.values.map(\.handle))
         links.removeAll()
+        groupLinks.removeAll()
         slotLink.removeAll()
     }
 }

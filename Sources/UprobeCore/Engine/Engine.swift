@@ -42,12 +42,13 @@ public final class Engine: Sendable {
         let done = self.writerDone
         let window = config.batchWindow
         let maxBatch = config.maxBatchRequests
+        let tuning = config
         let thread = Thread {
-            let applier = BatchApplier(kernel: kernel, logger: logger,
+            let applier = BatchApplier(kernel: kernel, tuning: tuning, logger: logger,
                                        publish: { s in published.store(s) },
                                        persist: persist)
-            while let batch = queue.nextBatch(window: window, max: maxBatch) {
-                applier.apply(batch)
+            while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue) {
+                if batch.isEmpty { applier.maintain() } else { applier.apply(batch) }
             }
             applier.shutdown()
             done.signal()
@@ -168,13 +169,22 @@ final class OpQueue: @unchecked Sendable {
     }
 
     /// Blocks until there is work; then waits up to `window` for more (or until `max`
-    /// requests). Returns nil once closed and drained.
-    func nextBatch(window: Duration, max: Int) -> [PendingOp]? {
+    /// requests). Returns an empty batch if `wakeAt` passes with no work (time for deferred
+    /// maintenance), nil once closed and drained.
+    func nextBatch(window: Duration, max: Int, wakeAt: ContinuousClock.Instant? = nil) -> [PendingOp]? {
         cond.lock()
         defer { cond.unlock() }
-        while pending.isEmpty && !closed { cond.wait() }
+        while pending.isEmpty && !closed {
+            if let wakeAt {
+                let secs = durationSeconds(wakeAt - ContinuousClock.now)
+                if secs <= 0 { return [] }
+                if !cond.wait(until: Date(timeIntervalSinceNow: secs)) && pending.isEmpty { return [] }
+            } else {
+                cond.wait()
+            }
+        }
         if pending.isEmpty { return nil }
-        let secs = Double(window.components.seconds) + Double(window.components.attoseconds) / 1e18
+        let secs = durationSeconds(window)
         if secs > 0 {
             let deadline = Date(timeIntervalSinceNow: secs)
             while pending.count < max && !closed {
@@ -186,4 +196,8 @@ final class OpQueue: @unchecked Sendable {
         pending.removeFirst(n)
         return batch
     }
+}
+
+func durationSeconds(_ d: Duration) -> Double {
+    Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
 }

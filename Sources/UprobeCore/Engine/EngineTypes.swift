@@ -36,11 +36,22 @@ public struct EngineConfig: Sendable {
     public var maxBatchRequests: Int
     /// Counter slots (one per attached site); registrations beyond it get `capacity_exhausted`.
     public var slotCapacity: UInt32
+    /// A removed probe is physically detached within this delay; removals within it share one
+    /// link rebuild and one grace period.
+    public var compactionDelay: Duration
+    /// A (binary, pid, direction) with more links than this gets them merged into one.
+    public var maxLinksPerGroup: Int
+    /// Above this many open links, compaction runs at once instead of after the delay.
+    public var maxOpenLinks: Int
 
-    public init(batchWindow: Duration = .microseconds(500), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536) {
+    public init(batchWindow: Duration = .microseconds(500), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
+                compactionDelay: Duration = .milliseconds(250), maxLinksPerGroup: Int = 8, maxOpenLinks: Int = 512) {
         self.batchWindow = batchWindow
         self.maxBatchRequests = maxBatchRequests
         self.slotCapacity = slotCapacity
+        self.compactionDelay = compactionDelay
+        self.maxLinksPerGroup = maxLinksPerGroup
+        self.maxOpenLinks = maxOpenLinks
     }
 }
 

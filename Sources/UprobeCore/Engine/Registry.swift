@@ -82,6 +82,8 @@ public struct EngineCounters: Sendable {
     /// Rounds of detach work; each round's closes are issued together and share grace periods.
     public var gracePeriods: UInt64 = 0
     public var pendingRemovals: Int = 0
+    /// Rounds of deferred detach/merge work.
+    public var compactions: UInt64 = 0
     public var lastBatchSize: Int = 0
     public var lastBatchMicros: UInt64 = 0
     public var meanBatchSize: Double { batches == 0 ? 0 : Double(requests) / Double(batches) }
