@@ -1,0 +1,65 @@
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A bounded cache of parsed ELF files keyed by identity *and* version of the file
+/// (dev, inode, size, mtime, ctime), so a 10,000-probe request against libc parses libc once,
+/// while a rebuilt or replaced binary is re-parsed. Thread-safe; parsing happens outside the lock.
+public final class ELFFileCache: Sendable {
+    struct Key: Hashable {
+        var dev: UInt64, ino: UInt64, size: Int64
+        var mtime: Int, mtimeNs: Int, ctime: Int, ctimeNs: Int
+        var debugDirectories: [String]
+    }
+
+    private struct State {
+        var entries: [Key: ELFFile] = [:]
+        var order: [Key] = []            // least recently inserted first
+    }
+
+    /// Maximum number of parsed files kept.
+    public let capacity: Int
+    private let state = Mutex(State())
+
+    public init(capacity: Int = 64) {
+        self.capacity = max(0, capacity)
+    }
+
+    /// The parsed file open on `fd`, from the cache when the file has not changed.
+    /// - Parameter debugDirectories: when the file has no `.symtab`, attach the symbols of
+    ///   `DIR/.build-id/xx/yyyy.debug` from the first directory that has a matching one.
+    public func file(fd: FileDescriptor, path: String, debugDirectories: [String] = []) throws(ResolveError) -> ELFFile {
+        var st = stat()
+        guard fstat(fd.rawValue, &st) == 0 else { return try Self.parse(fd: fd, path: path, debugDirectories: debugDirectories) }
+        let key = Key(dev: UInt64(st.st_dev), ino: UInt64(st.st_ino), size: Int64(st.st_size),
+                      mtime: st.st_mtim.tv_sec, mtimeNs: st.st_mtim.tv_nsec,
+                      ctime: st.st_ctim.tv_sec, ctimeNs: st.st_ctim.tv_nsec, debugDirectories: debugDirectories)
+        if let hit = state.withLock({ $0.entries[key] }) { return hit }
+        let parsed = try Self.parse(fd: fd, path: path, debugDirectories: debugDirectories)
+        guard capacity > 0 else { return parsed }
+        state.withLock { s in
+            if s.entries.updateValue(parsed, forKey: key) == nil { s.order.append(key) }
+            while s.order.count > capacity {
+                s.entries[s.order.removeFirst()] = nil
+            }
+        }
+        return parsed
+    }
+
+    static func parse(fd: FileDescriptor, path: String, debugDirectories: [String]) throws(ResolveError) -> ELFFile {
+        var elf = try ELFFile(fd: fd, path: path)
+        guard !elf.hasSymtab, let bid = elf.buildID, bid.count > 2 else { return elf }
+        for dir in debugDirectories {
+            let p = "\(dir)/.build-id/\(bid.prefix(2))/\(bid.dropFirst(2)).debug"
+            // Best effort: a missing, unreadable, corrupt or mismatched debug file is not used.
+            guard fileExists(p), let dbg = try? ELFFile(path: p) else { continue }
+            if elf.attachDebugSymbols(dbg, path: p) { break }
+        }
+        return elf
+    }
+
+    /// Number of cached files (for tests and status).
+    public var count: Int { state.withLock { $0.entries.count } }
+}

@@ -1,0 +1,475 @@
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a client asked for: exactly one of `symbol`, `offset` or `usdt` in `path`.
+public struct ProbeSpecInput: Sendable, Hashable {
+    /// Absolute path, or a library name: `libc`, `libc.so.6`, `libsqlite3.so.0`.
+    public var path: String
+    /// Plain (`malloc`), versioned (`malloc@@GLIBC_2.2.5`, `name@VER`) or glob (`f*`, `mem?`, `[ab]*`).
+    public var symbol: String?
+    /// A file offset.
+    public var offset: UInt64?
+    /// `provider:name`.
+    public var usdt: String?
+    /// Resolve inside that process's view (`/proc/PID/root`, its mapped libraries).
+    public var pid: Int32?
+    public var retprobe: Bool
+    /// Allow an offset that is not a function start; allow a retprobe on a Go binary.
+    public var force: Bool
+
+    public init(path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: String? = nil,
+                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false) {
+        self.path = path
+        self.symbol = symbol
+        self.offset = offset
+        self.usdt = usdt
+        self.pid = pid
+        self.retprobe = retprobe
+        self.force = force
+    }
+}
+
+/// One probe site ready for the kernel: (dev, inode, file offset) plus what to tell the user.
+public struct ResolvedProbe: Sendable, Hashable {
+    /// Absolute path the kernel must open (under `/proc/PID/root/` when the target process
+    /// lives in another mount namespace/root).
+    public var path: String
+    /// `st_dev` of the opened file.
+    public var device: UInt64
+    /// `st_ino` of the opened file.
+    public var inode: UInt64
+    /// Hex of `NT_GNU_BUILD_ID`, if present.
+    public var buildID: String?
+    /// File offset for `uprobe_multi`'s `offsets`.
+    public var fileOffset: UInt64
+    /// Primary name (global/default-versioned preferred); `provider:name` for USDT; nil for a bare offset.
+    public var symbol: String?
+    /// Other names at the same address.
+    public var aliases: [String]
+    /// USDT semaphore as a file offset (uprobe `ref_ctr_offset`), nil if none.
+    public var refCtrOffset: UInt64?
+    /// Something the user should know (IFUNC resolver, forced mid-function offset).
+    public var warning: String?
+
+    public init(path: String, device: UInt64, inode: UInt64, buildID: String?, fileOffset: UInt64,
+                symbol: String?, aliases: [String] = [], refCtrOffset: UInt64? = nil, warning: String? = nil) {
+        self.path = path
+        self.device = device
+        self.inode = inode
+        self.buildID = buildID
+        self.fileOffset = fileOffset
+        self.symbol = symbol
+        self.aliases = aliases
+        self.refCtrOffset = refCtrOffset
+        self.warning = warning
+    }
+}
+
+/// Bounds on how much one spec may expand to.
+public struct ResolverLimits: Sendable, Equatable {
+    /// A glob or USDT spec matching more distinct sites than this fails with `too_many_matches`.
+    public var maxMatchesPerSpec: Int
+
+    public init(maxMatchesPerSpec: Int = 10_000) {
+        self.maxMatchesPerSpec = maxMatchesPerSpec
+    }
+}
+
+/// Turns probe specs into file offsets. Stateless and thread-safe; every call opens and parses
+/// the target afresh (callers run it outside any lock).
+public struct Resolver: Sendable {
+    public let limits: ResolverLimits
+    public let locator: LibraryLocator
+    /// Roots searched for separate debug files (`ROOT/.build-id/xx/yyyy.debug`). When the
+    /// target has no `.symtab` (a stripped distribution binary) and a debug file with the same
+    /// build-id exists, its function symbols are used too (e.g. Debian's libc6-dbg gives
+    /// libc's internal and IFUNC implementation names).
+    public let debugDirectories: [String]
+    /// Parsed files, shared by every copy of this resolver.
+    public let cache: ELFFileCache
+
+    public init(limits: ResolverLimits = .init()) {
+        self.init(limits: limits, locator: LibraryLocator())
+    }
+
+    public init(limits: ResolverLimits, locator: LibraryLocator, debugDirectories: [String] = ["/usr/lib/debug"],
+                cache: ELFFileCache = ELFFileCache()) {
+        self.limits = limits
+        self.locator = locator
+        self.debugDirectories = debugDirectories
+        self.cache = cache
+    }
+
+    /// Resolve one spec into one or more probes (globs and multi-site USDT give several),
+    /// sorted by file offset.
+    public func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> [ResolvedProbe] {
+        let kinds = [spec.symbol != nil, spec.offset != nil, spec.usdt != nil].filter { $0 }.count
+        guard kinds == 1 else {
+            throw .invalidSpec("a probe needs exactly one of symbol, offset or usdt (got \(kinds))")
+        }
+        guard !spec.path.isEmpty, !spec.path.utf8.contains(0) else { throw .invalidSpec("path is empty or contains NUL") }
+        if let s = spec.symbol, s.isEmpty || s.utf8.contains(0) { throw .invalidSpec("symbol is empty or contains NUL") }
+        if spec.usdt != nil && spec.retprobe { throw .invalidSpec("a USDT probe cannot be a retprobe") }
+
+        let target = try openTarget(spec)
+        defer { try? target.fd.close() }
+        let elf = try cache.file(fd: target.fd, path: target.path, debugDirectories: debugDirectories)
+
+        if spec.retprobe && elf.isGoBinary && !spec.force {
+            throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe can corrupt "
+                + "them and crash the process; probe the function's return sites by offset, or set force to accept the risk")
+        }
+        let sites: [Site]
+        if let symbol = spec.symbol {
+            sites = try resolveSymbol(symbol, elf: elf, path: target.path)
+        } else if let offset = spec.offset {
+            sites = [try resolveOffset(offset, elf: elf, path: target.path, force: spec.force)]
+        } else if let usdt = spec.usdt {
+            sites = try resolveUSDT(usdt, elf: elf, path: target.path)
+        } else {
+            sites = []
+        }
+        return sites.sorted { $0.offset < $1.offset }.map {
+            ResolvedProbe(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID,
+                          fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,
+                          refCtrOffset: $0.refCtr, warning: $0.warning)
+        }
+    }
+
+    struct Site { var offset: UInt64; var symbol: String?; var aliases: [String]; var refCtr: UInt64?; var warning: String? }
+
+    // MARK: opening
+
+    struct Target { var fd: FileDescriptor; var path: String; var device: UInt64; var inode: UInt64 }
+
+    func openTarget(_ spec: ProbeSpecInput) throws(ResolveError) -> Target {
+        var root = ""          // "" = the daemon's own root
+        if let pid = spec.pid {
+            guard pid > 0 else { throw .invalidSpec("pid must be positive (got \(pid))") }
+            var st = stat()
+            guard stat("/proc/\(pid)", &st) == 0 else { throw .processNotFound("process \(pid) not found") }
+            if !sameFile("/proc/\(pid)/root", "/") { root = "/proc/\(pid)/root" }
+        }
+        var path = spec.path
+        var mappedFull: String?
+        if LibraryLocator.isLibraryName(path) {
+            if let pid = spec.pid, let m = try locator.mappedLibrary(path, pid: pid) {
+                mappedFull = pickMapped(m, root: root)
+                path = m.path
+            } else {
+                path = try locator.locate(path, root: root)
+            }
+        } else if !path.hasPrefix("/") {
+            throw .invalidSpec("path '\(path)' must be absolute (or a bare library name such as \"libc\")")
+        }
+        let full: String
+        if let mappedFull {
+            full = mappedFull
+        } else if root.isEmpty {
+            full = try canonicalize(path)
+        } else {
+            full = root + (try resolveInRoot(root: root, path: path))
+        }
+        let fd = try openReadOnly(full)
+        var st = stat()
+        guard fstat(fd.rawValue, &st) == 0 else {
+            try? fd.close()
+            throw .fileNotFound("cannot stat \(full)")
+        }
+        return Target(fd: fd, path: full, device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }
+
+    /// A path the daemon (and the kernel) can open that names exactly the file `m` maps:
+    /// the printed path if it is that file (same root, or a chroot as seen from the host), else
+    /// the path inside the process's root (another mount namespace), else the map_files link
+    /// (a deleted or replaced library that is still mapped).
+    func pickMapped(_ m: LibraryLocator.Mapping, root: String) -> String {
+        var candidates: [String] = []
+        if !m.deleted {
+            if let c = try? canonicalize(m.path) { candidates.append(c) }
+            if !root.isEmpty, let inRoot = try? resolveInRoot(root: root, path: m.path) { candidates.append(root + inRoot) }
+        }
+        let want = fileIdentity(m.mapFile)
+        for c in candidates {
+            guard let id = fileIdentity(c) else { continue }
+            if let want { if id == want { return c } } else if id.1 == m.inode && id.0 == m.device { return c }
+        }
+        return m.mapFile
+    }
+
+    /// realpath(3), mapping failures to resolver errors.
+    func canonicalize(_ path: String) throws(ResolveError) -> String {
+        guard let p = realpath(path, nil) else {
+            let e = errno
+            if e == EACCES { throw .permissionDenied("\(path): permission denied") }
+            throw .fileNotFound("\(path): no such file (\(String(cString: strerror(e))))")
+        }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    /// Resolves symlinks in `path` as if `root` were `/` (absolute link targets restart at
+    /// `root`, `..` never climbs above it), so a container's `/usr/lib -> /lib` links point at
+    /// the container's files, not the host's. Returns an absolute path without symlinks.
+    func resolveInRoot(root: String, path: String) throws(ResolveError) -> String {
+        var done: [Substring] = []
+        var todo = Array(path.split(separator: "/").reversed())
+        var links = 0
+        while let comp = todo.popLast() {
+            if comp == "." { continue }
+            if comp == ".." { _ = done.popLast(); continue }
+            let candidate = root + "/" + (done + [comp]).joined(separator: "/")
+            var st = stat()
+            guard lstat(candidate, &st) == 0 else {
+                throw .fileNotFound("\(path): no such file inside \(root)")
+            }
+            if (st.st_mode & S_IFMT) == S_IFLNK {
+                links += 1
+                guard links <= 40 else { throw .fileNotFound("\(path): too many symbolic links inside \(root)") }
+                var buf = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+                let n = readlink(candidate, &buf, buf.count - 1)
+                guard n > 0 else { throw .fileNotFound("\(path): unreadable symbolic link inside \(root)") }
+                let target = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                if target.hasPrefix("/") { done = [] }
+                todo += target.split(separator: "/").reversed()
+            } else {
+                done.append(comp)
+            }
+        }
+        return "/" + done.joined(separator: "/")
+    }
+
+    // MARK: symbols
+
+    func resolveSymbol(_ request: String, elf: ELFFile, path: String) throws(ResolveError) -> [Site] {
+        let syms = elf.functionSymbols
+        let tables = [elf.hasSymtab ? ".symtab" : nil, elf.hasDynsym ? ".dynsym" : nil, elf.debugFilePath].compactMap { $0 }
+        guard !syms.isEmpty else {
+            let what = tables.isEmpty ? "has no symbol tables" : "has no defined function symbols in \(tables.joined(separator: " or "))"
+            throw .noSymbols("\(path) \(what) (it is stripped); probe it by offset or USDT, or use an unstripped build")
+        }
+        // Split "name@@VER" / "name@VER".
+        var base = request
+        var version: String?
+        var defaultOnly = false
+        if let at = request.firstIndex(of: "@") {
+            base = String(request[..<at])
+            let rest = request[request.index(after: at)...]
+            defaultOnly = rest.hasPrefix("@")
+            version = String(defaultOnly ? rest.dropFirst() : rest)
+            if base.isEmpty || version?.isEmpty == true { throw .invalidSpec("symbol '\(request)' is not name@VERSION or name@@VERSION") }
+        }
+        let isGlob = request.contains { $0 == "*" || $0 == "?" || $0 == "[" }
+
+        var matched: [ELFFunctionSymbol]
+        if isGlob {
+            if version != nil {
+                matched = syms.filter { fnmatch(request, $0.versionedName, 0) == 0 }
+            } else {
+                // Match each distinct name once, then expand to its symbols.
+                matched = elf.symbolsByName.keys.filter { fnmatch(request, $0, 0) == 0 }.flatMap { elf.symbols(named: $0) }
+            }
+        } else {
+            matched = elf.symbols(named: base).filter {
+                version == nil || ($0.version == version && (!defaultOnly || $0.isDefaultVersion))
+            }
+            // A plain name with several definitions: the default version, then unversioned
+            // non-local definitions, win (that is what the dynamic linker would bind).
+            if version == nil, Set(matched.map(\.address)).count > 1 {
+                let defaults = matched.filter { $0.isDefaultVersion }
+                if !defaults.isEmpty {
+                    matched = defaults
+                } else {
+                    let nonLocal = matched.filter { $0.binding != .local && $0.version == nil }
+                    if !nonLocal.isEmpty { matched = nonLocal }
+                }
+            }
+        }
+        guard !matched.isEmpty else {
+            var msg = "symbol '\(request)' not found in \(path) (searched \(tables.joined(separator: " and ")))"
+            if !isGlob, let hint = closestName(to: base, in: elf) { msg += "; did you mean '\(hint)'?" }
+            if isGlob { msg += "; no function name matches that pattern" }
+            throw .symbolNotFound(msg)
+        }
+        let addresses = Set(matched.map(\.address)).sorted()
+        guard addresses.count <= limits.maxMatchesPerSpec else {
+            throw .tooMany("'\(request)' matches \(addresses.count) functions in \(path), more than the limit of "
+                + "\(limits.maxMatchesPerSpec); narrow the pattern")
+        }
+        let matchedNames = Set(matched.map(\.name))
+        var sites: [Site] = []
+        for addr in addresses {
+            let here = elf.symbols(at: addr)
+            guard let off = elf.fileOffset(ofVirtualAddress: addr, executable: true) else {
+                if isGlob { continue }
+                throw .notExecutable("symbol '\(request)' in \(path) has address 0x\(hex(addr)), which is not in an executable segment")
+            }
+            let ranked = here.sorted { before($0, $1, matchedNames) }
+            guard let primary = ranked.first else { continue }
+            var seen: Set<String> = [primary.name]
+            var aliases: [String] = []
+            for s in ranked where seen.insert(s.name).inserted { aliases.append(s.name) }
+            var warning: String?
+            if here.contains(where: { $0.isIFunc }) {
+                warning = ifuncWarning(primary.name, ifuncs: here.filter(\.isIFunc), syms: syms)
+            }
+            sites.append(Site(offset: off, symbol: primary.name, aliases: aliases, refCtr: nil, warning: warning))
+        }
+        guard !sites.isEmpty else {
+            throw .notExecutable("'\(request)' matches only symbols outside executable segments in \(path)")
+        }
+        return sites
+    }
+
+    /// Sort key for choosing the primary name at an address: strong/global first, then the
+    /// name the user asked for, then default-versioned, then public-looking, shorter names.
+    private func rank(_ s: ELFFunctionSymbol, _ matched: Set<String>) -> [Int] {
+        let bind: Int
+        switch s.binding {
+        case .global, .unique: bind = 0
+        case .weak: bind = 1
+        case .local: bind = 2
+        case .other: bind = 3
+        }
+        let ver = s.isDefaultVersion ? 0 : (s.version == nil ? 1 : 2)
+        let underscores = s.name.prefix { $0 == "_" }.count
+        return [bind, matched.contains(s.name) ? 0 : 1, ver, underscores, s.name.utf8.count]
+    }
+
+    /// Total order on candidate names: `rank`, then the name itself (deterministic output).
+    private func before(_ a: ELFFunctionSymbol, _ b: ELFFunctionSymbol, _ matched: Set<String>) -> Bool {
+        let ra = rank(a, matched), rb = rank(b, matched)
+        if ra != rb { return ra.lexicographicallyPrecedes(rb) }
+        return a.name < b.name
+    }
+
+    private func ifuncWarning(_ name: String, ifuncs: [ELFFunctionSymbol], syms: [ELFFunctionSymbol]) -> String {
+        // glibc names implementations __<name>_<variant> (__memcpy_avx_unaligned_erms); the
+        // fortified __<name>_chk_* family belongs to a different IFUNC.
+        let bases = Set(ifuncs.map { String($0.name.drop { $0 == "_" }) })
+        let resolverAddresses = Set(ifuncs.map(\.address))
+        var impls = Set<String>()
+        for s in syms where !s.isIFunc && !resolverAddresses.contains(s.address) {
+            for b in bases where s.name.hasPrefix("__" + b + "_") && !s.name.hasPrefix("__" + b + "_chk") {
+                impls.insert(s.name)
+            }
+        }
+        var msg = "\(name) is an IFUNC; this probes its resolver, which runs once (at load/bind time), not the function itself."
+        let list = impls.sorted()
+        if list.isEmpty {
+            msg += " No implementation symbols are visible in this file (stripped?); install debug symbols and probe the implementation (e.g. __\(name)_avx2) by name or offset."
+        } else {
+            let shown = list.prefix(16).joined(separator: ", ")
+            msg += " Implementations: \(shown)\(list.count > 16 ? ", … (\(list.count) in all)" : "") — probe those instead."
+        }
+        return msg
+    }
+
+    /// Cheap "did you mean": the nearest name by edit distance, if reasonably close.
+    private func closestName(to name: String, in elf: ELFFile) -> String? {
+        let target = Array(name.utf8)
+        var best: (Int, String)?
+        let limit = max(2, target.count / 3)
+        for candName in elf.symbolsByName.keys.sorted() {
+            let cand = Array(candName.utf8)
+            guard abs(cand.count - target.count) <= limit else { continue }
+            let d = editDistance(target, cand, cap: limit + 1)
+            if d <= limit, best.map({ d < $0.0 }) ?? true { best = (d, candName) }
+        }
+        return best?.1
+    }
+
+    // MARK: offsets
+
+    func resolveOffset(_ offset: UInt64, elf: ELFFile, path: String, force: Bool) throws(ResolveError) -> Site {
+        guard let vaddr = elf.virtualAddress(ofExecutableFileOffset: offset) else {
+            let ranges = elf.programHeaders.filter { $0.isLoad && $0.isExecutable }
+                .map { "0x\(hex($0.offset))..<0x\(hex($0.offset &+ $0.fileSize))" }.joined(separator: ", ")
+            throw .notExecutable("offset 0x\(hex(offset)) is not inside executable code of \(path) (executable file ranges: \(ranges.isEmpty ? "none" : ranges))")
+        }
+        let syms = elf.functionSymbols
+        let here = elf.symbols(at: vaddr)
+        if let primary = here.sorted(by: { before($0, $1, []) }).first {
+            var seen: Set<String> = [primary.name]
+            let aliases = here.sorted { before($0, $1, []) }.compactMap { seen.insert($0.name).inserted ? $0.name : nil }
+            let warning = here.contains { $0.isIFunc } ? ifuncWarning(primary.name, ifuncs: here.filter(\.isIFunc), syms: syms) : nil
+            return Site(offset: offset, symbol: primary.name, aliases: aliases, refCtr: nil, warning: warning)
+        }
+        let containing = syms.first { $0.size > 0 && vaddr > $0.address && vaddr - $0.address < $0.size }
+        let location = containing.map { "inside \($0.name)+0x\(hex(vaddr - $0.address))" } ?? "not at any known function start"
+        if !force {
+            throw .notFunctionStart("offset 0x\(hex(offset)) in \(path) is \(location); probing mid-instruction corrupts the "
+                + "program, so set force only if you know it is an instruction boundary")
+        }
+        return Site(offset: offset, symbol: nil, aliases: [], refCtr: nil,
+                    warning: "offset 0x\(hex(offset)) is \(location) (forced)")
+    }
+
+    // MARK: USDT
+
+    func resolveUSDT(_ spec: String, elf: ELFFile, path: String) throws(ResolveError) -> [Site] {
+        let parts = spec.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+            throw .invalidSpec("usdt '\(spec)' must be provider:name")
+        }
+        let provider = String(parts[0]), name = String(parts[1])
+        let notes = elf.usdtNotes.filter { $0.provider == provider && $0.name == name }
+        guard !notes.isEmpty else {
+            var msg = "USDT probe \(provider):\(name) not found in \(path)"
+            if elf.usdtNotes.isEmpty {
+                msg += " (it has no .note.stapsdt probes)"
+            } else {
+                let avail = Array(Set(elf.usdtNotes.map { "\($0.provider):\($0.name)" })).sorted()
+                msg += "; available: \(avail.prefix(20).joined(separator: ", "))\(avail.count > 20 ? ", …" : "")"
+            }
+            throw .usdtNotFound(msg)
+        }
+        var sites: [UInt64: Site] = [:]
+        for n in notes {
+            guard let off = elf.fileOffset(ofVirtualAddress: n.pc, executable: true) else {
+                throw .malformed("USDT \(provider):\(name) in \(path) has pc 0x\(hex(n.pc)) outside executable segments")
+            }
+            var sema: UInt64?
+            if n.semaphore != 0 {
+                guard let s = elf.fileOffset(ofVirtualAddress: n.semaphore, executable: false) else {
+                    throw .malformed("USDT \(provider):\(name) in \(path) has semaphore 0x\(hex(n.semaphore)) outside file-backed segments")
+                }
+                sema = s
+            }
+            sites[off] = Site(offset: off, symbol: "\(provider):\(name)", aliases: [], refCtr: sema, warning: nil)
+        }
+        guard sites.count <= limits.maxMatchesPerSpec else {
+            throw .tooMany("USDT \(provider):\(name) has \(sites.count) sites in \(path), more than the limit of \(limits.maxMatchesPerSpec)")
+        }
+        return sites.values.sorted { $0.offset < $1.offset }
+    }
+}
+
+func hex(_ v: UInt64) -> String { String(v, radix: 16) }
+
+func sameFile(_ a: String, _ b: String) -> Bool {
+    var sa = stat(), sb = stat()
+    guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+}
+
+/// Levenshtein distance, giving up early (returning `cap`) once every path exceeds it.
+func editDistance(_ a: [UInt8], _ b: [UInt8], cap: Int) -> Int {
+    if a.isEmpty { return min(b.count, cap) }
+    if b.isEmpty { return min(a.count, cap) }
+    var prev = Array(0...b.count)
+    var cur = [Int](repeating: 0, count: b.count + 1)
+    for i in 1...a.count {
+        cur[0] = i
+        var rowMin = i
+        for j in 1...b.count {
+            cur[j] = Swift.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            rowMin = Swift.min(rowMin, cur[j])
+        }
+        if rowMin >= cap { return cap }
+        swap(&prev, &cur)
+    }
+    return min(prev[b.count], cap)
+}
