@@ -38,7 +38,7 @@ struct BadInputTests {
     @Test("missing file, non-ELF file, unknown symbol: clear errors naming the probe")
     func resolverErrors() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         let notELF = daemon.dir + "/script.sh"
         try "#!/bin/sh\necho hi\n".write(toFile: notELF, atomically: true, encoding: .utf8)
         func register(_ s: JSONValue) -> String {
@@ -69,7 +69,7 @@ struct BadInputTests {
     @Test("too many probes in one request")
     func tooManyProbes() throws {
         let daemon = try TestDaemon(config: "max_probes_per_request = 10\n")
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         let r = try daemon.call(["op": "register", "probes": .array(Array(repeating: spec(target, symbol: "fn_a"), count: 11))])
         #expect(errorCode(r) == "too_many_probes")
         #expect(try daemon.status()["probes"] == .int(0))
@@ -78,7 +78,7 @@ struct BadInputTests {
     @Test("a request with 99 good specs and 1 bad one attaches nothing")
     func atomicity() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         var specs = Array(repeating: spec(target, symbol: "fn_a"), count: 99)
         specs.insert(spec(target, offset: 0), at: 50)  // ELF header: not executable code
         let r = try daemon.call(["op": "register", "probes": .array(specs)])
@@ -93,7 +93,7 @@ struct BadInputTests {
     @Test("clients that vanish mid-line or mid-request leave the daemon serving and lose nothing")
     func vanishingClients() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         do {  // half a line, then gone: never a request
             let c = try daemon.client()
             try c.sendRaw(Array("{\"op\":\"register\",\"probes\":[".utf8))

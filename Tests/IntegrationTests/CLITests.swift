@@ -8,7 +8,7 @@ struct CLITests {
     @Test("add, ls, stats, rm, status through the CLI")
     func lifecycle() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         let add = try run([try Paths.product("uprobectl"), "add", "--socket", daemon.socket, "\(target):fn_a", "uretprobe:\(target):fn_b"])
         #expect(add.status == 0, "\(add.err)")
         let ids = add.out.split(separator: "\n").dropFirst().compactMap { $0.split(separator: " ").first.map(String.init) }

@@ -9,7 +9,7 @@ struct CountingTests {
     @Test("hits equal calls for each probe of a built target; 0 for a function that never ran")
     func exactCountsOnBuiltTarget() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         let ids = try daemon.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b"), spec(target, symbol: "fn_never")])
         #expect(ids.count == 3)
         var r = try run([target, "1000", "2500"])
@@ -34,7 +34,7 @@ struct CountingTests {
     @Test("return probes count returns")
     func retprobeCountsReturns() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         let ids = try daemon.register([spec(target, symbol: "fn_b", retprobe: true)])
         try run([target, "3", "321"])
         #expect(try daemon.hits(ids)[ids[0]] == 321)
@@ -43,7 +43,7 @@ struct CountingTests {
     @Test("pid filter counts only that process")
     func pidFilter() throws {
         let daemon = try TestDaemon()
-        let target = try Fixtures.target
+        let target = try daemon.privateTarget()
         let waiting = try WaitingProcess([target, "400", "0", "wait"])
         let ids = try daemon.register([spec(target, symbol: "fn_a", pid: waiting.pid), spec(target, symbol: "fn_a")])
         try run([target, "1000", "0"])  // another process: only the unfiltered probe sees it

@@ -149,6 +149,16 @@ final class TestDaemon: @unchecked Sendable {
         throw TestFailure("uprobed did not serve \(socket) within 20 s")
     }
 
+    /// A private copy of the target fixture (its own inode), so unfiltered probes of parallel
+    /// tests never see each other's processes.
+    func privateTarget() throws -> String {
+        let copy = dir + "/target"
+        if !FileManager.default.fileExists(atPath: copy) {
+            try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: copy)
+        }
+        return copy
+    }
+
     func client() throws -> LineClient { try LineClient(socketPath: socket, timeoutSeconds: 60) }
 
     /// One request on a fresh connection; returns the reply object.

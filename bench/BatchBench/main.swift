@@ -1,1 +1,228 @@
-print("bench-batch: not yet written")
+// bench-batch: what batching buys, measured in one run on this machine.
+//
+// Compares, for 10,000 probes on one binary:
+//   - the kernel floor: one raw uprobe_multi link create / close (no daemon, no JSON);
+//   - the per-probe perf_event way (what `perf probe` / classic BCC do): measured on a sample
+//     and extrapolated linearly to 10,000 (closing 10,000 perf events one by one takes minutes);
+//   - uprobed end to end through its socket: one 10,000-probe request, and 10,000 single-probe
+//     requests from 16 concurrent clients; plus `stats` latency while that churn runs.
+// Not a timed test: it prints a table; docs/BENCHMARKS.md records it.
+import Foundation
+import UprobeELF
+import UprobeKernel
+import UprobedClient
+import UprobedProtocol
+
+let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+let probes = Int(ProcessInfo.processInfo.environment["BENCH_PROBES"] ?? "") ?? 10_000
+let perfSample = Int(ProcessInfo.processInfo.environment["BENCH_PERF_SAMPLE"] ?? "") ?? 200
+let clients = 16
+
+func now() -> Double { Date().timeIntervalSinceReferenceDate }
+func ms(_ s: Double) -> String { String(format: "%.1f ms", s * 1000) }
+func die(_ m: String) -> Never { FileHandle.standardError.write(Data("bench-batch: \(m)\n".utf8)); exit(1) }
+func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
+func percentile(_ xs: [Double], _ p: Double) -> Double {
+    let s = xs.sorted(); return s[min(s.count - 1, Int(Double(s.count) * p))]
+}
+
+final class Latencies: @unchecked Sendable {
+    // @unchecked: every field behind `lock`.
+    let lock = NSLock(); var values: [Double] = []; var stop = false
+    func add(_ v: Double) { lock.lock(); values.append(v); lock.unlock() }
+    var stopped: Bool { lock.lock(); defer { lock.unlock() }; return stop }
+    func halt() { lock.lock(); stop = true; lock.unlock() }
+}
+final class IDBag: @unchecked Sendable {
+    // @unchecked: every field behind `lock`.
+    let lock = NSLock(); var ids: [String] = []
+    func add(_ id: String) { lock.lock(); ids.append(id); lock.unlock() }
+    var all: [String] { lock.lock(); defer { lock.unlock() }; return ids }
+}
+
+func runBench() {
+    // MARK: - the target binary: 10,000 distinct functions
+    let work = NSTemporaryDirectory() + "bench-batch-\(getpid())"
+    try? FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: work) }
+    let binary = work + "/many"
+    do {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/gcc")
+        p.arguments = ["-O1", "-o", binary, repo.appendingPathComponent("Tests/Fixtures/kernel/many.c").path]
+        try p.run(); p.waitUntilExit()
+        guard p.terminationStatus == 0 else { die("gcc failed") }
+    } catch { die("gcc: \(error)") }
+    let names = (0..<probes).map { String(format: "g%04d", $0) }
+    let resolver = Resolver()
+    var offsets: [UInt64] = []
+    for n in names {
+        guard let r = try? resolver.resolve(ProbeSpecInput(path: binary, symbol: n)), let o = r.first?.fileOffset else { die("resolve \(n)") }
+        offsets.append(o)
+    }
+
+    // MARK: - kernel floor
+    print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…")
+    let program: CounterProgram
+    do { program = try CounterProgram(capacity: UInt32(max(65_536, probes * 2))) } catch { die("\(error)") }
+    var floorCreate: [Double] = [], floorClose: [Double] = []
+    for _ in 0..<3 {
+        let t0 = now()
+        let link: UprobeMultiLink
+        do {
+            link = try program.attach(path: binary, offsets: offsets, refCtrOffsets: nil, slots: (0..<UInt32(probes)).map { $0 },
+                                      pid: nil, retprobe: false)
+        } catch { die("\(error)") }
+        let t1 = now()
+        link.close()
+        let t2 = now()
+        floorCreate.append(t1 - t0); floorClose.append(t2 - t1)
+    }
+    let floorAttach = median(floorCreate), floorDetach = median(floorClose)
+
+    // MARK: - one perf_event per probe (sampled)
+    print("measuring one perf_event per probe (\(perfSample) probes, extrapolated to \(probes))…")
+    var perfOpen = 0.0, perfClose = 0.0
+    do {
+        var events: [PerfEventUprobe] = []
+        let t0 = now()
+        for i in 0..<perfSample {
+            events.append(try PerfEventUprobe(program: program, path: binary, offset: offsets[i], slot: UInt32(i), pid: nil, retprobe: false))
+        }
+        let t1 = now()
+        for e in events { e.close() }  // one by one, as per-probe tools do
+        let t2 = now()
+        perfOpen = (t1 - t0) / Double(perfSample) * Double(probes)
+        perfClose = (t2 - t1) / Double(perfSample) * Double(probes)
+    } catch { die("perf_event: \(error)") }
+
+    // MARK: - the daemon
+    let daemonPath = ProcessInfo.processInfo.environment["UPROBED_BIN"] ?? repo.appendingPathComponent(".build/release/uprobed").path
+    guard FileManager.default.isExecutableFile(atPath: daemonPath) else { die("\(daemonPath) not built; run `swift build -c release`") }
+    let socket = work + "/uprobed.sock"
+    try? "".write(toFile: work + "/empty.conf", atomically: true, encoding: .utf8)
+    let daemon = Process()
+    daemon.executableURL = URL(fileURLWithPath: daemonPath)
+    daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--config", work + "/empty.conf", "--log-level", "warning"]
+    daemon.standardError = FileHandle.nullDevice
+    do { try daemon.run() } catch { die("start uprobed: \(error)") }
+    defer { daemon.terminate(); daemon.waitUntilExit() }
+    var ready = false
+    for _ in 0..<500 { if (try? LineClient(socketPath: socket)) != nil { ready = true; break }; usleep(10_000) }
+    guard ready else { die("uprobed did not start") }
+
+    @Sendable func call(_ c: LineClient, _ o: JSONObject) -> JSONObject {
+        do {
+            guard let r = try c.call(o).objectValue, r["ok"] == .bool(true) else { die("request failed: \(o["op"].map(JSONSerializer.serialize) ?? "")") }
+            return r
+        } catch { die("\(error)") }
+    }
+    @Sendable func status() -> JSONObject {
+        guard let c = try? LineClient(socketPath: socket) else { die("connect") }
+        return call(c, ["op": "status"])
+    }
+    func batching(_ key: String) -> Int64 { status()["batching"]?.objectValue?[key]?.int64Value ?? -1 }
+    func waitDetached() {
+        while true {
+            let s = status()
+            if s["links"] == .int(0), s["batching"]?.objectValue?["pending_removals"] == .int(0) { return }
+            usleep(2_000)
+        }
+    }
+    let specs: [JSONValue] = names.map { ProbeSpec(path: binary, symbol: $0).json }
+
+    print("measuring uprobed: one \(probes)-probe request…")
+    var oneRegister: [Double] = [], oneUnregisterAck: [Double] = [], oneDetached: [Double] = []
+    do {
+        guard let c = try? LineClient(socketPath: socket, timeoutSeconds: 120) else { die("connect") }
+        for _ in 0..<3 {
+            let t0 = now()
+            _ = call(c, ["op": "register", "consumer": "bulk", "probes": .array(specs)])
+            let t1 = now()
+            _ = call(c, ["op": "unregister", "consumer": "bulk"])
+            let t2 = now()
+            waitDetached()
+            let t3 = now()
+            oneRegister.append(t1 - t0); oneUnregisterAck.append(t2 - t1); oneDetached.append(t3 - t1)
+        }
+    }
+
+    print("measuring uprobed: \(probes) single-probe requests from \(clients) clients, stats latency meanwhile…")
+    // Keep 10,000 probes registered for the stats reader.
+    do {
+        guard let c = try? LineClient(socketPath: socket, timeoutSeconds: 120) else { die("connect") }
+        _ = call(c, ["op": "register", "consumer": "resident", "probes": .array(specs)])
+    }
+    let graceBefore = batching("grace_periods"), batchesBefore = batching("batches"), requestsBefore = batching("requests")
+    let statsLatency = Latencies()
+    let statsThread = Thread {
+        guard let c = try? LineClient(socketPath: socket) else { return }
+        while !statsLatency.stopped {
+            let t0 = now()
+            _ = call(c, ["op": "stats"])
+            statsLatency.add(now() - t0)
+        }
+    }
+    statsThread.start()
+    let perClient = probes / clients
+    let churnStart = now()
+    var registerPhase = 0.0
+    do {
+        let ids = IDBag()
+        let g = DispatchGroup()
+        for client in 0..<clients {
+            DispatchQueue.global().async(group: g) {
+                guard let c = try? LineClient(socketPath: socket) else { die("connect") }
+                for i in 0..<perClient {
+                    let r = call(c, ["op": "register", "probes": [specs[client * perClient + i]]])
+                    if let id = r["probes"]?.arrayValue?.first?.objectValue?["id"]?.stringValue {
+                        ids.add(id)
+                    }
+                }
+            }
+        }
+        g.wait()
+        registerPhase = now() - churnStart
+        let all = ids.all
+        for client in 0..<clients {
+            DispatchQueue.global().async(group: g) {
+                guard let c = try? LineClient(socketPath: socket) else { die("connect") }
+                for i in stride(from: client, to: all.count, by: clients) {
+                    _ = call(c, ["op": "unregister", "probes": [.string(all[i])]])
+                }
+            }
+        }
+        g.wait()
+    }
+    let churnAck = now() - churnStart
+    statsLatency.halt()
+    let graceAfter = batching("grace_periods"), batchesAfter = batching("batches"), requestsAfter = batching("requests")
+    let churnRequests = Int(requestsAfter - requestsBefore)  // only register/unregister count as requests
+    let stats = statsLatency.values
+
+    // MARK: - report
+    let machine = (try? String(contentsOfFile: "/proc/sys/kernel/osrelease", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+    print("")
+    print("bench-batch — \(probes) probes on one binary; \(ProcessInfo.processInfo.activeProcessorCount) CPUs, Linux \(machine), \(Date())")
+    print("")
+    func row(_ cells: [String]) { print("| " + cells.joined(separator: " | ") + " |") }
+    row(["operation", "uprobed", "kernel floor", "uprobed / floor", "perf_event per probe", "perf_event / uprobed"])
+    row(["---", "---", "---", "---", "---", "---"])
+    let reg = median(oneRegister), unregAck = median(oneUnregisterAck), det = median(oneDetached)
+    row(["register \(probes) in one request", ms(reg), ms(floorAttach), String(format: "%.2fx", reg / floorAttach),
+         ms(perfOpen) + " (extrapolated)", String(format: "%.0fx", perfOpen / reg)])
+    row(["unregister them: reply", ms(unregAck), "—", "—", "—", "—"])
+    row(["unregister them: detached from the kernel", ms(det), ms(floorDetach), String(format: "%.2fx", det / floorDetach),
+         ms(perfClose) + " (extrapolated)", String(format: "%.0fx", perfClose / det)])
+    row(["\(probes) single-probe registers, \(clients) clients", ms(registerPhase), "—", "—", "—", "—"])
+    row(["then \(probes) single-probe unregisters (total, replies)", ms(churnAck), "—", "—", "—", "—"])
+    print("")
+    print("churn: \(churnRequests) requests in \(batchesAfter - batchesBefore) batches (mean \(String(format: "%.1f", Double(churnRequests) / Double(max(1, batchesAfter - batchesBefore)))) per batch), \(graceAfter - graceBefore) grace-period rounds → \(String(format: "%.0f", Double(churnRequests) / Double(max(1, graceAfter - graceBefore))))x fewer grace periods than requests")
+    if !stats.isEmpty {
+        print("stats over \(probes) resident probes during churn: \(stats.count) calls, p50 \(ms(percentile(stats, 0.5))), p99 \(ms(percentile(stats, 0.99))), max \(ms(stats.max() ?? 0))")
+    }
+    print("targets: register/unregister within 2x floor + 20 ms: register \(reg <= 2 * floorAttach + 0.020 ? "met" : "MISSED"), detach \(det <= 2 * floorDetach + 0.020 ? "met" : "MISSED"); churn under 2 s: \(churnAck < 2 ? "met" : "MISSED"); ≥50x fewer grace periods: \(Double(churnRequests) / Double(max(1, graceAfter - graceBefore)) >= 50 ? "met" : "MISSED"); stats p99 under 5 ms: \(stats.isEmpty ? "n/a" : (percentile(stats, 0.99) < 0.005 ? "met" : "MISSED"))")
+
+}
+
+runBench()

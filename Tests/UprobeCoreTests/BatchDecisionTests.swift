@@ -1,0 +1,172 @@
+import Foundation
+import Logging
+import Synchronization
+import Testing
+@testable import UprobeCore
+import UprobeELF
+import UprobeKernel
+
+/// A kernel that records calls instead of attaching: for the batching *decisions* only (how
+/// many links, which requests fail, when detach work runs). Counting itself is tested against
+/// the real kernel in IntegrationTests and UprobeKernelTests.
+final class FakeKernel: KernelBackend, @unchecked Sendable {
+    // @unchecked: all state behind `lock`.
+    let lock = NSLock()
+    let capacity: UInt32
+    var attaches: [(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool)] = []
+    var closed = 0
+    var closeRounds = 0
+    var overlapCalls = 0
+    var openLinks: [ObjectIdentifier: FakeLink] = [:]
+    var failPaths: Set<String> = []
+    var nextGeneration: UInt32 = 1
+
+    init(capacity: UInt32 = 1024) { self.capacity = capacity }
+
+    final class FakeLink: KernelLink, @unchecked Sendable {
+        let generation: UInt32
+        let sites: [LinkSite]
+        weak var owner: FakeKernel?
+        init(generation: UInt32, sites: [LinkSite], owner: FakeKernel) {
+            self.generation = generation
+            self.sites = sites
+            self.owner = owner
+        }
+        func close() {}
+    }
+
+    func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
+        lock.lock(); defer { lock.unlock() }
+        if failPaths.contains(path) { throw KernelError(code: "link_create_failed", message: "fake failure on \(path)") }
+        attaches.append((path, sites, pid, retprobe))
+        let l = FakeLink(generation: nextGeneration, sites: sites, owner: self)
+        nextGeneration += 1
+        openLinks[ObjectIdentifier(l)] = l
+        return l
+    }
+    func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) { lock.lock(); overlapCalls += 1; lock.unlock() }
+    func sweepMarks(slots: Set<UInt32>) throws(KernelError) {}
+    func resetCounters(slots: [UInt32]) throws(KernelError) {}
+    func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64] { Array(repeating: 0, count: Int(upTo)) }
+    func closeAll(_ links: [any KernelLink]) {
+        lock.lock(); defer { lock.unlock() }
+        closeRounds += 1
+        for l in links { if openLinks.removeValue(forKey: ObjectIdentifier(l)) != nil { closed += 1 } }
+    }
+    var openSlots: Set<UInt32> {
+        lock.lock(); defer { lock.unlock() }
+        return Set(openLinks.values.flatMap { $0.sites.map(\.slot) })
+    }
+    var attachCount: Int { lock.lock(); defer { lock.unlock() }; return attaches.count }
+}
+
+func target(_ path: String, inode: UInt64, offset: UInt64) -> ResolvedProbe {
+    ResolvedProbe(path: path, device: 1, inode: inode, buildID: nil, fileOffset: offset, symbol: "f\(offset)",
+                  aliases: [], refCtrOffset: nil, warning: nil)
+}
+
+func item(_ path: String, inode: UInt64, offsets: [UInt64], pid: Int32? = nil) -> RegisterItem {
+    RegisterItem(spec: ProbeSpecInput(path: path, symbol: "f*", pid: pid),
+                 targets: offsets.map { target(path, inode: inode, offset: $0) })
+}
+
+/// Drives a BatchApplier directly (no thread) so a test decides exactly what forms a batch.
+final class Harness {
+    let kernel: FakeKernel
+    let applier: BatchApplier
+    init(kernel: FakeKernel = FakeKernel(), tuning: EngineConfig = EngineConfig(compactionDelay: .seconds(3600))) {
+        self.kernel = kernel
+        applier = BatchApplier(kernel: kernel, tuning: tuning, logger: Logger(label: "test"), publish: { _ in }, persist: { _ in })
+    }
+
+    /// Applies the registrations as one batch and returns each request's result.
+    func registerBatch(_ requests: [[RegisterItem]]) -> [Result<[ProbeRecord], EngineError>] {
+        let box = Mutex<[Int: Result<[ProbeRecord], EngineError>]>([:])
+        let ops = requests.enumerated().map { n, items in
+            PendingOp.register(items: items, consumer: nil, peer: .daemon, reply: { r in box.withLock { $0[n] = r } })
+        }
+        applier.apply(ops)
+        return box.withLock { d in (0..<requests.count).compactMap { d[$0] } }
+    }
+
+    func unregister(_ ids: [String]) -> Result<Int, EngineError>? {
+        let box = Mutex<Result<Int, EngineError>?>(nil)
+        applier.apply([.unregister(ids: ids, consumer: nil, peer: .daemon, authorize: { _ in true },
+                                   reply: { r in box.withLock { $0 = r } })])
+        return box.withLock { $0 }
+    }
+}
+
+struct BatchDecisionTests {
+    @Test("one batch of many requests makes one link per (binary, pid, direction)")
+    func oneLinkPerGroup() throws {
+        let h = Harness()
+        let results = h.registerBatch([
+            [item("/a", inode: 1, offsets: [0x10, 0x20])],
+            [item("/a", inode: 1, offsets: [0x30])],
+            [item("/b", inode: 2, offsets: [0x10])],
+            [item("/a", inode: 1, offsets: [0x40], pid: 42)],
+        ])
+        #expect(results.allSatisfy { (try? $0.get()) != nil })
+        #expect(h.kernel.attachCount == 3)
+        let sizes = h.kernel.attaches.map(\.sites.count).sorted()
+        #expect(sizes == [1, 1, 3])
+    }
+
+    @Test("a failing binary fails only the requests that touch it, each whole")
+    func failureIsolation() throws {
+        let h = Harness()
+        h.kernel.failPaths = ["/bad"]
+        let results = h.registerBatch([
+            [item("/a", inode: 1, offsets: [0x10])],
+            [item("/a", inode: 1, offsets: [0x20]), item("/bad", inode: 9, offsets: [0x10])],
+            [item("/a", inode: 1, offsets: [0x30])],
+        ])
+        #expect((try? results[0].get())?.count == 1)
+        #expect((try? results[2].get())?.count == 1)
+        guard case .failure(let e) = results[1] else { Issue.record("request 1 should fail"); return }
+        #expect(e.code == "link_create_failed")
+        #expect(e.message.contains("/bad"))
+        // Request 1's site on /a was attached in the shared link: it must be detached, not counted.
+        h.applier.compact()
+        let live = h.kernel.openSlots
+        #expect(live.count == 2, "only the two successful probes stay attached: \(live)")
+    }
+
+    @Test("removals are deferred and then share one rebuild and one close round")
+    func deferredCompaction() throws {
+        let h = Harness()
+        let r = h.registerBatch([[item("/a", inode: 1, offsets: Array(stride(from: 0x10, to: 0x10 + 100 * 0x10, by: 0x10)))]])
+        let ids = (try? r[0].get())?.map(\.id) ?? []
+        #expect(ids.count == 100)
+        for id in ids.prefix(30) { _ = h.unregister([id]) }
+        #expect(h.kernel.closeRounds == 0, "nothing detached before the delay")
+        #expect(h.kernel.openSlots.count == 100)
+        h.applier.compact()
+        #expect(h.kernel.closeRounds == 1)
+        #expect(h.kernel.openSlots.count == 70)
+        #expect(h.kernel.attachCount == 2, "one rebuild for thirty removals")
+    }
+
+    @Test("many small links of one group are merged into one")
+    func mergeSmallLinks() {
+        let h = Harness(tuning: EngineConfig(compactionDelay: .zero, maxLinksPerGroup: 4))
+        for n in 0..<10 { _ = h.registerBatch([[item("/a", inode: 1, offsets: [UInt64(0x10 * (n + 1))])]]) }
+        #expect(h.kernel.openLinks.count <= 4)
+        #expect(h.kernel.openSlots.count == 10)
+    }
+
+    @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")
+    func slotAllocator() {
+        var a = SlotAllocator(capacity: 8)
+        #expect(a.allocate(3) == [0, 1, 2])
+        #expect(a.allocate(6) == nil)
+        #expect(a.allocate(5) == [3, 4, 5, 6, 7])
+        a.release([1, 7])
+        #expect(a.highWater == 7)
+        #expect(a.allocate(1) == [1])
+        a.release([0, 1, 2, 3, 4, 5, 6])
+        #expect(a.highWater == 0)
+        #expect(a.inUse == 0)
+    }
+}
