@@ -102,7 +102,8 @@ final class TestDaemon: @unchecked Sendable {
     let socket: String
     let stateDir: String
     let process: Process
-    private let stderrPipe = Pipe()
+    /// The daemon's stderr goes to a file: a pipe nobody drains would fill and block it.
+    let logPath: String
     private var stopped = false
 
     init(config: String? = nil, extraArgs: [String] = [], environment: [String: String] = [:]) throws {
@@ -112,6 +113,7 @@ final class TestDaemon: @unchecked Sendable {
         dir = String(cString: buf)
         socket = dir + "/uprobed.sock"
         stateDir = dir + "/state"
+        logPath = dir + "/uprobed.log"
         var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug"]
         if let config {
             let path = dir + "/uprobed.conf"
@@ -130,7 +132,8 @@ final class TestDaemon: @unchecked Sendable {
         env.removeValue(forKey: "LISTEN_PID")
         for (k, v) in environment { env[k] = v }
         process.environment = env
-        process.standardError = stderrPipe
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
         try waitUntilServing()
@@ -140,7 +143,7 @@ final class TestDaemon: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
             if !process.isRunning {
-                let err = String(decoding: stderrPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                let err = log
                 throw TestFailure("uprobed exited with \(process.terminationStatus) before serving:\n\(err)")
             }
             if (try? LineClient(socketPath: socket, timeoutSeconds: 2)) != nil { return }
@@ -205,7 +208,7 @@ final class TestDaemon: @unchecked Sendable {
     }
 
     var log: String {
-        String(decoding: stderrPipe.fileHandleForReading.availableData, as: UTF8.self)
+        (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
     }
 
     deinit {
