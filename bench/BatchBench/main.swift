@@ -56,10 +56,12 @@ func runBench() {
     let names = (0..<probes).map { String(format: "g%04d", $0) }
     let resolver = Resolver()
     var offsets: [UInt64] = []
+    let resolveStart = now()
     for n in names {
         guard let r = try? resolver.resolve(ProbeSpecInput(path: binary, symbol: n)), let o = r.first?.fileOffset else { die("resolve \(n)") }
         offsets.append(o)
     }
+    let resolveTime = now() - resolveStart
 
     // MARK: - kernel floor
     print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…")
@@ -130,6 +132,13 @@ func runBench() {
         }
     }
     let specs: [JSONValue] = names.map { ProbeSpec(path: binary, symbol: $0).json }
+    let requestLine = JSONSerializer.serializeLine(.object(["op": "register", "consumer": "bulk", "probes": .array(specs)]))
+    var parseTimes: [Double] = []
+    for _ in 0..<3 {
+        let t0 = now()
+        _ = RequestDecoder.decode(requestLine.dropLast())
+        parseTimes.append(now() - t0)
+    }
 
     print("measuring uprobed: one \(probes)-probe request…")
     var oneRegister: [Double] = [], oneUnregisterAck: [Double] = [], oneDetached: [Double] = []
@@ -217,6 +226,7 @@ func runBench() {
     row(["\(probes) single-probe registers, \(clients) clients", ms(registerPhase), "—", "—", "—", "—"])
     row(["then \(probes) single-probe unregisters (total, replies)", ms(churnAck), "—", "—", "—", "—"])
     print("")
+    print("components of one \(probes)-probe register: request line \(requestLine.count / 1024) KiB decoded in \(ms(median(parseTimes))); \(probes) symbols resolved one spec at a time (the ELF parsed once, then cached) in \(ms(resolveTime))")
     print("churn: \(churnRequests) requests in \(batchesAfter - batchesBefore) batches (mean \(String(format: "%.1f", Double(churnRequests) / Double(max(1, batchesAfter - batchesBefore)))) per batch), \(graceAfter - graceBefore) grace-period rounds → \(String(format: "%.0f", Double(churnRequests) / Double(max(1, graceAfter - graceBefore))))x fewer grace periods than requests")
     if !stats.isEmpty {
         print("stats over \(probes) resident probes during churn: \(stats.count) calls, p50 \(ms(percentile(stats, 0.5))), p99 \(ms(percentile(stats, 0.99))), max \(ms(stats.max() ?? 0))")

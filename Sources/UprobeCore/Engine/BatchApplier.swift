@@ -28,7 +28,9 @@ final class BatchApplier {
     private let persist: (RegistrySnapshot) throws -> Void
 
     private var slots: SlotAllocator
-    private var probes: [String: ProbeRecord] = [:]
+    private var probes = ProbeMap()
+    /// Registrations per attached (dev, inode, offset): how many distinct uprobes there are.
+    private var uprobeRefs: [UprobeSiteKey: Int] = [:]
     private var nextProbeNumber: UInt64 = 1
     private var links: [ObjectIdentifier: LinkRecord] = [:]
     /// The newest link holding each attached slot.
@@ -213,7 +215,11 @@ final class BatchApplier {
         for removal in removals {
             var n = 0
             for id in removal.ids {
-                guard let r = probes.removeValue(forKey: id) else { continue }
+                guard let r = probes.remove(id) else { continue }
+                for site in r.sites {
+                    let k = UprobeSiteKey(site)
+                    if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
+                }
                 n += 1
                 for s in r.sites { deadSlots.insert(s.slot) }
             }
@@ -258,7 +264,8 @@ final class BatchApplier {
                             registeredAt: restored?.registeredAt ?? now, registeredAtMonotonic: nowMono,
                             state: state, baseHits: restored?.baseHits ?? 0,
                             targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
-        probes[id] = r
+        probes.insert(r)
+        for site in sites { uprobeRefs[UprobeSiteKey(site), default: 0] += 1 }
         return r
     }
 
@@ -324,9 +331,15 @@ final class BatchApplier {
         if groupLinks[record.group]?.isEmpty == true { groupLinks.removeValue(forKey: record.group) }
     }
 
-    /// Whether a group has more links than it should (many small batches each added one).
+    /// Whether a group has more small links than it should (many small batches each added
+    /// one). Big links are never rebuilt just to merge: that would make every merge cost the
+    /// size of the biggest registration on the binary.
     private func groupNeedsMerge(_ g: LinkGroupKey) -> Bool {
-        (groupLinks[g]?.count ?? 0) > tuning.maxLinksPerGroup
+        smallLinks(of: g).count > tuning.maxLinksPerGroup
+    }
+
+    private func smallLinks(of g: LinkGroupKey) -> [LinkRecord] {
+        (groupLinks[g] ?? []).compactMap { links[$0] }.filter { $0.sites.count <= tuning.mergeLinksUpTo }
     }
 
     /// Sets `compactionDue` when there is detach or merge work, keeping an earlier deadline.
@@ -351,14 +364,18 @@ final class BatchApplier {
     /// of the round are issued together so they share grace periods; dead slots are freed only
     /// after that, so a slot is never reused while a link can still count into it.
     func compact() {
-        var touched: Set<LinkGroupKey> = []
-        for s in deadSlots { if let l = slotLink[s] { touched.insert(l.group) } }
-        for g in groupLinks.keys where groupNeedsMerge(g) { touched.insert(g) }
+        // Per group, the links to replace: every link holding a dead site, plus all its small
+        // links when there are too many of them. Their live sites go into one new link.
+        var replace: [LinkGroupKey: [ObjectIdentifier: LinkRecord]] = [:]
+        for s in deadSlots { if let l = slotLink[s] { replace[l.group, default: [:]][ObjectIdentifier(l)] = l } }
+        for g in groupLinks.keys where groupNeedsMerge(g) {
+            for l in smallLinks(of: g) { replace[g, default: [:]][ObjectIdentifier(l)] = l }
+        }
         var freeNow: [UInt32] = deadSlots.filter { slotLink[$0] == nil }
         var toClose: [LinkRecord] = []
         var rebuilds: [(group: LinkGroupKey, old: [LinkRecord], live: [LinkSite])] = []
-        for g in touched {
-            let old = (groupLinks[g] ?? []).compactMap { links[$0] }
+        for (g, set) in replace {
+            let old = Array(set.values)
             let live = old.flatMap { $0.sites.filter { !deadSlots.contains($0.slot) } }
             if live.isEmpty { toClose += old } else { rebuilds.append((g, old, live)) }
         }
@@ -427,13 +444,7 @@ final class BatchApplier {
         s.slotsInUse = slots.inUse
         s.slotCapacity = slots.capacity
         s.linksOpen = links.count
-        var keys = Set<UprobeSiteKey>()
-        for p in probes.values {
-            for site in p.sites {
-                keys.insert(UprobeSiteKey(device: site.target.device, inode: site.target.inode, offset: site.target.fileOffset))
-            }
-        }
-        s.uprobes = keys.count
+        s.uprobes = uprobeRefs.count
         s.counters = counters
         s.generation = generation
         return s
@@ -453,6 +464,11 @@ struct UprobeSiteKey: Hashable {
     var device: UInt64
     var inode: UInt64
     var offset: UInt64
+    init(_ site: ProbeSite) {
+        device = site.target.device
+        inode = site.target.inode
+        offset = site.target.fileOffset
+    }
 }
 
 func clockRealtimeSeconds() -> Double {

@@ -39,18 +39,23 @@ public struct EngineConfig: Sendable {
     /// A removed probe is physically detached within this delay; removals within it share one
     /// link rebuild and one grace period.
     public var compactionDelay: Duration
-    /// A (binary, pid, direction) with more links than this gets them merged into one.
+    /// A (binary, pid, direction) with more small links than this gets them merged into one.
     public var maxLinksPerGroup: Int
+    /// Links of at most this many sites count as small (merged); bigger ones are only rebuilt
+    /// to drop dead sites.
+    public var mergeLinksUpTo: Int
     /// Above this many open links, compaction runs at once instead of after the delay.
     public var maxOpenLinks: Int
 
     public init(batchWindow: Duration = .microseconds(500), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
-                compactionDelay: Duration = .milliseconds(250), maxLinksPerGroup: Int = 8, maxOpenLinks: Int = 512) {
+                compactionDelay: Duration = .milliseconds(250), maxLinksPerGroup: Int = 8, mergeLinksUpTo: Int = 256,
+                maxOpenLinks: Int = 512) {
         self.batchWindow = batchWindow
         self.maxBatchRequests = maxBatchRequests
         self.slotCapacity = slotCapacity
         self.compactionDelay = compactionDelay
         self.maxLinksPerGroup = maxLinksPerGroup
+        self.mergeLinksUpTo = mergeLinksUpTo
         self.maxOpenLinks = maxOpenLinks
     }
 }

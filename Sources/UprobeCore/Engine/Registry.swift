@@ -91,7 +91,7 @@ public struct EngineCounters: Sendable {
 
 /// What readers see: one consistent version, published by the writer after each batch.
 public struct RegistrySnapshot: Sendable {
-    public var probes: [String: ProbeRecord] = [:]
+    public var probes = ProbeMap()
     /// Counter slots in use are all below this.
     public var slotHighWater: UInt32 = 0
     public var slotsInUse: Int = 0
@@ -103,9 +103,7 @@ public struct RegistrySnapshot: Sendable {
     public var generation: UInt64 = 0
 
     /// Probes sorted by their numeric id, for stable listings.
-    public var sortedProbes: [ProbeRecord] {
-        probes.values.sorted { ProbeID.order($0.id, $1.id) }
-    }
+    public var sortedProbes: [ProbeRecord] { probes.sorted }
 }
 
 /// Probe ids are `p<N>`; sorting by N keeps listings in registration order.
