@@ -105,6 +105,53 @@ public struct Resolver: Sendable {
     /// Resolve one spec into one or more probes (globs and multi-site USDT give several),
     /// sorted by file offset.
     public func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> [ResolvedProbe] {
+        try validate(spec)
+        let target = try openTarget(spec)
+        defer { try? target.fd.close() }
+        let elf = try cache.file(fd: target.fd, path: target.path, debugDirectories: debugDirectories)
+        return try resolve(spec, in: target, elf: elf)
+    }
+
+    /// Resolves the specs of one request. Specs naming the same (path, pid) share one open,
+    /// one canonicalization and one cache lookup, so a 10,000-probe request on one binary costs
+    /// one file open plus 10,000 symbol lookups. Results are in spec order; one failure does
+    /// not stop the others (the caller decides what a failure means for the request).
+    public func resolveMany(_ specs: [ProbeSpecInput]) -> [Result<[ResolvedProbe], ResolveError>] {
+        struct OpenKey: Hashable { var path: String; var pid: Int32? }
+        var opened: [OpenKey: Result<(Target, ELFFile), ResolveError>] = [:]
+        defer {
+            for case .success(let (t, _)) in opened.values { try? t.fd.close() }
+        }
+        return specs.map { spec in
+            do throws(ResolveError) {
+                try validate(spec)
+                let key = OpenKey(path: spec.path, pid: spec.pid)
+                let entry: Result<(Target, ELFFile), ResolveError>
+                if let e = opened[key] {
+                    entry = e
+                } else {
+                    do throws(ResolveError) {
+                        let t = try openTarget(spec)
+                        do throws(ResolveError) {
+                            entry = .success((t, try cache.file(fd: t.fd, path: t.path, debugDirectories: debugDirectories)))
+                        } catch {
+                            try? t.fd.close()
+                            throw error
+                        }
+                    } catch {
+                        entry = .failure(error)
+                    }
+                    opened[key] = entry
+                }
+                let (target, elf) = try entry.get()
+                return .success(try resolve(spec, in: target, elf: elf))
+            } catch {
+                return .failure(error)
+            }
+        }
+    }
+
+    private func validate(_ spec: ProbeSpecInput) throws(ResolveError) {
         let kinds = [spec.symbol != nil, spec.offset != nil, spec.usdt != nil].filter { $0 }.count
         guard kinds == 1 else {
             throw .invalidSpec("a probe needs exactly one of symbol, offset or usdt (got \(kinds))")
@@ -112,11 +159,9 @@ public struct Resolver: Sendable {
         guard !spec.path.isEmpty, !spec.path.utf8.contains(0) else { throw .invalidSpec("path is empty or contains NUL") }
         if let s = spec.symbol, s.isEmpty || s.utf8.contains(0) { throw .invalidSpec("symbol is empty or contains NUL") }
         if spec.usdt != nil && spec.retprobe { throw .invalidSpec("a USDT probe cannot be a retprobe") }
+    }
 
-        let target = try openTarget(spec)
-        defer { try? target.fd.close() }
-        let elf = try cache.file(fd: target.fd, path: target.path, debugDirectories: debugDirectories)
-
+    private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> [ResolvedProbe] {
         if spec.retprobe && elf.isGoBinary && !spec.force {
             throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe can corrupt "
                 + "them and crash the process; probe the function's return sites by offset, or set force to accept the risk")
