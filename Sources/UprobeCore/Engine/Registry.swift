@@ -28,7 +28,10 @@ public enum ProbeState: Sendable, Equatable {
 }
 
 /// A registered probe: one id, one or more sites (several for a multi-site USDT probe).
-public struct ProbeRecord: Sendable {
+///
+/// Immutable and a class: snapshots and readers pass records around by one reference
+/// (one retain) instead of copying a struct full of strings and arrays (many).
+public final class ProbeRecord: Sendable {
     public let id: String
     public let consumer: String?
     public let owner: Peer
@@ -45,6 +48,21 @@ public struct ProbeRecord: Sendable {
     /// Where the probe was resolved when it was registered (kept for degraded probes, whose
     /// `sites` are empty, so `list` still shows what was asked and where it was).
     public let targets: [ResolvedProbe]
+
+    public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
+                registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, state: ProbeState,
+                baseHits: UInt64, targets: [ResolvedProbe]) {
+        self.id = id
+        self.consumer = consumer
+        self.owner = owner
+        self.spec = spec
+        self.sites = sites
+        self.registeredAt = registeredAt
+        self.registeredAtMonotonic = registeredAtMonotonic
+        self.state = state
+        self.baseHits = baseHits
+        self.targets = targets
+    }
 }
 
 /// A registration to bring back after a restart, with its original id.
