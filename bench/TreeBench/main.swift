@@ -2,7 +2,15 @@
 // two baselines, with an idle writer and with a writer publishing batches as fast as it can; plus
 // bytes per registration at 100,000 registrations.
 //
-//   swift run -c release bench-tree [--seconds S] [--keys N] [--readers R]
+//   swift run -c release bench-tree [--seconds S] [--keys N] [--readers R] [--repeats K] [--paced B]
+//
+// Writer modes: idle (no writer thread), idle-busy (a writer thread spinning without publishing:
+// same CPU occupancy as the churning modes), paced (B batches/s, default 2,000: a busy engine),
+// and max (a writer thread publishing as fast as it can). Every cell is measured K times (default 3),
+// interleaved across structures and modes to spread machine noise, and the median is printed
+// (with the min-max of p99 across repeats). --pace-spin makes the paced writer busy-wait between
+// batches instead of sleeping (separates the structure's cost from idle/wake-up effects of a
+// sleeping writer CPU on a VM).
 //
 // Baselines:
 //   mutex     a sorted-array ordered map inside a Synchronization.Mutex; readers lock per read,
@@ -19,20 +27,37 @@ import UprobeTree
 
 // MARK: - options
 
-var seconds = 1.0
-var keyCount = 10_000
-var readerThreads = 1
-do {
-    var it = CommandLine.arguments.dropFirst().makeIterator()
-    while let a = it.next() {
-        switch a {
-        case "--seconds": seconds = Double(it.next()!)!
-        case "--keys": keyCount = Int(it.next()!)!
-        case "--readers": readerThreads = Int(it.next()!)!
-        default: print("usage: bench-tree [--seconds S] [--keys N] [--readers R]"); exit(2)
+struct Options: Sendable {
+    var seconds = 1.0
+    var keyCount = 10_000
+    var readerThreads = 1
+    var repeats = 3
+    var pacedRate = 2_000
+    var paceBySpinning = false
+
+    static func parse() -> Options {
+        var o = Options()
+        var it = CommandLine.arguments.dropFirst().makeIterator()
+        while let a = it.next() {
+            switch a {
+            case "--seconds": o.seconds = Double(it.next()!)!
+            case "--keys": o.keyCount = Int(it.next()!)!
+            case "--readers": o.readerThreads = Int(it.next()!)!
+            case "--repeats": o.repeats = Int(it.next()!)!
+            case "--paced": o.pacedRate = Int(it.next()!)!
+            case "--pace-spin": o.paceBySpinning = true
+            default:
+                print("usage: bench-tree [--seconds S] [--keys N] [--readers R] [--repeats K] [--paced BATCHES_PER_S] [--pace-spin]")
+                exit(2)
+            }
         }
+        return o
     }
 }
+let options = Options.parse()
+let seconds = options.seconds
+let keyCount = options.keyCount
+let readerThreads = options.readerThreads
 let keySpace = keyCount * 2
 let batchEdits = 16
 
@@ -240,17 +265,55 @@ final class Flag: Sendable {
     let batches = Atomic<Int>(0)
 }
 
-func measure(_ map: some BenchMap, churn: Bool) -> Result {
+enum WriterMode: CaseIterable {
+    /// No writer thread at all.
+    case idle
+    /// A writer thread that is busy (spinning on registers, no shared memory) but never publishes:
+    /// same CPU occupancy as the churning modes, so on a 2-vCPU VM the difference to `paced`/`max`
+    /// is the writer's publishing alone, not the second vCPU being busy.
+    case idleBusy
+    case paced
+    case max
+    var label: String {
+        switch self {
+        case .idle: "idle (no writer thread)"
+        case .idleBusy: "idle (writer thread busy, not publishing)"
+        case .paced: "paced \(options.pacedRate)/s"
+        case .max: "max rate"
+        }
+    }
+}
+
+func measure(_ map: some BenchMap, mode: WriterMode) -> Result {
     let flag = Flag()
     var writer: pthread_t?
     let wStart = nanos()
-    if churn {
+    if mode == .idleBusy {
+        writer = spawn {
+            var x: UInt64 = 1
+            while !flag.stop.load(ordering: .relaxed) {
+                for _ in 0..<1000 { x = x &* 6364136223846793005 &+ 1442695040888963407 }
+            }
+            if x == 42 { print("") }
+        }
+    } else if mode != .idle {
+        let interval: UInt64 = mode == .paced ? 1_000_000_000 / UInt64(options.pacedRate) : 0
         writer = spawn {
             var n = 0
             let bs = workload.batches
+            var deadline = nanos()
             while !flag.stop.load(ordering: .relaxed) {
                 map.apply(bs[n % bs.count])
                 n += 1
+                if interval > 0 {
+                    deadline += interval
+                    let now = nanos()
+                    if options.paceBySpinning {
+                        while nanos() < deadline {}
+                    } else if deadline > now {
+                        usleep(useconds_t((deadline - now) / 1000))
+                    }
+                }
             }
             flag.batches.store(n, ordering: .relaxed)
         }
@@ -304,11 +367,23 @@ func measure(_ map: some BenchMap, churn: Bool) -> Result {
         h.merge(hist)
     }
     return Result(readsPerSec: rate, p50: h.percentile(0.50), p99: h.percentile(0.99), p999: h.percentile(0.999),
-                  batchesPerSec: churn ? Double(flag.batches.load(ordering: .relaxed)) / wElapsed : 0)
+                  batchesPerSec: mode == .paced || mode == .max ? Double(flag.batches.load(ordering: .relaxed)) / wElapsed : 0)
+}
+
+/// Fixed-point formatting without Foundation.
+func fmt(_ x: Double, _ decimals: Int) -> String {
+    var scale = 1.0
+    for _ in 0..<decimals { scale *= 10 }
+    let v = Int((x * scale).rounded())
+    if decimals == 0 { return String(v) }
+    let whole = v / Int(scale), frac = abs(v % Int(scale))
+    var f = String(frac)
+    while f.count < decimals { f = "0" + f }
+    return "\(whole).\(f)"
 }
 
 func fmtRate(_ r: Double) -> String {
-    r >= 1e6 ? String(format: "%.2f M/s", r / 1e6) : String(format: "%.0f k/s", r / 1e3)
+    r >= 1e6 ? fmt(r / 1e6, 2) + " M/s" : fmt(r / 1e3, 0) + " k/s"
 }
 
 // MARK: - run
@@ -320,26 +395,35 @@ func machine() -> String {
     let ncpu = sysconf(Int32(_SC_NPROCESSORS_ONLN))
     var la = [Double](repeating: 0, count: 3)
     getloadavg(&la, 3)
-    return "Linux \(release), \(ncpu) CPUs online, load average at start \(String(format: "%.2f", la[0]))"
+    return "Linux \(release), \(ncpu) CPUs online, load average at start \(fmt(la[0], 2))"
 }
 
 print("bench-tree: \(machine())")
 print("tree: \(keyCount) uprobes x 1 consumer; read = lookup of a random key (50% hits); writer batches: \(batchEdits) edits (8 removeKey + 8 insertConsumer); \(readerThreads) reader thread(s); \(seconds)s per cell (half throughput, half per-read latency)")
 print("")
-print("| structure | writer | reads/s (per thread) | p50 ns | p99 ns | p99.9 ns | batches/s published |")
+print("| structure | writer | reads/s (per thread) | p50 ns | p99 ns (min-max) | p99.9 ns | batches/s published |")
 print("|---|---|---:|---:|---:|---:|---:|")
-func row(_ map: some BenchMap) {
-    map.apply(workload.initial)
-    for churn in [false, true] {
-        let r = measure(map, churn: churn)
-        let perThread = r.readsPerSec / Double(readerThreads)
-        print("| \(map.name) | \(churn ? "churning" : "idle") | \(fmtRate(perThread)) | \(r.p50) | \(r.p99) | \(r.p999) | \(churn ? String(format: "%.0f", r.batchesPerSec) : "-") |")
-        fflush(stdout)
+let maps: [any BenchMap] = [EBRTree(), MutexMap(), ARCSnapshotMap()]
+for m in maps { m.apply(workload.initial) }
+var cells: [[[Result]]] = Array(repeating: Array(repeating: [], count: WriterMode.allCases.count), count: maps.count)
+func run(_ map: some BenchMap, _ mode: WriterMode) -> Result { measure(map, mode: mode) }
+for _ in 0..<options.repeats {
+    for (mi, m) in maps.enumerated() {
+        for (wi, mode) in WriterMode.allCases.enumerated() {
+            cells[mi][wi].append(run(m, mode))
+        }
     }
 }
-row(EBRTree())
-row(MutexMap())
-row(ARCSnapshotMap())
+func median<T: Comparable>(_ xs: [T]) -> T { xs.sorted()[xs.count / 2] }
+for (mi, m) in maps.enumerated() {
+    for (wi, mode) in WriterMode.allCases.enumerated() {
+        let rs = cells[mi][wi]
+        let rate = median(rs.map(\.readsPerSec)) / Double(readerThreads)
+        let p99s = rs.map(\.p99)
+        let batches = mode == .idle || mode == .idleBusy ? "-" : fmt(median(rs.map(\.batchesPerSec)), 0)
+        print("| \(m.name) | \(mode.label) | \(fmtRate(rate)) | \(median(rs.map(\.p50))) | \(median(p99s)) (\(p99s.min()!)-\(p99s.max()!)) | \(median(rs.map(\.p999))) | \(batches) |")
+    }
+}
 
 // Bytes per registration at 100,000 registrations.
 print("")
@@ -359,5 +443,7 @@ for perKey in [1, 4] {
     tree.synchronize()
     let f = tree.read { $0.footprint() }
     precondition(tree.read { $0.consumerCount } == total)
-    print("| \(perKey) consumer(s) per uprobe | \(total) | \(f.nodes) | \(String(format: "%.1f", Double(f.requestedBytes) / Double(total))) | \(String(format: "%.1f", Double(f.mallocChunkBytes) / Double(total))) |")
+    let requested = fmt(Double(f.requestedBytes) / Double(total), 1)
+    let chunks = fmt(Double(f.mallocChunkBytes) / Double(total), 1)
+    print("| \(perKey) consumer(s) per uprobe | \(total) | \(f.nodes) | \(requested) | \(chunks) |")
 }
