@@ -33,6 +33,27 @@ final class Latencies: @unchecked Sendable {
     var stopped: Bool { lock.lock(); defer { lock.unlock() }; return stop }
     func halt() { lock.lock(); stop = true; lock.unlock() }
 }
+/// Real threads: blocking clients on Dispatch's global queues run only about one per core on
+/// Linux, which would make "16 concurrent clients" two.
+final class ThreadGroup: @unchecked Sendable {
+    // @unchecked: `pending` is guarded by `cond`.
+    private let cond = NSCondition()
+    private var pending = 0
+    func spawn(_ body: @escaping @Sendable () -> Void) {
+        cond.lock(); pending += 1; cond.unlock()
+        let t = Thread { [self] in
+            body()
+            cond.lock(); pending -= 1; cond.broadcast(); cond.unlock()
+        }
+        t.start()
+    }
+    func wait() {
+        cond.lock()
+        while pending > 0 { cond.wait() }
+        cond.unlock()
+    }
+}
+
 final class IDBag: @unchecked Sendable {
     // @unchecked: every field behind `lock`.
     let lock = NSLock(); var ids: [String] = []
@@ -113,7 +134,9 @@ func runBench() {
     let daemonPath = ProcessInfo.processInfo.environment["UPROBED_BIN"] ?? repo.appendingPathComponent(".build/release/uprobed").path
     guard FileManager.default.isExecutableFile(atPath: daemonPath) else { die("\(daemonPath) not built; run `swift build -c release`") }
     let socket = work + "/uprobed.sock"
-    try? "".write(toFile: work + "/empty.conf", atomically: true, encoding: .utf8)
+    // BENCH_DAEMON_CONFIG: config lines for the daemon (e.g. "batch_window_us = 0"), to sweep settings.
+    let daemonConfig = ProcessInfo.processInfo.environment["BENCH_DAEMON_CONFIG"] ?? ""
+    try? daemonConfig.replacingOccurrences(of: ";", with: "\n").write(toFile: work + "/empty.conf", atomically: true, encoding: .utf8)
     let daemon = Process()
     daemon.executableURL = URL(fileURLWithPath: daemonPath)
     daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--config", work + "/empty.conf", "--log-level", "warning"]
@@ -192,9 +215,9 @@ func runBench() {
     var registerPhase = 0.0
     do {
         let ids = IDBag()
-        let g = DispatchGroup()
+        let g = ThreadGroup()
         for client in 0..<clients {
-            DispatchQueue.global().async(group: g) {
+            g.spawn {
                 guard let c = try? LineClient(socketPath: socket) else { die("connect") }
                 for i in 0..<perClient {
                     let r = call(c, ["op": "register", "probes": [specs[client * perClient + i]]])
@@ -208,7 +231,7 @@ func runBench() {
         registerPhase = now() - churnStart
         let all = ids.all
         for client in 0..<clients {
-            DispatchQueue.global().async(group: g) {
+            g.spawn {
                 guard let c = try? LineClient(socketPath: socket) else { die("connect") }
                 for i in stride(from: client, to: all.count, by: clients) {
                     _ = call(c, ["op": "unregister", "probes": [.string(all[i])]])
@@ -228,6 +251,7 @@ func runBench() {
     // MARK: - report
     let machine = (try? String(contentsOfFile: "/proc/sys/kernel/osrelease", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
     print("")
+    print("bench-batch — daemon config: \(daemonConfig.isEmpty ? "defaults" : daemonConfig)")
     print("bench-batch — \(probes) probes on one binary; \(ProcessInfo.processInfo.activeProcessorCount) CPUs, Linux \(machine), \(Date())")
     print("")
     func row(_ cells: [String]) { print("| " + cells.joined(separator: " | ") + " |") }
