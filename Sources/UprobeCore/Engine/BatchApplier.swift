@@ -349,6 +349,8 @@ final class BatchApplier {
         let now = ContinuousClock.now
         // Too many open links (fds, kernel objects): do it now rather than after the delay.
         if links.count > tuning.maxOpenLinks { compactionDue = now; return }
+        // A bulk removal is already one big batch: waiting would only delay the detach.
+        if deadSlots.count >= tuning.bulkDetachSites { compactionDue = now; return }
         if compactionDue == nil { compactionDue = now + tuning.compactionDelay }
     }
 

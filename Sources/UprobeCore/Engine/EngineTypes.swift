@@ -46,10 +46,12 @@ public struct EngineConfig: Sendable {
     public var mergeLinksUpTo: Int
     /// Above this many open links, compaction runs at once instead of after the delay.
     public var maxOpenLinks: Int
+    /// This many removed sites waiting for detach make it run at once (a bulk unregister).
+    public var bulkDetachSites: Int
 
     public init(batchWindow: Duration = .microseconds(500), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
                 compactionDelay: Duration = .milliseconds(250), maxLinksPerGroup: Int = 8, mergeLinksUpTo: Int = 256,
-                maxOpenLinks: Int = 512) {
+                maxOpenLinks: Int = 512, bulkDetachSites: Int = 1000) {
         self.batchWindow = batchWindow
         self.maxBatchRequests = maxBatchRequests
         self.slotCapacity = slotCapacity
@@ -57,6 +59,7 @@ public struct EngineConfig: Sendable {
         self.maxLinksPerGroup = maxLinksPerGroup
         self.mergeLinksUpTo = mergeLinksUpTo
         self.maxOpenLinks = maxOpenLinks
+        self.bulkDetachSites = bulkDetachSites
     }
 }
 
