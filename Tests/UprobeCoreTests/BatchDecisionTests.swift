@@ -5,6 +5,7 @@ import Testing
 @testable import UprobeCore
 import UprobeELF
 import UprobeKernel
+import UprobeTree
 
 /// A kernel that records calls instead of attaching: for the batching *decisions* only (how
 /// many links, which requests fail, when detach work runs). Counting itself is tested against
@@ -74,9 +75,13 @@ func item(_ path: String, inode: UInt64, offsets: [UInt64], pid: Int32? = nil) -
 final class Harness {
     let kernel: FakeKernel
     let applier: BatchApplier
+    let tree = UprobeTree(readerSlots: 4)
+    let published = SnapshotCell(RegistrySnapshot())
     init(kernel: FakeKernel = FakeKernel(), tuning: EngineConfig = EngineConfig(compactionDelay: .seconds(3600))) {
         self.kernel = kernel
-        applier = BatchApplier(kernel: kernel, tuning: tuning, logger: Logger(label: "test"), publish: { _ in }, persist: { _ in })
+        let published = self.published
+        applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: Logger(label: "test"),
+                               publish: { s in published.store(s) }, persist: { _ in })
     }
 
     /// Applies the registrations as one batch and returns each request's result.
@@ -154,6 +159,33 @@ struct BatchDecisionTests {
         for n in 0..<10 { _ = h.registerBatch([[item("/a", inode: 1, offsets: [UInt64(0x10 * (n + 1))])]]) }
         #expect(h.kernel.openLinks.count <= 4)
         #expect(h.kernel.openSlots.count == 10)
+    }
+
+    @Test("the uprobes tree mirrors the registry: consumers in, consumers out, same slots")
+    func treeMirrorsRegistry() throws {
+        let h = Harness()
+        let r = h.registerBatch([
+            [item("/a", inode: 1, offsets: [0x10, 0x20, 0x30])],
+            [item("/a", inode: 1, offsets: [0x20]), item("/b", inode: 2, offsets: [0x10])],
+        ])
+        let ids = r.flatMap { (try? $0.get()) ?? [] }
+        #expect(ids.count == 5)
+        func check() {
+            let snap = h.published.load()
+            var fromTree: [UInt64: [UInt32]] = [:]
+            h.tree.read { view in view.forEach { _, list in list.forEach { fromTree[$0.registration, default: []].append($0.slot) } } }
+            var fromRegistry: [UInt64: [UInt32]] = [:]
+            for p in snap.probes.values { fromRegistry[ProbeID.number(p.id) ?? 0] = p.sites.map(\.slot) }
+            #expect(fromTree.mapValues { $0.sorted() } == fromRegistry.mapValues { $0.sorted() })
+            #expect(h.tree.count == snap.uprobes, "distinct (dev, inode, offset)")
+        }
+        check()
+        #expect(h.tree.count == 4, "0x20 on /a is one uprobe with two consumers")
+        _ = h.unregister([ids[1].id, ids[4].id])
+        check()
+        h.applier.compact()
+        check()
+        #expect(h.tree.count == 3)
     }
 
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")

@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import UprobeELF
 import UprobeKernel
+import UprobeTree
 
 /// A request waiting for the writer.
 enum PendingOp: Sendable {
@@ -23,6 +24,8 @@ enum PendingOp: Sendable {
 /// closes are issued together so they share grace periods.
 final class BatchApplier {
     private let kernel: any KernelBackend
+    /// The uprobes tree readers use; this writer is its only writer.
+    private let tree: UprobeTree
     private let logger: Logger
     private let publish: (RegistrySnapshot) -> Void
     private let persist: (RegistrySnapshot) throws -> Void
@@ -44,11 +47,13 @@ final class BatchApplier {
     private let tuning: EngineConfig
     private var counters = EngineCounters()
     private var generation: UInt64 = 0
+    private var pendingTreeInserts: [TreeEdit] = []
 
-    init(kernel: any KernelBackend, tuning: EngineConfig, logger: Logger,
+    init(kernel: any KernelBackend, tree: UprobeTree = UprobeTree(), tuning: EngineConfig, logger: Logger,
          publish: @escaping (RegistrySnapshot) -> Void,
          persist: @escaping (RegistrySnapshot) throws -> Void) {
         self.kernel = kernel
+        self.tree = tree
         self.tuning = tuning
         self.logger = logger
         self.publish = publish
@@ -212,10 +217,14 @@ final class BatchApplier {
             }
         }
         var removedCount: [Int] = []
+        var treeRemovals: [TreeEdit] = []
         for removal in removals {
             var n = 0
             for id in removal.ids {
                 guard let r = probes.remove(id) else { continue }
+                if let number = ProbeID.number(r.id) {
+                    for site in r.sites { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
+                }
                 for site in r.sites {
                     let k = UprobeSiteKey(site)
                     if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
@@ -229,6 +238,13 @@ final class BatchApplier {
         slots.release(unattachedSlots)
         counters.pendingRemovals = deadSlots.count
 
+        // New consumers enter the tree before the registry that names them is published, and
+        // removed ones leave it only after: a reader that finds a registration in the registry
+        // always finds its consumers in the tree.
+        if !pendingTreeInserts.isEmpty {
+            tree.apply(pendingTreeInserts)
+            pendingTreeInserts.removeAll(keepingCapacity: true)
+        }
         let snapshot = makeSnapshot()
         var persistError: EngineError? = nil
         do { try persist(snapshot) } catch {
@@ -238,6 +254,7 @@ final class BatchApplier {
                                        message: "probes are attached but the state file could not be written: \(error)")
         }
         publish(snapshot)
+        if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
         for plan in registers {
             guard case .register(_, _, _, let reply) = batch[plan.index] else { continue }
             if let f = plan.failure { reply(.failure(f)) } else if let persistError { reply(.failure(persistError)) } else {
@@ -266,7 +283,18 @@ final class BatchApplier {
                             targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
         probes.insert(r)
         for site in sites { uprobeRefs[UprobeSiteKey(site), default: 0] += 1 }
+        if let number = ProbeID.number(id) {
+            for site in sites {
+                pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
+                    registration: number, slot: site.slot, pid: spec.pid ?? 0,
+                    flags: spec.retprobe ? Consumer.retprobe : 0)))
+            }
+        }
         return r
+    }
+
+    static func treeKey(_ site: ProbeSite) -> UprobeKey {
+        UprobeKey(dev: site.target.device, inode: site.target.inode, offset: site.target.fileOffset)
     }
 
     /// Creates the links of a batch. A group's link failing is retried request by request so
@@ -357,6 +385,7 @@ final class BatchApplier {
     /// Runs pending detach/merge work if it is due (called by the writer when it wakes idle).
     func maintain() {
         if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        tree.reclaim()
         publish(makeSnapshot())
     }
 
@@ -429,6 +458,9 @@ final class BatchApplier {
             }
         }
         for s in freeNow { deadSlots.remove(s) }
+        // A reader may still hold a tree version naming these slots (it reads counters inside
+        // its read section): reuse them only after a grace period of the tree's epoch domain.
+        if !freeNow.isEmpty { tree.synchronize() }
         slots.release(freeNow)
         counters.pendingRemovals = deadSlots.count
         counters.compactions += 1

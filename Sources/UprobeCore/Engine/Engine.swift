@@ -2,6 +2,8 @@ import Foundation
 import Logging
 import Synchronization
 import UprobeELF
+import UprobeKernel
+import UprobeTree
 
 /// Per-probe statistics as `stats` reports them.
 public struct ProbeStats: Sendable {
@@ -22,6 +24,9 @@ public final class Engine: Sendable {
     private let kernel: any KernelBackend
     private let logger: Logger
     private let queue: OpQueue
+    /// The uprobes tree: (dev, inode, offset) → consumers. Written by the writer thread once per
+    /// batch; read without locks by `stats` (and anything else that reads uprobes).
+    public let tree: UprobeTree
     /// The last published snapshot. Written by the writer once per batch; readers copy it.
     private let published: SnapshotCell
     private let writerDone = DispatchSemaphore(value: 0)
@@ -34,6 +39,8 @@ public final class Engine: Sendable {
         self.kernel = kernel
         self.logger = logger
         self.queue = OpQueue()
+        let tree = UprobeTree(readerSlots: 64)
+        self.tree = tree
         var initial = RegistrySnapshot()
         initial.slotCapacity = kernel.capacity
         self.published = SnapshotCell(initial)
@@ -44,7 +51,7 @@ public final class Engine: Sendable {
         let maxBatch = config.maxBatchRequests
         let tuning = config
         let thread = Thread {
-            let applier = BatchApplier(kernel: kernel, tuning: tuning, logger: logger,
+            let applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: logger,
                                        publish: { s in published.store(s) },
                                        persist: persist)
             while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue) {
@@ -91,6 +98,10 @@ public final class Engine: Sendable {
     public var snapshot: RegistrySnapshot { published.load() }
 
     /// Hit counts of the given probes (all if nil). Unknown ids give `probe_not_found`.
+    ///
+    /// The counters and the consumers' slots are read inside one read section of the uprobes
+    /// tree: the writer reuses a slot only after a grace period of that tree, so a slot read
+    /// here still belongs to the registration that names it.
     public func stats(ids: [String]?) -> Result<[ProbeStats], EngineError> {
         let snap = snapshot
         let records: [ProbeRecord]
@@ -106,17 +117,39 @@ public final class Engine: Sendable {
         } else {
             records = snap.sortedProbes
         }
-        let counts: [UInt64]
-        do { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch {
+        var hits: [UInt64: UInt64] = [:]
+        hits.reserveCapacity(records.count)
+        let kernel = self.kernel
+        let read: Result<Void, KernelError> = tree.read { (view: borrowing TreeView) -> Result<Void, KernelError> in
+            let counts: [UInt64]
+            do throws(KernelError) { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch { return .failure(error) }
+            func add(_ c: Consumer) {
+                if Int(c.slot) < counts.count { hits[c.registration, default: 0] &+= counts[Int(c.slot)] }
+            }
+            if ids != nil {
+                // A few probes: look their uprobes up instead of walking the whole tree.
+                for r in records {
+                    guard let number = ProbeID.number(r.id) else { continue }
+                    for site in r.sites {
+                        let key = UprobeKey(dev: site.target.device, inode: site.target.inode, offset: site.target.fileOffset)
+                        _ = view.withConsumers(of: key) { list in
+                            if let c = list.first(registration: number) { add(c) }
+                        }
+                    }
+                }
+            } else {
+                view.forEach { _, list in list.forEach { add($0) } }
+            }
+            return .success(())
+        }
+        if case .failure(let error) = read {
             return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
         }
         let now = ContinuousClock.now
         return .success(records.map { r in
-            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
-            let elapsed = now - r.registeredAtMonotonic
-            let secs = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            let counted = hits - r.baseHits
-            return ProbeStats(id: r.id, hits: hits, ratePerSecond: secs > 0 ? Double(counted) / secs : 0,
+            let counted = ProbeID.number(r.id).flatMap { hits[$0] } ?? 0
+            let secs = durationSeconds(now - r.registeredAtMonotonic)
+            return ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(counted) / secs : 0,
                               sites: r.sites.count, state: r.state)
         })
     }
