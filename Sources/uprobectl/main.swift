@@ -52,6 +52,20 @@ struct GlobalOptions: ParsableArguments {
     }
 }
 
+/// Command-line probe spellings to wire specs; exits with the parse error of the first bad one.
+func parseSpecs(_ spellings: [String], pid: Int32?, retprobe: Bool = false, force: Bool = false) -> [JSONValue] {
+    spellings.map { text in
+        do throws(ProtocolError) {
+            var spec = try ProbeSpec(cliSpelling: text)
+            spec.path = absolutePath(spec.path)
+            if let pid { spec.pid = pid }
+            if retprobe { spec.retprobe = true }
+            if force { spec.force = true }
+            return spec.json
+        } catch { fail(error.message) }
+    }
+}
+
 /// The daemon runs elsewhere: a relative path (one with a '/') is made absolute here.
 /// A bare name ("libc") is a library name and stays as it is.
 func absolutePath(_ path: String) -> String {
@@ -127,17 +141,7 @@ extension UprobeCtl {
         var consumer: String?
 
         func run() throws {
-            var specs: [JSONValue] = []
-            for p in probes {
-                do {
-                    var spec = try ProbeSpec(cliSpelling: p)
-                    spec.path = absolutePath(spec.path)
-                    if let pid { spec.pid = pid }
-                    if retprobe { spec.retprobe = true }
-                    if force { spec.force = true }
-                    specs.append(spec.json)
-                } catch { fail(error.message) }
-            }
+            let specs = parseSpecs(probes, pid: pid, retprobe: retprobe, force: force)
             var req: JSONObject = ["op": "register", "probes": .array(specs)]
             if let consumer { req["consumer"] = .string(consumer) }
             let reply = try global.call(req)
@@ -273,15 +277,7 @@ extension UprobeCtl {
         var pid: Int32?
 
         func run() throws {
-            var specs: [JSONValue] = []
-            for p in probes {
-                do {
-                    var spec = try ProbeSpec(cliSpelling: p)
-                    spec.path = absolutePath(spec.path)
-                    if let pid { spec.pid = pid }
-                    specs.append(spec.json)
-                } catch { fail(error.message) }
-            }
+            let specs = parseSpecs(probes, pid: pid)
             let reply = try global.call(["op": "resolve", "probes": .array(specs)])
             guard !global.json else { return }
             let rows = (reply["probes"]?.arrayValue ?? []).map { p -> [String] in

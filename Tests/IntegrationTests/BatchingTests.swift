@@ -161,28 +161,6 @@ func fdTargets(_ pid: Int32) throws -> [String: Int] {
     return out
 }
 
-/// Real threads for blocking client load: work on Dispatch's global queues can starve on a
-/// 2-core machine while the test runner (which shares that pool) blocks waiting for it.
-final class ThreadGroup: @unchecked Sendable {
-    // @unchecked: `pending` is guarded by `cond`.
-    private let cond = NSCondition()
-    private var pending = 0
-    func spawn(_ body: @escaping @Sendable () -> Void) {
-        cond.lock(); pending += 1; cond.unlock()
-        let t = Thread { [self] in
-            body()
-            cond.lock(); pending -= 1; cond.broadcast(); cond.unlock()
-        }
-        t.stackSize = 1 << 20
-        t.start()
-    }
-    func wait() {
-        cond.lock()
-        while pending > 0 { cond.wait() }
-        cond.unlock()
-    }
-}
-
 final class ManagedAtomicFlag: @unchecked Sendable {
     // @unchecked: guarded by `lock`.
     private let lock = NSLock()

@@ -33,27 +33,6 @@ final class Latencies: @unchecked Sendable {
     var stopped: Bool { lock.lock(); defer { lock.unlock() }; return stop }
     func halt() { lock.lock(); stop = true; lock.unlock() }
 }
-/// Real threads: blocking clients on Dispatch's global queues run only about one per core on
-/// Linux, which would make "16 concurrent clients" two.
-final class ThreadGroup: @unchecked Sendable {
-    // @unchecked: `pending` is guarded by `cond`.
-    private let cond = NSCondition()
-    private var pending = 0
-    func spawn(_ body: @escaping @Sendable () -> Void) {
-        cond.lock(); pending += 1; cond.unlock()
-        let t = Thread { [self] in
-            body()
-            cond.lock(); pending -= 1; cond.broadcast(); cond.unlock()
-        }
-        t.start()
-    }
-    func wait() {
-        cond.lock()
-        while pending > 0 { cond.wait() }
-        cond.unlock()
-    }
-}
-
 final class IDBag: @unchecked Sendable {
     // @unchecked: every field behind `lock`.
     let lock = NSLock(); var ids: [String] = []
