@@ -14,6 +14,14 @@ struct JSONTests {
         #expect(v.objectValue?["x"]?.arrayValue?[6] == .string("a\"b\\c\né😀"))
     }
 
+    @Test("integers at the edges serialize exactly")
+    func integerEdges() throws {
+        for i: Int64 in [0, 7, -1, -10, 1_000_000, Int64.max, Int64.min] {
+            #expect(JSONSerializer.serialize(.int(i)) == String(i))
+            #expect(try JSONParser.parse(JSONSerializer.serialize(.int(i))) == .int(i))
+        }
+    }
+
     @Test("malformed documents are rejected with a position", arguments: [
         "", "{", "{\"a\":}", "[1,]", "{\"a\" 1}", "tru", "01", "1.", "-", "\"\u{01}\"", "\"\\x\"", "\"\\ud800\"",
         "{} {}", "[" + String(repeating: "[", count: 100) + String(repeating: "]", count: 101),
