@@ -188,6 +188,24 @@ struct BatchDecisionTests {
         #expect(h.tree.count == 3)
     }
 
+    @Test("probe map: a snapshot never changes when the writer's map does; order is registration order")
+    func probeMapCopyOnWrite() {
+        func record(_ n: Int) -> ProbeRecord {
+            ProbeRecord(id: ProbeID.make(UInt64(n)), consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/x", symbol: "f"),
+                        sites: [], registeredAt: 0, registeredAtMonotonic: .now, state: .active, baseHits: 0, targets: [])
+        }
+        var m = ProbeMap()
+        for n in [3000, 1, 2, 1500] { m.insert(record(n)) }
+        let snapshot = m
+        m.remove("p2")
+        m.insert(record(7))
+        m.remove("p3000")
+        #expect(snapshot.sorted.map(\.id) == ["p1", "p2", "p1500", "p3000"])
+        #expect(snapshot.count == 4 && snapshot["p2"] != nil && snapshot["p7"] == nil)
+        #expect(m.sorted.map(\.id) == ["p1", "p7", "p1500"])
+        #expect(m.count == 3 && m["p3000"] == nil && m["nope"] == nil)
+    }
+
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")
     func slotAllocator() {
         var a = SlotAllocator(capacity: 8)
