@@ -9,6 +9,9 @@ public struct DaemonConfig: Sendable, Equatable {
     public var socketMode: UInt32 = 0o660
     /// Where the state file lives.
     public var stateDir = "/var/lib/uprobed"
+    /// Seconds between saves of the hit totals when no batch saved them (0: only at batches
+    /// and at stop). Bounds the hits a crash can lose from the carried-over totals.
+    public var stateCheckpointSeconds = 60
     /// Longest request line accepted, in bytes (a 10,000-probe request is about 0.6 MB).
     public var maxLineBytes = 4 * 1024 * 1024
     /// Most probe specs in one register request.
@@ -25,6 +28,28 @@ public struct DaemonConfig: Sendable, Equatable {
     public var minWatchIntervalMs = 100
     /// trace, debug, info, notice, warning, error, critical.
     public var logLevel = "info"
+
+    // Access control (see AccessPolicy). Entries are user/group names or numeric ids; `*` is
+    // everyone. Root (uid 0) is always an admin.
+    /// Users who may do everything: probe any binary and every process, remove anyone's probes.
+    public var adminUsers: [String] = []
+    /// Groups whose members are admins.
+    public var adminGroups: [String] = []
+    /// Users who may register probes on binaries they can read in processes they own, and
+    /// remove their own probes.
+    public var registerUsers: [String] = []
+    /// Groups whose members may register like `register_uids`.
+    public var registerGroups: [String] = []
+    /// Users who may only read (`list`, `stats`, `watch`, `status`). The socket's own
+    /// permissions are the first gate; by default anyone who can connect may read.
+    public var readUsers: [String] = ["*"]
+    /// Groups whose members may read.
+    public var readGroups: [String] = []
+    /// Most probes one non-admin uid may hold at once (0: no limit).
+    public var maxProbesPerUID = 1000
+    /// Where to serve Prometheus metrics: empty (off), `HOST:PORT` (loopback TCP) or an
+    /// absolute Unix socket path.
+    public var metricsListen = ""
 
     public init() {}
 
@@ -61,6 +86,7 @@ public struct DaemonConfig: Sendable, Equatable {
             case "state_dir":
                 guard value.hasPrefix("/") else { throw ConfigError(line: n + 1, message: "state_dir must be an absolute path") }
                 c.stateDir = value
+            case "state_checkpoint_s": c.stateCheckpointSeconds = try int(0...86_400)
             case "max_line_bytes": c.maxLineBytes = try int(1024...(256 << 20))
             case "max_probes_per_request": c.maxProbesPerRequest = try int(1...1_000_000)
             case "max_glob_matches": c.maxGlobMatches = try int(1...1_000_000)
@@ -68,6 +94,18 @@ public struct DaemonConfig: Sendable, Equatable {
             case "max_batch_requests": c.maxBatchRequests = try int(1...1_000_000)
             case "slot_capacity": c.slotCapacity = UInt32(try int(16...16_777_216))
             case "min_watch_interval_ms": c.minWatchIntervalMs = try int(1...3_600_000)
+            case "admin_uids": c.adminUsers = try idList(value, line: n + 1, key: key)
+            case "admin_groups": c.adminGroups = try idList(value, line: n + 1, key: key)
+            case "register_uids": c.registerUsers = try idList(value, line: n + 1, key: key)
+            case "register_groups": c.registerGroups = try idList(value, line: n + 1, key: key)
+            case "read_uids": c.readUsers = try idList(value, line: n + 1, key: key)
+            case "read_groups": c.readGroups = try idList(value, line: n + 1, key: key)
+            case "max_probes_per_uid": c.maxProbesPerUID = try int(0...10_000_000)
+            case "metrics_listen":
+                do { _ = try MetricsEndpoint.parse(value) } catch {
+                    throw ConfigError(line: n + 1, message: error.message)
+                }
+                c.metricsListen = value
             case "log_level":
                 guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(value) else {
                     throw ConfigError(line: n + 1, message: "log_level must be one of trace, debug, info, notice, warning, error, critical")
@@ -78,6 +116,21 @@ public struct DaemonConfig: Sendable, Equatable {
             }
         }
         return c
+    }
+
+    /// A list of user or group names / numeric ids, separated by commas or blanks; `*` means
+    /// everyone. Names are resolved when the policy is built (and again on every reload).
+    static func idList(_ value: String, line: Int, key: String) throws(ConfigError) -> [String] {
+        let items = value.split(whereSeparator: { $0 == "," || $0 == " " || $0 == "\t" }).map(String.init)
+        for item in items {
+            let ok = item == "*" || UInt32(item) != nil
+                || (item.first.map { $0.isLetter || $0 == "_" } ?? false)
+                    && item.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "_-.$".contains($0)) }
+            guard ok else {
+                throw ConfigError(line: line, message: "\(key): '\(item)' is not a user/group name, a numeric id or *")
+            }
+        }
+        return items
     }
 
     /// Loads `path`; a missing file at the default path means built-in defaults.

@@ -1,24 +1,56 @@
+import Dispatch
 import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import Synchronization
 import UprobeCore
 import UprobeELF
 import UprobeKernel
 import UprobedProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// The daemon as a swift-service-lifecycle `Service`: kernel, engine and socket server, with
-/// systemd readiness sent only once the socket is serving and a graceful drain on SIGTERM.
+/// How the daemon was started, beyond the config file: what a reload must re-read and re-apply.
+public struct StartOptions: Sendable {
+    /// The config file given with --config (nil: the default path if it exists).
+    public var configPath: String?
+    /// Command-line flags that override the file (applied again after every reload).
+    public var overrides: @Sendable (inout DaemonConfig) -> Void
+    /// Move a corrupt state file aside and start empty instead of refusing to start.
+    public var moveCorruptState: Bool
+    /// The log level every handler follows.
+    public var logLevel: LogLevelCell
+
+    public init(configPath: String? = nil, overrides: @escaping @Sendable (inout DaemonConfig) -> Void = { _ in },
+                moveCorruptState: Bool = false, logLevel: LogLevelCell = .shared) {
+        self.configPath = configPath
+        self.overrides = overrides
+        self.moveCorruptState = moveCorruptState
+        self.logLevel = logLevel
+    }
+}
+
+/// The daemon as a swift-service-lifecycle `Service`: kernel, state file, engine, socket server
+/// and metrics listener, with systemd readiness sent only once the socket is serving (after the
+/// saved registrations are restored), SIGHUP reloads, and a graceful drain on SIGTERM that saves
+/// the final hit counts.
 public final class UprobedService: Service, Sendable {
     public let config: DaemonConfig
     private let logger: Logger
+    private let options: StartOptions
 
-    public init(config: DaemonConfig, logger: Logger) {
+    public init(config: DaemonConfig, logger: Logger, options: StartOptions = StartOptions()) {
         self.config = config
         self.logger = logger
+        self.options = options
     }
 
     public func run() async throws {
+        // SIGHUP's default action kills the process: ignore it before anything else; the
+        // dispatch source below still sees it.
+        signal(SIGHUP, SIG_IGN)
         let kernel: BPFKernelBackend
         do {
             kernel = try BPFKernelBackend(capacity: config.slotCapacity)
@@ -26,23 +58,46 @@ public final class UprobedService: Service, Sendable {
             logger.critical("kernel support missing", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
             throw ServerError(message: "cannot start: \(error.message) [\(error.code)]")
         }
+        let counters = ServiceCounters()
+
+        // The state file is read before anything attaches; a corrupt one stops the start.
+        let store = StateStore(dir: config.stateDir)
+        let saved: SavedState?
+        do {
+            try store.prepare()
+            saved = try Self.loadState(store, moveCorrupt: options.moveCorruptState, logger: logger)
+        } catch {
+            logger.critical("cannot use the state file", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
+            throw ServerError(message: "cannot start: \(error.message) [\(error.code)]")
+        }
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved)
+
         let engineConfig = EngineConfig(batchWindow: .microseconds(Int64(config.batchWindowMicros)),
                                         maxBatchRequests: config.maxBatchRequests,
                                         slotCapacity: config.slotCapacity)
-        let engine = Engine(config: engineConfig, kernel: kernel, logger: logger)
+        let engine = Engine(config: engineConfig, kernel: kernel, logger: logger,
+                            persist: { snapshot in try persister.persist(snapshot) })
+        let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches))
+        let policy = AccessPolicy(config: config)
+        for w in policy.warnings { logger.warning("access policy: \(w)") }
         let handler = RequestHandler(
-            engine: engine,
-            resolver: Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches)),
+            engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
                                           minWatchIntervalMs: config.minWatchIntervalMs),
-            logger: logger)
+            logger: logger, access: PolicyCell(policy), counters: counters)
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs)
+
+        if let saved, !saved.probes.isEmpty {
+            Systemd.notify("STATUS=restoring \(saved.probes.count) registrations")
+            await Self.restore(saved, engine: engine, resolver: resolver, logger: logger)
+        }
 
         let endpoint: SocketServer.Endpoint
         let activated = Systemd.listenFDs()
         if let fd = activated.first {
             guard activated.count == 1, Systemd.isUnixStreamListener(fd) else {
+                engine.shutdown()
                 throw ServerError(message: "socket activation passed \(activated.count) fds; expected one listening Unix stream socket")
             }
             endpoint = .activated(fd: fd)
@@ -51,25 +106,58 @@ public final class UprobedService: Service, Sendable {
         }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let startedAt = handler.startedAt
+        let metrics = MetricsServer(logger: logger) {
+            counters.metricsScrapes.add(1, ordering: .relaxed)
+            return MetricsRenderer.render(engine: engine, counters: counters, startedAt: startedAt)
+        }
         let logger = self.logger
         let config = self.config
+        let where_ = { if case .activated(let fd) = endpoint { return "socket-activated fd \(fd)" } else { return config.socketPath } }()
+        let reloader = Reloader(options: options, running: config, access: handler.access, counters: counters,
+                                metrics: metrics, group: group, logger: logger, serving: where_)
         do {
+            do {
+                if let m = try MetricsEndpoint.parse(config.metricsListen) {
+                    try await metrics.start(m, group: group, socketMode: config.socketMode)
+                }
+            } catch {
+                throw ServerError(message: "cannot start the metrics listener on '\(config.metricsListen)': \(error)")
+            }
+            let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: DispatchQueue(label: "uprobed-sighup"))
+            hup.setEventHandler { reloader.reload() }
+            hup.resume()
+            defer { hup.cancel() }
             try await withGracefulShutdownHandler {
                 try await withThrowingTaskGroup(of: Void.self) { tasks in
                     tasks.addTask {
                         try await server.run(endpoint: endpoint, group: group) {
-                            let where_ = { if case .activated(let fd) = endpoint { return "socket-activated fd \(fd)" } else { return config.socketPath } }()
                             logger.notice("uprobed serving", metadata: ["socket": "\(where_)", "version": "\(RequestHandler.version)"])
-                            Systemd.notify("READY=1\nSTATUS=serving on \(where_)")
+                            let s = engine.snapshot
+                            Systemd.notify("READY=1\nSTATUS=serving on \(where_); \(s.probes.count) probes, \(s.linksOpen) links")
                         }
                     }
-                    if let interval = Systemd.watchdogInterval() {
+                    if config.stateCheckpointSeconds > 0 {
                         tasks.addTask {
-                            // Half the manager's interval, as sd_watchdog_enabled(3) recommends.
+                            // Hit totals between batches; the writer saves registrations itself.
+                            while !Task.isCancelled {
+                                try await Task.sleep(for: .seconds(config.stateCheckpointSeconds))
+                                do throws(StateError) { try persister.checkpoint(engine.snapshot) } catch {
+                                    logger.warning("hit checkpoint failed", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
+                                }
+                            }
+                        }
+                    }
+                    // STATUS every 10 s (or with each watchdog ping: half the manager's
+                    // interval, as sd_watchdog_enabled(3) recommends). No-ops without NOTIFY_SOCKET.
+                    let watchdog = Systemd.watchdogInterval()
+                    if Systemd.notifySocketSet {
+                        tasks.addTask {
                             while !Task.isCancelled {
                                 let s = engine.snapshot
-                                Systemd.notify("WATCHDOG=1\nSTATUS=\(s.probes.count) probes, \(s.linksOpen) links, last batch \(s.counters.lastBatchSize) requests")
-                                try await Task.sleep(for: interval / 2)
+                                let status = "STATUS=\(s.probes.count) probes, \(s.linksOpen) links, last batch \(s.counters.lastBatchSize) requests in \(s.counters.lastBatchMicros) us"
+                                Systemd.notify(watchdog == nil ? status : "WATCHDOG=1\n" + status)
+                                try await Task.sleep(for: watchdog.map { $0 / 2 } ?? .seconds(10))
                             }
                         }
                     }
@@ -83,11 +171,168 @@ public final class UprobedService: Service, Sendable {
             }
         } catch {
             engine.shutdown()
+            Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
+            await metrics.stop()
             try? await group.shutdownGracefully()
             throw error
         }
         engine.shutdown()
+        Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
+        await metrics.stop()
         try await group.shutdownGracefully()
         logger.notice("uprobed stopped")
+    }
+
+    /// Reads the state file; a corrupt one is an error unless the operator asked to move it aside.
+    static func loadState(_ store: StateStore, moveCorrupt: Bool, logger: Logger) throws(StateError) -> SavedState? {
+        do { return try store.load() } catch {
+            guard error.code == "state_corrupt" else { throw error }
+            guard moveCorrupt else {
+                throw StateError(code: error.code, message: "\(error.message); refusing to start so the registrations in it are not overwritten (inspect it, or restart with --move-corrupt-state to move it aside and start empty)")
+            }
+            let moved = try store.moveAside()
+            logger.error("state file is corrupt; moved it aside and starting with no registrations",
+                         metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "path": "\(moved)"])
+            return nil
+        }
+    }
+
+    /// Restores every saved registration in one engine batch; logs each degraded one.
+    static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, logger: Logger) async {
+        let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID())
+        let results = await engine.restore(items)
+        var active = 0, degraded = 0
+        for (item, result) in zip(items, results) {
+            switch result {
+            case .success(let r):
+                if case .degraded(let reason) = r.state {
+                    degraded += 1
+                    logger.warning("restored probe is degraded", metadata: [
+                        "probe_id": "\(r.id)", "path": "\(item.targets.first?.path ?? item.spec.path)",
+                        "consumer": "\(r.consumer ?? "")", "error_code": "probe_degraded", "reason": "\(reason)"])
+                } else {
+                    active += 1
+                }
+            case .failure(let e):
+                degraded += 1
+                logger.error("restoring probe failed", metadata: ["probe_id": "\(item.id)", "error_code": "\(e.code)", "error": "\(e.message)"])
+            }
+        }
+        logger.notice("registrations restored", metadata: ["active": "\(active)", "degraded": "\(degraded)"])
+    }
+
+    /// Saves the final hit counts after the writer has stopped (links are closed by then, so
+    /// the counters no longer move).
+    static func finalSave(_ persister: StatePersister, engine: Engine, kernel: any KernelBackend, logger: Logger) {
+        let snap = engine.snapshot
+        do {
+            try persister.checkpoint(snap)
+            logger.notice("state saved", metadata: ["probes": "\(snap.probes.count)", "path": "\(persister.store.path)"])
+        } catch {
+            logger.error("saving the final state failed; hit counts since the last batch are lost",
+                         metadata: ["error": "\(error)", "path": "\(persister.store.path)"])
+        }
+    }
+}
+
+/// SIGHUP: re-reads the config file and applies what can change while running (log level,
+/// access policy, per-uid limit, metrics listener). A bad file is refused with a log line and
+/// the old config stays in force; keys that need a restart are named in a warning and keep
+/// their running value. Tells systemd RELOADING=1 ... READY=1 around it.
+final class Reloader: Sendable {
+    let options: StartOptions
+    let access: PolicyCell
+    let counters: ServiceCounters
+    let metrics: MetricsServer
+    let group: MultiThreadedEventLoopGroup
+    let logger: Logger
+    let serving: String
+    /// The config in force (reloadable keys updated by each good reload). Reloads run one at a
+    /// time on the signal source's serial queue.
+    private let current: Mutex<DaemonConfig>
+
+    init(options: StartOptions, running: DaemonConfig, access: PolicyCell, counters: ServiceCounters,
+         metrics: MetricsServer, group: MultiThreadedEventLoopGroup, logger: Logger, serving: String) {
+        self.options = options
+        self.access = access
+        self.counters = counters
+        self.metrics = metrics
+        self.group = group
+        self.logger = logger
+        self.serving = serving
+        self.current = Mutex(running)
+    }
+
+    func reload() {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        Systemd.notify("RELOADING=1\nMONOTONIC_USEC=\(Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000)\nSTATUS=reloading config")
+        let path = options.configPath ?? DaemonConfig.defaultPath
+        var next: DaemonConfig
+        do {
+            next = try DaemonConfig.load(path: options.configPath)
+            options.overrides(&next)
+            guard Logger.Level(rawValue: next.logLevel) != nil else {
+                throw ConfigError(line: 0, message: "unknown log level '\(next.logLevel)'")
+            }
+        } catch {
+            counters.configReloadFailures.add(1, ordering: .relaxed)
+            logger.error("config reload refused; the previous configuration stays in force",
+                         metadata: ["path": "\(path)", "error_code": "config_invalid", "error": "\(error)"])
+            Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reload refused: \(error)")
+            return
+        }
+        let old = current.withLock { $0 }
+        let fixed = Self.restartOnlyChanges(old, next)
+        if !fixed.isEmpty {
+            logger.warning("config keys that need a restart changed; they keep their running values until then",
+                           metadata: ["keys": "\(fixed.joined(separator: ","))", "path": "\(path)"])
+        }
+        var applied = old
+        applied.logLevel = next.logLevel
+        applied.adminUsers = next.adminUsers; applied.adminGroups = next.adminGroups
+        applied.registerUsers = next.registerUsers; applied.registerGroups = next.registerGroups
+        applied.readUsers = next.readUsers; applied.readGroups = next.readGroups
+        applied.maxProbesPerUID = next.maxProbesPerUID
+        applied.metricsListen = next.metricsListen
+        let policy = AccessPolicy(config: applied)
+        for w in policy.warnings { logger.warning("access policy: \(w)") }
+        if let level = Logger.Level(rawValue: applied.logLevel) { options.logLevel.level = level }
+        access.store(policy)
+        current.withLock { $0 = applied }
+        if old.metricsListen != applied.metricsListen {
+            // Rebinding waits on the event loop: never block the signal queue on it.
+            let metrics = self.metrics, group = self.group, logger = self.logger, mode = applied.socketMode
+            let listen = applied.metricsListen
+            Task {
+                await metrics.stop()
+                do {
+                    if let m = try MetricsEndpoint.parse(listen) { try await metrics.start(m, group: group, socketMode: mode) }
+                } catch {
+                    logger.error("metrics listener could not move; it is off until the next good reload",
+                                 metadata: ["error": "\(error)", "address": "\(listen)"])
+                }
+            }
+        }
+        counters.configReloads.add(1, ordering: .relaxed)
+        logger.notice("config reloaded", metadata: ["path": "\(path)", "log_level": "\(applied.logLevel)"])
+        Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reloaded")
+    }
+
+    /// Keys whose new value only takes effect after a restart.
+    static func restartOnlyChanges(_ a: DaemonConfig, _ b: DaemonConfig) -> [String] {
+        var out: [String] = []
+        if a.socketPath != b.socketPath { out.append("socket") }
+        if a.socketMode != b.socketMode { out.append("socket_mode") }
+        if a.stateDir != b.stateDir { out.append("state_dir") }
+        if a.stateCheckpointSeconds != b.stateCheckpointSeconds { out.append("state_checkpoint_s") }
+        if a.maxLineBytes != b.maxLineBytes { out.append("max_line_bytes") }
+        if a.maxProbesPerRequest != b.maxProbesPerRequest { out.append("max_probes_per_request") }
+        if a.maxGlobMatches != b.maxGlobMatches { out.append("max_glob_matches") }
+        if a.batchWindowMicros != b.batchWindowMicros { out.append("batch_window_us") }
+        if a.maxBatchRequests != b.maxBatchRequests { out.append("max_batch_requests") }
+        if a.slotCapacity != b.slotCapacity { out.append("slot_capacity") }
+        if a.minWatchIntervalMs != b.minWatchIntervalMs { out.append("min_watch_interval_ms") }
+        return out
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Synchronization
 import UprobeCore
 import UprobeELF
 import UprobedProtocol
@@ -12,44 +13,79 @@ public struct RequestHandler: Sendable {
     public let limits: RequestDecoder.Limits
     public let logger: Logger
     public let startedAt: ContinuousClock.Instant
+    /// The access policy in force; replaced as a whole by a config reload (SIGHUP).
+    public let access: PolicyCell
+    /// The daemon's own counters (denials, state writes), for `status` and metrics.
+    public let counters: ServiceCounters
+    /// Probes each uid has in register requests not yet answered, so concurrent requests of
+    /// one uid cannot slip past `max_probes_per_uid` together.
+    private let inFlight = InFlightProbes()
     public static let version = "0.1.0"
 
-    public init(engine: Engine, resolver: Resolver, limits: RequestDecoder.Limits, logger: Logger) {
+    public init(engine: Engine, resolver: Resolver, limits: RequestDecoder.Limits, logger: Logger,
+                access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
+                counters: ServiceCounters = ServiceCounters()) {
         self.engine = engine
         self.resolver = resolver
         self.limits = limits
         self.logger = logger
         self.startedAt = .now
+        self.access = access
+        self.counters = counters
     }
 
     /// Handles one line; `watch` is answered by the caller (it streams).
-    public func handle(line: some Collection<UInt8>, peer: Peer) async -> JSONValue {
+    public func handle(line: some Collection<UInt8>, peer: PeerIdentity) async -> JSONValue {
         switch RequestDecoder.decode(line, limits: limits) {
         case .failure(let f):
-            logger.notice("bad request", metadata: ["error_code": "\(f.error.code)", "peer_pid": "\(peer.pid)"])
+            logger.notice("bad request", metadata: ["error_code": "\(f.error.code)", "peer_pid": "\(peer.peer.pid)"])
             return Reply.failure(id: f.id, f.error)
         case .success(let env):
             return await handle(env, peer: peer)
         }
     }
 
-    public func handle(_ env: RequestEnvelope, peer: Peer) async -> JSONValue {
+    public func handle(_ env: RequestEnvelope, peer who: PeerIdentity) async -> JSONValue {
+        let policy = access.load()
         let result: Result<JSONObject, ProtocolError>
-        switch env.request {
-        case .register(let specs, let consumer): result = await register(specs, consumer: consumer, peer: peer)
-        case .unregister(let ids, let consumer): result = await unregister(ids: ids, consumer: consumer, peer: peer)
-        case .list(let consumer): result = .success(list(consumer: consumer))
-        case .stats(let ids): result = stats(ids: ids)
-        case .status: result = .success(status())
-        case .resolve(let specs): result = resolve(specs).map { ["probes": .array($0.flatMap { $0.map(Self.describe) })] }
-        case .watch(_, let ids): result = stats(ids: ids)  // the server streams; this is one event
+        if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
+            result = .failure(denial)
+        } else {
+            switch env.request {
+            case .register(let specs, let consumer): result = await register(specs, consumer: consumer, who: who, policy: policy)
+            case .unregister(let ids, let consumer): result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy)
+            case .list(let consumer): result = .success(list(consumer: consumer))
+            case .stats(let ids): result = stats(ids: ids)
+            case .status: result = .success(status())
+            case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
+            case .watch(_, let ids): result = stats(ids: ids)  // the server streams; this is one event
+            }
         }
         switch result {
         case .success(let payload): return Reply.success(id: env.id, payload)
         case .failure(let error):
-            logger.notice("request failed", metadata: ["op": "\(env.request.op)", "error_code": "\(error.code)",
-                                                       "peer_pid": "\(peer.pid)", "peer_uid": "\(peer.uid)"])
+            if error.code == .permissionDenied || error.code == AccessControl.limitExceeded {
+                counters.accessDenied.add(1, ordering: .relaxed)
+                logger.warning("access denied", metadata: ["op": "\(env.request.op)", "error_code": "\(error.code)",
+                                                           "peer_pid": "\(who.peer.pid)", "peer_uid": "\(who.peer.uid)",
+                                                           "reason": "\(error.message)"])
+            } else {
+                logger.notice("request failed", metadata: ["op": "\(env.request.op)", "error_code": "\(error.code)",
+                                                           "peer_pid": "\(who.peer.pid)", "peer_uid": "\(who.peer.uid)"])
+            }
             return Reply.failure(id: env.id, error)
+        }
+    }
+
+    /// `resolve` reads ELF files for the peer: a non-admin only learns about files it can read.
+    func resolveChecked(_ specs: [ProbeSpec], who: PeerIdentity, policy: AccessPolicy) -> Result<JSONObject, ProtocolError> {
+        if let denial = AccessControl.checkSpecs(who, specs: specs.map(Self.input), systemWideOK: true, policy: policy) {
+            return .failure(denial)
+        }
+        return resolve(specs).flatMap { resolved in
+            let items = zip(specs, resolved).map { RegisterItem(spec: Self.input($0), targets: $1) }
+            if let denial = AccessControl.checkTargets(who, items: items, held: nil, policy: policy) { return .failure(denial) }
+            return .success(["probes": .array(resolved.flatMap { $0.map(Self.describe) })])
         }
     }
 
@@ -70,9 +106,10 @@ public struct RequestHandler: Sendable {
         var out: [[ResolvedProbe]] = []
         out.reserveCapacity(specs.count)
         var total = 0
-        for (n, spec) in specs.enumerated() {
+        // One open per (path, pid) for the whole request: see Resolver.resolveMany.
+        for (n, result) in resolver.resolveMany(specs.map(Self.input)).enumerated() {
             do {
-                let targets = try resolver.resolve(Self.input(spec))
+                let targets = try result.get()
                 total += targets.count
                 if total > limits.maxProbesPerRequest * 4 {
                     return .failure(ProtocolError(.tooManyProbes, "the request expands to more than \(limits.maxProbesPerRequest * 4) probes",
@@ -115,13 +152,29 @@ public struct RequestHandler: Sendable {
         return .object(o)
     }
 
-    func register(_ specs: [ProbeSpec], consumer: String?, peer: Peer) async -> Result<JSONObject, ProtocolError> {
+    func register(_ specs: [ProbeSpec], consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<JSONObject, ProtocolError> {
+        let peer = who.peer
+        if let denial = AccessControl.checkSpecs(who, specs: specs.map(Self.input), systemWideOK: false, policy: policy) {
+            return .failure(denial)
+        }
         let resolved: [[ResolvedProbe]]
         switch resolve(specs) {
         case .failure(let e): return .failure(e)
         case .success(let r): resolved = r
         }
         let items = zip(specs, resolved).map { RegisterItem(spec: Self.input($0), targets: $1) }
+        let adding = items.reduce(0) { $0 + $1.probeCount }
+        let isAdmin = policy.role(of: who) == .admin
+        if !isAdmin {
+            // Reserve first, then count: two concurrent requests of one uid both see each other.
+            let pending = inFlight.add(uid: peer.uid, adding)
+            let held = engine.snapshot.probes.values.reduce(0) { $0 + ($1.owner.uid == peer.uid ? 1 : 0) } + pending - adding
+            if let denial = AccessControl.checkTargets(who, items: items, held: held, policy: policy) {
+                inFlight.add(uid: peer.uid, -adding)
+                return .failure(denial)
+            }
+        }
+        defer { if !isAdmin { inFlight.add(uid: peer.uid, -adding) } }
         switch await engine.register(items, consumer: consumer, peer: peer) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let records):
@@ -133,8 +186,12 @@ public struct RequestHandler: Sendable {
         }
     }
 
-    func unregister(ids: [String]?, consumer: String?, peer: Peer) async -> Result<JSONObject, ProtocolError> {
-        switch await engine.unregister(ids: ids, consumer: consumer, peer: peer) {
+    func unregister(ids: [String]?, consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<JSONObject, ProtocolError> {
+        let peer = who.peer
+        let isAdmin = policy.role(of: who) == .admin
+        // Non-admins may remove only their own probes; the engine asks for each selected probe.
+        let authorize: @Sendable (ProbeRecord) -> Bool = { r in isAdmin || r.owner.uid == peer.uid }
+        switch await engine.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let n):
             logger.info("probes unregistered", metadata: ["count": "\(n)", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
@@ -196,6 +253,14 @@ public struct RequestHandler: Sendable {
         o["slots_in_use"] = JSONValue(s.slotsInUse)
         o["slot_capacity"] = JSONValue(UInt64(s.slotCapacity))
         o["batching"] = .object(batching)
+        o["degraded"] = JSONValue(s.probes.values.reduce(0) { $0 + ($1.state == .active ? 0 : 1) })
+        var service = JSONObject()
+        service["access_denied"] = JSONValue(counters.accessDenied.load(ordering: .relaxed))
+        service["state_writes"] = JSONValue(counters.stateWrites.load(ordering: .relaxed))
+        service["state_write_failures"] = JSONValue(counters.stateWriteFailures.load(ordering: .relaxed))
+        service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
+        service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
+        o["service"] = .object(service)
         return o
     }
 
@@ -208,4 +273,37 @@ public struct RequestHandler: Sendable {
 
 func seconds(_ d: Duration) -> Double {
     Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+}
+
+/// The access policy in force. Readers copy it per request; a reload swaps it whole.
+public final class PolicyCell: Sendable {
+    private let value: Mutex<AccessPolicy>
+    public init(_ p: AccessPolicy) { value = Mutex(p) }
+    public func load() -> AccessPolicy { value.withLock { $0 } }
+    public func store(_ p: AccessPolicy) { value.withLock { $0 = p } }
+}
+
+/// The daemon's own counters, beside the engine's: reported by `status` and the metrics endpoint.
+public final class ServiceCounters: Sendable {
+    public let accessDenied = Atomic<UInt64>(0)
+    public let stateWrites = Atomic<UInt64>(0)
+    public let stateWriteFailures = Atomic<UInt64>(0)
+    public let configReloads = Atomic<UInt64>(0)
+    public let configReloadFailures = Atomic<UInt64>(0)
+    public let metricsScrapes = Atomic<UInt64>(0)
+    public init() {}
+}
+
+/// Probes per uid in register requests that were checked but not yet answered.
+final class InFlightProbes: Sendable {
+    private let counts = Mutex<[UInt32: Int]>([:])
+    /// Adds `n` (may be negative) and returns the uid's new in-flight total.
+    @discardableResult
+    func add(uid: UInt32, _ n: Int) -> Int {
+        counts.withLock { c in
+            let v = (c[uid] ?? 0) + n
+            if v == 0 { c.removeValue(forKey: uid) } else { c[uid] = v }
+            return v
+        }
+    }
 }

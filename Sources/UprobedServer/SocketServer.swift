@@ -37,6 +37,12 @@ final class SocketServer: Sendable {
 
     typealias Connection = NIOAsyncChannel<LineFrame, ByteBuffer>
 
+    /// An accepted connection and who is on the other end (nil if the kernel would not say).
+    struct Accepted: Sendable {
+        var connection: Connection
+        var who: PeerIdentity?
+    }
+
     /// Where to listen: a socket systemd passed us, or a path we bind ourselves.
     enum Endpoint: Sendable {
         case activated(fd: Int32)
@@ -49,14 +55,18 @@ final class SocketServer: Sendable {
         let maxLine = maxLineBytes
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<Connection> = { channel in
-            channel.eventLoop.makeCompletedFuture {
+        // Credentials are taken here, on the event loop before the first read: a client that
+        // sends its request and closes at once would otherwise leave a closed channel whose
+        // socket options can no longer be read.
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
+            Self.identity(channel).flatMapThrowing { who in
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFramer(maxLength: maxLine)))
-                return try Connection(wrappingChannelSynchronously: channel,
-                                      configuration: .init(isOutboundHalfClosureEnabled: false))
+                return Accepted(connection: try Connection(wrappingChannelSynchronously: channel,
+                                                           configuration: .init(isOutboundHalfClosureEnabled: false)),
+                                who: who)
             }
         }
-        let server: NIOAsyncChannel<Connection, Never>
+        let server: NIOAsyncChannel<Accepted, Never>
         switch endpoint {
         case .activated(let fd):
             server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
@@ -75,8 +85,8 @@ final class SocketServer: Sendable {
         ready()
         try await withThrowingDiscardingTaskGroup { group in
             try await server.executeThenClose { inbound in
-                for try await connection in inbound {
-                    group.addTask { await self.serve(connection) }
+                for try await accepted in inbound {
+                    group.addTask { await self.serve(accepted.connection, peer: accepted.who) }
                 }
             }
         }
@@ -130,16 +140,48 @@ final class SocketServer: Sendable {
         return rc == 0
     }
 
-    /// The peer's pid/uid/gid from SO_PEERCRED (getsockopt(2)).
-    static func peerCredentials(_ channel: any Channel) async -> Peer? {
-        guard let provider = channel as? any SocketOptionProvider else { return nil }
-        do {
-            let cred: UCred = try await provider.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)).get()
-            return Peer(pid: cred.pid, uid: cred.uid, gid: cred.gid)
-        } catch {
-            return nil
+    /// The peer's pid/uid/gid from SO_PEERCRED and its supplementary groups from
+    /// SO_PEERGROUPS (socket(7)), both captured by the kernel at connect time. Called on the
+    /// channel's event loop, where these getsockopt calls complete at once.
+    static func identity(_ channel: any Channel) -> EventLoopFuture<PeerIdentity?> {
+        let loop = channel.eventLoop
+        guard let provider = channel as? any SocketOptionProvider else { return loop.makeSucceededFuture(nil) }
+        let bound = NIOLoopBound(provider, eventLoop: loop)
+        let cred: EventLoopFuture<UCred> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+        return cred.flatMap { c -> EventLoopFuture<PeerIdentity?> in
+            let peer = Peer(pid: c.pid, uid: c.uid, gid: c.gid)
+            return peerGroups(bound.value).map { PeerIdentity(peer: peer, supplementaryGroups: $0) }
+        }.recover { _ in nil }
+    }
+
+    /// SO_PEERGROUPS from linux/socket.h (Glibc's module does not export it).
+    static let soPeerGroups: Int32 = 59
+
+    /// The peer's supplementary groups. NIO zero-fills the buffer and drops the returned length,
+    /// so the count is found like this: a zero-length read succeeds only when there are no
+    /// groups (ERANGE otherwise); the kernel keeps group lists sorted without duplicates, so in a
+    /// non-empty list only the first entry can be gid 0 and every zero after it is padding.
+    /// More than 256 groups: none are used (least privilege; the primary gid still counts).
+    static func peerGroups(_ provider: any SocketOptionProvider) -> EventLoopFuture<[UInt32]> {
+        let none: EventLoopFuture<NoGroups> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(soPeerGroups))
+        let bound = NIOLoopBound(provider, eventLoop: none.eventLoop)
+        return none.map { _ in [UInt32]() }.flatMapError { _ in
+            let full: EventLoopFuture<GroupBuffer> = bound.value.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(soPeerGroups))
+            return full.map { buf in
+                let all = withUnsafeBytes(of: buf) { Array($0.bindMemory(to: UInt32.self)) }
+                guard let first = all.first else { return [] }
+                return [first] + all.dropFirst().prefix(while: { $0 != 0 })
+            }.recover { _ in [] }
         }
+    }
+
+    struct NoGroups: Sendable {}
+    /// Room for 256 gids.
+    struct GroupBuffer: Sendable {
+        var v = (SIMD64<UInt32>(), SIMD64<UInt32>(), SIMD64<UInt32>(), SIMD64<UInt32>())
     }
 
     /// Layout of `struct ucred` (socket(7)): Glibc's module map hides it behind _GNU_SOURCE.
@@ -149,13 +191,13 @@ final class SocketServer: Sendable {
         var gid: UInt32 = 0
     }
 
-    private func serve(_ connection: Connection) async {
+    private func serve(_ connection: Connection, peer who: PeerIdentity?) async {
         let channel = connection.channel
         let key = ObjectIdentifier(channel)
         connections.withLock { $0[key] = channel }
         defer { connections.withLock { _ = $0.removeValue(forKey: key) } }
         if stopping.load(ordering: .acquiring) { channel.close(mode: .input, promise: nil) }
-        guard let peer = await Self.peerCredentials(channel) else {
+        guard let peer = who else {
             logger.warning("connection without peer credentials refused")
             try? await channel.close()
             return
@@ -190,13 +232,13 @@ final class SocketServer: Sendable {
                 if let w = watch { w.cancel(); await w.value }
             }
         } catch {
-            logger.debug("connection ended", metadata: ["error": "\(error)", "peer_pid": "\(peer.pid)"])
+            logger.debug("connection ended", metadata: ["error": "\(error)", "peer_pid": "\(peer.peer.pid)"])
         }
     }
 
     /// Streams one `stats` event per interval until cancelled (a new request or the client
     /// closing). The first event is sent at once.
-    private func startWatch(_ env: RequestEnvelope, intervalMs: Int, peer: Peer,
+    private func startWatch(_ env: RequestEnvelope, intervalMs: Int, peer: PeerIdentity,
                             outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>) -> Task<Void, Never> {
         let handler = self.handler
         return Task {

@@ -11,6 +11,9 @@ public enum Systemd {
         sd_notify(0, state) > 0
     }
 
+    /// Whether a service manager listens for notifications (NOTIFY_SOCKET is set).
+    public static var notifySocketSet: Bool { getenv("NOTIFY_SOCKET") != nil }
+
     /// Sockets passed by socket activation (sd_listen_fds(3)), starting at fd 3.
     /// Unsets LISTEN_* so children don't inherit them.
     public static func listenFDs() -> [Int32] {

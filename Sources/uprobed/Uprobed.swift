@@ -31,23 +31,39 @@ struct UprobedCommand: AsyncParsableCommand {
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
+    @Flag(name: .long, help: "If the state file is corrupt, move it aside (state.json.corrupt-TIME) and start with no registrations, instead of refusing to start.")
+    var moveCorruptState = false
+
     func run() async throws {
         var cfg: DaemonConfig
         do { cfg = try DaemonConfig.load(path: config) } catch {
             throw ValidationError("bad config: \(error)")
         }
-        if let socket {
-            guard socket.hasPrefix("/") else { throw ValidationError("--socket must be an absolute path") }
-            cfg.socketPath = socket
+        if let socket, !socket.hasPrefix("/") { throw ValidationError("--socket must be an absolute path") }
+        if let stateDir, !stateDir.hasPrefix("/") { throw ValidationError("--state-dir must be an absolute path") }
+        // Flags override the file, at start and again after every reload (SIGHUP).
+        let (socket, stateDir, logLevel) = (self.socket, self.stateDir, self.logLevel)
+        let overrides: @Sendable (inout DaemonConfig) -> Void = { c in
+            if let socket { c.socketPath = socket }
+            if let stateDir { c.stateDir = stateDir }
+            if let logLevel { c.logLevel = logLevel }
         }
-        if let stateDir { cfg.stateDir = stateDir }
-        if let logLevel { cfg.logLevel = logLevel }
+        overrides(&cfg)
         guard let level = Logger.Level(rawValue: cfg.logLevel) else {
             throw ValidationError("unknown log level '\(cfg.logLevel)'")
         }
-        LoggingSystem.bootstrap { label in PriorityStderrLogHandler(label: label, level: level) }
+        let levelCell = LogLevelCell.shared
+        levelCell.level = level
+        // Under systemd with stderr on the journal: structured entries; otherwise `<N>` lines.
+        if Systemd.stderrIsJournal {
+            LoggingSystem.bootstrap { label in JournalLogHandler(label: label, levelCell: levelCell) }
+        } else {
+            LoggingSystem.bootstrap { label in PriorityStderrLogHandler(label: label, levelCell: levelCell) }
+        }
         let logger = Logger(label: "uprobed")
-        let service = UprobedService(config: cfg, logger: logger)
+        let service = UprobedService(config: cfg, logger: logger,
+                                     options: StartOptions(configPath: config, overrides: overrides,
+                                                           moveCorruptState: moveCorruptState, logLevel: levelCell))
         let group = ServiceGroup(configuration: .init(
             services: [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup,
                              failureTerminationBehavior: .gracefullyShutdownGroup)],

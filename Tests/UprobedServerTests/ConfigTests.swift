@@ -14,6 +14,9 @@ struct ConfigTests {
         scrambled.maxLineBytes = 2048; scrambled.maxProbesPerRequest = 1; scrambled.maxGlobMatches = 1
         scrambled.batchWindowMicros = 1; scrambled.maxBatchRequests = 1; scrambled.slotCapacity = 16
         scrambled.minWatchIntervalMs = 1; scrambled.logLevel = "error"
+        scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
+        scrambled.registerGroups = ["x"]; scrambled.readUsers = ["x"]; scrambled.readGroups = ["x"]
+        scrambled.maxProbesPerUID = 7; scrambled.metricsListen = "/z"; scrambled.stateCheckpointSeconds = 1
         let parsed = try DaemonConfig.parse(text, base: scrambled)
         #expect(parsed == DaemonConfig())
     }
@@ -23,9 +26,33 @@ struct ConfigTests {
         #expect(throws: ConfigError.self) { try DaemonConfig.parse("slot_capacity = lots\n") }
         #expect(throws: ConfigError.self) { try DaemonConfig.parse("no_such_key = 1\n") }
         #expect(throws: ConfigError.self) { try DaemonConfig.parse("socket relative\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("admin_uids = root, bad/name\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("metrics_listen = 0.0.0.0:9464\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("metrics_listen = relative.sock\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("max_probes_per_uid = -1\n") }
         do { _ = try DaemonConfig.parse("\n\nbatch_window_us = -5\n"); Issue.record("accepted") } catch {
             #expect(error.line == 3)
         }
+    }
+
+    @Test("access and metrics keys parse: name and id lists, * , loopback or Unix metrics endpoints")
+    func accessAndMetricsKeys() throws {
+        let c = try DaemonConfig.parse("""
+            admin_uids = 0, 1000 alice
+            register_groups = probers
+            read_uids = *
+            read_groups =
+            max_probes_per_uid = 0
+            metrics_listen = 127.0.0.1:9464
+            """)
+        #expect(c.adminUsers == ["0", "1000", "alice"])
+        #expect(c.registerGroups == ["probers"])
+        #expect(c.readUsers == ["*"] && c.readGroups.isEmpty)
+        #expect(c.maxProbesPerUID == 0)
+        #expect(try MetricsEndpoint.parse(c.metricsListen) == .tcp(host: "127.0.0.1", port: 9464))
+        #expect(try MetricsEndpoint.parse("[::1]:9") == .tcp(host: "::1", port: 9))
+        #expect(try MetricsEndpoint.parse("/run/uprobed/metrics.sock") == .unix(path: "/run/uprobed/metrics.sock"))
+        #expect(try MetricsEndpoint.parse("") == nil)
     }
 
     @Test("systemd units pass systemd-analyze verify with no output")

@@ -1,0 +1,659 @@
+import Foundation
+import Logging
+import Synchronization
+import UprobeCore
+import UprobeELF
+import UprobedProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A state file that cannot be read or written, with a stable code.
+public struct StateError: Error, Sendable, CustomStringConvertible {
+    /// `state_corrupt` (the file exists but is not a state file this daemon understands) or
+    /// `state_io` (the file system refused).
+    public let code: String
+    public let message: String
+    public var description: String { "\(message) [\(code)]" }
+}
+
+/// What identified a probed binary when it was registered, to tell after a restart whether it
+/// is still the same file.
+public struct FileStamp: Sendable, Equatable {
+    public var device: UInt64
+    public var inode: UInt64
+    public var size: Int64
+    public var mtimeNanos: Int64
+}
+
+/// One registration as the state file keeps it.
+public struct SavedProbe: Sendable, Equatable {
+    public var id: String
+    public var consumer: String?
+    public var owner: Peer
+    public var spec: ProbeSpecInput
+    public var registeredAt: Double
+    /// Hits counted up to the save (carried over as `baseHits` after a restart).
+    public var hits: UInt64
+    /// Where it was resolved when first registered (never replaced by a later resolution).
+    public var targets: [ResolvedProbe]
+    /// The first target's file as it was when registered.
+    public var stamp: FileStamp?
+    /// For a `pid` filter: the process's start time (clock ticks after boot, /proc/PID/stat
+    /// field 22) when registered, to notice a reused pid.
+    public var pidStartTime: UInt64?
+    /// Why it was degraded at the last start (informational; every start decides afresh).
+    public var degradedReason: String?
+}
+
+/// The whole state file.
+public struct SavedState: Sendable, Equatable {
+    public static let format = "uprobed-state"
+    public static let version: Int64 = 1
+    /// /proc/sys/kernel/random/boot_id when saved: pids and start times mean nothing across boots.
+    public var bootID: String?
+    public var savedAt: Double
+    public var probes: [SavedProbe]
+    /// Sequence number of the last change this state includes: log entries at or below it are
+    /// already in it (see StateStore).
+    public var seq: UInt64 = 0
+}
+
+/// JSON encoding of the state file (format name + version; unknown versions are refused).
+public enum StateCodec {
+    static func u64(_ v: UInt64) -> JSONValue { v <= UInt64(Int64.max) ? .int(Int64(v)) : .string(String(v)) }
+    static func readU64(_ v: JSONValue?) -> UInt64? {
+        switch v {
+        case .int(let i)?: return i >= 0 ? UInt64(i) : nil
+        case .string(let s)?: return UInt64(s)
+        default: return nil
+        }
+    }
+
+    public static func encode(_ state: SavedState) -> [UInt8] {
+        var root = JSONObject()
+        root["format"] = .string(SavedState.format)
+        root["version"] = .int(SavedState.version)
+        if let b = state.bootID { root["boot_id"] = .string(b) }
+        root["saved_at"] = .double(state.savedAt)
+        root["seq"] = u64(state.seq)
+        root["probes"] = .array(state.probes.map(encodeProbe))
+        var out = JSONSerializer.serializeLine(.object(root))
+        if out.last != 0x0A { out.append(0x0A) }
+        return out
+    }
+
+    /// One log line: the registrations one batch added and the ids it removed.
+    public static func encodeLogEntry(seq: UInt64, add: [SavedProbe], remove: [String]) -> [UInt8] {
+        var o = JSONObject()
+        o["seq"] = u64(seq)
+        if !add.isEmpty { o["add"] = .array(add.map(encodeProbe)) }
+        if !remove.isEmpty { o["remove"] = .array(remove.map { .string($0) }) }
+        var out = JSONSerializer.serializeLine(.object(o))
+        if out.last != 0x0A { out.append(0x0A) }
+        return out
+    }
+
+    static func encodeProbe(_ p: SavedProbe) -> JSONValue {
+            var o = JSONObject()
+            o["id"] = .string(p.id)
+            if let c = p.consumer { o["consumer"] = .string(c) }
+            var owner = JSONObject()
+            owner["uid"] = .int(Int64(p.owner.uid))
+            owner["gid"] = .int(Int64(p.owner.gid))
+            owner["pid"] = .int(Int64(p.owner.pid))
+            o["owner"] = .object(owner)
+            o["spec"] = ProbeSpec(path: p.spec.path, symbol: p.spec.symbol, offset: p.spec.offset, usdt: p.spec.usdt,
+                                  pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force).json
+            o["registered_at"] = .double(p.registeredAt)
+            o["hits"] = u64(p.hits)
+            o["targets"] = .array(p.targets.map { t in
+                var x = JSONObject()
+                x["path"] = .string(t.path)
+                x["device"] = u64(t.device)
+                x["inode"] = u64(t.inode)
+                if let b = t.buildID { x["build_id"] = .string(b) }
+                x["offset"] = u64(t.fileOffset)
+                if let s = t.symbol { x["symbol"] = .string(s) }
+                if !t.aliases.isEmpty { x["aliases"] = .array(t.aliases.map { .string($0) }) }
+                if let r = t.refCtrOffset { x["ref_ctr_offset"] = u64(r) }
+                return .object(x)
+            })
+            if let s = p.stamp {
+                var f = JSONObject()
+                f["device"] = u64(s.device)
+                f["inode"] = u64(s.inode)
+                f["size"] = .int(s.size)
+                f["mtime_ns"] = .int(s.mtimeNanos)
+                o["file"] = .object(f)
+            }
+            if let st = p.pidStartTime { o["pid_start_time"] = u64(st) }
+            if let r = p.degradedReason { o["degraded_reason"] = .string(r) }
+            return .object(o)
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws(StateError) -> SavedState {
+        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+        let value: JSONValue
+        do { value = try JSONParser.parse(bytes) } catch { throw corrupt("not valid JSON: \(error)") }
+        guard let root = value.objectValue, root["format"]?.stringValue == SavedState.format else {
+            throw corrupt("not a uprobed state file (no \"format\": \"\(SavedState.format)\")")
+        }
+        guard let version = root["version"]?.int64Value else { throw corrupt("no format version") }
+        guard version == SavedState.version else {
+            throw corrupt("state format version \(version) is not supported (this uprobed reads version \(SavedState.version))")
+        }
+        guard let list = root["probes"]?.arrayValue else { throw corrupt("no \"probes\" list") }
+        var probes: [SavedProbe] = []
+        var seen: Set<String> = []
+        for (n, v) in list.enumerated() {
+            let p = try decodeProbe(v, n)
+            guard seen.insert(p.id).inserted else { throw corrupt("probe id \(p.id) appears twice") }
+            probes.append(p)
+        }
+        var state = SavedState(bootID: root["boot_id"]?.stringValue, savedAt: root["saved_at"]?.doubleValue ?? 0, probes: probes)
+        state.seq = readU64(root["seq"]) ?? 0
+        return state
+    }
+
+    /// Applies the log's complete lines with a sequence number above `base.seq`, in order. A
+    /// last line without its newline is a write the crash cut short: it was never synced, so
+    /// no reply depended on it, and it is ignored. Any other bad line is corruption.
+    public static func replay(_ log: [UInt8], onto base: SavedState) throws(StateError) -> SavedState {
+        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+        var state = base
+        var index: [String: Int] = [:]
+        for (i, p) in state.probes.enumerated() { index[p.id] = i }
+        var removed: Set<String> = []
+        var lines = log.split(separator: 0x0A, omittingEmptySubsequences: false)
+        if lines.last?.isEmpty == true { lines.removeLast() } else if !lines.isEmpty { lines.removeLast() }  // torn tail
+        for (n, line) in lines.enumerated() {
+            let value: JSONValue
+            do { value = try JSONParser.parse(line) } catch { throw corrupt("log line \(n + 1) is not valid JSON: \(error)") }
+            guard let o = value.objectValue, let seq = readU64(o["seq"]) else { throw corrupt("log line \(n + 1) has no seq") }
+            guard seq > state.seq else { continue }
+            for id in o["remove"]?.arrayValue?.compactMap(\.stringValue) ?? [] {
+                if index.removeValue(forKey: id) != nil { removed.insert(id) }
+            }
+            for (k, v) in (o["add"]?.arrayValue ?? []).enumerated() {
+                let p = try decodeProbe(v, k)
+                if let i = index[p.id], !removed.contains(p.id) { state.probes[i] = p } else {
+                    index[p.id] = state.probes.count
+                    removed.remove(p.id)
+                    state.probes.append(p)
+                }
+            }
+            state.seq = seq
+        }
+        if !removed.isEmpty || state.probes.count != index.count {
+            state.probes = state.probes.enumerated().filter { index[$0.element.id] == $0.offset }.map(\.element)
+        }
+        return state
+    }
+
+    static func decodeProbe(_ v: JSONValue, _ n: Int) throws(StateError) -> SavedProbe {
+        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+            guard let o = v.objectValue, let id = o["id"]?.stringValue, !id.isEmpty,
+                  let owner = o["owner"]?.objectValue, let uid = owner["uid"]?.int64Value, let gid = owner["gid"]?.int64Value,
+                  let specValue = o["spec"], let registeredAt = o["registered_at"]?.doubleValue,
+                  let hits = readU64(o["hits"]), let targetList = o["targets"]?.arrayValue,
+                  let uid32 = UInt32(exactly: uid), let gid32 = UInt32(exactly: gid) else {
+                throw corrupt("probes[\(n)] is incomplete")
+            }
+            let spec: ProbeSpec
+            do { spec = try ProbeSpec(json: specValue, context: "probes[\(n)].spec") } catch {
+                throw corrupt("probes[\(n)].spec: \(error.message)")
+            }
+            var targets: [ResolvedProbe] = []
+            for t in targetList {
+                guard let x = t.objectValue, let path = x["path"]?.stringValue, let dev = readU64(x["device"]),
+                      let ino = readU64(x["inode"]), let off = readU64(x["offset"]) else {
+                    throw corrupt("probes[\(n)] has an incomplete target")
+                }
+                targets.append(ResolvedProbe(path: path, device: dev, inode: ino, buildID: x["build_id"]?.stringValue,
+                                             fileOffset: off, symbol: x["symbol"]?.stringValue,
+                                             aliases: x["aliases"]?.arrayValue?.compactMap(\.stringValue) ?? [],
+                                             refCtrOffset: readU64(x["ref_ctr_offset"])))
+            }
+            var stamp: FileStamp? = nil
+            if let f = o["file"]?.objectValue {
+                guard let d = readU64(f["device"]), let i = readU64(f["inode"]), let sz = f["size"]?.int64Value,
+                      let mt = f["mtime_ns"]?.int64Value else { throw corrupt("probes[\(n)].file is incomplete") }
+                stamp = FileStamp(device: d, inode: i, size: sz, mtimeNanos: mt)
+            }
+            return SavedProbe(
+                id: id, consumer: o["consumer"]?.stringValue,
+                owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
+                spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
+                stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue)
+    }
+}
+/// The state on disk: `DIR/state.json`, a full snapshot replaced atomically (write a
+/// temporary file, fsync it, rename it over the old one, fsync the directory), plus
+/// `DIR/state.log`, one appended and fsynced line per batch with the registrations the batch
+/// added and removed. A batch costs a write proportional to its own changes, not to the whole
+/// registry; the snapshot is rewritten (and the log dropped) when the log grows, at hit
+/// checkpoints and at stop. A crash at any moment leaves the old or the new snapshot and a log
+/// whose only possibly torn line is its last, unsynced one.
+public final class StateStore: Sendable {
+    public let dir: String
+    public var path: String { dir + "/state.json" }
+    public var logPath: String { dir + "/state.log" }
+    var tmpPath: String { dir + "/state.json.tmp" }
+
+    public init(dir: String) { self.dir = dir }
+
+    /// Creates the directory (mode 0700) if it is missing.
+    public func prepare() throws(StateError) {
+        var built = ""
+        let parts = dir.split(separator: "/")
+        for (i, part) in parts.enumerated() {
+            built += "/" + part
+            if mkdir(built, i == parts.count - 1 ? 0o700 : 0o755) != 0 && errno != EEXIST {
+                throw StateError(code: "state_io", message: "cannot create state directory \(built): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// The saved state, or nil if there is no state file yet. A file that exists but cannot be
+    /// parsed is an error: starting empty would overwrite registrations on the next batch.
+    public func load() throws(StateError) -> SavedState? {
+        var base: SavedState? = nil
+        var st = stat()
+        if stat(path, &st) == 0 {
+            guard let bytes = readWholeFile(path, limit: 1 << 30) else {
+                throw StateError(code: "state_io", message: "cannot read \(path): \(String(cString: strerror(errno)))")
+            }
+            do { base = try StateCodec.decode(bytes) } catch {
+                throw StateError(code: error.code, message: "\(path): \(error.message)")
+            }
+        } else if errno != ENOENT {
+            throw StateError(code: "state_io", message: "cannot stat \(path): \(String(cString: strerror(errno)))")
+        }
+        guard stat(logPath, &st) == 0 else {
+            if errno == ENOENT { return base }
+            throw StateError(code: "state_io", message: "cannot stat \(logPath): \(String(cString: strerror(errno)))")
+        }
+        guard let log = readWholeFile(logPath, limit: 1 << 30) else {
+            throw StateError(code: "state_io", message: "cannot read \(logPath): \(String(cString: strerror(errno)))")
+        }
+        do {
+            return try StateCodec.replay(log, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
+        } catch {
+            throw StateError(code: error.code, message: "\(logPath): \(error.message)")
+        }
+    }
+
+    /// Size of a file, 0 if missing.
+    func size(_ p: String) -> Int {
+        var st = stat()
+        return stat(p, &st) == 0 ? Int(st.st_size) : 0
+    }
+
+    /// Appends one log line and fsyncs it. A failed write is cut back off, so the log never
+    /// keeps a partial line in its middle.
+    public func append(_ line: [UInt8]) throws(StateError) {
+        func fail(_ what: String) -> StateError {
+            StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
+        }
+        var st = stat()
+        let existed = stat(logPath, &st) == 0
+        let fd = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw fail("cannot open \(logPath)") }
+        defer { close(fd) }
+        guard fstat(fd, &st) == 0 else { throw fail("cannot stat \(logPath)") }
+        let start = st.st_size
+        var off = 0
+        while off < line.count {
+            let n = line[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = fail("cannot append to \(logPath)")
+                _ = ftruncate(fd, start)
+                throw e
+            }
+            off += n
+        }
+        guard fsync(fd) == 0 else {
+            let e = fail("cannot fsync \(logPath)")
+            _ = ftruncate(fd, start)
+            throw e
+        }
+        if !existed {
+            let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
+            defer { close(dfd) }
+            guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
+        }
+    }
+
+    /// Renames a corrupt state file out of the way (`state.json.corrupt-<unix time>`); returns the new name.
+    public func moveAside() throws(StateError) -> String {
+        let stamp = Int(clockRealtime())
+        let target = path + ".corrupt-\(stamp)"
+        if rename(path, target) != 0 && errno != ENOENT {
+            throw StateError(code: "state_io", message: "cannot move \(path) aside: \(String(cString: strerror(errno)))")
+        }
+        if rename(logPath, logPath + ".corrupt-\(stamp)") != 0 && errno != ENOENT {
+            throw StateError(code: "state_io", message: "cannot move \(logPath) aside: \(String(cString: strerror(errno)))")
+        }
+        return target
+    }
+
+    /// Writes `state` atomically and durably.
+    public func write(_ state: SavedState) throws(StateError) {
+        let bytes = StateCodec.encode(state)
+        func fail(_ what: String) -> StateError {
+            StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
+        }
+        let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw fail("cannot create \(tmpPath)") }
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = fail("cannot write \(tmpPath)")
+                close(fd)
+                unlink(tmpPath)
+                throw e
+            }
+            off += n
+        }
+        guard fsync(fd) == 0 else {
+            let e = fail("cannot fsync \(tmpPath)")
+            close(fd)
+            unlink(tmpPath)
+            throw e
+        }
+        close(fd)
+        guard rename(tmpPath, path) == 0 else {
+            let e = fail("cannot rename \(tmpPath) to \(path)")
+            unlink(tmpPath)
+            throw e
+        }
+        // The snapshot holds everything the log did (its seq says so); a crash before this
+        // unlink only makes the next start skip the old lines.
+        unlink(logPath)
+        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
+        defer { close(dfd) }
+        guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
+    }
+}
+
+/// Turns engine snapshots into state files: called by the engine's writer once per batch
+/// (before replies, so an acknowledged registration is on disk) and once more at a graceful
+/// stop with the final hit counts. Writes are serialized, and an older snapshot never
+/// overwrites a newer one.
+public final class StatePersister: Sendable {
+    let store: StateStore
+    let kernel: any KernelBackend
+    let counters: ServiceCounters
+    private struct Memo {
+        /// File and process identity taken when each probe was first saved.
+        var stamps: [String: (FileStamp?, UInt64?)] = [:]
+        var lastGeneration: UInt64 = 0
+        /// Ids the files on disk hold (snapshot plus log).
+        var written: Set<String> = []
+        /// Ids whose registering batch could not be saved: their request was answered
+        /// `state_write_failed`, so they are never written (a restart must not bring back a
+        /// registration that was refused), though the engine keeps them until unregistered.
+        var unconfirmed: Set<String> = []
+        /// Sequence number of the last change on disk.
+        var seq: UInt64 = 0
+        var snapshotBytes = 0
+        var logBytes = 0
+    }
+    private let memo = Mutex(Memo())
+    let bootID: String?
+
+    public init(store: StateStore, kernel: any KernelBackend, counters: ServiceCounters, restored: SavedState?) {
+        self.store = store
+        self.kernel = kernel
+        self.counters = counters
+        self.bootID = currentBootID()
+        var m = Memo()
+        for p in restored?.probes ?? [] { m.stamps[p.id] = (p.stamp, p.pidStartTime) }
+        m.written = Set(restored?.probes.map(\.id) ?? [])
+        m.seq = restored?.seq ?? 0
+        m.snapshotBytes = store.size(store.path)
+        m.logBytes = store.size(store.logPath)
+        memo.withLock { $0 = m }
+    }
+
+    /// The engine's persist hook, once per batch before its replies: appends the batch's added
+    /// and removed registrations to the log (nothing if it changed none), or rewrites the
+    /// snapshot once the log has grown past it (at least 1 MiB).
+    public func persist(_ snapshot: RegistrySnapshot) throws(StateError) {
+        let result: Result<Void, StateError> = memo.withLock { m in
+            guard snapshot.generation >= m.lastGeneration else { return .success(()) }
+            let records = snapshot.probes.values
+            var current = Set<String>()
+            current.reserveCapacity(records.count)
+            var added: [ProbeRecord] = []
+            for r in records {
+                current.insert(r.id)
+                if !m.written.contains(r.id) && !m.unconfirmed.contains(r.id) { added.append(r) }
+            }
+            let removed = m.written.subtracting(current)
+            m.unconfirmed.formIntersection(current)
+            if added.isEmpty && removed.isEmpty {
+                m.lastGeneration = snapshot.generation
+                return .success(())
+            }
+            if m.logBytes > max(1 << 20, m.snapshotBytes) {
+                let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
+                do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
+                    m.unconfirmed.formUnion(added.map(\.id))
+                    return .failure(error)
+                }
+                return .success(())
+            }
+            let adds = added.map { saved($0, hits: $0.baseHits, memo: &m) }
+            let line = StateCodec.encodeLogEntry(seq: m.seq + 1, add: adds, remove: removed.sorted())
+            do throws(StateError) { try store.append(line) } catch {
+                m.unconfirmed.formUnion(added.map(\.id))
+                return .failure(error)
+            }
+            m.seq += 1
+            m.logBytes += line.count
+            m.written.subtract(removed)
+            m.written.formUnion(added.map(\.id))
+            m.lastGeneration = snapshot.generation
+            return .success(())
+        }
+        switch result {
+        case .success: counters.stateWrites.add(1, ordering: .relaxed)
+        case .failure(let e):
+            counters.stateWriteFailures.add(1, ordering: .relaxed)
+            throw e
+        }
+    }
+
+    /// Rewrites the snapshot with the hit totals of `snapshot` (periodic checkpoint, final
+    /// save). Skipped if the writer has already saved a newer snapshot.
+    public func checkpoint(_ snapshot: RegistrySnapshot) throws(StateError) {
+        let counts: [UInt64]
+        do { counts = try kernel.readCounters(upTo: snapshot.slotHighWater) } catch {
+            throw StateError(code: "state_io", message: "cannot read hit counters: \(error.message)")
+        }
+        let result: Result<Void, StateError> = memo.withLock { m in
+            guard snapshot.generation >= m.lastGeneration else { return .success(()) }
+            do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch { return .failure(error) }
+            return .success(())
+        }
+        switch result {
+        case .success: counters.stateWrites.add(1, ordering: .relaxed)
+        case .failure(let e):
+            counters.stateWriteFailures.add(1, ordering: .relaxed)
+            throw e
+        }
+    }
+
+    private func saved(_ r: ProbeRecord, hits: UInt64, memo m: inout Memo) -> SavedProbe {
+        let ids = m.stamps[r.id] ?? (r.targets.first.flatMap { fileStamp($0.path) }, r.spec.pid.flatMap { processStartTime($0) })
+        m.stamps[r.id] = ids
+        var reason: String? = nil
+        if case .degraded(let why) = r.state { reason = why }
+        return SavedProbe(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
+                          hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: reason)
+    }
+
+    /// Writes the whole registry (minus unconfirmed registrations) as the new snapshot.
+    private func writeSnapshot(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) {
+        var probes: [SavedProbe] = []
+        var live: Set<String> = []
+        for r in snapshot.sortedProbes {
+            live.insert(r.id)
+            if m.unconfirmed.contains(r.id) { continue }
+            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
+            probes.append(saved(r, hits: hits, memo: &m))
+        }
+        var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)
+        state.seq = m.seq + 1
+        try store.write(state)
+        m.seq += 1
+        m.written = Set(probes.map(\.id))
+        m.unconfirmed.formIntersection(live)
+        m.stamps = m.stamps.filter { live.contains($0.key) }
+        m.snapshotBytes = store.size(store.path)
+        m.logBytes = 0
+        m.lastGeneration = snapshot.generation
+    }
+}
+
+/// Decides, for each saved registration, whether it can attach again: the binary must be the
+/// same file (device, inode, build-id; size and mtime when there is no build-id), the symbol
+/// must still resolve to the same offsets, and a `pid` filter's process must still be the same
+/// process. Anything else comes back degraded with a reason, never attached elsewhere.
+public enum RestorePlanner {
+    public static func plan(_ state: SavedState, resolver: Resolver, bootID: String?) -> [RestoreItem] {
+        // One resolution per distinct spec: a glob registered once is saved as one record per
+        // function, and each must not resolve the glob again.
+        let cache = ResolutionCache(resolver: resolver)
+        return state.probes.map { p in
+            switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache) {
+            case .success(let targets):
+                return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
+                                   registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil)
+            case .failure(let why):
+                return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
+                                   registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
+                                   degradedReason: why.reason)
+            }
+        }
+    }
+
+    struct Degraded: Error { let reason: String }
+
+    /// The recorded targets as resolved now (fresh warnings etc.), or why they cannot attach.
+    static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache) -> Result<[ResolvedProbe], Degraded> {
+        var resolvedNow: [UprobeSiteID: ResolvedProbe] = [:]
+        if let why = degradedReason(p, savedBoot: savedBoot, bootID: bootID, resolver: resolver, now: &resolvedNow) {
+            return .failure(Degraded(reason: why))
+        }
+        return .success(p.targets.compactMap { resolvedNow[UprobeSiteID($0)] })
+    }
+
+    static func degradedReason(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache,
+                               now resolvedNow: inout [UprobeSiteID: ResolvedProbe]) -> String? {
+        if let pid = p.spec.pid {
+            if let savedBoot, let bootID, savedBoot != bootID {
+                return "process \(pid) belonged to an earlier boot of this host; not attached"
+            }
+            guard let start = processStartTime(pid) else { return "process \(pid) no longer exists; not attached" }
+            if let was = p.pidStartTime, was != start {
+                return "process \(pid) is a different process now (pid reused); not attached"
+            }
+        }
+        guard let first = p.targets.first else { return "the state file recorded no target for this probe" }
+        let now: [ResolvedProbe]
+        let byID: [UprobeSiteID: ResolvedProbe]
+        do { (now, byID) = try resolver.resolve(p.spec) } catch {
+            switch error.code {
+            case "file_not_found", "library_not_found":
+                return "binary \(first.path) no longer exists (\(error.code)); not attached"
+            case "not_elf", "malformed_elf", "unsupported_elf":
+                return "binary \(first.path) is no longer a usable ELF file (\(error.code): \(error.message)); not attached"
+            default:
+                return "cannot resolve the probe again (\(error.code): \(error.message)); not attached"
+            }
+        }
+        resolvedNow = byID
+        guard let current = now.first else { return "the probe no longer resolves to any site; not attached" }
+        if current.device != first.device || current.inode != first.inode {
+            return "binary \(first.path) was replaced while uprobed was down (device:inode \(first.device):\(first.inode) -> \(current.device):\(current.inode)); not attached"
+        }
+        if let was = first.buildID, let isNow = current.buildID {
+            if was != isNow {
+                return "binary \(first.path) was rewritten in place (build-id \(was) -> \(isNow)); not attached"
+            }
+        } else if let was = p.stamp, let isNow = fileStamp(current.path), was.size != isNow.size || was.mtimeNanos != isNow.mtimeNanos {
+            return "binary \(first.path) was modified in place (size or mtime changed, and it has no build-id to prove it is the same build); not attached"
+        }
+        for t in p.targets where byID[UprobeSiteID(t)] == nil {
+            return "\(t.symbol ?? "offset") is no longer at offset \(t.fileOffset) of \(t.path); not attached"
+        }
+        return nil
+    }
+}
+
+/// (device, inode, file offset): one uprobe site.
+struct UprobeSiteID: Hashable {
+    var device: UInt64, inode: UInt64, offset: UInt64
+    init(_ t: ResolvedProbe) { device = t.device; inode = t.inode; offset = t.fileOffset }
+}
+
+/// Resolves each distinct spec once during a restore.
+final class ResolutionCache {
+    let resolver: Resolver
+    private var done: [String: Result<([ResolvedProbe], [UprobeSiteID: ResolvedProbe]), ResolveError>] = [:]
+    init(resolver: Resolver) { self.resolver = resolver }
+
+    func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> ([ResolvedProbe], [UprobeSiteID: ResolvedProbe]) {
+        let key = "\(spec.path)\u{0}\(spec.symbol ?? "")\u{0}\(spec.offset.map(String.init) ?? "")\u{0}\(spec.usdt ?? "")\u{0}\(spec.pid.map(String.init) ?? "")\u{0}\(spec.retprobe)\u{0}\(spec.force)"
+        if let r = done[key] { return try r.get() }
+        let r: Result<([ResolvedProbe], [UprobeSiteID: ResolvedProbe]), ResolveError>
+        do {
+            let targets = try resolver.resolve(spec)
+            var index: [UprobeSiteID: ResolvedProbe] = [:]
+            for t in targets { index[UprobeSiteID(t)] = t }
+            r = .success((targets, index))
+        } catch {
+            r = .failure(error)
+        }
+        done[key] = r
+        return try r.get()
+    }
+}
+
+/// (device, inode, size, mtime) of `path`, following symlinks.
+func fileStamp(_ path: String) -> FileStamp? {
+    var st = stat()
+    guard stat(path, &st) == 0 else { return nil }
+    return FileStamp(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), size: Int64(st.st_size),
+                     mtimeNanos: Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec))
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks after boot); nil if there is no such process.
+func processStartTime(_ pid: Int32) -> UInt64? {
+    guard pid > 0, let bytes = readWholeFile("/proc/\(pid)/stat", limit: 1 << 16) else { return nil }
+    // The command name (field 2) is in parentheses and may contain spaces: split after the last ')'.
+    guard let close = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+    let rest = String(decoding: bytes[(close + 1)...], as: UTF8.self).split(separator: " ")
+    // rest[0] is field 3 (state); field 22 is rest[19].
+    guard rest.count > 19 else { return nil }
+    return UInt64(rest[19])
+}
+
+func currentBootID() -> String? {
+    guard let b = readWholeFile("/proc/sys/kernel/random/boot_id", limit: 256) else { return nil }
+    return String(decoding: b, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+func clockRealtime() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}

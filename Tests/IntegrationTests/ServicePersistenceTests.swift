@@ -1,0 +1,250 @@
+import Foundation
+import Testing
+import UprobedClient
+import UprobedProtocol
+
+/// Registrations survive a graceful restart and a SIGKILL; changed binaries and gone processes
+/// come back degraded with a reason; a corrupt state file stops the start.
+@Suite(.enabled(if: Kernel.enabled, "needs root and a kernel with uprobe_multi (set UPROBED_REQUIRE_KERNEL=1 to require)"))
+struct ServicePersistenceTests {
+    /// A private copy of the target fixture in `dir` (its own inode).
+    static func target(in dir: String, name: String = "target") throws -> String {
+        let copy = dir + "/" + name
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: copy)
+        chmod(copy, 0o755)
+        return copy
+    }
+
+    @Test("a graceful restart keeps ids, specs, consumers and hit totals; counting goes on exactly")
+    func restartKeepsRegistrationsAndHits() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        let ids = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")], consumer: "svc-restart")
+        let glob = try d.register([spec(target, symbol: "fn_*")])
+        #expect(ids.count == 2 && glob.count == 3)
+        try run([target, "100", "30"])
+        var hits = try d.hits()
+        #expect(hits[ids[0]] == 100 && hits[ids[1]] == 30)
+        #expect(d.stop() == 0)
+        #expect(d.log.contains("state saved"))
+
+        d = try ServiceDaemon(dir: dir)
+        let listed = try d.list()
+        #expect(Set(listed.keys) == Set(ids + glob))
+        #expect(listed[ids[0]]?["consumer"]?.stringValue == "svc-restart")
+        #expect(listed.values.allSatisfy { $0["state"] == nil }, "nothing changed, so nothing is degraded: \(listed)")
+        hits = try d.hits()
+        #expect(hits[ids[0]] == 100 && hits[ids[1]] == 30, "totals carried over: \(hits)")
+        try run([target, "7", "2"])
+        hits = try d.hits()
+        #expect(hits[ids[0]] == 107 && hits[ids[1]] == 32)
+        #expect(hits[glob[0]] == 107)
+        // A new registration never reuses a restored id.
+        let fresh = try d.register([spec(target, symbol: "fn_never")])
+        #expect(!(ids + glob).contains(fresh[0]))
+        #expect(d.stop() == 0)
+    }
+
+    @Test("kill -9 during a stream of registrations loses none that was acknowledged and resurrects none that was refused")
+    func kill9KeepsAcknowledged() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var acked: [String] = []
+        for round in 0..<3 {
+            let d = try ServiceDaemon(dir: dir)
+            // Everything acknowledged in earlier rounds is back.
+            let before = Set(try d.list().keys)
+            #expect(Set(acked).isSubset(of: before), "round \(round): lost \(Set(acked).subtracting(before))")
+            acked = Array(before)
+            let refusedConsumer = "svc-refused-\(round)"
+            let box = KillLoopState()
+            let worker = Thread {
+                guard let client = try? d.client() else { box.finish(); return }
+                var n = 0
+                while !box.stopRequested {
+                    n += 1
+                    // Every third request is refused (no such symbol) and must never appear.
+                    let bad = n % 3 == 0
+                    let req: JSONObject = ["op": "register", "consumer": .string(bad ? refusedConsumer : "svc-kill"),
+                                           "probes": [spec(target, symbol: bad ? "no_such_function" : "fn_a")]]
+                    box.sending()
+                    guard let reply = try? client.call(req).objectValue else { break }
+                    if reply["ok"] == .bool(true) {
+                        box.acked((reply["probes"]?.arrayValue ?? []).compactMap { $0.objectValue?["id"]?.stringValue })
+                    } else if !bad {
+                        break
+                    }
+                }
+                box.finish()
+            }
+            worker.start()
+            usleep(UInt32.random(in: 100_000...600_000))
+            d.kill9()
+            box.requestStop()
+            box.waitFinished()
+            let got = box.ackedIDs
+            #expect(!got.isEmpty, "round \(round): no registration was acknowledged before the kill")
+            acked += got
+
+            let after = try ServiceDaemon(dir: dir)
+            let present = try after.list()
+            let missing = Set(acked).subtracting(present.keys)
+            #expect(missing.isEmpty, "round \(round): acknowledged but lost after kill -9: \(missing.sorted())")
+            #expect(!present.values.contains { $0["consumer"]?.stringValue == refusedConsumer }, "a refused registration came back")
+            // At most the one request in flight at the kill may be present without an ack.
+            let unacked = Set(present.keys).subtracting(acked)
+            #expect(unacked.count <= 1, "round \(round): unacknowledged registrations present: \(unacked.sorted())")
+            acked = Array(present.keys)
+            // The restored probes count.
+            try run([target, "3", "0"])
+            let hits = try after.hits()
+            #expect(present.keys.allSatisfy { hits[$0].map { $0 >= 3 } ?? false })
+            #expect(after.stop() == 0)
+        }
+    }
+
+    @Test("a binary replaced, rewritten or deleted while down, and a pid that is gone, come back degraded with a reason")
+    func changedWhileDownIsDegraded() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let replaced = try Self.target(in: dir, name: "replaced")
+        let deleted = try Self.target(in: dir, name: "deleted")
+        let kept = try Self.target(in: dir, name: "kept")
+        let rewritten = try Self.target(in: dir, name: "rewritten")
+        // A short-lived process to filter on.
+        let sleeper = Process()
+        sleeper.executableURL = URL(fileURLWithPath: kept)
+        sleeper.arguments = ["0", "0", "wait"]
+        let input = Pipe(), output = Pipe()
+        sleeper.standardInput = input
+        sleeper.standardOutput = output
+        try sleeper.run()
+        let pid = sleeper.processIdentifier
+
+        var d = try ServiceDaemon(dir: dir)
+        let ids = try d.register([spec(replaced, symbol: "fn_a"), spec(deleted, symbol: "fn_a"), spec(kept, symbol: "fn_a"),
+                                  spec(kept, symbol: "fn_b", pid: pid), spec(rewritten, symbol: "fn_a")])
+        #expect(ids.count == 5)
+        #expect(d.stop() == 0)
+
+        // While down: a new inode at the same path, a deleted file, a rebuilt file written
+        // over the same inode, and the filtered process exits.
+        // Like a package upgrade: write the new file beside it, rename it over (a new inode).
+        try FileManager.default.copyItem(atPath: kept, toPath: replaced + ".new")
+        #expect(rename(replaced + ".new", replaced) == 0)
+        try FileManager.default.removeItem(atPath: deleted)
+        let other = try Fixtures.build("target-rebuilt", relative: "target/target.c", flags: ["-DREBUILT=1", "-O0"])
+        let r = try run(["/bin/sh", "-c", "cat '\(other)' > '\(rewritten)'"])
+        #expect(r.status == 0)
+        try input.fileHandleForWriting.close()
+        sleeper.waitUntilExit()
+
+        d = try ServiceDaemon(dir: dir)
+        let listed = try d.list()
+        func reason(_ id: String) -> String { listed[id]?["reason"]?.stringValue ?? "" }
+        #expect(listed[ids[0]]?["state"]?.stringValue == "degraded")
+        #expect(reason(ids[0]).contains("replaced"), "\(reason(ids[0]))")
+        #expect(reason(ids[1]).contains("no longer exists"), "\(reason(ids[1]))")
+        #expect(listed[ids[2]]?["state"] == nil, "unchanged binary attaches again")
+        #expect(reason(ids[3]).contains("process \(pid)"), "\(reason(ids[3]))")
+        #expect(reason(ids[4]).contains("rewritten") || reason(ids[4]).contains("modified"), "\(reason(ids[4]))")
+        #expect(d.log.contains("restored probe is degraded"))
+        // Degraded probes still answer stats (their carried-over total) and say why.
+        let stats = try d.call(["op": "stats"])
+        #expect(stats["ok"] == .bool(true))
+        // The kept one counts; the replaced path is not silently probed.
+        try run([kept, "4", "0"])
+        try run([replaced, "5", "0"])
+        let hits = try d.hits()
+        #expect(hits[ids[2]] == 4)
+        #expect(hits[ids[0]] == 0)
+        // They stay registered (and can be removed) rather than vanishing.
+        let rm = try d.call(["op": "unregister", "probes": [.string(ids[0]), .string(ids[1])]])
+        #expect(rm["ok"] == .bool(true))
+        #expect(d.stop() == 0)
+    }
+
+    @Test("hit totals survive kill -9 through the periodic checkpoint (state_checkpoint_s)")
+    func checkpointKeepsHitsAcrossKill() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir, config: "state_checkpoint_s = 1\n")
+        let ids = try d.register([spec(target, symbol: "fn_a")])
+        try run([target, "50", "0"])
+        #expect(try d.hits()[ids[0]] == 50)
+        usleep(2_500_000)  // at least one checkpoint after the workload
+        d.kill9()
+        d = try ServiceDaemon(dir: dir, config: "state_checkpoint_s = 1\n")
+        #expect(try d.hits()[ids[0]] == 50, "hits counted before the kill are carried over")
+        try run([target, "1", "0"])
+        #expect(try d.hits()[ids[0]] == 51)
+        #expect(d.stop() == 0)
+    }
+
+    @Test("a registration refused with state_write_failed is never saved, so a restart does not bring it back")
+    func failedWriteIsNotResurrected() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        let a = try d.register([spec(target, symbol: "fn_a")])
+        // A directory where the log file must be makes the next write fail (root ignores
+        // permission bits, so a read-only file would not). The log is put back afterwards.
+        let log = d.stateDir + "/state.log"
+        #expect(rename(log, log + ".aside") == 0)
+        try FileManager.default.createDirectory(atPath: log, withIntermediateDirectories: false)
+        let refused = try d.call(["op": "register", "consumer": "svc-unsaved", "probes": [spec(target, symbol: "fn_b")]])
+        #expect(errorCode(refused) == "state_write_failed", "\(refused)")
+        try FileManager.default.removeItem(atPath: log)
+        #expect(rename(log + ".aside", log) == 0)
+        let c = try d.register([spec(target, symbol: "fn_never")])
+        d.kill9()
+        d = try ServiceDaemon(dir: dir)
+        let listed = try d.list()
+        #expect(Set(listed.keys) == Set(a + c), "\(listed.keys.sorted())")
+        #expect(!listed.values.contains { $0["consumer"]?.stringValue == "svc-unsaved" })
+        #expect(d.stop() == 0)
+    }
+
+    @Test("a corrupt state file stops the start with a clear message and is left untouched; --move-corrupt-state moves it aside")
+    func corruptStateRefusesToStart() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        try FileManager.default.createDirectory(atPath: dir + "/state", withIntermediateDirectories: true)
+        let garbage = "{\"format\":\"uprobed-state\",\"version\":1,\"probes\":[{\"id\":" // torn
+        try garbage.write(toFile: dir + "/state/state.json", atomically: true, encoding: .utf8)
+        let d = try ServiceDaemon(dir: dir, waitServing: false)
+        let status = d.waitExit()
+        #expect(status != nil && status != 0)
+        #expect(d.log.contains("refusing to start"), "\(d.log)")
+        #expect(d.log.contains("state_corrupt"))
+        #expect(try String(contentsOfFile: dir + "/state/state.json", encoding: .utf8) == garbage)
+
+        let moved = try ServiceDaemon(dir: dir, extraArgs: ["--move-corrupt-state"])
+        #expect(try moved.list().isEmpty)
+        let aside = try FileManager.default.contentsOfDirectory(atPath: dir + "/state").filter { $0.hasPrefix("state.json.corrupt-") }
+        #expect(aside.count == 1)
+        #expect(moved.stop() == 0)
+    }
+}
+
+/// Shared between the kill -9 test's client thread and the test.
+final class KillLoopState: @unchecked Sendable {
+    // @unchecked: every field is guarded by `lock`.
+    private let lock = NSCondition()
+    private var stop = false
+    private var done = false
+    private var ids: [String] = []
+
+    var stopRequested: Bool { lock.lock(); defer { lock.unlock() }; return stop }
+    var ackedIDs: [String] { lock.lock(); defer { lock.unlock() }; return ids }
+    func sending() {}
+    func acked(_ new: [String]) { lock.lock(); ids += new; lock.unlock() }
+    func requestStop() { lock.lock(); stop = true; lock.unlock() }
+    func finish() { lock.lock(); done = true; lock.broadcast(); lock.unlock() }
+    func waitFinished() { lock.lock(); while !done { lock.wait() }; lock.unlock() }
+}

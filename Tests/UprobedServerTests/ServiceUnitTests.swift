@@ -1,0 +1,245 @@
+import Foundation
+import Logging
+import Testing
+import UprobeCore
+import UprobeELF
+import UprobedProtocol
+@testable import UprobedServer
+
+/// journald's field mapping (there is no journald on the test machine: the handler's
+/// sd_journal_sendv call itself is not exercised here).
+struct JournalFieldTests {
+    @Test("metadata keys become upper-case journal fields; the entry carries PRIORITY, MESSAGE, SYSLOG_IDENTIFIER")
+    func fieldMapping() {
+        let f = JournalLogHandler.fields(level: .warning, message: "access denied\nsecond line",
+                                         metadata: ["probe_id": "p7", "path": "/usr/bin/bash", "consumer": "ci",
+                                                    "error_code": "permission_denied", "peer_uid": "1000"])
+        #expect(Array(f.prefix(3)) == ["PRIORITY=4", "MESSAGE=access denied\nsecond line", "SYSLOG_IDENTIFIER=uprobed"])
+        #expect(Array(f.dropFirst(3)) == ["CONSUMER=ci", "ERROR_CODE=permission_denied", "PATH=/usr/bin/bash",
+                                          "PEER_UID=1000", "PROBE_ID=p7"])
+    }
+
+    @Test("field names are sanitized: no leading underscore or digit, [A-Z0-9_] only, entry fields not shadowed, at most 64")
+    func fieldNames() {
+        #expect(JournalLogHandler.fieldName("sl-service") == "SL_SERVICE")
+        #expect(JournalLogHandler.fieldName("_trusted") == "TRUSTED")
+        #expect(JournalLogHandler.fieldName("9lives") == "F9LIVES")
+        #expect(JournalLogHandler.fieldName("message") == "UPROBED_MESSAGE")
+        #expect(JournalLogHandler.fieldName("priority") == "UPROBED_PRIORITY")
+        #expect(JournalLogHandler.fieldName(String(repeating: "a", count: 100)).count == 64)
+        #expect(JournalLogHandler.fieldName("ünïcode") == "N_CODE")
+    }
+
+    @Test("priorities follow syslog: debug 7 ... critical 2")
+    func priorities() {
+        #expect(PriorityStderrLogHandler.priority(.debug) == 7)
+        #expect(PriorityStderrLogHandler.priority(.info) == 6)
+        #expect(PriorityStderrLogHandler.priority(.notice) == 5)
+        #expect(PriorityStderrLogHandler.priority(.error) == 3)
+        #expect(PriorityStderrLogHandler.priority(.critical) == 2)
+    }
+
+    @Test("the shared level cell changes every handler's level at once (config reload)")
+    func levelCell() {
+        let cell = LogLevelCell(.info)
+        let a = PriorityStderrLogHandler(label: "a", levelCell: cell)
+        let b = JournalLogHandler(label: "b", levelCell: cell)
+        cell.level = .error
+        #expect(a.logLevel == .error && b.logLevel == .error)
+    }
+}
+
+struct StateFileTests {
+    static func tempDir() throws -> String {
+        let template = NSTemporaryDirectory() + "uprobed-statetest-XXXXXX"
+        var buf = Array(template.utf8CString)
+        guard mkdtemp(&buf) != nil else { throw StateError(code: "state_io", message: "mkdtemp") }
+        return String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    static let sample = SavedState(bootID: "b-1", savedAt: 1.5, probes: [
+        SavedProbe(id: "p3", consumer: "ci", owner: Peer(pid: 10, uid: 1000, gid: 1000),
+                   spec: ProbeSpecInput(path: "/bin/x", symbol: "f*", pid: 42, retprobe: true),
+                   registeredAt: 100.25, hits: UInt64(Int64.max) + 5,
+                   targets: [ResolvedProbe(path: "/bin/x", device: 1, inode: 2, buildID: "abcd", fileOffset: 0x1189,
+                                           symbol: "fa", aliases: ["fa_alias"], refCtrOffset: 7)],
+                   stamp: FileStamp(device: 1, inode: 2, size: 300, mtimeNanos: 123_456_789),
+                   pidStartTime: 999, degradedReason: nil),
+        SavedProbe(id: "p9", consumer: nil, owner: Peer(pid: 0, uid: 0, gid: 0),
+                   spec: ProbeSpecInput(path: "/bin/y", usdt: "prov:name"), registeredAt: 1, hits: 0,
+                   targets: [], stamp: nil, pidStartTime: nil, degradedReason: "binary /bin/y no longer exists"),
+    ])
+
+    @Test("encode/decode round trip keeps every field, 64-bit values included")
+    func roundTrip() throws {
+        let bytes = StateCodec.encode(Self.sample)
+        #expect(try StateCodec.decode(bytes) == Self.sample)
+    }
+
+    @Test("corrupt files are state_corrupt errors, never an empty state")
+    func corrupt() {
+        for text in ["", "{", "[]", "{\"format\":\"other\",\"version\":1,\"probes\":[]}",
+                     "{\"format\":\"uprobed-state\",\"version\":99,\"probes\":[]}",
+                     "{\"format\":\"uprobed-state\",\"version\":1,\"probes\":[{\"id\":\"p1\"}]}",
+                     "{\"format\":\"uprobed-state\",\"version\":1}"] {
+            do {
+                _ = try StateCodec.decode(Array(text.utf8))
+                Issue.record("accepted: \(text)")
+            } catch {
+                #expect(error.code == "state_corrupt")
+            }
+        }
+    }
+
+    @Test("the store writes atomically (no temporary left), loads what it wrote, reports a missing file as nil")
+    func store() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = StateStore(dir: dir + "/nested/state")
+        try store.prepare()
+        #expect(try store.load() == nil)
+        try store.write(Self.sample)
+        #expect(try store.load() == Self.sample)
+        #expect(!FileManager.default.fileExists(atPath: store.path + ".tmp"))
+        var st = stat()
+        #expect(stat(dir + "/nested/state", &st) == 0 && st.st_mode & 0o777 == 0o700)
+        #expect(stat(store.path, &st) == 0 && st.st_mode & 0o777 == 0o600)
+        try "garbage".write(toFile: store.path, atomically: true, encoding: .utf8)
+        #expect(throws: StateError.self) { try store.load() }
+        let moved = try store.moveAside()
+        #expect(FileManager.default.fileExists(atPath: moved))
+        #expect(try store.load() == nil)
+    }
+
+    @Test("the log: entries apply in order above the snapshot's seq; a torn last line is ignored; a bad middle line is corruption")
+    func logReplay() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = StateStore(dir: dir)
+        var base = Self.sample
+        base.seq = 5
+        try store.write(base)  // also drops any log
+        let p3 = base.probes[0]
+        var p4 = p3
+        p4.id = "p4"
+        try store.append(StateCodec.encodeLogEntry(seq: 4, add: [p4], remove: []))          // already in the snapshot: skipped
+        try store.append(StateCodec.encodeLogEntry(seq: 6, add: [p4], remove: ["p9"]))
+        try store.append(StateCodec.encodeLogEntry(seq: 7, add: [], remove: ["p3"]))
+        var loaded = try store.load()
+        #expect(loaded?.probes.map(\.id) == ["p4"])
+        #expect(loaded?.seq == 7)
+        // A torn tail (crash mid-append, never synced, never acknowledged) is ignored.
+        let fd = open(store.logPath, O_WRONLY | O_APPEND)
+        let torn = Array(StateCodec.encodeLogEntry(seq: 8, add: [p3], remove: []).dropLast(10))
+        _ = torn.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        loaded = try store.load()
+        #expect(loaded?.probes.map(\.id) == ["p4"])
+        // The same bytes followed by a complete line: corruption in the middle.
+        try store.append(StateCodec.encodeLogEntry(seq: 9, add: [], remove: []))
+        #expect(throws: StateError.self) { try store.load() }
+        // A snapshot write drops the log.
+        try store.write(base)
+        #expect(!FileManager.default.fileExists(atPath: store.logPath))
+        #expect(try store.load()?.probes.map(\.id) == ["p3", "p9"])
+    }
+
+    @Test("restore planning: a gone pid, a gone binary and another boot are degraded with reasons")
+    func planner() throws {
+        var state = Self.sample
+        state.probes[0].spec.pid = Int32.max  // no such process
+        let items = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1")
+        #expect(items.count == 2)
+        #expect(items[0].degradedReason?.contains("no longer exists") == true, "\(String(describing: items[0].degradedReason))")
+        #expect(items[0].baseHits == UInt64(Int64.max) + 5)
+        #expect(items[1].degradedReason?.contains("no longer exists") == true || items[1].degradedReason?.contains("no target") == true)
+        state.probes[0].spec.pid = getpid()
+        let other = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-2")
+        #expect(other[0].degradedReason?.contains("earlier boot") == true)
+    }
+
+    @Test("process start time reads field 22 of /proc/PID/stat")
+    func startTime() {
+        #expect(processStartTime(getpid()) != nil)
+        #expect(processStartTime(Int32.max) == nil)
+    }
+}
+
+struct AccessPolicyTests {
+    func who(_ uid: UInt32, _ gid: UInt32 = 100, groups: [UInt32] = []) -> PeerIdentity {
+        PeerIdentity(peer: Peer(pid: 1, uid: uid, gid: gid), supplementaryGroups: groups)
+    }
+
+    @Test("roles: root is admin; uid and group lists grant admin/register/read; * is everyone; others get none")
+    func roles() {
+        var c = DaemonConfig()
+        c.adminUsers = ["1001"]; c.adminGroups = ["501"]
+        c.registerUsers = ["1002"]; c.registerGroups = ["502"]
+        c.readUsers = ["1003"]; c.readGroups = ["503"]
+        let p = AccessPolicy(config: c)
+        #expect(p.role(of: who(0)) == .admin)
+        #expect(p.role(of: who(1001)) == .admin)
+        #expect(p.role(of: who(2000, groups: [7, 501])) == .admin)
+        #expect(p.role(of: who(1002)) == .register)
+        #expect(p.role(of: who(2000, 502)) == .register, "primary gid counts")
+        #expect(p.role(of: who(1003)) == .read)
+        #expect(p.role(of: who(2000, groups: [503])) == .read)
+        #expect(p.role(of: who(2000)) == .none)
+        #expect(p.role(of: who(2000, groups: [4])) == .none)
+        // The defaults: anyone who can connect may read, nobody else may register.
+        let d = AccessPolicy(config: DaemonConfig())
+        #expect(d.role(of: who(4242)) == .read)
+        #expect(d.role(of: who(0)) == .admin)
+    }
+
+    @Test("names resolve through passwd/group; unknown names match nobody and are reported")
+    func names() {
+        var c = DaemonConfig()
+        c.adminUsers = ["root", "no-such-user-xyz"]
+        c.readGroups = ["root"]
+        let p = AccessPolicy(config: c)
+        #expect(p.warnings.count == 1 && p.warnings[0].contains("no-such-user-xyz"))
+        #expect(p.role(of: who(5000, groups: [0])) == .read)
+    }
+
+    @Test("operations need their role; the denial names the keys that grant it")
+    func required() {
+        var c = DaemonConfig()
+        c.readUsers = ["1003"]
+        let p = AccessPolicy(config: c)
+        #expect(AccessControl.check(who(1003), has: .read, for: "stats", policy: p) == nil)
+        let e = AccessControl.check(who(1003), has: .register, for: "register", policy: p)
+        #expect(e?.code == .permissionDenied)
+        #expect(e?.message.contains("register_uids") == true)
+    }
+
+    @Test("readability by mode bits: owner, group (primary or supplementary), other; directory search; identity check")
+    func readable() throws {
+        let dir = try StateFileTests.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        chmod(dir, 0o755)
+        let file = dir + "/bin"
+        try "x".write(toFile: file, atomically: true, encoding: .utf8)
+        chown(file, 1234, 4321)
+        chmod(file, 0o640)
+        #expect(AccessControl.unreadable(path: file, device: nil, inode: nil, uid: 1234, groups: []) == nil)
+        #expect(AccessControl.unreadable(path: file, device: nil, inode: nil, uid: 999, groups: [4321]) == nil)
+        #expect(AccessControl.unreadable(path: file, device: nil, inode: nil, uid: 999, groups: [1]) != nil)
+        chmod(file, 0o604)  // group excluded even though other may read: the kernel's rule
+        #expect(AccessControl.unreadable(path: file, device: nil, inode: nil, uid: 999, groups: [4321]) != nil)
+        #expect(AccessControl.unreadable(path: file, device: nil, inode: nil, uid: 999, groups: []) == nil)
+        chmod(dir, 0o700)
+        #expect(AccessControl.unreadable(path: file, device: nil, inode: nil, uid: 999, groups: [])?.contains("search") == true)
+        chmod(dir, 0o755)
+        var st = stat()
+        stat(file, &st)
+        #expect(AccessControl.unreadable(path: file, device: UInt64(st.st_dev), inode: UInt64(st.st_ino) + 1, uid: 999, groups: [])?.contains("changed") == true)
+    }
+
+    @Test("process ownership reads the real, effective and saved uids")
+    func ownership() {
+        #expect(AccessControl.processNotOwned(pid: getpid(), uid: getuid()) == nil)
+        #expect(AccessControl.processNotOwned(pid: getpid(), uid: getuid() + 1) != nil)
+        #expect(AccessControl.processNotOwned(pid: Int32.max, uid: 0)?.contains("does not exist") == true)
+    }
+}
