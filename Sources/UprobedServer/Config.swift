@@ -22,6 +22,11 @@ public struct DaemonConfig: Sendable, Equatable {
     public var batchWindowMicros = 500
     /// Batching: most requests in one batch.
     public var maxBatchRequests = 1024
+    /// A removed probe is physically detached within this many milliseconds; removals within
+    /// it share one link rebuild and one grace period.
+    public var compactionDelayMs = 250
+    /// A binary (per pid filter and direction) with more small links than this gets them merged.
+    public var maxLinksPerGroup = 8
     /// Counter slots, i.e. the most probe sites attached at once.
     public var slotCapacity: UInt32 = 65_536
     /// Least `interval_ms` a `watch` may ask for.
@@ -92,6 +97,8 @@ public struct DaemonConfig: Sendable, Equatable {
             case "max_glob_matches": c.maxGlobMatches = try int(1...1_000_000)
             case "batch_window_us": c.batchWindowMicros = try int(0...1_000_000)
             case "max_batch_requests": c.maxBatchRequests = try int(1...1_000_000)
+            case "compaction_delay_ms": c.compactionDelayMs = try int(0...3_600_000)
+            case "max_links_per_group": c.maxLinksPerGroup = try int(1...100_000)
             case "slot_capacity": c.slotCapacity = UInt32(try int(16...16_777_216))
             case "min_watch_interval_ms": c.minWatchIntervalMs = try int(1...3_600_000)
             case "admin_uids": c.adminUsers = try idList(value, line: n + 1, key: key)

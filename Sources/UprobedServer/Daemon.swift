@@ -74,7 +74,9 @@ public final class UprobedService: Service, Sendable {
 
         let engineConfig = EngineConfig(batchWindow: .microseconds(Int64(config.batchWindowMicros)),
                                         maxBatchRequests: config.maxBatchRequests,
-                                        slotCapacity: config.slotCapacity)
+                                        slotCapacity: config.slotCapacity,
+                                        compactionDelay: .milliseconds(Int64(config.compactionDelayMs)),
+                                        maxLinksPerGroup: config.maxLinksPerGroup)
         let engine = Engine(config: engineConfig, kernel: kernel, logger: logger,
                             persist: { snapshot in try persister.persist(snapshot) })
         let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches))
@@ -331,6 +333,8 @@ final class Reloader: Sendable {
         if a.maxGlobMatches != b.maxGlobMatches { out.append("max_glob_matches") }
         if a.batchWindowMicros != b.batchWindowMicros { out.append("batch_window_us") }
         if a.maxBatchRequests != b.maxBatchRequests { out.append("max_batch_requests") }
+        if a.compactionDelayMs != b.compactionDelayMs { out.append("compaction_delay_ms") }
+        if a.maxLinksPerGroup != b.maxLinksPerGroup { out.append("max_links_per_group") }
         if a.slotCapacity != b.slotCapacity { out.append("slot_capacity") }
         if a.minWatchIntervalMs != b.minWatchIntervalMs { out.append("min_watch_interval_ms") }
         return out

@@ -193,9 +193,10 @@ extension UprobeCtl {
                 let spec = o["spec"]?.objectValue ?? JSONObject()
                 var kind = spec["retprobe"] == .bool(true) ? "uretprobe" : (spec["usdt"] != nil ? "usdt" : "uprobe")
                 if let pid = spec["pid"] { kind += " pid=\(text(pid))" }
-                return [text(o["id"]), kind, text(o["path"]), hex(o["offset"]), text(o["symbol"]), text(o["consumer"])]
+                let state = o["state"]?.stringValue.map { "\($0): \(text(o["reason"]))" } ?? "active"
+                return [text(o["id"]), kind, text(o["path"]), hex(o["offset"]), text(o["symbol"]), text(o["consumer"]), state]
             }
-            printTable(["ID", "KIND", "PATH", "OFFSET", "SYMBOL", "CONSUMER"], rows)
+            printTable(["ID", "KIND", "PATH", "OFFSET", "SYMBOL", "CONSUMER", "STATE"], rows)
         }
     }
 
@@ -212,9 +213,9 @@ extension UprobeCtl {
             guard !global.json else { return }
             let rows = (reply["stats"]?.arrayValue ?? []).map { s -> [String] in
                 let o = s.objectValue ?? JSONObject()
-                return [text(o["id"]), text(o["hits"]), text(o["rate"])]
+                return [text(o["id"]), text(o["hits"]), text(o["rate"]), o["state"]?.stringValue ?? "active"]
             }
-            printTable(["ID", "HITS", "RATE/S"], rows)
+            printTable(["ID", "HITS", "RATE/S", "STATE"], rows)
         }
     }
 

@@ -77,11 +77,12 @@ final class Harness {
     let applier: BatchApplier
     let tree = UprobeTree(readerSlots: 4)
     let published = SnapshotCell(RegistrySnapshot())
-    init(kernel: FakeKernel = FakeKernel(), tuning: EngineConfig = EngineConfig(compactionDelay: .seconds(3600))) {
+    init(kernel: FakeKernel = FakeKernel(), tuning: EngineConfig = EngineConfig(compactionDelay: .seconds(3600)),
+         persist: @escaping (RegistrySnapshot) throws -> Void = { _ in }) {
         self.kernel = kernel
         let published = self.published
         applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: Logger(label: "test"),
-                               publish: { s in published.store(s) }, persist: { _ in })
+                               publish: { s in published.store(s) }, persist: persist)
     }
 
     /// Applies the registrations as one batch and returns each request's result.
@@ -204,6 +205,19 @@ struct BatchDecisionTests {
         #expect(snapshot.count == 4 && snapshot["p2"] != nil && snapshot["p7"] == nil)
         #expect(m.sorted.map(\.id) == ["p1", "p7", "p1500"])
         #expect(m.count == 3 && m["p3000"] == nil && m["nope"] == nil)
+    }
+
+    @Test("a batch whose state write fails registers nothing: replies fail, probes are detached")
+    func persistFailureRollsBack() {
+        struct DiskFull: Error {}
+        let h = Harness(persist: { _ in throw DiskFull() })
+        let r = h.registerBatch([[item("/a", inode: 1, offsets: [0x10, 0x20])]])
+        guard case .failure(let e) = r[0] else { Issue.record("register should fail"); return }
+        #expect(e.code == "state_write_failed")
+        #expect(h.published.load().probes.isEmpty)
+        #expect(h.tree.count == 0)
+        h.applier.compact()
+        #expect(h.kernel.openSlots.isEmpty, "the attached link is closed")
     }
 
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")

@@ -221,14 +221,7 @@ final class BatchApplier {
         for removal in removals {
             var n = 0
             for id in removal.ids {
-                guard let r = probes.remove(id) else { continue }
-                if let number = ProbeID.number(r.id) {
-                    for site in r.sites { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
-                }
-                for site in r.sites {
-                    let k = UprobeSiteKey(site)
-                    if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
-                }
+                guard let r = removeRecord(id, treeEdits: &treeRemovals) else { continue }
                 n += 1
                 for s in r.sites { deadSlots.insert(s.slot) }
             }
@@ -245,13 +238,22 @@ final class BatchApplier {
             tree.apply(pendingTreeInserts)
             pendingTreeInserts.removeAll(keepingCapacity: true)
         }
-        let snapshot = makeSnapshot()
+        var snapshot = makeSnapshot()
         var persistError: EngineError? = nil
         do { try persist(snapshot) } catch {
-            // The kernel state is ahead of the state file; report it rather than pretend.
             logger.error("saving state failed", metadata: ["error": "\(error)"])
             persistError = EngineError(code: "state_write_failed",
-                                       message: "probes are attached but the state file could not be written: \(error)")
+                                       message: "the state file could not be written, so these probes were not registered: \(error)")
+            // The clients are told their registrations failed: take them back out (they are
+            // detached by the next compaction) instead of leaving them counting unacknowledged.
+            for records in created.values {
+                for r in records {
+                    if let gone = removeRecord(r.id, treeEdits: &treeRemovals) { deadSlots.formUnion(gone.sites.map(\.slot)) }
+                }
+            }
+            created.removeAll()
+            counters.pendingRemovals = deadSlots.count
+            snapshot = makeSnapshot()
         }
         publish(snapshot)
         if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
@@ -289,6 +291,20 @@ final class BatchApplier {
                     registration: number, slot: site.slot, pid: spec.pid ?? 0,
                     flags: spec.retprobe ? Consumer.retprobe : 0)))
             }
+        }
+        return r
+    }
+
+    /// Takes a registration out of the registry; its tree removals go into `treeEdits` (applied
+    /// after the registry without it is published). Its slots are left for the caller to retire.
+    private func removeRecord(_ id: String, treeEdits: inout [TreeEdit]) -> ProbeRecord? {
+        guard let r = probes.remove(id) else { return nil }
+        if let number = ProbeID.number(r.id) {
+            for site in r.sites { treeEdits.append(.removeConsumer(Self.treeKey(site), registration: number)) }
+        }
+        for site in r.sites {
+            let k = UprobeSiteKey(site)
+            if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
         }
         return r
     }
