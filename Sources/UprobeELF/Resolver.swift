@@ -18,9 +18,13 @@ public struct ProbeSpecInput: Sendable, Hashable {
     public var retprobe: Bool
     /// Allow an offset that is not a function start; allow a retprobe on a Go binary.
     public var force: Bool
+    /// Follow the path when its file is replaced (a new inode): the daemon resolves the same
+    /// probe in the new file and attaches it too. The resolver itself ignores it.
+    public var follow: Bool
 
     public init(path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: String? = nil,
-                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false) {
+                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false, follow: Bool = true) {
+        self.follow = follow
         self.path = path
         self.symbol = symbol
         self.offset = offset

@@ -10,9 +10,13 @@ public struct ProbeSpec: Sendable, Hashable {
     public var pid: Int32?
     public var retprobe: Bool
     public var force: Bool
+    /// Follow the path through replacements of its file (default); false pins the probe to
+    /// the inode it was registered on.
+    public var follow: Bool
 
     public init(path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: String? = nil,
-                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false) {
+                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false, follow: Bool = true) {
+        self.follow = follow
         self.path = path
         self.symbol = symbol
         self.offset = offset
@@ -22,7 +26,7 @@ public struct ProbeSpec: Sendable, Hashable {
         self.force = force
     }
 
-    static let knownKeys: Set<String> = ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force"]
+    static let knownKeys: Set<String> = ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"]
 
     /// Decodes a spec object; `context` names it in errors (e.g. `probes[3]`).
     public init(json: JSONValue, context: String) throws(ProtocolError) {
@@ -67,6 +71,7 @@ public struct ProbeSpec: Sendable, Hashable {
         }
         self.retprobe = try Self.optionalBool(obj, "retprobe", context) ?? false
         self.force = try Self.optionalBool(obj, "force", context) ?? false
+        self.follow = try Self.optionalBool(obj, "follow", context) ?? true
     }
 
     private static func optionalString(_ obj: JSONObject, _ key: String, _ context: String) throws(ProtocolError) -> String? {
@@ -95,6 +100,7 @@ public struct ProbeSpec: Sendable, Hashable {
         if let pid { o["pid"] = .int(Int64(pid)) }
         if retprobe { o["retprobe"] = true }
         if force { o["force"] = true }
+        if !follow { o["follow"] = false }
         return .object(o)
     }
 }

@@ -33,6 +33,13 @@ public struct DaemonConfig: Sendable, Equatable {
     public var minWatchIntervalMs = 100
     /// trace, debug, info, notice, warning, error, critical.
     public var logLevel = "info"
+    /// Registrations made by path follow it through replacements of the file: every this many
+    /// milliseconds (and at once on an inotify event in the file's directory) the daemon checks
+    /// followed paths, pid-filtered probes' processes, and which old files are still mapped.
+    public var followCheckMs = 1000
+    /// After an inotify event, wait this long for the directory to settle before checking (a
+    /// copy in place arrives as several events; a rename is atomic).
+    public var followSettleMs = 20
 
     // Access control (see AccessPolicy). Entries are user/group names or numeric ids; `*` is
     // everyone. Root (uid 0) is always an admin.
@@ -101,6 +108,8 @@ public struct DaemonConfig: Sendable, Equatable {
             case "max_links_per_group": c.maxLinksPerGroup = try int(1...100_000)
             case "slot_capacity": c.slotCapacity = UInt32(try int(16...16_777_216))
             case "min_watch_interval_ms": c.minWatchIntervalMs = try int(1...3_600_000)
+            case "follow_check_ms": c.followCheckMs = try int(10...3_600_000)
+            case "follow_settle_ms": c.followSettleMs = try int(0...60_000)
             case "admin_uids": c.adminUsers = try idList(value, line: n + 1, key: key)
             case "admin_groups": c.adminGroups = try idList(value, line: n + 1, key: key)
             case "register_uids": c.registerUsers = try idList(value, line: n + 1, key: key)

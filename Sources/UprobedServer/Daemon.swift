@@ -95,10 +95,17 @@ public final class UprobedService: Service, Sendable {
             await Self.restore(saved, engine: engine, resolver: resolver, logger: logger)
         }
 
+        // After the restore: the watcher follows what is registered now.
+        let watcher = PathWatcher(engine: engine, resolver: resolver, logger: logger,
+                                  checkEvery: .milliseconds(Int64(config.followCheckMs)),
+                                  settle: .milliseconds(Int64(config.followSettleMs)))
+        watcher.start()
+
         let endpoint: SocketServer.Endpoint
         let activated = Systemd.listenFDs()
         if let fd = activated.first {
             guard activated.count == 1, Systemd.isUnixStreamListener(fd) else {
+                watcher.stop()
                 engine.shutdown()
                 throw ServerError(message: "socket activation passed \(activated.count) fds; expected one listening Unix stream socket")
             }
@@ -172,12 +179,14 @@ public final class UprobedService: Service, Sendable {
                 server.stop()
             }
         } catch {
+            watcher.stop()
             engine.shutdown()
             Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
             await metrics.stop()
             try? await group.shutdownGracefully()
             throw error
         }
+        watcher.stop()
         engine.shutdown()
         Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
         await metrics.stop()
@@ -337,6 +346,8 @@ final class Reloader: Sendable {
         if a.maxLinksPerGroup != b.maxLinksPerGroup { out.append("max_links_per_group") }
         if a.slotCapacity != b.slotCapacity { out.append("slot_capacity") }
         if a.minWatchIntervalMs != b.minWatchIntervalMs { out.append("min_watch_interval_ms") }
+        if a.followCheckMs != b.followCheckMs { out.append("follow_check_ms") }
+        if a.followSettleMs != b.followSettleMs { out.append("follow_settle_ms") }
         return out
     }
 }

@@ -53,7 +53,7 @@ public enum MetricsRenderer {
                               ("consumer", r.consumer ?? "")]
                 registry.makeCounter(descriptor: desc("uprobed_probe_hits_total", "Hits of one probe since it was registered (hits while uprobed was down are not counted)."), labels: labels)
                     .increment(by: Int64(clamping: s.hits))
-                registry.makeGauge(descriptor: desc("uprobed_probe_degraded", "1 if the probe is registered but not attached (see `uprobectl list` for the reason)."), labels: [("id", s.id)])
+                registry.makeGauge(descriptor: desc("uprobed_probe_degraded", "1 if the probe is degraded (registered but its file cannot be probed) or ended (its process exited); `uprobectl list` says why."), labels: [("id", s.id)])
                     .set(Double(s.state == .active ? 0 : 1))
             }
         } else {

@@ -104,7 +104,7 @@ public enum StateCodec {
             owner["pid"] = .int(Int64(p.owner.pid))
             o["owner"] = .object(owner)
             o["spec"] = ProbeSpec(path: p.spec.path, symbol: p.spec.symbol, offset: p.spec.offset, usdt: p.spec.usdt,
-                                  pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force).json
+                                  pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force, follow: p.spec.follow).json
             o["registered_at"] = .double(p.registeredAt)
             o["hits"] = u64(p.hits)
             o["targets"] = .array(p.targets.map { t in
@@ -492,10 +492,17 @@ public final class StatePersister: Sendable {
     }
 
     private func saved(_ r: ProbeRecord, hits: UInt64, memo m: inout Memo) -> SavedProbe {
-        let ids = m.stamps[r.id] ?? (r.targets.first.flatMap { fileStamp($0.path) }, r.spec.pid.flatMap { processStartTime($0) })
+        var ids = m.stamps[r.id] ?? (r.targets.first.flatMap { fileStamp($0.path) }, r.spec.pid.flatMap { processStartTime($0) })
+        // A registration that followed its path to a new file is stamped with that file.
+        if let t = r.targets.first, let was = ids.0, was.device != t.device || was.inode != t.inode {
+            ids.0 = fileStamp(t.path).flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
+        }
         m.stamps[r.id] = ids
         var reason: String? = nil
-        if case .degraded(let why) = r.state { reason = why }
+        switch r.state {
+        case .active: break
+        case .degraded(let why), .ended(let why): reason = why
+        }
         return SavedProbe(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
                           hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: reason)
     }
@@ -612,7 +619,7 @@ final class ResolutionCache {
     init(resolver: Resolver) { self.resolver = resolver }
 
     func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> ([ResolvedProbe], [UprobeSiteID: ResolvedProbe]) {
-        let key = "\(spec.path)\u{0}\(spec.symbol ?? "")\u{0}\(spec.offset.map(String.init) ?? "")\u{0}\(spec.usdt ?? "")\u{0}\(spec.pid.map(String.init) ?? "")\u{0}\(spec.retprobe)\u{0}\(spec.force)"
+        let key = "\(spec.path)\u{0}\(spec.symbol ?? "")\u{0}\(spec.offset.map(String.init) ?? "")\u{0}\(spec.usdt ?? "")\u{0}\(spec.pid.map(String.init) ?? "")\u{0}\(spec.retprobe)\u{0}\(spec.force)\u{0}\(spec.follow)"
         if let r = done[key] { return try r.get() }
         let r: Result<([ResolvedProbe], [UprobeSiteID: ResolvedProbe]), ResolveError>
         do {

@@ -93,12 +93,12 @@ public struct RequestHandler: Sendable {
 
     static func input(_ s: ProbeSpec) -> ProbeSpecInput {
         ProbeSpecInput(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
-                       retprobe: s.retprobe, force: s.force)
+                       retprobe: s.retprobe, force: s.force, follow: s.follow)
     }
 
     static func specJSON(_ s: ProbeSpecInput) -> JSONValue {
         ProbeSpec(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
-                  retprobe: s.retprobe, force: s.force).json
+                  retprobe: s.retprobe, force: s.force, follow: s.follow).json
     }
 
     /// Resolves every spec; the first failure fails the request and names the spec.
@@ -145,8 +145,8 @@ public struct RequestHandler: Sendable {
         if r.targets.count > 1 {
             o["sites"] = .array(r.targets.map { describe($0) })
         }
-        if case .degraded(let reason) = r.state {
-            o["state"] = "degraded"
+        if let reason = r.state.reason {
+            o["state"] = .string(r.state.name)
             o["reason"] = .string(reason)
         }
         return .object(o)
@@ -207,6 +207,8 @@ public struct RequestHandler: Sendable {
             if let c = r.consumer { o["consumer"] = .string(c) }
             o["owner_uid"] = .int(Int64(r.owner.uid))
             o["registered_at"] = .double(r.registeredAt)
+            // Whether the probe follows its path through file replacements (see PathWatcher).
+            o["follow"] = .bool(r.follows)
             return .object(o)
         })]
     }
@@ -220,10 +222,22 @@ public struct RequestHandler: Sendable {
                 o["id"] = .string(s.id)
                 o["hits"] = JSONValue(s.hits)
                 o["rate"] = .double((s.ratePerSecond * 1000).rounded() / 1000)
-                if case .degraded(let reason) = s.state {
-                    o["state"] = "degraded"
+                if let reason = s.state.reason {
+                    o["state"] = .string(s.state.name)
                     o["reason"] = .string(reason)
                 }
+                // Per file version: old and new builds side by side during an upgrade.
+                o["versions"] = .array(s.versions.map { v in
+                    var x = JSONObject()
+                    x["path"] = .string(v.version.path)
+                    x["device"] = JSONValue(v.version.device)
+                    x["inode"] = JSONValue(v.version.inode)
+                    if let b = v.version.buildID { x["build_id"] = .string(b) }
+                    x["hits"] = JSONValue(v.hits)
+                    x["current"] = .bool(v.current)
+                    if v.retired { x["retired"] = true }
+                    return .object(x)
+                })
                 return .object(o)
             })])
         }

@@ -218,8 +218,8 @@ final class TestDaemon: @unchecked Sendable {
 }
 
 func spec(_ path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: String? = nil, pid: Int32? = nil,
-          retprobe: Bool = false) -> JSONValue {
-    ProbeSpec(path: path, symbol: symbol, offset: offset, usdt: usdt, pid: pid, retprobe: retprobe).json
+          retprobe: Bool = false, follow: Bool = true) -> JSONValue {
+    ProbeSpec(path: path, symbol: symbol, offset: offset, usdt: usdt, pid: pid, retprobe: retprobe, follow: follow).json
 }
 
 func errorCode(_ reply: JSONObject) -> String? { reply["error"]?.objectValue?["code"]?.stringValue }

@@ -17,6 +17,7 @@ struct ConfigTests {
         scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
         scrambled.registerGroups = ["x"]; scrambled.readUsers = ["x"]; scrambled.readGroups = ["x"]
         scrambled.maxProbesPerUID = 7; scrambled.metricsListen = "/z"; scrambled.stateCheckpointSeconds = 1
+        scrambled.followCheckMs = 11; scrambled.followSettleMs = 3
         let parsed = try DaemonConfig.parse(text, base: scrambled)
         #expect(parsed == DaemonConfig())
     }

@@ -243,3 +243,30 @@ struct AccessPolicyTests {
         #expect(AccessControl.processNotOwned(pid: Int32.max, uid: 0)?.contains("does not exist") == true)
     }
 }
+
+/// The path watcher's /proc readers.
+struct PathWatcherTests {
+    @Test("/proc/*/maps scanning finds this test's own executable by device and inode")
+    func mappedFilesSeeOwnExecutable() {
+        var st = stat()
+        #expect(stat("/proc/self/exe", &st) == 0)
+        let key = PathWatcher.mapsKey(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+        #expect(PathWatcher.mappedFiles().contains(key), "\(key)")
+    }
+
+    @Test("process start times: this process has one; a pid that does not exist has none")
+    func processStart() {
+        #expect(PathWatcher.processStart(getpid()) != nil)
+        #expect(PathWatcher.processStart(Int32.max) == nil)
+    }
+
+    @Test("the follow spec field round-trips: default true and omitted on the wire, false kept")
+    func followField() throws {
+        let d = try ProbeSpec(json: .object(["path": "/bin/x", "symbol": "f"]), context: "p")
+        #expect(d.follow && d.json.objectValue?["follow"] == nil)
+        let pinned = try ProbeSpec(json: .object(["path": "/bin/x", "symbol": "f", "follow": false]), context: "p")
+        #expect(!pinned.follow && pinned.json.objectValue?["follow"] == .bool(false))
+        #expect(RequestHandler.input(pinned).follow == false)
+        #expect(throws: ProtocolError.self) { try ProbeSpec(json: .object(["path": "/bin/x", "symbol": "f", "follow": 1]), context: "p") }
+    }
+}

@@ -14,6 +14,8 @@ enum PendingOp: Sendable {
     case restore(items: [RestoreItem], reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
     case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
                     reply: @Sendable (Result<Int, EngineError>) -> Void)
+    /// The path watcher's changes to existing registrations (see `FollowChange`).
+    case follow(changes: [FollowChange], reply: @Sendable () -> Void)
 }
 
 /// The single writer: applies a whole batch of requests to the kernel and the registry.
@@ -48,6 +50,11 @@ final class BatchApplier {
     private var counters = EngineCounters()
     private var generation: UInt64 = 0
     private var pendingTreeInserts: [TreeEdit] = []
+    /// An open descriptor per attached file (device, inode). Links are created through
+    /// `/proc/self/fd/N`, so a rebuild after the path was replaced (an upgrade by rename)
+    /// still attaches the old inode, and a file replaced between resolution and attach is
+    /// refused (`file_changed`) instead of being probed at offsets meant for another build.
+    private var pinned: [PinnedFile: Int32] = [:]
 
     init(kernel: any KernelBackend, tree: UprobeTree = UprobeTree(), tuning: EngineConfig, logger: Logger,
          publish: @escaping (RegistrySnapshot) -> Void,
@@ -79,6 +86,19 @@ final class BatchApplier {
     }
 
     func apply(_ batch: [PendingOp]) {
+        var requests: [PendingOp] = []
+        var follows: [(changes: [FollowChange], reply: @Sendable () -> Void)] = []
+        for op in batch {
+            if case .follow(let changes, let reply) = op { follows.append((changes, reply)) } else { requests.append(op) }
+        }
+        if !requests.isEmpty { applyRequests(requests) }
+        if !follows.isEmpty {
+            applyFollow(follows.flatMap(\.changes))
+            for f in follows { f.reply() }
+        }
+    }
+
+    private func applyRequests(_ batch: [PendingOp]) {
         let started = ContinuousClock.now
         counters.batches += 1
         counters.requests += UInt64(batch.count)
@@ -157,6 +177,8 @@ final class BatchApplier {
                 }
                 removedInBatch.formUnion(selected)
                 removals.append((selected, reply))
+            case .follow:
+                continue  // split off by `apply`
             }
         }
 
@@ -277,6 +299,169 @@ final class BatchApplier {
         publish(makeSnapshot())
     }
 
+    // MARK: - Following paths
+
+    /// Applies the path watcher's changes: new file versions of all affected registrations are
+    /// attached together (one slot allocation, one link per (binary, pid, direction)); each
+    /// registration then gets a new immutable record version with the same id. Retired and
+    /// ended sites fold their final counts into `baseHits` in the same published version that
+    /// drops them (exact: no process maps those files any more, so no hit can follow the read),
+    /// and their slots go to the usual deferred detach.
+    func applyFollow(_ changes: [FollowChange]) {
+        var attaches: [(id: String, targets: [ResolvedProbe])] = []
+        var treeRemovals: [TreeEdit] = []
+        var changed = false
+        var retiring: [(id: String, sites: [ProbeSite], version: FileVersion?)] = []
+        for change in changes {
+            guard let r = probes[change.id] else { continue }
+            switch change.kind {
+            case .attach(let targets):
+                guard let first = targets.first, r.follows, !isEnded(r) else { continue }
+                // Back to a file this registration still counts in (moved back): no new sites.
+                let known = r.sites.filter { $0.target.device == first.device && $0.target.inode == first.inode }
+                if !known.isEmpty {
+                    replace(r.with(sites: r.sites, state: .active, baseHits: r.baseHits, targets: known.map(\.target), retired: r.retired))
+                    changed = true
+                    logger.notice("probe follows its path back to a known file",
+                                  metadata: ["probe_id": "\(r.id)", "path": "\(first.path)", "inode": "\(first.inode)"])
+                } else {
+                    attaches.append((r.id, targets))
+                }
+            case .degrade(let reason):
+                guard r.state != .degraded(reason: reason), !isEnded(r) else { continue }
+                replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets,
+                               retired: r.retired))
+                changed = true
+                logger.warning("probe degraded", metadata: ["probe_id": "\(r.id)", "path": "\(r.targets.first?.path ?? r.spec.path)",
+                                                            "error_code": "probe_degraded", "reason": "\(reason)"])
+            case .retire(let device, let inode):
+                // Never the current file: new processes still get it.
+                if let t = r.targets.first, t.device == device, t.inode == inode, r.state == .active { continue }
+                let gone = r.sites.filter { $0.target.device == device && $0.target.inode == inode }
+                guard !gone.isEmpty else { continue }
+                retiring.append((r.id, gone, gone.first.map { FileVersion($0.target) }))
+            case .end(let reason):
+                // Ended with sites left means an earlier counter read failed: retry the detach.
+                guard !(isEnded(r) && r.sites.isEmpty) else { continue }
+                retiring.append((r.id, r.sites, nil))
+                replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
+                               retired: r.retired))
+                changed = true
+                logger.notice("probe ended", metadata: ["probe_id": "\(r.id)", "reason": "\(reason)"])
+            }
+        }
+
+        // New versions: allocate, reset, attach per group; a registration whose group fails is
+        // degraded (its older sites keep counting).
+        if !attaches.isEmpty {
+            var plans: [PlannedRegister] = []
+            var ids: [String] = []
+            var newSlots: [UInt32] = []
+            for (id, targets) in attaches {
+                guard let r = probes[id] else { continue }
+                var plan = PlannedRegister(index: plans.count, consumer: r.consumer, peer: r.owner)
+                if slots.available < targets.count && !deadSlots.isEmpty { compact() }
+                if let allocated = slots.allocate(targets.count) {
+                    newSlots += allocated
+                    plan.probes = [PlannedProbe(sites: zip(targets, allocated).map { ProbeSite(target: $0, slot: $1) }, spec: r.spec)]
+                } else {
+                    plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left for the new file's \(targets.count) sites")
+                }
+                plans.append(plan)
+                ids.append(id)
+            }
+            if !newSlots.isEmpty {
+                do { try kernel.resetCounters(slots: newSlots) } catch {
+                    for i in plans.indices where plans[i].failure == nil {
+                        plans[i].failure = EngineError(code: error.code, message: "resetting counters failed: \(error.message)")
+                    }
+                }
+            }
+            attachPlanned(&plans)
+            for (plan, id) in zip(plans, ids) {
+                guard let r = probes[id] else { continue }
+                let newSites = plan.probes.first?.sites ?? []
+                if let failure = plan.failure {
+                    for s in newSites { if slotLink[s.slot] != nil { deadSlots.insert(s.slot) } else { slots.release([s.slot]) } }
+                    let reason = "the new file at \(newSites.first?.target.path ?? r.spec.path) could not be attached (\(failure.code): \(failure.message)); processes running the old file are still counted"
+                    replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets, retired: r.retired))
+                    logger.warning("probe degraded", metadata: ["probe_id": "\(r.id)", "error_code": "\(failure.code)", "reason": "\(reason)"])
+                } else {
+                    for site in newSites {
+                        uprobeRefs[UprobeSiteKey(site), default: 0] += 1
+                        if let number = ProbeID.number(r.id) {
+                            pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
+                                registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
+                                flags: r.spec.retprobe ? Consumer.retprobe : 0)))
+                        }
+                    }
+                    replace(r.with(sites: r.sites + newSites, state: .active, baseHits: r.baseHits,
+                                   targets: newSites.map(\.target), retired: r.retired))
+                    logger.notice("probe follows its path to a new file", metadata: [
+                        "probe_id": "\(r.id)", "path": "\(newSites.first?.target.path ?? "")",
+                        "inode": "\(newSites.first?.target.inode ?? 0)", "build_id": "\(newSites.first?.target.buildID ?? "")"])
+                }
+                changed = true
+            }
+        }
+
+        // Retirements and ends: read the final counts of the sites, fold them in, drop the sites.
+        if !retiring.isEmpty {
+            let counts: [UInt64]
+            do { counts = try kernel.readCounters(upTo: slots.highWater) } catch {
+                logger.error("reading counters for a retirement failed; retrying later", metadata: ["error": "\(error.message)"])
+                counts = []
+            }
+            if !counts.isEmpty {
+                for (id, gone, version) in retiring {
+                    guard let r = probes[id] else { continue }
+                    let goneSlots = Set(gone.map(\.slot))
+                    let hits = gone.reduce(UInt64(0)) { $0 &+ (Int($1.slot) < counts.count ? counts[Int($1.slot)] : 0) }
+                    var retired = r.retired
+                    if let version {
+                        retired.append(RetiredVersion(version: version, hits: hits))
+                        logger.notice("probe retired an old file version", metadata: [
+                            "probe_id": "\(r.id)", "path": "\(version.path)", "inode": "\(version.inode)", "hits": "\(hits)"])
+                    }
+                    if let number = ProbeID.number(r.id) {
+                        for site in gone { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
+                    }
+                    for site in gone {
+                        let k = UprobeSiteKey(site)
+                        if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
+                        deadSlots.insert(site.slot)
+                    }
+                    replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
+                                   baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired))
+                    changed = true
+                }
+            }
+        }
+        counters.pendingRemovals = deadSlots.count
+        guard changed || !treeRemovals.isEmpty else { return }
+        if !pendingTreeInserts.isEmpty {
+            tree.apply(pendingTreeInserts)
+            pendingTreeInserts.removeAll(keepingCapacity: true)
+        }
+        let snapshot = makeSnapshot()
+        // The state file keeps registrations, not file versions: a failed save is logged and
+        // retried by the next batch or checkpoint (the kernel side is already right).
+        do { try persist(snapshot) } catch { logger.error("saving state failed", metadata: ["error": "\(error)"]) }
+        publish(snapshot)
+        if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
+        scheduleCompaction()
+        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        publish(makeSnapshot())
+    }
+
+    private func isEnded(_ r: ProbeRecord) -> Bool {
+        if case .ended = r.state { return true }
+        return false
+    }
+
+    /// Swaps in a new version of an existing registration (same id).
+    private func replace(_ r: ProbeRecord) { probes.insert(r) }
+
     private func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: Double,
                         nowMono: ContinuousClock.Instant, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
         let r = ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: spec, sites: sites,
@@ -355,9 +540,42 @@ final class BatchApplier {
         EngineError(code: error.code, message: "attaching probes in \(path) failed: \(error.message)")
     }
 
+    /// The path to hand the kernel for a group's file: its pinned descriptor (opened and
+    /// checked against the group's device and inode the first time). A path that cannot be
+    /// opened here is passed as is and the kernel reports its own error.
+    private func kernelPath(_ key: LinkGroupKey, path: String) throws(KernelError) -> String {
+        let file = PinnedFile(device: key.device, inode: key.inode)
+        if let fd = pinned[file] { return "/proc/self/fd/\(fd)" }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return path }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { close(fd); return path }
+        guard UInt64(st.st_dev) == key.device, UInt64(st.st_ino) == key.inode else {
+            close(fd)
+            throw KernelError(code: "file_changed",
+                              message: "\(path) was replaced after it was resolved (inode \(key.inode) -> \(st.st_ino)); resolve again")
+        }
+        pinned[file] = fd
+        return "/proc/self/fd/\(fd)"
+    }
+
+    /// Closes the pinned descriptor of a file once no link of any group uses it.
+    private func unpinIfUnused(_ key: LinkGroupKey) {
+        let file = PinnedFile(device: key.device, inode: key.inode)
+        guard let fd = pinned[file], !groupLinks.keys.contains(where: { $0.device == key.device && $0.inode == key.inode }) else { return }
+        close(fd)
+        pinned.removeValue(forKey: file)
+    }
+
     private func attachLink(key: LinkGroupKey, path: String, sites: [ProbeSite]) throws(KernelError) {
         let linkSites = sites.map { LinkSite(offset: $0.target.fileOffset, refCtrOffset: $0.target.refCtrOffset, slot: $0.slot) }
-        let handle = try kernel.attach(path: path, sites: linkSites, pid: key.pid == 0 ? nil : key.pid, retprobe: key.retprobe)
+        let handle: any KernelLink
+        do {
+            handle = try kernel.attach(path: try kernelPath(key, path: path), sites: linkSites, pid: key.pid == 0 ? nil : key.pid, retprobe: key.retprobe)
+        } catch {
+            unpinIfUnused(key)
+            throw error
+        }
         let record = LinkRecord(group: key, path: path, sites: linkSites, handle: handle)
         adopt(record)
     }
@@ -372,7 +590,10 @@ final class BatchApplier {
     private func forget(_ record: LinkRecord) {
         links.removeValue(forKey: ObjectIdentifier(record))
         groupLinks[record.group]?.remove(ObjectIdentifier(record))
-        if groupLinks[record.group]?.isEmpty == true { groupLinks.removeValue(forKey: record.group) }
+        if groupLinks[record.group]?.isEmpty == true {
+            groupLinks.removeValue(forKey: record.group)
+            unpinIfUnused(record.group)
+        }
     }
 
     /// Whether a group has more small links than it should (many small batches each added
@@ -440,7 +661,7 @@ final class BatchApplier {
             for r in rebuilds {
                 guard let path = r.old.first?.path else { continue }
                 do {
-                    let handle = try kernel.attach(path: path, sites: r.live, pid: r.group.pid == 0 ? nil : r.group.pid,
+                    let handle = try kernel.attach(path: try kernelPath(r.group, path: path), sites: r.live, pid: r.group.pid == 0 ? nil : r.group.pid,
                                                    retprobe: r.group.retprobe)
                     adopt(LinkRecord(group: r.group, path: path, sites: r.live, handle: handle))
                     counters.linkRebuilds += 1
@@ -507,7 +728,14 @@ final class BatchApplier {
         links.removeAll()
         groupLinks.removeAll()
         slotLink.removeAll()
+        for fd in pinned.values { close(fd) }
+        pinned.removeAll()
     }
+}
+
+struct PinnedFile: Hashable {
+    var device: UInt64
+    var inode: UInt64
 }
 
 struct UprobeSiteKey: Hashable {

@@ -13,6 +13,20 @@ public struct ProbeStats: Sendable {
     public var ratePerSecond: Double
     public var sites: Int
     public var state: ProbeState
+    /// Hits per file version (device, inode, build-id), current and retired ones: old and new
+    /// builds side by side during a rolling upgrade. They add up to `hits` minus the hits
+    /// carried over from before a daemon restart.
+    public var versions: [VersionStats] = []
+}
+
+/// Hits counted in one file version of a registration.
+public struct VersionStats: Sendable {
+    public var version: FileVersion
+    public var hits: UInt64
+    /// The newest good file at the path (what new processes get).
+    public var current: Bool
+    /// Its sites were detached once no process mapped it.
+    public var retired: Bool
 }
 
 /// The engine: batches requests from every connection and applies them on one writer thread.
@@ -92,6 +106,22 @@ public final class Engine: Sendable {
         }
     }
 
+    /// Applies the path watcher's changes in one writer batch; returns once they are published.
+    public func follow(_ changes: [FollowChange]) async {
+        guard !changes.isEmpty else { return }
+        await withCheckedContinuation { (cont: CheckedContinuation<Void, Never>) in
+            let accepted = queue.push(.follow(changes: changes, reply: { cont.resume() }))
+            if !accepted { cont.resume() }
+        }
+    }
+
+    /// Blocking form of `follow` for the watcher's own thread.
+    public func followSync(_ changes: [FollowChange]) {
+        guard !changes.isEmpty else { return }
+        let done = DispatchSemaphore(value: 0)
+        if queue.push(.follow(changes: changes, reply: { done.signal() })) { done.wait() }
+    }
+
     private static let stopping = EngineError(code: "shutting_down", message: "uprobed is stopping")
 
     /// The last published registry.
@@ -99,11 +129,27 @@ public final class Engine: Sendable {
 
     /// Hit counts of the given probes (all if nil). Unknown ids give `probe_not_found`.
     ///
-    /// The counters and the consumers' slots are read inside one read section of the uprobes
-    /// tree: the writer reuses a slot only after a grace period of that tree, so a slot read
-    /// here still belongs to the registration that names it.
+    /// The registry snapshot and the counters are read inside one read section of the uprobes
+    /// tree: the writer frees a slot only after a grace period of that tree, so every slot a
+    /// record of this snapshot names still belongs to it while it is summed here. Reading the
+    /// snapshot inside the section also makes a retirement exact: the writer publishes a record
+    /// whose `baseHits` absorbed a slot's final count in the same version that drops the slot.
     public func stats(ids: [String]?) -> Result<[ProbeStats], EngineError> {
-        let snap = snapshot
+        let kernel = self.kernel
+        let published = self.published
+        let read: Result<(RegistrySnapshot, [UInt64]), EngineError> = tree.read { (_: borrowing TreeView) -> Result<(RegistrySnapshot, [UInt64]), EngineError> in
+            let snap = published.load()
+            do throws(KernelError) {
+                return .success((snap, try kernel.readCounters(upTo: snap.slotHighWater)))
+            } catch {
+                return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
+            }
+        }
+        let snap: RegistrySnapshot, counts: [UInt64]
+        switch read {
+        case .failure(let e): return .failure(e)
+        case .success(let v): (snap, counts) = v
+        }
         let records: [ProbeRecord]
         if let ids {
             var r: [ProbeRecord] = []
@@ -117,40 +163,26 @@ public final class Engine: Sendable {
         } else {
             records = snap.sortedProbes
         }
-        var hits: [UInt64: UInt64] = [:]
-        hits.reserveCapacity(records.count)
-        let kernel = self.kernel
-        let read: Result<Void, KernelError> = tree.read { (view: borrowing TreeView) -> Result<Void, KernelError> in
-            let counts: [UInt64]
-            do throws(KernelError) { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch { return .failure(error) }
-            func add(_ c: Consumer) {
-                if Int(c.slot) < counts.count { hits[c.registration, default: 0] &+= counts[Int(c.slot)] }
-            }
-            if ids != nil {
-                // A few probes: look their uprobes up instead of walking the whole tree.
-                for r in records {
-                    guard let number = ProbeID.number(r.id) else { continue }
-                    for site in r.sites {
-                        let key = UprobeKey(dev: site.target.device, inode: site.target.inode, offset: site.target.fileOffset)
-                        _ = view.withConsumers(of: key) { list in
-                            if let c = list.first(registration: number) { add(c) }
-                        }
-                    }
-                }
-            } else {
-                view.forEach { _, list in list.forEach { add($0) } }
-            }
-            return .success(())
-        }
-        if case .failure(let error) = read {
-            return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
-        }
         let now = ContinuousClock.now
         return .success(records.map { r in
-            let counted = ProbeID.number(r.id).flatMap { hits[$0] } ?? 0
+            var counted: UInt64 = 0
+            var versions: [VersionStats] = []
+            for site in r.sites {
+                let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
+                counted &+= c
+                if let i = versions.firstIndex(where: { $0.version.sameFile(site.target) }) {
+                    versions[i].hits &+= c
+                } else {
+                    let current = r.targets.first.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
+                    versions.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
+                }
+            }
+            for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
+            let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
             let secs = durationSeconds(now - r.registeredAtMonotonic)
-            return ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(counted) / secs : 0,
-                              sites: r.sites.count, state: r.state)
+            let since = counted &+ retiredHits
+            return ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(since) / secs : 0,
+                              sites: r.sites.count, state: r.state, versions: versions)
         })
     }
 

@@ -84,3 +84,27 @@ final class LinkRecord {
         self.handle = handle
     }
 }
+
+/// A change the path watcher asks the writer to make to an existing registration. The watcher
+/// decides (outside any lock, after resolving and scanning /proc); the writer applies all
+/// changes of one round together: one slot allocation, one link per (binary, direction).
+public struct FollowChange: Sendable {
+    public enum Kind: Sendable {
+        /// The file at the path changed: count these sites of the new file too. Older files'
+        /// sites stay while processes still map them.
+        case attach(targets: [ResolvedProbe])
+        /// The file at the path cannot be probed (gone, not ELF, symbol missing): report it;
+        /// sites of older files keep counting the processes that still run them.
+        case degrade(reason: String)
+        /// No process maps this file any more: detach its sites and keep their hits.
+        case retire(device: UInt64, inode: UInt64)
+        /// The registration is over (its process exited): detach everything, keep the hits.
+        case end(reason: String)
+    }
+    public var id: String
+    public var kind: Kind
+    public init(id: String, kind: Kind) {
+        self.id = id
+        self.kind = kind
+    }
+}

@@ -25,6 +25,52 @@ public enum ProbeState: Sendable, Equatable {
     /// Registered but not attached, e.g. its binary vanished or changed while the daemon was
     /// down; `reason` says what happened. It is never silently attached elsewhere.
     case degraded(reason: String)
+    /// Finished for good: a pid-filtered registration whose process exited. Its sites are
+    /// detached and its hits kept; it stays listed until unregistered.
+    case ended(reason: String)
+
+    /// The reason of a degraded or ended registration.
+    public var reason: String? {
+        switch self {
+        case .active: return nil
+        case .degraded(let r), .ended(let r): return r
+        }
+    }
+    /// `active`, `degraded` or `ended`, as the wire shows it.
+    public var name: String {
+        switch self {
+        case .active: return "active"
+        case .degraded: return "degraded"
+        case .ended: return "ended"
+        }
+    }
+}
+
+/// One file (device, inode) a registration has counted in, and the hits counted there. A
+/// registration that follows its path gets one per file it has seen at that path.
+public struct FileVersion: Sendable, Hashable {
+    public var device: UInt64
+    public var inode: UInt64
+    public var buildID: String?
+    public var path: String
+    public init(device: UInt64, inode: UInt64, buildID: String?, path: String) {
+        self.device = device
+        self.inode = inode
+        self.buildID = buildID
+        self.path = path
+    }
+    public init(_ t: ResolvedProbe) {
+        self.init(device: t.device, inode: t.inode, buildID: t.buildID, path: t.path)
+    }
+    /// Same file (device and inode).
+    public func sameFile(_ t: ResolvedProbe) -> Bool { t.device == device && t.inode == inode }
+}
+
+/// Hits of a file version whose sites were retired (no process mapped it any more). They are
+/// also included in `baseHits`; this keeps them visible per version.
+public struct RetiredVersion: Sendable, Hashable {
+    public var version: FileVersion
+    public var hits: UInt64
 }
 
 /// A registered probe: one id, one or more sites (several for a multi-site USDT probe).
@@ -36,7 +82,9 @@ public final class ProbeRecord: Sendable {
     public let consumer: String?
     public let owner: Peer
     public let spec: ProbeSpecInput
-    /// Attached sites; empty when degraded.
+    /// Attached sites: empty when degraded after a restart or ended. A registration that
+    /// follows its path holds the sites of every file version still mapped by some process
+    /// (the current file's plus older ones), so old processes keep being counted.
     public let sites: [ProbeSite]
     /// Seconds since the Unix epoch when the registration was first acknowledged.
     public let registeredAt: Double
@@ -47,11 +95,15 @@ public final class ProbeRecord: Sendable {
     public let baseHits: UInt64
     /// Where the probe was resolved when it was registered (kept for degraded probes, whose
     /// `sites` are empty, so `list` still shows what was asked and where it was).
+    /// For a registration that follows its path, `targets` are those of the newest good file.
     public let targets: [ResolvedProbe]
+    /// Versions whose sites were retired, with their hits (already part of `baseHits`).
+    public let retired: [RetiredVersion]
 
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
                 registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, state: ProbeState,
-                baseHits: UInt64, targets: [ResolvedProbe]) {
+                baseHits: UInt64, targets: [ResolvedProbe], retired: [RetiredVersion] = []) {
+        self.retired = retired
         self.id = id
         self.consumer = consumer
         self.owner = owner
@@ -63,6 +115,20 @@ public final class ProbeRecord: Sendable {
         self.baseHits = baseHits
         self.targets = targets
     }
+
+    /// A new version of this registration (same id, registration time and consumers' owner).
+    func with(sites: [ProbeSite], state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe],
+              retired: [RetiredVersion]) -> ProbeRecord {
+        ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
+                    registeredAtMonotonic: registeredAtMonotonic, state: state, baseHits: baseHits, targets: targets,
+                    retired: retired)
+    }
+
+    /// Whether the daemon follows this registration's path through file replacements: asked
+    /// for (the default), not pid-filtered (a process keeps the file it mapped; the
+    /// registration ends with it), and not a raw file offset (an offset means nothing in
+    /// another build).
+    public var follows: Bool { spec.follow && spec.pid == nil && spec.offset == nil }
 }
 
 /// A registration to bring back after a restart, with its original id.

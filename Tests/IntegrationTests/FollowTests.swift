@@ -1,0 +1,206 @@
+import Foundation
+import Testing
+import UprobedClient
+import UprobedProtocol
+
+/// Issue 7: probes follow their path through replacements of the file (upgrade by rename),
+/// report a degraded state when the new file cannot be probed, can be pinned with
+/// `"follow": false`, and pid-filtered probes end with their process. Real kernel, exact counts.
+@Suite(.enabled(if: Kernel.enabled, "needs root and a kernel with uprobe_multi (set UPROBED_REQUIRE_KERNEL=1 to require)"))
+struct FollowTests {
+    static let config = "follow_check_ms = 100\ncompaction_delay_ms = 50\n"
+
+    /// Polls `condition` every 20 ms for up to `seconds`; fails with `what` if it never holds.
+    func waitFor(_ what: String, seconds: Double = 15, _ condition: () throws -> Bool) throws {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if try condition() { return }
+            usleep(20_000)
+        }
+        throw TestFailure("timed out waiting for: \(what)")
+    }
+
+    func inode(_ path: String) -> UInt64 {
+        var st = stat()
+        return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
+    }
+
+    /// Atomically replaces `path` by a copy of `source` (a new inode), like a package upgrade.
+    func replace(_ path: String, with source: String) throws {
+        let tmp = path + ".tmp-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.copyItem(atPath: source, toPath: tmp)
+        guard rename(tmp, path) == 0 else { throw TestFailure("rename failed: \(errno)") }
+    }
+
+    func replace(_ path: String, withText text: String) throws {
+        let tmp = path + ".tmp-\(UInt32.random(in: 0...UInt32.max))"
+        try text.write(toFile: tmp, atomically: false, encoding: .utf8)
+        chmod(tmp, 0o755)
+        guard rename(tmp, path) == 0 else { throw TestFailure("rename failed: \(errno)") }
+    }
+
+    func statsEntry(_ daemon: TestDaemon, _ id: String) throws -> JSONObject {
+        let r = try daemon.call(["op": "stats", "probes": [.string(id)]])
+        guard let o = r["stats"]?.arrayValue?.first?.objectValue else { throw TestFailure("no stats for \(id): \(r)") }
+        return o
+    }
+
+    func listEntry(_ daemon: TestDaemon, _ id: String) throws -> JSONObject {
+        let r = try daemon.call(["op": "list"])
+        guard let o = r["probes"]?.arrayValue?.compactMap(\.objectValue).first(where: { $0["id"]?.stringValue == id }) else {
+            throw TestFailure("\(id) not listed: \(r)")
+        }
+        return o
+    }
+
+    func versions(_ daemon: TestDaemon, _ id: String) throws -> [UInt64: JSONObject] {
+        var out: [UInt64: JSONObject] = [:]
+        for v in try statsEntry(daemon, id)["versions"]?.arrayValue ?? [] {
+            if let o = v.objectValue, let ino = o["inode"]?.int64Value { out[UInt64(ino)] = o }
+        }
+        return out
+    }
+
+    func links(_ daemon: TestDaemon) throws -> Int64 { try daemon.status()["links"]?.int64Value ?? -1 }
+
+    @Test("a binary replaced by rename(2): old and new processes are both counted exactly; the old link goes when its process exits")
+    func followsRename() throws {
+        let daemon = try TestDaemon(config: Self.config)
+        let path = daemon.dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let oldInode = inode(path)
+        let old = try WaitingProcess([path, "300", "0", "wait"])
+        let ids = try daemon.register([spec(path, symbol: "fn_a")])
+        let id = ids[0]
+        #expect(try listEntry(daemon, id)["follow"] == .bool(true))
+
+        let rebuilt = try Fixtures.build("target-follow-v2", relative: "target/target.c", flags: ["-DREBUILT=2", "-O0"])
+        try replace(path, with: rebuilt)
+        let newInode = inode(path)
+        #expect(newInode != oldInode)
+        try waitFor("the new file's sites attached") { try versions(daemon, id)[newInode]?["current"] == .bool(true) }
+        #expect(try links(daemon) == 2, "one link per file while the old process runs")
+
+        try old.release()  // 300 calls in the old file
+        #expect(try run([path, "200", "0"]).status == 0)
+        #expect(try run([path, "50", "0"]).status == 0)
+        #expect(try daemon.hits([id])[id] == 550)
+        var v = try versions(daemon, id)
+        #expect(v[oldInode]?["hits"]?.int64Value == 300)
+        #expect(v[newInode]?["hits"]?.int64Value == 250)
+        #expect(v[oldInode]?["build_id"] != v[newInode]?["build_id"], "different builds side by side: \(v)")
+
+        // The old process is gone: nothing maps the old inode, so its sites retire.
+        try waitFor("the old file retired") { try versions(daemon, id)[oldInode]?["retired"] == .bool(true) }
+        try waitFor("the old link closed") { try links(daemon) == 1 }
+        v = try versions(daemon, id)
+        #expect(v[oldInode]?["hits"]?.int64Value == 300)
+        #expect(try daemon.hits([id])[id] == 550)
+        #expect(try run([path, "7", "0"]).status == 0)
+        #expect(try daemon.hits([id])[id] == 557)
+        #expect(try statsEntry(daemon, id)["state"] == nil)
+        #expect(daemon.log.contains("probe follows its path to a new file"))
+    }
+
+    @Test("a replacement without the symbol (not ELF, symbol gone) is reported degraded; a good file brings it back")
+    func degradedAndRecovered() throws {
+        let daemon = try TestDaemon(config: Self.config)
+        let path = daemon.dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let id = try daemon.register([spec(path, symbol: "fn_a")])[0]
+        #expect(try run([path, "10", "0"]).status == 0)
+
+        try replace(path, withText: "#!/bin/sh\nexit 0\n")
+        try waitFor("degraded: not ELF") { try listEntry(daemon, id)["state"]?.stringValue == "degraded" }
+        var reason = try listEntry(daemon, id)["reason"]?.stringValue ?? ""
+        #expect(reason.contains("not_elf") && reason.contains(path), "\(reason)")
+        let s = try statsEntry(daemon, id)
+        #expect(s["state"]?.stringValue == "degraded" && s["hits"]?.int64Value == 10)
+
+        let noSymbol = try Fixtures.build("follow-nofn", source: "int main(void) { return 0; }\n")
+        try replace(path, with: noSymbol)
+        try waitFor("degraded: symbol gone") {
+            (try listEntry(daemon, id)["reason"]?.stringValue ?? "").contains("symbol_not_found")
+        }
+        reason = try statsEntry(daemon, id)["reason"]?.stringValue ?? ""
+        #expect(reason.contains("fn_a"), "\(reason)")
+        #expect(daemon.log.contains("probe degraded"))
+
+        try replace(path, with: try Fixtures.target)
+        try waitFor("recovered") { try listEntry(daemon, id)["state"] == nil }
+        #expect(try run([path, "7", "0"]).status == 0)
+        #expect(try daemon.hits([id])[id] == 17)
+        #expect(try statsEntry(daemon, id)["state"] == nil)
+    }
+
+    @Test("follow: false pins a probe to its inode; a followed one on the same file moves on")
+    func pinned() throws {
+        let daemon = try TestDaemon(config: Self.config)
+        let path = daemon.dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let ids = try daemon.register([spec(path, symbol: "fn_a", follow: false), spec(path, symbol: "fn_a")])
+        let (pin, fol) = (ids[0], ids[1])
+        #expect(try listEntry(daemon, pin)["follow"] == .bool(false))
+        #expect(try listEntry(daemon, pin)["spec"]?.objectValue?["follow"] == .bool(false))
+        let old = try WaitingProcess([path, "40", "0", "wait"])
+        let oldInode = inode(path)
+
+        try replace(path, with: try Fixtures.target)
+        let newInode = inode(path)
+        try waitFor("the followed probe attached the new file") { try versions(daemon, fol)[newInode] != nil }
+        #expect(try run([path, "5", "0"]).status == 0)
+        try old.release()
+        var hits = try daemon.hits(ids)
+        #expect(hits[pin] == 40)
+        #expect(hits[fol] == 45)
+        // Retiring the followed probe's old site rebuilds the shared old link for the pinned
+        // probe alone: it must stay on the old inode, not attach whatever the path names now.
+        try waitFor("old site retired") { try versions(daemon, fol)[oldInode]?["retired"] == .bool(true) }
+        try waitFor("old link rebuilt") { try daemon.status()["batching"]?.objectValue?["pending_removals"]?.int64Value == 0 }
+        #expect(try run([path, "3", "0"]).status == 0)
+        hits = try daemon.hits(ids)
+        #expect(hits[pin] == 40)
+        #expect(hits[fol] == 48)
+        #expect(try versions(daemon, pin).keys.sorted() == [oldInode])
+    }
+
+    @Test("a pid-filtered probe ends cleanly when its process exits: reported, detached, hits kept")
+    func pidProbeEnds() throws {
+        let daemon = try TestDaemon(config: Self.config)
+        let target = try daemon.privateTarget()
+        let p = try WaitingProcess([target, "30", "0", "wait"])
+        let id = try daemon.register([spec(target, symbol: "fn_a", pid: p.pid)])[0]
+        #expect(try links(daemon) == 1)
+        try p.release()
+        try waitFor("ended") { try listEntry(daemon, id)["state"]?.stringValue == "ended" }
+        let entry = try listEntry(daemon, id)
+        #expect((entry["reason"]?.stringValue ?? "").contains("process \(p.pid) exited"), "\(entry)")
+        #expect(entry["follow"] == .bool(false))
+        let s = try statsEntry(daemon, id)
+        #expect(s["state"]?.stringValue == "ended")
+        #expect(s["hits"]?.int64Value == 30)
+        try waitFor("its link detached") { try links(daemon) == 0 }
+        #expect(try daemon.hits([id])[id] == 30)
+        // Still listed until removed.
+        let rm = try daemon.call(["op": "unregister", "probes": [.string(id)]])
+        #expect(rm["removed"]?.int64Value == 1)
+    }
+
+    @Test("after a restart, a followed probe whose file was replaced while down is re-resolved in the new file")
+    func followsAcrossRestart() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let path = dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        var d = try ServiceDaemon(dir: dir, config: Self.config)
+        let id = try d.register([spec(path, symbol: "fn_a")])[0]
+        #expect(try run([path, "6", "0"]).status == 0)
+        #expect(d.stop() == 0)
+        try replace(path, with: try Fixtures.build("target-follow-v2", relative: "target/target.c", flags: ["-DREBUILT=2", "-O0"]))
+        d = try ServiceDaemon(dir: dir, config: Self.config)
+        try waitFor("re-resolved in the new file") { try d.list()[id]?["state"] == nil }
+        #expect(try run([path, "4", "0"]).status == 0)
+        #expect(try d.hits()[id] == 10)
+        #expect(d.stop() == 0)
+    }
+}
