@@ -76,6 +76,10 @@ struct ResolverCountingTests {
             #include <unistd.h>
             int main(int argc, char **argv) {
                 long n = atol(argv[1]);
+                /* stdin's buffer would be malloc'ed by the first fgets, racing with the
+                   registration that follows the pid line: give it a static one instead. */
+                static char inbuf[64];
+                setvbuf(stdin, inbuf, _IOFBF, sizeof inbuf);
                 printf("%d\\n", getpid()); fflush(stdout);
                 char line[8]; if (!fgets(line, sizeof line, stdin)) return 2;
                 for (long i = 0; i < n; i++) { void *volatile p = malloc(32); free(p); }

@@ -106,10 +106,16 @@ struct ViewTests {
         try proc.run()
         defer { kill(proc.processIdentifier, SIGKILL); proc.waitUntilExit() }
         let pid = proc.processIdentifier
-        // Wait until the chrooted sleep has mapped its libc.
+        // Wait until the process is the chrooted sleep (not `chroot` itself, a host binary that
+        // maps the host's libc before it execs) and has mapped its libc.
+        let sleepID = statOf(root + "/usr/bin/sleep")
         var mapped = false
-        for _ in 0..<200 {
-            if let m = readWholeFile("/proc/\(pid)/maps"), String(decoding: m, as: UTF8.self).contains("libc.so.6") { mapped = true; break }
+        for _ in 0..<300 {
+            if statOf("/proc/\(pid)/exe") == sleepID,
+               let m = readWholeFile("/proc/\(pid)/maps"), String(decoding: m, as: UTF8.self).contains("libc.so.6") {
+                mapped = true
+                break
+            }
             usleep(10_000)
         }
         try #require(mapped)
