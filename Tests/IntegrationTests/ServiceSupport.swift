@@ -7,7 +7,7 @@ import UprobedProtocol
 /// state dir, killed with SIGKILL, started through another program (systemd-socket-activate),
 /// given a NOTIFY_SOCKET, and its directory is world-searchable so a second uid can connect.
 /// Its stderr goes to a file (a pipe could fill up and block the daemon).
-final class ServiceDaemon: @unchecked Sendable {
+final class ServiceDaemon: DaemonClient, @unchecked Sendable {
     // @unchecked: touched only by the owning test.
     let dir: String
     let socket: String
@@ -79,39 +79,12 @@ final class ServiceDaemon: @unchecked Sendable {
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
     var pid: Int32 { process.processIdentifier }
 
-    func client() throws -> LineClient { try LineClient(socketPath: socket, timeoutSeconds: 60) }
-
-    func call(_ request: JSONObject) throws -> JSONObject {
-        let reply = try client().call(request)
-        guard let o = reply.objectValue else { throw TestFailure("reply is not an object: \(reply)") }
-        return o
-    }
-
-    func register(_ specs: [JSONValue], consumer: String? = nil) throws -> [String] {
-        var req: JSONObject = ["op": "register", "probes": .array(specs)]
-        if let consumer { req["consumer"] = .string(consumer) }
-        let r = try call(req)
-        guard r["ok"] == .bool(true) else { throw TestFailure("register failed: \(JSONSerializer.serialize(.object(r)))") }
-        return (r["probes"]?.arrayValue ?? []).compactMap { $0.objectValue?["id"]?.stringValue }
-    }
-
-    /// `list` as id -> entry.
     func list() throws -> [String: JSONObject] {
         let r = try call(["op": "list"])
         guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
         var out: [String: JSONObject] = [:]
         for p in r["probes"]?.arrayValue ?? [] {
             if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
-        }
-        return out
-    }
-
-    func hits() throws -> [String: UInt64] {
-        let r = try call(["op": "stats"])
-        guard r["ok"] == .bool(true) else { throw TestFailure("stats failed: \(JSONSerializer.serialize(.object(r)))") }
-        var out: [String: UInt64] = [:]
-        for s in r["stats"]?.arrayValue ?? [] {
-            if let o = s.objectValue, let id = o["id"]?.stringValue, let h = o["hits"]?.int64Value { out[id] = UInt64(h) }
         }
         return out
     }

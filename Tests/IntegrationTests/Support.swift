@@ -96,7 +96,7 @@ enum Fixtures {
 }
 
 /// A uprobed started for one test: its own socket and state dir, stopped and cleaned up at the end.
-final class TestDaemon: @unchecked Sendable {
+final class TestDaemon: DaemonClient, @unchecked Sendable {
     // @unchecked: the Process is only touched from the owning test.
     let dir: String
     let socket: String
@@ -162,38 +162,6 @@ final class TestDaemon: @unchecked Sendable {
         return copy
     }
 
-    func client() throws -> LineClient { try LineClient(socketPath: socket, timeoutSeconds: 60) }
-
-    /// One request on a fresh connection; returns the reply object.
-    func call(_ request: JSONObject) throws -> JSONObject {
-        let reply = try client().call(request)
-        guard let o = reply.objectValue else { throw TestFailure("reply is not an object: \(reply)") }
-        return o
-    }
-
-    /// Registers and returns the probe ids; fails the test on error.
-    func register(_ specs: [JSONValue], consumer: String? = nil) throws -> [String] {
-        var req: JSONObject = ["op": "register", "probes": .array(specs)]
-        if let consumer { req["consumer"] = .string(consumer) }
-        let r = try call(req)
-        guard r["ok"] == .bool(true) else { throw TestFailure("register failed: \(JSONSerializer.serialize(.object(r)))") }
-        return (r["probes"]?.arrayValue ?? []).compactMap { $0.objectValue?["id"]?.stringValue }
-    }
-
-    /// Hits per probe id.
-    func hits(_ ids: [String]? = nil) throws -> [String: UInt64] {
-        var req: JSONObject = ["op": "stats"]
-        if let ids { req["probes"] = .array(ids.map { .string($0) }) }
-        let r = try call(req)
-        guard r["ok"] == .bool(true) else { throw TestFailure("stats failed: \(JSONSerializer.serialize(.object(r)))") }
-        var out: [String: UInt64] = [:]
-        for s in r["stats"]?.arrayValue ?? [] {
-            if let o = s.objectValue, let id = o["id"]?.stringValue, let h = o["hits"]?.int64Value { out[id] = UInt64(h) }
-        }
-        return out
-    }
-
-    func status() throws -> JSONObject { try call(["op": "status"]) }
 
     /// SIGTERM and wait; returns the exit status.
     @discardableResult
@@ -223,3 +191,43 @@ func spec(_ path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: St
 }
 
 func errorCode(_ reply: JSONObject) -> String? { reply["error"]?.objectValue?["code"]?.stringValue }
+
+/// Request helpers shared by the test harnesses that run a daemon (TestDaemon, ServiceDaemon).
+protocol DaemonClient {
+    var socket: String { get }
+}
+
+extension DaemonClient {
+    func client() throws -> LineClient { try LineClient(socketPath: socket, timeoutSeconds: 60) }
+
+    /// One request on a fresh connection; returns the reply object.
+    func call(_ request: JSONObject) throws -> JSONObject {
+        let reply = try client().call(request)
+        guard let o = reply.objectValue else { throw TestFailure("reply is not an object: \(reply)") }
+        return o
+    }
+
+    /// Registers and returns the probe ids; fails the test on error.
+    func register(_ specs: [JSONValue], consumer: String? = nil) throws -> [String] {
+        var req: JSONObject = ["op": "register", "probes": .array(specs)]
+        if let consumer { req["consumer"] = .string(consumer) }
+        let r = try call(req)
+        guard r["ok"] == .bool(true) else { throw TestFailure("register failed: \(JSONSerializer.serialize(.object(r)))") }
+        return (r["probes"]?.arrayValue ?? []).compactMap { $0.objectValue?["id"]?.stringValue }
+    }
+
+    /// Hits per probe id (all probes if `ids` is nil).
+    func hits(_ ids: [String]? = nil) throws -> [String: UInt64] {
+        var req: JSONObject = ["op": "stats"]
+        if let ids { req["probes"] = .array(ids.map { .string($0) }) }
+        let r = try call(req)
+        guard r["ok"] == .bool(true) else { throw TestFailure("stats failed: \(JSONSerializer.serialize(.object(r)))") }
+        var out: [String: UInt64] = [:]
+        for s in r["stats"]?.arrayValue ?? [] {
+            if let o = s.objectValue, let id = o["id"]?.stringValue, let h = o["hits"]?.int64Value { out[id] = UInt64(h) }
+        }
+        return out
+    }
+
+    func status() throws -> JSONObject { try call(["op": "status"]) }
+}
