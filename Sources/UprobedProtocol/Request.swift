@@ -3,7 +3,9 @@ public enum Request: Sendable, Equatable {
     case register(probes: [ProbeSpec], consumer: String?)
     case unregister(ids: [String]?, consumer: String?)
     case list(consumer: String?)
-    case stats(ids: [String]?)
+    /// `versions`: always include the per-file breakdown (by default only probes that count in
+    /// more than one file version, i.e. during an upgrade, carry it).
+    case stats(ids: [String]?, versions: Bool)
     case watch(intervalMs: Int, ids: [String]?)
     case status
     /// Dry run: resolve specs and report what would be probed, without attaching.
@@ -99,7 +101,7 @@ public enum RequestDecoder {
         case "register", "resolve": allowed = ["probes", "consumer"]
         case "unregister": allowed = ["probes", "consumer"]
         case "list": allowed = ["consumer"]
-        case "stats": allowed = ["probes"]
+        case "stats": allowed = ["probes", "versions"]
         case "watch": allowed = ["probes", "interval_ms"]
         case "status": allowed = []
         default:
@@ -143,7 +145,12 @@ public enum RequestDecoder {
         case "list":
             return .list(consumer: consumer)
         case "stats":
-            return .stats(ids: try optionalIDs(obj))
+            var versions = false
+            if let v = obj["versions"] {
+                guard let b = v.boolValue else { throw ProtocolError(.invalidRequest, "'versions' must be a boolean") }
+                versions = b
+            }
+            return .stats(ids: try optionalIDs(obj), versions: versions)
         case "watch":
             var interval = 1000
             if let v = obj["interval_ms"] {

@@ -55,7 +55,7 @@ public struct RequestHandler: Sendable {
             case .register(let specs, let consumer): result = await register(specs, consumer: consumer, who: who, policy: policy)
             case .unregister(let ids, let consumer): result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy)
             case .list(let consumer): result = .success(list(consumer: consumer))
-            case .stats(let ids): result = stats(ids: ids)
+            case .stats(let ids, let versions): result = stats(ids: ids, versions: versions)
             case .status: result = .success(status())
             case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; this is one event
@@ -213,7 +213,7 @@ public struct RequestHandler: Sendable {
         })]
     }
 
-    func stats(ids: [String]?) -> Result<JSONObject, ProtocolError> {
+    func stats(ids: [String]?, versions: Bool = false) -> Result<JSONObject, ProtocolError> {
         switch engine.stats(ids: ids) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let stats):
@@ -226,7 +226,9 @@ public struct RequestHandler: Sendable {
                     o["state"] = .string(s.state.name)
                     o["reason"] = .string(reason)
                 }
-                // Per file version: old and new builds side by side during an upgrade.
+                // Per file version: old and new builds side by side during an upgrade. Only when
+                // asked or when there is more than one: a 10,000-probe reply stays small.
+                guard versions || s.versions.count > 1 else { return .object(o) }
                 o["versions"] = .array(s.versions.map { v in
                     var x = JSONObject()
                     x["path"] = .string(v.version.path)

@@ -40,7 +40,7 @@ struct FollowTests {
     }
 
     func statsEntry(_ daemon: TestDaemon, _ id: String) throws -> JSONObject {
-        let r = try daemon.call(["op": "stats", "probes": [.string(id)]])
+        let r = try daemon.call(["op": "stats", "probes": [.string(id)], "versions": true])
         guard let o = r["stats"]?.arrayValue?.first?.objectValue else { throw TestFailure("no stats for \(id): \(r)") }
         return o
     }

@@ -84,6 +84,12 @@ struct RequestDecodingTests {
         #expect(fail("{\"op\":\"register\",\"probes\":[{\"path\":\"/x\",\"symbl\":\"a\"}]}")?.error.message.contains("symbl") == true)
         #expect(fail("{\"op\":\"register\",\"probes\":[{\"path\":\"/x\",\"symbol\":\"a\",\"pid\":-1}]}")?.error.details["probe"] == .int(0))
         #expect(fail("{\"op\":\"unregister\"}")?.error.code == .invalidRequest)
+        #expect(fail("{\"op\":\"stats\",\"versions\":1}")?.error.code == .invalidRequest)
+        if case .success(let env) = RequestDecoder.decode(Array("{\"op\":\"stats\",\"versions\":true}".utf8)) {
+            #expect(env.request == .stats(ids: nil, versions: true))
+        } else {
+            Issue.record("stats with versions did not decode")
+        }
         #expect(fail("{\"op\":\"watch\",\"interval_ms\":1}")?.error.code == .invalidRequest)
     }
 
