@@ -394,12 +394,10 @@ public final class StatePersister: Sendable {
         /// File and process identity taken when each probe was first saved.
         var stamps: [String: (FileStamp?, UInt64?)] = [:]
         var lastGeneration: UInt64 = 0
-        /// Ids the files on disk hold (snapshot plus log).
+        /// Ids the files on disk hold (snapshot plus log). A registration whose batch could not
+        /// be saved is never added: the engine answers `state_write_failed` and rolls it back,
+        /// so no later snapshot carries it and a restart cannot bring it back.
         var written: Set<String> = []
-        /// Ids whose registering batch could not be saved: their request was answered
-        /// `state_write_failed`, so they are never written (a restart must not bring back a
-        /// registration that was refused), though the engine keeps them until unregistered.
-        var unconfirmed: Set<String> = []
         /// Sequence number of the last change on disk.
         var seq: UInt64 = 0
         var snapshotBytes = 0
@@ -423,39 +421,26 @@ public final class StatePersister: Sendable {
     }
 
     /// The engine's persist hook, once per batch before its replies: appends the batch's added
-    /// and removed registrations to the log (nothing if it changed none), or rewrites the
+    /// and removed registrations (`batchAdded`, `batchRemoved`: the engine says what changed, so
+    /// this costs the size of the batch, not of the registry) to the log, or rewrites the
     /// snapshot once the log has grown past it (at least 1 MiB).
     public func persist(_ snapshot: RegistrySnapshot) throws(StateError) {
         let result: Result<Void, StateError> = memo.withLock { m in
             guard snapshot.generation >= m.lastGeneration else { return .success(()) }
-            let records = snapshot.probes.values
-            var current = Set<String>()
-            current.reserveCapacity(records.count)
-            var added: [ProbeRecord] = []
-            for r in records {
-                current.insert(r.id)
-                if !m.written.contains(r.id) && !m.unconfirmed.contains(r.id) { added.append(r) }
-            }
-            let removed = m.written.subtracting(current)
-            m.unconfirmed.formIntersection(current)
+            let added = snapshot.batchAdded.filter { !m.written.contains($0.id) }
+            let removed = snapshot.batchRemoved.filter { m.written.contains($0) }
             if added.isEmpty && removed.isEmpty {
                 m.lastGeneration = snapshot.generation
                 return .success(())
             }
             if m.logBytes > max(1 << 20, m.snapshotBytes) {
                 let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
-                do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
-                    m.unconfirmed.formUnion(added.map(\.id))
-                    return .failure(error)
-                }
+                do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch { return .failure(error) }
                 return .success(())
             }
             let adds = added.map { saved($0, hits: $0.baseHits, memo: &m) }
             let line = StateCodec.encodeLogEntry(seq: m.seq + 1, add: adds, remove: removed.sorted())
-            do throws(StateError) { try store.append(line) } catch {
-                m.unconfirmed.formUnion(added.map(\.id))
-                return .failure(error)
-            }
+            do throws(StateError) { try store.append(line) } catch { return .failure(error) }
             m.seq += 1
             m.logBytes += line.count
             m.written.subtract(removed)
@@ -507,13 +492,12 @@ public final class StatePersister: Sendable {
                           hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: reason)
     }
 
-    /// Writes the whole registry (minus unconfirmed registrations) as the new snapshot.
+    /// Writes the whole registry as the new snapshot.
     private func writeSnapshot(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) {
         var probes: [SavedProbe] = []
         var live: Set<String> = []
         for r in snapshot.sortedProbes {
             live.insert(r.id)
-            if m.unconfirmed.contains(r.id) { continue }
             let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
             probes.append(saved(r, hits: hits, memo: &m))
         }
@@ -522,7 +506,6 @@ public final class StatePersister: Sendable {
         try store.write(state)
         m.seq += 1
         m.written = Set(probes.map(\.id))
-        m.unconfirmed.formIntersection(live)
         m.stamps = m.stamps.filter { live.contains($0.key) }
         m.snapshotBytes = store.size(store.path)
         m.logBytes = 0

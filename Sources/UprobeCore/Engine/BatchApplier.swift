@@ -239,12 +239,14 @@ final class BatchApplier {
             }
         }
         var removedCount: [Int] = []
+        var removedIDs: [String] = []
         var treeRemovals: [TreeEdit] = []
         for removal in removals {
             var n = 0
             for id in removal.ids {
                 guard let r = removeRecord(id, treeEdits: &treeRemovals) else { continue }
                 n += 1
+                removedIDs.append(id)
                 for s in r.sites { deadSlots.insert(s.slot) }
             }
             removedCount.append(n)
@@ -261,6 +263,10 @@ final class BatchApplier {
             pendingTreeInserts.removeAll(keepingCapacity: true)
         }
         var snapshot = makeSnapshot()
+        // What this batch changed, so the state file can record it without diffing the registry.
+        snapshot.batchAdded = created.values.flatMap { $0 }
+            + restored.values.flatMap { $0.compactMap { try? $0.get() } }
+        snapshot.batchRemoved = removedIDs
         var persistError: EngineError? = nil
         do { try persist(snapshot) } catch {
             logger.error("saving state failed", metadata: ["error": "\(error)"])

@@ -185,6 +185,11 @@ public struct RegistrySnapshot: Sendable {
     public var uprobes: Int = 0
     public var counters = EngineCounters()
     public var generation: UInt64 = 0
+    /// On the snapshot handed to the persist hook: the registrations its batch added (restored
+    /// ones included) and the ids it removed. Empty on every other snapshot. A batch whose
+    /// persist fails is rolled back, so its registrations never appear in a later snapshot.
+    public var batchAdded: [ProbeRecord] = []
+    public var batchRemoved: [String] = []
 
     /// Probes sorted by their numeric id, for stable listings.
     public var sortedProbes: [ProbeRecord] { probes.sorted }
