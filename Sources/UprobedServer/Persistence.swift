@@ -448,12 +448,7 @@ public final class StatePersister: Sendable {
             m.lastGeneration = snapshot.generation
             return .success(())
         }
-        switch result {
-        case .success: counters.stateWrites.add(1, ordering: .relaxed)
-        case .failure(let e):
-            counters.stateWriteFailures.add(1, ordering: .relaxed)
-            throw e
-        }
+        try counted(result)
     }
 
     /// Rewrites the snapshot with the hit totals of `snapshot` (periodic checkpoint, final
@@ -468,6 +463,11 @@ public final class StatePersister: Sendable {
             do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch { return .failure(error) }
             return .success(())
         }
+        try counted(result)
+    }
+
+    /// Counts a write attempt in the service counters and passes its failure on.
+    private func counted(_ result: Result<Void, StateError>) throws(StateError) {
         switch result {
         case .success: counters.stateWrites.add(1, ordering: .relaxed)
         case .failure(let e):
