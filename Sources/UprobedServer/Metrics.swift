@@ -74,7 +74,7 @@ public enum MetricsRenderer {
         gauge("uprobed_pending_removals", "Removed probe sites still waiting for detach work.", Double(c.pendingRemovals))
         gauge("uprobed_last_batch_requests", "Requests in the last batch.", Double(c.lastBatchSize))
         gauge("uprobed_last_batch_seconds", "Time the last batch took.", Double(c.lastBatchMicros) / 1e6)
-        gauge("uprobed_uptime_seconds", "Seconds since this uprobed process started.", seconds(ContinuousClock.now - startedAt))
+        gauge("uprobed_uptime_seconds", "Seconds since this uprobed process started.", (ContinuousClock.now - startedAt).inSeconds)
         counter("uprobed_requests_total", "Mutating requests applied by the writer.", c.requests)
         counter("uprobed_batches_total", "Batches applied by the writer.", c.batches)
         counter("uprobed_links_created_total", "uprobe_multi links created.", c.linksCreated)

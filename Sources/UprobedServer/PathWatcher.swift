@@ -104,7 +104,7 @@ public final class PathWatcher: Sendable {
 
         }
         var memo = Memo()
-        let timeoutMs = Int32(clamping: checkEvery.components.seconds * 1000 + checkEvery.components.attoseconds / 1_000_000_000_000_000)
+        let timeoutMs = Int32(clamping: Int64(checkEvery.inSeconds * 1000))
         while !stopping.load(ordering: .acquiring) {
             check(&memo, inotifyFD: ifd)
             var fds = [pollfd(fd: ifd, events: Int16(POLLIN), revents: 0), pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)]
@@ -112,8 +112,8 @@ public final class PathWatcher: Sendable {
             if stopping.load(ordering: .acquiring) { break }
             if n > 0 && fds[0].revents != 0 {
                 // A rename is atomic, but a copy in place arrives in several events: let them settle.
-                let ms = settle.components.seconds * 1000 + settle.components.attoseconds / 1_000_000_000_000_000
-                if ms > 0 { usleep(UInt32(clamping: ms * 1000)) }
+                let micros = Int64(settle.inSeconds * 1_000_000)
+                if micros > 0 { usleep(UInt32(clamping: micros)) }
                 drain(ifd, memo: &memo)
             }
         }

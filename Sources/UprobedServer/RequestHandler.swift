@@ -262,7 +262,7 @@ public struct RequestHandler: Sendable {
         batching["pending_removals"] = JSONValue(s.counters.pendingRemovals)
         var o = JSONObject()
         o["version"] = .string(Self.version)
-        o["uptime_s"] = .double((seconds(up) * 10).rounded() / 10)
+        o["uptime_s"] = .double((up.inSeconds * 10).rounded() / 10)
         o["probes"] = JSONValue(s.probes.count)
         o["uprobes"] = JSONValue(s.uprobes)
         o["links"] = JSONValue(s.linksOpen)
@@ -285,10 +285,6 @@ public struct RequestHandler: Sendable {
         if let i = e.probeIndex { details["probe"] = .int(Int64(i)) }
         return ProtocolError(ErrorCode(e.code), e.message, details: details)
     }
-}
-
-func seconds(_ d: Duration) -> Double {
-    Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
 }
 
 /// The access policy in force. Readers copy it per request; a reload swaps it whole.

@@ -250,8 +250,7 @@ final class SocketServer: Sendable {
                 var event = reply
                 // Replace the mean rate by the rate over this interval.
                 if case .object(var o) = reply, let stats = o["stats"]?.arrayValue {
-                    let dt = now - last
-                    let secs = Double(dt.components.seconds) + Double(dt.components.attoseconds) / 1e18
+                    let secs = (now - last).inSeconds
                     var next: [String: UInt64] = [:]
                     o["stats"] = .array(stats.map { s in
                         guard var so = s.objectValue, let id = so["id"]?.stringValue,

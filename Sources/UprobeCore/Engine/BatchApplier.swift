@@ -300,8 +300,7 @@ final class BatchApplier {
         // batches share one rebuild per link and one grace period; it runs now if it is due.
         scheduleCompaction()
         if let due = compactionDue, ContinuousClock.now >= due { compact() }
-        counters.lastBatchMicros = UInt64((ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000)
-            + UInt64((ContinuousClock.now - started).components.seconds) * 1_000_000
+        counters.lastBatchMicros = UInt64((ContinuousClock.now - started).inSeconds * 1_000_000)
         publish(makeSnapshot())
     }
 

@@ -179,7 +179,7 @@ public final class Engine: Sendable {
             }
             for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
             let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
-            let secs = durationSeconds(now - r.registeredAtMonotonic)
+            let secs = (now - r.registeredAtMonotonic).inSeconds
             let since = counted &+ retiredHits
             return ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(since) / secs : 0,
                               sites: r.sites.count, state: r.state, versions: versions)
@@ -241,7 +241,7 @@ final class OpQueue: @unchecked Sendable {
         defer { cond.unlock() }
         while pending.isEmpty && !closed {
             if let wakeAt {
-                let secs = durationSeconds(wakeAt - ContinuousClock.now)
+                let secs = (wakeAt - ContinuousClock.now).inSeconds
                 if secs <= 0 { return [] }
                 if !cond.wait(until: Date(timeIntervalSinceNow: secs)) && pending.isEmpty { return [] }
             } else {
@@ -249,7 +249,7 @@ final class OpQueue: @unchecked Sendable {
             }
         }
         if pending.isEmpty { return nil }
-        let secs = durationSeconds(window)
+        let secs = window.inSeconds
         if secs > 0 {
             let deadline = Date(timeIntervalSinceNow: secs)
             while pending.count < max && !closed {
@@ -263,6 +263,9 @@ final class OpQueue: @unchecked Sendable {
     }
 }
 
-func durationSeconds(_ d: Duration) -> Double {
-    Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+extension Duration {
+    /// The duration in seconds, as a Double (for rates, timeouts and reports).
+    public var inSeconds: Double {
+        Double(components.seconds) + Double(components.attoseconds) / 1e18
+    }
 }
