@@ -214,7 +214,7 @@ public struct RequestHandler: Sendable {
     }
 
     func stats(ids: [String]?, versions: Bool = false) -> Result<JSONObject, ProtocolError> {
-        switch engine.stats(ids: ids) {
+        switch engine.stats(ids: ids, allVersions: versions) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let stats):
             return .success(["stats": .array(stats.map { s in

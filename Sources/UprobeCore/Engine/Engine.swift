@@ -15,7 +15,8 @@ public struct ProbeStats: Sendable {
     public var state: ProbeState
     /// Hits per file version (device, inode, build-id), current and retired ones: old and new
     /// builds side by side during a rolling upgrade. They add up to `hits` minus the hits
-    /// carried over from before a daemon restart.
+    /// carried over from before a daemon restart. Empty for a single-file probe unless asked
+    /// for (`stats(ids:allVersions:)`).
     public var versions: [VersionStats] = []
 }
 
@@ -134,7 +135,9 @@ public final class Engine: Sendable {
     /// record of this snapshot names still belongs to it while it is summed here. Reading the
     /// snapshot inside the section also makes a retirement exact: the writer publishes a record
     /// whose `baseHits` absorbed a slot's final count in the same version that drops the slot.
-    public func stats(ids: [String]?) -> Result<[ProbeStats], EngineError> {
+    /// `allVersions`: fill `versions` for every probe; otherwise only for probes that count in
+    /// more than one file (an upgrade in progress) — the common single-file probe skips it.
+    public func stats(ids: [String]?, allVersions: Bool = false) -> Result<[ProbeStats], EngineError> {
         let kernel = self.kernel
         let published = self.published
         let read: Result<(RegistrySnapshot, [UInt64]), EngineError> = tree.read { (_: borrowing TreeView) -> Result<(RegistrySnapshot, [UInt64]), EngineError> in
@@ -167,9 +170,14 @@ public final class Engine: Sendable {
         return .success(records.map { r in
             var counted: UInt64 = 0
             var versions: [VersionStats] = []
+            let oneFile = r.retired.isEmpty && r.sites.allSatisfy {
+                $0.target.device == r.sites[0].target.device && $0.target.inode == r.sites[0].target.inode
+            }
+            let breakdown = allVersions || !oneFile
             for site in r.sites {
                 let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
                 counted &+= c
+                guard breakdown else { continue }
                 if let i = versions.firstIndex(where: { $0.version.sameFile(site.target) }) {
                     versions[i].hits &+= c
                 } else {
@@ -177,7 +185,9 @@ public final class Engine: Sendable {
                     versions.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
                 }
             }
-            for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
+            if breakdown {
+                for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
+            }
             let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
             let secs = (now - r.registeredAtMonotonic).inSeconds
             let since = counted &+ retiredHits
