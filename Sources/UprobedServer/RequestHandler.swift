@@ -255,6 +255,8 @@ public struct RequestHandler: Sendable {
         batching["max_batch_size"] = JSONValue(s.counters.maxBatchSize)
         batching["last_batch_size"] = JSONValue(s.counters.lastBatchSize)
         batching["last_batch_us"] = JSONValue(s.counters.lastBatchMicros)
+        batching["writer_busy_us"] = JSONValue(s.counters.busyMicros)
+        batching["state_write_us"] = JSONValue(s.counters.persistMicros)
         batching["links_created"] = JSONValue(s.counters.linksCreated)
         batching["links_closed"] = JSONValue(s.counters.linksClosed)
         batching["link_rebuilds"] = JSONValue(s.counters.linkRebuilds)

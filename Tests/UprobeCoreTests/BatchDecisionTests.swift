@@ -21,6 +21,10 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
     var openLinks: [ObjectIdentifier: FakeLink] = [:]
     var failPaths: Set<String> = []
     var nextGeneration: UInt32 = 1
+    /// When set, `closeAll` blocks until it is signalled (a grace period that takes its time).
+    var closeGate: DispatchSemaphore?
+    /// Most links ever attached on one slot at the same time (the counting program allows two).
+    var maxLinksPerSlot = 0
 
     init(capacity: UInt32 = 1024) { self.capacity = capacity }
 
@@ -43,6 +47,9 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
         let l = FakeLink(generation: nextGeneration, sites: sites, owner: self)
         nextGeneration += 1
         openLinks[ObjectIdentifier(l)] = l
+        var perSlot: [UInt32: Int] = [:]
+        for link in openLinks.values { for site in link.sites { perSlot[site.slot, default: 0] += 1 } }
+        maxLinksPerSlot = max(maxLinksPerSlot, perSlot.values.max() ?? 0)
         return l
     }
     func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) { lock.lock(); overlapCalls += 1; lock.unlock() }
@@ -50,6 +57,7 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
     func resetCounters(slots: [UInt32]) throws(KernelError) {}
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64] { Array(repeating: 0, count: Int(upTo)) }
     func closeAll(_ links: [any KernelLink]) {
+        if let gate = lock.withLock({ closeGate }) { gate.wait() }
         lock.lock(); defer { lock.unlock() }
         closeRounds += 1
         for l in links { if openLinks.removeValue(forKey: ObjectIdentifier(l)) != nil { closed += 1 } }
@@ -84,6 +92,7 @@ final class Harness {
         applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: Logger(label: "test"),
                                publish: { s in published.store(s) }, persist: persist)
     }
+    deinit { applier.shutdown() }
 
     /// Applies the registrations as one batch and returns each request's result.
     func registerBatch(_ requests: [[RegisterItem]]) -> [Result<[ProbeRecord], EngineError>] {
@@ -134,7 +143,7 @@ struct BatchDecisionTests {
         #expect(e.code == "link_create_failed")
         #expect(e.message.contains("/bad"))
         // Request 1's site on /a was attached in the shared link: it must be detached, not counted.
-        h.applier.compact()
+        h.applier.compact(wait: true)
         let live = h.kernel.openSlots
         #expect(live.count == 2, "only the two successful probes stay attached: \(live)")
     }
@@ -148,16 +157,48 @@ struct BatchDecisionTests {
         for id in ids.prefix(30) { _ = h.unregister([id]) }
         #expect(h.kernel.closeRounds == 0, "nothing detached before the delay")
         #expect(h.kernel.openSlots.count == 100)
-        h.applier.compact()
+        h.applier.compact(wait: true)
         #expect(h.kernel.closeRounds == 1)
         #expect(h.kernel.openSlots.count == 70)
         #expect(h.kernel.attachCount == 2, "one rebuild for thirty removals")
+    }
+
+    @Test("link closes run off the writer: batches go on during a grace period, and a slot never has a third link")
+    func detachOffTheWriter() throws {
+        let kernel = FakeKernel()
+        let gate = DispatchSemaphore(value: 0)
+        kernel.closeGate = gate
+        let h = Harness(kernel: kernel)
+        let r = h.registerBatch([[item("/a", inode: 1, offsets: Array(stride(from: 0x10, to: 0x10 + 10 * 0x10, by: 0x10)))]])
+        let ids = (try? r[0].get())?.map(\.id) ?? []
+        #expect(ids.count == 10)
+        _ = h.unregister([ids[0]])
+        h.applier.compact()  // rebuilds the link without ids[0]; the old link's close blocks on the gate
+        // The writer is not held up by the close: more batches apply meanwhile.
+        let more = h.registerBatch([[item("/a", inode: 1, offsets: [0x1000])]])
+        #expect((try? more[0].get())?.count == 1)
+        #expect(h.published.load().counters.pendingRemovals == 1, "the removed site is pending until its link is closed")
+        #expect(h.published.load().linksOpen == 3, "rebuilt + closing + new: the closing link still counts as open")
+        _ = h.unregister([ids[1]])
+        h.applier.compact()  // ids[1] sits in the link that is in hand-off: it must wait
+        #expect(kernel.attachCount == 3, "no rebuild of a link whose slots are in hand-off")
+        #expect(kernel.maxLinksPerSlot == 2)
+        gate.signal()
+        gate.signal()
+        kernel.lock.withLock { kernel.closeGate = nil }
+        h.applier.compact(wait: true)
+        h.applier.maintain()  // publishes
+        #expect(kernel.maxLinksPerSlot == 2)
+        #expect(h.published.load().counters.pendingRemovals == 0)
+        #expect(h.published.load().linksOpen == 2)
+        #expect(kernel.openSlots.count == 9, "8 staying + 1 added")
     }
 
     @Test("many small links of one group are merged into one")
     func mergeSmallLinks() {
         let h = Harness(tuning: EngineConfig(compactionDelay: .zero, maxLinksPerGroup: 4))
         for n in 0..<10 { _ = h.registerBatch([[item("/a", inode: 1, offsets: [UInt64(0x10 * (n + 1))])]]) }
+        h.applier.compact(wait: true)
         #expect(h.kernel.openLinks.count <= 4)
         #expect(h.kernel.openSlots.count == 10)
     }
@@ -184,7 +225,7 @@ struct BatchDecisionTests {
         #expect(h.tree.count == 4, "0x20 on /a is one uprobe with two consumers")
         _ = h.unregister([ids[1].id, ids[4].id])
         check()
-        h.applier.compact()
+        h.applier.compact(wait: true)
         check()
         #expect(h.tree.count == 3)
     }
@@ -216,7 +257,7 @@ struct BatchDecisionTests {
         #expect(e.code == "state_write_failed")
         #expect(h.published.load().probes.isEmpty)
         #expect(h.tree.count == 0)
-        h.applier.compact()
+        h.applier.compact(wait: true)
         #expect(h.kernel.openSlots.isEmpty, "the attached link is closed")
     }
 

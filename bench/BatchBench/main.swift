@@ -176,6 +176,7 @@ func runBench() {
         _ = call(c, ["op": "register", "consumer": "resident", "probes": .array(specs)])
     }
     let graceBefore = batching("grace_periods"), batchesBefore = batching("batches"), requestsBefore = batching("requests")
+    let busyBefore = batching("writer_busy_us"), persistBefore = batching("state_write_us")
     let statsLatency = Latencies()
     let statsThread = Thread {
         guard let c = try? LineClient(socketPath: socket) else { return }
@@ -224,6 +225,7 @@ func runBench() {
     let benchCPU = ownCPUSeconds() - benchCPUBefore
     statsLatency.halt()
     let graceAfter = batching("grace_periods"), batchesAfter = batching("batches"), requestsAfter = batching("requests")
+    let writerBusy = Double(batching("writer_busy_us") - busyBefore) / 1e6, persistBusy = Double(batching("state_write_us") - persistBefore) / 1e6
     let churnRequests = Int(requestsAfter - requestsBefore)  // only register/unregister count as requests
     let stats = statsLatency.values
 
@@ -248,6 +250,7 @@ func runBench() {
     print("components of one \(probes)-probe register: request line \(requestLine.count / 1024) KiB decoded in \(ms(median(parseTimes))); \(probes) symbols resolved one spec at a time (the ELF parsed once, then cached) in \(ms(resolveTime))")
     print(String(format: "CPU during churn: uprobed %.2f s, this bench's 16 clients + stats poller %.2f s (2 cores x %.2f s wall = %.2f s available)",
                  daemonCPU, benchCPU, churnAck, 2 * churnAck))
+    print(String(format: "writer thread during churn: busy %.2f s (%.0f%% of the wall time), of which writing the state file %.2f s", writerBusy, 100 * writerBusy / churnAck, persistBusy))
     print("churn: \(churnRequests) requests in \(batchesAfter - batchesBefore) batches (mean \(String(format: "%.1f", Double(churnRequests) / Double(max(1, batchesAfter - batchesBefore)))) per batch), \(graceAfter - graceBefore) grace-period rounds → \(String(format: "%.0f", Double(churnRequests) / Double(max(1, graceAfter - graceBefore))))x fewer grace periods than requests")
     if !stats.isEmpty {
         print("stats (polled every 20 ms) over \(probes) resident + the churning probes: \(stats.count) calls, p50 \(ms(percentile(stats, 0.5))), p99 \(ms(percentile(stats, 0.99))), max \(ms(stats.max() ?? 0))")

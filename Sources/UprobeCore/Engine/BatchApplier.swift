@@ -16,6 +16,8 @@ enum PendingOp: Sendable {
                     reply: @Sendable (Result<Int, EngineError>) -> Void)
     /// The path watcher's changes to existing registrations (see `FollowChange`).
     case follow(changes: [FollowChange], reply: @Sendable () -> Void)
+    /// Wakes the writer: a detach round finished on the detach worker.
+    case detachFinished
 }
 
 /// The single writer: applies a whole batch of requests to the kernel and the registry.
@@ -55,10 +57,24 @@ final class BatchApplier {
     /// still attaches the old inode, and a file replaced between resolution and attach is
     /// refused (`file_changed`) instead of being probed at offsets meant for another build.
     private var pinned: [PinnedFile: Int32] = [:]
+    /// Closes links and waits for grace periods off this thread.
+    private let detacher: DetachWorker
+    /// Detach rounds handed to `detacher` and not yet finished, by id.
+    private var rounds: [UInt64: DetachRound] = [:]
+    private var nextRoundID: UInt64 = 1
+    /// Links a running round attached in place of the ones it is closing. Their slots are in
+    /// hand-off with an older link, and the counting program allows at most two links on a slot,
+    /// so they are not rebuilt again until that round has finished.
+    private var handoffLinks: Set<ObjectIdentifier> = []
+    /// Links being closed by running rounds (still attached as far as `status` is concerned).
+    private var closingLinks = 0
 
+    /// `wake` is called from the detach worker when a round finishes; the engine turns it into
+    /// a `.detachFinished` op so the writer collects the round.
     init(kernel: any KernelBackend, tree: UprobeTree = UprobeTree(), tuning: EngineConfig, logger: Logger,
          publish: @escaping (RegistrySnapshot) -> Void,
-         persist: @escaping (RegistrySnapshot) throws -> Void) {
+         persist: @escaping (RegistrySnapshot) throws -> Void,
+         wake: @escaping @Sendable () -> Void = {}) {
         self.kernel = kernel
         self.tree = tree
         self.tuning = tuning
@@ -66,6 +82,7 @@ final class BatchApplier {
         self.publish = publish
         self.persist = persist
         self.slots = SlotAllocator(capacity: kernel.capacity)
+        self.detacher = DetachWorker(kernel: kernel, tree: tree, wake: wake)
     }
 
     // MARK: - One batch
@@ -89,13 +106,19 @@ final class BatchApplier {
         var requests: [PendingOp] = []
         var follows: [(changes: [FollowChange], reply: @Sendable () -> Void)] = []
         for op in batch {
-            if case .follow(let changes, let reply) = op { follows.append((changes, reply)) } else { requests.append(op) }
+            switch op {
+            case .follow(let changes, let reply): follows.append((changes, reply))
+            case .detachFinished: continue  // collected below
+            default: requests.append(op)
+            }
         }
+        collectDetaches(detacher.takeFinished())
         if !requests.isEmpty { applyRequests(requests) }
         if !follows.isEmpty {
             applyFollow(follows.flatMap(\.changes))
             for f in follows { f.reply() }
         }
+        if requests.isEmpty && follows.isEmpty { maintain() }
     }
 
     private func applyRequests(_ batch: [PendingOp]) {
@@ -116,9 +139,9 @@ final class BatchApplier {
                 var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
                 let groups = items.map(\.probeGroups)
                 let needed = groups.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } }
-                if slots.available < needed && !deadSlots.isEmpty {
+                if slots.available < needed {
                     // Reclaim retired slots (their links close, a grace period passes) before refusing.
-                    compact()
+                    reclaimSlots()
                 }
                 guard let allocated = slots.allocate(needed) else {
                     plan.failure = EngineError(
@@ -147,7 +170,7 @@ final class BatchApplier {
                         registers.append(plan)
                         continue
                     }
-                    if slots.available < item.targets.count && !deadSlots.isEmpty { compact() }
+                    if slots.available < item.targets.count { reclaimSlots() }
                     guard let allocated = slots.allocate(item.targets.count) else {
                         plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left to restore \(item.id)")
                         plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
@@ -177,7 +200,7 @@ final class BatchApplier {
                 }
                 removedInBatch.formUnion(selected)
                 removals.append((selected, reply))
-            case .follow:
+            case .follow, .detachFinished:
                 continue  // split off by `apply`
             }
         }
@@ -253,7 +276,7 @@ final class BatchApplier {
         }
         deadSlots.formUnion(orphanSlots)
         slots.release(unattachedSlots)
-        counters.pendingRemovals = deadSlots.count
+        updatePendingRemovals()
 
         // New consumers enter the tree before the registry that names them is published, and
         // removed ones leave it only after: a reader that finds a registration in the registry
@@ -268,7 +291,11 @@ final class BatchApplier {
             + restored.values.flatMap { $0.compactMap { try? $0.get() } }
         snapshot.batchRemoved = removedIDs
         var persistError: EngineError? = nil
-        do { try persist(snapshot) } catch {
+        let persistStarted = ContinuousClock.now
+        do {
+            defer { counters.persistMicros += (ContinuousClock.now - persistStarted).microseconds }
+            try persist(snapshot)
+        } catch {
             logger.error("saving state failed", metadata: ["error": "\(error)"])
             persistError = EngineError(code: "state_write_failed",
                                        message: "the state file could not be written, so these probes were not registered: \(error)")
@@ -280,7 +307,7 @@ final class BatchApplier {
                 }
             }
             created.removeAll()
-            counters.pendingRemovals = deadSlots.count
+            updatePendingRemovals()
             snapshot = makeSnapshot()
         }
         publish(snapshot)
@@ -300,7 +327,8 @@ final class BatchApplier {
         // batches share one rebuild per link and one grace period; it runs now if it is due.
         scheduleCompaction()
         if let due = compactionDue, ContinuousClock.now >= due { compact() }
-        counters.lastBatchMicros = UInt64((ContinuousClock.now - started).inSeconds * 1_000_000)
+        counters.lastBatchMicros = (ContinuousClock.now - started).microseconds
+        counters.busyMicros += counters.lastBatchMicros
         publish(makeSnapshot())
     }
 
@@ -365,7 +393,7 @@ final class BatchApplier {
             for (id, targets) in attaches {
                 guard let r = probes[id] else { continue }
                 var plan = PlannedRegister(index: plans.count, consumer: r.consumer, peer: r.owner)
-                if slots.available < targets.count && !deadSlots.isEmpty { compact() }
+                if slots.available < targets.count { reclaimSlots() }
                 if let allocated = slots.allocate(targets.count) {
                     newSlots += allocated
                     plan.probes = [PlannedProbe(sites: zip(targets, allocated).map { ProbeSite(target: $0, slot: $1) }, spec: r.spec)]
@@ -442,7 +470,7 @@ final class BatchApplier {
                 }
             }
         }
-        counters.pendingRemovals = deadSlots.count
+        updatePendingRemovals()
         guard changed || !treeRemovals.isEmpty else { return }
         if !pendingTreeInserts.isEmpty {
             tree.apply(pendingTreeInserts)
@@ -626,6 +654,7 @@ final class BatchApplier {
 
     /// Runs pending detach/merge work if it is due (called by the writer when it wakes idle).
     func maintain() {
+        collectDetaches(detacher.takeFinished())
         if let due = compactionDue, ContinuousClock.now >= due { compact() }
         tree.reclaim()
         publish(makeSnapshot())
@@ -633,24 +662,38 @@ final class BatchApplier {
 
     /// Replaces every link of each group that holds dead sites or has too many links by one
     /// link of the group's live sites (make-before-break, with the BPF hand-off on so no hit is
-    /// lost or doubled during the overlap), and closes groups whose sites all died. All closes
-    /// of the round are issued together so they share grace periods; dead slots are freed only
-    /// after that, so a slot is never reused while a link can still count into it.
-    func compact() {
+    /// lost or doubled during the overlap), and closes groups whose sites all died.
+    ///
+    /// Only the attach half runs here. The links to close, the hand-off to end and the slots to
+    /// free go to the detach worker as one round; the writer finishes the round's bookkeeping
+    /// in `collectDetaches` once the worker has closed them (a slot is never reused while a link
+    /// can still count into it). Links still in hand-off from an earlier round are left for a
+    /// later compaction. `compact(wait: true)` first lets running rounds finish (so nothing is
+    /// in hand-off) and returns only once its own round has finished: every dead site is then
+    /// detached and its slot free.
+    func compact(wait: Bool = false) {
+        if wait { finishDetaches() }
+        defer { if wait { finishDetaches() } }
         // Per group, the links to replace: every link holding a dead site, plus all its small
         // links when there are too many of them. Their live sites go into one new link.
         var replace: [LinkGroupKey: [ObjectIdentifier: LinkRecord]] = [:]
-        for s in deadSlots { if let l = slotLink[s] { replace[l.group, default: [:]][ObjectIdentifier(l)] = l } }
-        for g in groupLinks.keys where groupNeedsMerge(g) {
-            for l in smallLinks(of: g) { replace[g, default: [:]][ObjectIdentifier(l)] = l }
+        for s in deadSlots {
+            if let l = slotLink[s], !handoffLinks.contains(ObjectIdentifier(l)) {
+                replace[l.group, default: [:]][ObjectIdentifier(l)] = l
+            }
         }
-        var freeNow: [UInt32] = deadSlots.filter { slotLink[$0] == nil }
-        var toClose: [LinkRecord] = []
+        for g in groupLinks.keys where groupNeedsMerge(g) {
+            for l in smallLinks(of: g) where !handoffLinks.contains(ObjectIdentifier(l)) {
+                replace[g, default: [:]][ObjectIdentifier(l)] = l
+            }
+        }
+        var round = DetachRound()
+        round.freeSlots = deadSlots.filter { slotLink[$0] == nil }
         var rebuilds: [(group: LinkGroupKey, old: [LinkRecord], live: [LinkSite])] = []
         for (g, set) in replace {
             let old = Array(set.values)
             let live = old.flatMap { $0.sites.filter { !deadSlots.contains($0.slot) } }
-            if live.isEmpty { toClose += old } else { rebuilds.append((g, old, live)) }
+            if live.isEmpty { round.closing += old } else { rebuilds.append((g, old, live)) }
         }
         let overlapSlots = rebuilds.flatMap { $0.live.map(\.slot) }
         var overlapOn = false
@@ -668,48 +711,91 @@ final class BatchApplier {
                 do {
                     let handle = try kernel.attach(path: try kernelPath(r.group, path: path), sites: r.live, pid: r.group.pid == 0 ? nil : r.group.pid,
                                                    retprobe: r.group.retprobe)
-                    adopt(LinkRecord(group: r.group, path: path, sites: r.live, handle: handle))
+                    let record = LinkRecord(group: r.group, path: path, sites: r.live, handle: handle)
+                    adopt(record)
+                    handoffLinks.insert(ObjectIdentifier(record))
+                    round.handoffLinks.append(ObjectIdentifier(record))
+                    round.overlapSlots += r.live.map(\.slot)
                     counters.linkRebuilds += 1
-                    toClose += r.old
+                    round.closing += r.old
                 } catch {
                     // The old links keep counting their live sites exactly; dead ones stay pending.
                     logger.warning("link rebuild failed; removal stays pending",
                                    metadata: ["path": "\(path)", "error": "\(error.message)"])
                 }
             }
-        }
-        if !toClose.isEmpty {
-            kernel.closeAll(toClose.map(\.handle))
-            counters.gracePeriods += 1
-            counters.linksClosed += UInt64(toClose.count)
-        }
-        if overlapOn {
-            // Only now is no older link left on these slots: closeAll waited for the grace period.
-            do {
-                try kernel.setOverlap(false, slots: overlapSlots)
-                try kernel.sweepMarks(slots: Set(overlapSlots))
-            } catch {
-                logger.error("ending link hand-off failed", metadata: ["error": "\(error.message)"])
+            // Rebuilds that failed: nothing of theirs is in hand-off.
+            let inHandoff = Set(round.overlapSlots)
+            let unused = overlapSlots.filter { !inHandoff.contains($0) }
+            if !unused.isEmpty {
+                do { try kernel.setOverlap(false, slots: unused) } catch {
+                    logger.error("ending link hand-off failed", metadata: ["error": "\(error.message)"])
+                }
             }
         }
-        for l in toClose {
+        for l in round.closing {
             forget(l)
             for s in l.sites where deadSlots.contains(s.slot) && slotLink[s.slot] === l {
                 slotLink.removeValue(forKey: s.slot)
-                freeNow.append(s.slot)
+                round.freeSlots.append(s.slot)
             }
         }
-        for s in freeNow { deadSlots.remove(s) }
-        // A reader may still hold a tree version naming these slots (it reads counters inside
-        // its read section): reuse them only after a grace period of the tree's epoch domain.
-        if !freeNow.isEmpty { tree.synchronize() }
-        slots.release(freeNow)
-        counters.pendingRemovals = deadSlots.count
+        deadSlots.subtract(round.freeSlots)
+        if !round.closing.isEmpty || !round.freeSlots.isEmpty {
+            let id = nextRoundID
+            nextRoundID += 1
+            rounds[id] = round
+            closingLinks += round.closing.count
+            if !round.closing.isEmpty { counters.gracePeriods += 1 }
+            detacher.submit(id: id, links: round.closing.map(\.handle))
+        }
+        updatePendingRemovals()
         counters.compactions += 1
         compactionDue = nil
         scheduleCompaction()
-        // A failed rebuild must not spin: retry after the delay, not at once.
+        // Work left (a failed rebuild, links still in hand-off) must not spin: retry after the delay.
         if let due = compactionDue, due <= ContinuousClock.now { compactionDue = ContinuousClock.now + tuning.compactionDelay }
+    }
+
+    /// Finishes rounds the detach worker has completed: their old links are closed and a tree
+    /// grace period has passed, so the hand-off ends and their dead slots become free.
+    private func collectDetaches(_ ids: [UInt64]) {
+        guard !ids.isEmpty else { return }
+        for id in ids {
+            guard let round = rounds.removeValue(forKey: id) else { continue }
+            if !round.overlapSlots.isEmpty {
+                // Only now is no older link left on these slots.
+                do {
+                    try kernel.setOverlap(false, slots: round.overlapSlots)
+                    try kernel.sweepMarks(slots: Set(round.overlapSlots))
+                } catch {
+                    logger.error("ending link hand-off failed", metadata: ["error": "\(error.message)"])
+                }
+            }
+            handoffLinks.subtract(round.handoffLinks)
+            slots.release(round.freeSlots)
+            closingLinks -= round.closing.count
+            counters.linksClosed += UInt64(round.closing.count)
+        }
+        updatePendingRemovals()
+        scheduleCompaction()
+    }
+
+    /// Blocks until the detach worker has finished every round, and collects them.
+    func finishDetaches() {
+        collectDetaches(detacher.waitAll())
+    }
+
+    /// Before refusing with `capacity_exhausted`: detaches every dead site now and waits until
+    /// their slots are free.
+    private func reclaimSlots() {
+        guard !deadSlots.isEmpty || !rounds.isEmpty else { return }
+        compact(wait: true)
+    }
+
+    /// Removals not yet physically gone: dead sites waiting for compaction or for their round.
+    private func updatePendingRemovals() {
+        counters.pendingRemovals = deadSlots.count + rounds.values.reduce(0) { $0 + $1.freeSlots.count }
     }
 
     private func makeSnapshot() -> RegistrySnapshot {
@@ -719,7 +805,7 @@ final class BatchApplier {
         s.slotHighWater = slots.highWater
         s.slotsInUse = slots.inUse
         s.slotCapacity = slots.capacity
-        s.linksOpen = links.count
+        s.linksOpen = links.count + closingLinks
         s.uprobes = uprobeRefs.count
         s.counters = counters
         s.generation = generation
@@ -729,6 +815,8 @@ final class BatchApplier {
     /// Detaches everything (daemon shutdown without persistence of kernel state: links die with
     /// the process anyway, but closing them together is faster than the kernel doing it one by one).
     func shutdown() {
+        finishDetaches()
+        detacher.stop()
         kernel.closeAll(links.values.map(\.handle))
         links.removeAll()
         groupLinks.removeAll()

@@ -68,7 +68,8 @@ public final class Engine: Sendable {
         let thread = Thread {
             let applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: logger,
                                        publish: { s in published.store(s) },
-                                       persist: persist)
+                                       persist: persist,
+                                       wake: { _ = queue.push(.detachFinished) })
             while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue) {
                 if batch.isEmpty { applier.maintain() } else { applier.apply(batch) }
             }
@@ -277,5 +278,12 @@ extension Duration {
     /// The duration in seconds, as a Double (for rates, timeouts and reports).
     public var inSeconds: Double {
         Double(components.seconds) + Double(components.attoseconds) / 1e18
+    }
+
+    /// Whole microseconds (negative durations give 0).
+    public var microseconds: UInt64 {
+        let c = components
+        guard c.seconds >= 0 else { return 0 }
+        return UInt64(c.seconds) * 1_000_000 + UInt64(max(0, c.attoseconds) / 1_000_000_000_000)
     }
 }

@@ -108,3 +108,16 @@ public struct FollowChange: Sendable {
         self.kind = kind
     }
 }
+
+/// One round of detach work handed to the detach worker: what the writer does once the worker
+/// has closed `closing` and waited for a tree grace period.
+struct DetachRound {
+    /// The links being closed.
+    var closing: [LinkRecord] = []
+    /// Slots of the links that replaced them, in hand-off until the round ends.
+    var overlapSlots: [UInt32] = []
+    /// Those replacement links (not rebuilt again before the round ends).
+    var handoffLinks: [ObjectIdentifier] = []
+    /// Dead slots freed when the round ends.
+    var freeSlots: [UInt32] = []
+}

@@ -170,6 +170,10 @@ public struct EngineCounters: Sendable {
     public var compactions: UInt64 = 0
     public var lastBatchSize: Int = 0
     public var lastBatchMicros: UInt64 = 0
+    /// Time the writer spent applying batches (busy, not waiting for work), in total.
+    public var busyMicros: UInt64 = 0
+    /// Part of `busyMicros` spent in the persist hook (writing and syncing the state file).
+    public var persistMicros: UInt64 = 0
     public var meanBatchSize: Double { batches == 0 ? 0 : Double(requests) / Double(batches) }
 }
 
