@@ -133,23 +133,6 @@ int CUprobeSys_map_get_next_key(int map_fd, const void *key, void *next_key) {
     return map_elem_op(BPF_MAP_GET_NEXT_KEY, map_fd, key, next_key, 0);
 }
 
-int CUprobeSys_map_lookup_batch(int map_fd, const void *in_batch, void *out_batch,
-                                void *keys, void *values, uint32_t *count) {
-    union bpf_attr attr;
-    memset(&attr, 0, sizeof(attr));
-    attr.batch.map_fd = (__u32)map_fd;
-    attr.batch.in_batch = ptr_to_u64(in_batch);
-    attr.batch.out_batch = ptr_to_u64(out_batch);
-    attr.batch.keys = ptr_to_u64(keys);
-    attr.batch.values = ptr_to_u64(values);
-    attr.batch.count = *count;
-    int rc = CUprobeSys_bpf(BPF_MAP_LOOKUP_BATCH, &attr, sizeof(attr));
-    int saved = errno;
-    *count = attr.batch.count; // the kernel writes the number copied back, also on ENOENT
-    errno = saved;
-    return rc;
-}
-
 int CUprobeSys_map_update_batch(int map_fd, const void *keys, const void *values, uint32_t *count) {
     union bpf_attr attr;
     memset(&attr, 0, sizeof(attr));

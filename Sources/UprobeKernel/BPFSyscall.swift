@@ -178,24 +178,6 @@ enum BPFSyscall {
         }
     }
 
-    /// BPF_MAP_LOOKUP_BATCH. Returns the number of elements copied and whether the map is
-    /// exhausted (the kernel reports the end with ENOENT, having filled `count` elements).
-    static func mapLookupBatch(_ map: FileDescriptor, inBatch: UnsafeRawPointer?,
-                               outBatch: UnsafeMutableRawPointer, keys: UnsafeMutableRawPointer,
-                               values: UnsafeMutableRawPointer,
-                               count: UInt32) throws(SyscallFailure) -> (copied: UInt32, done: Bool) {
-        var n = count
-        do {
-            _ = try retryingEINTR("bpf(BPF_MAP_LOOKUP_BATCH)") {
-                n = count
-                return CUprobeSys_map_lookup_batch(map.rawValue, inBatch, outBatch, keys, values, &n)
-            }
-            return (n, false)
-        } catch where error.errno == .noSuchFileOrDirectory {
-            return (n, true)
-        }
-    }
-
     /// BPF_MAP_UPDATE_BATCH: writes `count` u32 keys and their values (`valueSize` bytes each)
     /// in one call (array maps, Linux >= 5.6). An interrupted call resumes where it stopped.
     static func mapUpdateBatch(_ map: FileDescriptor, keys: UnsafePointer<UInt32>, values: UnsafeRawPointer,

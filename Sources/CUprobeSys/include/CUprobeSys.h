@@ -99,9 +99,6 @@ int CUprobeSys_map_get_next_key(int map_fd, const void *key, void *next_key);
 /// `*count` is the number of elements updated (also on failure).
 int CUprobeSys_map_update_batch(int map_fd, const void *keys, const void *values, uint32_t *count);
 
-int CUprobeSys_map_lookup_batch(int map_fd, const void *in_batch, void *out_batch,
-                                void *keys, void *values, uint32_t *count);
-
 /// perf_event_open(2) of the "uprobe" PMU (`pmu_type` from
 /// /sys/bus/event_source/devices/uprobe/type): config1 = path pointer, config2 = file offset,
 /// `config` carries the retprobe bit. pid -1 = every process (then cpu 0 is used, as the
