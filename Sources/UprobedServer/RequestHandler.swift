@@ -34,35 +34,45 @@ public struct RequestHandler: Sendable {
         self.counters = counters
     }
 
-    /// Handles one line; `watch` is answered by the caller (it streams).
-    public func handle(line: some Collection<UInt8>, peer: PeerIdentity) async -> JSONValue {
-        switch RequestDecoder.decode(line, limits: limits) {
-        case .failure(let f):
-            logger.notice("bad request", metadata: ["error_code": "\(f.error.code)", "peer_pid": "\(peer.peer.pid)"])
-            return Reply.failure(id: f.id, f.error)
-        case .success(let env):
-            return await handle(env, peer: peer)
-        }
+    /// A successful reply's members after `id` and `ok`: a small object, or a writer for the
+    /// large replies (register, list, resolve, stats), which never become a `JSONValue` tree.
+    enum ReplyBody {
+        case members(JSONObject)
+        case written(estimatedBytes: Int, (inout JSONWriter) -> Void)
     }
 
-    public func handle(_ env: RequestEnvelope, peer who: PeerIdentity) async -> JSONValue {
+    /// The reply line (newline included) for one decoded request; `watch` is answered by the
+    /// caller (it streams).
+    public func reply(_ env: RequestEnvelope, peer who: PeerIdentity) async -> [UInt8] {
         let policy = access.load()
-        let result: Result<JSONObject, ProtocolError>
+        let result: Result<ReplyBody, ProtocolError>
         if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
             result = .failure(denial)
         } else {
             switch env.request {
             case .register(let specs, let consumer): result = await register(specs, consumer: consumer, who: who, policy: policy)
-            case .unregister(let ids, let consumer): result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy)
+            case .unregister(let ids, let consumer):
+                result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy).map { .members($0) }
             case .list(let consumer): result = .success(list(consumer: consumer))
             case .stats(let ids, let versions): result = stats(ids: ids, versions: versions)
-            case .status: result = .success(status())
+            case .status: result = .success(.members(status()))
             case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
-            case .watch(_, let ids): result = stats(ids: ids)  // the server streams; this is one event
+            case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
         }
         switch result {
-        case .success(let payload): return Reply.success(id: env.id, payload)
+        case .success(let body):
+            switch body {
+            case .members(let payload): return JSONSerializer.serializeLine(Reply.success(id: env.id, payload))
+            case .written(let estimate, let write):
+                var w = JSONWriter(reservingCapacity: estimate + 64)
+                w.beginObject()
+                if let id = env.id { w.field("id", id) }
+                w.field("ok", true)
+                write(&w)
+                w.endObject()
+                return w.line()
+            }
         case .failure(let error):
             if error.code == .permissionDenied || error.code == AccessControl.limitExceeded {
                 counters.accessDenied.add(1, ordering: .relaxed)
@@ -73,19 +83,58 @@ public struct RequestHandler: Sendable {
                 logger.notice("request failed", metadata: ["op": "\(env.request.op)", "error_code": "\(error.code)",
                                                            "peer_pid": "\(who.peer.pid)", "peer_uid": "\(who.peer.uid)"])
             }
-            return Reply.failure(id: env.id, error)
+            return JSONSerializer.serializeLine(Reply.failure(id: env.id, error))
+        }
+    }
+
+    /// One `watch` event: `stats` with `"event": "stats"`, each rate over the interval since the
+    /// previous event (`previous`: hits then, updated here) instead of since registration.
+    /// `failed`: the line is an error reply and the stream ends.
+    func watchEvent(_ env: RequestEnvelope, peer who: PeerIdentity, previous: inout [String: UInt64],
+                    seconds: Double) -> (line: [UInt8], failed: Bool) {
+        guard case .watch(_, let ids) = env.request else { return ([], true) }
+        let policy = access.load()
+        if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
+            return (JSONSerializer.serializeLine(Reply.failure(id: env.id, denial)), true)
+        }
+        switch engine.stats(ids: ids) {
+        case .failure(let e): return (JSONSerializer.serializeLine(Reply.failure(id: env.id, Self.protocolError(e))), true)
+        case .success(let stats):
+            let before = previous
+            previous = Dictionary(stats.map { ($0.id, $0.hits) }, uniquingKeysWith: { a, _ in a })
+            var w = JSONWriter(reservingCapacity: stats.count * 48 + 64)
+            w.beginObject()
+            if let id = env.id { w.field("id", id) }
+            w.field("ok", true)
+            w.field("event", "stats")
+            Self.writeStats(stats, versions: false, into: &w) { s in
+                guard let was = before[s.id], seconds > 0 else { return s.ratePerSecond }
+                return Double(s.hits &- was) / seconds
+            }
+            w.endObject()
+            return (w.line(), false)
         }
     }
 
     /// `resolve` reads ELF files for the peer: a non-admin only learns about files it can read.
-    func resolveChecked(_ specs: [ProbeSpec], who: PeerIdentity, policy: AccessPolicy) -> Result<JSONObject, ProtocolError> {
+    func resolveChecked(_ specs: [ProbeSpec], who: PeerIdentity, policy: AccessPolicy) -> Result<ReplyBody, ProtocolError> {
         if let denial = AccessControl.checkSpecs(who, specs: specs.map(Self.input), systemWideOK: true, policy: policy) {
             return .failure(denial)
         }
         return resolve(specs).flatMap { resolved in
             let items = zip(specs, resolved).map { RegisterItem(spec: Self.input($0), targets: $1) }
             if let denial = AccessControl.checkTargets(who, items: items, held: nil, policy: policy) { return .failure(denial) }
-            return .success(["probes": .array(resolved.flatMap { $0.map(Self.describe) })])
+            let targets = resolved.flatMap { $0 }
+            return .success(.written(estimatedBytes: targets.count * 128) { w in
+                w.key("probes")
+                w.beginArray()
+                for t in targets {
+                    w.beginObject()
+                    Self.writeTarget(t, into: &w)
+                    w.endObject()
+                }
+                w.endArray()
+            })
         }
     }
 
@@ -124,35 +173,44 @@ public struct RequestHandler: Sendable {
         return .success(out)
     }
 
-    static func describe(_ t: ResolvedProbe) -> JSONValue {
-        var o = JSONObject()
-        o["path"] = .string(t.path)
-        o["offset"] = JSONValue(t.fileOffset)
-        if let s = t.symbol { o["symbol"] = .string(s) }
-        if !t.aliases.isEmpty { o["aliases"] = .array(t.aliases.map { .string($0) }) }
-        if let b = t.buildID { o["build_id"] = .string(b) }
-        if let r = t.refCtrOffset { o["ref_ctr_offset"] = JSONValue(r) }
-        if let w = t.warning { o["warning"] = .string(w) }
-        return .object(o)
+    /// The members describing one resolved site (inside an object the caller opened).
+    static func writeTarget(_ t: ResolvedProbe, into w: inout JSONWriter) {
+        w.field("path", t.path)
+        w.field("offset", t.fileOffset)
+        if let s = t.symbol { w.field("symbol", s) }
+        if !t.aliases.isEmpty {
+            w.key("aliases")
+            w.beginArray()
+            for a in t.aliases { w.string(a) }
+            w.endArray()
+        }
+        if let b = t.buildID { w.field("build_id", b) }
+        if let r = t.refCtrOffset { w.field("ref_ctr_offset", r) }
+        if let warning = t.warning { w.field("warning", warning) }
     }
 
-    static func describe(_ r: ProbeRecord) -> JSONValue {
-        guard var o = r.targets.first.map({ describe($0) })?.objectValue else { return .null }
-        var head = JSONObject()
-        head["id"] = .string(r.id)
-        for p in o.pairs { head[p.key] = p.value }
-        o = head
+    /// The members describing a registration: its id, its (first) site, all sites if there are
+    /// several, its state if it is not active. The object is left open for more members.
+    static func writeRecord(_ r: ProbeRecord, into w: inout JSONWriter) {
+        w.field("id", r.id)
+        if let first = r.targets.first { writeTarget(first, into: &w) }
         if r.targets.count > 1 {
-            o["sites"] = .array(r.targets.map { describe($0) })
+            w.key("sites")
+            w.beginArray()
+            for t in r.targets {
+                w.beginObject()
+                writeTarget(t, into: &w)
+                w.endObject()
+            }
+            w.endArray()
         }
         if let reason = r.state.reason {
-            o["state"] = .string(r.state.name)
-            o["reason"] = .string(reason)
+            w.field("state", r.state.name)
+            w.field("reason", reason)
         }
-        return .object(o)
     }
 
-    func register(_ specs: [ProbeSpec], consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<JSONObject, ProtocolError> {
+    func register(_ specs: [ProbeSpec], consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<ReplyBody, ProtocolError> {
         let peer = who.peer
         if let denial = AccessControl.checkSpecs(who, specs: specs.map(Self.input), systemWideOK: false, policy: policy) {
             return .failure(denial)
@@ -178,11 +236,23 @@ public struct RequestHandler: Sendable {
         switch await engine.register(items, consumer: consumer, peer: peer) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let records):
+            // One line per request: a 10,000-probe request would otherwise log 10,000 lines.
+            logger.info("probes registered", metadata: [
+                "count": "\(records.count)", "probe_id": "\(records.first?.id ?? "")", "last_probe_id": "\(records.last?.id ?? "")",
+                "path": "\(records.first?.sites.first?.target.path ?? "")", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
             for r in records {
-                logger.info("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")",
-                                                           "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
+                logger.debug("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")"])
             }
-            return .success(["probes": .array(records.map(Self.describe))])
+            return .success(.written(estimatedBytes: records.count * 128) { w in
+                w.key("probes")
+                w.beginArray()
+                for r in records {
+                    w.beginObject()
+                    Self.writeRecord(r, into: &w)
+                    w.endObject()
+                }
+                w.endArray()
+            })
         }
     }
 
@@ -199,50 +269,71 @@ public struct RequestHandler: Sendable {
         }
     }
 
-    func list(consumer: String?) -> JSONObject {
+    func list(consumer: String?) -> ReplyBody {
         let probes = engine.snapshot.sortedProbes.filter { consumer == nil || $0.consumer == consumer }
-        return ["probes": .array(probes.map { r in
-            guard var o = Self.describe(r).objectValue else { return .null }
-            o["spec"] = Self.specJSON(r.spec)
-            if let c = r.consumer { o["consumer"] = .string(c) }
-            o["owner_uid"] = .int(Int64(r.owner.uid))
-            o["registered_at"] = .double(r.registeredAt)
-            // Whether the probe follows its path through file replacements (see PathWatcher).
-            o["follow"] = .bool(r.follows)
-            return .object(o)
-        })]
+        return .written(estimatedBytes: probes.count * 256) { w in
+            w.key("probes")
+            w.beginArray()
+            for r in probes {
+                w.beginObject()
+                Self.writeRecord(r, into: &w)
+                w.field("spec", Self.specJSON(r.spec))
+                if let c = r.consumer { w.field("consumer", c) }
+                w.field("owner_uid", Int64(r.owner.uid))
+                w.field("registered_at", r.registeredAt)
+                // Whether the probe follows its path through file replacements (see PathWatcher).
+                w.field("follow", r.follows)
+                w.endObject()
+            }
+            w.endArray()
+        }
     }
 
-    func stats(ids: [String]?, versions: Bool = false) -> Result<JSONObject, ProtocolError> {
+    func stats(ids: [String]?, versions: Bool = false) -> Result<ReplyBody, ProtocolError> {
         switch engine.stats(ids: ids, allVersions: versions) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let stats):
-            return .success(["stats": .array(stats.map { s in
-                var o = JSONObject()
-                o["id"] = .string(s.id)
-                o["hits"] = JSONValue(s.hits)
-                o["rate"] = .double((s.ratePerSecond * 1000).rounded() / 1000)
-                if let reason = s.state.reason {
-                    o["state"] = .string(s.state.name)
-                    o["reason"] = .string(reason)
-                }
-                // Per file version: old and new builds side by side during an upgrade. Only when
-                // asked or when there is more than one: a 10,000-probe reply stays small.
-                guard versions || s.versions.count > 1 else { return .object(o) }
-                o["versions"] = .array(s.versions.map { v in
-                    var x = JSONObject()
-                    x["path"] = .string(v.version.path)
-                    x["device"] = JSONValue(v.version.device)
-                    x["inode"] = JSONValue(v.version.inode)
-                    if let b = v.version.buildID { x["build_id"] = .string(b) }
-                    x["hits"] = JSONValue(v.hits)
-                    x["current"] = .bool(v.current)
-                    if v.retired { x["retired"] = true }
-                    return .object(x)
-                })
-                return .object(o)
-            })])
+            return .success(.written(estimatedBytes: stats.count * 48) { w in
+                Self.writeStats(stats, versions: versions, into: &w) { $0.ratePerSecond }
+            })
         }
+    }
+
+    /// The `stats` member: per probe its id, hits, rate (from `rate`, rounded to 1/1000), its
+    /// state if not active, and the per-file breakdown when asked for or when there is more
+    /// than one file (an upgrade in progress) — a 10,000-probe reply stays small.
+    static func writeStats(_ stats: [ProbeStats], versions: Bool, into w: inout JSONWriter,
+                           rate: (ProbeStats) -> Double) {
+        w.key("stats")
+        w.beginArray()
+        for s in stats {
+            w.beginObject()
+            w.field("id", s.id)
+            w.field("hits", s.hits)
+            w.field("rate", (rate(s) * 1000).rounded() / 1000)
+            if let reason = s.state.reason {
+                w.field("state", s.state.name)
+                w.field("reason", reason)
+            }
+            if versions || s.versions.count > 1 {
+                w.key("versions")
+                w.beginArray()
+                for v in s.versions {
+                    w.beginObject()
+                    w.field("path", v.version.path)
+                    w.field("device", v.version.device)
+                    w.field("inode", v.version.inode)
+                    if let b = v.version.buildID { w.field("build_id", b) }
+                    w.field("hits", v.hits)
+                    w.field("current", v.current)
+                    if v.retired { w.field("retired", true) }
+                    w.endObject()
+                }
+                w.endArray()
+            }
+            w.endObject()
+        }
+        w.endArray()
     }
 
     func status() -> JSONObject {

@@ -209,11 +209,11 @@ final class SocketServer: Sendable {
                 for try await frame in inbound {
                     // Any new request ends a running watch stream first.
                     if let w = watch { w.cancel(); await w.value; watch = nil }
-                    let reply: JSONValue
+                    let reply: [UInt8]
                     switch frame {
                     case .tooLong(let limit):
-                        reply = Reply.failure(id: nil, ProtocolError(
-                            .lineTooLong, "request line longer than \(limit) bytes (max_line_bytes); it was discarded"))
+                        reply = JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(
+                            .lineTooLong, "request line longer than \(limit) bytes (max_line_bytes); it was discarded")))
                     case .line(let buffer):
                         let bytes = Array(buffer.readableBytesView)
                         if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }  // blank keep-alive lines
@@ -223,11 +223,11 @@ final class SocketServer: Sendable {
                             continue
                         }
                         switch decoded {
-                        case .success(let env): reply = await handler.handle(env, peer: peer)
-                        case .failure(let f): reply = Reply.failure(id: f.id, f.error)
+                        case .success(let env): reply = await handler.reply(env, peer: peer)
+                        case .failure(let f): reply = JSONSerializer.serializeLine(Reply.failure(id: f.id, f.error))
                         }
                     }
-                    try await outbound.write(ByteBuffer(bytes: JSONSerializer.serializeLine(reply)))
+                    try await outbound.write(ByteBuffer(bytes: reply))
                 }
                 if let w = watch { w.cancel(); await w.value }
             }
@@ -245,29 +245,11 @@ final class SocketServer: Sendable {
             var previous: [String: UInt64] = [:]
             var last = ContinuousClock.now
             while !Task.isCancelled {
-                let reply = await handler.handle(env, peer: peer)
                 let now = ContinuousClock.now
-                var event = reply
-                // Replace the mean rate by the rate over this interval.
-                if case .object(var o) = reply, let stats = o["stats"]?.arrayValue {
-                    let secs = (now - last).inSeconds
-                    var next: [String: UInt64] = [:]
-                    o["stats"] = .array(stats.map { s in
-                        guard var so = s.objectValue, let id = so["id"]?.stringValue,
-                              let hits = so["hits"]?.int64Value else { return s }
-                        next[id] = UInt64(hits)
-                        if let before = previous[id], secs > 0 {
-                            so["rate"] = .double((Double(UInt64(hits) &- before) / secs * 1000).rounded() / 1000)
-                        }
-                        return .object(so)
-                    })
-                    o["event"] = "stats"
-                    previous = next
-                    event = .object(o)
-                }
+                let event = handler.watchEvent(env, peer: peer, previous: &previous, seconds: (now - last).inSeconds)
                 last = now
-                do { try await outbound.write(ByteBuffer(bytes: JSONSerializer.serializeLine(event))) } catch { return }
-                if case .object(let o) = reply, o["ok"] == .bool(false) { return }
+                do { try await outbound.write(ByteBuffer(bytes: event.line)) } catch { return }
+                if event.failed { return }
                 try? await Task.sleep(for: .milliseconds(intervalMs))
             }
         }

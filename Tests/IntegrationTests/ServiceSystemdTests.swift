@@ -141,8 +141,9 @@ exit 0
                         environment: ["D": dir, "U": uprobed, "T": target, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"])
         #expect(r.status == 0, "\(r.err)")
         let out = r.out
-        #expect(out.contains("MESSAGE=probe registered"), "\(out.prefix(3000)) \(r.err)")
+        #expect(out.contains("MESSAGE=probes registered"), "\(out.prefix(3000)) \(r.err)")
         #expect(out.contains("PROBE_ID=p1"))
+        #expect(out.contains("COUNT=1"))
         #expect(out.contains("PATH=\(target)"))
         #expect(out.contains("CONSUMER=journal-test"))
         #expect(out.contains("PEER_UID=0"))
@@ -151,7 +152,7 @@ exit 0
         #expect(out.contains("MESSAGE=uprobed serving"))
         // Nothing fell back to the stderr stream.
         let err = (try? String(contentsOfFile: dir + "/err", encoding: .utf8)) ?? ""
-        #expect(!err.contains("probe registered"), "\(err)")
+        #expect(!err.contains("probes registered"), "\(err)")
     }
 }
 

@@ -14,6 +14,38 @@ struct JSONTests {
         #expect(v.objectValue?["x"]?.arrayValue?[6] == .string("a\"b\\c\né😀"))
     }
 
+    @Test("the direct writer places commas and colons, escapes, and makes one line")
+    func directWriter() throws {
+        var w = JSONWriter()
+        w.beginObject()
+        w.field("id", "p1")
+        w.key("empty")
+        w.beginArray()
+        w.endArray()
+        w.key("list")
+        w.beginArray()
+        w.beginObject()
+        w.endObject()
+        w.beginObject()
+        w.field("n", UInt64.max)
+        w.field("neg", Int64(-12))
+        w.field("rate", 1.5)
+        w.field("whole", 3.0)
+        w.field("nan", Double.nan)
+        w.endObject()
+        w.string("line\nbreak \"q\"")
+        w.value(.object(["a": [1, 2], "b": .null]))
+        w.endArray()
+        w.field("ok", true)
+        w.endObject()
+        let line = w.line()
+        #expect(line.last == 0x0A && line.dropLast().allSatisfy { $0 != 0x0A })
+        #expect(String(decoding: line.dropLast(), as: UTF8.self) ==
+            #"{"id":"p1","empty":[],"list":[{},{"n":18446744073709551615,"neg":-12,"rate":1.5,"whole":3,"nan":null},"line\nbreak \"q\"",{"a":[1,2],"b":null}],"ok":true}"#)
+        let parsed = try JSONParser.parse(line.dropLast())
+        #expect(parsed.objectValue?["list"]?.arrayValue?[2] == .string("line\nbreak \"q\""))
+    }
+
     @Test("integers at the edges serialize exactly")
     func integerEdges() throws {
         for i: Int64 in [0, 7, -1, -10, 1_000_000, Int64.max, Int64.min] {
