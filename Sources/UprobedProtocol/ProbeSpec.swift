@@ -93,15 +93,28 @@ public struct ProbeSpec: Sendable, Hashable {
     /// The spec as it goes on the wire (also how `list` shows it).
     public var json: JSONValue {
         var o = JSONObject()
-        o["path"] = .string(path)
-        if let symbol { o["symbol"] = .string(symbol) }
-        if let offset { o["offset"] = JSONValue(offset) }
-        if let usdt { o["usdt"] = .string(usdt) }
-        if let pid { o["pid"] = .int(Int64(pid)) }
-        if retprobe { o["retprobe"] = true }
-        if force { o["force"] = true }
-        if !follow { o["follow"] = false }
+        for (key, value) in members { o[key] = value }
         return .object(o)
+    }
+
+    /// Writes the spec as an object (same members as `json`, without building it).
+    public func write(into w: inout JSONWriter) {
+        w.beginObject()
+        for (key, value) in members { w.field(key, value) }
+        w.endObject()
+    }
+
+    /// The spec's members in wire order; defaults (no retprobe, no force, follow) are left out.
+    private var members: [(String, JSONValue)] {
+        var m: [(String, JSONValue)] = [("path", .string(path))]
+        if let symbol { m.append(("symbol", .string(symbol))) }
+        if let offset { m.append(("offset", JSONValue(offset))) }
+        if let usdt { m.append(("usdt", .string(usdt))) }
+        if let pid { m.append(("pid", .int(Int64(pid)))) }
+        if retprobe { m.append(("retprobe", true)) }
+        if force { m.append(("force", true)) }
+        if !follow { m.append(("follow", false)) }
+        return m
     }
 }
 

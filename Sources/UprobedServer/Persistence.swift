@@ -119,8 +119,9 @@ public enum StateCodec {
         w.field("gid", Int64(p.owner.gid))
         w.field("pid", Int64(p.owner.pid))
         w.endObject()
-        w.field("spec", ProbeSpec(path: p.spec.path, symbol: p.spec.symbol, offset: p.spec.offset, usdt: p.spec.usdt,
-                                  pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force, follow: p.spec.follow).json)
+        w.key("spec")
+        ProbeSpec(path: p.spec.path, symbol: p.spec.symbol, offset: p.spec.offset, usdt: p.spec.usdt,
+                  pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force, follow: p.spec.follow).write(into: &w)
         w.field("registered_at", p.registeredAt)
         w.field("hits", u64(p.hits))
         w.key("targets")
