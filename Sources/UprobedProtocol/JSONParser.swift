@@ -127,16 +127,21 @@ public enum JSONParser {
             i += 1  // opening quote
             let start = i
             // Fast path: no escapes.
+            var ascii = true
             while i < buf.count {
                 let c = buf[i]
                 if c == UInt8(ascii: "\"") {
-                    let s = String(validating: UnsafeBufferPointer(rebasing: buf[start..<i]), as: UTF8.self)
+                    let bytes = UnsafeBufferPointer(rebasing: buf[start..<i])
+                    // ASCII needs no validation, and `String(decoding:)` on a buffer is specialized;
+                    // the generic validating initializer spent most of its time in metadata lookups.
+                    let s = ascii ? String(decoding: bytes, as: UTF8.self) : String(validating: bytes, as: UTF8.self)
                     guard let s else { throw fail("invalid UTF-8 in string") }
                     i += 1
                     return s
                 }
                 if c == UInt8(ascii: "\\") { break }
                 if c < 0x20 { throw fail("control character in string") }
+                if c >= 0x80 { ascii = false }
                 i += 1
             }
             var out: [UInt8] = Array(buf[start..<i])
@@ -207,6 +212,13 @@ public enum JSONParser {
                 let d = i
                 while i < buf.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(buf[i]) { i += 1 }
                 if i == d { throw fail("invalid number") }
+            }
+            if isInteger, i - start <= 18 {
+                // Up to 18 digits cannot overflow Int64: accumulate without making a String.
+                var v: Int64 = 0
+                let negative = buf[start] == UInt8(ascii: "-")
+                for k in (negative ? start + 1 : start)..<i { v = v * 10 + Int64(buf[k] - UInt8(ascii: "0")) }
+                return .int(negative ? -v : v)
             }
             let text = String(decoding: UnsafeBufferPointer(rebasing: buf[start..<i]), as: UTF8.self)
             if isInteger, let v = Int64(text) { return .int(v) }
