@@ -5,7 +5,8 @@ public enum Request: Sendable, Equatable {
     case list(consumer: String?)
     /// `versions`: always include the per-file breakdown (by default only probes that count in
     /// more than one file version, i.e. during an upgrade, carry it).
-    case stats(ids: [String]?, versions: Bool)
+    /// `consumer`: only that consumer's probes (not together with `ids`).
+    case stats(ids: [String]?, versions: Bool, consumer: String? = nil)
     case watch(intervalMs: Int, ids: [String]?)
     case status
     /// Dry run: resolve specs and report what would be probed, without attaching.
@@ -101,7 +102,7 @@ public enum RequestDecoder {
         case "register", "resolve": allowed = ["probes", "consumer"]
         case "unregister": allowed = ["probes", "consumer"]
         case "list": allowed = ["consumer"]
-        case "stats": allowed = ["probes", "versions"]
+        case "stats": allowed = ["probes", "versions", "consumer"]
         case "watch": allowed = ["probes", "interval_ms"]
         case "status": allowed = []
         default:
@@ -150,7 +151,11 @@ public enum RequestDecoder {
                 guard let b = v.boolValue else { throw ProtocolError(.invalidRequest, "'versions' must be a boolean") }
                 versions = b
             }
-            return .stats(ids: try optionalIDs(obj), versions: versions)
+            let ids = try optionalIDs(obj)
+            if ids != nil && consumer != nil {
+                throw ProtocolError(.invalidRequest, "'stats' takes 'probes' (a list of ids) or 'consumer', not both")
+            }
+            return .stats(ids: ids, versions: versions, consumer: consumer)
         case "watch":
             var interval = 1000
             if let v = obj["interval_ms"] {

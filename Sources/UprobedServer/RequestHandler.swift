@@ -54,7 +54,7 @@ public struct RequestHandler: Sendable {
             case .unregister(let ids, let consumer):
                 result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy).map { .members($0) }
             case .list(let consumer): result = .success(list(consumer: consumer))
-            case .stats(let ids, let versions): result = stats(ids: ids, versions: versions)
+            case .stats(let ids, let versions, let consumer): result = stats(ids: ids, consumer: consumer, versions: versions)
             case .status: result = .success(.members(status()))
             case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
@@ -289,8 +289,8 @@ public struct RequestHandler: Sendable {
         }
     }
 
-    func stats(ids: [String]?, versions: Bool = false) -> Result<ReplyBody, ProtocolError> {
-        switch engine.stats(ids: ids, allVersions: versions) {
+    func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false) -> Result<ReplyBody, ProtocolError> {
+        switch engine.stats(ids: ids, consumer: consumer, allVersions: versions) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let stats):
             return .success(.written(estimatedBytes: stats.count * 48) { w in

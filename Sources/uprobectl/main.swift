@@ -205,10 +205,17 @@ extension UprobeCtl {
         @OptionGroup var global: GlobalOptions
         @Argument(help: "Probe ids (default: all).")
         var ids: [String] = []
+        @Option(name: .long, help: "Only the probes registered under this consumer name (not with ids).")
+        var consumer: String?
+
+        func validate() throws {
+            if consumer != nil && !ids.isEmpty { throw ValidationError("give probe ids or --consumer, not both") }
+        }
 
         func run() throws {
             var req: JSONObject = ["op": "stats"]
             if !ids.isEmpty { req["probes"] = .array(ids.map { .string($0) }) }
+            if let consumer { req["consumer"] = .string(consumer) }
             let reply = try global.call(req)
             guard !global.json else { return }
             let rows = (reply["stats"]?.arrayValue ?? []).map { s -> [String] in

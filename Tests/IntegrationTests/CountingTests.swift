@@ -31,6 +31,26 @@ struct CountingTests {
         #expect(hits[ids[0]] == 1012)
     }
 
+    @Test("stats of one consumer: exactly its probes, with their counts; ids and consumer together are refused")
+    func statsOfOneConsumer() throws {
+        let daemon = try TestDaemon()
+        let target = try daemon.privateTarget()
+        let mine = try daemon.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")], consumer: "mine")
+        let other = try daemon.register([spec(target, symbol: "fn_a")], consumer: "other")
+        try run([target, "30", "40"])
+        let r = try daemon.call(["op": "stats", "consumer": "mine"])
+        #expect(r["ok"] == .bool(true))
+        var got: [String: UInt64] = [:]
+        for e in r["stats"]?.arrayValue ?? [] {
+            if let o = e.objectValue, let id = o["id"]?.stringValue, let h = o["hits"]?.int64Value { got[id] = UInt64(h) }
+        }
+        #expect(got == [mine[0]: 30, mine[1]: 40], "\(got); the other consumer's \(other) must not appear")
+        let none = try daemon.call(["op": "stats", "consumer": "nobody"])
+        #expect(none["stats"]?.arrayValue?.isEmpty == true)
+        let both = try daemon.call(["op": "stats", "consumer": "mine", "probes": [.string(mine[0])]])
+        #expect(errorCode(both) == "invalid_request")
+    }
+
     @Test("return probes count returns")
     func retprobeCountsReturns() throws {
         let daemon = try TestDaemon()

@@ -129,7 +129,8 @@ public final class Engine: Sendable {
     /// The last published registry.
     public var snapshot: RegistrySnapshot { published.load() }
 
-    /// Hit counts of the given probes (all if nil). Unknown ids give `probe_not_found`.
+    /// Hit counts of the given probes, or of one consumer's, or of all. Unknown ids give
+    /// `probe_not_found`; an unknown consumer has no probes.
     ///
     /// The registry snapshot and the counters are read inside one read section of the uprobes
     /// tree: the writer frees a slot only after a grace period of that tree, so every slot a
@@ -138,7 +139,7 @@ public final class Engine: Sendable {
     /// whose `baseHits` absorbed a slot's final count in the same version that drops the slot.
     /// `allVersions`: fill `versions` for every probe; otherwise only for probes that count in
     /// more than one file (an upgrade in progress) — the common single-file probe skips it.
-    public func stats(ids: [String]?, allVersions: Bool = false) -> Result<[ProbeStats], EngineError> {
+    public func stats(ids: [String]?, consumer: String? = nil, allVersions: Bool = false) -> Result<[ProbeStats], EngineError> {
         let kernel = self.kernel
         let published = self.published
         let read: Result<(RegistrySnapshot, [UInt64]), EngineError> = tree.read { (_: borrowing TreeView) -> Result<(RegistrySnapshot, [UInt64]), EngineError> in
@@ -164,6 +165,8 @@ public final class Engine: Sendable {
                 r.append(p)
             }
             records = r
+        } else if let consumer {
+            records = snap.sortedProbes.filter { $0.consumer == consumer }
         } else {
             records = snap.sortedProbes
         }
