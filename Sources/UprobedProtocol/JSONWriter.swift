@@ -62,6 +62,23 @@ public struct JSONWriter {
         storage.append(UInt8(ascii: "]"))
     }
 
+    /// An object member's key known at compile time (no escaping needed: it must be plain
+    /// printable ASCII without quotes or backslashes, which debug builds check).
+    @inlinable
+    public mutating func key(_ k: StaticString) {
+        separate()
+        storage.append(UInt8(ascii: "\""))
+        if k.hasPointerRepresentation {
+            storage.append(contentsOf: UnsafeBufferPointer(start: k.utf8Start, count: k.utf8CodeUnitCount))
+        } else {
+            k.withUTF8Buffer { storage.append(contentsOf: $0) }
+        }
+        assert(k.withUTF8Buffer { !$0.contains { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C || $0 >= 0x80 } }, "JSON key needs escaping")
+        storage.append(UInt8(ascii: "\""))
+        storage.append(UInt8(ascii: ":"))
+        afterKey = true
+    }
+
     /// An object member's key; the next value written is its value.
     @inlinable
     public mutating func key(_ k: String) {
@@ -143,17 +160,17 @@ public struct JSONWriter {
     // MARK: - members, for brevity at call sites
 
     @inlinable
-    public mutating func field(_ k: String, _ s: String) { key(k); string(s) }
+    public mutating func field(_ k: StaticString, _ s: String) { key(k); string(s) }
     @inlinable
-    public mutating func field(_ k: String, _ v: Int64) { key(k); int(v) }
+    public mutating func field(_ k: StaticString, _ v: Int64) { key(k); int(v) }
     @inlinable
-    public mutating func field(_ k: String, _ v: UInt64) { key(k); uint(v) }
+    public mutating func field(_ k: StaticString, _ v: UInt64) { key(k); uint(v) }
     @inlinable
-    public mutating func field(_ k: String, _ v: Double) { key(k); double(v) }
+    public mutating func field(_ k: StaticString, _ v: Double) { key(k); double(v) }
     @inlinable
-    public mutating func field(_ k: String, _ v: Bool) { key(k); bool(v) }
+    public mutating func field(_ k: StaticString, _ v: Bool) { key(k); bool(v) }
     @inlinable
-    public mutating func field(_ k: String, _ v: JSONValue) { key(k); value(v) }
+    public mutating func field(_ k: StaticString, _ v: JSONValue) { key(k); value(v) }
 
     // MARK: - internals
 
@@ -200,26 +217,26 @@ public struct JSONWriter {
     @inlinable
     mutating func writeStringBody(_ s: String) {
         storage.append(UInt8(ascii: "\""))
-        // Fast path: nothing to escape (ids, paths, symbols) — copy the UTF-8 in one go.
         var plain = s
-        let copied = plain.withUTF8 { utf8 -> Bool in
-            guard !utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else { return false }
-            storage.append(contentsOf: utf8)
-            return true
-        }
-        if !copied {
-            for c in s.utf8 {
+        plain.withUTF8 { utf8 in
+            // Copy runs of bytes that need no escape in one go (ids, paths, symbols are one run).
+            var runStart = 0
+            for k in 0..<utf8.count {
+                let c = utf8[k]
+                guard c < 0x20 || c == 0x22 || c == 0x5C else { continue }
+                storage.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<k]))
+                runStart = k + 1
                 switch c {
-                case 0x22: storage.append(contentsOf: [0x5C, 0x22])
-                case 0x5C: storage.append(contentsOf: [0x5C, 0x5C])
-                case 0x0A: storage.append(contentsOf: [0x5C, UInt8(ascii: "n")])
-                case 0x0D: storage.append(contentsOf: [0x5C, UInt8(ascii: "r")])
-                case 0x09: storage.append(contentsOf: [0x5C, UInt8(ascii: "t")])
-                case 0..<0x20:
+                case 0x22: storage.append(0x5C); storage.append(0x22)
+                case 0x5C: storage.append(0x5C); storage.append(0x5C)
+                case 0x0A: storage.append(0x5C); storage.append(UInt8(ascii: "n"))
+                case 0x0D: storage.append(0x5C); storage.append(UInt8(ascii: "r"))
+                case 0x09: storage.append(0x5C); storage.append(UInt8(ascii: "t"))
+                default:
                     storage.append(contentsOf: [0x5C, UInt8(ascii: "u"), 0x30, 0x30, Self.hex[Int(c >> 4)], Self.hex[Int(c & 0xF)]])
-                default: storage.append(c)
                 }
             }
+            storage.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<utf8.count]))
         }
         storage.append(UInt8(ascii: "\""))
     }

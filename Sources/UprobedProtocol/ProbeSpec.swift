@@ -93,7 +93,7 @@ public struct ProbeSpec: Sendable, Hashable {
     /// The spec as it goes on the wire (also how `list` shows it).
     public var json: JSONValue {
         var o = JSONObject()
-        for (key, value) in members { o[key] = value }
+        for (key, value) in members { o["\(key)"] = value }
         return .object(o)
     }
 
@@ -105,8 +105,8 @@ public struct ProbeSpec: Sendable, Hashable {
     }
 
     /// The spec's members in wire order; defaults (no retprobe, no force, follow) are left out.
-    private var members: [(String, JSONValue)] {
-        var m: [(String, JSONValue)] = [("path", .string(path))]
+    private var members: [(StaticString, JSONValue)] {
+        var m: [(StaticString, JSONValue)] = [("path", .string(path))]
         if let symbol { m.append(("symbol", .string(symbol))) }
         if let offset { m.append(("offset", JSONValue(offset))) }
         if let usdt { m.append(("usdt", .string(usdt))) }

@@ -171,33 +171,43 @@ public final class Engine: Sendable {
             records = snap.sortedProbes
         }
         let now = ContinuousClock.now
-        return .success(records.map { r in
+        var out: [ProbeStats] = []
+        out.reserveCapacity(records.count)
+        for r in records {
+            // One pass over the sites by index (no copy of each site's strings): the total, and
+            // whether they all lie in one file. The per-file breakdown takes a second pass, only
+            // when it is shown.
             var counted: UInt64 = 0
-            var versions: [VersionStats] = []
-            let oneFile = r.retired.isEmpty && r.sites.allSatisfy {
-                $0.target.device == r.sites[0].target.device && $0.target.inode == r.sites[0].target.inode
-            }
-            let breakdown = allVersions || !oneFile
-            for site in r.sites {
-                let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
-                counted &+= c
-                guard breakdown else { continue }
-                if let i = versions.firstIndex(where: { $0.version.sameFile(site.target) }) {
-                    versions[i].hits &+= c
-                } else {
-                    let current = r.targets.first.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
-                    versions.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
+            var oneFile = r.retired.isEmpty
+            let sites = r.sites
+            if let first = sites.first {
+                let device = first.target.device, inode = first.target.inode
+                for i in sites.indices {
+                    let slot = Int(sites[i].slot)
+                    if slot < counts.count { counted &+= counts[slot] }
+                    if oneFile && (sites[i].target.device != device || sites[i].target.inode != inode) { oneFile = false }
                 }
             }
-            if breakdown {
+            var versions: [VersionStats] = []
+            if allVersions || !oneFile {
+                for site in sites {
+                    let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
+                    if let i = versions.firstIndex(where: { $0.version.sameFile(site.target) }) {
+                        versions[i].hits &+= c
+                    } else {
+                        let current = r.targets.first.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
+                        versions.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
+                    }
+                }
                 for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
             }
             let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
-            let secs = (now - r.registeredAtMonotonic).inSeconds
+            let secs = (now - r.registeredAtMonotonic) / .seconds(1)
             let since = counted &+ retiredHits
-            return ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(since) / secs : 0,
-                              sites: r.sites.count, state: r.state, versions: versions)
-        })
+            out.append(ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(since) / secs : 0,
+                                  sites: sites.count, state: r.state, versions: versions))
+        }
+        return .success(out)
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for
