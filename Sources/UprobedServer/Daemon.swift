@@ -70,7 +70,7 @@ public final class UprobedService: Service, Sendable {
             logger.critical("cannot use the state file", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
             throw ServerError(message: "cannot start: \(error.message) [\(error.code)]")
         }
-        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved)
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved, groupCommit: true)
 
         let engineConfig = EngineConfig(batchWindow: .microseconds(Int64(config.batchWindowMicros)),
                                         maxBatchRequests: config.maxBatchRequests,
@@ -78,7 +78,8 @@ public final class UprobedService: Service, Sendable {
                                         compactionDelay: .milliseconds(Int64(config.compactionDelayMs)),
                                         maxLinksPerGroup: config.maxLinksPerGroup)
         let engine = Engine(config: engineConfig, kernel: kernel, logger: logger,
-                            persist: { snapshot in try persister.persist(snapshot) })
+                            persist: { snapshot in try persister.persist(snapshot) },
+                            sync: { try persister.sync() })
         let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches))
         let policy = AccessPolicy(config: config)
         for w in policy.warnings { logger.warning("access policy: \(w)") }

@@ -316,9 +316,10 @@ public final class StateStore: Sendable {
         return stat(p, &st) == 0 ? Int(st.st_size) : 0
     }
 
-    /// Appends one log line and fsyncs it. A failed write is cut back off, so the log never
-    /// keeps a partial line in its middle.
-    public func append(_ line: [UInt8]) throws(StateError) {
+    /// Appends one log line and, if `sync`, fsyncs it. A failed write is cut back off, so the
+    /// log never keeps a partial line in its middle. Without `sync` the caller must call
+    /// `syncLog` before it tells anyone the line is saved.
+    public func append(_ line: [UInt8], sync: Bool = true) throws(StateError) {
         func fail(_ what: String) -> StateError {
             StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
         }
@@ -340,7 +341,7 @@ public final class StateStore: Sendable {
             }
             off += n
         }
-        guard fsync(fd) == 0 else {
+        guard !sync || fsync(fd) == 0 else {
             let e = fail("cannot fsync \(logPath)")
             _ = ftruncate(fd, start)
             throw e
@@ -350,6 +351,21 @@ public final class StateStore: Sendable {
             guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
             defer { close(dfd) }
             guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
+        }
+    }
+
+    /// fsync(2) of the log: everything appended before the call is durable when it returns.
+    /// (No log yet, e.g. a snapshot rewrite just replaced it: nothing to sync.) A failure is
+    /// not cut back: later lines may follow it, and the caller undoes what it cannot confirm.
+    public func syncLog() throws(StateError) {
+        let fd = open(logPath, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return }
+            throw StateError(code: "state_io", message: "cannot open \(logPath): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else {
+            throw StateError(code: "state_io", message: "cannot fsync \(logPath): \(String(cString: strerror(errno)))")
         }
     }
 
@@ -431,8 +447,22 @@ public final class StatePersister: Sendable {
     }
     private let memo = Mutex(Memo())
     let bootID: String?
+    let groupCommit: Bool
 
-    public init(store: StateStore, kernel: any KernelBackend, counters: ServiceCounters, restored: SavedState?) {
+    /// The engine's sync hook (group commit): makes every line appended so far durable.
+    public func sync() throws(StateError) {
+        do throws(StateError) { try store.syncLog() } catch {
+            counters.stateWriteFailures.add(1, ordering: .relaxed)
+            throw error
+        }
+        counters.stateSyncs.add(1, ordering: .relaxed)
+    }
+
+    /// `groupCommit`: `persist` appends without syncing and the engine calls `sync` (once for
+    /// several batches) before it replies; otherwise every append is synced at once.
+    public init(store: StateStore, kernel: any KernelBackend, counters: ServiceCounters, restored: SavedState?,
+                groupCommit: Bool = false) {
+        self.groupCommit = groupCommit
         self.store = store
         self.kernel = kernel
         self.counters = counters
@@ -467,7 +497,7 @@ public final class StatePersister: Sendable {
             var files: [String: FileStamp?] = [:]
             let adds = added.map { saved($0, hits: $0.baseHits, memo: &m, files: &files) }
             let line = StateCodec.encodeLogEntry(seq: m.seq + 1, add: adds, remove: removed.sorted())
-            do throws(StateError) { try store.append(line) } catch { return .failure(error) }
+            do throws(StateError) { try store.append(line, sync: !groupCommit) } catch { return .failure(error) }
             m.seq += 1
             m.logBytes += line.count
             m.written.subtract(removed)

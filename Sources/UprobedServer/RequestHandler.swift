@@ -366,6 +366,7 @@ public struct RequestHandler: Sendable {
         var service = JSONObject()
         service["access_denied"] = JSONValue(counters.accessDenied.load(ordering: .relaxed))
         service["state_writes"] = JSONValue(counters.stateWrites.load(ordering: .relaxed))
+        service["state_syncs"] = JSONValue(counters.stateSyncs.load(ordering: .relaxed))
         service["state_write_failures"] = JSONValue(counters.stateWriteFailures.load(ordering: .relaxed))
         service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
         service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
@@ -393,6 +394,8 @@ public final class ServiceCounters: Sendable {
     public let accessDenied = Atomic<UInt64>(0)
     public let stateWrites = Atomic<UInt64>(0)
     public let stateWriteFailures = Atomic<UInt64>(0)
+    /// fsyncs of the state log by group commit (each covers one or more batches).
+    public let stateSyncs = Atomic<UInt64>(0)
     public let configReloads = Atomic<UInt64>(0)
     public let configReloadFailures = Atomic<UInt64>(0)
     public let metricsScrapes = Atomic<UInt64>(0)

@@ -86,11 +86,13 @@ final class Harness {
     let tree = UprobeTree(readerSlots: 4)
     let published = SnapshotCell(RegistrySnapshot())
     init(kernel: FakeKernel = FakeKernel(), tuning: EngineConfig = EngineConfig(compactionDelay: .seconds(3600)),
-         persist: @escaping (RegistrySnapshot) throws -> Void = { _ in }) {
+         persist: @escaping (RegistrySnapshot) throws -> Void = { _ in },
+         sync: (@Sendable () throws -> Void)? = nil,
+         requeue: @escaping @Sendable (PendingOp) -> Void = { _ in }) {
         self.kernel = kernel
         let published = self.published
         applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: Logger(label: "test"),
-                               publish: { s in published.store(s) }, persist: persist)
+                               publish: { s in published.store(s) }, persist: persist, sync: sync, requeue: requeue)
     }
     deinit { applier.shutdown() }
 
@@ -259,6 +261,46 @@ struct BatchDecisionTests {
         #expect(h.tree.count == 0)
         h.applier.compact(wait: true)
         #expect(h.kernel.openSlots.isEmpty, "the attached link is closed")
+    }
+
+    @Test("group commit: replies wait for the sync, the writer does not; a failed sync refuses and takes back")
+    func groupCommit() throws {
+        struct DiskGone: Error {}
+        let gate = DispatchSemaphore(value: 0)
+        let failing = Mutex(false)
+        let requeued = Mutex<[PendingOp]>([])
+        let h = Harness(sync: {
+            gate.wait()
+            if failing.withLock({ $0 }) { throw DiskGone() }
+        }, requeue: { op in requeued.withLock { $0.append(op) } })
+        let replies = Mutex<[String: Result<[ProbeRecord], EngineError>]>([:])
+        func register(_ name: String, offset: UInt64) {
+            h.applier.apply([.register(items: [item("/a", inode: 1, offsets: [offset])], consumer: nil, peer: .daemon,
+                                       reply: { r in replies.withLock { $0[name] = r } })])
+        }
+        register("first", offset: 0x10)
+        #expect(replies.withLock { $0.isEmpty }, "no reply before the sync")
+        register("second", offset: 0x20)  // the writer applies the next batch while the first waits
+        #expect(replies.withLock { $0.isEmpty })
+        #expect(h.published.load().probes.count == 2)
+        gate.signal()
+        gate.signal()
+        h.applier.waitForCommits()
+        #expect(replies.withLock { $0.values.allSatisfy { (try? $0.get())?.count == 1 } && $0.count == 2 })
+
+        failing.withLock { $0 = true }
+        register("third", offset: 0x30)
+        gate.signal()
+        h.applier.waitForCommits()
+        guard case .failure(let e)? = replies.withLock({ $0["third"] }) else { Issue.record("the unsynced register must fail"); return }
+        #expect(e.code == "state_write_failed")
+        let undo = requeued.withLock { $0 }
+        #expect(undo.count == 1)
+        failing.withLock { $0 = false }
+        h.applier.apply(undo)  // what the engine does with a requeued op
+        gate.signal()
+        h.applier.waitForCommits()
+        #expect(h.published.load().probes.count == 2, "the unconfirmed registration is taken back out")
     }
 
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Dispatch
 import Logging
 import UprobeELF
 import UprobeKernel
@@ -59,6 +60,11 @@ final class BatchApplier {
     private var pinned: [PinnedFile: Int32] = [:]
     /// Closes links and waits for grace periods off this thread.
     private let detacher: DetachWorker
+    /// Syncs the state log and sends replies off this thread; nil when `persist` is durable
+    /// by itself (no separate sync hook).
+    private let committer: Committer?
+    /// Queues an op for this writer (a rollback after a failed sync).
+    private let requeue: @Sendable (PendingOp) -> Void
     /// Detach rounds handed to `detacher` and not yet finished, by id.
     private var rounds: [UInt64: DetachRound] = [:]
     private var nextRoundID: UInt64 = 1
@@ -70,11 +76,14 @@ final class BatchApplier {
     private var closingLinks = 0
 
     /// `wake` is called from the detach worker when a round finishes; the engine turns it into
-    /// a `.detachFinished` op so the writer collects the round.
+    /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
+    /// `persist` appended durable; it runs on the committer thread, and replies wait for it.
     init(kernel: any KernelBackend, tree: UprobeTree = UprobeTree(), tuning: EngineConfig, logger: Logger,
          publish: @escaping (RegistrySnapshot) -> Void,
          persist: @escaping (RegistrySnapshot) throws -> Void,
-         wake: @escaping @Sendable () -> Void = {}) {
+         sync: (@Sendable () throws -> Void)? = nil,
+         wake: @escaping @Sendable () -> Void = {},
+         requeue: @escaping @Sendable (PendingOp) -> Void = { _ in }) {
         self.kernel = kernel
         self.tree = tree
         self.tuning = tuning
@@ -83,6 +92,8 @@ final class BatchApplier {
         self.persist = persist
         self.slots = SlotAllocator(capacity: kernel.capacity)
         self.detacher = DetachWorker(kernel: kernel, tree: tree, wake: wake)
+        self.committer = sync.map { Committer(sync: $0) }
+        self.requeue = requeue
     }
 
     // MARK: - One batch
@@ -312,16 +323,54 @@ final class BatchApplier {
         }
         publish(snapshot)
         if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
+        // Replies: at once if the state write failed or is already durable; otherwise once the
+        // committer has synced the log (`persist` only appended to it).
+        var registerReplies: [(reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void, result: Result<[ProbeRecord], EngineError>)] = []
         for plan in registers {
             guard case .register(_, _, _, let reply) = batch[plan.index] else { continue }
-            if let f = plan.failure { reply(.failure(f)) } else if let persistError { reply(.failure(persistError)) } else {
-                reply(.success(created[plan.index] ?? []))
+            if let f = plan.failure { registerReplies.append((reply, .failure(f))) } else if let persistError {
+                registerReplies.append((reply, .failure(persistError)))
+            } else {
+                registerReplies.append((reply, .success(created[plan.index] ?? [])))
             }
         }
+        var restoreReplies: [(reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void, results: [Result<ProbeRecord, EngineError>])] = []
         for (n, op) in batch.enumerated() {
-            if case .restore(_, let reply) = op { reply(restored[n] ?? []) }
+            if case .restore(_, let reply) = op { restoreReplies.append((reply, restored[n] ?? [])) }
         }
-        for (removal, n) in zip(removals, removedCount) { removal.reply(.success(n)) }
+        let removalReplies = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
+        let replyAll: @Sendable () -> Void = { [registerReplies, restoreReplies] in
+            for r in registerReplies { r.reply(r.result) }
+            for r in restoreReplies { r.reply(r.results) }
+            for r in removalReplies { r.reply(.success(r.count)) }
+        }
+        if let committer, persistError == nil {
+            let logger = self.logger, requeue = self.requeue
+            committer.submit(Committer.Job(durable: replyAll, failed: { [registerReplies, restoreReplies] why in
+                // Not durable: no registration of this batch may be acknowledged. Take them
+                // back out through the writer (an ordinary removal, itself logged).
+                logger.error("syncing the state log failed", metadata: ["error": "\(why)"])
+                let error = EngineError(code: "state_write_failed",
+                                        message: "the state file could not be synced, so these probes were not registered: \(why)")
+                var undo: [String] = []
+                for r in registerReplies {
+                    if case .success(let records) = r.result {
+                        undo += records.map(\.id)
+                        r.reply(.failure(error))
+                    } else {
+                        r.reply(r.result)
+                    }
+                }
+                // Restored registrations were on disk already; removals did happen.
+                for r in restoreReplies { r.reply(r.results) }
+                for r in removalReplies { r.reply(.success(r.count)) }
+                if !undo.isEmpty {
+                    requeue(.unregister(ids: undo, consumer: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
+                }
+            }))
+        } else {
+            replyAll()
+        }
 
         // Phase D: detach work is deferred (compaction_delay) so that the removals of many
         // batches share one rebuild per link and one grace period; it runs now if it is due.
@@ -479,7 +528,18 @@ final class BatchApplier {
         let snapshot = makeSnapshot()
         // The state file keeps registrations, not file versions: a failed save is logged and
         // retried by the next batch or checkpoint (the kernel side is already right).
-        do { try persist(snapshot) } catch { logger.error("saving state failed", metadata: ["error": "\(error)"]) }
+        do {
+            try persist(snapshot)
+            if let committer {
+                let synced = DispatchSemaphore(value: 0)
+                let logger = self.logger
+                committer.submit(Committer.Job(durable: { synced.signal() }, failed: { why in
+                    logger.error("syncing the state log failed", metadata: ["error": "\(why)"])
+                    synced.signal()
+                }))
+                synced.wait()
+            }
+        } catch { logger.error("saving state failed", metadata: ["error": "\(error)"]) }
         publish(snapshot)
         if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
         scheduleCompaction()
@@ -781,6 +841,11 @@ final class BatchApplier {
         scheduleCompaction()
     }
 
+    /// Blocks until every batch handed to the committer has been answered (tests).
+    func waitForCommits() {
+        committer?.waitAll()
+    }
+
     /// Blocks until the detach worker has finished every round, and collects them.
     func finishDetaches() {
         collectDetaches(detacher.waitAll())
@@ -815,6 +880,7 @@ final class BatchApplier {
     /// Detaches everything (daemon shutdown without persistence of kernel state: links die with
     /// the process anyway, but closing them together is faster than the kernel doing it one by one).
     func shutdown() {
+        committer?.stop()
         finishDetaches()
         detacher.stop()
         kernel.closeAll(links.values.map(\.handle))

@@ -47,9 +47,12 @@ public final class Engine: Sendable {
     private let writerDone = DispatchSemaphore(value: 0)
 
     /// Starts the writer thread. `persist` is called on the writer thread once per batch,
-    /// after the kernel work and before any reply, with the registrations to save.
+    /// after the kernel work and before any reply, with the registrations to save. If `sync`
+    /// is given, `persist` only has to append, and `sync` (on a committer thread, once for all
+    /// batches appended meanwhile) makes it durable; replies wait for it.
     public init(config: EngineConfig, kernel: any KernelBackend, logger: Logger,
-                persist: @escaping @Sendable (RegistrySnapshot) throws -> Void = { _ in }) {
+                persist: @escaping @Sendable (RegistrySnapshot) throws -> Void = { _ in },
+                sync: (@Sendable () throws -> Void)? = nil) {
         self.config = config
         self.kernel = kernel
         self.logger = logger
@@ -69,7 +72,9 @@ public final class Engine: Sendable {
             let applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: logger,
                                        publish: { s in published.store(s) },
                                        persist: persist,
-                                       wake: { _ = queue.push(.detachFinished) })
+                                       sync: sync,
+                                       wake: { _ = queue.push(.detachFinished) },
+                                       requeue: { op in _ = queue.push(op) })
             while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue) {
                 if batch.isEmpty { applier.maintain() } else { applier.apply(batch) }
             }
