@@ -19,7 +19,7 @@ public struct DaemonConfig: Sendable, Equatable {
     /// Most functions one glob may expand to.
     public var maxGlobMatches = 10_000
     /// Batching: how long the writer waits for more requests after the first, in microseconds.
-    public var batchWindowMicros = 500
+    public var batchWindowMicros = 250
     /// Batching: most requests in one batch.
     public var maxBatchRequests = 1024
     /// A removed probe is physically detached within this many milliseconds; removals within

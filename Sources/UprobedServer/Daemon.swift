@@ -91,8 +91,9 @@ public final class UprobedService: Service, Sendable {
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs)
 
-        if let saved, !saved.probes.isEmpty {
-            Systemd.notify("STATUS=restoring \(saved.probes.count) registrations")
+        if let saved {
+            // Also with no registrations left: the restore carries the id floor.
+            if !saved.probes.isEmpty { Systemd.notify("STATUS=restoring \(saved.probes.count) registrations") }
             await Self.restore(saved, engine: engine, resolver: resolver, logger: logger)
         }
 
@@ -212,7 +213,7 @@ public final class UprobedService: Service, Sendable {
     /// Restores every saved registration in one engine batch; logs each degraded one.
     static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, logger: Logger) async {
         let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID())
-        let results = await engine.restore(items)
+        let results = await engine.restore(items, nextIDFloor: saved.nextID)
         var active = 0, degraded = 0
         for (item, result) in zip(items, results) {
             switch result {

@@ -57,6 +57,9 @@ public struct SavedState: Sendable, Equatable {
     /// Sequence number of the last change this state includes: log entries at or below it are
     /// already in it (see StateStore).
     public var seq: UInt64 = 0
+    /// Lowest probe number never handed out (ids are `p<N>`): a restart must not give a removed
+    /// probe's id to a new one, or a client still holding it would act on someone else's probe.
+    public var nextID: UInt64 = 1
 }
 
 /// JSON encoding of the state file (format name + version; unknown versions are refused).
@@ -78,6 +81,7 @@ public enum StateCodec {
         if let b = state.bootID { w.field("boot_id", b) }
         w.field("saved_at", state.savedAt)
         w.field("seq", u64(state.seq))
+        w.field("next_id", u64(state.nextID))
         w.key("probes")
         w.beginArray()
         for p in state.probes { writeProbe(p, into: &w) }
@@ -179,7 +183,17 @@ public enum StateCodec {
         }
         var state = SavedState(bootID: root["boot_id"]?.stringValue, savedAt: root["saved_at"]?.doubleValue ?? 0, probes: probes)
         state.seq = readU64(root["seq"]) ?? 0
+        // Files written before `next_id` existed: the highest saved id is the best floor there is.
+        state.nextID = max(readU64(root["next_id"]) ?? 1, nextID(after: probes.map(\.id)))
         return state
+    }
+
+    /// One more than the highest `p<N>` among `ids` (1 if none).
+    static func nextID(after ids: [String]) -> UInt64 {
+        ids.reduce(UInt64(1)) { next, id in
+            guard id.hasPrefix("p"), let n = UInt64(id.dropFirst()), n < UInt64.max else { return next }
+            return max(next, n + 1)
+        }
     }
 
     /// Applies the log's complete lines with a sequence number above `base.seq`, in order. A
@@ -203,6 +217,7 @@ public enum StateCodec {
             }
             for (k, v) in (o["add"]?.arrayValue ?? []).enumerated() {
                 let p = try decodeProbe(v, k)
+                state.nextID = max(state.nextID, nextID(after: [p.id]))
                 if let i = index[p.id], !removed.contains(p.id) { state.probes[i] = p } else {
                     index[p.id] = state.probes.count
                     removed.remove(p.id)
@@ -442,6 +457,8 @@ public final class StatePersister: Sendable {
         var written: Set<String> = []
         /// Sequence number of the last change on disk.
         var seq: UInt64 = 0
+        /// Lowest probe number not in any file written so far (see `SavedState.nextID`).
+        var nextID: UInt64 = 1
         var snapshotBytes = 0
         var logBytes = 0
     }
@@ -471,6 +488,7 @@ public final class StatePersister: Sendable {
         for p in restored?.probes ?? [] { m.stamps[p.id] = (p.stamp, p.pidStartTime) }
         m.written = Set(restored?.probes.map(\.id) ?? [])
         m.seq = restored?.seq ?? 0
+        m.nextID = restored?.nextID ?? 1
         m.snapshotBytes = store.size(store.path)
         m.logBytes = store.size(store.logPath)
         memo.withLock { $0 = m }
@@ -502,6 +520,7 @@ public final class StatePersister: Sendable {
             m.logBytes += line.count
             m.written.subtract(removed)
             m.written.formUnion(added.map(\.id))
+            m.nextID = max(m.nextID, StateCodec.nextID(after: added.map(\.id)))
             m.lastGeneration = snapshot.generation
             return .success(())
         }
@@ -569,6 +588,8 @@ public final class StatePersister: Sendable {
         }
         var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)
         state.seq = m.seq + 1
+        m.nextID = max(m.nextID, StateCodec.nextID(after: probes.map(\.id)))
+        state.nextID = m.nextID
         try store.write(state)
         m.seq += 1
         m.written = Set(probes.map(\.id))

@@ -47,6 +47,28 @@ struct ServicePersistenceTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("ids of removed probes are never handed out again after a restart, even when nothing is left registered")
+    func removedIDsStayRetired() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        let first = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")])
+        let last = try d.register([spec(target, symbol: "fn_never")])
+        // Remove the newest id (and, below, everything): only the state file can remember it.
+        _ = try d.call(["op": "unregister", "probes": .array(last.map { .string($0) })])
+        #expect(d.stop() == 0)
+        d = try ServiceDaemon(dir: dir)
+        let afterRestart = try d.register([spec(target, symbol: "fn_a")])
+        #expect(!(first + last).contains(afterRestart[0]), "\(afterRestart[0]) was used before the restart")
+        _ = try d.call(["op": "unregister", "probes": .array((first + afterRestart).map { .string($0) })])
+        #expect(d.stop() == 0)
+        d = try ServiceDaemon(dir: dir)
+        let afterEmpty = try d.register([spec(target, symbol: "fn_b")])
+        #expect(!(first + last + afterRestart).contains(afterEmpty[0]), "\(afterEmpty[0]) was used before")
+        #expect(d.stop() == 0)
+    }
+
     @Test("kill -9 during a stream of registrations loses none that was acknowledged and resurrects none that was refused")
     func kill9KeepsAcknowledged() throws {
         let dir = try ServiceDaemon.makeDir()

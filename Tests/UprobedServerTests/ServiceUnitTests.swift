@@ -57,7 +57,12 @@ struct StateFileTests {
         return String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    static let sample = SavedState(bootID: "b-1", savedAt: 1.5, probes: [
+    static let sample = { () -> SavedState in
+        var s = SavedState(bootID: "b-1", savedAt: 1.5, probes: sampleProbes)
+        s.nextID = 12  // p10 and p11 were handed out and removed
+        return s
+    }()
+    static let sampleProbes = [
         SavedProbe(id: "p3", consumer: "ci", owner: Peer(pid: 10, uid: 1000, gid: 1000),
                    spec: ProbeSpecInput(path: "/bin/x", symbol: "f*", pid: 42, retprobe: true),
                    registeredAt: 100.25, hits: UInt64(Int64.max) + 5,
@@ -68,12 +73,28 @@ struct StateFileTests {
         SavedProbe(id: "p9", consumer: nil, owner: Peer(pid: 0, uid: 0, gid: 0),
                    spec: ProbeSpecInput(path: "/bin/y", usdt: "prov:name"), registeredAt: 1, hits: 0,
                    targets: [], stamp: nil, pidStartTime: nil, degradedReason: "binary /bin/y no longer exists"),
-    ])
+    ]
 
     @Test("encode/decode round trip keeps every field, 64-bit values included")
     func roundTrip() throws {
         let bytes = StateCodec.encode(Self.sample)
         #expect(try StateCodec.decode(bytes) == Self.sample)
+    }
+
+    @Test("next_id: kept as saved, never below the highest saved or logged id; old files without it get one")
+    func nextIDFloor() throws {
+        var old = Self.sample
+        old.nextID = 1
+        var text = String(decoding: StateCodec.encode(old), as: UTF8.self)
+        text = text.replacingOccurrences(of: #""next_id":1,"#, with: "")
+        #expect(!text.contains("next_id"))
+        #expect(try StateCodec.decode(Array(text.utf8)).nextID == 10, "highest saved id is p9")
+        let log = StateCodec.encodeLogEntry(seq: 1, add: [SavedProbe(id: "p40", consumer: nil, owner: Peer(pid: 0, uid: 0, gid: 0),
+                                                                     spec: ProbeSpecInput(path: "/bin/x", symbol: "f"), registeredAt: 1,
+                                                                     hits: 0, targets: [], stamp: nil, pidStartTime: nil,
+                                                                     degradedReason: nil)],
+                                            remove: ["p40"])
+        #expect(try StateCodec.replay(log, onto: Self.sample).nextID == 41, "an id added and removed in the log stays used")
     }
 
     @Test("corrupt files are state_corrupt errors, never an empty state")

@@ -12,7 +12,7 @@ enum PendingOp: Sendable {
     case register(items: [RegisterItem], consumer: String?, peer: Peer,
                   reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
     /// Registrations from the state file, with their ids; each one is atomic on its own.
-    case restore(items: [RestoreItem], reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
+    case restore(items: [RestoreItem], nextIDFloor: UInt64, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
     case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
                     reply: @Sendable (Result<Int, EngineError>) -> Void)
     /// The path watcher's changes to existing registrations (see `FollowChange`).
@@ -170,7 +170,8 @@ final class BatchApplier {
                     }
                 }
                 registers.append(plan)
-            case .restore(let items, _):
+            case .restore(let items, let floor, _):
+                nextProbeNumber = max(nextProbeNumber, floor)
                 // Each restored registration is its own request, so one that cannot attach
                 // never takes the others down with it.
                 for item in items {
@@ -336,7 +337,7 @@ final class BatchApplier {
         }
         var restoreReplies: [(reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void, results: [Result<ProbeRecord, EngineError>])] = []
         for (n, op) in batch.enumerated() {
-            if case .restore(_, let reply) = op { restoreReplies.append((reply, restored[n] ?? [])) }
+            if case .restore(_, _, let reply) = op { restoreReplies.append((reply, restored[n] ?? [])) }
         }
         let removalReplies = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
         let replyAll: @Sendable () -> Void = { [registerReplies, restoreReplies] in

@@ -49,7 +49,7 @@ public struct EngineConfig: Sendable {
     /// This many removed sites waiting for detach make it run at once (a bulk unregister).
     public var bulkDetachSites: Int
 
-    public init(batchWindow: Duration = .microseconds(500), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
+    public init(batchWindow: Duration = .microseconds(250), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
                 compactionDelay: Duration = .milliseconds(250), maxLinksPerGroup: Int = 8, mergeLinksUpTo: Int = 256,
                 maxOpenLinks: Int = 512, bulkDetachSites: Int = 1000) {
         self.batchWindow = batchWindow
