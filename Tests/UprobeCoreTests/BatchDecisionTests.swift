@@ -295,7 +295,7 @@ struct BatchDecisionTests {
         guard case .failure(let e)? = replies.withLock({ $0["third"] }) else { Issue.record("the unsynced register must fail"); return }
         #expect(e.code == "state_write_failed")
         let undo = requeued.withLock { $0 }
-        #expect(undo.count == 1)
+        #expect(undo.count == 1, "one removal per unconfirmed registration")
         failing.withLock { $0 = false }
         h.applier.apply(undo)  // what the engine does with a requeued op
         gate.signal()

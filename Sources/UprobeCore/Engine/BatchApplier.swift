@@ -365,8 +365,10 @@ final class BatchApplier {
                 // Restored registrations were on disk already; removals did happen.
                 for r in restoreReplies { r.reply(r.results) }
                 for r in removalReplies { r.reply(.success(r.count)) }
-                if !undo.isEmpty {
-                    requeue(.unregister(ids: undo, consumer: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
+                // One removal per id: an unregister by ids fails whole if one is already gone
+                // (another client may have removed it by consumer meanwhile).
+                for id in undo {
+                    requeue(.unregister(ids: [id], consumer: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
                 }
             }))
         } else {
