@@ -159,6 +159,34 @@ public struct JSONWriter {
 
     // MARK: - members, for brevity at call sites
 
+    /// `"k": [ … ]`, each element written by `element`.
+    @inlinable
+    public mutating func array<S: Sequence>(_ k: StaticString, _ items: S, _ element: (inout JSONWriter, S.Element) -> Void) {
+        key(k)
+        beginArray()
+        for item in items { element(&self, item) }
+        endArray()
+    }
+
+    /// `"k": [{ … }, …]`, each object's members written by `members`.
+    @inlinable
+    public mutating func objects<S: Sequence>(_ k: StaticString, _ items: S, _ members: (inout JSONWriter, S.Element) -> Void) {
+        key(k)
+        beginArray()
+        for item in items {
+            beginObject()
+            members(&self, item)
+            endObject()
+        }
+        endArray()
+    }
+
+    /// `"k": ["a", "b", …]`
+    @inlinable
+    public mutating func field(_ k: StaticString, strings: [String]) {
+        array(k, strings) { w, s in w.string(s) }
+    }
+
     @inlinable
     public mutating func field(_ k: StaticString, _ s: String) { key(k); string(s) }
     @inlinable

@@ -82,10 +82,7 @@ public enum StateCodec {
         w.field("saved_at", state.savedAt)
         w.field("seq", u64(state.seq))
         w.field("next_id", u64(state.nextID))
-        w.key("probes")
-        w.beginArray()
-        for p in state.probes { writeProbe(p, into: &w) }
-        w.endArray()
+        w.array("probes", state.probes) { w, p in writeProbe(p, into: &w) }
         w.endObject()
         return w.line()
     }
@@ -95,18 +92,8 @@ public enum StateCodec {
         var w = JSONWriter(reservingCapacity: 64 + add.count * 320 + remove.count * 12)
         w.beginObject()
         w.field("seq", u64(seq))
-        if !add.isEmpty {
-            w.key("add")
-            w.beginArray()
-            for p in add { writeProbe(p, into: &w) }
-            w.endArray()
-        }
-        if !remove.isEmpty {
-            w.key("remove")
-            w.beginArray()
-            for id in remove { w.string(id) }
-            w.endArray()
-        }
+        if !add.isEmpty { w.array("add", add) { w, p in writeProbe(p, into: &w) } }
+        if !remove.isEmpty { w.field("remove", strings: remove) }
         w.endObject()
         return w.line()
     }
@@ -128,26 +115,16 @@ public enum StateCodec {
                   pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force, follow: p.spec.follow).write(into: &w)
         w.field("registered_at", p.registeredAt)
         w.field("hits", u64(p.hits))
-        w.key("targets")
-        w.beginArray()
-        for t in p.targets {
-            w.beginObject()
+        w.objects("targets", p.targets) { w, t in
             w.field("path", t.path)
             w.field("device", u64(t.device))
             w.field("inode", u64(t.inode))
             if let b = t.buildID { w.field("build_id", b) }
             w.field("offset", u64(t.fileOffset))
             if let s = t.symbol { w.field("symbol", s) }
-            if !t.aliases.isEmpty {
-                w.key("aliases")
-                w.beginArray()
-                for a in t.aliases { w.string(a) }
-                w.endArray()
-            }
+            if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
             if let r = t.refCtrOffset { w.field("ref_ctr_offset", u64(r)) }
-            w.endObject()
         }
-        w.endArray()
         if let s = p.stamp {
             w.key("file")
             w.beginObject()

@@ -126,14 +126,7 @@ public struct RequestHandler: Sendable {
             if let denial = AccessControl.checkTargets(who, items: items, held: nil, policy: policy) { return .failure(denial) }
             let targets = resolved.flatMap { $0 }
             return .success(.written(estimatedBytes: targets.count * 128) { w in
-                w.key("probes")
-                w.beginArray()
-                for t in targets {
-                    w.beginObject()
-                    Self.writeTarget(t, into: &w)
-                    w.endObject()
-                }
-                w.endArray()
+                w.objects("probes", targets) { w, t in Self.writeTarget(t, into: &w) }
             })
         }
     }
@@ -178,12 +171,7 @@ public struct RequestHandler: Sendable {
         w.field("path", t.path)
         w.field("offset", t.fileOffset)
         if let s = t.symbol { w.field("symbol", s) }
-        if !t.aliases.isEmpty {
-            w.key("aliases")
-            w.beginArray()
-            for a in t.aliases { w.string(a) }
-            w.endArray()
-        }
+        if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
         if let b = t.buildID { w.field("build_id", b) }
         if let r = t.refCtrOffset { w.field("ref_ctr_offset", r) }
         if let warning = t.warning { w.field("warning", warning) }
@@ -195,14 +183,7 @@ public struct RequestHandler: Sendable {
         w.field("id", r.id)
         if let first = r.targets.first { writeTarget(first, into: &w) }
         if r.targets.count > 1 {
-            w.key("sites")
-            w.beginArray()
-            for t in r.targets {
-                w.beginObject()
-                writeTarget(t, into: &w)
-                w.endObject()
-            }
-            w.endArray()
+            w.objects("sites", r.targets) { w, t in writeTarget(t, into: &w) }
         }
         if let reason = r.state.reason {
             w.field("state", r.state.name)
@@ -244,14 +225,7 @@ public struct RequestHandler: Sendable {
                 logger.debug("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")"])
             }
             return .success(.written(estimatedBytes: records.count * 128) { w in
-                w.key("probes")
-                w.beginArray()
-                for r in records {
-                    w.beginObject()
-                    Self.writeRecord(r, into: &w)
-                    w.endObject()
-                }
-                w.endArray()
+                w.objects("probes", records) { w, r in Self.writeRecord(r, into: &w) }
             })
         }
     }
@@ -272,10 +246,7 @@ public struct RequestHandler: Sendable {
     func list(consumer: String?) -> ReplyBody {
         let probes = engine.snapshot.sortedProbes.filter { consumer == nil || $0.consumer == consumer }
         return .written(estimatedBytes: probes.count * 256) { w in
-            w.key("probes")
-            w.beginArray()
-            for r in probes {
-                w.beginObject()
+            w.objects("probes", probes) { w, r in
                 Self.writeRecord(r, into: &w)
                 w.field("spec", Self.specJSON(r.spec))
                 if let c = r.consumer { w.field("consumer", c) }
@@ -283,9 +254,7 @@ public struct RequestHandler: Sendable {
                 w.field("registered_at", r.registeredAt)
                 // Whether the probe follows its path through file replacements (see PathWatcher).
                 w.field("follow", r.follows)
-                w.endObject()
             }
-            w.endArray()
         }
     }
 
@@ -304,10 +273,7 @@ public struct RequestHandler: Sendable {
     /// than one file (an upgrade in progress) — a 10,000-probe reply stays small.
     static func writeStats(_ stats: [ProbeStats], versions: Bool, into w: inout JSONWriter,
                            rate: (ProbeStats) -> Double) {
-        w.key("stats")
-        w.beginArray()
-        for s in stats {
-            w.beginObject()
+        w.objects("stats", stats) { w, s in
             w.field("id", s.id)
             w.field("hits", s.hits)
             w.field("rate", (rate(s) * 1000).rounded() / 1000)
@@ -316,10 +282,7 @@ public struct RequestHandler: Sendable {
                 w.field("reason", reason)
             }
             if versions || s.versions.count > 1 {
-                w.key("versions")
-                w.beginArray()
-                for v in s.versions {
-                    w.beginObject()
+                w.objects("versions", s.versions) { w, v in
                     w.field("path", v.version.path)
                     w.field("device", v.version.device)
                     w.field("inode", v.version.inode)
@@ -327,13 +290,9 @@ public struct RequestHandler: Sendable {
                     w.field("hits", v.hits)
                     w.field("current", v.current)
                     if v.retired { w.field("retired", true) }
-                    w.endObject()
                 }
-                w.endArray()
             }
-            w.endObject()
         }
-        w.endArray()
     }
 
     func status() -> JSONObject {

@@ -1,4 +1,4 @@
-import Foundation
+import Synchronization
 import UprobeTree
 
 /// Runs the slow half of detach work off the writer thread.
@@ -11,84 +11,41 @@ import UprobeTree
 ///
 /// Ownership: the writer owns every round's bookkeeping (which slots to free, which hand-off to
 /// end) and acts on it only after it has taken the round's id back from `takeFinished` or
-/// `waitAll`. This worker only closes handles and waits; `cond` guards its three fields.
-final class DetachWorker: @unchecked Sendable {
-    // @unchecked: `queued`, `finished`, `outstanding` and `stopping` are guarded by `cond`.
-    private let cond = NSCondition()
-    private var queued: [(id: UInt64, links: [any KernelLink])] = []
-    private var finished: [UInt64] = []
-    /// Rounds submitted and not yet finished.
-    private var outstanding = 0
-    private var stopping = false
-    private let done = DispatchSemaphore(value: 0)
+/// `waitAll`. This worker only closes handles and waits.
+final class DetachWorker: Sendable {
+    private let thread: DrainingThread<(id: UInt64, links: [any KernelLink])>
+    /// Rounds finished and not yet taken by the writer (shared with the thread's body).
+    private final class Finished: Sendable { let ids = Mutex<[UInt64]>([]) }
+    private let finished = Finished()
 
     /// `wake` is called after each finished round (from the worker thread), so the writer
     /// collects it even when no client request is waking it.
     init(kernel: any KernelBackend, tree: UprobeTree, wake: @escaping @Sendable () -> Void) {
-        let thread = Thread { [self] in
-            while let work = nextWork() {
-                kernel.closeAll(work.flatMap(\.links))
-                // A reader may still hold a registry version naming the slots this round frees
-                // (it reads counters inside a tree read section): the writer reuses them only
-                // after this grace period.
-                tree.synchronize()
-                cond.lock()
-                finished += work.map(\.id)
-                outstanding -= work.count
-                cond.broadcast()
-                cond.unlock()
-                wake()
-            }
-            done.signal()
+        let finished = self.finished
+        thread = DrainingThread(name: "uprobed-detach") { rounds in
+            kernel.closeAll(rounds.flatMap(\.links))
+            // A reader may still hold a registry version naming the slots these rounds free
+            // (it reads counters inside a tree read section): the writer reuses them only
+            // after this grace period.
+            tree.synchronize()
+            // Before the thread counts the rounds as done, so `waitAll` finds them here.
+            finished.ids.withLock { $0 += rounds.map(\.id) }
+            wake()
         }
-        thread.name = "uprobed-detach"
-        thread.start()
     }
 
     /// Queues a round: close `links` (possibly none), then wait for a tree grace period.
-    func submit(id: UInt64, links: [any KernelLink]) {
-        cond.lock()
-        queued.append((id, links))
-        outstanding += 1
-        cond.broadcast()
-        cond.unlock()
-    }
+    func submit(id: UInt64, links: [any KernelLink]) { thread.submit((id, links)) }
 
     /// Ids of the rounds finished since the last call; never blocks.
-    func takeFinished() -> [UInt64] {
-        cond.lock()
-        defer { cond.unlock() }
-        let ids = finished
-        finished.removeAll()
-        return ids
-    }
+    func takeFinished() -> [UInt64] { finished.ids.withLock { ids in defer { ids.removeAll() }; return ids } }
 
     /// Blocks until every submitted round has finished; returns the ids not yet taken.
     func waitAll() -> [UInt64] {
-        cond.lock()
-        defer { cond.unlock() }
-        while outstanding > 0 { cond.wait() }
-        let ids = finished
-        finished.removeAll()
-        return ids
+        thread.waitAll()
+        return takeFinished()
     }
 
     /// Finishes the queued rounds, then ends the thread.
-    func stop() {
-        cond.lock()
-        stopping = true
-        cond.broadcast()
-        cond.unlock()
-        done.wait()
-    }
-
-    private func nextWork() -> [(id: UInt64, links: [any KernelLink])]? {
-        cond.lock()
-        defer { cond.unlock() }
-        while queued.isEmpty && !stopping { cond.wait() }
-        if queued.isEmpty { return nil }
-        let work = queued
-        queued.removeAll()
-        return work
-    }
+    func stop() { thread.stop() }
 }
