@@ -175,7 +175,7 @@ public final class Engine: Sendable {
         } else {
             records = snap.sortedProbes
         }
-        let now = ContinuousClock.now
+        let nowSeconds = MonotonicEpoch.seconds(.now)
         var out: [ProbeStats] = []
         out.reserveCapacity(records.count)
         for r in records {
@@ -207,7 +207,7 @@ public final class Engine: Sendable {
                 for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
             }
             let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
-            let secs = (now - r.registeredAtMonotonic) / .seconds(1)
+            let secs = nowSeconds - r.countingSince
             let since = counted &+ retiredHits
             out.append(ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(since) / secs : 0,
                                   sites: sites.count, state: r.state, versions: versions))

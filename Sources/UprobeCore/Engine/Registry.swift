@@ -90,6 +90,9 @@ public final class ProbeRecord: Sendable {
     public let registeredAt: Double
     /// Monotonic time this daemon started counting it, for rates.
     public let registeredAtMonotonic: ContinuousClock.Instant
+    /// The same as seconds after `MonotonicEpoch.start`: `stats` computes 10,000 rates per
+    /// call, and Duration arithmetic (128-bit) per record was a visible part of it.
+    let countingSince: Double
     public let state: ProbeState
     /// Hits counted before this daemon process took over (carried over from the state file).
     public let baseHits: UInt64
@@ -111,6 +114,7 @@ public final class ProbeRecord: Sendable {
         self.sites = sites
         self.registeredAt = registeredAt
         self.registeredAtMonotonic = registeredAtMonotonic
+        self.countingSince = MonotonicEpoch.seconds(registeredAtMonotonic)
         self.state = state
         self.baseHits = baseHits
         self.targets = targets
@@ -153,6 +157,12 @@ public struct RestoreItem: Sendable {
         self.targets = targets
         self.degradedReason = degradedReason
     }
+}
+
+/// A fixed monotonic instant (first use in this process) to express instants as Doubles.
+enum MonotonicEpoch {
+    static let start = ContinuousClock.now
+    static func seconds(_ t: ContinuousClock.Instant) -> Double { (t - start).inSeconds }
 }
 
 /// Counters of the engine's own work, reported by `status`.
