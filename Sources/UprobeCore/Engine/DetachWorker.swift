@@ -1,4 +1,4 @@
-import Synchronization
+import Foundation
 import UprobeTree
 
 /// Runs the slow half of detach work off the writer thread.
@@ -15,7 +15,15 @@ import UprobeTree
 final class DetachWorker: Sendable {
     private let thread: DrainingThread<(id: UInt64, links: [any KernelLink])>
     /// Rounds finished and not yet taken by the writer (shared with the thread's body).
-    private final class Finished: Sendable { let ids = Mutex<[UInt64]>([]) }
+    /// An NSLock (a pthread mutex) rather than `Mutex`: ThreadSanitizer does not see the
+    /// Synchronization module's futex lock and reported its accesses as a race.
+    private final class Finished: @unchecked Sendable {
+        // @unchecked: `ids` is only touched with `lock` held.
+        private let lock = NSLock()
+        private var ids: [UInt64] = []
+        func add(_ more: [UInt64]) { lock.withLock { ids += more } }
+        func take() -> [UInt64] { lock.withLock { defer { ids.removeAll() }; return ids } }
+    }
     private let finished = Finished()
 
     /// `wake` is called after each finished round (from the worker thread), so the writer
@@ -29,7 +37,7 @@ final class DetachWorker: Sendable {
             // after this grace period.
             tree.synchronize()
             // Before the thread counts the rounds as done, so `waitAll` finds them here.
-            finished.ids.withLock { $0 += rounds.map(\.id) }
+            finished.add(rounds.map(\.id))
             wake()
         }
     }
@@ -38,7 +46,7 @@ final class DetachWorker: Sendable {
     func submit(id: UInt64, links: [any KernelLink]) { thread.submit((id, links)) }
 
     /// Ids of the rounds finished since the last call; never blocks.
-    func takeFinished() -> [UInt64] { finished.ids.withLock { ids in defer { ids.removeAll() }; return ids } }
+    func takeFinished() -> [UInt64] { finished.take() }
 
     /// Blocks until every submitted round has finished; returns the ids not yet taken.
     func waitAll() -> [UInt64] {
