@@ -57,14 +57,14 @@ import Glibc
 /// - Both the entry and the return (uretprobe) consumers run newest first on Linux 6.18; the
 ///   tests rebuild links under load for both.
 public final class CounterProgram: Sendable {
-    /// Number of counter slots (entries of the per-CPU array).
+    /// Number of counter slots (entries of the counters array).
     public let capacity: UInt32
     /// Capacity of the `marks` hash map (threads × slots in hand-off at once).
     public let markCapacity: UInt32
 
     let counters: FileDescriptor
     /// `counters`' values, mapped shared (mmap of the map fd). The program adds with atomic
-    /// instructions; the daemon loads and stores them through `Atomic` (see `counterWords`).
+    /// instructions; the daemon loads and stores them through `Atomic` (`CounterMapping.word`).
     private let counterMapping: CounterMapping
     let overlap: FileDescriptor
     let marks: FileDescriptor
@@ -408,7 +408,7 @@ public final class CounterProgram: Sendable {
     ///
     /// Relaxed loads suffice: a count is exact for hits that happened before the read in the
     /// usual sense (the workload ended, or was waited for), and each value is read whole.
-    /// Never throws; it keeps the signature the per-CPU batch read had.
+    /// Never throws today; the signature stays that of `KernelBackend.readCounters`.
     public func readAllCounters(upTo: UInt32) throws(KernelError) -> [UInt64] {
         let limit = Int(min(upTo, capacity))
         return [UInt64](unsafeUninitializedCapacity: limit) { buf, n in

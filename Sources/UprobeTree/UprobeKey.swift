@@ -48,7 +48,7 @@ public struct Consumer: Hashable, Sendable, BitwiseCopyable {
     public var registration: UInt64
     /// Counter value at registration time (hits are reported relative to it).
     public var baseline: UInt64
-    /// Counter slot in the per-CPU counter map.
+    /// Counter slot in the counters map.
     public var slot: UInt32
     /// Pid filter: 0 = any process.
     public var pid: Int32

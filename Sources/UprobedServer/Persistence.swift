@@ -111,8 +111,7 @@ public enum StateCodec {
         w.field("pid", Int64(p.owner.pid))
         w.endObject()
         w.key("spec")
-        ProbeSpec(path: p.spec.path, symbol: p.spec.symbol, offset: p.spec.offset, usdt: p.spec.usdt,
-                  pid: p.spec.pid, retprobe: p.spec.retprobe, force: p.spec.force, follow: p.spec.follow).write(into: &w)
+        ProbeSpec(p.spec).write(into: &w)
         w.field("registered_at", p.registeredAt)
         w.field("hits", u64(p.hits))
         w.objects("targets", p.targets) { w, t in
@@ -168,7 +167,7 @@ public enum StateCodec {
     /// One more than the highest `p<N>` among `ids` (1 if none).
     static func nextID(after ids: [String]) -> UInt64 {
         ids.reduce(UInt64(1)) { next, id in
-            guard id.hasPrefix("p"), let n = UInt64(id.dropFirst()), n < UInt64.max else { return next }
+            guard let n = ProbeID.number(id), n < UInt64.max else { return next }
             return max(next, n + 1)
         }
     }

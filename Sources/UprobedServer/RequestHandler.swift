@@ -60,6 +60,12 @@ public struct RequestHandler: Sendable {
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
         }
+        return line(for: env, who: who, result)
+    }
+
+    /// The reply line for `result`: `{"id", "ok": true, …body}`, or the error reply, with the
+    /// failure logged and a denial counted.
+    private func line(for env: RequestEnvelope, who: PeerIdentity, _ result: Result<ReplyBody, ProtocolError>) -> [UInt8] {
         switch result {
         case .success(let body):
             switch body {
@@ -93,27 +99,28 @@ public struct RequestHandler: Sendable {
     func watchEvent(_ env: RequestEnvelope, peer who: PeerIdentity, previous: inout [String: UInt64],
                     seconds: Double) -> (line: [UInt8], failed: Bool) {
         guard case .watch(_, let ids) = env.request else { return ([], true) }
-        let policy = access.load()
-        if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
-            return (JSONSerializer.serializeLine(Reply.failure(id: env.id, denial)), true)
-        }
-        switch engine.stats(ids: ids) {
-        case .failure(let e): return (JSONSerializer.serializeLine(Reply.failure(id: env.id, Self.protocolError(e))), true)
-        case .success(let stats):
-            let before = previous
-            previous = Dictionary(stats.map { ($0.id, $0.hits) }, uniquingKeysWith: { a, _ in a })
-            var w = JSONWriter(reservingCapacity: stats.count * 48 + 64)
-            w.beginObject()
-            if let id = env.id { w.field("id", id) }
-            w.field("ok", true)
-            w.field("event", "stats")
-            Self.writeStats(stats, versions: false, into: &w) { s in
-                guard let was = before[s.id], seconds > 0 else { return s.ratePerSecond }
-                return Double(s.hits &- was) / seconds
+        let result: Result<ReplyBody, ProtocolError>
+        if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op,
+                                            policy: access.load()) {
+            result = .failure(denial)
+        } else {
+            switch engine.stats(ids: ids) {
+            case .failure(let e): result = .failure(Self.protocolError(e))
+            case .success(let stats):
+                let before = previous
+                previous = Dictionary(stats.map { ($0.id, $0.hits) }, uniquingKeysWith: { a, _ in a })
+                result = .success(.written(estimatedBytes: stats.count * 48) { w in
+                    w.field("event", "stats")
+                    Self.writeStats(stats, versions: false, into: &w) { s in
+                        guard let was = before[s.id], seconds > 0 else { return s.ratePerSecond }
+                        return Double(s.hits &- was) / seconds
+                    }
+                })
             }
-            w.endObject()
-            return (w.line(), false)
         }
+        let failed: Bool
+        if case .failure = result { failed = true } else { failed = false }
+        return (line(for: env, who: who, result), failed)
     }
 
     /// `resolve` reads ELF files for the peer: a non-admin only learns about files it can read.
@@ -138,10 +145,6 @@ public struct RequestHandler: Sendable {
                        retprobe: s.retprobe, force: s.force, follow: s.follow)
     }
 
-    static func specJSON(_ s: ProbeSpecInput) -> JSONValue {
-        ProbeSpec(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
-                  retprobe: s.retprobe, force: s.force, follow: s.follow).json
-    }
 
     /// Resolves every spec; the first failure fails the request and names the spec.
     func resolve(_ specs: [ProbeSpec]) -> Result<[[ResolvedProbe]], ProtocolError> {
@@ -248,7 +251,8 @@ public struct RequestHandler: Sendable {
         return .written(estimatedBytes: probes.count * 256) { w in
             w.objects("probes", probes) { w, r in
                 Self.writeRecord(r, into: &w)
-                w.field("spec", Self.specJSON(r.spec))
+                w.key("spec")
+                ProbeSpec(r.spec).write(into: &w)
                 if let c = r.consumer { w.field("consumer", c) }
                 w.field("owner_uid", Int64(r.owner.uid))
                 w.field("registered_at", r.registeredAt)
@@ -337,6 +341,14 @@ public struct RequestHandler: Sendable {
         var details = JSONObject()
         if let i = e.probeIndex { details["probe"] = .int(Int64(i)) }
         return ProtocolError(ErrorCode(e.code), e.message, details: details)
+    }
+}
+
+extension ProbeSpec {
+    /// The wire form of a resolver spec (the inverse of `RequestHandler.input`).
+    init(_ s: ProbeSpecInput) {
+        self.init(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
+                  retprobe: s.retprobe, force: s.force, follow: s.follow)
     }
 }
 

@@ -93,8 +93,6 @@ int CUprobeSys_map_delete_elem(int map_fd, const void *key);
 /// `key` NULL asks for the first key.
 int CUprobeSys_map_get_next_key(int map_fd, const void *key, void *next_key);
 
-/// BPF_MAP_LOOKUP_BATCH. `in_batch` NULL starts at the beginning; `*count` is in/out.
-/// Returns -1/ENOENT (with `*count` filled) when the map has no more elements.
 /// BPF_MAP_UPDATE_BATCH: `*count` elements from parallel `keys`/`values` arrays; on return
 /// `*count` is the number of elements updated (also on failure).
 int CUprobeSys_map_update_batch(int map_fd, const void *keys, const void *values, uint32_t *count);

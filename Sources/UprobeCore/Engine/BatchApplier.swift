@@ -123,13 +123,14 @@ final class BatchApplier {
             default: requests.append(op)
             }
         }
+        // Only wake-ups from the detach worker: the idle path collects them.
+        if requests.isEmpty && follows.isEmpty { maintain(); return }
         collectDetaches(detacher.takeFinished())
         if !requests.isEmpty { applyRequests(requests) }
         if !follows.isEmpty {
             applyFollow(follows.flatMap(\.changes))
             for f in follows { f.reply() }
         }
-        if requests.isEmpty && follows.isEmpty { maintain() }
     }
 
     private func applyRequests(_ batch: [PendingOp]) {

@@ -182,7 +182,8 @@ public struct EngineCounters: Sendable {
     public var lastBatchMicros: UInt64 = 0
     /// Time the writer spent applying batches (busy, not waiting for work), in total.
     public var busyMicros: UInt64 = 0
-    /// Part of `busyMicros` spent in the persist hook (writing and syncing the state file).
+    /// Part of `busyMicros` spent in the persist hook: encoding and appending the state-log line
+    /// (and its fsync when there is no committer; with one, the sync runs off the writer).
     public var persistMicros: UInt64 = 0
     public var meanBatchSize: Double { batches == 0 ? 0 : Double(requests) / Double(batches) }
 }

@@ -14,7 +14,7 @@ public protocol KernelBackend: Sendable {
     func sweepMarks(slots: Set<UInt32>) throws(KernelError)
     /// Zeroes the counters of `slots` on every CPU.
     func resetCounters(slots: [UInt32]) throws(KernelError)
-    /// Reads counters `[0, upTo)`, summed over CPUs, in one batched lookup.
+    /// Reads counters `[0, upTo)`.
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64]
     /// Closes links so that they share grace periods; returns once none of them can fire.
     func closeAll(_ links: [any KernelLink])
