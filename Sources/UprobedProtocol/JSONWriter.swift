@@ -9,10 +9,17 @@
 /// nothing between array elements. Control characters in strings are escaped, so the output
 /// never contains a newline and can be sent as one line. Nesting is tracked to depth 64 (the
 /// parser's limit).
-public struct JSONWriter {
+///
+/// The text lives in a buffer this writer owns (grown by doubling) rather than an `[UInt8]`:
+/// each of the ~15 small appends per `stats` entry paid Array's uniqueness and capacity checks,
+/// which were half of a 10,000-entry reply's time. Noncopyable, so two writers can never
+/// share (and overwrite) one buffer; pass it `inout`.
+public struct JSONWriter: ~Copyable {
     /// The text written so far.
-    public var bytes: [UInt8] { storage }
-    @usableFromInline var storage: [UInt8]
+    public var bytes: [UInt8] { Array(UnsafeBufferPointer(start: base, count: count)) }
+    @usableFromInline var base: UnsafeMutablePointer<UInt8>
+    @usableFromInline var count = 0
+    @usableFromInline var capacity: Int
     /// Bit n set: the container at depth n already has a member (the next one needs a comma).
     @usableFromInline var hasMember: UInt64 = 0
     @usableFromInline var depth = 0
@@ -21,45 +28,45 @@ public struct JSONWriter {
 
     @inlinable
     public init(reservingCapacity capacity: Int = 256) {
-        storage = []
-        storage.reserveCapacity(capacity)
+        self.capacity = max(capacity, 16)
+        base = .allocate(capacity: self.capacity)
     }
+
+    deinit { base.deallocate() }
 
     /// Ends the text with a newline and returns it: one protocol line. Write nothing after.
     @inlinable
     public mutating func line() -> [UInt8] {
-        storage.append(0x0A)
-        return storage
+        put(0x0A)
+        return bytes
     }
-
-    /// The text written so far.
 
     // MARK: - structure
 
     @inlinable
     public mutating func beginObject() {
         separate()
-        storage.append(UInt8(ascii: "{"))
+        put(UInt8(ascii: "{"))
         push()
     }
 
     @inlinable
     public mutating func endObject() {
         pop()
-        storage.append(UInt8(ascii: "}"))
+        put(UInt8(ascii: "}"))
     }
 
     @inlinable
     public mutating func beginArray() {
         separate()
-        storage.append(UInt8(ascii: "["))
+        put(UInt8(ascii: "["))
         push()
     }
 
     @inlinable
     public mutating func endArray() {
         pop()
-        storage.append(UInt8(ascii: "]"))
+        put(UInt8(ascii: "]"))
     }
 
     /// An object member's key known at compile time (no escaping needed: it must be plain
@@ -67,15 +74,15 @@ public struct JSONWriter {
     @inlinable
     public mutating func key(_ k: StaticString) {
         separate()
-        storage.append(UInt8(ascii: "\""))
-        if k.hasPointerRepresentation {
-            storage.append(contentsOf: UnsafeBufferPointer(start: k.utf8Start, count: k.utf8CodeUnitCount))
-        } else {
-            k.withUTF8Buffer { storage.append(contentsOf: $0) }
-        }
         assert(k.withUTF8Buffer { !$0.contains { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C || $0 >= 0x80 } }, "JSON key needs escaping")
-        storage.append(UInt8(ascii: "\""))
-        storage.append(UInt8(ascii: ":"))
+        k.withUTF8Buffer { key in
+            reserve(key.count + 3)
+            base[count] = UInt8(ascii: "\"")
+            if let from = key.baseAddress { (base + count + 1).update(from: from, count: key.count) }
+            base[count + 1 + key.count] = UInt8(ascii: "\"")
+            base[count + 2 + key.count] = UInt8(ascii: ":")
+            count += key.count + 3
+        }
         afterKey = true
     }
 
@@ -84,7 +91,7 @@ public struct JSONWriter {
     public mutating func key(_ k: String) {
         separate()
         writeStringBody(k)
-        storage.append(UInt8(ascii: ":"))
+        put(UInt8(ascii: ":"))
         afterKey = true
     }
 
@@ -112,25 +119,52 @@ public struct JSONWriter {
     @inlinable
     public mutating func bool(_ b: Bool) {
         separate()
-        storage.append(contentsOf: (b ? "true" : "false").utf8)
+        put(b ? "true" : "false")
     }
 
     @inlinable
     public mutating func null() {
         separate()
-        storage.append(contentsOf: "null".utf8)
+        put("null")
     }
 
     /// Whole numbers as integers; NaN and infinities (which JSON lacks) as null.
     @inlinable
     public mutating func double(_ d: Double) {
         separate()
-        guard d.isFinite else { storage.append(contentsOf: "null".utf8); return }
+        guard d.isFinite else { put("null"); return }
         if d.rounded() == d, abs(d) < 1e18 {
             let i = Int64(d)
             writeDigits(i.magnitude, negative: i < 0)
         } else {
-            storage.append(contentsOf: d.description.utf8)
+            var text = d.description
+            text.withUTF8 { put($0) }
+        }
+    }
+
+    /// `d` rounded to `decimals` places (at most 6), as a plain decimal without trailing zeros
+    /// ("12.5", "3"): the same number as `double((d * 10^decimals).rounded() / 10^decimals)`,
+    /// without formatting a String (`stats` writes one rate per probe). Magnitudes of 10^12 or
+    /// more, NaN and the infinities go through `double`.
+    @inlinable
+    public mutating func fixed(_ d: Double, decimals: Int) {
+        let places = min(max(decimals, 0), 6)
+        var scale: UInt64 = 1
+        for _ in 0..<places { scale *= 10 }
+        guard d.isFinite, d.magnitude < 1e12 else { double(d); return }
+        let scaled = UInt64((d.magnitude * Double(scale)).rounded())
+        separate()
+        writeDigits(scaled / scale, negative: d < 0 && scaled != 0)
+        var fraction = scaled % scale
+        guard fraction != 0 else { return }
+        var width = places
+        while fraction % 10 == 0 { fraction /= 10; width -= 1 }
+        put(UInt8(ascii: "."))
+        var divisor: UInt64 = 1
+        for _ in 1..<width { divisor *= 10 }
+        while divisor > 0 {  // leading zeros included: 0.05 is ".05"
+            put(UInt8(ascii: "0") + UInt8(fraction / divisor % 10))
+            divisor /= 10
         }
     }
 
@@ -207,7 +241,43 @@ public struct JSONWriter {
         if afterKey { afterKey = false; return }
         guard depth > 0 else { return }
         let bit: UInt64 = 1 << UInt64((depth - 1) & 63)
-        if hasMember & bit != 0 { storage.append(UInt8(ascii: ",")) } else { hasMember |= bit }
+        if hasMember & bit != 0 { put(UInt8(ascii: ",")) } else { hasMember |= bit }
+    }
+
+    /// Room for `n` more bytes.
+    @inlinable @inline(__always)
+    mutating func reserve(_ n: Int) {
+        if count + n > capacity { grow(toAtLeast: count + n) }
+    }
+
+    @usableFromInline
+    mutating func grow(toAtLeast needed: Int) {
+        let bigger = max(needed, capacity * 2)
+        let moved = UnsafeMutablePointer<UInt8>.allocate(capacity: bigger)
+        moved.initialize(from: base, count: count)
+        base.deallocate()
+        base = moved
+        capacity = bigger
+    }
+
+    @inlinable @inline(__always)
+    mutating func put(_ byte: UInt8) {
+        reserve(1)
+        base[count] = byte
+        count += 1
+    }
+
+    @inlinable
+    mutating func put(_ run: UnsafeBufferPointer<UInt8>) {
+        guard let from = run.baseAddress, run.count > 0 else { return }
+        reserve(run.count)
+        (base + count).update(from: from, count: run.count)
+        count += run.count
+    }
+
+    @inlinable
+    mutating func put(_ text: StaticString) {
+        text.withUTF8Buffer { put($0) }
     }
 
     @inlinable
@@ -221,30 +291,29 @@ public struct JSONWriter {
         depth -= 1
     }
 
-    /// Decimal digits without allocating a String (replies carry many numbers).
+    /// Decimal digits written in place (replies carry many numbers).
     @inlinable
     mutating func writeDigits(_ value: UInt64, negative: Bool) {
-        if negative { storage.append(UInt8(ascii: "-")) }
-        if value < 10 { storage.append(UInt8(ascii: "0") + UInt8(value)); return }
+        reserve(21)  // sign and 20 digits
+        if negative { base[count] = UInt8(ascii: "-"); count += 1 }
+        var width = 1
+        var rest = value / 10
+        while rest > 0 { width += 1; rest /= 10 }
         var magnitude = value
-        var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes of scratch, enough for 20 digits
-        let count = withUnsafeMutableBytes(of: &digits) { buf -> Int in
-            var n = 0
-            while magnitude > 0 {
-                buf[23 - n] = UInt8(ascii: "0") + UInt8(magnitude % 10)
-                magnitude /= 10
-                n += 1
-            }
-            return n
-        }
-        withUnsafeBytes(of: &digits) { buf in storage.append(contentsOf: buf[(24 - count)...]) }
+        var at = count + width - 1
+        repeat {
+            base[at] = UInt8(ascii: "0") + UInt8(magnitude % 10)
+            magnitude /= 10
+            at -= 1
+        } while magnitude > 0
+        count += width
     }
 
     @usableFromInline static let hex: [UInt8] = Array("0123456789abcdef".utf8)
 
     @inlinable
     mutating func writeStringBody(_ s: String) {
-        storage.append(UInt8(ascii: "\""))
+        put(UInt8(ascii: "\""))
         var plain = s
         plain.withUTF8 { utf8 in
             // Copy runs of bytes that need no escape in one go (ids, paths, symbols are one run).
@@ -252,20 +321,22 @@ public struct JSONWriter {
             for k in 0..<utf8.count {
                 let c = utf8[k]
                 guard c < 0x20 || c == 0x22 || c == 0x5C else { continue }
-                storage.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<k]))
+                put(UnsafeBufferPointer(rebasing: utf8[runStart..<k]))
                 runStart = k + 1
+                put(0x5C)
                 switch c {
-                case 0x22: storage.append(0x5C); storage.append(0x22)
-                case 0x5C: storage.append(0x5C); storage.append(0x5C)
-                case 0x0A: storage.append(0x5C); storage.append(UInt8(ascii: "n"))
-                case 0x0D: storage.append(0x5C); storage.append(UInt8(ascii: "r"))
-                case 0x09: storage.append(0x5C); storage.append(UInt8(ascii: "t"))
+                case 0x22: put(0x22)
+                case 0x5C: put(0x5C)
+                case 0x0A: put(UInt8(ascii: "n"))
+                case 0x0D: put(UInt8(ascii: "r"))
+                case 0x09: put(UInt8(ascii: "t"))
                 default:
-                    storage.append(contentsOf: [0x5C, UInt8(ascii: "u"), 0x30, 0x30, Self.hex[Int(c >> 4)], Self.hex[Int(c & 0xF)]])
+                    put(UInt8(ascii: "u")); put(0x30); put(0x30)
+                    put(Self.hex[Int(c >> 4)]); put(Self.hex[Int(c & 0xF)])
                 }
             }
-            storage.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<utf8.count]))
+            put(UnsafeBufferPointer(rebasing: utf8[runStart..<utf8.count]))
         }
-        storage.append(UInt8(ascii: "\""))
+        put(UInt8(ascii: "\""))
     }
 }

@@ -125,11 +125,12 @@ public struct RequestHandler: Sendable {
 
     /// `resolve` reads ELF files for the peer: a non-admin only learns about files it can read.
     func resolveChecked(_ specs: [ProbeSpec], who: PeerIdentity, policy: AccessPolicy) -> Result<ReplyBody, ProtocolError> {
-        if let denial = AccessControl.checkSpecs(who, specs: specs.map(Self.input), systemWideOK: true, policy: policy) {
+        let inputs = specs.map(Self.input)
+        if let denial = AccessControl.checkSpecs(who, specs: inputs, systemWideOK: true, policy: policy) {
             return .failure(denial)
         }
-        return resolve(specs).flatMap { resolved in
-            let items = zip(specs, resolved).map { RegisterItem(spec: Self.input($0), targets: $1) }
+        return resolve(inputs).flatMap { resolved in
+            let items = zip(inputs, resolved).map { RegisterItem(spec: $0, targets: $1) }
             if let denial = AccessControl.checkTargets(who, items: items, held: nil, policy: policy) { return .failure(denial) }
             let targets = resolved.flatMap { $0 }
             return .success(.written(estimatedBytes: targets.count * 128) { w in
@@ -147,12 +148,12 @@ public struct RequestHandler: Sendable {
 
 
     /// Resolves every spec; the first failure fails the request and names the spec.
-    func resolve(_ specs: [ProbeSpec]) -> Result<[[ResolvedProbe]], ProtocolError> {
+    func resolve(_ specs: [ProbeSpecInput]) -> Result<[[ResolvedProbe]], ProtocolError> {
         var out: [[ResolvedProbe]] = []
         out.reserveCapacity(specs.count)
         var total = 0
         // One open per (path, pid) for the whole request: see Resolver.resolveMany.
-        for (n, result) in resolver.resolveMany(specs.map(Self.input)).enumerated() {
+        for (n, result) in resolver.resolveMany(specs).enumerated() {
             do {
                 let targets = try result.get()
                 total += targets.count
@@ -196,15 +197,16 @@ public struct RequestHandler: Sendable {
 
     func register(_ specs: [ProbeSpec], consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<ReplyBody, ProtocolError> {
         let peer = who.peer
-        if let denial = AccessControl.checkSpecs(who, specs: specs.map(Self.input), systemWideOK: false, policy: policy) {
+        let inputs = specs.map(Self.input)
+        if let denial = AccessControl.checkSpecs(who, specs: inputs, systemWideOK: false, policy: policy) {
             return .failure(denial)
         }
         let resolved: [[ResolvedProbe]]
-        switch resolve(specs) {
+        switch resolve(inputs) {
         case .failure(let e): return .failure(e)
         case .success(let r): resolved = r
         }
-        let items = zip(specs, resolved).map { RegisterItem(spec: Self.input($0), targets: $1) }
+        let items = zip(inputs, resolved).map { RegisterItem(spec: $0, targets: $1) }
         let adding = items.reduce(0) { $0 + $1.probeCount }
         let isAdmin = policy.role(of: who) == .admin
         if !isAdmin {
@@ -247,7 +249,7 @@ public struct RequestHandler: Sendable {
     }
 
     func list(consumer: String?) -> ReplyBody {
-        let probes = engine.snapshot.sortedProbes.filter { consumer == nil || $0.consumer == consumer }
+        let probes = engine.snapshot.probes.sorted(where: { consumer == nil || $0.consumer == consumer })
         return .written(estimatedBytes: probes.count * 256) { w in
             w.objects("probes", probes) { w, r in
                 Self.writeRecord(r, into: &w)
@@ -277,16 +279,21 @@ public struct RequestHandler: Sendable {
     /// than one file (an upgrade in progress) — a 10,000-probe reply stays small.
     static func writeStats(_ stats: [ProbeStats], versions: Bool, into w: inout JSONWriter,
                            rate: (ProbeStats) -> Double) {
-        w.objects("stats", stats) { w, s in
-            w.field("id", s.id)
-            w.field("hits", s.hits)
-            w.field("rate", (rate(s) * 1000).rounded() / 1000)
-            if let reason = s.state.reason {
-                w.field("state", s.state.name)
+        w.key("stats")
+        w.beginArray()
+        // By index: each ProbeStats is read in place, not copied into a closure per element.
+        for i in stats.indices {
+            w.beginObject()
+            w.field("id", stats[i].id)
+            w.field("hits", stats[i].hits)
+            w.key("rate")
+            w.fixed(rate(stats[i]), decimals: 3)
+            if let reason = stats[i].state.reason {
+                w.field("state", stats[i].state.name)
                 w.field("reason", reason)
             }
-            if versions || s.versions.count > 1 {
-                w.objects("versions", s.versions) { w, v in
+            if versions || stats[i].versions.count > 1 {
+                w.objects("versions", stats[i].versions) { w, v in
                     w.field("path", v.version.path)
                     w.field("device", v.version.device)
                     w.field("inode", v.version.inode)
@@ -296,7 +303,9 @@ public struct RequestHandler: Sendable {
                     if v.retired { w.field("retired", true) }
                 }
             }
+            w.endObject()
         }
+        w.endArray()
     }
 
     func status() -> JSONObject {

@@ -46,6 +46,29 @@ struct JSONTests {
         #expect(parsed.objectValue?["list"]?.arrayValue?[2] == .string("line\nbreak \"q\""))
     }
 
+    @Test("fixed-point numbers are the same numbers as rounding then formatting the Double")
+    func fixedPoint() throws {
+        let cases: [Double] = [0, 3, 12.5, 0.05, 0.0004, 0.0005, 1.23456, -2.5, -0.0001, 999_999.9996, 1e12, 12345.678901, .nan, .infinity]
+        for d in cases {
+            var w = JSONWriter(reservingCapacity: 1)  // grows from the smallest buffer
+            w.beginArray()
+            w.fixed(d, decimals: 3)
+            w.endArray()
+            let text = String(decoding: w.bytes, as: UTF8.self)
+            var expected = JSONWriter()
+            expected.beginArray()
+            expected.double((d * 1000).rounded() / 1000)
+            expected.endArray()
+            let want = try JSONParser.parse(expected.bytes)
+            #expect(try JSONParser.parse(text) == want, "\(d) → \(text)")
+            // Plain decimals: no exponent, no trailing zeros after the point.
+            if d.isFinite { #expect(!text.contains("e") && !(text.contains(".") && text.hasSuffix("0]")), "\(d) → \(text)") }
+        }
+        var w = JSONWriter()
+        w.fixed(0.05, decimals: 3)
+        #expect(String(decoding: w.bytes, as: UTF8.self) == "0.05")
+    }
+
     @Test("integers at the edges serialize exactly")
     func integerEdges() throws {
         for i: Int64 in [0, 7, -1, -10, 1_000_000, Int64.max, Int64.min] {

@@ -171,7 +171,7 @@ public final class Engine: Sendable {
             }
             records = r
         } else if let consumer {
-            records = snap.sortedProbes.filter { $0.consumer == consumer }
+            records = snap.probes.sorted(where: { $0.consumer == consumer })
         } else {
             records = snap.sortedProbes
         }
