@@ -3,6 +3,7 @@
 #include "CUprobeSys.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/syscall.h>
@@ -160,4 +161,8 @@ int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *
     attr.wakeup_events = 1;
     return CUprobeSys_perf_event_open(&attr, pid < 0 ? -1 : pid, pid < 0 ? 0 : -1, -1,
                                       PERF_FLAG_FD_CLOEXEC);
+}
+
+int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold) {
+    return mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold);
 }

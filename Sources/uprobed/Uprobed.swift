@@ -35,6 +35,7 @@ struct UprobedCommand: AsyncParsableCommand {
     var moveCorruptState = false
 
     func run() async throws {
+        DaemonProcess.keepFreedMemory()
         var cfg: DaemonConfig
         do { cfg = try DaemonConfig.load(path: config) } catch {
             throw ValidationError("bad config: \(error)")

@@ -75,6 +75,11 @@ struct StateFileTests {
                    targets: [], stamp: nil, pidStartTime: nil, degradedReason: "binary /bin/y no longer exists"),
     ]
 
+    @Test("glibc accepts the daemon's malloc settings (large buffers from the heap, freed memory kept)")
+    func mallocSettings() {
+        #expect(DaemonProcess.keepFreedMemory())
+    }
+
     @Test("encode/decode round trip keeps every field, 64-bit values included")
     func roundTrip() throws {
         let bytes = StateCodec.encode(Self.sample)

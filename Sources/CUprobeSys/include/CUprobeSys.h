@@ -104,6 +104,12 @@ int CUprobeSys_map_update_batch(int map_fd, const void *keys, const void *values
 int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *path,
                                 uint64_t offset, pid_t pid);
 
+/// mallopt(3) M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (Glibc's Swift module does not export
+/// mallopt): blocks up to `mmap_threshold` bytes come from the heap instead of their own
+/// mmap, and up to `trim_threshold` bytes of freed heap stay mapped. 0 on failure (errno is
+/// not set by glibc).
+int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold);
+
 #ifdef __cplusplus
 }
 #endif
