@@ -75,14 +75,19 @@ public struct JSONWriter: ~Copyable {
     public mutating func key(_ k: StaticString) {
         separate()
         assert(k.withUTF8Buffer { !$0.contains { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C || $0 >= 0x80 } }, "JSON key needs escaping")
-        k.withUTF8Buffer { key in
-            reserve(key.count + 3)
-            base[count] = UInt8(ascii: "\"")
-            if let from = key.baseAddress { (base + count + 1).update(from: from, count: key.count) }
-            base[count + 1 + key.count] = UInt8(ascii: "\"")
-            base[count + 2 + key.count] = UInt8(ascii: ":")
-            count += key.count + 3
+        // A literal is a pointer and a length: copied without a closure (this runs per member).
+        guard k.hasPointerRepresentation else {
+            k.withUTF8Buffer { put(UInt8(ascii: "\"")); put($0); put(UInt8(ascii: "\"")); put(UInt8(ascii: ":")) }
+            afterKey = true
+            return
         }
+        let n = k.utf8CodeUnitCount
+        reserve(n + 3)
+        base[count] = UInt8(ascii: "\"")
+        (base + count + 1).update(from: k.utf8Start, count: n)
+        base[count + 1 + n] = UInt8(ascii: "\"")
+        base[count + 2 + n] = UInt8(ascii: ":")
+        count += n + 3
         afterKey = true
     }
 
@@ -236,7 +241,7 @@ public struct JSONWriter: ~Copyable {
 
     // MARK: - internals
 
-    @inlinable
+    @inlinable @inline(__always)
     mutating func separate() {
         if afterKey { afterKey = false; return }
         guard depth > 0 else { return }

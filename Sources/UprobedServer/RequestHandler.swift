@@ -104,16 +104,16 @@ public struct RequestHandler: Sendable {
                                             policy: access.load()) {
             result = .failure(denial)
         } else {
-            switch engine.stats(ids: ids) {
+            switch engine.statsTable(ids: ids) {
             case .failure(let e): result = .failure(Self.protocolError(e))
-            case .success(let stats):
+            case .success(let table):
                 let before = previous
-                previous = Dictionary(stats.map { ($0.id, $0.hits) }, uniquingKeysWith: { a, _ in a })
-                result = .success(.written(estimatedBytes: stats.count * 48) { w in
+                previous = Dictionary(zip(table.records.lazy.map(\.id), table.hits), uniquingKeysWith: { a, _ in a })
+                result = .success(.written(estimatedBytes: table.count * 48) { w in
                     w.field("event", "stats")
-                    Self.writeStats(stats, versions: false, into: &w) { s in
-                        guard let was = before[s.id], seconds > 0 else { return s.ratePerSecond }
-                        return Double(s.hits &- was) / seconds
+                    Self.writeStats(table, versions: false, into: &w) { i in
+                        guard let was = before[table.records[i].id], seconds > 0 else { return table.rates[i] }
+                        return Double(table.hits[i] &- was) / seconds
                     }
                 })
             }
@@ -265,11 +265,11 @@ public struct RequestHandler: Sendable {
     }
 
     func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false) -> Result<ReplyBody, ProtocolError> {
-        switch engine.stats(ids: ids, consumer: consumer, allVersions: versions) {
+        switch engine.statsTable(ids: ids, consumer: consumer, allVersions: versions) {
         case .failure(let e): return .failure(Self.protocolError(e))
-        case .success(let stats):
-            return .success(.written(estimatedBytes: stats.count * 48) { w in
-                Self.writeStats(stats, versions: versions, into: &w) { $0.ratePerSecond }
+        case .success(let table):
+            return .success(.written(estimatedBytes: table.count * 48) { w in
+                Self.writeStats(table, versions: versions, into: &w) { table.rates[$0] }
             })
         }
     }
@@ -277,23 +277,23 @@ public struct RequestHandler: Sendable {
     /// The `stats` member: per probe its id, hits, rate (from `rate`, rounded to 1/1000), its
     /// state if not active, and the per-file breakdown when asked for or when there is more
     /// than one file (an upgrade in progress) — a 10,000-probe reply stays small.
-    static func writeStats(_ stats: [ProbeStats], versions: Bool, into w: inout JSONWriter,
-                           rate: (ProbeStats) -> Double) {
+    static func writeStats(_ table: StatsTable, versions: Bool, into w: inout JSONWriter,
+                           rate: (Int) -> Double) {
         w.key("stats")
         w.beginArray()
-        // By index: each ProbeStats is read in place, not copied into a closure per element.
-        for i in stats.indices {
+        for i in 0..<table.count {
+            let r = table.records[i]
             w.beginObject()
-            w.field("id", stats[i].id)
-            w.field("hits", stats[i].hits)
+            w.field("id", r.id)
+            w.field("hits", table.hits[i])
             w.key("rate")
-            w.fixed(rate(stats[i]), decimals: 3)
-            if let reason = stats[i].state.reason {
-                w.field("state", stats[i].state.name)
+            w.fixed(rate(i), decimals: 3)
+            if case .active = r.state {} else if let reason = r.state.reason {
+                w.field("state", r.state.name)
                 w.field("reason", reason)
             }
-            if versions || stats[i].versions.count > 1 {
-                w.objects("versions", stats[i].versions) { w, v in
+            if let breakdown = table.versions[i], versions || breakdown.count > 1 {
+                w.objects("versions", breakdown) { w, v in
                     w.field("path", v.version.path)
                     w.field("device", v.version.device)
                     w.field("inode", v.version.inode)

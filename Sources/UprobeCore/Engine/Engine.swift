@@ -20,6 +20,27 @@ public struct ProbeStats: Sendable {
     public var versions: [VersionStats] = []
 }
 
+/// `stats` of many probes as columns: row i is `records[i]` with `hits[i]` and `rates[i]`.
+/// A 10,000-probe `stats` builds three arrays instead of 10,000 `ProbeStats` (each a copy of
+/// the id, the state and a versions array), which was a fifth of such a reply's time.
+public struct StatsTable: Sendable {
+    public var records: [ProbeRecord] = []
+    public var hits: [UInt64] = []
+    /// Mean hits per second since the registration.
+    public var rates: [Double] = []
+    /// The per-file breakdown of the rows that have one (see `ProbeStats.versions`).
+    public var versions: [Int: [VersionStats]] = [:]
+
+    public var count: Int { records.count }
+
+    public func row(_ i: Int) -> ProbeStats {
+        ProbeStats(id: records[i].id, hits: hits[i], ratePerSecond: rates[i], sites: records[i].sites.count,
+                   state: records[i].state, versions: versions[i] ?? [])
+    }
+
+    public var rows: [ProbeStats] { (0..<count).map(row) }
+}
+
 /// Hits counted in one file version of a registration.
 public struct VersionStats: Sendable {
     public var version: FileVersion
@@ -145,6 +166,11 @@ public final class Engine: Sendable {
     /// `allVersions`: fill `versions` for every probe; otherwise only for probes that count in
     /// more than one file (an upgrade in progress) — the common single-file probe skips it.
     public func stats(ids: [String]?, consumer: String? = nil, allVersions: Bool = false) -> Result<[ProbeStats], EngineError> {
+        statsTable(ids: ids, consumer: consumer, allVersions: allVersions).map(\.rows)
+    }
+
+    /// `stats` as a `StatsTable` (what the socket server writes from).
+    public func statsTable(ids: [String]?, consumer: String? = nil, allVersions: Bool = false) -> Result<StatsTable, EngineError> {
         let kernel = self.kernel
         let published = self.published
         let read: Result<(RegistrySnapshot, [UInt64]), EngineError> = tree.read { (_: borrowing TreeView) -> Result<(RegistrySnapshot, [UInt64]), EngineError> in
@@ -176,9 +202,11 @@ public final class Engine: Sendable {
             records = snap.sortedProbes
         }
         let nowSeconds = MonotonicEpoch.seconds(.now)
-        var out: [ProbeStats] = []
-        out.reserveCapacity(records.count)
-        for r in records {
+        var table = StatsTable()
+        table.records = records
+        table.hits.reserveCapacity(records.count)
+        table.rates.reserveCapacity(records.count)
+        for (n, r) in records.enumerated() {
             // One pass over the sites by index (no copy of each site's strings): the total, and
             // whether they all lie in one file. The per-file breakdown takes a second pass, only
             // when it is shown.
@@ -193,8 +221,8 @@ public final class Engine: Sendable {
                     if oneFile && (sites[i].target.device != device || sites[i].target.inode != inode) { oneFile = false }
                 }
             }
-            var versions: [VersionStats] = []
             if allVersions || !oneFile {
+                var versions: [VersionStats] = []
                 for site in sites {
                     let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
                     if let i = versions.firstIndex(where: { $0.version.sameFile(site.target) }) {
@@ -205,14 +233,14 @@ public final class Engine: Sendable {
                     }
                 }
                 for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
+                table.versions[n] = versions
             }
-            let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
+            let retiredHits = r.retired.isEmpty ? 0 : r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
             let secs = nowSeconds - r.countingSince
-            let since = counted &+ retiredHits
-            out.append(ProbeStats(id: r.id, hits: r.baseHits &+ counted, ratePerSecond: secs > 0 ? Double(since) / secs : 0,
-                                  sites: sites.count, state: r.state, versions: versions))
+            table.hits.append(r.baseHits &+ counted)
+            table.rates.append(secs > 0 ? Double(counted &+ retiredHits) / secs : 0)
         }
-        return .success(out)
+        return .success(table)
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for
