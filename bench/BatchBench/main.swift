@@ -155,12 +155,27 @@ func runBench() {
 
     print("measuring uprobed: one \(probes)-probe request…")
     var oneRegister: [Double] = [], oneUnregisterAck: [Double] = [], oneDetached: [Double] = []
+    // The end-to-end time split three ways: this client writing the request line, the line
+    // sent until the whole reply line is back (the daemon's part), this client parsing it.
+    var clientEncode: [Double] = [], roundTrip: [Double] = [], clientParse: [Double] = []
+    var replyBytes = 0
     do {
         guard let c = try? LineClient(socketPath: socket, timeoutSeconds: 120) else { die("connect") }
         for _ in 0..<3 {
             let t0 = now()
-            _ = call(c, ["op": "register", "consumer": "bulk", "probes": .array(specs)])
+            let line = JSONSerializer.serializeLine(.object(["op": "register", "consumer": "bulk", "probes": .array(specs)]))
+            let tSent: Double, tReceived: Double
+            do {
+                let tEncoded = now()
+                try c.sendRaw(line)
+                guard let reply = try c.readLine() else { die("register: connection closed") }
+                tReceived = now()
+                guard let parsed = try? JSONParser.parse(reply).objectValue, parsed["ok"] == .bool(true) else { die("register failed") }
+                replyBytes = reply.count
+                tSent = tEncoded
+            } catch { die("register: \(error)") }
             let t1 = now()
+            clientEncode.append(tSent - t0); roundTrip.append(tReceived - tSent); clientParse.append(t1 - tReceived)
             _ = call(c, ["op": "unregister", "consumer": "bulk"])
             let t2 = now()
             waitDetached()
@@ -268,7 +283,7 @@ func runBench() {
     row(["\(probes) single-probe registers, \(clients) clients", ms(registerPhase), "—", "—", "—", "—"])
     row(["then \(probes) single-probe unregisters (total, replies)", ms(churnAck), "—", "—", "—", "—"])
     print("")
-    print("components of one \(probes)-probe register: request line \(requestLine.count / 1024) KiB decoded in \(ms(median(parseTimes))); \(probes) symbols resolved one spec at a time (the ELF parsed once, then cached) in \(ms(resolveTime))")
+    print("components of one \(probes)-probe register (medians): this client writes the \(requestLine.count / 1024) KiB request line in \(ms(median(clientEncode))), sent → \(replyBytes / 1024) KiB reply line received \(ms(median(roundTrip))) (the daemon's part), this client parses it in \(ms(median(clientParse))); the request line alone decodes in \(ms(median(parseTimes))); \(probes) symbols resolved one spec at a time (the ELF parsed once, then cached) in \(ms(resolveTime))")
     print(String(format: "CPU during churn: uprobed %.2f s, this bench's 16 clients + stats poller %.2f s (2 cores x %.2f s wall = %.2f s available)",
                  daemonCPU, benchCPU, churnAck, 2 * churnAck))
     print(String(format: "writer thread during churn: busy %.2f s (%.0f%% of the wall time), of which writing the state file %.2f s", writerBusy, 100 * writerBusy / churnAck, persistBusy))
