@@ -74,7 +74,7 @@ let package = Package(
         .testTarget(name: "UprobeKernelTests", dependencies: ["UprobeKernel"]),
         .testTarget(name: "UprobeCoreTests", dependencies: ["UprobeCore"]),
         .testTarget(name: "UprobedProtocolTests", dependencies: ["UprobedProtocol"]),
-        .testTarget(name: "UprobedServerTests", dependencies: ["UprobedServer"]),
+        .testTarget(name: "UprobedServerTests", dependencies: ["UprobedServer", "UprobeCore", "UprobeKernel"]),
         .testTarget(name: "IntegrationTests", dependencies: ["UprobedProtocol", "UprobedClient"]),
     ]
 )

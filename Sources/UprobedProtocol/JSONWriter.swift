@@ -173,6 +173,14 @@ public struct JSONWriter: ~Copyable {
         }
     }
 
+    /// JSON text written elsewhere, spliced in as the next value; inside an array it may be a
+    /// run of elements (`a,b,c`). The caller vouches that it is valid compact JSON.
+    @inlinable
+    public mutating func rawValue(_ json: UnsafeBufferPointer<UInt8>) {
+        separate()
+        put(json)
+    }
+
     /// Any `JSONValue` (trees built elsewhere, request ids echoed back).
     @inlinable
     public mutating func value(_ v: JSONValue) {

@@ -80,7 +80,8 @@ public final class UprobedService: Service, Sendable {
                                         maxLinksPerGroup: config.maxLinksPerGroup)
         let engine = Engine(config: engineConfig, kernel: kernel, logger: logger,
                             persist: { snapshot in try persister.persist(snapshot) },
-                            sync: { try persister.sync() })
+                            sync: { try persister.sync() },
+                            prepare: { records in persister.prepare(records) })
         let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches))
         let policy = AccessPolicy(config: config)
         for w in policy.warnings { logger.warning("access policy: \(w)") }

@@ -87,15 +87,34 @@ public enum StateCodec {
         return w.line()
     }
 
-    /// One log line: the registrations one batch added and the ids it removed.
-    public static func encodeLogEntry(seq: UInt64, add: [SavedProbe], remove: [String]) -> [UInt8] {
-        var w = JSONWriter(reservingCapacity: 64 + add.count * bytesPerProbe + remove.count * 12)
+    /// One log line: the registrations one batch added and the ids it removed. `encoded`:
+    /// more added registrations, already written as runs of array elements (`{…},{…}`, see
+    /// `encodeElements`); the order of `add` does not matter to `replay`.
+    public static func encodeLogEntry(seq: UInt64, add: [SavedProbe], encoded: [[UInt8]] = [], remove: [String]) -> [UInt8] {
+        let extra = encoded.reduce(0) { $0 + $1.count + 1 }
+        var w = JSONWriter(reservingCapacity: 64 + add.count * bytesPerProbe + extra + remove.count * 12)
         w.beginObject()
         w.field("seq", u64(seq))
-        if !add.isEmpty { w.array("add", add) { w, p in writeProbe(p, into: &w) } }
+        if !add.isEmpty || encoded.contains(where: { !$0.isEmpty }) {
+            w.key("add")
+            w.beginArray()
+            for p in add { writeProbe(p, into: &w) }
+            for run in encoded where !run.isEmpty { run.withUnsafeBufferPointer { w.rawValue($0) } }
+            w.endArray()
+        }
         if !remove.isEmpty { w.field("remove", strings: remove) }
         w.endObject()
         return w.line()
+    }
+
+    /// Registrations as a run of array elements, `{…},{…}`, for `encodeLogEntry(encoded:)`.
+    static func encodeElements(_ probes: [SavedProbe]) -> [UInt8] {
+        var w = JSONWriter(reservingCapacity: 2 + probes.count * bytesPerProbe)
+        w.beginArray()
+        for p in probes { writeProbe(p, into: &w) }
+        w.endArray()
+        let text = w.bytes
+        return text.count > 2 ? Array(text[1..<(text.count - 1)]) : []
     }
 
     /// A saved probe takes ~350 bytes; reserving enough up front spares a copy of a
@@ -446,6 +465,61 @@ public final class StatePersister: Sendable {
     let bootID: String?
     let groupCommit: Bool
 
+    /// Registrations whose log entries are being written ahead of their batch (`prepare`),
+    /// keyed by the first record. Taken by the next `persist`, used or not.
+    private let prepared = Mutex<[ObjectIdentifier: PreparedRun]>([:])
+
+    /// The log text of a run of new registrations, written on a background queue.
+    private final class PreparedRun: Sendable {
+        let records: [ProbeRecord]
+        private let result = Mutex<(text: [UInt8], stamps: [(FileStamp?, UInt64?)])?>(nil)
+        private let done = DispatchSemaphore(value: 0)
+        init(_ records: [ProbeRecord]) { self.records = records }
+
+        func fill() {
+            var files: [String: FileStamp?] = [:]
+            var stamps: [(FileStamp?, UInt64?)] = []
+            stamps.reserveCapacity(records.count)
+            let saved = records.map { r -> SavedProbe in
+                // As `saved` stamps a new registration: its file as it is now, if that is still
+                // the file it was resolved in.
+                let stamp: FileStamp? = r.targets.first.flatMap { t in
+                    let s: FileStamp?
+                    if let known = files[t.path] { s = known } else {
+                        s = fileStamp(t.path)
+                        files[t.path] = s
+                    }
+                    return s.flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
+                }
+                let ids = (stamp, r.spec.pid.flatMap { processStartTime($0) })
+                stamps.append(ids)
+                return StatePersister.savedProbe(r, hits: r.baseHits, stamps: ids)
+            }
+            let text = StateCodec.encodeElements(saved)
+            result.withLock { $0 = (text, stamps) }
+            done.signal()
+        }
+
+        /// Waits for `fill`.
+        func get() -> (text: [UInt8], stamps: [(FileStamp?, UInt64?)]) {
+            done.wait()
+            done.signal()  // stays readable
+            return result.withLock { $0 } ?? ([], [])
+        }
+    }
+
+    /// The engine's prepare hook: `records` are new registrations of one request that a
+    /// coming `persist` will probably add (unless the request fails). Their log text is
+    /// written now on a background queue, while the writer attaches them in the kernel: a
+    /// 10,000-probe request no longer encodes its 3.5 MB entry after the attach. A run that
+    /// its batch does not add (the request failed) is dropped by that batch's `persist`.
+    public func prepare(_ records: [ProbeRecord]) {
+        guard let first = records.first else { return }
+        let run = PreparedRun(records)
+        prepared.withLock { $0[ObjectIdentifier(first)] = run }
+        DispatchQueue.global().async { run.fill() }
+    }
+
     /// The engine's sync hook (group commit): makes every line appended so far durable.
     public func sync() throws(StateError) {
         do throws(StateError) { try store.syncLog() } catch {
@@ -495,8 +569,24 @@ public final class StatePersister: Sendable {
             var files: [String: FileStamp?] = [:]
             m.stamps.reserveCapacity(m.stamps.count + added.count)
             m.written.reserveCapacity(m.written.count + added.count)
-            let adds = added.map { saved($0, hits: $0.baseHits, memo: &m, files: &files) }
-            let line = StateCodec.encodeLogEntry(seq: m.seq + 1, add: adds, remove: removed.sorted())
+            // Runs written ahead by `prepare` are spliced in; the rest is written here.
+            let runs = prepared.withLock { p in defer { p.removeAll() }; return p }
+            var adds: [SavedProbe] = []
+            var encoded: [[UInt8]] = []
+            var i = added.startIndex
+            while i < added.endIndex {
+                if let run = runs[ObjectIdentifier(added[i])], added.count - i >= run.records.count,
+                   zip(run.records, added[i...]).allSatisfy({ $0 === $1 }) {
+                    let (text, stamps) = run.get()
+                    for (r, s) in zip(run.records, stamps) { m.stamps[r.id] = s }
+                    encoded.append(text)
+                    i += run.records.count
+                } else {
+                    adds.append(saved(added[i], hits: added[i].baseHits, memo: &m, files: &files))
+                    i += 1
+                }
+            }
+            let line = StateCodec.encodeLogEntry(seq: m.seq + 1, add: adds, encoded: encoded, remove: removed.sorted())
             do throws(StateError) { try store.append(line, sync: !groupCommit) } catch { return .failure(error) }
             m.seq += 1
             m.logBytes += line.count
@@ -549,6 +639,10 @@ public final class StatePersister: Sendable {
             ids.0 = stamp(t.path).flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
         }
         m.stamps[r.id] = ids
+        return Self.savedProbe(r, hits: hits, stamps: ids)
+    }
+
+    static func savedProbe(_ r: ProbeRecord, hits: UInt64, stamps ids: (FileStamp?, UInt64?)) -> SavedProbe {
         var reason: String? = nil
         switch r.state {
         case .active: break

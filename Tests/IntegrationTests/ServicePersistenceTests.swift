@@ -69,6 +69,28 @@ struct ServicePersistenceTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("a large request's state entry, encoded while the kernel attaches, survives kill -9 whole")
+    func largeRequestSurvivesKill() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        // 1,200 probes in one request (above the engine's prepare threshold of 1,000), next to
+        // a small one; then the daemon dies before any snapshot rewrite.
+        let big = try d.register(Array(repeating: spec(target, symbol: "fn_a"), count: 1200), consumer: "svc-big")
+        let small = try d.register([spec(target, symbol: "fn_b")], consumer: "svc-small")
+        #expect(big.count == 1200 && Set(big).count == 1200)
+        d.kill9()
+        d = try ServiceDaemon(dir: dir)
+        let listed = try d.list()
+        #expect(Set(listed.keys) == Set(big + small), "\(listed.count) probes back instead of \(big.count + small.count)")
+        #expect(big.allSatisfy { listed[$0]?["consumer"]?.stringValue == "svc-big" && listed[$0]?["state"] == nil })
+        try run([target, "5", "2"])
+        let hits = try d.hits()
+        #expect(big.allSatisfy { hits[$0] == 5 } && hits[small[0]] == 2)
+        #expect(d.stop() == 0)
+    }
+
     @Test("kill -9 during a stream of registrations loses none that was acknowledged and resurrects none that was refused")
     func kill9KeepsAcknowledged() throws {
         let dir = try ServiceDaemon.makeDir()

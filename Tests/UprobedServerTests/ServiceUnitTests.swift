@@ -1,7 +1,8 @@
 import Foundation
 import Logging
 import Testing
-import UprobeCore
+@testable import UprobeCore
+import UprobeKernel
 import UprobeELF
 import UprobedProtocol
 @testable import UprobedServer
@@ -168,6 +169,80 @@ struct StateFileTests {
         try store.write(base)
         #expect(!FileManager.default.fileExists(atPath: store.logPath))
         #expect(try store.load()?.probes.map(\.id) == ["p3", "p9"])
+    }
+
+    /// Reads zero hits; the persister needs nothing else from the kernel.
+    struct ZeroKernel: KernelBackend {
+        var capacity: UInt32 { 1 << 20 }
+        func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
+            throw KernelError(code: "unused", message: "not in this test")
+        }
+        func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {}
+        func sweepMarks(slots: Set<UInt32>) throws(KernelError) {}
+        func resetCounters(slots: [UInt32]) throws(KernelError) {}
+        func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64] { Array(repeating: 0, count: Int(upTo)) }
+        func closeAll(_ links: [any KernelLink]) {}
+    }
+
+    /// Records of `path`; odd ones claim another file (device 7, inode 8), so their stamp is nil.
+    static func records(_ numbers: Range<UInt64>, path: String) -> [ProbeRecord] {
+        var st = stat()
+        _ = stat(path, &st)
+        return numbers.map { n in
+            let target = ResolvedProbe(path: path, device: n % 2 == 0 ? UInt64(st.st_dev) : 7, inode: n % 2 == 0 ? UInt64(st.st_ino) : 8,
+                                       buildID: "b\(n % 3)", fileOffset: 0x1000 + n,
+                                       symbol: "f\(n)", aliases: [], refCtrOffset: nil)
+            return ProbeRecord(id: ProbeID.make(n), consumer: n % 2 == 0 ? "even" : nil, owner: Peer(pid: 5, uid: 1000, gid: 100),
+                               spec: ProbeSpecInput(path: path, symbol: "f\(n)"), sites: [ProbeSite(target: target, slot: UInt32(n))],
+                               registeredAt: 1_700_000_000.25, registeredAtMonotonic: .now, state: .active, baseHits: 0,
+                               targets: [target])
+        }
+    }
+
+    @Test("runs encoded ahead (prepare) are spliced into the log entry; a run its batch did not add is dropped and written inline later")
+    func preparedRuns() throws {
+        let dirA = try Self.tempDir(), dirB = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dirA); try? FileManager.default.removeItem(atPath: dirB) }
+        let binary = dirA + "/bin"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))  // something to stamp
+        let small = Self.records(1..<4, path: binary), big = Self.records(4..<1504, path: binary),
+            failed = Self.records(1504..<2504, path: binary)
+        func persister(_ dir: String) throws -> StatePersister {
+            let store = StateStore(dir: dir)
+            try store.prepare()
+            return StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
+        }
+        func snapshot(_ generation: UInt64, adding: [ProbeRecord]) -> RegistrySnapshot {
+            var s = RegistrySnapshot()
+            s.generation = generation
+            s.batchAdded = adding
+            return s
+        }
+        // A: two runs prepared; the batch adds a few inline, then one run (the other request failed).
+        let a = try persister(dirA)
+        a.prepare(big)
+        a.prepare(failed)
+        try a.persist(snapshot(1, adding: small + big))
+        // The failed request's ids come back later in another batch (they would not: ids are
+        // not reused; this checks the dropped run is not spliced in by mistake).
+        try a.persist(snapshot(2, adding: Array(failed.prefix(2))))
+        // B: the same batches without prepare: everything written inline.
+        let b = try persister(dirB)
+        try b.persist(snapshot(1, adding: small + big))
+        try b.persist(snapshot(2, adding: Array(failed.prefix(2))))
+        try a.sync(); try b.sync()
+        let loadedA = try #require(try StateStore(dir: dirA).load())
+        let loadedB = try #require(try StateStore(dir: dirB).load())
+        #expect(loadedA.probes.count == 3 + 1500 + 2)
+        let same = loadedA.probes.sorted { $0.id < $1.id } == loadedB.probes.sorted { $0.id < $1.id }
+        #expect(same, "prepared and inline encodings decode to the same registrations")
+        let byID = Dictionary(loadedA.probes.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
+        #expect(byID["p4"]?.stamp != nil && byID["p5"]?.stamp == nil && byID["p2"]?.stamp != nil,
+                "a stamp only for the file the probe was resolved in, spliced or not")
+        let log = try String(contentsOfFile: StateStore(dir: dirA).logPath, encoding: .utf8)
+        #expect(log.split(separator: "\n").count == 2)
+        #expect(!log.contains("\"p1504\"") || log.components(separatedBy: "\"p1504\"").count == 2,
+                "a dropped run is never spliced: p1504 appears once, in the second entry")
     }
 
     @Test("restore planning: a gone pid, a gone binary and another boot are degraded with reasons")

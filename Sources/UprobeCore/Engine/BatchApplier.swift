@@ -34,6 +34,7 @@ final class BatchApplier {
     private let logger: Logger
     private let publish: (RegistrySnapshot) -> Void
     private let persist: (RegistrySnapshot) throws -> Void
+    private let prepare: (@Sendable ([ProbeRecord]) -> Void)?
 
     private var slots: SlotAllocator
     private var probes = ProbeMap()
@@ -82,6 +83,7 @@ final class BatchApplier {
          publish: @escaping (RegistrySnapshot) -> Void,
          persist: @escaping (RegistrySnapshot) throws -> Void,
          sync: (@Sendable () throws -> Void)? = nil,
+         prepare: (@Sendable ([ProbeRecord]) -> Void)? = nil,
          wake: @escaping @Sendable () -> Void = {},
          requeue: @escaping @Sendable (PendingOp) -> Void = { _ in }) {
         self.kernel = kernel
@@ -90,6 +92,7 @@ final class BatchApplier {
         self.logger = logger
         self.publish = publish
         self.persist = persist
+        self.prepare = prepare
         self.slots = SlotAllocator(capacity: kernel.capacity)
         self.detacher = DetachWorker(kernel: kernel, tree: tree, wake: wake)
         self.committer = sync.map { Committer(sync: $0) }
@@ -111,6 +114,9 @@ final class BatchApplier {
         var consumer: String?
         var peer: Peer
         var restoreID: String? = nil
+        /// A large request's records, made (ids assigned) before the attach and handed to
+        /// `prepare`; entered into the registry only if the request succeeds.
+        var early: [ProbeRecord] = []
     }
 
     func apply(_ batch: [PendingOp]) {
@@ -135,6 +141,8 @@ final class BatchApplier {
 
     private func applyRequests(_ batch: [PendingOp]) {
         let started = ContinuousClock.now
+        let now = Double(clockRealtimeSeconds())
+        let nowMono = ContinuousClock.now
         counters.batches += 1
         counters.requests += UInt64(batch.count)
         counters.lastBatchSize = batch.count
@@ -169,6 +177,14 @@ final class BatchApplier {
                         let sites = targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
                         plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
                     }
+                }
+                if let prepare, plan.probes.count >= tuning.prepareMinimum {
+                    plan.early = plan.probes.map { p in
+                        defer { nextProbeNumber += 1 }
+                        return makeRecord(id: ProbeID.make(nextProbeNumber), plan: plan, spec: p.spec, sites: p.sites,
+                                          now: now, nowMono: nowMono, restored: nil, state: .active)
+                    }
+                    prepare(plan.early)
                 }
                 registers.append(plan)
             case .restore(let items, let floor, _):
@@ -234,8 +250,6 @@ final class BatchApplier {
         // Phase C: commit, persist, publish, reply.
         var orphanSlots: [UInt32] = []  // attached for a request that then failed
         var unattachedSlots: [UInt32] = []
-        let now = Double(clockRealtimeSeconds())
-        let nowMono = ContinuousClock.now
         var created: [Int: [ProbeRecord]] = [:]
         var restored: [Int: [Result<ProbeRecord, EngineError>]] = [:]
         for plan in registers {
@@ -255,7 +269,9 @@ final class BatchApplier {
                 continue
             }
             var records: [ProbeRecord] = []
-            for p in plan.probes {
+            for r in plan.early { insert(r) }
+            records += plan.early
+            for p in plan.probes where plan.early.isEmpty {
                 let id: String
                 if let fixed = plan.restoreID {
                     id = fixed
@@ -559,22 +575,34 @@ final class BatchApplier {
     /// Swaps in a new version of an existing registration (same id).
     private func replace(_ r: ProbeRecord) { probes.insert(r) }
 
+    /// Makes a registration and enters it (registry, uprobe counts, tree).
     private func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: Double,
                         nowMono: ContinuousClock.Instant, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
-        let r = ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: spec, sites: sites,
-                            registeredAt: restored?.registeredAt ?? now, registeredAtMonotonic: nowMono,
-                            state: state, baseHits: restored?.baseHits ?? 0,
-                            targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+        let r = makeRecord(id: id, plan: plan, spec: spec, sites: sites, now: now, nowMono: nowMono, restored: restored, state: state)
+        insert(r)
+        return r
+    }
+
+    private func makeRecord(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: Double,
+                            nowMono: ContinuousClock.Instant, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+        ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: spec, sites: sites,
+                    registeredAt: restored?.registeredAt ?? now, registeredAtMonotonic: nowMono,
+                    state: state, baseHits: restored?.baseHits ?? 0,
+                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+    }
+
+    /// Enters a new registration: the registry, the uprobe counts, and (at the next
+    /// publication) the tree.
+    private func insert(_ r: ProbeRecord) {
         probes.insert(r)
-        for site in sites { uprobeRefs[UprobeSiteKey(site), default: 0] += 1 }
-        if let number = ProbeID.number(id) {
-            for site in sites {
+        for site in r.sites { uprobeRefs[UprobeSiteKey(site), default: 0] += 1 }
+        if let number = ProbeID.number(r.id) {
+            for site in r.sites {
                 pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
-                    registration: number, slot: site.slot, pid: spec.pid ?? 0,
-                    flags: spec.retprobe ? Consumer.retprobe : 0)))
+                    registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
+                    flags: r.spec.retprobe ? Consumer.retprobe : 0)))
             }
         }
-        return r
     }
 
     /// Takes a registration out of the registry; its tree removals go into `treeEdits` (applied

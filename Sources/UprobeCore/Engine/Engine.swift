@@ -70,10 +70,13 @@ public final class Engine: Sendable {
     /// Starts the writer thread. `persist` is called on the writer thread once per batch,
     /// after the kernel work and before any reply, with the registrations to save. If `sync`
     /// is given, `persist` only has to append, and `sync` (on a committer thread, once for all
-    /// batches appended meanwhile) makes it durable; replies wait for it.
+    /// batches appended meanwhile) makes it durable; replies wait for it. `prepare`, if given,
+    /// is told about the new registrations of a large request before they are attached (see
+    /// `EngineConfig.prepareMinimum`), so their state can be encoded while the kernel works.
     public init(config: EngineConfig, kernel: any KernelBackend, logger: Logger,
                 persist: @escaping @Sendable (RegistrySnapshot) throws -> Void = { _ in },
-                sync: (@Sendable () throws -> Void)? = nil) {
+                sync: (@Sendable () throws -> Void)? = nil,
+                prepare: (@Sendable ([ProbeRecord]) -> Void)? = nil) {
         self.config = config
         self.kernel = kernel
         self.logger = logger
@@ -94,6 +97,7 @@ public final class Engine: Sendable {
                                        publish: { s in published.store(s) },
                                        persist: persist,
                                        sync: sync,
+                                       prepare: prepare,
                                        wake: { _ = queue.push(.detachFinished) },
                                        requeue: { op in _ = queue.push(op) })
             while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue) {

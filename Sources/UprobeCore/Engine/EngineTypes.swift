@@ -48,10 +48,15 @@ public struct EngineConfig: Sendable {
     public var maxOpenLinks: Int
     /// This many removed sites waiting for detach make it run at once (a bulk unregister).
     public var bulkDetachSites: Int
+    /// A register request of at least this many probes has its records made before the
+    /// attach and handed to the `prepare` hook (its state entry is encoded meanwhile on another
+    /// CPU). Smaller ones skip the hand-off: it costs a thread wake-up.
+    public var prepareMinimum: Int
 
     public init(batchWindow: Duration = .microseconds(250), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
                 compactionDelay: Duration = .milliseconds(250), maxLinksPerGroup: Int = 8, mergeLinksUpTo: Int = 256,
-                maxOpenLinks: Int = 512, bulkDetachSites: Int = 1000) {
+                maxOpenLinks: Int = 512, bulkDetachSites: Int = 1000, prepareMinimum: Int = 1000) {
+        self.prepareMinimum = prepareMinimum
         self.batchWindow = batchWindow
         self.maxBatchRequests = maxBatchRequests
         self.slotCapacity = slotCapacity
