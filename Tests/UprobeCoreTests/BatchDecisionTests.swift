@@ -88,11 +88,13 @@ final class Harness {
     init(kernel: FakeKernel = FakeKernel(), tuning: EngineConfig = EngineConfig(compactionDelay: .seconds(3600)),
          persist: @escaping (RegistrySnapshot) throws -> Void = { _ in },
          sync: (@Sendable () throws -> Void)? = nil,
+         prepare: (@Sendable ([ProbeRecord]) -> Void)? = nil,
          requeue: @escaping @Sendable (PendingOp) -> Void = { _ in }) {
         self.kernel = kernel
         let published = self.published
         applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: Logger(label: "test"),
-                               publish: { s in published.store(s) }, persist: persist, sync: sync, requeue: requeue)
+                               publish: { s in published.store(s) }, persist: persist, sync: sync, prepare: prepare,
+                               requeue: requeue)
     }
     deinit { applier.shutdown() }
 
@@ -128,6 +130,31 @@ struct BatchDecisionTests {
         #expect(h.kernel.attachCount == 3)
         let sizes = h.kernel.attaches.map(\.sites.count).sorted()
         #expect(sizes == [1, 1, 3])
+    }
+
+    @Test("a large request's records are made before the attach and handed to prepare; they enter the registry only if it succeeds")
+    func earlyRecords() throws {
+        let prepared = Mutex<[[ProbeRecord]]>([])
+        let kernel = FakeKernel(capacity: 4096)
+        kernel.failPaths = ["/bad"]
+        let h = Harness(kernel: kernel, tuning: EngineConfig(compactionDelay: .seconds(3600), prepareMinimum: 100),
+                        prepare: { records in prepared.withLock { $0.append(records) } })
+        let results = h.registerBatch([
+            [item("/a", inode: 1, offsets: (0..<150).map { 0x1000 + $0 * 0x10 })],            // large, succeeds
+            [item("/a", inode: 1, offsets: [0x10])],                                            // small: not prepared
+            [item("/bad", inode: 9, offsets: (0..<120).map { 0x1000 + $0 * 0x10 })],          // large, fails in the kernel
+        ])
+        let runs = prepared.withLock { $0 }
+        #expect(runs.map(\.count) == [150, 120], "only the large requests are prepared, before their outcome")
+        let good = try results[0].get()
+        #expect(good.count == 150 && zip(good, runs[0]).allSatisfy { $0 === $1 }, "the prepared records are the registered ones")
+        #expect((try? results[1].get())?.count == 1)
+        guard case .failure = results[2] else { Issue.record("the request on /bad should fail"); return }
+        let snap = h.published.load()
+        #expect(snap.probes.count == 151)
+        #expect(runs[1].allSatisfy { snap.probes[$0.id] == nil }, "a failed request's early records are never registered")
+        let allIDs = (good + ((try? results[1].get()) ?? []) + runs[1]).map(\.id)
+        #expect(Set(allIDs).count == allIDs.count, "ids stay unique (a failed request's are simply not used)")
     }
 
     @Test("a failing binary fails only the requests that touch it, each whole")
