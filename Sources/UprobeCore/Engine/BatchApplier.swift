@@ -268,9 +268,9 @@ final class BatchApplier {
                 }
                 continue
             }
-            var records: [ProbeRecord] = []
+            // Made before the attach (a large request): enter them as they are.
+            var records: [ProbeRecord] = plan.early
             for r in plan.early { insert(r) }
-            records += plan.early
             for p in plan.probes where plan.early.isEmpty {
                 let id: String
                 if let fixed = plan.restoreID {
