@@ -69,9 +69,12 @@ public enum JSONParser {
 
         mutating func object(depth: Int) throws(JSONParseError) -> JSONValue {
             i += 1
-            var obj = JSONObject()
+            // Pairs collected here, room for a typical object reserved once (growing 1, 2, 4, 8
+            // was a tenth of parsing a 10,000-entry reply).
+            var pairs: [(key: String, value: JSONValue)] = []
             skipWhitespace()
-            if i < buf.count, buf[i] == UInt8(ascii: "}") { i += 1; return .object(obj) }
+            if i < buf.count, buf[i] == UInt8(ascii: "}") { i += 1; return .object(JSONObject()) }
+            pairs.reserveCapacity(8)
             while true {
                 skipWhitespace()
                 guard i < buf.count, buf[i] == UInt8(ascii: "\"") else { throw fail("expected a string key") }
@@ -80,11 +83,13 @@ public enum JSONParser {
                 guard i < buf.count, buf[i] == UInt8(ascii: ":") else { throw fail("expected ':'") }
                 i += 1
                 skipWhitespace()
-                obj[key] = try value(depth: depth + 1)
+                let v = try value(depth: depth + 1)
+                // A repeated key keeps its first position and takes the last value (as `JSONObject`'s setter).
+                if let j = pairs.lastIndex(where: { $0.key == key }) { pairs[j].value = v } else { pairs.append((key, v)) }
                 skipWhitespace()
                 guard i < buf.count else { throw fail("unterminated object") }
                 if buf[i] == UInt8(ascii: ",") { i += 1; continue }
-                if buf[i] == UInt8(ascii: "}") { i += 1; return .object(obj) }
+                if buf[i] == UInt8(ascii: "}") { i += 1; return .object(JSONObject(parsedPairs: pairs)) }
                 throw fail("expected ',' or '}'")
             }
         }

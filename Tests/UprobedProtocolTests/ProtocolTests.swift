@@ -69,6 +69,13 @@ struct JSONTests {
         #expect(String(decoding: w.bytes, as: UTF8.self) == "0.05")
     }
 
+    @Test("a repeated key keeps its first position and takes the last value")
+    func repeatedKeys() throws {
+        let o = try #require(try JSONParser.parse(#"{"a":1,"b":2,"a":3}"#).objectValue)
+        #expect(o.keys == ["a", "b"])
+        #expect(o["a"] == .int(3) && o["b"] == .int(2))
+    }
+
     @Test("integers at the edges serialize exactly")
     func integerEdges() throws {
         for i: Int64 in [0, 7, -1, -10, 1_000_000, Int64.max, Int64.min] {
