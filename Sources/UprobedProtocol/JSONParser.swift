@@ -69,12 +69,9 @@ public enum JSONParser {
 
         mutating func object(depth: Int) throws(JSONParseError) -> JSONValue {
             i += 1
-            // Pairs collected here, room for a typical object reserved once (growing 1, 2, 4, 8
-            // was a tenth of parsing a 10,000-entry reply).
-            var pairs: [(key: String, value: JSONValue)] = []
+            var obj = JSONObject()
             skipWhitespace()
-            if i < buf.count, buf[i] == UInt8(ascii: "}") { i += 1; return .object(JSONObject()) }
-            pairs.reserveCapacity(8)
+            if i < buf.count, buf[i] == UInt8(ascii: "}") { i += 1; return .object(obj) }
             while true {
                 skipWhitespace()
                 guard i < buf.count, buf[i] == UInt8(ascii: "\"") else { throw fail("expected a string key") }
@@ -83,13 +80,11 @@ public enum JSONParser {
                 guard i < buf.count, buf[i] == UInt8(ascii: ":") else { throw fail("expected ':'") }
                 i += 1
                 skipWhitespace()
-                let v = try value(depth: depth + 1)
-                // A repeated key keeps its first position and takes the last value (as `JSONObject`'s setter).
-                if let j = pairs.lastIndex(where: { $0.key == key }) { pairs[j].value = v } else { pairs.append((key, v)) }
+                obj[key] = try value(depth: depth + 1)
                 skipWhitespace()
                 guard i < buf.count else { throw fail("unterminated object") }
                 if buf[i] == UInt8(ascii: ",") { i += 1; continue }
-                if buf[i] == UInt8(ascii: "}") { i += 1; return .object(JSONObject(parsedPairs: pairs)) }
+                if buf[i] == UInt8(ascii: "}") { i += 1; return .object(obj) }
                 throw fail("expected ',' or '}'")
             }
         }

@@ -57,8 +57,6 @@ public struct JSONObject: Sendable, Hashable, ExpressibleByDictionaryLiteral {
     public private(set) var pairs: [(key: String, value: JSONValue)]
 
     public init() { pairs = [] }
-    /// Pairs with distinct keys, in order (the parser's result).
-    init(parsedPairs: [(key: String, value: JSONValue)]) { pairs = parsedPairs }
     public init(dictionaryLiteral elements: (String, JSONValue)...) {
         pairs = elements.map { (key: $0.0, value: $0.1) }
     }
