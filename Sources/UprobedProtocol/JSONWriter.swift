@@ -17,6 +17,8 @@
 public struct JSONWriter: ~Copyable {
     /// The text written so far.
     public var bytes: [UInt8] { Array(UnsafeBufferPointer(start: base, count: count)) }
+    /// `base[0..<count]` is the text; the rest up to `capacity` is not yet initialized (bytes
+    /// are written by initializing them).
     @usableFromInline var base: UnsafeMutablePointer<UInt8>
     @usableFromInline var count = 0
     @usableFromInline var capacity: Int
@@ -84,7 +86,7 @@ public struct JSONWriter: ~Copyable {
         let n = k.utf8CodeUnitCount
         reserve(n + 3)
         base[count] = UInt8(ascii: "\"")
-        (base + count + 1).update(from: k.utf8Start, count: n)
+        (base + count + 1).initialize(from: k.utf8Start, count: n)
         base[count + 1 + n] = UInt8(ascii: "\"")
         base[count + 2 + n] = UInt8(ascii: ":")
         count += n + 3
@@ -284,7 +286,7 @@ public struct JSONWriter: ~Copyable {
     mutating func put(_ run: UnsafeBufferPointer<UInt8>) {
         guard let from = run.baseAddress, run.count > 0 else { return }
         reserve(run.count)
-        (base + count).update(from: from, count: run.count)
+        (base + count).initialize(from: from, count: run.count)
         count += run.count
     }
 
