@@ -481,17 +481,7 @@ public final class StatePersister: Sendable {
             var stamps: [(FileStamp?, UInt64?)] = []
             stamps.reserveCapacity(records.count)
             let saved = records.map { r -> SavedProbe in
-                // As `saved` stamps a new registration: its file as it is now, if that is still
-                // the file it was resolved in.
-                let stamp: FileStamp? = r.targets.first.flatMap { t in
-                    let s: FileStamp?
-                    if let known = files[t.path] { s = known } else {
-                        s = fileStamp(t.path)
-                        files[t.path] = s
-                    }
-                    return s.flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
-                }
-                let ids = (stamp, r.spec.pid.flatMap { processStartTime($0) })
+                let ids = StatePersister.firstStamps(r, files: &files)
                 stamps.append(ids)
                 return StatePersister.savedProbe(r, hits: r.baseHits, stamps: ids)
             }
@@ -627,19 +617,32 @@ public final class StatePersister: Sendable {
     /// `files`: stamps already taken during this write, by path (a batch of 10,000 probes on one
     /// binary stats it once).
     private func saved(_ r: ProbeRecord, hits: UInt64, memo m: inout Memo, files: inout [String: FileStamp?]) -> SavedProbe {
-        func stamp(_ path: String) -> FileStamp? {
-            if let known = files[path] { return known }
-            let s = fileStamp(path)
-            files[path] = s
-            return s
-        }
-        var ids = m.stamps[r.id] ?? (r.targets.first.flatMap { stamp($0.path) }, r.spec.pid.flatMap { processStartTime($0) })
+        var ids = m.stamps[r.id] ?? Self.firstStamps(r, files: &files)
         // A registration that followed its path to a new file is stamped with that file.
         if let t = r.targets.first, let was = ids.0, was.device != t.device || was.inode != t.inode {
-            ids.0 = stamp(t.path).flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
+            ids.0 = Self.currentStamp(of: t, files: &files)
         }
         m.stamps[r.id] = ids
         return Self.savedProbe(r, hits: hits, stamps: ids)
+    }
+
+    /// A registration's identity when first saved: its first target's file (if that is still
+    /// the file it was resolved in) and, with a `pid` filter, the process's start time. Used
+    /// by `saved` and by runs encoded ahead, so both stamp alike.
+    static func firstStamps(_ r: ProbeRecord, files: inout [String: FileStamp?]) -> (FileStamp?, UInt64?) {
+        (r.targets.first.flatMap { currentStamp(of: $0, files: &files) }, r.spec.pid.flatMap { processStartTime($0) })
+    }
+
+    /// The stamp of `t`'s file as it is now, nil unless it is still `t`'s device and inode.
+    /// `files`: stamps already taken during this write, by path (a batch of 10,000 probes on
+    /// one binary stats it once).
+    static func currentStamp(of t: ResolvedProbe, files: inout [String: FileStamp?]) -> FileStamp? {
+        let s: FileStamp?
+        if let known = files[t.path] { s = known } else {
+            s = fileStamp(t.path)
+            files[t.path] = s
+        }
+        return s.flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
     }
 
     static func savedProbe(_ r: ProbeRecord, hits: UInt64, stamps ids: (FileStamp?, UInt64?)) -> SavedProbe {

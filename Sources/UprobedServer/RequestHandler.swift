@@ -288,7 +288,7 @@ public struct RequestHandler: Sendable {
             w.field("hits", table.hits[i])
             w.key("rate")
             w.fixed(rate(i), decimals: 3)
-            if case .active = r.state {} else if let reason = r.state.reason {
+            if let reason = r.state.reason {
                 w.field("state", r.state.name)
                 w.field("reason", reason)
             }

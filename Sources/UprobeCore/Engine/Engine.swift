@@ -239,7 +239,7 @@ public final class Engine: Sendable {
                 for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
                 table.versions[n] = versions
             }
-            let retiredHits = r.retired.isEmpty ? 0 : r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
+            let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
             let secs = nowSeconds - r.countingSince
             table.hits.append(r.baseHits &+ counted)
             table.rates.append(secs > 0 ? Double(counted &+ retiredHits) / secs : 0)
