@@ -28,66 +28,69 @@ public struct ProbeSpec: Sendable, Hashable {
 
     static let knownKeys: Set<String> = ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"]
 
-    /// Decodes a spec object; `context` names it in errors (e.g. `probes[3]`).
-    public init(json: JSONValue, context: String) throws(ProtocolError) {
-        guard let obj = json.objectValue else {
-            throw ProtocolError(.invalidRequest, "\(context) must be an object, got \(json.typeName)")
+    /// Decodes a spec object; `context` names it in errors (e.g. `probes[3]`) and is only
+    /// made when there is one (a 10,000-probe request formatted 10,000 unused names).
+    /// One pass over the members: the request decode spent half its time looking each known
+    /// key up again in every spec.
+    public init(json: JSONValue, context: @autoclosure () -> String) throws(ProtocolError) {
+        guard case .object(let obj) = json else {
+            throw ProtocolError(.invalidRequest, "\(context()) must be an object, got \(json.typeName)")
         }
-        for key in obj.keys where !Self.knownKeys.contains(key) {
-            throw ProtocolError(.invalidRequest,
-                                "\(context) has unknown field '\(key)' (known: \(Self.knownKeys.sorted().joined(separator: ", ")))")
+        func mistyped(_ key: String, _ wanted: String, _ got: JSONValue) -> ProtocolError {
+            ProtocolError(.invalidRequest, "\(context()).\(key) must be \(wanted), got \(got.typeName)")
         }
-        guard let path = obj["path"]?.stringValue, !path.isEmpty else {
-            throw ProtocolError(.invalidRequest, "\(context).path must be a non-empty string")
-        }
-        self.path = path
-        self.symbol = try Self.optionalString(obj, "symbol", context)
-        self.usdt = try Self.optionalString(obj, "usdt", context)
-        switch obj["offset"] {
-        case nil, .null?: self.offset = nil
-        case .int(let i)? where i >= 0: self.offset = UInt64(i)
-        case .string(let s)?:
-            let parsed = s.hasPrefix("0x") || s.hasPrefix("0X") ? UInt64(s.dropFirst(2), radix: 16) : UInt64(s)
-            guard let parsed else {
-                throw ProtocolError(.invalidRequest, "\(context).offset '\(s)' is not a number (decimal or 0x-hex)")
+        var path: String?
+        var symbol: String?
+        var usdt: String?
+        var offset: UInt64?
+        var pid: Int32?
+        var retprobe = false, force = false, follow = true
+        for (key, value) in obj.pairs {
+            if case .null = value, key != "path" { continue }  // an explicit null is an absent member
+            switch key {
+            case "path":
+                guard case .string(let s) = value, !s.isEmpty else {
+                    throw ProtocolError(.invalidRequest, "\(context()).path must be a non-empty string")
+                }
+                path = s
+            case "symbol":
+                guard case .string(let s) = value else { throw mistyped(key, "a string", value) }
+                symbol = s
+            case "usdt":
+                guard case .string(let s) = value else { throw mistyped(key, "a string", value) }
+                usdt = s
+            case "offset":
+                switch value {
+                case .int(let i) where i >= 0: offset = UInt64(i)
+                case .string(let s):
+                    let parsed = s.hasPrefix("0x") || s.hasPrefix("0X") ? UInt64(s.dropFirst(2), radix: 16) : UInt64(s)
+                    guard let parsed else {
+                        throw ProtocolError(.invalidRequest, "\(context()).offset '\(s)' is not a number (decimal or 0x-hex)")
+                    }
+                    offset = parsed
+                default: throw mistyped(key, "a non-negative integer", value)
+                }
+            case "pid":
+                guard let p = value.int64Value, p > 0, p <= Int64(Int32.max) else {
+                    throw ProtocolError(.invalidRequest, "\(context()).pid must be a positive process id")
+                }
+                pid = Int32(p)
+            case "retprobe", "force", "follow":
+                guard case .bool(let b) = value else { throw mistyped(key, "a boolean", value) }
+                if key == "retprobe" { retprobe = b } else if key == "force" { force = b } else { follow = b }
+            default:
+                throw ProtocolError(.invalidRequest,
+                                    "\(context()) has unknown field '\(key)' (known: \(Self.knownKeys.sorted().joined(separator: ", ")))")
             }
-            self.offset = parsed
-        case let other?:
-            throw ProtocolError(.invalidRequest, "\(context).offset must be a non-negative integer, got \(other.typeName)")
         }
-        let kinds = [symbol != nil, offset != nil, usdt != nil].filter { $0 }.count
+        guard let path else { throw ProtocolError(.invalidRequest, "\(context()).path must be a non-empty string") }
+        let kinds = (symbol != nil ? 1 : 0) + (offset != nil ? 1 : 0) + (usdt != nil ? 1 : 0)
         guard kinds == 1 else {
-            throw ProtocolError(.invalidRequest, "\(context) needs exactly one of 'symbol', 'offset' or 'usdt'")
+            throw ProtocolError(.invalidRequest, "\(context()) needs exactly one of 'symbol', 'offset' or 'usdt'")
         }
-        if let s = symbol, s.isEmpty { throw ProtocolError(.invalidRequest, "\(context).symbol is empty") }
-        if let u = usdt, u.isEmpty { throw ProtocolError(.invalidRequest, "\(context).usdt is empty") }
-        switch obj["pid"] {
-        case nil, .null?: self.pid = nil
-        case let v?:
-            guard let p = v.int64Value, p > 0, p <= Int64(Int32.max) else {
-                throw ProtocolError(.invalidRequest, "\(context).pid must be a positive process id")
-            }
-            self.pid = Int32(p)
-        }
-        self.retprobe = try Self.optionalBool(obj, "retprobe", context) ?? false
-        self.force = try Self.optionalBool(obj, "force", context) ?? false
-        self.follow = try Self.optionalBool(obj, "follow", context) ?? true
-    }
-
-    private static func optionalString(_ obj: JSONObject, _ key: String, _ context: String) throws(ProtocolError) -> String? {
-        switch obj[key] {
-        case nil, .null?: return nil
-        case .string(let s)?: return s
-        case let other?: throw ProtocolError(.invalidRequest, "\(context).\(key) must be a string, got \(other.typeName)")
-        }
-    }
-
-    private static func optionalBool(_ obj: JSONObject, _ key: String, _ context: String) throws(ProtocolError) -> Bool? {
-        switch obj[key] {
-        case nil, .null?: return nil
-        case .bool(let b)?: return b
-        case let other?: throw ProtocolError(.invalidRequest, "\(context).\(key) must be a boolean, got \(other.typeName)")
-        }
+        if let s = symbol, s.isEmpty { throw ProtocolError(.invalidRequest, "\(context()).symbol is empty") }
+        if let u = usdt, u.isEmpty { throw ProtocolError(.invalidRequest, "\(context()).usdt is empty") }
+        self.init(path: path, symbol: symbol, offset: offset, usdt: usdt, pid: pid, retprobe: retprobe, force: force, follow: follow)
     }
 
     /// The spec as it goes on the wire (also how `list` shows it).

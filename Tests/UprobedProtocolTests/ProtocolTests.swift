@@ -155,6 +155,38 @@ struct RequestDecodingTests {
         #expect(fail("{\"op\":\"watch\",\"interval_ms\":1}")?.error.code == .invalidRequest)
     }
 
+    /// The spec decoder reads each member once: nulls count as absent, every type is checked,
+    /// and each error names the spec (`probes[1]`) and the member.
+    @Test func specMembers() throws {
+        func spec(_ json: String) -> Result<ProbeSpec, ProtocolError> {
+            let line = #"{"op":"register","probes":[{"path":"/x","symbol":"a"},"# + json + "]}"
+            switch RequestDecoder.decode(Array(line.utf8)) {
+            case .success(let env):
+                guard case .register(let probes, _) = env.request, probes.count == 2 else { return .failure(ProtocolError(.internalError, "not a register")) }
+                return .success(probes[1])
+            case .failure(let f): return .failure(f.error)
+            }
+        }
+        func message(_ json: String) -> String {
+            if case .failure(let e) = spec(json) { return e.message } else { return "decoded" }
+        }
+        #expect(try spec(#"{"path":"/x","offset":"0X1f","pid":null,"usdt":null,"retprobe":false,"force":true,"follow":false}"#).get()
+                == ProbeSpec(path: "/x", offset: 0x1f, force: true, follow: false))
+        #expect(try spec(#"{"symbol":"f","path":"/x","pid":7.0}"#).get() == ProbeSpec(path: "/x", symbol: "f", pid: 7))
+        #expect(message(#"{"path":"/x","symbol":"a","bogus":1}"#).hasPrefix("probes[1] has unknown field 'bogus'"))
+        #expect(message(#"{"path":null,"symbol":"a"}"#) == "probes[1].path must be a non-empty string")
+        #expect(message(#"{"symbol":"a"}"#) == "probes[1].path must be a non-empty string")
+        #expect(message(#"{"path":"/x","symbol":1}"#) == "probes[1].symbol must be a string, got number")
+        #expect(message(#"{"path":"/x","offset":-1}"#) == "probes[1].offset must be a non-negative integer, got number")
+        #expect(message(#"{"path":"/x","offset":"12z"}"#) == "probes[1].offset '12z' is not a number (decimal or 0x-hex)")
+        #expect(message(#"{"path":"/x","symbol":"a","retprobe":"yes"}"#) == "probes[1].retprobe must be a boolean, got string")
+        #expect(message(#"{"path":"/x","symbol":"a","pid":0}"#) == "probes[1].pid must be a positive process id")
+        #expect(message(#"{"path":"/x","symbol":"a","usdt":"p:n"}"#) == "probes[1] needs exactly one of 'symbol', 'offset' or 'usdt'")
+        #expect(message(#"{"path":"/x"}"#) == "probes[1] needs exactly one of 'symbol', 'offset' or 'usdt'")
+        #expect(message(#"{"path":"/x","symbol":""}"#) == "probes[1].symbol is empty")
+        #expect(message(#"[1]"#) == "probes[1] must be an object, got array")
+    }
+
     @Test("bpftrace spellings", arguments: [
         ("uprobe:/bin/bash:readline", ProbeSpec(path: "/bin/bash", symbol: "readline")),
         ("uretprobe:/bin/bash:readline", ProbeSpec(path: "/bin/bash", symbol: "readline", retprobe: true)),
