@@ -121,6 +121,11 @@ public struct ELFFile: Sendable {
     public private(set) var symbolsByName: [String: [Int]] = [:]
     /// Indices into `functionSymbols` by address.
     public private(set) var symbolsByAddress: [UInt64: [Int]] = [:]
+    /// File offsets of the plain names the common case asks for: a name defined once, alone at
+    /// its address, not an IFUNC, in an executable segment. One lookup instead of the four
+    /// (name, symbol, address, segment) that a 10,000-symbol request paid per name, mostly
+    /// in cache misses.
+    public private(set) var uniqueFunctionOffsets: [String: UInt64] = [:]
     /// Path of the separate debug file whose symbols were attached, if any.
     public private(set) var debugFilePath: String?
     public let hasSymtab: Bool
@@ -291,8 +296,17 @@ public struct ELFFile: Sendable {
             byName[s.name, default: []].append(i)
             byAddr[s.address, default: []].append(i)
         }
+        var unique: [String: UInt64] = [:]
+        for (name, indices) in byName where indices.count == 1 {
+            let sym = functionSymbols[indices[0]]
+            if !sym.isIFunc, byAddr[sym.address]?.count == 1,
+               let off = fileOffset(ofVirtualAddress: sym.address, executable: true) {
+                unique[name] = off
+            }
+        }
         symbolsByName = byName
         symbolsByAddress = byAddr
+        uniqueFunctionOffsets = unique
     }
 
     /// Symbols named `name` (base name, any version).

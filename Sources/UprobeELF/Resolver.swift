@@ -126,39 +126,58 @@ public struct Resolver: Sendable {
         defer {
             for case .success(let (t, _)) in opened.values { try? t.fd.close() }
         }
-        // The previous spec's file: a 10,000-probe request names one binary 10,000 times, and
-        // comparing with the last key is cheaper than hashing the path each time.
-        var last: (key: OpenKey, entry: Result<(Target, ELFFile), ResolveError>)?
-        return specs.map { spec in
-            do throws(ResolveError) {
-                try validate(spec)
-                let key = OpenKey(path: spec.path, pid: spec.pid)
-                let entry: Result<(Target, ELFFile), ResolveError>
-                if let last, last.key == key {
-                    entry = last.entry
-                } else if let e = opened[key] {
-                    entry = e
-                } else {
+        var results: [Result<[ResolvedProbe], ResolveError>] = []
+        results.reserveCapacity(specs.count)
+        // Specs are taken in runs naming one (path, pid): a 10,000-probe request names one
+        // binary 10,000 times, and each run binds its file once instead of copying it (and
+        // hashing its key) per spec.
+        var start = specs.startIndex
+        while start < specs.endIndex {
+            let key = OpenKey(path: specs[start].path, pid: specs[start].pid)
+            var end = start + 1
+            while end < specs.endIndex, specs[end].pid == key.pid, specs[end].path == key.path { end += 1 }
+            // A file is opened for a spec that passed validation (a path with a NUL is never opened).
+            let entry: Result<(Target, ELFFile), ResolveError>
+            if let e = opened[key] {
+                entry = e
+            } else if let first = specs[start..<end].first(where: { (try? validate($0)) != nil }) {
+                do throws(ResolveError) {
+                    let t = try openTarget(first)
                     do throws(ResolveError) {
-                        let t = try openTarget(spec)
-                        do throws(ResolveError) {
-                            entry = .success((t, try cache.file(fd: t.fd, path: t.path, debugDirectories: debugDirectories)))
-                        } catch {
-                            try? t.fd.close()
-                            throw error
-                        }
+                        entry = .success((t, try cache.file(fd: t.fd, path: t.path, debugDirectories: debugDirectories)))
                     } catch {
-                        entry = .failure(error)
+                        try? t.fd.close()
+                        throw error
                     }
-                    opened[key] = entry
+                } catch {
+                    entry = .failure(error)
                 }
-                last = (key, entry)
-                let (target, elf) = try entry.get()
-                return .success(try resolve(spec, in: target, elf: elf))
-            } catch {
-                return .failure(error)
+                opened[key] = entry
+            } else {
+                entry = .failure(.invalidSpec("no valid spec"))  // never reported: each spec's own validation fails first
             }
+            switch entry {
+            case .success(let (target, elf)):
+                for spec in specs[start..<end] {
+                    do throws(ResolveError) {
+                        try validate(spec)
+                        results.append(.success(try resolve(spec, in: target, elf: elf)))
+                    } catch {
+                        results.append(.failure(error))
+                    }
+                }
+            case .failure(let openError):
+                for spec in specs[start..<end] {
+                    do throws(ResolveError) { try validate(spec) } catch {
+                        results.append(.failure(error))
+                        continue
+                    }
+                    results.append(.failure(openError))
+                }
+            }
+            start = end
         }
+        return results
     }
 
     private func validate(_ spec: ProbeSpecInput) throws(ResolveError) {
@@ -381,16 +400,14 @@ public struct Resolver: Sendable {
 
     /// The common case without the general path's sets and sorting (a 10,000-symbol request
     /// spent most of its resolution there): a plain name (no glob, no version) defined once,
-    /// alone at its address, not an IFUNC, in an executable segment. Nil: take the general path.
+    /// alone at its address, not an IFUNC, in an executable segment
+    /// (`ELFFile.uniqueFunctionOffsets`). Nil: take the general path.
     private func uniqueSymbolSite(_ request: String, elf: ELFFile) -> Site? {
-        guard !request.utf8.contains(where: { $0 == UInt8(ascii: "@") || $0 == UInt8(ascii: "*")
-                                                 || $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "[") }),
-              let named = elf.symbolsByName[request], named.count == 1,
-              let sym = named.first.map({ elf.functionSymbols[$0] }), !sym.isIFunc,
-              elf.symbolsByAddress[sym.address]?.count == 1,
-              let off = elf.fileOffset(ofVirtualAddress: sym.address, executable: true)
+        guard let off = elf.uniqueFunctionOffsets[request],
+              !request.utf8.contains(where: { $0 == UInt8(ascii: "@") || $0 == UInt8(ascii: "*")
+                                                 || $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "[") })
         else { return nil }
-        return Site(offset: off, symbol: sym.name, aliases: [], refCtr: nil, warning: nil)
+        return Site(offset: off, symbol: request, aliases: [], refCtr: nil, warning: nil)
     }
 
     /// Sort key for choosing the primary name at an address: strong/global first, then the

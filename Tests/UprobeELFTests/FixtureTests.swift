@@ -52,6 +52,37 @@ struct FixtureTests {
         }
     }
 
+    @Test("the one-lookup index holds plain names only; resolveMany answers each spec as resolve does, in order")
+    func uniqueIndexAndRuns() throws {
+        let fx = try Fixtures.get()
+        let elf = try ELFFile(path: fx.pie)
+        // Aliases (both names), weak+strong pairs and IFUNCs take the general path.
+        for name in ["fix_add", "fix_alias", "fix_weak", "fix_strong", "fix_copy"] {
+            #expect(elf.uniqueFunctionOffsets[name] == nil, "\(name)")
+        }
+        let vaddr = try #require(try readelfSymbol(fx.pie, "fix_mul"))
+        #expect(elf.uniqueFunctionOffsets["fix_mul"] == (try expectedOffset(fx.pie, vaddr: vaddr)))
+        // Runs of one file, another file, an invalid spec inside a run, a missing file.
+        let specs = [
+            ProbeSpecInput(path: fx.pie, symbol: "fix_mul"), ProbeSpecInput(path: fx.pie, symbol: "fix_alias"),
+            ProbeSpecInput(path: fx.pie, symbol: ""), ProbeSpecInput(path: fx.pie, symbol: "no_such_function"),
+            ProbeSpecInput(path: fx.nopie, symbol: "fix_mul"), ProbeSpecInput(path: "/nonexistent/x", symbol: "f"),
+            ProbeSpecInput(path: "/nonexistent/x", offset: 1, usdt: "a:b"), ProbeSpecInput(path: fx.pie, symbol: "fix_copy"),
+        ]
+        let many = r.resolveMany(specs)
+        #expect(many.count == specs.count)
+        for (spec, got) in zip(specs, many) {
+            let one: Result<[ResolvedProbe], ResolveError>
+            do throws(ResolveError) { one = .success(try r.resolve(spec)) } catch { one = .failure(error) }
+            switch (got, one) {
+            case (.success(let a), .success(let b)): #expect(a == b, "\(spec)")
+            case (.failure(let a), .failure(let b)): #expect(a.code == b.code, "\(spec)")
+            default: Issue.record("\(spec): resolveMany \(got), resolve \(one)")
+            }
+        }
+        #expect(many.map { (try? $0.get()) != nil } == [true, true, false, false, true, false, false, true])
+    }
+
     @Test("IFUNC: resolver offset with a warning naming the implementations")
     func ifunc() throws {
         let fx = try Fixtures.get()
