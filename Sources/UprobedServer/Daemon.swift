@@ -71,7 +71,11 @@ public final class UprobedService: Service, Sendable {
             logger.critical("cannot use the state file", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
             throw ServerError(message: "cannot start: \(error.message) [\(error.code)]")
         }
-        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved, groupCommit: true)
+        // Encoding done ahead of a large register (its state entry, then its reply) while the
+        // writer is in the kernel attach: one queue, so the entry the writer waits for is first.
+        let aheadQueue = DispatchQueue(label: "uprobed-encode-ahead")
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved, groupCommit: true,
+                                       aheadQueue: aheadQueue)
 
         let engineConfig = EngineConfig(batchWindow: .microseconds(Int64(config.batchWindowMicros)),
                                         maxBatchRequests: config.maxBatchRequests,
@@ -89,7 +93,7 @@ public final class UprobedService: Service, Sendable {
             engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
                                           minWatchIntervalMs: config.minWatchIntervalMs),
-            logger: logger, access: PolicyCell(policy), counters: counters)
+            logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue)
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs)
 

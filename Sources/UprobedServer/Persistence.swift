@@ -464,6 +464,7 @@ public final class StatePersister: Sendable {
     private let memo = Mutex(Memo())
     let bootID: String?
     let groupCommit: Bool
+    let aheadQueue: DispatchQueue
 
     /// Registrations whose log entries are being written ahead of their batch (`prepare`),
     /// keyed by the first record. Taken by the next `persist`, used or not.
@@ -507,7 +508,7 @@ public final class StatePersister: Sendable {
         guard let first = records.first else { return }
         let run = PreparedRun(records)
         prepared.withLock { $0[ObjectIdentifier(first)] = run }
-        DispatchQueue.global().async { run.fill() }
+        aheadQueue.async { run.fill() }
     }
 
     /// The engine's sync hook (group commit): makes every line appended so far durable.
@@ -521,9 +522,12 @@ public final class StatePersister: Sendable {
 
     /// `groupCommit`: `persist` appends without syncing and the engine calls `sync` (once for
     /// several batches) before it replies; otherwise every append is synced at once.
+    /// `aheadQueue` runs `prepare`'s encoding; the daemon shares one serial queue with the
+    /// register replies written ahead, so the entry the writer waits for comes first.
     public init(store: StateStore, kernel: any KernelBackend, counters: ServiceCounters, restored: SavedState?,
-                groupCommit: Bool = false) {
+                groupCommit: Bool = false, aheadQueue: DispatchQueue = .global()) {
         self.groupCommit = groupCommit
+        self.aheadQueue = aheadQueue
         self.store = store
         self.kernel = kernel
         self.counters = counters

@@ -22,9 +22,13 @@ public struct RequestHandler: Sendable {
     private let inFlight = InFlightProbes()
     public static let version = "0.1.0"
 
+    /// Where a large register's reply is written while the writer attaches its probes.
+    let aheadQueue: DispatchQueue
+
     public init(engine: Engine, resolver: Resolver, limits: RequestDecoder.Limits, logger: Logger,
                 access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
-                counters: ServiceCounters = ServiceCounters()) {
+                counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global()) {
+        self.aheadQueue = aheadQueue
         self.engine = engine
         self.resolver = resolver
         self.limits = limits
@@ -219,7 +223,9 @@ public struct RequestHandler: Sendable {
             }
         }
         defer { if !isAdmin { inFlight.add(uid: peer.uid, -adding) } }
-        switch await engine.register(items, consumer: consumer, peer: peer) {
+        let ahead = PreparedReply()
+        let queue = aheadQueue
+        switch await engine.register(items, consumer: consumer, peer: peer, early: { ahead.start($0, on: queue) }) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let records):
             // One line per request: a 10,000-probe request would otherwise log 10,000 lines.
@@ -228,6 +234,12 @@ public struct RequestHandler: Sendable {
                 "path": "\(records.first?.sites.first?.target.path ?? "")", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
             for r in records {
                 logger.debug("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")"])
+            }
+            if let text = ahead.take(for: records) {
+                return .success(.written(estimatedBytes: text.count) { w in
+                    w.key("probes")
+                    text.withUnsafeBufferPointer { w.rawValue($0) }
+                })
             }
             return .success(.written(estimatedBytes: records.count * 128) { w in
                 w.objects("probes", records) { w, r in Self.writeRecord(r, into: &w) }
@@ -380,6 +392,38 @@ public final class ServiceCounters: Sendable {
     public let configReloadFailures = Atomic<UInt64>(0)
     public let metricsScrapes = Atomic<UInt64>(0)
     public init() {}
+}
+
+/// The `probes` member of a large register's reply, written on the encode-ahead queue from
+/// the records the engine made before the attach (`Engine.register`'s `early`): the reply is
+/// ready when the batch is durable instead of being written after the sync. Never waited
+/// for: if it is not done (or the request failed), the reply is written as usual.
+final class PreparedReply: Sendable {
+    private let written = Mutex<(records: [ProbeRecord], text: [UInt8])?>(nil)
+
+    func start(_ records: [ProbeRecord], on queue: DispatchQueue) {
+        queue.async {
+            var w = JSONWriter(reservingCapacity: records.count * 128)
+            w.beginArray()
+            for r in records {
+                w.beginObject()
+                RequestHandler.writeRecord(r, into: &w)
+                w.endObject()
+            }
+            w.endArray()
+            let text = w.bytes
+            self.written.withLock { $0 = (records, text) }
+        }
+    }
+
+    /// The text, if it is done and was written for exactly `records`.
+    func take(for records: [ProbeRecord]) -> [UInt8]? {
+        written.withLock { done in
+            guard let done, done.records.count == records.count,
+                  zip(done.records, records).allSatisfy({ $0 === $1 }) else { return nil }
+            return done.text
+        }
+    }
 }
 
 /// Probes per uid in register requests that were checked but not yet answered.

@@ -99,10 +99,13 @@ final class Harness {
     deinit { applier.shutdown() }
 
     /// Applies the registrations as one batch and returns each request's result.
-    func registerBatch(_ requests: [[RegisterItem]]) -> [Result<[ProbeRecord], EngineError>] {
+    /// `early`: each request's own early hook, told its index.
+    func registerBatch(_ requests: [[RegisterItem]],
+                       early: (@Sendable (Int, [ProbeRecord]) -> Void)? = nil) -> [Result<[ProbeRecord], EngineError>] {
         let box = Mutex<[Int: Result<[ProbeRecord], EngineError>]>([:])
         let ops = requests.enumerated().map { n, items in
-            PendingOp.register(items: items, consumer: nil, peer: .daemon, reply: { r in box.withLock { $0[n] = r } })
+            PendingOp.register(items: items, consumer: nil, peer: .daemon, early: early.map { hook in { hook(n, $0) } },
+                               reply: { r in box.withLock { $0[n] = r } })
         }
         applier.apply(ops)
         return box.withLock { d in (0..<requests.count).compactMap { d[$0] } }
@@ -139,15 +142,25 @@ struct BatchDecisionTests {
         kernel.failPaths = ["/bad"]
         let h = Harness(kernel: kernel, tuning: EngineConfig(compactionDelay: .seconds(3600), prepareMinimum: 100),
                         prepare: { records in prepared.withLock { $0.append(records) } })
+        let early = Mutex<[Int: [ProbeRecord]]>([:])
         let results = h.registerBatch([
             [item("/a", inode: 1, offsets: (0..<150).map { 0x1000 + $0 * 0x10 })],            // large, succeeds
             [item("/a", inode: 1, offsets: [0x10])],                                            // small: not prepared
             [item("/bad", inode: 9, offsets: (0..<120).map { 0x1000 + $0 * 0x10 })],          // large, fails in the kernel
-        ])
+        ], early: { n, records in early.withLock { $0[n] = records } })
         let runs = prepared.withLock { $0 }
         #expect(runs.map(\.count) == [150, 120], "only the large requests are prepared, before their outcome")
         let good = try results[0].get()
         #expect(good.count == 150 && zip(good, runs[0]).allSatisfy { $0 === $1 }, "the prepared records are the registered ones")
+        let told = early.withLock { $0 }
+        #expect(told.keys.sorted() == [0, 2], "each large request's own hook hears its records")
+        #expect(told[0]?.count == 150 && zip(told[0] ?? [], good).allSatisfy { $0 === $1 })
+        // Without the persister's hook, a request's own hook still gets the registered records.
+        let alone = Harness(kernel: FakeKernel(capacity: 4096), tuning: EngineConfig(compactionDelay: .seconds(3600), prepareMinimum: 100))
+        let toldAlone = Mutex<[ProbeRecord]>([])
+        let registered = try alone.registerBatch([[item("/a", inode: 1, offsets: (0..<100).map { 0x1000 + $0 * 0x10 })]],
+                                                 early: { _, records in toldAlone.withLock { $0 = records } })[0].get()
+        #expect(registered.count == 100 && toldAlone.withLock { zip($0, registered).allSatisfy { $0 === $1 } && $0.count == 100 })
         #expect((try? results[1].get())?.count == 1)
         guard case .failure = results[2] else { Issue.record("the request on /bad should fail"); return }
         let snap = h.published.load()
@@ -302,7 +315,7 @@ struct BatchDecisionTests {
         }, requeue: { op in requeued.withLock { $0.append(op) } })
         let replies = Mutex<[String: Result<[ProbeRecord], EngineError>]>([:])
         func register(_ name: String, offset: UInt64) {
-            h.applier.apply([.register(items: [item("/a", inode: 1, offsets: [offset])], consumer: nil, peer: .daemon,
+            h.applier.apply([.register(items: [item("/a", inode: 1, offsets: [offset])], consumer: nil, peer: .daemon, early: nil,
                                        reply: { r in replies.withLock { $0[name] = r } })])
         }
         register("first", offset: 0x10)

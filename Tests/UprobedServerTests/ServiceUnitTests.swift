@@ -199,6 +199,29 @@ struct StateFileTests {
         }
     }
 
+    @Test("a register reply written ahead is the same text as one written after, and only for the records it was written for")
+    func preparedReply() throws {
+        let records = Self.records(1..<1201, path: "/bin/x")
+        let queue = DispatchQueue(label: "prepared-reply-test")
+        let ahead = PreparedReply()
+        #expect(ahead.take(for: records) == nil, "nothing before it is written")
+        ahead.start(records, on: queue)
+        queue.sync {}
+        var inline = JSONWriter()
+        inline.beginObject()
+        inline.objects("probes", records) { w, r in RequestHandler.writeRecord(r, into: &w) }
+        inline.endObject()
+        let text = try #require(ahead.take(for: records))
+        var spliced = JSONWriter()
+        spliced.beginObject()
+        spliced.key("probes")
+        text.withUnsafeBufferPointer { spliced.rawValue($0) }
+        spliced.endObject()
+        #expect(spliced.bytes == inline.bytes)
+        #expect(ahead.take(for: Array(records.dropLast())) == nil)
+        #expect(ahead.take(for: Self.records(1..<1201, path: "/bin/x")) == nil, "same ids, other records")
+    }
+
     @Test("runs encoded ahead (prepare) are spliced into the log entry; a run its batch did not add is dropped and written inline later")
     func preparedRuns() throws {
         let dirA = try Self.tempDir(), dirB = try Self.tempDir()

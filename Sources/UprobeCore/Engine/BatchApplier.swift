@@ -9,7 +9,10 @@ import UprobeTree
 
 /// A request waiting for the writer.
 enum PendingOp: Sendable {
+    /// `early`: told the request's records before they are attached, if the request is large
+    /// (see `EngineConfig.prepareMinimum`); they are its reply's records if it succeeds.
     case register(items: [RegisterItem], consumer: String?, peer: Peer,
+                  early: (@Sendable ([ProbeRecord]) -> Void)?,
                   reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
     /// Registrations from the state file, with their ids; each one is atomic on its own.
     case restore(items: [RestoreItem], nextIDFloor: UInt64, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
@@ -155,7 +158,7 @@ final class BatchApplier {
         var newSlots: [UInt32] = []
         for (n, op) in batch.enumerated() {
             switch op {
-            case .register(let items, let consumer, let peer, _):
+            case .register(let items, let consumer, let peer, let early, _):
                 var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
                 let groups = items.map(\.probeGroups)
                 let needed = groups.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } }
@@ -178,13 +181,15 @@ final class BatchApplier {
                         plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
                     }
                 }
-                if let prepare, plan.probes.count >= tuning.prepareMinimum {
+                if prepare != nil || early != nil, plan.probes.count >= tuning.prepareMinimum {
                     plan.early = plan.probes.map { p in
                         defer { nextProbeNumber += 1 }
                         return makeRecord(id: ProbeID.make(nextProbeNumber), plan: plan, spec: p.spec, sites: p.sites,
                                           now: now, nowMono: nowMono, restored: nil, state: .active)
                     }
-                    prepare(plan.early)
+                    // The state entry first: the writer waits for it, the reply can wait longer.
+                    prepare?(plan.early)
+                    early?(plan.early)
                 }
                 registers.append(plan)
             case .restore(let items, let floor, _):
@@ -345,7 +350,7 @@ final class BatchApplier {
         // committer has synced the log (`persist` only appended to it).
         var registerReplies: [(reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void, result: Result<[ProbeRecord], EngineError>)] = []
         for plan in registers {
-            guard case .register(_, _, _, let reply) = batch[plan.index] else { continue }
+            guard case .register(_, _, _, _, let reply) = batch[plan.index] else { continue }
             if let f = plan.failure { registerReplies.append((reply, .failure(f))) } else if let persistError {
                 registerReplies.append((reply, .failure(persistError)))
             } else {

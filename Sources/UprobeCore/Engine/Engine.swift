@@ -110,10 +110,14 @@ public final class Engine: Sendable {
         thread.start()
     }
 
-    /// Registers the probes of one request atomically: all of them or none.
-    public func register(_ items: [RegisterItem], consumer: String?, peer: Peer) async -> Result<[ProbeRecord], EngineError> {
+    /// Registers the probes of one request atomically: all of them or none. `early`, if given,
+    /// is told a large request's records (ids included) before the kernel attach, on the
+    /// writer thread (so it must only hand them on): on success they are the records returned.
+    public func register(_ items: [RegisterItem], consumer: String?, peer: Peer,
+                         early: (@Sendable ([ProbeRecord]) -> Void)? = nil) async -> Result<[ProbeRecord], EngineError> {
         await withCheckedContinuation { (cont: CheckedContinuation<Result<[ProbeRecord], EngineError>, Never>) in
-            let accepted = queue.push(.register(items: items, consumer: consumer, peer: peer, reply: { cont.resume(returning: $0) }))
+            let accepted = queue.push(.register(items: items, consumer: consumer, peer: peer, early: early,
+                                                reply: { cont.resume(returning: $0) }))
             if !accepted { cont.resume(returning: .failure(Self.stopping)) }
         }
     }

@@ -49,8 +49,9 @@ public struct EngineConfig: Sendable {
     /// This many removed sites waiting for detach make it run at once (a bulk unregister).
     public var bulkDetachSites: Int
     /// A register request of at least this many probes has its records made before the
-    /// attach and handed to the `prepare` hook (its state entry is encoded meanwhile on another
-    /// CPU). Smaller ones skip the hand-off: it costs a thread wake-up.
+    /// attach and handed to the `prepare` hook and to the request's `early` hook (its state
+    /// entry and its reply are encoded meanwhile on another CPU). Smaller ones skip the
+    /// hand-off: it costs a thread wake-up.
     public var prepareMinimum: Int
 
     public init(batchWindow: Duration = .microseconds(250), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
