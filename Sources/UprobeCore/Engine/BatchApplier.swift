@@ -144,8 +144,7 @@ final class BatchApplier {
 
     private func applyRequests(_ batch: [PendingOp]) {
         let started = ContinuousClock.now
-        let now = Double(clockRealtimeSeconds())
-        let nowMono = ContinuousClock.now
+        let now = BatchClock()
         counters.batches += 1
         counters.requests += UInt64(batch.count)
         counters.lastBatchSize = batch.count
@@ -160,8 +159,7 @@ final class BatchApplier {
             switch op {
             case .register(let items, let consumer, let peer, let early, _):
                 var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
-                let groups = items.map(\.probeGroups)
-                let needed = groups.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } }
+                let needed = items.reduce(0) { $0 + $1.targets.count }  // one slot per site
                 if slots.available < needed {
                     // Reclaim retired slots (their links close, a grace period passes) before refusing.
                     reclaimSlots()
@@ -175,17 +173,26 @@ final class BatchApplier {
                 }
                 newSlots += allocated
                 var next = allocated.makeIterator()
-                for (item, probeGroups) in zip(items, groups) {
-                    for targets in probeGroups {
-                        let sites = targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
+                plan.probes.reserveCapacity(needed)
+                for item in items {
+                    // A USDT spec is one probe with one site per note; a symbol glob is one probe
+                    // per function.
+                    if item.spec.usdt != nil {
+                        let sites = item.targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
                         plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
+                    } else {
+                        for t in item.targets {
+                            guard let slot = next.next() else { break }  // never: `needed` slots were allocated
+                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec))
+                        }
                     }
                 }
                 if prepare != nil || early != nil, plan.probes.count >= tuning.prepareMinimum {
+                    let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
                     plan.early = plan.probes.map { p in
                         defer { nextProbeNumber += 1 }
-                        return makeRecord(id: ProbeID.make(nextProbeNumber), plan: plan, spec: p.spec, sites: p.sites,
-                                          now: now, nowMono: nowMono, restored: nil, state: .active)
+                        return makeRecord(id: ProbeID.make(nextProbeNumber), consumer: consumer, peer: peer, spec: p.spec,
+                                          sites: p.sites, now: now, restored: nil, state: .active)
                     }
                     // The state entry first: the writer waits for it, the reply can wait longer.
                     prepare?(plan.early)
@@ -267,7 +274,7 @@ final class BatchApplier {
                 if let item = plan.probes.first?.restored {
                     // A restored registration that cannot attach stays registered, degraded:
                     // dropping it silently would lose an acknowledged registration.
-                    let r = record(id: item.id, plan: plan, spec: item.spec, sites: [], now: now, nowMono: nowMono,
+                    let r = record(id: item.id, plan: plan, spec: item.spec, sites: [], now: now,
                                    restored: item, state: .degraded(reason: failure.message))
                     restored[plan.index, default: []].append(.success(r))
                 }
@@ -286,7 +293,7 @@ final class BatchApplier {
                     nextProbeNumber += 1
                 }
                 let state: ProbeState = p.restored?.degradedReason.map { .degraded(reason: $0) } ?? .active
-                records.append(record(id: id, plan: plan, spec: p.spec, sites: p.sites, now: now, nowMono: nowMono,
+                records.append(record(id: id, plan: plan, spec: p.spec, sites: p.sites, now: now,
                                       restored: p.restored, state: state))
             }
             if plan.restoreID != nil {
@@ -581,19 +588,29 @@ final class BatchApplier {
     private func replace(_ r: ProbeRecord) { probes.insert(r) }
 
     /// Makes a registration and enters it (registry, uprobe counts, tree).
-    private func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: Double,
-                        nowMono: ContinuousClock.Instant, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
-        let r = makeRecord(id: id, plan: plan, spec: spec, sites: sites, now: now, nowMono: nowMono, restored: restored, state: state)
+    private func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
+                        restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+        let r = makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
+                           restored: restored, state: state)
         insert(r)
         return r
     }
 
-    private func makeRecord(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: Double,
-                            nowMono: ContinuousClock.Instant, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
-        ProbeRecord(id: id, consumer: plan.consumer, owner: plan.peer, spec: spec, sites: sites,
-                    registeredAt: restored?.registeredAt ?? now, registeredAtMonotonic: nowMono,
-                    state: state, baseHits: restored?.baseHits ?? 0,
+    private func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
+                            restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+        ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
+                    registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
+                    countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
                     targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+    }
+
+    /// A batch's registration time, read once: every record of the batch carries it.
+    struct BatchClock {
+        let realtime = Double(clockRealtimeSeconds())
+        let monotonic = ContinuousClock.now
+        /// `monotonic` as `ProbeRecord.countingSince` (Duration arithmetic once per batch, not per record).
+        let countingSince: Double
+        init() { countingSince = MonotonicEpoch.seconds(monotonic) }
     }
 
     /// Enters a new registration: the registry, the uprobe counts, and (at the next

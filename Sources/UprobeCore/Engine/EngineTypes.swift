@@ -21,11 +21,6 @@ public struct RegisterItem: Sendable {
         self.spec = spec
         self.targets = targets
     }
-
-    /// A USDT spec is one probe with one site per note; a symbol glob is one probe per function.
-    var probeGroups: [[ResolvedProbe]] {
-        spec.usdt != nil ? [targets] : targets.map { [$0] }
-    }
 }
 
 /// Engine tuning; defaults are the daemon's built-in defaults (config/uprobed.conf mirrors them).

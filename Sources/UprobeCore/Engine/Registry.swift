@@ -103,9 +103,11 @@ public final class ProbeRecord: Sendable {
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public let retired: [RetiredVersion]
 
+    /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
+    /// the caller has it (a batch computes it once for all its records).
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
-                registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, state: ProbeState,
-                baseHits: UInt64, targets: [ResolvedProbe], retired: [RetiredVersion] = []) {
+                registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
+                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: [RetiredVersion] = []) {
         self.retired = retired
         self.id = id
         self.consumer = consumer
@@ -114,7 +116,7 @@ public final class ProbeRecord: Sendable {
         self.sites = sites
         self.registeredAt = registeredAt
         self.registeredAtMonotonic = registeredAtMonotonic
-        self.countingSince = MonotonicEpoch.seconds(registeredAtMonotonic)
+        self.countingSince = countingSince ?? MonotonicEpoch.seconds(registeredAtMonotonic)
         self.state = state
         self.baseHits = baseHits
         self.targets = targets
@@ -124,7 +126,8 @@ public final class ProbeRecord: Sendable {
     func with(sites: [ProbeSite], state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe],
               retired: [RetiredVersion]) -> ProbeRecord {
         ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
-                    registeredAtMonotonic: registeredAtMonotonic, state: state, baseHits: baseHits, targets: targets,
+                    registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince, state: state,
+                    baseHits: baseHits, targets: targets,
                     retired: retired)
     }
 
