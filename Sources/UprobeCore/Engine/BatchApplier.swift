@@ -648,25 +648,38 @@ final class BatchApplier {
     /// Creates the links of a batch. A group's link failing is retried request by request so
     /// one bad request cannot fail its neighbours; a request that loses any group fails whole.
     private func attachPlanned(_ registers: inout [PlannedRegister]) {
-        struct Entry { var reg: Int; var site: ProbeSite; var spec: ProbeSpecInput }
-        var groups: [LinkGroupKey: (path: String, entries: [Entry])] = [:]
-        var order: [LinkGroupKey] = []
+        // Plain values only (no target copies): a 10,000-site request spent as long grouping
+        // its sites as the kernel took to attach them.
+        struct Member { var reg: Int; var site: LinkSite }
+        var groups: [(key: LinkGroupKey, path: String, members: [Member])] = []
+        var groupOf: [LinkGroupKey: Int] = [:]
+        var last: (key: LinkGroupKey, group: Int)?  // consecutive sites are mostly in one group
         for (r, plan) in registers.enumerated() where plan.failure == nil {
             for p in plan.probes {
                 for s in p.sites {
                     let key = LinkGroupKey(device: s.target.device, inode: s.target.inode,
                                            pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
-                    if groups[key] == nil { groups[key] = (s.target.path, []); order.append(key) }
-                    groups[key]?.entries.append(Entry(reg: r, site: s, spec: p.spec))
+                    let g: Int
+                    if let last, last.key == key {
+                        g = last.group
+                    } else if let known = groupOf[key] {
+                        g = known
+                    } else {
+                        g = groups.count
+                        groups.append((key, s.target.path, []))
+                        groupOf[key] = g
+                    }
+                    last = (key, g)
+                    groups[g].members.append(Member(reg: r, site: LinkSite(
+                        offset: s.target.fileOffset, refCtrOffset: s.target.refCtrOffset, slot: s.slot)))
                 }
             }
         }
-        for key in order {
-            guard let group = groups[key] else { continue }
-            let live = group.entries.filter { registers[$0.reg].failure == nil }
+        for group in groups {
+            let live = group.members.filter { registers[$0.reg].failure == nil }
             guard !live.isEmpty else { continue }
             do {
-                try attachLink(key: key, path: group.path, sites: live.map(\.site))
+                try attachLink(key: group.key, path: group.path, sites: live.map(\.site))
             } catch let whole {
                 let regsInGroup = Array(Set(live.map(\.reg))).sorted()
                 if regsInGroup.count == 1 {
@@ -675,7 +688,7 @@ final class BatchApplier {
                 }
                 for r in regsInGroup {
                     let mine = live.filter { $0.reg == r }.map(\.site)
-                    do { try attachLink(key: key, path: group.path, sites: mine) } catch {
+                    do { try attachLink(key: group.key, path: group.path, sites: mine) } catch {
                         registers[r].failure = attachFailure(error, path: group.path)
                     }
                 }
@@ -714,8 +727,7 @@ final class BatchApplier {
         pinned.removeValue(forKey: file)
     }
 
-    private func attachLink(key: LinkGroupKey, path: String, sites: [ProbeSite]) throws(KernelError) {
-        let linkSites = sites.map { LinkSite(offset: $0.target.fileOffset, refCtrOffset: $0.target.refCtrOffset, slot: $0.slot) }
+    private func attachLink(key: LinkGroupKey, path: String, sites linkSites: [LinkSite]) throws(KernelError) {
         let handle: any KernelLink
         do {
             handle = try kernel.attach(path: try kernelPath(key, path: path), sites: linkSites, pid: key.pid == 0 ? nil : key.pid, retprobe: key.retprobe)
