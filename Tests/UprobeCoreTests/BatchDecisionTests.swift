@@ -272,6 +272,17 @@ struct BatchDecisionTests {
         #expect(h.tree.count == 3)
     }
 
+    @Test("probe ids: number reads exactly the ids make writes")
+    func probeIDNumbers() {
+        for n: UInt64 in [0, 1, 9, 10, 1023, 1024, 123_456_789, UInt64.max] {
+            #expect(ProbeID.number(ProbeID.make(n)) == n)
+        }
+        for id in ["", "p", "q1", "P1", "p+5", "p-0", "p007", "p00", "p1a", "p 1", "p１", "p18446744073709551616", " p1"] {
+            #expect(ProbeID.number(id) == nil, "\(id)")
+        }
+        #expect(ProbeID.order("p9", "p10") && !ProbeID.order("p10", "p9") && ProbeID.order("a", "b"))
+    }
+
     @Test("probe map: a snapshot never changes when the writer's map does; order is registration order")
     func probeMapCopyOnWrite() {
         func record(_ n: Int) -> ProbeRecord {

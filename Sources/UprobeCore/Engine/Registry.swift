@@ -216,9 +216,23 @@ public struct RegistrySnapshot: Sendable {
 /// Probe ids are `p<N>`; sorting by N keeps listings in registration order.
 public enum ProbeID {
     public static func make(_ n: UInt64) -> String { "p\(n)" }
+    /// The N of an id `make(N)` made; nil for anything else ("p+5" and "p007" are not ids).
+    /// Read from the UTF-8 bytes: every registry lookup parses an id, and `hasPrefix` plus
+    /// `UInt64(Substring)` went through Unicode-aware string code.
     public static func number(_ id: String) -> UInt64? {
-        guard id.hasPrefix("p") else { return nil }
-        return UInt64(id.dropFirst())
+        let utf8 = id.utf8
+        guard utf8.count >= 2, utf8.first == UInt8(ascii: "p") else { return nil }
+        var n: UInt64 = 0
+        var leadingZero = false
+        for (k, c) in utf8.dropFirst().enumerated() {
+            guard c >= UInt8(ascii: "0"), c <= UInt8(ascii: "9"), !leadingZero else { return nil }
+            if k == 0 && c == UInt8(ascii: "0") { leadingZero = true }
+            let (times10, o1) = n.multipliedReportingOverflow(by: 10)
+            let (sum, o2) = times10.addingReportingOverflow(UInt64(c - UInt8(ascii: "0")))
+            guard !o1, !o2 else { return nil }
+            n = sum
+        }
+        return n
     }
     static func order(_ a: String, _ b: String) -> Bool {
         switch (number(a), number(b)) {
