@@ -183,6 +183,22 @@ public struct JSONWriter: ~Copyable {
         put(json)
     }
 
+    /// The next value is written elsewhere and goes between this writer's pieces (see
+    /// `flush`): places the comma it needs and counts it as a member. Inside an array it may
+    /// be a run of elements (`a,b,c`).
+    @inlinable
+    public mutating func externalValue() {
+        separate()
+    }
+
+    /// The text written so far, leaving the buffer empty; nesting carries on, so one document
+    /// can be emitted in pieces with large parts (`externalValue`) passed along uncopied.
+    @inlinable
+    public mutating func flush() -> [UInt8] {
+        defer { count = 0 }
+        return bytes
+    }
+
     /// Any `JSONValue` (trees built elsewhere, request ids echoed back).
     @inlinable
     public mutating func value(_ v: JSONValue) {

@@ -46,6 +46,30 @@ struct JSONTests {
         #expect(parsed.objectValue?["list"]?.arrayValue?[2] == .string("line\nbreak \"q\""))
     }
 
+    @Test("a document written in pieces around values written elsewhere is the document written at once")
+    func piecesAndExternalValues() {
+        let run = Array(#"{"a":1},{"b":2}"#.utf8), alone = Array(#""x""#.utf8)
+        for (before, after) in [(false, false), (true, false), (false, true), (true, true)] {
+            var pieces: [[UInt8]] = []
+            var w = JSONWriter()
+            var whole = JSONWriter()  // the same calls, not cut into pieces
+            w.beginObject(); whole.beginObject()
+            w.key("list"); whole.key("list")
+            w.beginArray(); whole.beginArray()
+            if before { w.int(0); whole.int(0) }
+            w.externalValue(); pieces.append(w.flush()); pieces.append(run)
+            run.withUnsafeBufferPointer { whole.rawValue($0) }
+            w.externalValue(); pieces.append(w.flush()); pieces.append(alone)
+            alone.withUnsafeBufferPointer { whole.rawValue($0) }
+            if after { w.int(9); whole.int(9) }
+            w.endArray(); whole.endArray()
+            w.field("ok", true); whole.field("ok", true)
+            w.endObject(); whole.endObject()
+            pieces.append(w.line())
+            #expect(Array(pieces.joined()) == whole.line(), "before \(before), after \(after)")
+        }
+    }
+
     @Test("fixed-point numbers are the same numbers as rounding then formatting the Double")
     func fixedPoint() throws {
         let cases: [Double] = [0, 3, 12.5, 0.05, 0.0004, 0.0005, 1.23456, -2.5, -0.0001, 999_999.9996, 1e12, 12345.678901, .nan, .infinity]
