@@ -43,6 +43,14 @@ public struct JSONWriter: ~Copyable {
         return bytes
     }
 
+    /// `line()` lent to `body` instead of copied out: ends the text with a newline. Write
+    /// nothing after.
+    @inlinable
+    public mutating func withLine<R>(_ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
+        put(0x0A)
+        return try body(UnsafeBufferPointer(start: base, count: count))
+    }
+
     // MARK: - structure
 
     @inlinable

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOCore
 import Synchronization
 import UprobeCore
 import UprobeELF
@@ -47,7 +48,7 @@ public struct RequestHandler: Sendable {
 
     /// The reply line (newline included) for one decoded request; `watch` is answered by the
     /// caller (it streams).
-    public func reply(_ env: RequestEnvelope, peer who: PeerIdentity) async -> [UInt8] {
+    public func reply(_ env: RequestEnvelope, peer who: PeerIdentity) async -> ByteBuffer {
         let policy = access.load()
         let result: Result<ReplyBody, ProtocolError>
         if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
@@ -69,11 +70,11 @@ public struct RequestHandler: Sendable {
 
     /// The reply line for `result`: `{"id", "ok": true, …body}`, or the error reply, with the
     /// failure logged and a denial counted.
-    private func line(for env: RequestEnvelope, who: PeerIdentity, _ result: Result<ReplyBody, ProtocolError>) -> [UInt8] {
+    private func line(for env: RequestEnvelope, who: PeerIdentity, _ result: Result<ReplyBody, ProtocolError>) -> ByteBuffer {
         switch result {
         case .success(let body):
             switch body {
-            case .members(let payload): return JSONSerializer.serializeLine(Reply.success(id: env.id, payload))
+            case .members(let payload): return ByteBuffer(bytes: JSONSerializer.serializeLine(Reply.success(id: env.id, payload)))
             case .written(let estimate, let write):
                 var w = JSONWriter(reservingCapacity: estimate + 64)
                 w.beginObject()
@@ -81,7 +82,8 @@ public struct RequestHandler: Sendable {
                 w.field("ok", true)
                 write(&w)
                 w.endObject()
-                return w.line()
+                // Straight into the buffer the channel sends (a large reply was copied twice).
+                return w.withLine { ByteBuffer(bytes: $0) }
             }
         case .failure(let error):
             if error.code == .permissionDenied || error.code == AccessControl.limitExceeded {
@@ -93,7 +95,7 @@ public struct RequestHandler: Sendable {
                 logger.notice("request failed", metadata: ["op": "\(env.request.op)", "error_code": "\(error.code)",
                                                            "peer_pid": "\(who.peer.pid)", "peer_uid": "\(who.peer.uid)"])
             }
-            return JSONSerializer.serializeLine(Reply.failure(id: env.id, error))
+            return ByteBuffer(bytes: JSONSerializer.serializeLine(Reply.failure(id: env.id, error)))
         }
     }
 
@@ -101,8 +103,8 @@ public struct RequestHandler: Sendable {
     /// previous event (`previous`: hits then, updated here) instead of since registration.
     /// `failed`: the line is an error reply and the stream ends.
     func watchEvent(_ env: RequestEnvelope, peer who: PeerIdentity, previous: inout [String: UInt64],
-                    seconds: Double) -> (line: [UInt8], failed: Bool) {
-        guard case .watch(_, let ids) = env.request else { return ([], true) }
+                    seconds: Double) -> (line: ByteBuffer, failed: Bool) {
+        guard case .watch(_, let ids) = env.request else { return (ByteBuffer(), true) }
         let result: Result<ReplyBody, ProtocolError>
         if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op,
                                             policy: access.load()) {

@@ -209,11 +209,11 @@ final class SocketServer: Sendable {
                 for try await frame in inbound {
                     // Any new request ends a running watch stream first.
                     if let w = watch { w.cancel(); await w.value; watch = nil }
-                    let reply: [UInt8]
+                    let reply: ByteBuffer
                     switch frame {
                     case .tooLong(let limit):
-                        reply = JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(
-                            .lineTooLong, "request line longer than \(limit) bytes (max_line_bytes); it was discarded")))
+                        reply = ByteBuffer(bytes: JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(
+                            .lineTooLong, "request line longer than \(limit) bytes (max_line_bytes); it was discarded"))))
                     case .line(let buffer):
                         let bytes = Array(buffer.readableBytesView)
                         if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }  // blank keep-alive lines
@@ -224,10 +224,10 @@ final class SocketServer: Sendable {
                         }
                         switch decoded {
                         case .success(let env): reply = await handler.reply(env, peer: peer)
-                        case .failure(let f): reply = JSONSerializer.serializeLine(Reply.failure(id: f.id, f.error))
+                        case .failure(let f): reply = ByteBuffer(bytes: JSONSerializer.serializeLine(Reply.failure(id: f.id, f.error)))
                         }
                     }
-                    try await outbound.write(ByteBuffer(bytes: reply))
+                    try await outbound.write(reply)
                 }
                 if let w = watch { w.cancel(); await w.value }
             }
@@ -248,7 +248,7 @@ final class SocketServer: Sendable {
                 let now = ContinuousClock.now
                 let event = handler.watchEvent(env, peer: peer, previous: &previous, seconds: (now - last).inSeconds)
                 last = now
-                do { try await outbound.write(ByteBuffer(bytes: event.line)) } catch { return }
+                do { try await outbound.write(event.line) } catch { return }
                 if event.failed { return }
                 try? await Task.sleep(for: .milliseconds(intervalMs))
             }
