@@ -343,6 +343,20 @@ public final class StateStore: Sendable {
         return stat(p, &st) == 0 ? Int(st.st_size) : 0
     }
 
+    /// write(2) of all of `bytes`, through short writes and EINTR; false (errno set) on an error.
+    private static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                return false
+            }
+            off += n
+        }
+        return true
+    }
+
     /// Appends one log line and, if `sync`, fsyncs it. A failed write is cut back off, so the
     /// log never keeps a partial line in its middle. Without `sync` the caller must call
     /// `syncLog` before it tells anyone the line is saved.
@@ -362,18 +376,10 @@ public final class StateStore: Sendable {
         defer { close(fd) }
         guard fstat(fd, &st) == 0 else { throw fail("cannot stat \(logPath)") }
         let start = st.st_size
-        for line in parts {
-            var off = 0
-            while off < line.count {
-                let n = line[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    let e = fail("cannot append to \(logPath)")
-                    _ = ftruncate(fd, start)
-                    throw e
-                }
-                off += n
-            }
+        for line in parts where !Self.writeAll(fd, line) {
+            let e = fail("cannot append to \(logPath)")
+            _ = ftruncate(fd, start)
+            throw e
         }
         guard !sync || fsync(fd) == 0 else {
             let e = fail("cannot fsync \(logPath)")
@@ -424,17 +430,11 @@ public final class StateStore: Sendable {
         }
         let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw fail("cannot create \(tmpPath)") }
-        var off = 0
-        while off < bytes.count {
-            let n = bytes[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                let e = fail("cannot write \(tmpPath)")
-                close(fd)
-                unlink(tmpPath)
-                throw e
-            }
-            off += n
+        guard Self.writeAll(fd, bytes) else {
+            let e = fail("cannot write \(tmpPath)")
+            close(fd)
+            unlink(tmpPath)
+            throw e
         }
         guard fsync(fd) == 0 else {
             let e = fail("cannot fsync \(tmpPath)")
