@@ -123,11 +123,10 @@ public enum StateCodec {
     /// Registrations as a run of array elements, `{…},{…}`, for `encodeLogEntry(encoded:)`.
     static func encodeElements(_ probes: [SavedProbe]) -> [UInt8] {
         var w = JSONWriter(reservingCapacity: 2 + probes.count * bytesPerProbe)
-        w.beginArray()
+        w.beginArray()  // for the commas between elements; its bracket is dropped
+        _ = w.flush()
         for p in probes { writeProbe(p, into: &w) }
-        w.endArray()
-        let text = w.bytes
-        return text.count > 2 ? Array(text[1..<(text.count - 1)]) : []
+        return w.flush()  // the elements, without the closing bracket
     }
 
     /// A saved probe takes ~350 bytes; reserving enough up front spares a copy of a

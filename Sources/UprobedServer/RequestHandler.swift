@@ -201,6 +201,17 @@ public struct RequestHandler: Sendable {
         }
     }
 
+    /// A register reply's `probes` value: one object per registration (`writeRecord`).
+    static func writeRegistered(_ records: [ProbeRecord], into w: inout JSONWriter) {
+        w.beginArray()
+        for r in records {
+            w.beginObject()
+            writeRecord(r, into: &w)
+            w.endObject()
+        }
+        w.endArray()
+    }
+
     func register(_ specs: [ProbeSpec], consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<ReplyBody, ProtocolError> {
         let peer = who.peer
         let inputs = specs.map(Self.input)
@@ -244,7 +255,8 @@ public struct RequestHandler: Sendable {
                 })
             }
             return .success(.written(estimatedBytes: records.count * 128) { w in
-                w.objects("probes", records) { w, r in Self.writeRecord(r, into: &w) }
+                w.key("probes")
+                Self.writeRegistered(records, into: &w)
             })
         }
     }
@@ -406,13 +418,7 @@ final class PreparedReply: Sendable {
     func start(_ records: [ProbeRecord], on queue: DispatchQueue) {
         queue.async {
             var w = JSONWriter(reservingCapacity: records.count * 128)
-            w.beginArray()
-            for r in records {
-                w.beginObject()
-                RequestHandler.writeRecord(r, into: &w)
-                w.endObject()
-            }
-            w.endArray()
+            RequestHandler.writeRegistered(records, into: &w)
             let text = w.bytes
             self.written.withLock { $0 = (records, text) }
         }
