@@ -17,6 +17,11 @@ let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingL
 let probes = Int(ProcessInfo.processInfo.environment["BENCH_PROBES"] ?? "") ?? 10_000
 let perfSample = Int(ProcessInfo.processInfo.environment["BENCH_PERF_SAMPLE"] ?? "") ?? 200
 let clients = 16
+/// Cycles of the floor and of the one-request register/unregister (their medians are reported).
+let cycles = 5
+/// The pause before each floor cycle and each one-request register, so both start with the
+/// kernel done with the previous cycle's uprobes.
+let settleMicros: UInt32 = 200_000
 
 func now() -> Double { Date().timeIntervalSinceReferenceDate }
 func ms(_ s: Double) -> String { String(format: "%.1f ms", s * 1000) }
@@ -78,8 +83,13 @@ func runBench() {
     print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…")
     let program: CounterProgram
     do { program = try CounterProgram(capacity: UInt32(max(65_536, probes * 2))) } catch { die("\(error)") }
+    // Each cycle starts from a quiet kernel, as each daemon register below does. Back to back,
+    // a create that follows a close within ~20 ms takes 4.5 ms instead of ~11.5 ms (and its
+    // close 60 ms instead of 24): the kernel is still tearing down the previous link's uprobes.
+    // A median of three back-to-back cycles landed in either mode from run to run.
     var floorCreate: [Double] = [], floorClose: [Double] = []
-    for _ in 0..<3 {
+    for _ in 0..<cycles {
+        usleep(settleMicros)
         let t0 = now()
         let link: UprobeMultiLink
         do {
@@ -161,7 +171,8 @@ func runBench() {
     var replyBytes = 0
     do {
         guard let c = try? LineClient(socketPath: socket, timeoutSeconds: 120) else { die("connect") }
-        for _ in 0..<3 {
+        for _ in 0..<cycles {
+            usleep(settleMicros)
             let t0 = now()
             let line = JSONSerializer.serializeLine(.object(["op": "register", "consumer": "bulk", "probes": .array(specs)]))
             let tSent: Double, tReceived: Double
@@ -284,6 +295,7 @@ func runBench() {
     row(["then \(probes) single-probe unregisters (total, replies)", ms(churnAck), "—", "—", "—", "—"])
     print("")
     print("components of one \(probes)-probe register (medians): this client writes the \(requestLine.count / 1024) KiB request line in \(ms(median(clientEncode))), sent → \(replyBytes / 1024) KiB reply line received \(ms(median(roundTrip))) (the daemon's part), this client parses it in \(ms(median(clientParse))); the request line alone decodes in \(ms(median(parseTimes))); \(probes) symbols resolved one spec at a time (the ELF parsed once, then cached) in \(ms(resolveTime))")
+    print("kernel floor over \(cycles) cycles, each after a \(settleMicros / 1000) ms pause: create \(ms(floorCreate.min() ?? 0))–\(ms(floorCreate.max() ?? 0)), close \(ms(floorClose.min() ?? 0))–\(ms(floorClose.max() ?? 0)); uprobed register \(ms(oneRegister.min() ?? 0))–\(ms(oneRegister.max() ?? 0)), detached \(ms(oneDetached.min() ?? 0))–\(ms(oneDetached.max() ?? 0))")
     print(String(format: "CPU during churn: uprobed %.2f s, this bench's 16 clients + stats poller %.2f s (2 cores x %.2f s wall = %.2f s available)",
                  daemonCPU, benchCPU, churnAck, 2 * churnAck))
     print(String(format: "writer thread during churn: busy %.2f s (%.0f%% of the wall time), of which writing the state file %.2f s", writerBusy, 100 * writerBusy / churnAck, persistBusy))
