@@ -87,6 +87,122 @@ struct StateFileTests {
         #expect(try StateCodec.decode(bytes) == Self.sample)
     }
 
+    /// A probe a run can carry: one target that is its spec's plain symbol.
+    static func rowProbe(_ n: Int) -> SavedProbe {
+        SavedProbe(id: "p\(n)", consumer: "bulk", owner: Peer(pid: 7, uid: 1000, gid: 100),
+                   spec: ProbeSpecInput(path: "/bin/m", symbol: "g\(n)"), registeredAt: 5.25, hits: 0,
+                   targets: [ResolvedProbe(path: "/bin/m", device: 3, inode: 4, buildID: "beef", fileOffset: UInt64(0x1000 + n),
+                                           symbol: "g\(n)")],
+                   stamp: FileStamp(device: 3, inode: 4, size: 99, mtimeNanos: 42), pidStartTime: nil, degradedReason: nil)
+    }
+
+    @Test("runs: probes that differ only in id, symbol, offset and hits share one entry; any other difference starts a new one; all decode back exactly")
+    func runs() throws {
+        // Each variant differs from rowProbe in one field a row does not carry.
+        let variants: [(String, (inout SavedProbe) -> Void)] = [
+            ("consumer", { $0.consumer = "other" }), ("no consumer", { $0.consumer = nil }),
+            ("owner", { $0.owner.pid = 8 }), ("registered_at", { $0.registeredAt = 6 }),
+            ("stamp", { $0.stamp?.mtimeNanos = 43 }), ("no stamp", { $0.stamp = nil }),
+            ("pid start", { $0.pidStartTime = 12 }), ("degraded", { $0.degradedReason = "gone" }),
+            ("spec path", { $0.spec.path = "libm" }), ("spec pid", { $0.spec.pid = 9 }),
+            ("retprobe", { $0.spec.retprobe = true }), ("force", { $0.spec.force = true }),
+            ("follow", { $0.spec.follow = false }), ("target path", { $0.targets[0].path = "/bin/n" }),
+            ("device", { $0.targets[0].device = 5 }), ("inode", { $0.targets[0].inode = 5 }),
+            ("build id", { $0.targets[0].buildID = nil }),
+        ]
+        var probes = (1...5).map(Self.rowProbe)
+        probes[1].hits = UInt64(Int64.max) + 3                    // a row with hits, beyond Int64
+        probes[2].targets[0].fileOffset = UInt64(Int64.max) + 9   // and an offset beyond it
+        var n = 100
+        for (_, change) in variants {
+            var a = Self.rowProbe(n), b = Self.rowProbe(n + 1)
+            change(&a); change(&b)
+            probes += [a, b]  // a run of two of their own
+            n += 2
+        }
+        // Not rows: aliases, a semaphore, a glob spec, two targets, an offset spec; and a lone row.
+        var alias = Self.rowProbe(200); alias.targets[0].aliases = ["h"]
+        var usdt = Self.rowProbe(201); usdt.targets[0].refCtrOffset = 16
+        var glob = Self.rowProbe(202); glob.spec.symbol = "g*"
+        var two = Self.rowProbe(203); two.targets.append(two.targets[0])
+        var byOffset = Self.rowProbe(204); byOffset.spec.symbol = nil; byOffset.spec.offset = 0x1000
+        probes += [alias, usdt, glob, two, byOffset, Self.rowProbe(205)]
+
+        var state = SavedState(bootID: "b", savedAt: 1, probes: probes)
+        state.nextID = 300
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.components(separatedBy: "\"rows\"").count - 1 == 1 + variants.count, "one run of five, one per variant")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        let log = StateCodec.encodeLogEntry(seq: 1, add: probes, remove: [])
+        #expect(try StateCodec.replay(log, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == probes)
+        let big = (1...10_000).map(Self.rowProbe)
+        let bigText = StateCodec.encodeLogEntry(seq: 1, add: big, remove: [])
+        #expect(bigText.count < 40 * big.count, "\(bigText.count) bytes for \(big.count) probes")
+        #expect(try StateCodec.replay(bigText, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == big)
+    }
+
+    @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")
+    func rowFields() {
+        func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
+        let p = Self.rowProbe(1)
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason"])
+        #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"])
+        #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
+    }
+
+    @Test("bad runs are state_corrupt: no rows, a short row, a first probe that cannot be a row")
+    func corruptRuns() throws {
+        let first = String(decoding: StateCodec.encodeLogEntry(seq: 1, add: [Self.rowProbe(1)], remove: []), as: UTF8.self)
+        // {"seq":1,"add":[<probe>]}\n -> the probe's text
+        let probe = String(first.dropFirst(#"{"seq":1,"add":["#.count).dropLast("]}\n".count))
+        var alias = Self.rowProbe(2); alias.targets[0].aliases = ["h"]
+        let aliasText = String(decoding: StateCodec.encodeLogEntry(seq: 1, add: [alias], remove: []), as: UTF8.self)
+            .dropFirst(#"{"seq":1,"add":["#.count).dropLast("]}\n".count)
+        for run in [#"{"run":\#(probe),"rows":[]}"#, #"{"rows":[["p1","g1",4096]]}"#,
+                    #"{"run":\#(probe),"rows":[["p1","g1"]]}"#, #"{"run":\#(probe),"rows":[["p1","",4096]]}"#,
+                    #"{"run":\#(probe),"rows":[["p1","g1",-1]]}"#, #"{"run":\#(probe),"rows":[["p1","g1",1,2,3]]}"#,
+                    #"{"run":\#(aliasText),"rows":[["p1","g1",4096]]}"#] {
+            let text = #"{"format":"uprobed-state","version":2,"probes":[\#(run)]}"#
+            do {
+                _ = try StateCodec.decode(Array(text.utf8))
+                Issue.record("accepted: \(run)")
+            } catch {
+                #expect(error.code == "state_corrupt")
+            }
+        }
+        let good = #"{"format":"uprobed-state","version":2,"probes":[{"run":\#(probe),"rows":[["p1","g1",4097],["p2","g2",4098,5]]}]}"#
+        let decoded = try StateCodec.decode(Array(good.utf8)).probes
+        var second = Self.rowProbe(2); second.hits = 5
+        #expect(decoded == [Self.rowProbe(1), second])
+    }
+
+    @Test("format versions: 1 is read, 3 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
+    func formatVersions() throws {
+        var v1 = String(decoding: StateCodec.encode(Self.sample), as: UTF8.self)
+        v1 = v1.replacingOccurrences(of: #""version":2"#, with: #""version":1"#)
+        let read = try StateCodec.decode(Array(v1.utf8))
+        #expect(read.formatVersion == 1 && read.probes == Self.sample.probes)
+        let v3 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":3"#)
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(v3.utf8)) }
+
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = StateStore(dir: dir)
+        try Data(v1.utf8).write(to: URL(fileURLWithPath: store.path))
+        let restored = try #require(try store.load())
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored, groupCommit: true)
+        var snap = RegistrySnapshot()
+        snap.generation = 1
+        snap.batchAdded = Self.records(20..<22, path: dir)
+        for r in snap.batchAdded { snap.probes.insert(r) }
+        try persister.persist(snap)
+        try persister.sync()
+        let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
+        #expect(onDisk.contains(#""version":2"#) && onDisk.contains(#""p20""#))
+        #expect(store.size(store.logPath) == 0, "nothing appended after a version 1 snapshot")
+        #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
+    }
+
     @Test("next_id: kept as saved, never below the highest saved or logged id; old files without it get one")
     func nextIDFloor() throws {
         var old = Self.sample
