@@ -166,6 +166,9 @@ struct BatchDecisionTests {
         let snap = h.published.load()
         #expect(snap.probes.count == 151)
         #expect(runs[1].allSatisfy { snap.probes[$0.id] == nil }, "a failed request's early records are never registered")
+        // They entered the registry and the tree during the attach, and left both again.
+        #expect(h.tree.count == 151 && h.tree.read { $0.consumerCount } == 151, "the failed request's consumers left the tree")
+        #expect(snap.uprobes == 151 && snap.slotsInUse == 151, "and its uprobes and slots are not counted")
         let allIDs = (good + ((try? results[1].get()) ?? []) + runs[1]).map(\.id)
         #expect(Set(allIDs).count == allIDs.count, "ids stay unique (a failed request's are simply not used)")
     }

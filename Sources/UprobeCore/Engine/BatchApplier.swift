@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Dispatch
+import Foundation
 import Logging
 import UprobeELF
 import UprobeKernel
@@ -64,6 +65,12 @@ final class BatchApplier {
     private var pinned: [PinnedFile: Int32] = [:]
     /// Closes links and waits for grace periods off this thread.
     private let detacher: DetachWorker
+    /// Creates a large batch's links while this thread enters its registrations (`attachPlanned`).
+    /// Its own thread, waiting: a Dispatch queue's work started up to 4 ms late while the
+    /// encode-ahead queue and this thread kept both CPUs busy, and the attach is the long pole.
+    private let attacher = DrainingThread<@Sendable () -> Void>(name: "uprobed-attach") { jobs in
+        for job in jobs { job() }
+    }
     /// Syncs the state log and sends replies off this thread; nil when `persist` is durable
     /// by itself (no separate sync hook).
     private let committer: Committer?
@@ -257,19 +264,36 @@ final class BatchApplier {
         }
 
         // Phase B: attach, one link per (binary, pid filter, direction) across all requests.
-        attachPlanned(&registers)
+        // A large request's records exist already (`early`): they enter the registry and the
+        // tree while the kernel attaches, and leave again below if their request fails. No
+        // reader sees them meanwhile: the registry is published only with the batch, and
+        // readers find tree consumers through the registry.
+        let entered = Set(registers.indices.filter { registers[$0].failure == nil && !registers[$0].early.isEmpty })
+        if entered.isEmpty {
+            attachPlanned(&registers)
+        } else {
+            let early = entered.map { registers[$0].early }
+            attachPlanned(&registers) {
+                for records in early { for r in records { self.insert(r) } }
+                self.applyPendingTreeInserts()
+            }
+        }
 
         // Phase C: commit, persist, publish, reply.
         var orphanSlots: [UInt32] = []  // attached for a request that then failed
         var unattachedSlots: [UInt32] = []
         var created: [Int: [ProbeRecord]] = [:]
         var restored: [Int: [Result<ProbeRecord, EngineError>]] = [:]
-        for plan in registers {
+        var withdrawn: [TreeEdit] = []  // consumers of entered requests that failed
+        for (i, plan) in registers.enumerated() {
             if let failure = plan.failure {
                 for p in plan.probes {
                     for s in p.sites {
                         if slotLink[s.slot] != nil { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
                     }
+                }
+                if entered.contains(i) {
+                    for r in plan.early { _ = removeRecord(r.id, treeEdits: &withdrawn) }
                 }
                 if let item = plan.probes.first?.restored {
                     // A restored registration that cannot attach stays registered, degraded:
@@ -280,9 +304,8 @@ final class BatchApplier {
                 }
                 continue
             }
-            // Made before the attach (a large request): enter them as they are.
+            // Made before the attach (a large request): entered during it.
             var records: [ProbeRecord] = plan.early
-            for r in plan.early { insert(r) }
             for p in plan.probes where plan.early.isEmpty {
                 let id: String
                 if let fixed = plan.restoreID {
@@ -322,10 +345,8 @@ final class BatchApplier {
         // New consumers enter the tree before the registry that names them is published, and
         // removed ones leave it only after: a reader that finds a registration in the registry
         // always finds its consumers in the tree.
-        if !pendingTreeInserts.isEmpty {
-            tree.apply(pendingTreeInserts)
-            pendingTreeInserts.removeAll(keepingCapacity: true)
-        }
+        applyPendingTreeInserts()
+        if !withdrawn.isEmpty { tree.apply(withdrawn) }  // never published: no need to wait
         var snapshot = makeSnapshot()
         // What this batch changed, so the state file can record it without diffing the registry.
         snapshot.batchAdded = created.values.flatMap { $0 }
@@ -553,10 +574,7 @@ final class BatchApplier {
         }
         updatePendingRemovals()
         guard changed || !treeRemovals.isEmpty else { return }
-        if !pendingTreeInserts.isEmpty {
-            tree.apply(pendingTreeInserts)
-            pendingTreeInserts.removeAll(keepingCapacity: true)
-        }
+        applyPendingTreeInserts()
         let snapshot = makeSnapshot()
         // The state file keeps registrations, not file versions: a failed save is logged and
         // retried by the next batch or checkpoint (the kernel side is already right).
@@ -613,6 +631,13 @@ final class BatchApplier {
         init() { countingSince = MonotonicEpoch.seconds(monotonic) }
     }
 
+    /// Enters the consumers `insert` queued into the tree.
+    private func applyPendingTreeInserts() {
+        guard !pendingTreeInserts.isEmpty else { return }
+        tree.apply(pendingTreeInserts)
+        pendingTreeInserts.removeAll(keepingCapacity: true)
+    }
+
     /// Enters a new registration: the registry, the uprobe counts, and (at the next
     /// publication) the tree.
     private func insert(_ r: ProbeRecord) {
@@ -646,8 +671,11 @@ final class BatchApplier {
     }
 
     /// Creates the links of a batch. A group's link failing is retried request by request so
-    /// one bad request cannot fail its neighbours; a request that loses any group fails whole.
-    private func attachPlanned(_ registers: inout [PlannedRegister]) {
+    /// one bad request cannot fail its neighbours; a request that loses any group fails whole
+    /// (its sites attached in other groups are retired like any removed probe's).
+    /// `meanwhile`, if given, runs on this thread while the kernel creates the links on
+    /// `attacher`: a large request's registry and tree work overlaps its attach.
+    private func attachPlanned(_ registers: inout [PlannedRegister], meanwhile: (() -> Void)? = nil) {
         // Plain values only (no target copies): a 10,000-site request spent as long grouping
         // its sites as the kernel took to attach them.
         struct Member { var reg: Int; var site: LinkSite }
@@ -675,24 +703,91 @@ final class BatchApplier {
                 }
             }
         }
-        for group in groups {
-            let live = group.members.filter { registers[$0.reg].failure == nil }
-            guard !live.isEmpty else { continue }
-            do {
-                try attachLink(key: group.key, path: group.path, sites: live.map(\.site))
-            } catch let whole {
-                let regsInGroup = Array(Set(live.map(\.reg))).sorted()
-                if regsInGroup.count == 1 {
-                    registers[regsInGroup[0]].failure = attachFailure(whole, path: group.path)
-                    continue
-                }
-                for r in regsInGroup {
-                    let mine = live.filter { $0.reg == r }.map(\.site)
-                    do { try attachLink(key: group.key, path: group.path, sites: mine) } catch {
-                        registers[r].failure = attachFailure(error, path: group.path)
-                    }
+        let live = groups.map { $0.members.filter { registers[$0.reg].failure == nil } }
+        let used = groups.indices.filter { !live[$0].isEmpty }
+        let requests = used.map { g in LinkRequest(key: groups[g].key, path: groups[g].path, sites: live[g].map(\.site)) }
+        let created = createLinks(requests, meanwhile: meanwhile)
+        for (g, (request, result)) in zip(used, zip(requests, created)) {
+            guard case .failure(let whole) = result else { continue }
+            let members = live[g]
+            let regsInGroup = Array(Set(members.map(\.reg))).sorted()
+            if regsInGroup.count == 1 {
+                registers[regsInGroup[0]].failure = attachFailure(whole, path: request.path)
+                continue
+            }
+            for r in regsInGroup where registers[r].failure == nil {
+                let mine = members.filter { $0.reg == r }.map(\.site)
+                do { try attachLink(key: request.key, path: request.path, sites: mine) } catch {
+                    registers[r].failure = attachFailure(error, path: request.path)
                 }
             }
+        }
+    }
+
+    /// One link to create: a group's file and the sites of its requests that are still good.
+    private struct LinkRequest: Sendable {
+        var key: LinkGroupKey
+        var path: String
+        var sites: [LinkSite]
+    }
+
+    /// Creates the links and adopts those the kernel made; returns each one's outcome. With
+    /// `meanwhile`, the kernel calls run on `attacher` while `meanwhile` runs here. The
+    /// descriptors (`kernelPath`) are opened here first: `pinned` is this writer's.
+    private func createLinks(_ requests: [LinkRequest], meanwhile: (() -> Void)?) -> [Result<Void, KernelError>] {
+        var paths: [Result<String, KernelError>] = []
+        for r in requests {
+            do { paths.append(.success(try kernelPath(r.key, path: r.path))) } catch { paths.append(.failure(error)) }
+        }
+        let kernel = self.kernel
+        let work = zip(requests, paths).map { (request: $0, path: $1) }
+        @Sendable func create() -> [Result<any KernelLink, KernelError>] {
+            work.map { job in
+                do throws(KernelError) {
+                    let path = try job.path.get()
+                    return .success(try kernel.attach(path: path, sites: job.request.sites,
+                                                      pid: job.request.key.pid == 0 ? nil : job.request.key.pid,
+                                                      retprobe: job.request.key.retprobe))
+                } catch {
+                    return .failure(error)
+                }
+            }
+        }
+        let made: [Result<any KernelLink, KernelError>]
+        if let meanwhile {
+            let handoff = AttachHandoff()
+            attacher.submit { handoff.finish(create()) }
+            meanwhile()
+            made = handoff.wait()
+        } else {
+            made = create()
+        }
+        return zip(requests, made).map { request, result in
+            switch result {
+            case .success(let handle):
+                adopt(LinkRecord(group: request.key, path: request.path, sites: request.sites, handle: handle))
+                return .success(())
+            case .failure(let error):
+                unpinIfUnused(request.key)
+                return .failure(error)
+            }
+        }
+    }
+
+    /// The links `attacher` created, handed back to the writer. An NSLock and a semaphore
+    /// (not `Mutex`): ThreadSanitizer sees those.
+    private final class AttachHandoff: @unchecked Sendable {
+        // @unchecked: `made` is only touched with `lock` held.
+        private let lock = NSLock()
+        private var made: [Result<any KernelLink, KernelError>] = []
+        private let done = DispatchSemaphore(value: 0)
+        func finish(_ results: [Result<any KernelLink, KernelError>]) {
+            lock.withLock { made = results }
+            done.signal()
+        }
+        func wait() -> [Result<any KernelLink, KernelError>] {
+            done.wait()
+            return lock.withLock { made }
         }
     }
 
@@ -949,6 +1044,7 @@ final class BatchApplier {
         committer?.stop()
         finishDetaches()
         detacher.stop()
+        attacher.stop()
         kernel.closeAll(links.values.map(\.handle))
         links.removeAll()
         groupLinks.removeAll()
