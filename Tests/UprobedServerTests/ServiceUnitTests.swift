@@ -382,6 +382,16 @@ struct StateFileTests {
         #expect(log.split(separator: "\n").count == 2)
         #expect(log.components(separatedBy: "\"p1504\"").count == 2,
                 "a dropped run is never spliced: p1504 appears once, in the second entry")
+
+        // A spliced run's ids are entered into the memo off the writer; a removal right after
+        // must still find them on disk (or it would be left out of the log).
+        var removal = snapshot(3, adding: [])
+        removal.batchRemoved = [big[0].id, big[1499].id]
+        try a.persist(removal)
+        try a.sync()
+        let afterRemoval = try #require(try StateStore(dir: dirA).load())
+        #expect(afterRemoval.probes.count == 3 + 1500 + 2 - 2)
+        #expect(!afterRemoval.probes.contains { $0.id == big[0].id || $0.id == big[1499].id })
     }
 
     @Test("restore planning: a gone pid, a gone binary and another boot are degraded with reasons")
