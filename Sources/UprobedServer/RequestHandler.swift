@@ -409,7 +409,7 @@ public final class ServiceCounters: Sendable {
 }
 
 /// The `probes` member of a large register's reply, written on the encode-ahead queue from
-/// the records the engine made before the attach (`Engine.register`'s `early`): the reply is
+/// the records the engine made during the attach (`Engine.register`'s `early`): the reply is
 /// ready when the batch is durable instead of being written after the sync. Never waited
 /// for: if it is not done (or the request failed), the reply is written as usual.
 final class PreparedReply: Sendable {

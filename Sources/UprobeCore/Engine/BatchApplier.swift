@@ -10,7 +10,7 @@ import UprobeTree
 
 /// A request waiting for the writer.
 enum PendingOp: Sendable {
-    /// `early`: told the request's records before they are attached, if the request is large
+    /// `early`: told the request's records while the kernel attaches them, if the request is large
     /// (see `EngineConfig.prepareMinimum`); they are its reply's records if it succeeds.
     case register(items: [RegisterItem], consumer: String?, peer: Peer,
                   early: (@Sendable ([ProbeRecord]) -> Void)?,
@@ -65,9 +65,7 @@ final class BatchApplier {
     private var pinned: [PinnedFile: Int32] = [:]
     /// Closes links and waits for grace periods off this thread.
     private let detacher: DetachWorker
-    /// Creates a large batch's links while this thread enters its registrations (`attachPlanned`).
-    /// Its own thread, waiting: a Dispatch queue's work started up to 4 ms late while the
-    /// encode-ahead queue and this thread kept both CPUs busy, and the attach is the long pole.
+    /// Enters a large batch's registrations while this thread creates its links (`attachPlanned`).
     private let attacher = DrainingThread<@Sendable () -> Void>(name: "uprobed-attach") { jobs in
         for job in jobs { job() }
     }
@@ -124,8 +122,12 @@ final class BatchApplier {
         var consumer: String?
         var peer: Peer
         var restoreID: String? = nil
-        /// A large request's records, made (ids assigned) before the attach and handed to
-        /// `prepare`; entered into the registry only if the request succeeds.
+        /// A large request (`EngineConfig.prepareMinimum`): its records are made while the
+        /// kernel attaches, handed to `prepare` and to the request's own hook, and entered
+        /// into the registry and the tree then (and taken out again if the request fails).
+        var large = false
+        var earlyHook: (@Sendable ([ProbeRecord]) -> Void)? = nil
+        /// A large request's records, once made.
         var early: [ProbeRecord] = []
     }
 
@@ -195,15 +197,8 @@ final class BatchApplier {
                     }
                 }
                 if prepare != nil || early != nil, plan.probes.count >= tuning.prepareMinimum {
-                    let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
-                    plan.early = plan.probes.map { p in
-                        defer { nextProbeNumber += 1 }
-                        return makeRecord(id: ProbeID.make(nextProbeNumber), consumer: consumer, peer: peer, spec: p.spec,
-                                          sites: p.sites, now: now, restored: nil, state: .active)
-                    }
-                    // The state entry first: the writer waits for it, the reply can wait longer.
-                    prepare?(plan.early)
-                    early?(plan.early)
+                    plan.large = true
+                    plan.earlyHook = early
                 }
                 registers.append(plan)
             case .restore(let items, let floor, _):
@@ -264,20 +259,37 @@ final class BatchApplier {
         }
 
         // Phase B: attach, one link per (binary, pid filter, direction) across all requests.
-        // A large request's records exist already (`early`): they enter the registry and the
-        // tree while the kernel attaches, and leave again below if their request fails. No
-        // reader sees them meanwhile: the registry is published only with the batch, and
-        // readers find tree consumers through the registry.
-        let entered = Set(registers.indices.filter { registers[$0].failure == nil && !registers[$0].early.isEmpty })
+        // While the kernel attaches, a large request's records are made, handed to the hooks
+        // (which encode its state entry and reply on other threads) and entered into the
+        // registry and the tree; they leave both again below if the request fails. No reader
+        // sees them meanwhile: the registry is published only with the batch, and readers
+        // find tree consumers through the registry. Made before the attach, they kept it
+        // waiting 3-3.5 ms (the hooks' threads, woken on this CPU, preempted this one).
+        let entered = registers.indices.filter { registers[$0].failure == nil && registers[$0].large }
         if entered.isEmpty {
             attachPlanned(&registers)
         } else {
-            let early = entered.map { registers[$0].early }
+            let large = entered.map { (index: $0, plan: registers[$0]) }
+            var made: [Int: [ProbeRecord]] = [:]
             attachPlanned(&registers) {
-                for records in early { for r in records { self.insert(r) } }
+                for (index, plan) in large {
+                    let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
+                    let records = plan.probes.map { p in
+                        defer { self.nextProbeNumber += 1 }
+                        return self.makeRecord(id: ProbeID.make(self.nextProbeNumber), consumer: consumer, peer: peer,
+                                               spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
+                    }
+                    // The state entry first: the writer waits for it, the reply can wait longer.
+                    self.prepare?(records)
+                    plan.earlyHook?(records)
+                    for r in records { self.insert(r) }
+                    made[index] = records
+                }
                 self.applyPendingTreeInserts()
             }
+            for (index, records) in made { registers[index].early = records }
         }
+        let enteredSet = Set(entered)
 
         // Phase C: commit, persist, publish, reply.
         var orphanSlots: [UInt32] = []  // attached for a request that then failed
@@ -292,7 +304,7 @@ final class BatchApplier {
                         if slotLink[s.slot] != nil { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
                     }
                 }
-                if entered.contains(i) {
+                if enteredSet.contains(i) {
                     for r in plan.early { _ = removeRecord(r.id, treeEdits: &withdrawn) }
                 }
                 if let item = plan.probes.first?.restored {
@@ -304,9 +316,9 @@ final class BatchApplier {
                 }
                 continue
             }
-            // Made before the attach (a large request): entered during it.
+            // Made and entered during the attach (a large request).
             var records: [ProbeRecord] = plan.early
-            for p in plan.probes where plan.early.isEmpty {
+            for p in plan.probes where !plan.large {
                 let id: String
                 if let fixed = plan.restoreID {
                     id = fixed
@@ -673,8 +685,8 @@ final class BatchApplier {
     /// Creates the links of a batch. A group's link failing is retried request by request so
     /// one bad request cannot fail its neighbours; a request that loses any group fails whole
     /// (its sites attached in other groups are retired like any removed probe's).
-    /// `meanwhile`, if given, runs on this thread while the kernel creates the links on
-    /// `attacher`: a large request's registry and tree work overlaps its attach.
+    /// `meanwhile`, if given, runs on `attacher` while this thread creates the links: a large
+    /// request's records, registry and tree work overlap its attach.
     private func attachPlanned(_ registers: inout [PlannedRegister], meanwhile: (() -> Void)? = nil) {
         // Plain values only (no target copies): a 10,000-site request spent as long grouping
         // its sites as the kernel took to attach them.
@@ -732,7 +744,7 @@ final class BatchApplier {
     }
 
     /// Creates the links and adopts those the kernel made; returns each one's outcome. With
-    /// `meanwhile`, the kernel calls run on `attacher` while `meanwhile` runs here. The
+    /// `meanwhile`, `meanwhile` runs on `attacher` while the kernel calls run here. The
     /// descriptors (`kernelPath`) are opened here first: `pinned` is this writer's.
     private func createLinks(_ requests: [LinkRequest], meanwhile: (() -> Void)?) -> [Result<Void, KernelError>] {
         var paths: [Result<String, KernelError>] = []
@@ -755,10 +767,13 @@ final class BatchApplier {
         }
         let made: [Result<any KernelLink, KernelError>]
         if let meanwhile {
-            let handoff = AttachHandoff()
-            attacher.submit { handoff.finish(create()) }
-            meanwhile()
-            made = handoff.wait()
+            // This thread makes the kernel calls, the long pole, at once; `meanwhile` is lent
+            // to `attacher`. Its start waited up to 2.4 ms for a CPU, which `meanwhile` can
+            // afford and the attach cannot.
+            let lent = LentWork(meanwhile)
+            attacher.submit { lent.run() }
+            made = create()
+            lent.wait()
         } else {
             made = create()
         }
@@ -774,20 +789,28 @@ final class BatchApplier {
         }
     }
 
-    /// The links `attacher` created, handed back to the writer. An NSLock and a semaphore
-    /// (not `Mutex`): ThreadSanitizer sees those.
-    private final class AttachHandoff: @unchecked Sendable {
-        // @unchecked: `made` is only touched with `lock` held.
-        private let lock = NSLock()
-        private var made: [Result<any KernelLink, KernelError>] = []
-        private let done = DispatchSemaphore(value: 0)
-        func finish(_ results: [Result<any KernelLink, KernelError>]) {
-            lock.withLock { made = results }
-            done.signal()
+    /// Work on this writer's state run by `attacher` while the writer waits in the kernel.
+    /// The writer touches none of its state between `submit` and `wait`, so the state still
+    /// has one user at a time; the NSCondition orders the two threads' accesses (and
+    /// ThreadSanitizer sees it, as it does not see `Mutex` or a Dispatch semaphore).
+    private final class LentWork: @unchecked Sendable {
+        // @unchecked: `work` runs on one thread while its owner waits in `wait`; `done` is
+        // guarded by `cond`.
+        private let work: () -> Void
+        private let cond = NSCondition()
+        private var done = false
+        init(_ work: @escaping () -> Void) { self.work = work }
+        func run() {
+            work()
+            cond.lock()
+            done = true
+            cond.signal()
+            cond.unlock()
         }
-        func wait() -> [Result<any KernelLink, KernelError>] {
-            done.wait()
-            return lock.withLock { made }
+        func wait() {
+            cond.lock()
+            while !done { cond.wait() }
+            cond.unlock()
         }
     }
 

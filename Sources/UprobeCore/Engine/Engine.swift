@@ -71,7 +71,7 @@ public final class Engine: Sendable {
     /// after the kernel work and before any reply, with the registrations to save. If `sync`
     /// is given, `persist` only has to append, and `sync` (on a committer thread, once for all
     /// batches appended meanwhile) makes it durable; replies wait for it. `prepare`, if given,
-    /// is told about the new registrations of a large request before they are attached (see
+    /// is told about the new registrations of a large request while the kernel attaches them (see
     /// `EngineConfig.prepareMinimum`), so their state can be encoded while the kernel works.
     public init(config: EngineConfig, kernel: any KernelBackend, logger: Logger,
                 persist: @escaping @Sendable (RegistrySnapshot) throws -> Void = { _ in },
