@@ -295,7 +295,8 @@ func runBench() {
     row(["then \(probes) single-probe unregisters (total, replies)", ms(churnAck), "—", "—", "—", "—"])
     print("")
     print("components of one \(probes)-probe register (medians): this client writes the \(requestLine.count / 1024) KiB request line in \(ms(median(clientEncode))), sent → \(replyBytes / 1024) KiB reply line received \(ms(median(roundTrip))) (the daemon's part), this client parses it in \(ms(median(clientParse))); the request line alone decodes in \(ms(median(parseTimes))); \(probes) symbols resolved one spec at a time (the ELF parsed once, then cached) in \(ms(resolveTime))")
-    print("kernel floor over \(cycles) cycles, each after a \(settleMicros / 1000) ms pause: create \(ms(floorCreate.min() ?? 0))–\(ms(floorCreate.max() ?? 0)), close \(ms(floorClose.min() ?? 0))–\(ms(floorClose.max() ?? 0)); uprobed register \(ms(oneRegister.min() ?? 0))–\(ms(oneRegister.max() ?? 0)), detached \(ms(oneDetached.min() ?? 0))–\(ms(oneDetached.max() ?? 0))")
+    func each(_ xs: [Double]) -> String { xs.map { String(format: "%.1f", $0 * 1000) }.joined(separator: ", ") + " ms" }
+    print("each of the \(cycles) cycles, in order, each after a \(settleMicros / 1000) ms pause: kernel floor create \(each(floorCreate)), close \(each(floorClose)); uprobed register \(each(oneRegister)), detached \(each(oneDetached))")
     print(String(format: "CPU during churn: uprobed %.2f s, this bench's 16 clients + stats poller %.2f s (2 cores x %.2f s wall = %.2f s available)",
                  daemonCPU, benchCPU, churnAck, 2 * churnAck))
     print(String(format: "writer thread during churn: busy %.2f s (%.0f%% of the wall time), of which writing the state file %.2f s", writerBusy, 100 * writerBusy / churnAck, persistBusy))
