@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 /// A strict RFC 8259 parser for one request line.
 ///
 /// Written by hand rather than going through Foundation because the daemon needs three things
@@ -33,6 +36,13 @@ public enum JSONParser {
     private struct Cursor {
         let buf: UnsafeBufferPointer<UInt8>
         var i = 0
+        /// The last few long strings made, by where their text is in `buf`: a 10,000-probe
+        /// reply repeats one path and one build id in every entry, and a string found here is
+        /// neither validated nor allocated again.
+        var recent: [(start: Int, count: Int, value: String)] = []
+        var nextRecent = 0
+        static let recentSlots = 4
+        static let recentMinimum = 16
 
         func fail(_ message: String) -> JSONParseError { JSONParseError(message: message, byteOffset: i) }
 
@@ -131,11 +141,24 @@ public enum JSONParser {
             while i < buf.count {
                 let c = buf[i]
                 if c == UInt8(ascii: "\"") {
+                    let count = i - start
+                    if count >= Self.recentMinimum, let base = buf.baseAddress {
+                        for r in recent where r.count == count && memcmp(base + r.start, base + start, count) == 0 {
+                            i += 1
+                            return r.value
+                        }
+                    }
                     let bytes = UnsafeBufferPointer(rebasing: buf[start..<i])
                     // ASCII needs no validation, and `String(decoding:)` on a buffer is specialized;
                     // the generic validating initializer spent most of its time in metadata lookups.
                     let s = ascii ? String(decoding: bytes, as: UTF8.self) : String(validating: bytes, as: UTF8.self)
                     guard let s else { throw fail("invalid UTF-8 in string") }
+                    if count >= Self.recentMinimum {
+                        if recent.count < Self.recentSlots { recent.append((start, count, s)) } else {
+                            recent[nextRecent] = (start, count, s)
+                            nextRecent = (nextRecent + 1) % Self.recentSlots
+                        }
+                    }
                     i += 1
                     return s
                 }

@@ -93,6 +93,32 @@ struct JSONTests {
         #expect(String(decoding: w.bytes, as: UTF8.self) == "0.05")
     }
 
+    @Test("long strings seen before are reused only for the same bytes: repeats, near misses, escapes, non-ASCII, more than the cache holds")
+    func repeatedLongStrings() throws {
+        let a = "/tmp/bench-batch-12345/many", b = "/tmp/bench-batch-12345/manx"  // same length, last byte differs
+        let names = (0..<6).map { "/usr/lib/x86_64-linux-gnu/lib\($0).so" }   // more than the cache's slots
+        let accented = "/opt/caf\u{e9}/bin/server-binary"
+        var expected: [JSONValue] = []
+        var text = "["
+        func add(_ json: String, _ value: String) {
+            if expected.count > 0 { text += "," }
+            text += json
+            expected.append(.string(value))
+        }
+        for round in 0..<3 {
+            add("\"\(a)\"", a)
+            add("\"\(b)\"", b)
+            for n in names { add("\"\(n)\"", n) }
+            add("\"\(accented)\"", accented)
+            add(#""/tmp/bench-batch-12345/m\u0061ny""#, a)      // the same value written with an escape
+            add("\"\(a.dropLast())\"", String(a.dropLast()))   // a prefix
+            if round == 1 { add("\"short\"", "short") }
+        }
+        text += "]"
+        let parsed = try JSONParser.parse(text)
+        #expect(parsed == .array(expected))
+    }
+
     @Test("a repeated key keeps its first position and takes the last value")
     func repeatedKeys() throws {
         let o = try #require(try JSONParser.parse(#"{"a":1,"b":2,"a":3}"#).objectValue)
