@@ -744,8 +744,8 @@ final class BatchApplier {
         var sites: [LinkSite]
     }
 
-    /// Creates the links and adopts those the kernel made; returns each one's outcome. With
-    /// `meanwhile`, `meanwhile` runs on `attacher` while the kernel calls run here. The
+    /// Creates the links and adopts those the kernel made; returns each one's outcome.
+    /// `meanwhile`, if given, runs on `attacher` while the kernel calls run here. The
     /// descriptors (`kernelPath`) are opened here first: `pinned` is this writer's.
     private func createLinks(_ requests: [LinkRequest], meanwhile: (() -> Void)?) -> [Result<Void, KernelError>] {
         var paths: [Result<String, KernelError>] = []
@@ -769,8 +769,8 @@ final class BatchApplier {
         let made: [Result<any KernelLink, KernelError>]
         if let meanwhile {
             // This thread makes the kernel calls, the long pole, at once; `meanwhile` is lent
-            // to `attacher`. Its start waited up to 2.4 ms for a CPU, which `meanwhile` can
-            // afford and the attach cannot.
+            // to `attacher`. When `attacher` made the kernel calls instead, its start waited up
+            // to 2.4 ms for a CPU: `meanwhile` can afford such a wait, the attach cannot.
             let lent = LentWork(meanwhile)
             attacher.submit { lent.run() }
             made = create()
