@@ -20,6 +20,8 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
     var overlapCalls = 0
     var openLinks: [ObjectIdentifier: FakeLink] = [:]
     var failPaths: Set<String> = []
+    /// A link holding any of these offsets fails (a request the kernel rejects inside a group).
+    var failOffsets: Set<UInt64> = []
     var nextGeneration: UInt32 = 1
     /// When set, `closeAll` blocks until it is signalled (a grace period that takes its time).
     var closeGate: DispatchSemaphore?
@@ -43,6 +45,9 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
     func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
         lock.lock(); defer { lock.unlock() }
         if failPaths.contains(path) { throw KernelError(code: "link_create_failed", message: "fake failure on \(path)") }
+        if let bad = sites.first(where: { failOffsets.contains($0.offset) }) {
+            throw KernelError(code: "link_create_failed", message: "fake failure at offset \(bad.offset)")
+        }
         attaches.append((path, sites, pid, retprobe))
         let l = FakeLink(generation: nextGeneration, sites: sites, owner: self)
         nextGeneration += 1
@@ -191,6 +196,23 @@ struct BatchDecisionTests {
         h.applier.compact(wait: true)
         let live = h.kernel.openSlots
         #expect(live.count == 2, "only the two successful probes stay attached: \(live)")
+    }
+
+    @Test("a group's link failing is retried request by request: the request the kernel rejects fails, its neighbours attach")
+    func groupRetry() throws {
+        let h = Harness()
+        h.kernel.failOffsets = [0x20]
+        let results = h.registerBatch([
+            [item("/a", inode: 1, offsets: [0x10])],
+            [item("/a", inode: 1, offsets: [0x20, 0x30])],
+            [item("/a", inode: 1, offsets: [0x40])],
+        ])
+        #expect((try? results[0].get())?.count == 1)
+        #expect((try? results[2].get())?.count == 1)
+        guard case .failure(let e) = results[1] else { Issue.record("request 1 should fail"); return }
+        #expect(e.code == "link_create_failed" && e.message.contains("offset 32"), "\(e.message)")
+        #expect(h.kernel.openSlots.count == 2, "only the two good requests' sites are attached")
+        #expect(h.published.load().probes.count == 2)
     }
 
     @Test("removals are deferred and then share one rebuild and one close round")

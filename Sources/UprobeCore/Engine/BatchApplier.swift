@@ -729,8 +729,8 @@ final class BatchApplier {
                 continue
             }
             for r in regsInGroup where registers[r].failure == nil {
-                let mine = members.filter { $0.reg == r }.map(\.site)
-                do { try attachLink(key: request.key, path: request.path, sites: mine) } catch {
+                let mine = LinkRequest(key: request.key, path: request.path, sites: members.filter { $0.reg == r }.map(\.site))
+                for case .failure(let error) in createLinks([mine], meanwhile: nil) {
                     registers[r].failure = attachFailure(error, path: request.path)
                 }
             }
@@ -844,18 +844,6 @@ final class BatchApplier {
         guard let fd = pinned[file], !groupLinks.keys.contains(where: { $0.device == key.device && $0.inode == key.inode }) else { return }
         close(fd)
         pinned.removeValue(forKey: file)
-    }
-
-    private func attachLink(key: LinkGroupKey, path: String, sites linkSites: [LinkSite]) throws(KernelError) {
-        let handle: any KernelLink
-        do {
-            handle = try kernel.attach(path: try kernelPath(key, path: path), sites: linkSites, pid: key.pid == 0 ? nil : key.pid, retprobe: key.retprobe)
-        } catch {
-            unpinIfUnused(key)
-            throw error
-        }
-        let record = LinkRecord(group: key, path: path, sites: linkSites, handle: handle)
-        adopt(record)
     }
 
     private func adopt(_ record: LinkRecord) {
