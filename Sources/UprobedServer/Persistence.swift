@@ -101,8 +101,8 @@ public enum StateCodec {
     }
 
     /// `encodeLogEntry` in pieces to be written one after another (`StateStore.append(parts:)`):
-    /// runs written ahead are passed through, not copied into one line (a 10,000-probe run is
-    /// 3.5 MB, and splicing it, then copying the line out of the writer, took milliseconds).
+    /// runs written ahead are passed through, not copied into one line (splicing a 10,000-probe
+    /// run, then copying the line out of the writer, took milliseconds when it was 3.5 MB).
     public static func logEntryParts(seq: UInt64, add: [SavedProbe], encoded: [[UInt8]] = [], remove: [String]) -> [[UInt8]] {
         let runs = encoded.filter { !$0.isEmpty }
         var parts: [[UInt8]] = []
@@ -128,7 +128,9 @@ public enum StateCodec {
 
     /// Registrations as array elements, `{…},{…}`, for `encodeLogEntry(encoded:)`.
     static func encodeElements(_ probes: [SavedProbe]) -> [UInt8] {
-        var w = JSONWriter(reservingCapacity: 2 + probes.count * bytesPerRow + 1024)
+        // Probes that cannot be rows (aliases, USDT) are written in full: reserve for that.
+        let each = probes.first.map(isRow) == true ? bytesPerRow : bytesPerProbe
+        var w = JSONWriter(reservingCapacity: 2 + probes.count * each + 1024)
         w.beginArray()  // for the commas between elements; its bracket is dropped
         _ = w.flush()
         writeProbes(probes, into: &w)
@@ -594,10 +596,15 @@ public final class StatePersister: Sendable {
             for run in unsettled {
                 stamps.reserveCapacity(stamps.count + run.records.count)
                 for (r, s) in zip(run.records, run.stamps) { stamps[r.id] = s }
-                written.formUnion(run.records.lazy.map(\.id))
-                nextID = max(nextID, StateCodec.nextID(after: run.records.map(\.id)))
+                noteWritten(run.records.map(\.id))
             }
             unsettled.removeAll()
+        }
+
+        /// `ids` are in the log now: on disk, and never to be handed out again.
+        mutating func noteWritten(_ ids: [String]) {
+            written.formUnion(ids)
+            nextID = max(nextID, StateCodec.nextID(after: ids))
         }
     }
     /// The memo's lock. An NSLock (a pthread mutex) rather than `Mutex`: the memo is settled on
@@ -653,7 +660,7 @@ public final class StatePersister: Sendable {
     /// The engine's prepare hook: `records` are new registrations of one request that a
     /// coming `persist` will probably add (unless the request fails). Their log text is
     /// written now on a background queue, while the writer attaches them in the kernel: a
-    /// 10,000-probe request no longer encodes its 3.5 MB entry after the attach. A run that
+    /// 10,000-probe request no longer encodes its entry after the attach. A run that
     /// its batch does not add (the request failed) is dropped by that batch's `persist`.
     public func prepare(_ records: [ProbeRecord]) {
         guard let first = records.first else { return }
@@ -737,8 +744,7 @@ public final class StatePersister: Sendable {
             m.seq += 1
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)
-            m.written.formUnion(added.map(\.id))
-            m.nextID = max(m.nextID, StateCodec.nextID(after: added.map(\.id)))
+            m.noteWritten(added.map(\.id))
             m.unsettled += zip(spliced, done).map { ($0.records, $1.stamps) }
             m.lastGeneration = snapshot.generation
             return .success(!spliced.isEmpty)

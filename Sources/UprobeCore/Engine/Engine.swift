@@ -111,8 +111,9 @@ public final class Engine: Sendable {
     }
 
     /// Registers the probes of one request atomically: all of them or none. `early`, if given,
-    /// is told a large request's records (ids included) before the kernel attach, on the
-    /// writer thread (so it must only hand them on): on success they are the records returned.
+    /// is told a large request's records (ids included) while the kernel attaches them, on the
+    /// engine's attach thread (so it must only hand them on): on success they are the records
+    /// returned.
     public func register(_ items: [RegisterItem], consumer: String?, peer: Peer,
                          early: (@Sendable ([ProbeRecord]) -> Void)? = nil) async -> Result<[ProbeRecord], EngineError> {
         await withCheckedContinuation { (cont: CheckedContinuation<Result<[ProbeRecord], EngineError>, Never>) in

@@ -43,10 +43,10 @@ public struct EngineConfig: Sendable {
     public var maxOpenLinks: Int
     /// This many removed sites waiting for detach make it run at once (a bulk unregister).
     public var bulkDetachSites: Int
-    /// A register request of at least this many probes has its records made before the
-    /// attach and handed to the `prepare` hook and to the request's `early` hook (its state
-    /// entry and its reply are encoded meanwhile on another CPU). Smaller ones skip the
-    /// hand-off: it costs a thread wake-up.
+    /// A register request of at least this many probes has its records made, handed to the
+    /// `prepare` hook and to the request's `early` hook (its state entry and its reply are
+    /// encoded on another CPU) and entered into the registry while the kernel attaches it.
+    /// Smaller ones skip the hand-off: it costs thread wake-ups.
     public var prepareMinimum: Int
 
     public init(batchWindow: Duration = .microseconds(250), maxBatchRequests: Int = 1024, slotCapacity: UInt32 = 65_536,
