@@ -94,16 +94,18 @@ public struct JSONWriter: ~Copyable {
         let n = k.utf8CodeUnitCount
         reserve(n + 3)
         base[count] = UInt8(ascii: "\"")
-        (base + count + 1).initialize(from: k.utf8Start, count: n)
+        Self.copy(k.utf8Start, n, to: base + count + 1)
         base[count + 1 + n] = UInt8(ascii: "\"")
         base[count + 2 + n] = UInt8(ascii: ":")
         count += n + 3
         afterKey = true
     }
 
-    /// An object member's key; the next value written is its value.
+    /// An object member's key made at run time (escaped as needed); the next value written is
+    /// its value. Labelled so that a literal, `key("rate")`, goes to `key(_: StaticString)`:
+    /// unlabelled, the String overload won for literals and scanned every key for escapes.
     @inlinable
-    public mutating func key(_ k: String) {
+    public mutating func key(string k: String) {
         separate()
         writeStringBody(k)
         put(UInt8(ascii: ":"))
@@ -116,6 +118,17 @@ public struct JSONWriter: ~Copyable {
     public mutating func string(_ s: String) {
         separate()
         writeStringBody(s)
+    }
+
+    /// A string value made of a literal prefix and a decimal number, `"p17"`, without making a
+    /// String (`stats` writes one such id per probe). The prefix must not need escaping.
+    @inlinable
+    public mutating func string(_ prefix: StaticString, number: UInt64) {
+        separate()
+        put(UInt8(ascii: "\""))
+        put(prefix)
+        writeDigits(number, negative: false)
+        put(UInt8(ascii: "\""))
     }
 
     @inlinable
@@ -147,40 +160,37 @@ public struct JSONWriter: ~Copyable {
     @inlinable
     public mutating func double(_ d: Double) {
         separate()
-        guard d.isFinite else { put("null"); return }
-        if d.rounded() == d, abs(d) < 1e18 {
-            let i = Int64(d)
-            writeDigits(i.magnitude, negative: i < 0)
-        } else {
-            var text = d.description
-            text.withUTF8 { put($0) }
-        }
+        reserve(Unchecked.numberBytes)
+        var u = Unchecked(base + count)
+        u.double(d)
+        count += u.written
     }
 
     /// `d` rounded to `decimals` places (at most 6), as a plain decimal without trailing zeros
     /// ("12.5", "3"): the same number as `double((d * 10^decimals).rounded() / 10^decimals)`,
     /// without formatting a String (`stats` writes one rate per probe). Magnitudes of 10^12 or
-    /// more, NaN and the infinities go through `double`.
+    /// more, NaN and the infinities are written as `double` writes them.
     @inlinable
     public mutating func fixed(_ d: Double, decimals: Int) {
-        let places = min(max(decimals, 0), 6)
-        var scale: UInt64 = 1
-        for _ in 0..<places { scale *= 10 }
-        guard d.isFinite, d.magnitude < 1e12 else { double(d); return }
-        let scaled = UInt64((d.magnitude * Double(scale)).rounded())
         separate()
-        writeDigits(scaled / scale, negative: d < 0 && scaled != 0)
-        var fraction = scaled % scale
-        guard fraction != 0 else { return }
-        var width = places
-        while fraction % 10 == 0 { fraction /= 10; width -= 1 }
-        put(UInt8(ascii: "."))
-        var divisor: UInt64 = 1
-        for _ in 1..<width { divisor *= 10 }
-        while divisor > 0 {  // leading zeros included: 0.05 is ".05"
-            put(UInt8(ascii: "0") + UInt8(fraction / divisor % 10))
-            divisor /= 10
-        }
+        reserve(Unchecked.numberBytes)
+        var u = Unchecked(base + count)
+        u.fixed(d, decimals: decimals)
+        count += u.written
+    }
+
+    /// Writes the next value — or, in an array, a run of elements — through `body`, with room
+    /// for `maxBytes` checked once instead of at every piece: for the many small objects of
+    /// one shape a hot reply is made of (a `stats` entry). The caller vouches that the text is
+    /// valid compact JSON and no longer than `maxBytes` (debug builds check the length).
+    @inlinable
+    public mutating func unchecked(maxBytes: Int, _ body: (inout Unchecked) -> Void) {
+        separate()
+        reserve(maxBytes)
+        var u = Unchecked(base + count)
+        body(&u)
+        assert(u.written <= maxBytes, "JSONWriter.unchecked wrote past its room")
+        count += u.written
     }
 
     /// JSON text written elsewhere, spliced in as the next value; inside an array it may be a
@@ -223,7 +233,7 @@ public struct JSONWriter: ~Copyable {
         case .object(let o):
             beginObject()
             for p in o.pairs {
-                key(p.key)
+                key(string: p.key)
                 value(p.value)
             }
             endObject()
@@ -310,8 +320,19 @@ public struct JSONWriter: ~Copyable {
     mutating func put(_ run: UnsafeBufferPointer<UInt8>) {
         guard let from = run.baseAddress, run.count > 0 else { return }
         reserve(run.count)
-        (base + count).initialize(from: from, count: run.count)
+        Self.copy(from, run.count, to: base + count)
         count += run.count
+    }
+
+    /// Copies `n` bytes; a few bytes (keys, punctuation, ids) one by one, which is cheaper
+    /// than a call to memmove.
+    @inlinable @inline(__always)
+    static func copy(_ from: UnsafePointer<UInt8>, _ n: Int, to: UnsafeMutablePointer<UInt8>) {
+        if n <= 16 {
+            for k in 0..<n { to[k] = from[k] }
+        } else {
+            to.initialize(from: from, count: n)
+        }
     }
 
     @inlinable
@@ -334,18 +355,9 @@ public struct JSONWriter: ~Copyable {
     @inlinable
     mutating func writeDigits(_ value: UInt64, negative: Bool) {
         reserve(21)  // sign and 20 digits
-        if negative { base[count] = UInt8(ascii: "-"); count += 1 }
-        var width = 1
-        var rest = value / 10
-        while rest > 0 { width += 1; rest /= 10 }
-        var magnitude = value
-        var at = count + width - 1
-        repeat {
-            base[at] = UInt8(ascii: "0") + UInt8(magnitude % 10)
-            magnitude /= 10
-            at -= 1
-        } while magnitude > 0
-        count += width
+        var u = Unchecked(base + count)
+        u.digits(value, negative: negative)
+        count += u.written
     }
 
     @usableFromInline static let hex: [UInt8] = Array("0123456789abcdef".utf8)
@@ -377,5 +389,95 @@ public struct JSONWriter: ~Copyable {
             put(UnsafeBufferPointer(rebasing: utf8[runStart..<utf8.count]))
         }
         put(UInt8(ascii: "\""))
+    }
+}
+
+extension JSONWriter {
+    /// Appends to room a `JSONWriter` has already reserved, with no checks: see `unchecked`.
+    /// The number formatting of the writer lives here, so it exists once.
+    public struct Unchecked: ~Copyable {
+        @usableFromInline let start: UnsafeMutablePointer<UInt8>
+        /// Bytes written so far.
+        @usableFromInline var written = 0
+
+        /// The most any one number takes: a sign and 20 digits, or `Double.description`
+        /// (at most 24 bytes, "-2.2250738585072014e-308").
+        public static let numberBytes = 32
+
+        @inlinable
+        init(_ start: UnsafeMutablePointer<UInt8>) { self.start = start }
+
+        /// Text that needs no escaping, as it is (punctuation, keys with their quotes).
+        @inlinable @inline(__always)
+        public mutating func literal(_ text: StaticString) {
+            guard text.hasPointerRepresentation else {
+                text.withUTF8Buffer { for b in $0 { start[written] = b; written += 1 } }
+                return
+            }
+            JSONWriter.copy(text.utf8Start, text.utf8CodeUnitCount, to: start + written)
+            written += text.utf8CodeUnitCount
+        }
+
+        /// A whole number in decimal.
+        @inlinable
+        public mutating func digits(_ value: UInt64, negative: Bool = false) {
+            if negative { start[written] = UInt8(ascii: "-"); written += 1 }
+            if value < 10 { start[written] = UInt8(ascii: "0") + UInt8(value); written += 1; return }
+            // The width by comparing (no divisions; 10^19 is the last power of ten below 2^64).
+            var width = 2
+            var bound: UInt64 = 100
+            while width < 20 && value >= bound { width += 1; bound &*= 10 }
+            var magnitude = value
+            var at = written + width - 1
+            repeat {
+                start[at] = UInt8(ascii: "0") + UInt8(magnitude % 10)
+                magnitude /= 10
+                at -= 1
+            } while magnitude > 0
+            written += width
+        }
+
+        /// See `JSONWriter.double`.
+        @inlinable
+        public mutating func double(_ d: Double) {
+            guard d.isFinite else { literal("null"); return }
+            if d.rounded() == d, abs(d) < 1e18 {
+                let i = Int64(d)
+                digits(i.magnitude, negative: i < 0)
+            } else {
+                var text = d.description
+                text.withUTF8 { utf8 in
+                    guard let from = utf8.baseAddress else { return }
+                    JSONWriter.copy(from, utf8.count, to: start + written)
+                    written += utf8.count
+                }
+            }
+        }
+
+        /// See `JSONWriter.fixed`.
+        @inlinable
+        public mutating func fixed(_ d: Double, decimals: Int) {
+            let places = min(max(decimals, 0), 6)
+            var scale: UInt64 = 1
+            for _ in 0..<places { scale *= 10 }
+            guard d.isFinite, d.magnitude < 1e12 else { double(d); return }
+            // Rounded half away from zero, as `rounded()` does, without its libm call: `x` is
+            // below 2^60, so truncating it and subtracting back are exact.
+            let x = d.magnitude * Double(scale)
+            var scaled = UInt64(x)
+            if x - Double(scaled) >= 0.5 { scaled += 1 }
+            digits(scaled / scale, negative: d < 0 && scaled != 0)
+            var fraction = scaled % scale
+            guard fraction != 0 else { return }
+            var width = places
+            while fraction % 10 == 0 { fraction /= 10; width -= 1 }
+            start[written] = UInt8(ascii: ".")
+            // Leading zeros included: 0.05 is ".05".
+            for k in stride(from: width, to: 0, by: -1) {
+                start[written + k] = UInt8(ascii: "0") + UInt8(fraction % 10)
+                fraction /= 10
+            }
+            written += width + 1
+        }
     }
 }

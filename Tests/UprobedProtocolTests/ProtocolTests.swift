@@ -70,9 +70,62 @@ struct JSONTests {
         }
     }
 
+    @Test("whole numbers of every width, on both sides of each power of ten, signed and unsigned")
+    func numberWidths() {
+        var values: [UInt64] = [0, 1, 9, UInt64.max - 1, UInt64.max]
+        var power: UInt64 = 10
+        for _ in 1...19 {
+            values += [power - 1, power, power + 1]
+            guard power <= UInt64.max / 10 else { break }
+            power *= 10
+        }
+        for v in values {
+            var w = JSONWriter(reservingCapacity: 1)
+            w.beginArray()
+            w.uint(v)
+            if v <= UInt64(Int64.max) { w.int(-Int64(v)) }
+            w.endArray()
+            let want = v <= UInt64(Int64.max) ? "[\(v),-\(v)]" : "[\(v)]"
+            #expect(String(decoding: w.bytes, as: UTF8.self) == want.replacingOccurrences(of: "-0]", with: "0]"))
+        }
+        var w = JSONWriter()
+        w.int(Int64.min)
+        #expect(String(decoding: w.bytes, as: UTF8.self) == "\(Int64.min)")
+    }
+
+    @Test("the unchecked writer writes what the checked calls write, commas placed by the writer")
+    func uncheckedEntries() throws {
+        let rows: [(UInt64, UInt64, Double)] = [(0, 0, 0), (7, 12, 0.0005), (123_456, UInt64.max, 1e12), (10, 99, .nan), (1, 1, -2.25)]
+        var checked = JSONWriter(), unchecked = JSONWriter(reservingCapacity: 1)  // the second grows from the smallest buffer
+        checked.beginArray(); unchecked.beginArray()
+        for (id, hits, rate) in rows {
+            checked.beginObject()
+            checked.key("id"); checked.string("p", number: id)
+            checked.field("hits", hits)
+            checked.key("rate"); checked.fixed(rate, decimals: 3)
+            checked.endObject()
+            unchecked.unchecked(maxBytes: 32 + 3 * JSONWriter.Unchecked.numberBytes) { t in
+                t.literal("{\"id\":\"p"); t.digits(id)
+                t.literal("\",\"hits\":"); t.digits(hits)
+                t.literal(",\"rate\":"); t.fixed(rate, decimals: 3)
+                t.literal("}")
+            }
+        }
+        checked.endArray(); unchecked.endArray()
+        #expect(unchecked.bytes == checked.bytes)
+        let text = String(decoding: checked.bytes, as: UTF8.self)
+        #expect(text == #"[{"id":"p0","hits":0,"rate":0},{"id":"p7","hits":12,"rate":0.001},{"id":"p123456","hits":18446744073709551615,"rate":1000000000000},{"id":"p10","hits":99,"rate":null},{"id":"p1","hits":1,"rate":-2.25}]"#)
+    }
+
     @Test("fixed-point numbers are the same numbers as rounding then formatting the Double")
     func fixedPoint() throws {
-        let cases: [Double] = [0, 3, 12.5, 0.05, 0.0004, 0.0005, 1.23456, -2.5, -0.0001, 999_999.9996, 1e12, 12345.678901, .nan, .infinity]
+        var cases: [Double] = [0, 3, 12.5, 0.05, 0.0004, 0.0005, 1.23456, -2.5, -0.0001, 999_999.9996, 1e12, 12345.678901, .nan, .infinity,
+                               2.0005, 0.0015, 999_999_999_999.9995, 4_503_599_627.4995, -0.0005, 1e-300]
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<2000 {  // every magnitude from 10^-6 to 10^12 (where `double` takes over), both signs, and ties
+            let d = Double.random(in: 1..<10, using: &generator) * pow(10, Double(Int.random(in: -6...11, using: &generator)))
+            cases += [d, -d, (d * 1000).rounded(.down) / 1000 + 0.0005]
+        }
         for d in cases {
             var w = JSONWriter(reservingCapacity: 1)  // grows from the smallest buffer
             w.beginArray()
