@@ -114,11 +114,11 @@ public struct RequestHandler: Sendable {
             case .failure(let e): result = .failure(Self.protocolError(e))
             case .success(let table):
                 let before = previous
-                previous = Dictionary(zip(table.records.lazy.map(\.id), table.hits), uniquingKeysWith: { a, _ in a })
+                previous = Dictionary(zip((0..<table.count).lazy.map(table.id), table.hits), uniquingKeysWith: { a, _ in a })
                 result = .success(.written(estimatedBytes: table.count * 48) { w in
                     w.field("event", "stats")
                     Self.writeStats(table, versions: false, into: &w) { i in
-                        guard let was = before[table.records[i].id], seconds > 0 else { return table.rates[i] }
+                        guard let was = before[table.id(i)], seconds > 0 else { return table.rates[i] }
                         return Double(table.hits[i] &- was) / seconds
                     }
                 })
@@ -302,23 +302,37 @@ public struct RequestHandler: Sendable {
 
     /// The `stats` member: per probe its id, hits, rate (from `rate`, rounded to 1/1000), its
     /// state if not active, and the per-file breakdown when asked for or when there is more
-    /// than one file (an upgrade in progress) — a 10,000-probe reply stays small.
+    /// than one file (an upgrade in progress) — a 10,000-probe reply stays small. A plain row
+    /// (see `StatsTable`) is written from its id number without touching its record.
     static func writeStats(_ table: StatsTable, versions: Bool, into w: inout JSONWriter,
                            rate: (Int) -> Double) {
         w.key("stats")
         w.beginArray()
         for i in 0..<table.count {
-            let r = table.records[i]
+            if let number = table.plainID(i) {
+                // In one go: an id `p<N>` and two numbers, nothing to escape.
+                w.unchecked(maxBytes: 32 + 3 * JSONWriter.Unchecked.numberBytes) { t in
+                    t.literal("{\"id\":\"p")
+                    t.digits(number)
+                    t.literal("\",\"hits\":")
+                    t.digits(table.hits[i])
+                    t.literal(",\"rate\":")
+                    t.fixed(rate(i), decimals: 3)
+                    t.literal("}")
+                }
+                continue
+            }
+            guard let d = table.detail(i) else { continue }
             w.beginObject()
-            w.field("id", r.id)
+            w.field("id", d.record.id)
             w.field("hits", table.hits[i])
             w.key("rate")
             w.fixed(rate(i), decimals: 3)
-            if let reason = r.state.reason {
-                w.field("state", r.state.name)
+            if let reason = d.record.state.reason {
+                w.field("state", d.record.state.name)
                 w.field("reason", reason)
             }
-            if let breakdown = table.versions[i], versions || breakdown.count > 1 {
+            if let breakdown = d.versions, versions || breakdown.count > 1 {
                 w.objects("versions", breakdown) { w, v in
                     w.field("path", v.version.path)
                     w.field("device", v.version.device)

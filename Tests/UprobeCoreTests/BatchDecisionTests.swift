@@ -326,6 +326,95 @@ struct BatchDecisionTests {
         #expect(m.count == 3 && m["p3000"] == nil && m["nope"] == nil)
     }
 
+    @Test("stats rows: plain rows read without their record give what the records say; consumer numbers are reused only when free")
+    func statsRows() throws {
+        let start = ContinuousClock.now
+        func record(_ id: String, consumer: String?, sites: [(inode: UInt64, slot: UInt32)], state: ProbeState = .active,
+                    baseHits: UInt64 = 0, retired: [RetiredVersion] = [], secondsAgo: Double = 10) -> ProbeRecord {
+            let at = start - .milliseconds(Int64(secondsAgo * 1000))
+            return ProbeRecord(id: id, consumer: consumer, owner: .daemon, spec: ProbeSpecInput(path: "/x", symbol: "f"),
+                               sites: sites.map { ProbeSite(target: target("/x", inode: $0.inode, offset: UInt64($0.slot) * 16), slot: $0.slot) },
+                               registeredAt: 0, registeredAtMonotonic: at, state: state, baseHits: baseHits,
+                               targets: [target("/x", inode: 1, offset: 0)], retired: retired)
+        }
+        let old = RetiredVersion(version: FileVersion(device: 1, inode: 9, buildID: nil, path: "/x"), hits: 4)
+        let records = [
+            record("p1", consumer: "a", sites: [(1, 0)]),
+            record("p2", consumer: "b", sites: [(1, 1)], baseHits: 100, secondsAgo: 2),
+            record("p3", consumer: nil, sites: [(1, 2)]),
+            record("p4", consumer: "a", sites: [(1, 3), (1, 4)]),           // two sites, one file
+            record("p5", consumer: "a", sites: [(1, 5), (2, 6)]),           // two files: a breakdown is shown
+            record("p6", consumer: "b", sites: [], state: .degraded(reason: "gone"), baseHits: 7),
+            record("p7", consumer: "a", sites: [(1, 7)], baseHits: 4, retired: [old]),
+            record("p2000", consumer: "a", sites: [(1, 8)]),                // another chunk
+            record("custom", consumer: "a", sites: [(1, 9)]),               // an id this daemon does not make
+            record("p8", consumer: "a", sites: [(1, 99)]),                  // a slot past the counters read
+        ]
+        var map = ProbeMap()
+        for r in records { map.insert(r) }
+        let counts: [UInt64] = (0..<10).map { 1000 + UInt64($0) }
+        let now = MonotonicEpoch.seconds(start)
+
+        // What each row must be, computed from the record alone.
+        func expected(_ r: ProbeRecord, allVersions: Bool) -> ProbeStats {
+            let counted = r.sites.reduce(UInt64(0)) { $0 + (Int($1.slot) < counts.count ? counts[Int($1.slot)] : 0) }
+            let retiredHits = r.retired.reduce(UInt64(0)) { $0 + $1.hits }
+            let files = Set(r.sites.map(\.target.inode)).count + r.retired.count
+            let secs = now - MonotonicEpoch.seconds(r.registeredAtMonotonic)
+            return ProbeStats(id: r.id, hits: r.baseHits + counted, ratePerSecond: Double(counted + retiredHits) / secs,
+                              sites: r.sites.count, state: r.state,
+                              versions: (allVersions || files > 1) ? Array(repeating: VersionStats(version: old.version, hits: 0, current: false, retired: false), count: files) : [])
+        }
+        func check(_ m: ProbeMap, ids: [String]?, consumer: String?, allVersions: Bool = false, want: [String],
+                   _ note: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let table = try StatsTable.make(m, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions, now: now).get()
+            #expect(table.rows.map(\.id) == want, "\(note)", sourceLocation: sourceLocation)
+            for (i, got) in table.rows.enumerated() {
+                guard let r = m[got.id] else { Issue.record("\(note): no record \(got.id)", sourceLocation: sourceLocation); continue }
+                let e = expected(r, allVersions: allVersions)
+                #expect(got.hits == e.hits && got.ratePerSecond == e.ratePerSecond && got.sites == e.sites && got.state == e.state,
+                        "\(note): \(got.id) \(got) vs \(e)", sourceLocation: sourceLocation)
+                #expect(got.versions.count == e.versions.count, "\(note): \(got.id) versions", sourceLocation: sourceLocation)
+                #expect(table.id(i) == got.id, sourceLocation: sourceLocation)
+                // Plain exactly when active, one site, no retired versions, an id p<N> and no breakdown
+                // asked for; given ids are looked up by record.
+                let plain = ids == nil && !allVersions && r.sites.count == 1 && r.retired.isEmpty && r.state == .active && ProbeID.number(r.id) != nil
+                #expect((table.plainID(i) != nil) == plain && (table.detail(i) == nil) == plain, "\(note): \(got.id) plain",
+                        sourceLocation: sourceLocation)
+                if let n = table.plainID(i) { #expect(ProbeID.make(n) == got.id, sourceLocation: sourceLocation) }
+            }
+        }
+        let all = ["p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p2000", "custom"]
+        try check(map, ids: nil, consumer: nil, want: all, "all")
+        try check(map, ids: nil, consumer: nil, allVersions: true, want: all, "all, every breakdown")
+        try check(map, ids: nil, consumer: "a", want: ["p1", "p4", "p5", "p7", "p8", "p2000", "custom"], "consumer a")
+        try check(map, ids: nil, consumer: "b", want: ["p2", "p6"], "consumer b")
+        try check(map, ids: nil, consumer: "nobody", want: [], "unknown consumer")
+        try check(map, ids: ["p6", "p1", "custom"], consumer: nil, want: ["p6", "p1", "custom"], "ids")
+        #expect(throws: EngineError.self) { try StatsTable.make(map, counts: counts, ids: ["p1", "p999"], consumer: nil, allVersions: false, now: now).get() }
+
+        // Consumer b goes away: its number is reused by c, and neither sees the other's rows,
+        // in the writer's map or in the snapshot taken before.
+        let before = map
+        map.remove("p2")
+        map.remove("p6")
+        map.insert(record("p9", consumer: "c", sites: [(1, 2)]))
+        map.insert(record("p10", consumer: "c", sites: [(1, 3)]))
+        try check(map, ids: nil, consumer: "b", want: [], "b gone")
+        #expect(map.consumerKey("b") == nil && map.consumerKey("c")?.key == before.consumerKey("b")?.key)
+        try check(map, ids: nil, consumer: "c", want: ["p9", "p10"], "c")
+        try check(before, ids: nil, consumer: "b", want: ["p2", "p6"], "snapshot: b")
+        try check(before, ids: nil, consumer: "c", want: [], "snapshot: no c")
+        // A new version of a record (here degraded) replaces its row too.
+        map.insert(record("p9", consumer: "c", sites: [], state: .ended(reason: "exited"), baseHits: 3))
+        try check(map, ids: nil, consumer: "c", want: ["p9", "p10"], "c after p9 ended")
+        // The last records of a consumer outside the chunks and inside them go: no rows left.
+        for id in ["p1", "p4", "p5", "p7", "p8", "p2000", "custom"] { map.remove(id) }
+        try check(map, ids: nil, consumer: "a", want: [], "a gone")
+        try check(map, ids: nil, consumer: nil, want: ["p3", "p9", "p10"], "what is left")
+        #expect(map.consumerNames == 1, "only c's name is kept")
+    }
+
     @Test("a batch whose state write fails registers nothing: replies fail, probes are detached")
     func persistFailureRollsBack() {
         struct DiskFull: Error {}

@@ -20,27 +20,6 @@ public struct ProbeStats: Sendable {
     public var versions: [VersionStats] = []
 }
 
-/// `stats` of many probes as columns: row i is `records[i]` with `hits[i]` and `rates[i]`.
-/// A 10,000-probe `stats` builds three arrays instead of 10,000 `ProbeStats` (each a copy of
-/// the id, the state and a versions array), which was a fifth of such a reply's time.
-public struct StatsTable: Sendable {
-    public var records: [ProbeRecord] = []
-    public var hits: [UInt64] = []
-    /// Mean hits per second since the registration.
-    public var rates: [Double] = []
-    /// The per-file breakdown of the rows that have one (see `ProbeStats.versions`).
-    public var versions: [Int: [VersionStats]] = [:]
-
-    public var count: Int { records.count }
-
-    public func row(_ i: Int) -> ProbeStats {
-        ProbeStats(id: records[i].id, hits: hits[i], ratePerSecond: rates[i], sites: records[i].sites.count,
-                   state: records[i].state, versions: versions[i] ?? [])
-    }
-
-    public var rows: [ProbeStats] { (0..<count).map(row) }
-}
-
 /// Hits counted in one file version of a registration.
 public struct VersionStats: Sendable {
     public var version: FileVersion
@@ -190,66 +169,10 @@ public final class Engine: Sendable {
                 return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
             }
         }
-        let snap: RegistrySnapshot, counts: [UInt64]
-        switch read {
-        case .failure(let e): return .failure(e)
-        case .success(let v): (snap, counts) = v
+        return read.flatMap { snap, counts in
+            StatsTable.make(snap.probes, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions,
+                            now: MonotonicEpoch.seconds(.now))
         }
-        let records: [ProbeRecord]
-        if let ids {
-            var r: [ProbeRecord] = []
-            for id in ids {
-                guard let p = snap.probes[id] else {
-                    return .failure(EngineError(code: "probe_not_found", message: "no probe with id '\(id)'"))
-                }
-                r.append(p)
-            }
-            records = r
-        } else if let consumer {
-            records = snap.probes.sorted(where: { $0.consumer == consumer })
-        } else {
-            records = snap.sortedProbes
-        }
-        let nowSeconds = MonotonicEpoch.seconds(.now)
-        var table = StatsTable()
-        table.records = records
-        table.hits.reserveCapacity(records.count)
-        table.rates.reserveCapacity(records.count)
-        for (n, r) in records.enumerated() {
-            // One pass over the sites by index (no copy of each site's strings): the total, and
-            // whether they all lie in one file. The per-file breakdown takes a second pass, only
-            // when it is shown.
-            var counted: UInt64 = 0
-            var oneFile = r.retired.isEmpty
-            let sites = r.sites
-            if let first = sites.first {
-                let device = first.target.device, inode = first.target.inode
-                for i in sites.indices {
-                    let slot = Int(sites[i].slot)
-                    if slot < counts.count { counted &+= counts[slot] }
-                    if oneFile && (sites[i].target.device != device || sites[i].target.inode != inode) { oneFile = false }
-                }
-            }
-            if allVersions || !oneFile {
-                var versions: [VersionStats] = []
-                for site in sites {
-                    let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
-                    if let i = versions.firstIndex(where: { $0.version.sameFile(site.target) }) {
-                        versions[i].hits &+= c
-                    } else {
-                        let current = r.targets.first.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
-                        versions.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
-                    }
-                }
-                for old in r.retired { versions.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
-                table.versions[n] = versions
-            }
-            let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
-            let secs = nowSeconds - r.countingSince
-            table.hits.append(r.baseHits &+ counted)
-            table.rates.append(secs > 0 ? Double(counted &+ retiredHits) / secs : 0)
-        }
-        return .success(table)
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for

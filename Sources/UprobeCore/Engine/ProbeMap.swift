@@ -6,6 +6,10 @@
 /// change copies only the chunk it touches (1024 references), once per batch. Ids are `p<N>`:
 /// chunk N / 1024, index N % 1024, so walking the chunks in order is registration order and
 /// listings need no sort.
+///
+/// Beside each record its chunk keeps a `StatsRow`, by value: `stats` of 10,000 probes reads
+/// 10,000 contiguous rows instead of 10,000 record objects and their site arrays scattered
+/// over the heap.
 public struct ProbeMap: Sendable {
     static let chunkSize = 1024
 
@@ -14,10 +18,16 @@ public struct ProbeMap: Sendable {
     /// writer copies it first. That is what makes the `@unchecked Sendable` safe.
     final class Chunk: @unchecked Sendable {
         var records: [ProbeRecord?]
+        /// `rows[i]` describes `records[i]` (`present` is false where that is nil).
+        var rows: [StatsRow]
         var count = 0
-        init() { records = Array(repeating: nil, count: ProbeMap.chunkSize) }
+        init() {
+            records = Array(repeating: nil, count: ProbeMap.chunkSize)
+            rows = Array(repeating: StatsRow(), count: ProbeMap.chunkSize)
+        }
         init(copying other: Chunk) {
             records = other.records
+            rows = other.rows
             count = other.count
         }
     }
@@ -26,6 +36,12 @@ public struct ProbeMap: Sendable {
     /// Ids that are not `p<N>` (none are made by this daemon; kept for robustness).
     private var others: [String: ProbeRecord] = [:]
     public private(set) var count = 0
+    /// Consumer names as small numbers for the rows, each with how many records carry it; a name is dropped (and its number reused) when its last record goes, so names that
+    /// come and go (one per CI job, say) do not pile up. Changed only when a record's consumer
+    /// comes or goes, so a batch copies it (shared with the last snapshot) at most once.
+    private var consumerKeys: [String: (key: UInt32, records: Int)] = [:]
+    private var freeConsumerKeys: [UInt32] = []
+    private var nextConsumerKey: UInt32 = 1
 
     public init() {}
 
@@ -43,25 +59,38 @@ public struct ProbeMap: Sendable {
 
     mutating func insert(_ r: ProbeRecord) {
         guard let (ci, i) = Self.place(r.id) else {
-            if others.updateValue(r, forKey: r.id) == nil { count += 1 }
+            let old = others.updateValue(r, forKey: r.id)
+            if old == nil { count += 1 } else { releaseConsumerKey(old?.consumer) }
+            _ = retainConsumerKey(r.consumer)
             return
         }
         let chunk = uniqueChunk(ci)
-        if chunk.records[i] == nil { chunk.count += 1; count += 1 }
+        let old = chunk.records[i]
+        if old == nil { chunk.count += 1; count += 1 }
+        let key: UInt32
+        if let old, old.consumer == r.consumer {
+            key = chunk.rows[i].consumer
+        } else {
+            if let old { releaseConsumerKey(old.consumer) }
+            key = retainConsumerKey(r.consumer)
+        }
         chunk.records[i] = r
+        chunk.rows[i] = StatsRow(r, consumer: key)
     }
 
     @discardableResult
     mutating func remove(_ id: String) -> ProbeRecord? {
         guard let (ci, i) = Self.place(id) else {
             let r = others.removeValue(forKey: id)
-            if r != nil { count -= 1 }
+            if r != nil { count -= 1; releaseConsumerKey(r?.consumer) }
             return r
         }
         guard chunks[ci]?.records[i] != nil else { return nil }
         let chunk = uniqueChunk(ci)
         let r = chunk.records[i]
         chunk.records[i] = nil
+        chunk.rows[i] = StatsRow()
+        releaseConsumerKey(r?.consumer)
         chunk.count -= 1
         count -= 1
         if chunk.count == 0 { chunks.removeValue(forKey: ci) }
@@ -78,6 +107,39 @@ public struct ProbeMap: Sendable {
         if !isKnownUniquelyReferenced(&c) { c = Chunk(copying: c) }
         chunks[ci] = c
         return c
+    }
+
+    /// The number the rows use for `consumer`, and how many registrations have it; nil if none.
+    func consumerKey(_ consumer: String) -> (key: UInt32, records: Int)? { consumerKeys[consumer] }
+    /// How many consumer names are kept (one per consumer with a registration).
+    var consumerNames: Int { consumerKeys.count }
+
+    private mutating func retainConsumerKey(_ consumer: String?) -> UInt32 {
+        guard let consumer else { return 0 }
+        if let at = consumerKeys.index(forKey: consumer) {  // one hash: a register of 10,000 comes here 10,000 times
+            consumerKeys.values[at].records += 1
+            return consumerKeys.values[at].key
+        }
+        let k: UInt32
+        if let reused = freeConsumerKeys.popLast() {
+            k = reused
+        } else {
+            // More than 2^32 - 2 names alive at once cannot happen: each has a record.
+            k = nextConsumerKey
+            nextConsumerKey += 1
+        }
+        consumerKeys[consumer] = (k, 1)
+        return k
+    }
+
+    private mutating func releaseConsumerKey(_ consumer: String?) {
+        guard let consumer, let at = consumerKeys.index(forKey: consumer) else { return }
+        if consumerKeys.values[at].records > 1 {
+            consumerKeys.values[at].records -= 1
+        } else {
+            freeConsumerKeys.append(consumerKeys.values[at].key)
+            consumerKeys.remove(at: at)
+        }
     }
 
     /// Every registration, in id order (registration order).
@@ -97,5 +159,57 @@ public struct ProbeMap: Sendable {
         }
         out.append(contentsOf: others.values.filter(include).sorted { $0.id < $1.id })
         return out
+    }
+
+    /// Each registration in id order — only those of consumer number `consumer` if given —
+    /// as its id number and row. `body` gets the record too when `wantsRecord(row)` says so;
+    /// otherwise the record object is not touched. Ids not of the form `p<N>` come last with
+    /// a nil number, always with their record (their row is made from it).
+    func forEachRow(consumer: UInt32?, wantsRecord: (borrowing StatsRow) -> Bool,
+                    _ body: (UInt64?, borrowing StatsRow, ProbeRecord?) -> Void) {
+        for ci in chunks.keys.sorted() {
+            guard let c = chunks[ci] else { continue }
+            let first = ci &* UInt64(Self.chunkSize)
+            c.rows.withUnsafeBufferPointer { rows in
+                for i in rows.indices where rows[i].present && (consumer == nil || rows[i].consumer == consumer) {
+                    body(first &+ UInt64(i), rows[i], wantsRecord(rows[i]) ? c.records[i] : nil)
+                }
+            }
+        }
+        guard !others.isEmpty else { return }
+        for r in others.values.sorted(by: { $0.id < $1.id }) {
+            let key = r.consumer.flatMap { consumerKeys[$0]?.key } ?? 0
+            if let consumer, key != consumer { continue }
+            body(nil, StatsRow(r, consumer: key), r)
+        }
+    }
+}
+
+/// What `stats` needs of a registration, kept by value beside its record (see `ProbeMap`).
+struct StatsRow: Sendable, BitwiseCopyable {
+    /// `ProbeMap.consumerKey` of its consumer; 0 for none.
+    var consumer: UInt32 = 0
+    /// The counter slot of its only site, when `plain`.
+    var slot: UInt32 = 0
+    /// `ProbeRecord.countingSince`.
+    var countingSince: Double = 0
+    var baseHits: UInt64 = 0
+    /// False for an empty place in a chunk.
+    var present = false
+    /// One site, active, no retired versions: its hits are `baseHits + counts[slot]`, and
+    /// nothing else of the record is needed unless a per-file breakdown is asked for.
+    var plain = false
+
+    init() {}
+
+    init(_ r: ProbeRecord, consumer: UInt32) {
+        self.consumer = consumer
+        countingSince = r.countingSince
+        baseHits = r.baseHits
+        present = true
+        if r.sites.count == 1, r.retired.isEmpty, case .active = r.state {
+            plain = true
+            slot = r.sites[0].slot
+        }
     }
 }

@@ -1,0 +1,147 @@
+/// `stats` of many probes as columns, row i being one registration with `hits[i]` and
+/// `rates[i]`.
+///
+/// Made from the registry's `StatsRow`s: a plain registration (one site, active, no retired
+/// versions) becomes an id number, hits and a rate without its record being read. The others
+/// keep their record as the row's `Detail` (its id, state, sites and per-file breakdown).
+/// Under load, reading 10,000 record objects and their site arrays (scattered cache misses)
+/// was most of a `stats` call.
+public struct StatsTable: Sendable {
+    /// Row i's id is `p<numbers[i]>` when it has no detail.
+    private var numbers: [UInt64] = []
+    public private(set) var hits: [UInt64] = []
+    /// Mean hits per second since the registration.
+    public private(set) var rates: [Double] = []
+    /// 1 + the index of row i's detail in `details`; 0 for a plain row.
+    private var detailIndex: [UInt32] = []
+    private var details: [Detail] = []
+
+    /// A row that is not plain: its record, and its per-file breakdown when shown (see
+    /// `ProbeStats.versions`).
+    public struct Detail: Sendable {
+        public let record: ProbeRecord
+        public let versions: [VersionStats]?
+    }
+
+    public var count: Int { hits.count }
+
+    /// Row i's detail; nil for a plain row (active, one site, id `p<plainID(i)>`).
+    public func detail(_ i: Int) -> Detail? {
+        let d = detailIndex[i]
+        return d == 0 ? nil : details[Int(d) - 1]
+    }
+
+    /// The number N of a plain row's id `p<N>`; nil when the row has a detail.
+    public func plainID(_ i: Int) -> UInt64? {
+        detailIndex[i] == 0 ? numbers[i] : nil
+    }
+
+    public func id(_ i: Int) -> String {
+        detail(i)?.record.id ?? ProbeID.make(numbers[i])
+    }
+
+    public func row(_ i: Int) -> ProbeStats {
+        guard let d = detail(i) else {
+            return ProbeStats(id: ProbeID.make(numbers[i]), hits: hits[i], ratePerSecond: rates[i], sites: 1, state: .active)
+        }
+        return ProbeStats(id: d.record.id, hits: hits[i], ratePerSecond: rates[i], sites: d.record.sites.count,
+                          state: d.record.state, versions: d.versions ?? [])
+    }
+
+    public var rows: [ProbeStats] { (0..<count).map(row) }
+
+    /// The table of the given ids (`probe_not_found` for an unknown one), else of one
+    /// consumer's registrations (none for an unknown consumer), else of all, in id order.
+    /// `counts`: the counter slots, read after `probes` was published (a slot a record names
+    /// still belongs to it). `now`: seconds on `MonotonicEpoch`, for the rates.
+    /// `allVersions`: a per-file breakdown for every row; otherwise only for rows that count
+    /// in more than one file (an upgrade in progress).
+    static func make(_ probes: ProbeMap, counts: [UInt64], ids: [String]?, consumer: String?, allVersions: Bool,
+                     now: Double) -> Result<StatsTable, EngineError> {
+        var table = StatsTable()
+        if let ids {
+            table.reserve(ids.count)
+            for id in ids {
+                guard let r = probes[id] else {
+                    return .failure(EngineError(code: "probe_not_found", message: "no probe with id '\(id)'"))
+                }
+                counts.withUnsafeBufferPointer { table.add(r, counts: $0, allVersions: allVersions, now: now) }
+            }
+            return .success(table)
+        }
+        var key: UInt32? = nil
+        if let consumer {
+            guard let (k, records) = probes.consumerKey(consumer) else { return .success(table) }
+            key = k
+            table.reserve(records)
+        } else {
+            table.reserve(probes.count)
+        }
+        counts.withUnsafeBufferPointer { counts in
+            probes.forEachRow(consumer: key, wantsRecord: { allVersions || !$0.plain }) { number, row, record in
+                if let record {
+                    table.add(record, counts: counts, allVersions: allVersions, now: now)
+                } else if let number {
+                    table.addPlain(number, row, counts: counts, now: now)
+                }
+            }
+        }
+        return .success(table)
+    }
+
+    private mutating func reserve(_ n: Int) {
+        numbers.reserveCapacity(n)
+        hits.reserveCapacity(n)
+        rates.reserveCapacity(n)
+        detailIndex.reserveCapacity(n)
+    }
+
+    private mutating func addPlain(_ number: UInt64, _ row: borrowing StatsRow, counts: UnsafeBufferPointer<UInt64>, now: Double) {
+        let slot = Int(row.slot)
+        let counted = slot < counts.count ? counts[slot] : 0
+        let secs = now - row.countingSince
+        numbers.append(number)
+        hits.append(row.baseHits &+ counted)
+        rates.append(secs > 0 ? Double(counted) / secs : 0)
+        detailIndex.append(0)
+    }
+
+    private mutating func add(_ r: ProbeRecord, counts: UnsafeBufferPointer<UInt64>, allVersions: Bool, now: Double) {
+        // One pass over the sites by index (no copy of each site's strings): the total, and
+        // whether they all lie in one file. The per-file breakdown takes a second pass, only
+        // when it is shown.
+        var counted: UInt64 = 0
+        var oneFile = r.retired.isEmpty
+        let sites = r.sites
+        if let first = sites.first {
+            let device = first.target.device, inode = first.target.inode
+            for i in sites.indices {
+                let slot = Int(sites[i].slot)
+                if slot < counts.count { counted &+= counts[slot] }
+                if oneFile && (sites[i].target.device != device || sites[i].target.inode != inode) { oneFile = false }
+            }
+        }
+        var versions: [VersionStats]? = nil
+        if allVersions || !oneFile {
+            var breakdown: [VersionStats] = []
+            for site in sites {
+                let c = Int(site.slot) < counts.count ? counts[Int(site.slot)] : 0
+                if let i = breakdown.firstIndex(where: { $0.version.sameFile(site.target) }) {
+                    breakdown[i].hits &+= c
+                } else {
+                    let current = r.targets.first.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
+                    breakdown.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
+                }
+            }
+            for old in r.retired { breakdown.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
+            versions = breakdown
+        }
+        let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
+        let secs = now - r.countingSince
+        numbers.append(0)
+        hits.append(r.baseHits &+ counted)
+        rates.append(secs > 0 ? Double(counted &+ retiredHits) / secs : 0)
+        details.append(Detail(record: r, versions: versions))
+        detailIndex.append(UInt32(details.count))
+    }
+}
