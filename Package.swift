@@ -41,7 +41,7 @@ let package = Package(
                 swiftSettings: strict),
         .target(name: "UprobeTree", swiftSettings: strict),
         .target(name: "UprobeCore",
-                dependencies: ["UprobeTree", "UprobeELF", "UprobeKernel",
+                dependencies: ["UprobeTree", "UprobeELF", "UprobeKernel", "CUprobeSys",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .target(name: "UprobedProtocol", swiftSettings: strict),

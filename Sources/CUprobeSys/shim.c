@@ -6,6 +6,7 @@
 #include <malloc.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 
 // Layout checks against the kernel UAPI (include/uapi/linux/bpf.h, Linux >= 6.6):
@@ -165,4 +166,8 @@ int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *
 
 int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold) {
     return mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold);
+}
+
+int CUprobeSys_set_thread_name(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL);
 }

@@ -54,10 +54,10 @@ public final class PathWatcher: Sendable {
     public func start() {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let thread = Thread { [self] in
+            ThreadName.setCurrent("uprobed-follow")
             self.run()
             self.finished.signal()
         }
-        thread.name = "uprobed-follow"
         thread.start()
     }
 

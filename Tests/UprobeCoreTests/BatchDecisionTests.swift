@@ -415,6 +415,16 @@ struct BatchDecisionTests {
         #expect(map.consumerNames == 1, "only c's name is kept")
     }
 
+    @Test("the engine's threads carry their names where top -H and perf read them")
+    func threadNames() throws {
+        let h = Harness()
+        _ = h.registerBatch([[item("/a", inode: 1, offsets: [0x10])]])
+        let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")
+        let names = Set(tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
+            .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) })
+        #expect(names.isSuperset(of: ["uprobed-attach", "uprobed-detach"]), "\(names.sorted())")
+    }
+
     @Test("a batch whose state write fails registers nothing: replies fail, probes are detached")
     func persistFailureRollsBack() {
         struct DiskFull: Error {}

@@ -110,6 +110,10 @@ int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *
 /// not set by glibc).
 int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold);
 
+/// prctl(2) PR_SET_NAME: names the calling thread as `top -H`, `ps -L` and `perf` show it
+/// (truncated to 15 bytes). 0 on success, -1 with errno set.
+int CUprobeSys_set_thread_name(const char *name);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,3 +1,4 @@
+import CUprobeSys
 import Foundation
 
 /// A thread that takes everything queued since its last turn as one batch and hands it to
@@ -17,6 +18,7 @@ final class DrainingThread<Item: Sendable>: @unchecked Sendable {
 
     init(name: String, body: @escaping @Sendable ([Item]) -> Void) {
         let thread = Thread { [self] in
+            ThreadName.setCurrent(name)
             while let items = next() {
                 body(items)
                 cond.lock()
@@ -26,7 +28,6 @@ final class DrainingThread<Item: Sendable>: @unchecked Sendable {
             }
             done.signal()
         }
-        thread.name = name
         thread.start()
     }
 
@@ -62,5 +63,17 @@ final class DrainingThread<Item: Sendable>: @unchecked Sendable {
         let items = queued
         queued.removeAll()
         return items
+    }
+}
+
+/// Thread names the kernel knows. Foundation's `Thread.name` does not reach it on Linux: the
+/// engine's threads kept the name of the Dispatch worker that started them ("oot.default-qos",
+/// the tail of "com.apple.root.default-qos"), so `top -H`, `ps -L` and `perf` showed the
+/// writer, the attach, commit, detach and follow threads and the task pool all alike.
+public enum ThreadName {
+    /// Names the calling thread (at most 15 bytes are kept). Wraps prctl(2) PR_SET_NAME; a
+    /// failure only leaves the old name, so it is ignored.
+    public static func setCurrent(_ name: String) {
+        _ = CUprobeSys_set_thread_name(name)
     }
 }

@@ -72,6 +72,7 @@ public final class Engine: Sendable {
         let maxBatch = config.maxBatchRequests
         let tuning = config
         let thread = Thread {
+            ThreadName.setCurrent("uprobed-writer")
             let applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: logger,
                                        publish: { s in published.store(s) },
                                        persist: persist,
@@ -85,7 +86,6 @@ public final class Engine: Sendable {
             applier.shutdown()
             done.signal()
         }
-        thread.name = "uprobed-writer"
         thread.start()
     }
 
