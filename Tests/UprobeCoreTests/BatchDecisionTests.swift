@@ -496,5 +496,63 @@ struct BatchDecisionTests {
         a.release([0, 1, 2, 3, 4, 5, 6])
         #expect(a.highWater == 0)
         #expect(a.inUse == 0)
+        // A free run at the top goes at once; a gap below it stays free under the high water.
+        var b = SlotAllocator(capacity: 20_000)
+        _ = b.allocate(20_000)
+        b.release(Array(10_000..<20_000).map(UInt32.init) + [5])
+        #expect(b.highWater == 10_000 && b.inUse == 9_999 && b.available == 10_001)
+        #expect(b.allocate(2) == [5, 10_000])
+    }
+
+    @Test("slot set and slot table agree with Set and Dictionary under random inserts and removals")
+    func slotContainers() {
+        var generator = SystemRandomNumberGenerator()
+        var bits = SlotSet(), model = Set<UInt32>()
+        var table = SlotTable<FakeKernel>(), tableModel: [UInt32: FakeKernel] = [:]
+        let values = [FakeKernel(), FakeKernel()]
+        for step in 0..<20_000 {
+            let slot = UInt32.random(in: 0..<(step % 2 == 0 ? 130 : 5_000), using: &generator)
+            switch Int.random(in: 0..<4, using: &generator) {
+            case 0, 1: bits.insert(slot); model.insert(slot)
+            case 2: bits.remove(slot); model.remove(slot)
+            default:
+                let v = Bool.random(using: &generator) ? values[Int(slot % 2)] : nil
+                table[slot] = v
+                tableModel[slot] = v
+            }
+            #expect(bits.contains(slot) == model.contains(slot) && bits.count == model.count && bits.isEmpty == model.isEmpty)
+            #expect(table[slot] === tableModel[slot])
+        }
+        #expect(Array(bits) == model.sorted())
+        bits.subtract(Array(model))
+        #expect(bits.isEmpty && Array(bits).isEmpty)
+        bits.formUnion([63, 64, 0, 4_000_000])
+        #expect(Array(bits) == [0, 63, 64, 4_000_000] && !bits.contains(65) && !bits.contains(9_000_000))
+        #expect(table[9_000_000] == nil)
+    }
+
+    @Test("a compaction that can do nothing (every dead site in a link in hand-off) is not rerun after every batch")
+    func stalledCompaction() throws {
+        let kernel = FakeKernel()
+        let gate = DispatchSemaphore(value: 0)
+        kernel.closeGate = gate
+        let h = Harness(kernel: kernel, tuning: EngineConfig(compactionDelay: .seconds(3600), bulkDetachSites: 3))
+        let ids = try h.registerBatch([[item("/a", inode: 1, offsets: (1...8).map { UInt64($0) * 0x10 })]])[0].get().map(\.id)
+        _ = h.unregister(Array(ids[0..<3]))  // a bulk removal: the link is rebuilt at once, its old link's close waits
+        #expect(kernel.attachCount == 2)
+        _ = h.unregister(Array(ids[3..<6]))  // dead sites in the link in hand-off: nothing can be done yet
+        let stalled = h.published.load().counters.compactions
+        for n in 0..<5 { _ = h.registerBatch([[item("/b", inode: 2, offsets: [UInt64(n + 1) * 0x10])]]) }
+        #expect(h.published.load().counters.compactions == stalled, "no rescans while the hand-off lasts")
+        #expect(h.published.load().counters.pendingRemovals == 6)
+        gate.signal()
+        kernel.lock.withLock { kernel.closeGate = nil }
+        h.applier.finishDetaches()
+        _ = h.registerBatch([[item("/b", inode: 2, offsets: [0x100])]])  // the round is collected: due again
+        #expect(h.published.load().counters.compactions > stalled)
+        h.applier.compact(wait: true)
+        h.applier.maintain()
+        #expect(h.published.load().counters.pendingRemovals == 0)
+        #expect(kernel.openSlots.count == 2 + 6, "ids[6], ids[7] and the six on /b")
     }
 }

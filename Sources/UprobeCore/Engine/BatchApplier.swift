@@ -47,13 +47,18 @@ final class BatchApplier {
     private var nextProbeNumber: UInt64 = 1
     private var links: [ObjectIdentifier: LinkRecord] = [:]
     /// The newest link holding each attached slot.
-    private var slotLink: [UInt32: LinkRecord] = [:]
+    private var slotLink = SlotTable<LinkRecord>()
     /// Slots whose probe is gone but which are still attached (waiting for detach work).
-    private var deadSlots: Set<UInt32> = []
+    private var deadSlots = SlotSet()
     /// Open links of each (binary, pid filter, direction).
     private var groupLinks: [LinkGroupKey: Set<ObjectIdentifier>] = [:]
     /// When the pending detach/merge work must run at the latest (nil: nothing pending).
     private(set) var compactionDue: ContinuousClock.Instant?
+    /// The last compaction could do nothing (every dead site is in a link still in hand-off,
+    /// or its rebuilds failed): until a detach round is collected, pending work waits for the delay like any other
+    /// instead of being due at once. The bulk-removal rule made it due after every batch, and
+    /// each rescanned thousands of dead sites for nothing while a merge's old links closed.
+    private var compactionStalled = false
     private let tuning: EngineConfig
     private var counters = EngineCounters()
     private var generation: UInt64 = 0
@@ -878,10 +883,12 @@ final class BatchApplier {
         let pending = !deadSlots.isEmpty || groupLinks.keys.contains(where: groupNeedsMerge)
         guard pending else { compactionDue = nil; return }
         let now = ContinuousClock.now
-        // Too many open links (fds, kernel objects): do it now rather than after the delay.
-        if links.count > tuning.maxOpenLinks { compactionDue = now; return }
-        // A bulk removal is already one big batch: waiting would only delay the detach.
-        if deadSlots.count >= tuning.bulkDetachSites { compactionDue = now; return }
+        if !compactionStalled {
+            // Too many open links (fds, kernel objects): do it now rather than after the delay.
+            if links.count > tuning.maxOpenLinks { compactionDue = now; return }
+            // A bulk removal is already one big batch: waiting would only delay the detach.
+            if deadSlots.count >= tuning.bulkDetachSites { compactionDue = now; return }
+        }
         if compactionDue == nil { compactionDue = now + tuning.compactionDelay }
     }
 
@@ -910,8 +917,12 @@ final class BatchApplier {
         // Per group, the links to replace: every link holding a dead site, plus all its small
         // links when there are too many of them. Their live sites go into one new link.
         var replace: [LinkGroupKey: [ObjectIdentifier: LinkRecord]] = [:]
+        var previous: LinkRecord? = nil
         for s in deadSlots {
-            if let l = slotLink[s], !handoffLinks.contains(ObjectIdentifier(l)) {
+            // Dead slots come in slot order, and neighbours mostly share a link.
+            guard let l = slotLink[s], l !== previous else { continue }
+            previous = l
+            if !handoffLinks.contains(ObjectIdentifier(l)) {
                 replace[l.group, default: [:]][ObjectIdentifier(l)] = l
             }
         }
@@ -969,7 +980,7 @@ final class BatchApplier {
         for l in round.closing {
             forget(l)
             for s in l.sites where deadSlots.contains(s.slot) && slotLink[s.slot] === l {
-                slotLink.removeValue(forKey: s.slot)
+                slotLink[s.slot] = nil
                 round.freeSlots.append(s.slot)
             }
         }
@@ -982,6 +993,8 @@ final class BatchApplier {
             if !round.closing.isEmpty { counters.gracePeriods += 1 }
             detacher.submit(id: id, links: round.closing.map(\.handle))
         }
+        // No progress: nothing to close or free (also when every rebuild failed).
+        compactionStalled = round.closing.isEmpty && round.freeSlots.isEmpty
         updatePendingRemovals()
         counters.compactions += 1
         compactionDue = nil
@@ -1006,6 +1019,7 @@ final class BatchApplier {
                 }
             }
             handoffLinks.subtract(round.handoffLinks)
+            compactionStalled = false
             slots.release(round.freeSlots)
             closingLinks -= round.closing.count
             counters.linksClosed += UInt64(round.closing.count)

@@ -31,10 +31,84 @@ struct SlotAllocator {
         inUse -= slots.count
         freeBelowHighWater.append(contentsOf: slots)
         freeBelowHighWater.sort(by: >)
-        // Shrink the high-water mark when the top slots are free, so reads stay short.
-        while let lowest = freeBelowHighWater.first, lowest == highWater - 1 {
-            freeBelowHighWater.removeFirst()
-            highWater -= 1
+        // Shrink the high-water mark when the top slots are free, so reads stay short: the
+        // free run at the top is dropped in one go (one removeFirst per slot moved the whole
+        // array each time, which for the 10,000 slots of a churn ending was quadratic).
+        var top = 0
+        while top < freeBelowHighWater.count, freeBelowHighWater[top] == highWater - 1 - UInt32(top) { top += 1 }
+        freeBelowHighWater.removeFirst(top)
+        highWater -= UInt32(top)
+    }
+}
+
+/// Slots as a bitmap. Slots are small and dense (handed out lowest first), so membership is a
+/// shift and a mask, where a `Set<UInt32>` hashed every slot: the detach bookkeeping tests
+/// each site of every link it rebuilds, 10,000 of them for one large unregister.
+struct SlotSet: Sequence {
+    private var words: [UInt64] = []
+    private(set) var count = 0
+
+    var isEmpty: Bool { count == 0 }
+
+    func contains(_ slot: UInt32) -> Bool {
+        let w = Int(slot >> 6)
+        return w < words.count && words[w] & (1 << UInt64(slot & 63)) != 0
+    }
+
+    mutating func insert(_ slot: UInt32) {
+        let w = Int(slot >> 6), bit: UInt64 = 1 << UInt64(slot & 63)
+        if w >= words.count { words += repeatElement(0, count: w + 1 - words.count) }
+        guard words[w] & bit == 0 else { return }
+        words[w] |= bit
+        count += 1
+    }
+
+    mutating func remove(_ slot: UInt32) {
+        let w = Int(slot >> 6), bit: UInt64 = 1 << UInt64(slot & 63)
+        guard w < words.count, words[w] & bit != 0 else { return }
+        words[w] &= ~bit
+        count -= 1
+        if count == 0 { words.removeAll(keepingCapacity: true) }
+    }
+
+    mutating func formUnion<S: Sequence<UInt32>>(_ slots: S) { for s in slots { insert(s) } }
+    mutating func subtract<S: Sequence<UInt32>>(_ slots: S) { for s in slots { remove(s) } }
+
+    /// The slots in ascending order.
+    struct Iterator: IteratorProtocol {
+        fileprivate let words: [UInt64]
+        fileprivate var index = 0
+        fileprivate var current: UInt64 = 0
+        mutating func next() -> UInt32? {
+            while current == 0 {
+                guard index < words.count else { return nil }
+                current = words[index]
+                index += 1
+            }
+            let bit = current.trailingZeroBitCount
+            current &= current - 1
+            return UInt32((index - 1) << 6 + bit)
         }
     }
+    func makeIterator() -> Iterator { Iterator(words: words) }
+    var underestimatedCount: Int { count }
+}
+
+/// A value per slot in an array indexed by slot (see `SlotSet`), grown as slots are set.
+struct SlotTable<Value: AnyObject> {
+    private var values: [Value?] = []
+
+    subscript(slot: UInt32) -> Value? {
+        get { Int(slot) < values.count ? values[Int(slot)] : nil }
+        set {
+            let i = Int(slot)
+            if i >= values.count {
+                guard newValue != nil else { return }
+                values += repeatElement(nil, count: i + 1 - values.count)
+            }
+            values[i] = newValue
+        }
+    }
+
+    mutating func removeAll() { values.removeAll() }
 }
