@@ -186,6 +186,31 @@ struct FollowTests {
         #expect(rm["removed"]?.int64Value == 1)
     }
 
+    @Test("probes on two files in two directories, interleaved in id order: replacing one moves only its probes")
+    func interleavedPaths() throws {
+        let daemon = try TestDaemon(config: Self.config)
+        let a = daemon.dir + "/app"
+        try FileManager.default.createDirectory(atPath: daemon.dir + "/sub", withIntermediateDirectories: true)
+        let b = daemon.dir + "/sub/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: a)
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: b)
+        let (oldA, oldB) = (inode(a), inode(b))
+        let ids = try daemon.register([spec(a, symbol: "fn_a"), spec(b, symbol: "fn_a"), spec(a, symbol: "fn_b"),
+                                       spec(b, symbol: "fn_b"), spec(b, symbol: "fn_never")])
+        try replace(b, with: try Fixtures.build("target-follow-v2", relative: "target/target.c", flags: ["-DREBUILT=2", "-O0"]))
+        let newB = inode(b)
+        for id in [ids[1], ids[3], ids[4]] {
+            try waitFor("\(id) attached in the new file") { try versions(daemon, id)[newB]?["current"] == .bool(true) }
+        }
+        for id in [ids[0], ids[2]] { #expect(try versions(daemon, id).keys.sorted() == [oldA], "\(id) stays on its file") }
+        #expect(try run([a, "3", "2"]).status == 0)
+        #expect(try run([b, "5", "4"]).status == 0)
+        let hits = try daemon.hits(ids)
+        #expect(hits[ids[0]] == 3 && hits[ids[2]] == 2)
+        #expect(hits[ids[1]] == 5 && hits[ids[3]] == 4 && hits[ids[4]] == 0)
+        #expect(try versions(daemon, ids[1])[oldB] != nil)
+    }
+
     @Test("after a restart, a followed probe whose file was replaced while down is re-resolved in the new file")
     func followsAcrossRestart() throws {
         let dir = try ServiceDaemon.makeDir()
