@@ -36,8 +36,9 @@ public struct ProbeMap: Sendable {
     /// Ids that are not `p<N>` (none are made by this daemon; kept for robustness).
     private var others: [String: ProbeRecord] = [:]
     public private(set) var count = 0
-    /// Consumer names as small numbers for the rows, each with how many records carry it; a name is dropped (and its number reused) when its last record goes, so names that
-    /// come and go (one per CI job, say) do not pile up. Changed only when a record's consumer
+    /// Consumer names as small numbers for the rows, each with how many records carry it. A
+    /// name is dropped (and its number reused) when its last record goes, so names that come
+    /// and go (one per CI job, say) do not pile up. Changed only when a record's consumer
     /// comes or goes, so a batch copies it (shared with the last snapshot) at most once.
     private var consumerKeys: [String: (key: UInt32, records: Int)] = [:]
     private var freeConsumerKeys: [UInt32] = []
