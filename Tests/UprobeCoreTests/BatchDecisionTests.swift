@@ -484,6 +484,34 @@ struct BatchDecisionTests {
         #expect(h.published.load().probes.count == 2, "the unconfirmed registration is taken back out")
     }
 
+    @Test("op queue: a push wakes a writer waiting for work, and one waiting in the window only once the batch is full")
+    func opQueueWakeups() throws {
+        let queue = OpQueue()
+        let taken = Mutex<[Int]>([])
+        let done = DispatchSemaphore(value: 0)
+        // A window far longer than the test: only a wake-up can end it early.
+        let writer = Thread {
+            while let batch = queue.nextBatch(window: .seconds(600), max: 3) {
+                taken.withLock { $0.append(batch.count) }
+                done.signal()
+            }
+            done.signal()
+        }
+        writer.start()
+        usleep(50_000)  // the writer now waits for work
+        #expect(queue.push(.detachFinished))
+        usleep(50_000)
+        // Its window is open; two more fill the batch.
+        #expect(queue.push(.detachFinished))
+        #expect(queue.push(.detachFinished))
+        #expect(done.wait(timeout: .now() + 30) == .success, "a full batch must wake the writer before its window ends")
+        #expect(taken.withLock { $0 } == [3])
+        // Closing wakes it too, whatever it waits for.
+        #expect(queue.close())
+        #expect(done.wait(timeout: .now() + 30) == .success)
+        #expect(!queue.push(.detachFinished))
+    }
+
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")
     func slotAllocator() {
         var a = SlotAllocator(capacity: 8)

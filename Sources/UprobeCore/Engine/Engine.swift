@@ -201,6 +201,16 @@ final class OpQueue: @unchecked Sendable {
     private let cond = NSCondition()
     private var pending: [PendingOp] = []
     private var closed = false
+    /// What the writer waits for, so that `push` wakes it only when that is met. While the
+    /// window gathered a batch, every arriving request signalled the writer, which woke only
+    /// to see that the batch was not full yet and went back to sleep.
+    private var writerWaits = WriterWait.nothing
+
+    private enum WriterWait {
+        case nothing
+        case work
+        case batch(of: Int)
+    }
 
     /// False once the queue is closed (the op was not queued).
     func push(_ op: PendingOp) -> Bool {
@@ -208,7 +218,11 @@ final class OpQueue: @unchecked Sendable {
         defer { cond.unlock() }
         guard !closed else { return false }
         pending.append(op)
-        cond.signal()
+        switch writerWaits {
+        case .work: cond.signal()
+        case .batch(let n) where pending.count >= n: cond.signal()
+        case .batch, .nothing: break  // the window's deadline or the writer's next look finds it
+        }
         return true
     }
 
@@ -227,7 +241,8 @@ final class OpQueue: @unchecked Sendable {
     /// maintenance), nil once closed and drained.
     func nextBatch(window: Duration, max: Int, wakeAt: ContinuousClock.Instant? = nil) -> [PendingOp]? {
         cond.lock()
-        defer { cond.unlock() }
+        defer { writerWaits = .nothing; cond.unlock() }
+        writerWaits = .work
         while pending.isEmpty && !closed {
             if let wakeAt {
                 let secs = (wakeAt - ContinuousClock.now).inSeconds
@@ -240,6 +255,7 @@ final class OpQueue: @unchecked Sendable {
         if pending.isEmpty { return nil }
         let secs = window.inSeconds
         if secs > 0 {
+            writerWaits = .batch(of: max)
             let deadline = Date(timeIntervalSinceNow: secs)
             while pending.count < max && !closed {
                 if !cond.wait(until: deadline) { break }
