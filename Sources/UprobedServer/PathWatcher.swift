@@ -169,10 +169,11 @@ public final class PathWatcher: Sendable {
             let path = cur.path
             let now: FileIdentity?
             if let previous, previous.path == path { now = previous.identity } else {
-                if let slash = path.lastIndex(of: "/") { dirs.insert(slash == path.startIndex ? "/" : String(path[..<slash])) }
                 if let known = identities[path] { now = known } else {
+                    // A path seen for the first time this round: stat it, and watch its directory.
                     now = Self.identity(path)
                     identities[path] = now
+                    if let slash = path.lastIndex(of: "/") { dirs.insert(slash == path.startIndex ? "/" : String(path[..<slash])) }
                 }
                 previous = (path, now)
             }

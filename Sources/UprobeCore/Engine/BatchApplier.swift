@@ -55,9 +55,10 @@ final class BatchApplier {
     /// When the pending detach/merge work must run at the latest (nil: nothing pending).
     private(set) var compactionDue: ContinuousClock.Instant?
     /// The last compaction could do nothing (every dead site is in a link still in hand-off,
-    /// or its rebuilds failed): until a detach round is collected, pending work waits for the delay like any other
-    /// instead of being due at once. The bulk-removal rule made it due after every batch, and
-    /// each rescanned thousands of dead sites for nothing while a merge's old links closed.
+    /// or its rebuilds failed). Until a detach round is collected or a later compaction makes
+    /// progress, pending work waits for the delay like any other instead of being due at once:
+    /// the bulk-removal rule made it due after every batch, and each one rescanned thousands
+    /// of dead sites for nothing while a merge's old links closed.
     private var compactionStalled = false
     private let tuning: EngineConfig
     private var counters = EngineCounters()
