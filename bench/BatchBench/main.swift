@@ -17,6 +17,9 @@ let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingL
 let probes = Int(ProcessInfo.processInfo.environment["BENCH_PROBES"] ?? "") ?? 10_000
 let perfSample = Int(ProcessInfo.processInfo.environment["BENCH_PERF_SAMPLE"] ?? "") ?? 200
 let clients = 16
+/// BENCH_ONLY=churn: only the 16-client churn and the stats poller (no floor, no perf_event, no
+/// one-request cycles), for A/B runs of the churn a few seconds each; prints no table.
+let churnOnly = ProcessInfo.processInfo.environment["BENCH_ONLY"] == "churn"
 /// Cycles of the floor and of the one-request register/unregister (their medians are reported;
 /// the daemon's cold first register runs before them and is reported apart).
 let cycles = 5
@@ -89,7 +92,7 @@ func runBench() {
     // close 60 ms instead of 24): the kernel is still tearing down the previous link's uprobes.
     // A median of three back-to-back cycles landed in either mode from run to run.
     var floorCreate: [Double] = [], floorClose: [Double] = []
-    for _ in 0..<cycles {
+    for _ in 0..<(churnOnly ? 0 : cycles) {
         usleep(settleMicros)
         let t0 = now()
         let link: UprobeMultiLink
@@ -102,12 +105,12 @@ func runBench() {
         let t2 = now()
         floorCreate.append(t1 - t0); floorClose.append(t2 - t1)
     }
-    let floorAttach = median(floorCreate), floorDetach = median(floorClose)
+    let floorAttach = churnOnly ? 0 : median(floorCreate), floorDetach = churnOnly ? 0 : median(floorClose)
 
     // MARK: - one perf_event per probe (sampled)
     print("measuring one perf_event per probe (\(perfSample) probes, extrapolated to \(probes))…")
     var perfOpen = 0.0, perfClose = 0.0
-    do {
+    if !churnOnly { do {
         var events: [PerfEventUprobe] = []
         let t0 = now()
         for i in 0..<perfSample {
@@ -118,7 +121,7 @@ func runBench() {
         let t2 = now()
         perfOpen = (t1 - t0) / Double(perfSample) * Double(probes)
         perfClose = (t2 - t1) / Double(perfSample) * Double(probes)
-    } catch { die("perf_event: \(error)") }
+    } catch { die("perf_event: \(error)") } }
 
     // MARK: - the daemon
     let daemonPath = ProcessInfo.processInfo.environment["UPROBED_BIN"] ?? repo.appendingPathComponent(".build/release/uprobed").path
@@ -175,7 +178,7 @@ func runBench() {
     var coldRegister = 0.0
     do {
         guard let c = try? LineClient(socketPath: socket, timeoutSeconds: 120) else { die("connect") }
-        for cycle in 0...cycles {
+        for cycle in 0...cycles where !churnOnly {
             usleep(settleMicros)
             let t0 = now()
             let line = JSONSerializer.serializeLine(.object(["op": "register", "consumer": "bulk", "probes": .array(specs)]))
@@ -282,6 +285,13 @@ func runBench() {
     let stats = statsLatency.values
 
     // MARK: - report
+    if churnOnly {
+        print(String(format: "churn only: registers %.0f ms, total %.0f ms; CPU uprobed %.2f s, bench %.2f s; writer busy %.2f s; %d batches (mean %.1f); stats of 10000 p50 %.1f ms, p99 %.1f ms (%d calls)",
+                     registerPhase * 1000, churnAck * 1000, daemonCPU, benchCPU, writerBusy, Int(batchesAfter - batchesBefore),
+                     Double(churnRequests) / Double(max(1, batchesAfter - batchesBefore)),
+                     stats.isEmpty ? 0 : percentile(stats, 0.5) * 1000, stats.isEmpty ? 0 : percentile(stats, 0.99) * 1000, stats.count))
+        return
+    }
     let machine = (try? String(contentsOfFile: "/proc/sys/kernel/osrelease", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
     print("")
     print("bench-batch — daemon config: \(daemonConfig.isEmpty ? "defaults" : daemonConfig)")
