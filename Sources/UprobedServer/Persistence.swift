@@ -586,6 +586,12 @@ public final class StatePersister: Sendable {
         /// The snapshot on disk is an older format version: the first change rewrites it rather
         /// than appending lines an older uprobed, finding the old version, would misread.
         var olderSnapshot = false
+        /// Removals done but not on disk: their batch's append failed. The next append carries
+        /// them, and any snapshot rewrite covers them (it holds only live registrations).
+        var unsavedRemovals: [String] = []
+        /// A sync failed. Lines appended before it may have been dropped from the page cache
+        /// with the error, so the next change rewrites the snapshot instead of appending.
+        var rewriteDue = false
         /// Runs appended to the log whose ids and stamps are not in `written`, `stamps` and
         /// `nextID` yet. Entering 10,000 of them took ~3 ms of the writer's time before the
         /// reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
@@ -672,6 +678,7 @@ public final class StatePersister: Sendable {
     /// The engine's sync hook (group commit): makes every line appended so far durable.
     public func sync() throws(StateError) {
         do throws(StateError) { try store.syncLog() } catch {
+            memo.withLock { $0.rewriteDue = true }
             counters.stateWriteFailures.add(1, ordering: .relaxed)
             throw error
         }
@@ -726,21 +733,28 @@ public final class StatePersister: Sendable {
                     i += 1
                 }
             }
-            let removed = snapshot.batchRemoved.filter { m.written.contains($0) }
+            let removed = (m.unsavedRemovals + snapshot.batchRemoved).filter { m.written.contains($0) }
             if added.isEmpty && spliced.isEmpty && removed.isEmpty {
                 m.lastGeneration = snapshot.generation
                 return .success(false)
             }
-            if m.logBytes > max(1 << 20, m.snapshotBytes) || m.olderSnapshot {
+            if m.logBytes > max(1 << 20, m.snapshotBytes) || m.olderSnapshot || m.rewriteDue {
                 let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
-                do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch { return .failure(error) }
+                do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
+                    m.unsavedRemovals = removed
+                    return .failure(error)
+                }
                 return .success(false)
             }
             var files: [String: FileStamp?] = [:]
             let adds = added.map { saved($0, hits: $0.baseHits, memo: &m, files: &files) }
             let done = spliced.map { $0.get() }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: done.map(\.text), remove: removed.sorted())
-            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit) } catch { return .failure(error) }
+            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit) } catch {
+                m.unsavedRemovals = removed
+                return .failure(error)
+            }
+            m.unsavedRemovals.removeAll()
             m.seq += 1
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)
@@ -847,6 +861,8 @@ public final class StatePersister: Sendable {
         m.snapshotBytes = store.size(store.path)
         m.logBytes = 0
         m.olderSnapshot = false
+        m.unsavedRemovals.removeAll()
+        m.rewriteDue = false
         m.lastGeneration = snapshot.generation
     }
 }

@@ -268,9 +268,16 @@ public struct RequestHandler: Sendable {
         let authorize: @Sendable (ProbeRecord) -> Bool = { r in isAdmin || r.owner.uid == peer.uid }
         switch await engine.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize) {
         case .failure(let e): return .failure(Self.protocolError(e))
-        case .success(let n):
-            logger.info("probes unregistered", metadata: ["count": "\(n)", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
-            return .success(["removed": .int(Int64(n))])
+        case .success(let removal):
+            logger.info("probes unregistered", metadata: ["count": "\(removal.count)", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
+            var reply: JSONObject = ["removed": .int(Int64(removal.count))]
+            if let why = removal.unsaved {
+                // Removed all the same: saying otherwise would have the client retry a removal
+                // that happened, or believe its probes still count.
+                logger.warning("probes unregistered but not saved", metadata: ["count": "\(removal.count)", "reason": "\(why)"])
+                reply["warning"] = .string("removed, but not saved yet (\(why)); a restart before the next successful save would bring them back")
+            }
+            return .success(reply)
         }
     }
 

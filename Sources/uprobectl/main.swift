@@ -174,6 +174,7 @@ extension UprobeCtl {
             if let consumer { req["consumer"] = .string(consumer) } else { req["probes"] = .array(ids.map { .string($0) }) }
             let reply = try global.call(req)
             if !global.json { print("removed \(text(reply["removed"]))") }
+            if let w = reply["warning"]?.stringValue { FileHandleStderr.write("uprobectl: warning: \(w)\n") }
         }
     }
 

@@ -257,6 +257,32 @@ struct ServicePersistenceTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("an unregister whose state write fails is done and says it is not saved; the next save carries it, so a restart does not bring it back")
+    func unsavedRemovalIsCarried() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        let a = try d.register([spec(target, symbol: "fn_a")])
+        let b = try d.register([spec(target, symbol: "fn_b")])
+        // As above: a directory where the log must be makes the write fail.
+        let log = d.stateDir + "/state.log"
+        #expect(rename(log, log + ".aside") == 0)
+        try FileManager.default.createDirectory(atPath: log, withIntermediateDirectories: false)
+        let removed = try d.call(["op": "unregister", "probes": .array(b.map { .string($0) })])
+        #expect(removed["ok"] == .bool(true), "\(removed)")
+        #expect(removed["removed"] == .int(1))
+        #expect(removed["warning"]?.stringValue?.contains("not saved") == true, "\(removed)")
+        #expect(try d.list().keys.sorted() == a, "removed from the daemon all the same")
+        try FileManager.default.removeItem(atPath: log)
+        #expect(rename(log + ".aside", log) == 0)
+        let c = try d.register([spec(target, symbol: "fn_never")])  // its save carries the removal
+        d.kill9()
+        d = try ServiceDaemon(dir: dir)
+        #expect(Set(try d.list().keys) == Set(a + c))
+        #expect(d.stop() == 0)
+    }
+
     @Test("a corrupt state file stops the start with a clear message and is left untouched; --move-corrupt-state moves it aside")
     func corruptStateRefusesToStart() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -116,8 +116,8 @@ final class Harness {
         return box.withLock { d in (0..<requests.count).compactMap { d[$0] } }
     }
 
-    func unregister(_ ids: [String]) -> Result<Int, EngineError>? {
-        let box = Mutex<Result<Int, EngineError>?>(nil)
+    func unregister(_ ids: [String]) -> Result<Removal, EngineError>? {
+        let box = Mutex<Result<Removal, EngineError>?>(nil)
         applier.apply([.unregister(ids: ids, consumer: nil, peer: .daemon, authorize: { _ in true },
                                    reply: { r in box.withLock { $0 = r } })])
         return box.withLock { $0 }
@@ -442,6 +442,41 @@ struct BatchDecisionTests {
         #expect(h.tree.count == 0)
         h.applier.compact(wait: true)
         #expect(h.kernel.openSlots.isEmpty, "the attached link is closed")
+    }
+
+    @Test("a removal whose state write or sync fails is still done and acknowledged, saying it is not saved")
+    func unsavedRemoval() throws {
+        struct DiskFull: Error {}
+        let failing = Mutex(false)
+        let h = Harness(persist: { _ in if failing.withLock({ $0 }) { throw DiskFull() } })
+        let ids = try h.registerBatch([[item("/a", inode: 1, offsets: [0x10])], [item("/a", inode: 1, offsets: [0x20])]])
+            .map { try #require(try $0.get().first?.id) }
+        let saved = try #require(try h.unregister([ids[0]])?.get())
+        #expect(saved == Removal(count: 1, unsaved: nil))
+        failing.withLock { $0 = true }
+        let unsaved = try #require(try h.unregister([ids[1]])?.get())
+        #expect(unsaved.count == 1)
+        #expect(unsaved.unsaved?.contains("could not be written") == true, "\(unsaved)")
+        #expect(h.published.load().probes.isEmpty, "removed all the same")
+
+        let gate = DispatchSemaphore(value: 0)
+        let g = Harness(sync: { gate.wait(); if failing.withLock({ $0 }) { throw DiskFull() } }, requeue: { _ in })
+        failing.withLock { $0 = false }
+        let id = Mutex<String?>(nil)
+        g.applier.apply([.register(items: [item("/a", inode: 1, offsets: [0x10])], consumer: nil, peer: .daemon, early: nil,
+                                   reply: { r in id.withLock { $0 = (try? r.get())?.first?.id } })])
+        gate.signal()
+        g.applier.waitForCommits()
+        let registered = try #require(id.withLock { $0 })
+        failing.withLock { $0 = true }
+        let removal = Mutex<Result<Removal, EngineError>?>(nil)
+        g.applier.apply([.unregister(ids: [registered], consumer: nil, peer: .daemon, authorize: { _ in true },
+                                     reply: { r in removal.withLock { $0 = r } })])
+        gate.signal()
+        g.applier.waitForCommits()
+        let synced = try #require(try removal.withLock { $0 }?.get())
+        #expect(synced.count == 1)
+        #expect(synced.unsaved?.contains("could not be synced") == true, "\(synced)")
     }
 
     @Test("group commit: replies wait for the sync, the writer does not; a failed sync refuses and takes back")

@@ -18,7 +18,7 @@ enum PendingOp: Sendable {
     /// Registrations from the state file, with their ids; each one is atomic on its own.
     case restore(items: [RestoreItem], nextIDFloor: UInt64, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
     case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
-                    reply: @Sendable (Result<Int, EngineError>) -> Void)
+                    reply: @Sendable (Result<Removal, EngineError>) -> Void)
     /// The path watcher's changes to existing registrations (see `FollowChange`).
     case follow(changes: [FollowChange], reply: @Sendable () -> Void)
     /// Wakes the writer: a detach round finished on the detach worker.
@@ -167,7 +167,7 @@ final class BatchApplier {
 
         // Phase A: plan. Allocate slots for registrations; validate removals.
         var registers: [PlannedRegister] = []
-        var removals: [(ids: [String], reply: @Sendable (Result<Int, EngineError>) -> Void)] = []
+        var removals: [(ids: [String], reply: @Sendable (Result<Removal, EngineError>) -> Void)] = []
         var removedInBatch: Set<String> = []
         var newSlots: [UInt32] = []
         for (n, op) in batch.enumerated() {
@@ -372,6 +372,7 @@ final class BatchApplier {
             + restored.values.flatMap { $0.compactMap { try? $0.get() } }
         snapshot.batchRemoved = removedIDs
         var persistError: EngineError? = nil
+        var unsavedRemoval: String? = nil
         let persistStarted = ContinuousClock.now
         do {
             defer { counters.persistMicros += (ContinuousClock.now - persistStarted).microseconds }
@@ -380,6 +381,7 @@ final class BatchApplier {
             logger.error("saving state failed", metadata: ["error": "\(error)"])
             persistError = EngineError(code: "state_write_failed",
                                        message: "the state file could not be written, so these probes were not registered: \(error)")
+            unsavedRemoval = "the state file could not be written: \(error)"
             // The clients are told their registrations failed: take them back out (they are
             // detached by the next compaction) instead of leaving them counting unacknowledged.
             for records in created.values {
@@ -408,11 +410,14 @@ final class BatchApplier {
         for (n, op) in batch.enumerated() {
             if case .restore(_, _, let reply) = op { restoreReplies.append((reply, restored[n] ?? [])) }
         }
+        // Removals happened whether or not they were saved: the kernel no longer counts them.
+        // An unsaved one is still acknowledged, with the reason; the persister carries it into
+        // the next save.
         let removalReplies = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
-        let replyAll: @Sendable () -> Void = { [registerReplies, restoreReplies] in
+        let replyAll: @Sendable () -> Void = { [registerReplies, restoreReplies, unsavedRemoval] in
             for r in registerReplies { r.reply(r.result) }
             for r in restoreReplies { r.reply(r.results) }
-            for r in removalReplies { r.reply(.success(r.count)) }
+            for r in removalReplies { r.reply(.success(Removal(count: r.count, unsaved: unsavedRemoval))) }
         }
         if let committer, persistError == nil {
             let logger = self.logger, requeue = self.requeue
@@ -433,7 +438,9 @@ final class BatchApplier {
                 }
                 // Restored registrations were on disk already; removals did happen.
                 for r in restoreReplies { r.reply(r.results) }
-                for r in removalReplies { r.reply(.success(r.count)) }
+                for r in removalReplies {
+                    r.reply(.success(Removal(count: r.count, unsaved: "the state file could not be synced: \(why)")))
+                }
                 // One removal per id: an unregister by ids fails whole if one is already gone
                 // (another client may have removed it by consumer meanwhile).
                 for id in undo {

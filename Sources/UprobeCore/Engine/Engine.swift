@@ -104,8 +104,8 @@ public final class Engine: Sendable {
 
     /// Unregisters by ids (all must exist) or by consumer name. `authorize` is asked for each probe.
     public func unregister(ids: [String]?, consumer: String?, peer: Peer,
-                           authorize: @escaping @Sendable (ProbeRecord) -> Bool = { _ in true }) async -> Result<Int, EngineError> {
-        await withCheckedContinuation { (cont: CheckedContinuation<Result<Int, EngineError>, Never>) in
+                           authorize: @escaping @Sendable (ProbeRecord) -> Bool = { _ in true }) async -> Result<Removal, EngineError> {
+        await withCheckedContinuation { (cont: CheckedContinuation<Result<Removal, EngineError>, Never>) in
             let accepted = queue.push(.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize,
                                                   reply: { cont.resume(returning: $0) }))
             if !accepted { cont.resume(returning: .failure(Self.stopping)) }

@@ -2,6 +2,20 @@ import UprobeELF
 
 /// A failed engine operation, with a stable code and (when one probe is to blame) its index
 /// in the request.
+/// What an unregister did.
+public struct Removal: Sendable, Equatable {
+    /// Registrations removed; their probes no longer count and are detached from the kernel.
+    public var count: Int
+    /// Why the removal is not saved in the state file yet, if it is not: a restart before the
+    /// next successful save (the next change's, a checkpoint's or the final one) would bring
+    /// these registrations back.
+    public var unsaved: String?
+    public init(count: Int, unsaved: String? = nil) {
+        self.count = count
+        self.unsaved = unsaved
+    }
+}
+
 public struct EngineError: Error, Sendable, Equatable {
     public var code: String
     public var message: String
