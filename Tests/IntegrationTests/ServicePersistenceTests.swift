@@ -232,6 +232,20 @@ struct ServicePersistenceTests {
         #expect(d.stop() == 0)
     }
 
+    /// Runs `body` while the daemon's state writes fail: a directory stands where the log file
+    /// must be (root ignores permission bits, so a read-only file would not fail). The log is
+    /// put back afterwards.
+    static func withStateWritesFailing<T>(_ d: ServiceDaemon, _ body: () throws -> T) throws -> T {
+        let log = d.stateDir + "/state.log"
+        #expect(rename(log, log + ".aside") == 0)
+        try FileManager.default.createDirectory(atPath: log, withIntermediateDirectories: false)
+        defer {
+            try? FileManager.default.removeItem(atPath: log)
+            #expect(rename(log + ".aside", log) == 0)
+        }
+        return try body()
+    }
+
     @Test("a registration refused with state_write_failed is never saved, so a restart does not bring it back")
     func failedWriteIsNotResurrected() throws {
         let dir = try ServiceDaemon.makeDir()
@@ -239,15 +253,10 @@ struct ServicePersistenceTests {
         let target = try Self.target(in: dir)
         var d = try ServiceDaemon(dir: dir)
         let a = try d.register([spec(target, symbol: "fn_a")])
-        // A directory where the log file must be makes the next write fail (root ignores
-        // permission bits, so a read-only file would not). The log is put back afterwards.
-        let log = d.stateDir + "/state.log"
-        #expect(rename(log, log + ".aside") == 0)
-        try FileManager.default.createDirectory(atPath: log, withIntermediateDirectories: false)
-        let refused = try d.call(["op": "register", "consumer": "svc-unsaved", "probes": [spec(target, symbol: "fn_b")]])
+        let refused = try Self.withStateWritesFailing(d) {
+            try d.call(["op": "register", "consumer": "svc-unsaved", "probes": [spec(target, symbol: "fn_b")]])
+        }
         #expect(errorCode(refused) == "state_write_failed", "\(refused)")
-        try FileManager.default.removeItem(atPath: log)
-        #expect(rename(log + ".aside", log) == 0)
         let c = try d.register([spec(target, symbol: "fn_never")])
         d.kill9()
         d = try ServiceDaemon(dir: dir)
@@ -265,17 +274,13 @@ struct ServicePersistenceTests {
         var d = try ServiceDaemon(dir: dir)
         let a = try d.register([spec(target, symbol: "fn_a")])
         let b = try d.register([spec(target, symbol: "fn_b")])
-        // As above: a directory where the log must be makes the write fail.
-        let log = d.stateDir + "/state.log"
-        #expect(rename(log, log + ".aside") == 0)
-        try FileManager.default.createDirectory(atPath: log, withIntermediateDirectories: false)
-        let removed = try d.call(["op": "unregister", "probes": .array(b.map { .string($0) })])
+        let removed = try Self.withStateWritesFailing(d) {
+            try d.call(["op": "unregister", "probes": .array(b.map { .string($0) })])
+        }
         #expect(removed["ok"] == .bool(true), "\(removed)")
         #expect(removed["removed"] == .int(1))
         #expect(removed["warning"]?.stringValue?.contains("not saved") == true, "\(removed)")
         #expect(try d.list().keys.sorted() == a, "removed from the daemon all the same")
-        try FileManager.default.removeItem(atPath: log)
-        #expect(rename(log + ".aside", log) == 0)
         let c = try d.register([spec(target, symbol: "fn_never")])  // its save carries the removal
         d.kill9()
         d = try ServiceDaemon(dir: dir)
