@@ -7,6 +7,8 @@
 //   - uprobed end to end through its socket: one 10,000-probe request, and 10,000 single-probe
 //     requests from 16 concurrent clients; plus `stats` latency while that churn runs.
 // Not a timed test: it prints a table; docs/BENCHMARKS.md records it.
+// Environment: UPROBED_BIN (the daemon to run), BENCH_DAEMON_CONFIG (its config lines, ';'-separated),
+// BENCH_PROBES, BENCH_PERF_SAMPLE, BENCH_ONLY=churn (only the churn, one line out).
 import Foundation
 import UprobeELF
 import UprobeKernel
@@ -84,7 +86,7 @@ func runBench() {
     let resolveTime = now() - resolveStart
 
     // MARK: - kernel floor
-    print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…")
+    if !churnOnly { print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…") }
     let program: CounterProgram
     do { program = try CounterProgram(capacity: UInt32(max(65_536, probes * 2))) } catch { die("\(error)") }
     // Each cycle starts from a quiet kernel, as each daemon register below does. Back to back,
@@ -108,7 +110,7 @@ func runBench() {
     let floorAttach = churnOnly ? 0 : median(floorCreate), floorDetach = churnOnly ? 0 : median(floorClose)
 
     // MARK: - one perf_event per probe (sampled)
-    print("measuring one perf_event per probe (\(perfSample) probes, extrapolated to \(probes))…")
+    if !churnOnly { print("measuring one perf_event per probe (\(perfSample) probes, extrapolated to \(probes))…") }
     var perfOpen = 0.0, perfClose = 0.0
     if !churnOnly { do {
         var events: [PerfEventUprobe] = []
@@ -167,7 +169,7 @@ func runBench() {
         parseTimes.append(now() - t0)
     }
 
-    print("measuring uprobed: one \(probes)-probe request…")
+    if !churnOnly { print("measuring uprobed: one \(probes)-probe request…") }
     var oneRegister: [Double] = [], oneUnregisterAck: [Double] = [], oneDetached: [Double] = []
     // The end-to-end time split three ways: this client writing the request line, the line
     // sent until the whole reply line is back (the daemon's part), this client parsing it.

@@ -1,7 +1,5 @@
 import UprobeELF
 
-/// A failed engine operation, with a stable code and (when one probe is to blame) its index
-/// in the request.
 /// What an unregister did.
 public struct Removal: Sendable, Equatable {
     /// Registrations removed; their probes no longer count and are detached from the kernel.
@@ -16,6 +14,8 @@ public struct Removal: Sendable, Equatable {
     }
 }
 
+/// A failed engine operation, with a stable code and (when one probe is to blame) its index
+/// in the request.
 public struct EngineError: Error, Sendable, Equatable {
     public var code: String
     public var message: String
