@@ -203,6 +203,35 @@ struct StateFileTests {
         #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
     }
 
+    @Test("after a failed fsync the next change rewrites the snapshot instead of appending to the log")
+    func rewriteAfterFailedSync() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = StateStore(dir: dir)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
+        var snap = RegistrySnapshot()
+        snap.generation = 1
+        snap.batchAdded = Self.records(20..<21, path: dir)
+        for r in snap.batchAdded { snap.probes.insert(r) }
+        try persister.persist(snap)
+        // The sync opens the log by name: a directory there makes it fail (root ignores modes).
+        #expect(rename(store.logPath, store.logPath + ".aside") == 0)
+        try FileManager.default.createDirectory(atPath: store.logPath, withIntermediateDirectories: false)
+        #expect(throws: StateError.self) { try persister.sync() }
+        try FileManager.default.removeItem(atPath: store.logPath)
+        #expect(rename(store.logPath + ".aside", store.logPath) == 0)
+
+        snap.generation = 2
+        snap.batchAdded = Self.records(21..<22, path: dir)
+        for r in snap.batchAdded { snap.probes.insert(r) }
+        try persister.persist(snap)
+        try persister.sync()
+        let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
+        #expect(onDisk.contains(#""p20""#) && onDisk.contains(#""p21""#), "the snapshot holds both")
+        #expect(store.size(store.logPath) == 0, "nothing appended after the failed sync")
+        #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
+    }
+
     @Test("next_id: kept as saved, never below the highest saved or logged id; old files without it get one")
     func nextIDFloor() throws {
         var old = Self.sample
