@@ -192,9 +192,7 @@ struct StateFileTests {
         let restored = try #require(try store.load())
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored, groupCommit: true)
         var snap = RegistrySnapshot()
-        snap.generation = 1
-        snap.batchAdded = Self.records(20..<22, path: dir)
-        for r in snap.batchAdded { snap.probes.insert(r) }
+        snap.add(Self.records(20..<22, path: dir), generation: 1)
         try persister.persist(snap)
         try persister.sync()
         let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
@@ -210,9 +208,7 @@ struct StateFileTests {
         let store = StateStore(dir: dir)
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
         var snap = RegistrySnapshot()
-        snap.generation = 1
-        snap.batchAdded = Self.records(20..<21, path: dir)
-        for r in snap.batchAdded { snap.probes.insert(r) }
+        snap.add(Self.records(20..<21, path: dir), generation: 1)
         try persister.persist(snap)
         // The sync opens the log by name: a directory there makes it fail (root ignores modes).
         #expect(rename(store.logPath, store.logPath + ".aside") == 0)
@@ -221,9 +217,7 @@ struct StateFileTests {
         try FileManager.default.removeItem(atPath: store.logPath)
         #expect(rename(store.logPath + ".aside", store.logPath) == 0)
 
-        snap.generation = 2
-        snap.batchAdded = Self.records(21..<22, path: dir)
-        for r in snap.batchAdded { snap.probes.insert(r) }
+        snap.add(Self.records(21..<22, path: dir), generation: 2)
         try persister.persist(snap)
         try persister.sync()
         let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
@@ -547,5 +541,14 @@ struct PathWatcherTests {
         #expect(!pinned.follow && pinned.json.objectValue?["follow"] == .bool(false))
         #expect(RequestHandler.input(pinned).follow == false)
         #expect(throws: ProtocolError.self) { try ProbeSpec(json: .object(["path": "/bin/x", "symbol": "f", "follow": 1]), context: "p") }
+    }
+}
+
+extension RegistrySnapshot {
+    /// Makes this the snapshot of the next batch, one that registered `records`.
+    mutating func add(_ records: [ProbeRecord], generation: UInt64) {
+        self.generation = generation
+        batchAdded = records
+        for r in records { probes.insert(r) }
     }
 }

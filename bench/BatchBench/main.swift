@@ -62,6 +62,52 @@ func cpuSeconds(pid: Int32) -> Double {
 
 func ownCPUSeconds() -> Double { cpuSeconds(pid: getpid()) }
 
+/// What uprobed is compared with: the kernel floor (one raw uprobe_multi link create/close of
+/// all offsets, per cycle) and one perf_event per probe (sampled, extrapolated to `probes`).
+struct Baselines {
+    var floorCreate: [Double] = [], floorClose: [Double] = []
+    var perfOpen = 0.0, perfClose = 0.0
+
+    static func measure(binary: String, offsets: [UInt64]) -> Baselines {
+        var b = Baselines()
+        print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…")
+        let program: CounterProgram
+        do { program = try CounterProgram(capacity: UInt32(max(65_536, probes * 2))) } catch { die("\(error)") }
+        // Each cycle starts from a quiet kernel, as each daemon register below does. Back to back,
+        // a create that follows a close within ~20 ms takes 4.5 ms instead of ~11.5 ms (and its
+        // close 60 ms instead of 24): the kernel is still tearing down the previous link's uprobes.
+        // A median of three back-to-back cycles landed in either mode from run to run.
+        for _ in 0..<cycles {
+            usleep(settleMicros)
+            let t0 = now()
+            let link: UprobeMultiLink
+            do {
+                link = try program.attach(path: binary, offsets: offsets, refCtrOffsets: nil, slots: (0..<UInt32(probes)).map { $0 },
+                                          pid: nil, retprobe: false)
+            } catch { die("\(error)") }
+            let t1 = now()
+            link.close()
+            let t2 = now()
+            b.floorCreate.append(t1 - t0); b.floorClose.append(t2 - t1)
+        }
+
+        print("measuring one perf_event per probe (\(perfSample) probes, extrapolated to \(probes))…")
+        do {
+            var events: [PerfEventUprobe] = []
+            let t0 = now()
+            for i in 0..<perfSample {
+                events.append(try PerfEventUprobe(program: program, path: binary, offset: offsets[i], slot: UInt32(i), pid: nil, retprobe: false))
+            }
+            let t1 = now()
+            for e in events { e.close() }  // one by one, as per-probe tools do
+            let t2 = now()
+            b.perfOpen = (t1 - t0) / Double(perfSample) * Double(probes)
+            b.perfClose = (t2 - t1) / Double(perfSample) * Double(probes)
+        } catch { die("perf_event: \(error)") }
+        return b
+    }
+}
+
 func runBench() {
     // MARK: - the target binary: 10,000 distinct functions
     let work = NSTemporaryDirectory() + "bench-batch-\(getpid())"
@@ -85,45 +131,11 @@ func runBench() {
     }
     let resolveTime = now() - resolveStart
 
-    // MARK: - kernel floor
-    if !churnOnly { print("measuring kernel floor (raw uprobe_multi link, \(probes) offsets)…") }
-    let program: CounterProgram
-    do { program = try CounterProgram(capacity: UInt32(max(65_536, probes * 2))) } catch { die("\(error)") }
-    // Each cycle starts from a quiet kernel, as each daemon register below does. Back to back,
-    // a create that follows a close within ~20 ms takes 4.5 ms instead of ~11.5 ms (and its
-    // close 60 ms instead of 24): the kernel is still tearing down the previous link's uprobes.
-    // A median of three back-to-back cycles landed in either mode from run to run.
-    var floorCreate: [Double] = [], floorClose: [Double] = []
-    for _ in 0..<(churnOnly ? 0 : cycles) {
-        usleep(settleMicros)
-        let t0 = now()
-        let link: UprobeMultiLink
-        do {
-            link = try program.attach(path: binary, offsets: offsets, refCtrOffsets: nil, slots: (0..<UInt32(probes)).map { $0 },
-                                      pid: nil, retprobe: false)
-        } catch { die("\(error)") }
-        let t1 = now()
-        link.close()
-        let t2 = now()
-        floorCreate.append(t1 - t0); floorClose.append(t2 - t1)
-    }
+    // The yardsticks, skipped in churn-only mode (`Baselines()` is empty then).
+    let baselines = churnOnly ? Baselines() : Baselines.measure(binary: binary, offsets: offsets)
+    let floorCreate = baselines.floorCreate, floorClose = baselines.floorClose
+    let perfOpen = baselines.perfOpen, perfClose = baselines.perfClose
     let floorAttach = churnOnly ? 0 : median(floorCreate), floorDetach = churnOnly ? 0 : median(floorClose)
-
-    // MARK: - one perf_event per probe (sampled)
-    if !churnOnly { print("measuring one perf_event per probe (\(perfSample) probes, extrapolated to \(probes))…") }
-    var perfOpen = 0.0, perfClose = 0.0
-    if !churnOnly { do {
-        var events: [PerfEventUprobe] = []
-        let t0 = now()
-        for i in 0..<perfSample {
-            events.append(try PerfEventUprobe(program: program, path: binary, offset: offsets[i], slot: UInt32(i), pid: nil, retprobe: false))
-        }
-        let t1 = now()
-        for e in events { e.close() }  // one by one, as per-probe tools do
-        let t2 = now()
-        perfOpen = (t1 - t0) / Double(perfSample) * Double(probes)
-        perfClose = (t2 - t1) / Double(perfSample) * Double(probes)
-    } catch { die("perf_event: \(error)") } }
 
     // MARK: - the daemon
     let daemonPath = ProcessInfo.processInfo.environment["UPROBED_BIN"] ?? repo.appendingPathComponent(".build/release/uprobed").path
