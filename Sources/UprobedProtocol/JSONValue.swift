@@ -57,6 +57,8 @@ public struct JSONObject: Sendable, Hashable, ExpressibleByDictionaryLiteral {
     public private(set) var pairs: [(key: String, value: JSONValue)]
 
     public init() { pairs = [] }
+    /// The pairs as given, in order (the parser has already merged duplicate keys).
+    init(pairs: [(key: String, value: JSONValue)]) { self.pairs = pairs }
     public init(dictionaryLiteral elements: (String, JSONValue)...) {
         pairs = elements.map { (key: $0.0, value: $0.1) }
     }

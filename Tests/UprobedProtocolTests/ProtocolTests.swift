@@ -177,6 +177,12 @@ struct JSONTests {
         let o = try #require(try JSONParser.parse(#"{"a":1,"b":2,"a":3}"#).objectValue)
         #expect(o.keys == ["a", "b"])
         #expect(o["a"] == .int(3) && o["b"] == .int(2))
+        // Each object merges only its own keys, however deep it sits inside another that has
+        // the same keys before it.
+        let nested = try JSONParser.parse(#"{"a":0,"b":[{"a":{"a":1,"b":2,"a":3},"b":[1,[2]],"a":4}],"c":{}}"#)
+        #expect(JSONSerializer.serialize(nested) == #"{"a":0,"b":[{"a":4,"b":[1,[2]]}],"c":{}}"#)
+        let inner = try JSONParser.parse(#"{"a":0,"b":1,"x":{"b":2,"a":1,"a":2}}"#)
+        #expect(JSONSerializer.serialize(inner) == #"{"a":0,"b":1,"x":{"b":2,"a":2}}"#)
     }
 
     @Test("integers at the edges serialize exactly")
