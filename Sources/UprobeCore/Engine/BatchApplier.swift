@@ -878,8 +878,16 @@ final class BatchApplier {
     /// Whether a group has more small links than it should (many small batches each added
     /// one). Big links are never rebuilt just to merge: that would make every merge cost the
     /// size of the biggest registration on the binary.
+    /// Asked for every group after every batch, so it counts in place and stops at the limit
+    /// (listing the small links allocated two arrays per group per batch).
     private func groupNeedsMerge(_ g: LinkGroupKey) -> Bool {
-        smallLinks(of: g).count > tuning.maxLinksPerGroup
+        var small = 0
+        for id in groupLinks[g] ?? [] {
+            guard let l = links[id], l.sites.count <= tuning.mergeLinksUpTo else { continue }
+            small += 1
+            if small > tuning.maxLinksPerGroup { return true }
+        }
+        return false
     }
 
     private func smallLinks(of g: LinkGroupKey) -> [LinkRecord] {
