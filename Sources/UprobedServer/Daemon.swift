@@ -95,7 +95,7 @@ public final class UprobedService: Service, Sendable {
                                           minWatchIntervalMs: config.minWatchIntervalMs),
             logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue)
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
-                                  minWatchIntervalMs: config.minWatchIntervalMs)
+                                  minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes)
 
         if let saved {
             // Also with no registrations left: the restore carries the id floor.
@@ -347,6 +347,7 @@ final class Reloader: Sendable {
         if a.stateCheckpointSeconds != b.stateCheckpointSeconds { out.append("state_checkpoint_s") }
         if a.maxLineBytes != b.maxLineBytes { out.append("max_line_bytes") }
         if a.maxProbesPerRequest != b.maxProbesPerRequest { out.append("max_probes_per_request") }
+        if a.sendBufferBytes != b.sendBufferBytes { out.append("send_buffer_bytes") }
         if a.maxGlobMatches != b.maxGlobMatches { out.append("max_glob_matches") }
         if a.batchWindowMicros != b.batchWindowMicros { out.append("batch_window_us") }
         if a.maxBatchRequests != b.maxBatchRequests { out.append("max_batch_requests") }

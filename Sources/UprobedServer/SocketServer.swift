@@ -23,16 +23,19 @@ final class SocketServer: Sendable {
     private let logger: Logger
     private let maxLineBytes: Int
     private let minWatchIntervalMs: Int
+    /// SO_SNDBUF for each connection (0: the kernel's default); see `run`.
+    private let sendBufferBytes: Int
     /// Open connections, so a graceful shutdown can stop their input after the current request.
     private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
     private let listener = Mutex<(any Channel)?>(nil)
     private let stopping = Atomic<Bool>(false)
 
-    init(handler: RequestHandler, logger: Logger, maxLineBytes: Int, minWatchIntervalMs: Int) {
+    init(handler: RequestHandler, logger: Logger, maxLineBytes: Int, minWatchIntervalMs: Int, sendBufferBytes: Int = 0) {
         self.handler = handler
         self.logger = logger
         self.maxLineBytes = maxLineBytes
         self.minWatchIntervalMs = minWatchIntervalMs
+        self.sendBufferBytes = sendBufferBytes
     }
 
     typealias Connection = NIOAsyncChannel<LineFrame, ByteBuffer>
@@ -53,6 +56,7 @@ final class SocketServer: Sendable {
     /// then serves until `stop()`.
     func run(endpoint: Endpoint, group: MultiThreadedEventLoopGroup, ready: @Sendable () -> Void) async throws {
         let maxLine = maxLineBytes
+        let sendBuffer = sendBufferBytes
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
         // Credentials are taken here, on the event loop before the first read: a client that
@@ -60,6 +64,12 @@ final class SocketServer: Sendable {
         // socket options can no longer be read.
         let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
             Self.identity(channel).flatMapThrowing { who in
+                // A send buffer that holds a whole `stats` reply: with the default (208 KiB) a
+                // reply for 10,000 probes went out in several writes, each waiting for the client
+                // to drain the last, and during a register churn every wait was a round of
+                // wake-ups between the event loop and that client. Best effort: a refused size
+                // leaves the default, which only costs speed.
+                if sendBuffer > 0 { try? channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: sendBuffer) }
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFramer(maxLength: maxLine)))
                 return Accepted(connection: try Connection(wrappingChannelSynchronously: channel,
                                                            configuration: .init(isOutboundHalfClosureEnabled: false)),

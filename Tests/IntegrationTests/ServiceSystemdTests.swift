@@ -47,6 +47,35 @@ struct ServiceSystemdTests {
         #expect(FileManager.default.fileExists(atPath: dir + "/state/state.json"), "state not saved at stop")
     }
 
+    @Test("send_buffer_bytes: each connection's send buffer on the daemon's side is what the kernel grants for it (ss -x -m); 0 keeps the kernel's default")
+    func sendBuffer() throws {
+        func readInt(_ path: String) throws -> Int {
+            guard let n = Int(try String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)) else {
+                throw TestFailure("cannot read \(path)")
+            }
+            return n
+        }
+        let wmemMax = try readInt("/proc/sys/net/core/wmem_max"), wmemDefault = try readInt("/proc/sys/net/core/wmem_default")
+        // The kernel doubles a granted SO_SNDBUF (bookkeeping overhead) and caps the request at wmem_max.
+        for (asked, expected) in [(1_048_576, 2 * min(1_048_576, wmemMax)), (0, wmemDefault)] {
+            let d = try TestDaemon(config: "send_buffer_bytes = \(asked)\n")
+            let c = try d.client()
+            _ = try c.call(["op": "status"])  // accepted, and its options set before the first read
+            let ss = try run(["/bin/ss", "-x", "-m", "-p", "-n"])
+            let pid = d.process.processIdentifier
+            // The daemon's end of the connection: listed under its socket path and its pid.
+            let mine = ss.out.split(separator: "\n").filter {
+                $0.contains("ESTAB") && $0.contains(d.socket) && $0.contains("pid=\(pid),")
+            }
+            #expect(mine.count == 1, "\(ss.out)")
+            let granted = mine.first.flatMap { line in
+                line.firstRange(of: /tb(\d+)/).flatMap { Int(line[$0].dropFirst(2)) }
+            }
+            #expect(granted == expected, "send_buffer_bytes = \(asked): \(mine)")
+            withExtendedLifetime(c) {}
+        }
+    }
+
     @Test("socket activation: the daemon serves on the fd systemd-socket-activate passes and binds nothing itself")
     func socketActivation() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -11,7 +11,7 @@ struct ConfigTests {
         // Parse onto a base where every field differs from the default: every key must be present.
         var scrambled = DaemonConfig()
         scrambled.socketPath = "/x"; scrambled.socketMode = 0o600; scrambled.stateDir = "/y"
-        scrambled.maxLineBytes = 2048; scrambled.maxProbesPerRequest = 1; scrambled.maxGlobMatches = 1
+        scrambled.maxLineBytes = 2048; scrambled.maxProbesPerRequest = 1; scrambled.maxGlobMatches = 1; scrambled.sendBufferBytes = 5
         scrambled.batchWindowMicros = 1; scrambled.maxBatchRequests = 1; scrambled.compactionDelayMs = 1; scrambled.maxLinksPerGroup = 1; scrambled.slotCapacity = 16
         scrambled.minWatchIntervalMs = 1; scrambled.logLevel = "error"
         scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
