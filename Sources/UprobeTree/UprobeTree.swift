@@ -1,6 +1,9 @@
 // The safe API of the uprobes tree.
 
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The daemon's uprobes tree: an ordered map from ``UprobeKey`` to the uprobe's consumers.
 ///
@@ -33,9 +36,23 @@ public final class UprobeTree: Sendable {
     let root: PaddedAtomicWord
     let writerBox: WriterBox
 
-    final class WriterBox: Sendable {
-        let mutex: Mutex<WriterState>
-        init() { mutex = Mutex(WriterState()) }
+    /// The writer's lock and what it guards. A pthread mutex rather than `Mutex`:
+    /// ThreadSanitizer does not see the Synchronization module's futex lock, and reported the
+    /// writer's `apply` and the detach worker's `synchronize` as racing on `WriterState`.
+    final class WriterBox: @unchecked Sendable {
+        // @unchecked: `state` is only touched with `lock` held.
+        private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        private var state = WriterState()
+        init() { pthread_mutex_init(lock, nil) }
+        deinit {
+            pthread_mutex_destroy(lock)
+            lock.deallocate()
+        }
+        func withLock<R>(_ body: (inout WriterState) throws -> R) rethrows -> R {
+            pthread_mutex_lock(lock)
+            defer { pthread_mutex_unlock(lock) }
+            return try body(&state)
+        }
     }
 
 
@@ -56,7 +73,7 @@ public final class UprobeTree: Sendable {
 
     deinit {
         // No reader can be inside: `read` holds a strong reference to `self` while it runs.
-        writerBox.mutex.withLock { $0.reclaimer.freeAllUnconditionally() }
+        writerBox.withLock { $0.reclaimer.freeAllUnconditionally() }
         let v = UnsafeMutablePointer<VersionHeader>(bitPattern: root.pointer.pointee.load(ordering: .acquiring))!
         freeVersion(v)
         root.deallocate()
@@ -71,7 +88,7 @@ public final class UprobeTree: Sendable {
     /// elapsed is freed here (throttled; see ``reclaim()``).
     @discardableResult
     public func apply(_ edits: some Sequence<TreeEdit>) -> BatchResult {
-        writerBox.mutex.withLock { state in
+        writerBox.withLock { state in
             // Relaxed would do (the previous writer's store is ordered by the mutex); acquire
             // documents that we read the nodes behind the pointer.
             let old = UnsafeMutablePointer<VersionHeader>(bitPattern: root.pointer.pointee.load(ordering: .acquiring))!
@@ -106,14 +123,14 @@ public final class UprobeTree: Sendable {
     /// millisecond or per 2,048 retired blocks); call this e.g. from a timer when batches stop
     /// coming, so the last batches' garbage does not wait for the next batch.
     public func reclaim() {
-        writerBox.mutex.withLock { state in state.reclaimer.poll(domain, force: true) }
+        writerBox.withLock { state in state.reclaimer.poll(domain, force: true) }
     }
 
     /// Waits for a grace period: returns once every read that started before the call has
     /// finished, then frees all memory retired so far. Must not be called from inside ``read(_:)``
     /// (it would wait for itself). Blocks other writers meanwhile, never readers.
     public func synchronize() {
-        writerBox.mutex.withLock { state in state.reclaimer.synchronize(domain) }
+        writerBox.withLock { state in state.reclaimer.synchronize(domain) }
     }
 
     /// Reclamation counters, e.g. for the daemon's `status` op.
@@ -133,7 +150,7 @@ public final class UprobeTree: Sendable {
     }
 
     public var reclamationStats: ReclamationStats {
-        writerBox.mutex.withLock { s in
+        writerBox.withLock { s in
             ReclamationStats(epoch: s.reclaimer.epoch, completedEpoch: s.reclaimer.completedEpoch,
                              batchesPublished: s.batches,
                              pendingBlocks: s.reclaimer.pendingBlocks, freedBlocks: s.reclaimer.freedBlocks,
