@@ -877,13 +877,13 @@ final class BatchApplier {
 
     /// Whether a group has more small links than it should (many small batches each added
     /// one). Big links are never rebuilt just to merge: that would make every merge cost the
-    /// size of the biggest registration on the binary.
-    /// Asked for every group after every batch, so it counts in place and stops at the limit
-    /// (listing the small links allocated two arrays per group per batch).
+    /// size of the biggest registration on the binary. Asked for every group after every
+    /// batch, so it counts in place and stops past the limit (listing the small links
+    /// allocated two arrays per group per batch).
     private func groupNeedsMerge(_ g: LinkGroupKey) -> Bool {
         var small = 0
         for id in groupLinks[g] ?? [] {
-            guard let l = links[id], l.sites.count <= tuning.mergeLinksUpTo else { continue }
+            guard let l = links[id], isSmall(l) else { continue }
             small += 1
             if small > tuning.maxLinksPerGroup { return true }
         }
@@ -891,8 +891,11 @@ final class BatchApplier {
     }
 
     private func smallLinks(of g: LinkGroupKey) -> [LinkRecord] {
-        (groupLinks[g] ?? []).compactMap { links[$0] }.filter { $0.sites.count <= tuning.mergeLinksUpTo }
+        (groupLinks[g] ?? []).compactMap { links[$0] }.filter(isSmall)
     }
+
+    /// A link merges are allowed to rebuild (see `groupNeedsMerge`).
+    private func isSmall(_ l: LinkRecord) -> Bool { l.sites.count <= tuning.mergeLinksUpTo }
 
     /// Sets `compactionDue` when there is detach or merge work, keeping an earlier deadline.
     private func scheduleCompaction() {
