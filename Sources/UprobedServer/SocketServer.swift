@@ -56,20 +56,20 @@ final class SocketServer: Sendable {
     /// then serves until `stop()`.
     func run(endpoint: Endpoint, group: MultiThreadedEventLoopGroup, ready: @Sendable () -> Void) async throws {
         let maxLine = maxLineBytes
-        let sendBuffer = sendBufferBytes
-        let bootstrap = ServerBootstrap(group: group)
+        var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
+        if sendBufferBytes > 0 {
+            // A send buffer that holds a whole `stats` reply: with the default (208 KiB) a reply
+            // for 10,000 probes went out in several writes, each waiting for the client to drain
+            // the last, and during a register churn every wait was a round of wake-ups between
+            // the event loop and that client. (The kernel clamps the size; it does not refuse it.)
+            bootstrap = bootstrap.childChannelOption(.socketOption(.so_sndbuf), value: sendBufferBytes)
+        }
         // Credentials are taken here, on the event loop before the first read: a client that
         // sends its request and closes at once would otherwise leave a closed channel whose
         // socket options can no longer be read.
         let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
             Self.identity(channel).flatMapThrowing { who in
-                // A send buffer that holds a whole `stats` reply: with the default (208 KiB) a
-                // reply for 10,000 probes went out in several writes, each waiting for the client
-                // to drain the last, and during a register churn every wait was a round of
-                // wake-ups between the event loop and that client. Best effort: a refused size
-                // leaves the default, which only costs speed.
-                if sendBuffer > 0 { try? channel.syncOptions?.setOption(.socketOption(.so_sndbuf), value: sendBuffer) }
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFramer(maxLength: maxLine)))
                 return Accepted(connection: try Connection(wrappingChannelSynchronously: channel,
                                                            configuration: .init(isOutboundHalfClosureEnabled: false)),
