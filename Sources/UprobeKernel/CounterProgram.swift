@@ -296,7 +296,7 @@ public final class CounterProgram: Sendable {
                 throw KernelError(code: "process_not_found", error, context: "pid \(pid ?? 0)")
             case .badFileDescriptor, .invalidArgument:
                 throw KernelError(code: "link_create_failed", error,
-                                  context: "\(path): not a regular file, or an offset is not a probeable instruction")
+                                  context: "\(path): not a regular file, an offset is not a probeable instruction, or a probe at that offset already has another USDT semaphore (ref_ctr_offset)")
             default:
                 throw KernelError(code: "link_create_failed", error, context: path)
             }

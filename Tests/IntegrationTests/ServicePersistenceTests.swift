@@ -266,6 +266,32 @@ struct ServicePersistenceTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("a registration saved ahead of its attach and then refused by the kernel is removed from the log: kill -9 and a restart do not bring it back")
+    func refusedAttachIsNotResurrected() throws {
+        let python = "/usr/bin/python3.11"
+        try #require(FileManager.default.isExecutableFile(atPath: python))
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        var d = try ServiceDaemon(dir: dir)
+        // A plain uprobe where a USDT probe with a semaphore already sits: the kernel refuses it
+        // (ref_ctr_offset mismatch, EINVAL), after its entry was written ahead of the attach.
+        let usdt = try d.call(["op": "register", "probes": [spec(python, usdt: "python:function__entry")]])
+        let entry = try #require(usdt["probes"]?.arrayValue?.first?.objectValue, "\(usdt)")
+        let kept = try #require(entry["id"]?.stringValue)
+        let offset = try #require(entry["offset"]?.int64Value)
+        let refused = try d.call(["op": "register", "consumer": "svc-refused",
+                                  "probes": [.object(["path": .string(python), "offset": .int(offset), "force": true])]])
+        #expect(errorCode(refused) == "link_create_failed", "\(refused)")
+        #expect(refused["error"]?.objectValue?["message"]?.stringValue?.contains("ref_ctr_offset") == true, "\(refused)")
+        #expect(try d.list().keys.sorted() == [kept])
+        d.kill9()
+        d = try ServiceDaemon(dir: dir)
+        let listed = try d.list()
+        #expect(listed.keys.sorted() == [kept], "\(listed.keys.sorted())")
+        #expect(!listed.values.contains { $0["consumer"]?.stringValue == "svc-refused" })
+        #expect(d.stop() == 0)
+    }
+
     @Test("an unregister whose state write fails is done and says it is not saved; the next save carries it, so a restart does not bring it back")
     func unsavedRemovalIsCarried() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -519,6 +519,55 @@ struct BatchDecisionTests {
         #expect(h.published.load().probes.count == 2, "the unconfirmed registration is taken back out")
     }
 
+    @Test("write-ahead: new registrations are saved before the kernel attaches them; one the kernel refuses is removed by the batch's own entry, and every reply waits for the sync")
+    func writeAhead() throws {
+        let kernel = FakeKernel()
+        kernel.failOffsets = [0x20]
+        struct Saved { var added: [String]; var removed: [String]; var attachesBefore: Int }
+        let saved = Mutex<[Saved]>([])
+        let syncs = Mutex(0)
+        let gate = DispatchSemaphore(value: 0)
+        let h = Harness(kernel: kernel, persist: { s in
+            saved.withLock { $0.append(Saved(added: s.batchAdded.map(\.id), removed: s.batchRemoved, attachesBefore: kernel.attachCount)) }
+        }, sync: {
+            gate.wait()
+            syncs.withLock { $0 += 1 }
+        })
+        let replies = Mutex<[Int: Result<[ProbeRecord], EngineError>]>([:])
+        func register(_ batch: [(Int, UInt64, UInt64)]) {
+            h.applier.apply(batch.map { n, inode, offset in
+                .register(items: [item("/a\(inode)", inode: inode, offsets: [offset])], consumer: nil, peer: .daemon, early: nil,
+                          reply: { r in replies.withLock { $0[n] = r } })
+            })
+        }
+        // Two requests on two files: the second one's link fails.
+        register([(0, 1, 0x10), (1, 2, 0x20)])
+        let first = saved.withLock { $0 }
+        #expect(first.count == 2, "one entry ahead of the attach, one after it")
+        #expect(first.first?.added == ["p1", "p2"] && first.first?.attachesBefore == 0, "saved before any link")
+        #expect(first.last?.added == [] && first.last?.removed == ["p2"], "the refused one leaves the log again")
+        #expect(replies.withLock { $0.isEmpty }, "no reply before the sync, not even the failure")
+        gate.signal()
+        gate.signal()  // the removal's sync (one sync covers both if the committer took them together)
+        h.applier.waitForCommits()
+        let ok = try #require(replies.withLock { $0[0] })
+        #expect((try? ok.get())?.map(\.id) == ["p1"])
+        guard case .failure(let refused)? = replies.withLock({ $0[1] }) else { Issue.record("the refused register must fail"); return }
+        #expect(refused.code == "link_create_failed")
+        #expect(h.published.load().probes.values.map(\.id) == ["p1"])
+
+        // A batch whose registrations all attach appends nothing after the attach: one sync.
+        let before = syncs.withLock { $0 }
+        register([(2, 1, 0x30)])
+        let second = saved.withLock { $0.suffix(2) }
+        #expect(second.first?.added == ["p3"] && second.first?.attachesBefore == 1, "before the second batch's link")
+        #expect(second.last?.added == [] && second.last?.removed == [], "nothing left to save after the attach")
+        gate.signal()
+        h.applier.waitForCommits()
+        #expect(syncs.withLock { $0 } == before + 1)
+        #expect((try? replies.withLock { $0[2] }?.get())?.map(\.id) == ["p3"])
+    }
+
     @Test("op queue: a push wakes a writer waiting for work, and one waiting in the window only once the batch is full")
     func opQueueWakeups() throws {
         let queue = OpQueue()
