@@ -596,6 +596,23 @@ struct BatchDecisionTests {
         #expect(!queue.push(.detachFinished))
     }
 
+    @Test("op queue: work that queued while the writer was busy is taken at once, without a window")
+    func opQueueBacklog() throws {
+        let queue = OpQueue()
+        #expect(queue.push(.detachFinished))
+        #expect(queue.push(.detachFinished))
+        let taken = Mutex<[Int]>([])
+        let done = DispatchSemaphore(value: 0)
+        // A window far longer than the test: a writer that waited it out would time the test out.
+        Thread {
+            if let batch = queue.nextBatch(window: .seconds(600), max: 10) { taken.withLock { $0.append(batch.count) } }
+            done.signal()
+        }.start()
+        #expect(done.wait(timeout: .now() + 30) == .success, "queued work must not wait for the window")
+        #expect(taken.withLock { $0 } == [2])
+        #expect(queue.close())
+    }
+
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")
     func slotAllocator() {
         var a = SlotAllocator(capacity: 8)

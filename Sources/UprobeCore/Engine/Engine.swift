@@ -236,12 +236,15 @@ final class OpQueue: @unchecked Sendable {
         return true
     }
 
-    /// Blocks until there is work; then waits up to `window` for more (or until `max`
-    /// requests). Returns an empty batch if `wakeAt` passes with no work (time for deferred
-    /// maintenance), nil once closed and drained.
+    /// Blocks until there is work; then, if the writer had to wait for it, waits up to `window`
+    /// for more (or until `max` requests). Work that queued while the writer was busy is taken
+    /// at once: those requests have met already, and waiting would only add to their latency.
+    /// Returns an empty batch if `wakeAt` passes with no work (time for deferred maintenance),
+    /// nil once closed and drained.
     func nextBatch(window: Duration, max: Int, wakeAt: ContinuousClock.Instant? = nil) -> [PendingOp]? {
         cond.lock()
         defer { writerWaits = .nothing; cond.unlock() }
+        let queuedMeanwhile = !pending.isEmpty
         writerWaits = .work
         while pending.isEmpty && !closed {
             if let wakeAt {
@@ -254,7 +257,7 @@ final class OpQueue: @unchecked Sendable {
         }
         if pending.isEmpty { return nil }
         let secs = window.inSeconds
-        if secs > 0 {
+        if secs > 0 && !queuedMeanwhile {
             writerWaits = .batch(of: max)
             let deadline = Date(timeIntervalSinceNow: secs)
             while pending.count < max && !closed {

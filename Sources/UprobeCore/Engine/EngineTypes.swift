@@ -39,7 +39,8 @@ public struct RegisterItem: Sendable {
 
 /// Engine tuning; defaults are the daemon's built-in defaults (config/uprobed.conf mirrors them).
 public struct EngineConfig: Sendable {
-    /// How long the writer waits for more requests after the first one of a batch.
+    /// How long the writer waits for more requests after the first one of a batch, when that
+    /// one found it idle (work queued while it was busy is taken at once).
     public var batchWindow: Duration
     /// At most this many requests per batch.
     public var maxBatchRequests: Int
