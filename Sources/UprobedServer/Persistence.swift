@@ -472,11 +472,17 @@ public final class StateStore: Sendable {
         func fail(_ what: String) -> StateError {
             StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
         }
-        var st = stat()
-        let existed = stat(logPath, &st) == 0
-        let fd = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        // Opened without O_CREAT first: a log that exists (every batch but the first after a
+        // snapshot rewrite) costs one path lookup, not a stat(2) and an open(2).
+        var existed = true
+        var fd = open(logPath, O_WRONLY | O_APPEND | O_CLOEXEC)
+        if fd < 0 && errno == ENOENT {
+            existed = false
+            fd = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        }
         guard fd >= 0 else { throw fail("cannot open \(logPath)") }
         defer { close(fd) }
+        var st = stat()
         guard fstat(fd, &st) == 0 else { throw fail("cannot stat \(logPath)") }
         let start = st.st_size
         for line in parts where !Self.writeAll(fd, line) {
