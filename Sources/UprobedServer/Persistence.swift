@@ -387,7 +387,8 @@ public enum StateCodec {
 /// The state on disk: `DIR/state.json`, a full snapshot replaced atomically (write a
 /// temporary file, fsync it, rename it over the old one, fsync the directory), plus
 /// `DIR/state.log`, one appended and fsynced line per batch with the registrations the batch
-/// added and removed. A batch costs a write proportional to its own changes, not to the whole
+/// added and removed (two when the engine writes a batch's new registrations ahead of their
+/// attach: see `BatchApplier.writeAhead`). A batch costs a write proportional to its own changes, not to the whole
 /// registry; the snapshot is rewritten (and the log dropped) when the log grows, at hit
 /// checkpoints and at stop. A crash at any moment leaves the old or the new snapshot and a log
 /// whose only possibly torn line is its last, unsynced one.
