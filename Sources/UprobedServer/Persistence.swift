@@ -388,10 +388,10 @@ public enum StateCodec {
 /// temporary file, fsync it, rename it over the old one, fsync the directory), plus
 /// `DIR/state.log`, one appended and fsynced line per batch with the registrations the batch
 /// added and removed (two when the engine writes a batch's new registrations ahead of their
-/// attach: see `BatchApplier.writeAhead`). A batch costs a write proportional to its own changes, not to the whole
-/// registry; the snapshot is rewritten (and the log dropped) when the log grows, at hit
-/// checkpoints and at stop. A crash at any moment leaves the old or the new snapshot and a log
-/// whose only possibly torn line is its last, unsynced one.
+/// attach: see `BatchApplier.writeAhead`). A batch costs a write proportional to its own
+/// changes, not to the whole registry; the snapshot is rewritten (and the log dropped) when
+/// the log grows, at hit checkpoints and at stop. A crash at any moment leaves the old or the
+/// new snapshot and a log whose only possibly torn line is its last, unsynced one.
 public final class StateStore: Sendable {
     public let dir: String
     public var path: String { dir + "/state.json" }

@@ -312,7 +312,7 @@ final class BatchApplier {
         var withdrawn: [TreeEdit] = []  // consumers of entered requests that failed
         var withdrawnAhead: [String] = []  // their ids, where the log has them already
         var aheadIndices: Set<Int> = []  // batch positions of the registrations written ahead
-        for (i, plan) in registers.enumerated() {
+        for plan in registers {
             if let failure = plan.failure {
                 for p in plan.probes {
                     for s in p.sites {
@@ -481,10 +481,11 @@ final class BatchApplier {
     /// registrations and appends their state entry before the kernel attaches them, so that
     /// the committer syncs it meanwhile. Under churn the sync (~430 µs) used to start only
     /// after the attach (a register batch's link, ~230 µs). A registration that then fails to
-    /// attach is removed again by the batch's own entry, which its failure reply waits for;
-    /// so is its reply's sync. Returns whether it appended. If the append fails, they fail
-    /// `state_write_failed` here, before any kernel work. Large requests overlap their own way
-    /// (`prepare`); restored ones are on disk already.
+    /// attach is removed again by the batch's own entry; its failure reply, like every reply of
+    /// the batch, waits for that entry's sync. Returns whether it appended. If the append
+    /// fails, they fail `state_write_failed` here, before any kernel work. Large requests
+    /// overlap their own way (`prepare`: doing this for them too made a 10,000-probe register
+    /// slower); restored ones are on disk already.
     private func writeAhead(_ registers: inout [PlannedRegister], now: BatchClock) -> Bool {
         guard let committer else { return false }
         let small = registers.indices.filter {
