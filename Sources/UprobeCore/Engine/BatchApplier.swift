@@ -135,8 +135,8 @@ final class BatchApplier {
         var earlyHook: (@Sendable ([ProbeRecord]) -> Void)? = nil
         /// A large request's records, once made; a small one's if they were written ahead.
         var early: [ProbeRecord] = []
-        /// Its records were made, entered and appended to the state log before the attach
-        /// (`writeAhead`).
+        /// Its records were made and entered before the attach, and appended to the state log
+        /// (`writeAhead`; false if that append failed).
         var ahead = false
     }
 
@@ -321,7 +321,7 @@ final class BatchApplier {
                 }
                 // Entered during the attach (large) or before it (written ahead).
                 for r in plan.early { _ = removeRecord(r.id, treeEdits: &withdrawn) }
-                if plan.ahead && wroteAhead { withdrawnAhead += plan.early.map(\.id) }
+                if plan.ahead { withdrawnAhead += plan.early.map(\.id) }
                 if let item = plan.probes.first?.restored {
                     // A restored registration that cannot attach stays registered, degraded:
                     // dropping it silently would lose an acknowledged registration.
@@ -385,14 +385,8 @@ final class BatchApplier {
         let appends = !snapshot.batchAdded.isEmpty || !snapshot.batchRemoved.isEmpty
         var persistError: EngineError? = nil
         var unsavedRemoval: String? = nil
-        let persistStarted = ContinuousClock.now
-        do {
-            defer { counters.persistMicros += (ContinuousClock.now - persistStarted).microseconds }
-            try persist(snapshot)
-        } catch {
-            logger.error("saving state failed", metadata: ["error": "\(error)"])
-            persistError = EngineError(code: "state_write_failed",
-                                       message: "the state file could not be written, so these probes were not registered: \(error)")
+        if let error = save(snapshot) {
+            persistError = Self.notRegistered(error)
             unsavedRemoval = "the state file could not be written: \(error)"
             // The clients are told their registrations failed: take them back out (they are
             // detached by the next compaction) instead of leaving them counting unacknowledged.
@@ -500,24 +494,37 @@ final class BatchApplier {
                 return record(id: ProbeID.make(nextProbeNumber), plan: plan, spec: p.spec, sites: p.sites, now: now,
                               restored: nil, state: .active)
             }
-            registers[i].ahead = true
             added += registers[i].early
         }
         var snapshot = makeSnapshot()
         snapshot.batchAdded = added
+        if let error = save(snapshot) {
+            let failure = Self.notRegistered(error)
+            for i in small { registers[i].failure = failure }
+            return false
+        }
+        for i in small { registers[i].ahead = true }
+        committer.submit(.ahead)
+        return true
+    }
+
+    /// `persist`, timed into the batch counters; its error, logged, or nil.
+    private func save(_ snapshot: RegistrySnapshot) -> (any Error)? {
         let started = ContinuousClock.now
         defer { counters.persistMicros += (ContinuousClock.now - started).microseconds }
         do {
             try persist(snapshot)
+            return nil
         } catch {
             logger.error("saving state failed", metadata: ["error": "\(error)"])
-            let failure = EngineError(code: "state_write_failed",
-                                      message: "the state file could not be written, so these probes were not registered: \(error)")
-            for i in small { registers[i].failure = failure }
-            return false
+            return error
         }
-        committer.submit(.ahead)
-        return true
+    }
+
+    /// What a registration whose state could not be written fails with.
+    private static func notRegistered(_ error: any Error) -> EngineError {
+        EngineError(code: "state_write_failed",
+                    message: "the state file could not be written, so these probes were not registered: \(error)")
     }
 
     // MARK: - Following paths
