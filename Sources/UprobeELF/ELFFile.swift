@@ -516,6 +516,8 @@ func openReadOnly(_ path: String) throws(ResolveError) -> FileDescriptor {
             throw .permissionDenied("\(path): permission denied (the daemon must be able to read the file)")
         case .isDirectory:
             throw .notELF("\(path) is a directory, not an ELF file")
+        case .tooManyOpenFiles, .tooManyOpenFilesInSystem:
+            throw .tooManyOpenFiles("\(path): cannot open: uprobed is out of file descriptors (\(e)); raise LimitNOFILE or lower max_connections")
         default:
             throw .fileNotFound("\(path): cannot open: \(e)")
         }

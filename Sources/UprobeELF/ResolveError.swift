@@ -28,4 +28,5 @@ public struct ResolveError: Error, Sendable, Equatable, CustomStringConvertible 
     static func invalidSpec(_ m: String) -> Self { .init(code: "invalid_spec", message: m) }
     static func retprobeOnGo(_ m: String) -> Self { .init(code: "retprobe_on_go", message: m) }
     static func processNotFound(_ m: String) -> Self { .init(code: "process_not_found", message: m) }
+    static func tooManyOpenFiles(_ m: String) -> Self { .init(code: "too_many_open_files", message: m) }
 }

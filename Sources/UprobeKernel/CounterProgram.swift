@@ -297,6 +297,9 @@ public final class CounterProgram: Sendable {
             case .badFileDescriptor, .invalidArgument:
                 throw KernelError(code: "link_create_failed", error,
                                   context: "\(path): not a regular file, an offset is not a probeable instruction, or a probe at that offset already has another USDT semaphore (ref_ctr_offset)")
+            case .tooManyOpenFiles, .tooManyOpenFilesInSystem:
+                throw KernelError(code: "too_many_open_files", error,
+                                  context: "\(path): uprobed is out of file descriptors (each link is one); raise LimitNOFILE or lower max_connections")
             default:
                 throw KernelError(code: "link_create_failed", error, context: path)
             }

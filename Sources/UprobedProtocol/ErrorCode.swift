@@ -27,6 +27,8 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
     public static let permissionDenied = ErrorCode("permission_denied")
     /// The kernel refused an attach; the message carries the errno.
     public static let kernelError = ErrorCode("kernel_error")
+    /// The daemon already serves `max_connections` clients; this connection is closed.
+    public static let tooManyConnections = ErrorCode("too_many_connections")
     /// The daemon is stopping and takes no new work.
     public static let shuttingDown = ErrorCode("shutting_down")
     /// A bug: the daemon could not complete an operation it accepted.

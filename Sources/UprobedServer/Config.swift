@@ -19,6 +19,10 @@ public struct DaemonConfig: Sendable, Equatable {
     /// SO_SNDBUF asked for on each client connection, in bytes (0: the kernel's default). The
     /// kernel caps it at net.core.wmem_max and doubles what it grants.
     public var sendBufferBytes = 1024 * 1024
+    /// Most client connections open at once; one more is told `too_many_connections` and
+    /// closed. Connections and uprobe_multi links draw on the same file-descriptor limit, so a
+    /// flood of idle clients must not leave the engine unable to open a link or a binary.
+    public var maxConnections = 1024
     /// Most functions one glob may expand to.
     public var maxGlobMatches = 10_000
     /// Batching: how long the writer waits for more requests after the first, in microseconds.
@@ -105,6 +109,7 @@ public struct DaemonConfig: Sendable, Equatable {
             case "max_line_bytes": c.maxLineBytes = try int(1024...(256 << 20))
             case "max_probes_per_request": c.maxProbesPerRequest = try int(1...1_000_000)
             case "send_buffer_bytes": c.sendBufferBytes = try int(0...(256 << 20))
+            case "max_connections": c.maxConnections = try int(1...1_000_000)
             case "max_glob_matches": c.maxGlobMatches = try int(1...1_000_000)
             case "batch_window_us": c.batchWindowMicros = try int(0...1_000_000)
             case "max_batch_requests": c.maxBatchRequests = try int(1...1_000_000)

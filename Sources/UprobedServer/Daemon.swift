@@ -52,6 +52,12 @@ public final class UprobedService: Service, Sendable {
         // SIGHUP's default action kills the process: ignore it before anything else; the
         // dispatch source below still sees it.
         signal(SIGHUP, SIG_IGN)
+        let files = DaemonProcess.raiseFileLimit()
+        if files.soft < UInt64(config.maxConnections) + DaemonProcess.descriptorReserve {
+            logger.warning("few file descriptors: connections and uprobe_multi links share them", metadata: [
+                "nofile_limit": "\(files.soft)", "max_connections": "\(config.maxConnections)",
+                "hint": "raise LimitNOFILE (or ulimit -n) to at least max_connections + \(DaemonProcess.descriptorReserve)"])
+        }
         let kernel: BPFKernelBackend
         do {
             kernel = try BPFKernelBackend(capacity: config.slotCapacity)
@@ -95,7 +101,8 @@ public final class UprobedService: Service, Sendable {
                                           minWatchIntervalMs: config.minWatchIntervalMs),
             logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue)
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
-                                  minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes)
+                                  minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes,
+                                  maxConnections: config.maxConnections)
 
         if let saved {
             // Also with no registrations left: the restore carries the id floor.
@@ -348,6 +355,7 @@ final class Reloader: Sendable {
         if a.maxLineBytes != b.maxLineBytes { out.append("max_line_bytes") }
         if a.maxProbesPerRequest != b.maxProbesPerRequest { out.append("max_probes_per_request") }
         if a.sendBufferBytes != b.sendBufferBytes { out.append("send_buffer_bytes") }
+        if a.maxConnections != b.maxConnections { out.append("max_connections") }
         if a.maxGlobMatches != b.maxGlobMatches { out.append("max_glob_matches") }
         if a.batchWindowMicros != b.batchWindowMicros { out.append("batch_window_us") }
         if a.maxBatchRequests != b.maxBatchRequests { out.append("max_batch_requests") }
@@ -371,6 +379,29 @@ public enum DaemonProcess {
     /// of 9. Blocks up to 32 MiB now come from the heap, and up to 64 MiB of freed heap stays
     /// mapped for the next request (that much resident memory is the price).
     /// Returns false if glibc refused the settings (the daemon runs anyway, slower on big requests).
+    /// Descriptors to keep beyond `max_connections` for the engine: a batch of single-probe
+    /// registrations makes one link (one fd) each until the next merge, and the resolver opens
+    /// the binaries it reads. Below this, the daemon warns at start.
+    static let descriptorReserve: UInt64 = 4096
+
+    /// Raises the soft RLIMIT_NOFILE to the hard limit (setrlimit(2)) and returns the limits
+    /// then in force. The daemon never uses select(2), so the historical soft limit of 1024
+    /// protects nothing here, while every uprobe_multi link and client connection is an fd.
+    /// Under the shipped unit setrlimit is filtered out (`~@resources`) and `LimitNOFILE`
+    /// sets both limits instead; the call then fails harmlessly.
+    @discardableResult
+    public static func raiseFileLimit() -> (soft: UInt64, hard: UInt64) {
+        var limit = rlimit()
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        guard getrlimit(resource, &limit) == 0 else { return (0, 0) }
+        if limit.rlim_cur < limit.rlim_max {
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            if setrlimit(resource, &raised) == 0 { limit = raised }
+        }
+        return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
+    }
+
     @discardableResult
     public static func keepFreedMemory() -> Bool {
         CUprobeSys_keep_freed_memory(32 << 20, 64 << 20) != 0

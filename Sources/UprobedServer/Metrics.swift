@@ -81,6 +81,9 @@ public enum MetricsRenderer {
         counter("uprobed_links_closed_total", "uprobe_multi links closed.", c.linksClosed)
         counter("uprobed_link_rebuilds_total", "Links rebuilt make-before-break to drop some of their probes.", c.linkRebuilds)
         counter("uprobed_grace_periods_total", "Rounds of detach work (each shares its grace periods).", c.gracePeriods)
+        gauge("uprobed_connections", "Client connections open on the request socket.", Double(counters.connectionsOpen.load(ordering: .relaxed)))
+        counter("uprobed_connections_refused_total", "Connections closed at once because max_connections were open.",
+                counters.connectionsRefused.load(ordering: .relaxed))
         counter("uprobed_access_denied_total", "Requests refused by the access policy.", counters.accessDenied.load(ordering: .relaxed))
         counter("uprobed_state_writes_total", "State file writes.", counters.stateWrites.load(ordering: .relaxed))
         counter("uprobed_state_write_failures_total", "State file writes that failed.", counters.stateWriteFailures.load(ordering: .relaxed))

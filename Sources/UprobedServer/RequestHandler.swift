@@ -384,6 +384,8 @@ public struct RequestHandler: Sendable {
         o["degraded"] = JSONValue(s.probes.values.reduce(0) { $0 + ($1.state == .active ? 0 : 1) })
         var service = JSONObject()
         service["access_denied"] = JSONValue(counters.accessDenied.load(ordering: .relaxed))
+        service["connections"] = JSONValue(counters.connectionsOpen.load(ordering: .relaxed))
+        service["connections_refused"] = JSONValue(counters.connectionsRefused.load(ordering: .relaxed))
         service["state_writes"] = JSONValue(counters.stateWrites.load(ordering: .relaxed))
         service["state_syncs"] = JSONValue(counters.stateSyncs.load(ordering: .relaxed))
         service["state_write_failures"] = JSONValue(counters.stateWriteFailures.load(ordering: .relaxed))
@@ -426,6 +428,10 @@ public final class ServiceCounters: Sendable {
     public let configReloads = Atomic<UInt64>(0)
     public let configReloadFailures = Atomic<UInt64>(0)
     public let metricsScrapes = Atomic<UInt64>(0)
+    /// Client connections being served now.
+    public let connectionsOpen = Atomic<Int>(0)
+    /// Connections turned away because `max_connections` were open.
+    public let connectionsRefused = Atomic<UInt64>(0)
     public init() {}
 }
 

@@ -25,17 +25,23 @@ final class SocketServer: Sendable {
     private let minWatchIntervalMs: Int
     /// SO_SNDBUF for each connection (0: the kernel's default); see `run`.
     private let sendBufferBytes: Int
+    /// Most connections served at once (`max_connections`); see `admit`.
+    private let maxConnections: Int
+    /// When a refused connection was last logged, so a flood of them logs once in a while.
+    private let lastRefusalLog = Mutex<ContinuousClock.Instant?>(nil)
     /// Open connections, so a graceful shutdown can stop their input after the current request.
     private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
     private let listener = Mutex<(any Channel)?>(nil)
     private let stopping = Atomic<Bool>(false)
 
-    init(handler: RequestHandler, logger: Logger, maxLineBytes: Int, minWatchIntervalMs: Int, sendBufferBytes: Int = 0) {
+    init(handler: RequestHandler, logger: Logger, maxLineBytes: Int, minWatchIntervalMs: Int, sendBufferBytes: Int = 0,
+         maxConnections: Int = 1024) {
         self.handler = handler
         self.logger = logger
         self.maxLineBytes = maxLineBytes
         self.minWatchIntervalMs = minWatchIntervalMs
         self.sendBufferBytes = sendBufferBytes
+        self.maxConnections = maxConnections
     }
 
     typealias Connection = NIOAsyncChannel<LineFrame, ByteBuffer>
@@ -201,11 +207,46 @@ final class SocketServer: Sendable {
         var gid: UInt32 = 0
     }
 
+    /// Counts `channel` among the open connections, unless `max_connections` are open already.
+    /// The check and the insert are one step under the lock, so a burst of connects cannot
+    /// overshoot the limit.
+    private func admit(_ channel: any Channel) -> Bool {
+        let admitted = connections.withLock { open -> Bool in
+            guard open.count < maxConnections else { return false }
+            open[ObjectIdentifier(channel)] = channel
+            return true
+        }
+        if admitted { handler.counters.connectionsOpen.add(1, ordering: .relaxed) }
+        return admitted
+    }
+
+    /// Tells a connection over the limit why it is closed (one error line), then closes it.
+    private func refuse(_ connection: Connection, peer who: PeerIdentity?) async {
+        handler.counters.connectionsRefused.add(1, ordering: .relaxed)
+        let now = ContinuousClock.now
+        let due = lastRefusalLog.withLock { last -> Bool in
+            if let l = last, now - l < .seconds(10) { return false }
+            last = now
+            return true
+        }
+        if due {
+            logger.warning("connection refused: max_connections open", metadata: [
+                "max_connections": "\(maxConnections)", "peer_pid": "\(who?.peer.pid ?? 0)", "peer_uid": "\(who?.peer.uid ?? 0)",
+                "refused_total": "\(handler.counters.connectionsRefused.load(ordering: .relaxed))"])
+        }
+        let line = JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(.tooManyConnections,
+            "uprobed already serves \(maxConnections) connections (max_connections); this one is closed. Retry later, or close idle clients")))
+        try? await connection.executeThenClose { _, outbound in try await outbound.write(ByteBuffer(bytes: line)) }
+    }
+
     private func serve(_ connection: Connection, peer who: PeerIdentity?) async {
         let channel = connection.channel
         let key = ObjectIdentifier(channel)
-        connections.withLock { $0[key] = channel }
-        defer { connections.withLock { _ = $0.removeValue(forKey: key) } }
+        guard admit(channel) else { return await refuse(connection, peer: who) }
+        defer {
+            connections.withLock { _ = $0.removeValue(forKey: key) }
+            handler.counters.connectionsOpen.subtract(1, ordering: .relaxed)
+        }
         if stopping.load(ordering: .acquiring) { channel.close(mode: .input, promise: nil) }
         guard let peer = who else {
             logger.warning("connection without peer credentials refused")

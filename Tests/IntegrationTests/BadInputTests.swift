@@ -118,4 +118,50 @@ struct BadInputTests {
         let removed = try daemon.call(["op": "unregister", "consumer": "ghost"])
         #expect(removed["removed"] == .int(1))
     }
+
+    @Test("max_connections: a connection over the limit is told too_many_connections and closed; the open ones keep working, and a freed place is taken again")
+    func tooManyConnections() throws {
+        let daemon = try TestDaemon(config: "max_connections = 3\n")
+        func service(_ c: LineClient) throws -> JSONObject? { try c.call(["op": "status"]).objectValue?["service"]?.objectValue }
+        // The start-up check's own connections close asynchronously: wait until only this one is open.
+        let a = try daemon.client()
+        var open: JSONValue? = nil
+        for _ in 0..<250 {
+            open = try service(a)?["connections"]
+            if open == .int(1) { break }
+            usleep(20_000)
+        }
+        #expect(open == .int(1))
+        let b = try daemon.client(), c = try daemon.client()
+        #expect(try service(c)?["connections"] == .int(3))
+
+        // The fourth: accepted by the kernel, answered with one error line, then end of stream.
+        let over = try daemon.client()
+        let refusal = try over.readReply().objectValue
+        #expect(refusal?["ok"] == .bool(false))
+        #expect(refusal.flatMap(errorCode) == "too_many_connections", "\(String(describing: refusal))")
+        #expect(refusal?["error"]?.objectValue?["message"]?.stringValue?.contains("max_connections") == true)
+        #expect(try over.readLine() == nil, "closed after the error")
+
+        // The three still serve; the refusal is counted and logged.
+        for x in [a, b, c] { #expect(try x.call(["op": "status"]).objectValue?["ok"] == .bool(true)) }
+        let counted = try service(b)
+        #expect(counted?["connections"] == .int(3))
+        #expect(counted?["connections_refused"] == .int(1))
+        #expect(daemon.log.contains("connection refused: max_connections open"))
+
+        // Closing one frees its place (the daemon notices the close asynchronously).
+        c.shutdownWrite()
+        #expect(try c.readLine() == nil)
+        for _ in 0..<250 {
+            open = try service(a)?["connections"]
+            if open == .int(2) { break }
+            usleep(20_000)
+        }
+        #expect(open == .int(2))
+        let d = try daemon.client()
+        #expect(try d.call(["op": "status"]).objectValue?["ok"] == .bool(true))
+        #expect(try service(d)?["connections_refused"] == .int(1))
+        withExtendedLifetime((a, b)) {}
+    }
 }

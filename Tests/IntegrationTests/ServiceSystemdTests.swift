@@ -76,6 +76,25 @@ struct ServiceSystemdTests {
         }
     }
 
+    @Test("file descriptors: the daemon raises its soft RLIMIT_NOFILE to the hard limit, and warns at start when connections and links would have too few")
+    func fileLimit() throws {
+        /// The daemon's "Max open files" soft and hard limits from /proc/PID/limits.
+        func limits(_ d: TestDaemon) throws -> [String] {
+            let text = try String(contentsOfFile: "/proc/\(d.process.processIdentifier)/limits", encoding: .utf8)
+            let line = text.split(separator: "\n").first { $0.hasPrefix("Max open files") } ?? ""
+            return line.split(separator: " ").dropFirst(3).prefix(2).map(String.init)
+        }
+        let raised = try TestDaemon(launcher: ["/usr/bin/prlimit", "--nofile=256:8192"])
+        #expect(try limits(raised) == ["8192", "8192"])
+        #expect(!raised.log.contains("few file descriptors"))
+        #expect(try raised.status()["ok"] == .bool(true))
+
+        let tight = try TestDaemon(config: "max_connections = 100\n", launcher: ["/usr/bin/prlimit", "--nofile=1024:1024"])
+        #expect(try limits(tight) == ["1024", "1024"])
+        #expect(tight.log.contains("few file descriptors"), "\(tight.log)")
+        #expect(try tight.status()["ok"] == .bool(true), "it warns but serves")
+    }
+
     @Test("socket activation: the daemon serves on the fd systemd-socket-activate passes and binds nothing itself")
     func socketActivation() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -106,7 +106,9 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
     let logPath: String
     private var stopped = false
 
-    init(config: String? = nil, extraArgs: [String] = [], environment: [String: String] = [:]) throws {
+    /// `launcher`: a command that execs the daemon in its own place (the same pid), e.g.
+    /// `["/usr/bin/prlimit", "--nofile=256:8192"]`.
+    init(config: String? = nil, extraArgs: [String] = [], environment: [String: String] = [:], launcher: [String] = []) throws {
         let template = NSTemporaryDirectory() + "uprobed-test-XXXXXX"
         var buf = Array(template.utf8CString)
         guard mkdtemp(&buf) != nil else { throw TestFailure("mkdtemp failed") }
@@ -124,8 +126,9 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
             try "".write(toFile: dir + "/none.conf", atomically: true, encoding: .utf8)
         }
         process = Process()
-        process.executableURL = URL(fileURLWithPath: try Paths.product("uprobed"))
-        process.arguments = args + extraArgs
+        let daemon = try Paths.product("uprobed")
+        process.executableURL = URL(fileURLWithPath: launcher.first ?? daemon)
+        process.arguments = (launcher.isEmpty ? [] : Array(launcher.dropFirst()) + [daemon]) + args + extraArgs
         var env = ProcessInfo.processInfo.environment
         env.removeValue(forKey: "NOTIFY_SOCKET")
         env.removeValue(forKey: "LISTEN_FDS")

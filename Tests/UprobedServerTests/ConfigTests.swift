@@ -12,6 +12,7 @@ struct ConfigTests {
         var scrambled = DaemonConfig()
         scrambled.socketPath = "/x"; scrambled.socketMode = 0o600; scrambled.stateDir = "/y"
         scrambled.maxLineBytes = 2048; scrambled.maxProbesPerRequest = 1; scrambled.maxGlobMatches = 1; scrambled.sendBufferBytes = 5
+        scrambled.maxConnections = 3
         scrambled.batchWindowMicros = 1; scrambled.maxBatchRequests = 1; scrambled.compactionDelayMs = 1; scrambled.maxLinksPerGroup = 1; scrambled.slotCapacity = 16
         scrambled.minWatchIntervalMs = 1; scrambled.logLevel = "error"
         scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
