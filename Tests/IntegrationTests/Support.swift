@@ -112,7 +112,7 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         let template = NSTemporaryDirectory() + "uprobed-test-XXXXXX"
         var buf = Array(template.utf8CString)
         guard mkdtemp(&buf) != nil else { throw TestFailure("mkdtemp failed") }
-        dir = String(cString: buf)
+        dir = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         socket = dir + "/uprobed.sock"
         stateDir = dir + "/state"
         logPath = dir + "/uprobed.log"
@@ -135,7 +135,9 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         env.removeValue(forKey: "LISTEN_PID")
         for (k, v) in environment { env[k] = v }
         process.environment = env
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        guard FileManager.default.createFile(atPath: logPath, contents: nil) else {
+            throw TestFailure("cannot create \(logPath)")
+        }
         process.standardError = FileHandle(forWritingAtPath: logPath)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
