@@ -720,21 +720,36 @@ public final class StatePersister: Sendable {
     /// this costs the size of the batch, not of the registry) to the log, or rewrites the
     /// snapshot once the log has grown past it (at least 1 MiB).
     public func persist(_ snapshot: RegistrySnapshot) throws(StateError) {
+        // Runs written ahead by `prepare` are spliced in; the rest is written here. A run's
+        // registrations are new (restored ones are never prepared): none is on disk yet.
+        // The runs this batch adds whole are found, and waited for, before the memo lock is
+        // taken: their encoding is queued on `aheadQueue`, possibly behind a deferred `settle`
+        // that needs that lock. Waiting with it held deadlocked the writer (two large
+        // registers in a row, found by a soak run).
+        let runs = prepared.withLock { p in defer { p.removeAll() }; return p }
+        let batch = snapshot.batchAdded
+        var runStarts: [Int: PreparedRun] = [:]
+        var i = batch.startIndex
+        while i < batch.endIndex {
+            if let run = runs[ObjectIdentifier(batch[i])], batch.count - i >= run.records.count,
+               zip(run.records, batch[i...]).allSatisfy({ $0 === $1 }) {
+                runStarts[i] = run
+                i += run.records.count
+            } else {
+                i += 1
+            }
+        }
+        let filled = runStarts.mapValues { run in (run: run, encoded: run.get()) }
         let result: Result<Bool, StateError> = memo.withLock { m in
             guard snapshot.generation >= m.lastGeneration else { return .success(false) }
             m.settle()
-            // Runs written ahead by `prepare` are spliced in; the rest is written here. A run's
-            // registrations are new (restored ones are never prepared): none is on disk yet.
-            let runs = prepared.withLock { p in defer { p.removeAll() }; return p }
-            var spliced: [PreparedRun] = []
+            var spliced: [(run: PreparedRun, encoded: (text: [UInt8], stamps: [(FileStamp?, UInt64?)]))] = []
             var added: [ProbeRecord] = []
-            let batch = snapshot.batchAdded
             var i = batch.startIndex
             while i < batch.endIndex {
-                if let run = runs[ObjectIdentifier(batch[i])], batch.count - i >= run.records.count,
-                   zip(run.records, batch[i...]).allSatisfy({ $0 === $1 }) {
-                    spliced.append(run)
-                    i += run.records.count
+                if let f = filled[i] {
+                    spliced.append(f)
+                    i += f.run.records.count
                 } else {
                     if !m.written.contains(batch[i].id) { added.append(batch[i]) }
                     i += 1
@@ -755,8 +770,7 @@ public final class StatePersister: Sendable {
             }
             var files: [String: FileStamp?] = [:]
             let adds = added.map { saved($0, hits: $0.baseHits, memo: &m, files: &files) }
-            let done = spliced.map { $0.get() }
-            let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: done.map(\.text), remove: removed.sorted())
+            let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
             do throws(StateError) { try store.append(parts: parts, sync: !groupCommit) } catch {
                 m.unsavedRemovals = removed
                 return .failure(error)
@@ -766,7 +780,7 @@ public final class StatePersister: Sendable {
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)
             m.noteWritten(added.map(\.id))
-            m.unsettled += zip(spliced, done).map { ($0.records, $1.stamps) }
+            m.unsettled += spliced.map { ($0.run.records, $0.encoded.stamps) }
             m.lastGeneration = snapshot.generation
             return .success(!spliced.isEmpty)
         }

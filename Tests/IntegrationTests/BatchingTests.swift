@@ -130,6 +130,43 @@ struct BatchingTests {
         #expect(grace * 50 < Int64(clients * rounds * 2), "grace periods: \(grace)")
     }
 
+    @Test("4 clients registering and removing 1,200-probe globs at once (state entries and replies encoded ahead): every request completes, nothing is left")
+    func concurrentLargeRequests() throws {
+        let daemon = try TestDaemon()
+        let bin = daemon.dir + "/churn"
+        try FileManager.default.copyItem(atPath: try Fixtures.build("churn", source: Self.churnSource(staying: 200, churn: 1000)),
+                                         toPath: bin)
+        let errors = ErrorBox()
+        let group = ThreadGroup()
+        let clients = 4, rounds = 8
+        for client in 0..<clients {
+            group.spawn {
+                do {
+                    let c = try daemon.client()
+                    for _ in 0..<rounds {
+                        // Every client probes the same functions: shared uprobes, one consumer each.
+                        let r = try c.call(["op": "register", "consumer": .string("big\(client)"),
+                                            "probes": [spec(bin, symbol: "[cs][0-9]*")]])
+                        guard r.objectValue?["probes"]?.arrayValue?.count == 1200 else { throw TestFailure("register: \(r)") }
+                        let u = try c.call(["op": "unregister", "consumer": .string("big\(client)")])
+                        guard u.objectValue?["removed"] == .int(1200) else { throw TestFailure("unregister: \(u)") }
+                    }
+                } catch { errors.record("\(error)") }
+            }
+        }
+        group.wait()
+        #expect(errors.messages.isEmpty, "\(errors.messages)")
+        var status = try daemon.status()
+        for _ in 0..<200 where status["links"] != .int(0) || status["slots_in_use"] != .int(0) {
+            usleep(25_000)
+            status = try daemon.status()
+        }
+        #expect(status["probes"] == .int(0))
+        #expect(status["links"] == .int(0))
+        #expect(status["slots_in_use"] == .int(0))
+        #expect(status["batching"]?.objectValue?["requests"]?.int64Value == Int64(clients * rounds * 2))
+    }
+
     @Test("capacity: retired slots are reclaimed before capacity_exhausted is refused")
     func capacityReclaim() throws {
         let daemon = try TestDaemon(config: "slot_capacity = 16\n")

@@ -6,6 +6,7 @@ import UprobeKernel
 import UprobeELF
 import UprobedProtocol
 @testable import UprobedServer
+import Synchronization
 
 /// journald's field mapping (there is no journald on the test machine: the handler's
 /// sd_journal_sendv call itself is not exercised here).
@@ -415,6 +416,47 @@ struct StateFileTests {
         let afterRemoval = try #require(try StateStore(dir: dirA).load())
         #expect(afterRemoval.probes.count == 3 + 1500 + 2 - 2)
         #expect(!afterRemoval.probes.contains { $0.id == big[0].id || $0.id == big[1499].id })
+    }
+
+    @Test("a batch whose run is still being encoded ahead, behind a deferred settle of the batch before, is saved: the writer does not wait for the encode with the memo lock held")
+    func preparedRunBehindSettle() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = dir + "/bin"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))
+        let first = Self.records(1..<1201, path: binary), second = Self.records(1201..<2401, path: binary)
+        let store = StateStore(dir: dir + "/state")
+        try store.prepare()
+        let queue = DispatchQueue(label: "ahead-test")
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
+                                       groupCommit: true, aheadQueue: queue)
+        func snapshot(_ generation: UInt64, adding: [ProbeRecord]) -> RegistrySnapshot {
+            var s = RegistrySnapshot()
+            s.generation = generation
+            s.batchAdded = adding
+            return s
+        }
+        persister.prepare(first)
+        try persister.persist(snapshot(1, adding: first))  // defers its settle 20 ms, onto `queue`
+        // The queue is busy (as with a large reply being encoded) until the settle has queued
+        // behind it, then the next large register's encode behind that.
+        let busy = DispatchSemaphore(value: 0)
+        queue.async { busy.wait() }
+        usleep(100_000)
+        persister.prepare(second)
+        let saved = DispatchSemaphore(value: 0)
+        let failure = Mutex<String?>(nil)
+        let next = snapshot(2, adding: second)
+        Thread {
+            do { try persister.persist(next) } catch { failure.withLock { $0 = "\(error)" } }
+            saved.signal()
+        }.start()
+        usleep(50_000)  // the writer is in persist, waiting for the encode
+        busy.signal()
+        #expect(saved.wait(timeout: .now() + 10) == .success, "persist deadlocked")
+        #expect(failure.withLock { $0 } == nil)
+        try persister.sync()
+        #expect(try StateStore(dir: dir + "/state").load()?.probes.count == 2400)
     }
 
     @Test("restore planning: a gone pid, a gone binary and another boot are degraded with reasons")
