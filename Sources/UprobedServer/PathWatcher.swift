@@ -84,6 +84,8 @@ public final class PathWatcher: Sendable {
         var pidStart: [String: UInt64] = [:]
         /// inotify watch descriptor per directory.
         var watched: [String: Int32] = [:]
+        /// Free counter slots seen by the last round (see `check`).
+        var freeSlots = Int.max
     }
 
     struct FileIdentity: Hashable {
@@ -144,6 +146,13 @@ public final class PathWatcher: Sendable {
     /// processes, retire unmapped old files; hand the engine all changes at once.
     func check(_ memo: inout Memo, inotifyFD: Int32) {
         let snap = engine.snapshot
+        // Slots were freed since the last round (a detach finished): a registration left
+        // degraded on a file it already tried is tried again, since the engine may have refused
+        // the attach for want of slots (`capacity_exhausted`). Degraded for any other reason,
+        // its resolution fails as before and nothing changes; only rounds after a free pay this.
+        let freeSlots = Int(snap.slotCapacity) - snap.slotsInUse
+        let slotsFreed = freeSlots > memo.freeSlots
+        memo.freeSlots = freeSlots
         var changes: [FollowChange] = []
         var candidates: [(id: String, device: UInt64, inode: UInt64)] = []
         var dirs = Set<String>()
@@ -179,7 +188,8 @@ public final class PathWatcher: Sendable {
             }
             if let now {
                 let isCurrent = now.device == cur.device && now.inode == cur.inode
-                if !(isCurrent && r.state == .active) && memo.tried[r.id] != now {
+                let retry = slotsFreed && r.state != .active
+                if !(isCurrent && r.state == .active) && (memo.tried[r.id] != now || retry) {
                     memo.tried[r.id] = now
                     if let change = resolveNew(r, path: path, file: now, cache: &resolutions) { changes.append(change) }
                 }

@@ -133,6 +133,36 @@ struct FollowTests {
         #expect(try statsEntry(daemon, id)["state"] == nil)
     }
 
+    @Test("one log line per follow outcome, not per probe; registrations degraded for want of slots follow once slots are freed")
+    func followLogIsAggregated() throws {
+        let daemon = try TestDaemon(config: Self.config + "slot_capacity = 16\n")
+        let path = daemon.dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        // 12 of 16 slots; a process keeps the old file mapped, so its sites cannot retire.
+        let ids = try daemon.register(Array(repeating: spec(path, symbol: "fn_a"), count: 12))
+        let old = try WaitingProcess([path, "3", "0", "wait"])
+        try replace(path, with: try Fixtures.target)
+        // 4 slots left: 4 registrations follow, 8 are degraded (capacity_exhausted).
+        try waitFor("8 degraded") {
+            try ids.filter { try listEntry(daemon, $0)["state"]?.stringValue == "degraded" }.count == 8
+        }
+        usleep(1_000_000)  // ten more follow checks
+        func lines(_ message: String) -> [Substring] { daemon.log.split(separator: "\n").filter { $0.contains(message) } }
+        let degraded = lines("probe degraded"), followed = lines("probe follows its path to a new file")
+        #expect(degraded.count == 1, "\(degraded)")
+        #expect(degraded.first?.contains("probes=8") == true && degraded.first?.contains("capacity_exhausted") == true,
+                "\(degraded)")
+        #expect(degraded.first?.contains(",…") == true, "five ids named, the rest counted: \(degraded)")
+        #expect(followed.count == 1 && followed.first?.contains("probes=4") == true, "\(followed)")
+
+        // Once the old process is gone its sites retire and free their slots, and the watcher
+        // tries the 8 again (the file has not changed since their failed attach).
+        try old.release()
+        try waitFor("all 12 active again") { try ids.allSatisfy { try listEntry(daemon, $0)["state"] == nil } }
+        #expect(lines("probe follows its path to a new file").count == 2)
+        #expect(try daemon.hits(ids).values.reduce(0, +) == 36, "3 calls in the old file, counted by each of 12")
+    }
+
     @Test("follow: false pins a probe to its inode; a followed one on the same file moves on")
     func pinned() throws {
         let daemon = try TestDaemon(config: Self.config)

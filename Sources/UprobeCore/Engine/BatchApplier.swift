@@ -540,6 +540,8 @@ final class BatchApplier {
         var treeRemovals: [TreeEdit] = []
         var changed = false
         var retiring: [(id: String, sites: [ProbeSite], version: FileVersion?)] = []
+        var log = FollowLog()
+        defer { log.emit(to: logger) }
         for change in changes {
             guard let r = probes[change.id] else { continue }
             switch change.kind {
@@ -550,8 +552,7 @@ final class BatchApplier {
                 if !known.isEmpty {
                     replace(r.with(sites: r.sites, state: .active, baseHits: r.baseHits, targets: known.map(\.target), retired: r.retired))
                     changed = true
-                    logger.notice("probe follows its path back to a known file",
-                                  metadata: ["probe_id": "\(r.id)", "path": "\(first.path)", "inode": "\(first.inode)"])
+                    log.note(.init(event: .followedBack, path: first.path, inode: first.inode), id: r.id)
                 } else {
                     attaches.append((r.id, targets))
                 }
@@ -560,8 +561,8 @@ final class BatchApplier {
                 replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets,
                                retired: r.retired))
                 changed = true
-                logger.warning("probe degraded", metadata: ["probe_id": "\(r.id)", "path": "\(r.targets.first?.path ?? r.spec.path)",
-                                                            "error_code": "probe_degraded", "reason": "\(reason)"])
+                log.note(.init(event: .degraded, path: r.targets.first?.path ?? r.spec.path, inode: 0,
+                               errorCode: "probe_degraded", reason: reason), id: r.id)
             case .retire(let device, let inode):
                 // Never the current file: new processes still get it.
                 if let t = r.targets.first, t.device == device, t.inode == inode, r.state == .active { continue }
@@ -575,7 +576,7 @@ final class BatchApplier {
                 replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
                                retired: r.retired))
                 changed = true
-                logger.notice("probe ended", metadata: ["probe_id": "\(r.id)", "reason": "\(reason)"])
+                log.note(.init(event: .ended, path: r.targets.first?.path ?? r.spec.path, inode: 0, reason: reason), id: r.id)
             }
         }
 
@@ -610,10 +611,20 @@ final class BatchApplier {
                 guard let r = probes[id] else { continue }
                 let newSites = plan.probes.first?.sites ?? []
                 if let failure = plan.failure {
-                    for s in newSites { if slotLink[s.slot] != nil { deadSlots.insert(s.slot) } else { slots.release([s.slot]) } }
-                    let reason = "the new file at \(newSites.first?.target.path ?? r.spec.path) could not be attached (\(failure.code): \(failure.message)); processes running the old file are still counted"
+                    for s in newSites {
+                        if slotLink[s.slot] != nil {
+                            deadSlots.insert(s.slot)
+                            changed = true  // detach work to schedule
+                        } else {
+                            slots.release([s.slot])
+                        }
+                    }
+                    let path = newSites.first?.target.path ?? r.spec.path
+                    let reason = "the new file at \(path) could not be attached (\(failure.code): \(failure.message)); processes running the old file are still counted"
+                    // The watcher retries at every check; only a change of state is news.
+                    guard r.state != .degraded(reason: reason) else { continue }
                     replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets, retired: r.retired))
-                    logger.warning("probe degraded", metadata: ["probe_id": "\(r.id)", "error_code": "\(failure.code)", "reason": "\(reason)"])
+                    log.note(.init(event: .degraded, path: path, inode: 0, errorCode: failure.code, reason: reason), id: r.id)
                 } else {
                     for site in newSites {
                         uprobeRefs[UprobeSiteKey(site), default: 0] += 1
@@ -625,9 +636,8 @@ final class BatchApplier {
                     }
                     replace(r.with(sites: r.sites + newSites, state: .active, baseHits: r.baseHits,
                                    targets: newSites.map(\.target), retired: r.retired))
-                    logger.notice("probe follows its path to a new file", metadata: [
-                        "probe_id": "\(r.id)", "path": "\(newSites.first?.target.path ?? "")",
-                        "inode": "\(newSites.first?.target.inode ?? 0)", "build_id": "\(newSites.first?.target.buildID ?? "")"])
+                    log.note(.init(event: .followed, path: newSites.first?.target.path ?? "", inode: newSites.first?.target.inode ?? 0,
+                                   buildID: newSites.first?.target.buildID ?? ""), id: r.id)
                 }
                 changed = true
             }
@@ -648,8 +658,7 @@ final class BatchApplier {
                     var retired = r.retired
                     if let version {
                         retired.append(RetiredVersion(version: version, hits: hits))
-                        logger.notice("probe retired an old file version", metadata: [
-                            "probe_id": "\(r.id)", "path": "\(version.path)", "inode": "\(version.inode)", "hits": "\(hits)"])
+                        log.note(.init(event: .retired, path: version.path, inode: version.inode), id: r.id, hits: hits)
                     }
                     if let number = ProbeID.number(r.id) {
                         for site in gone { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
