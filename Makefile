@@ -6,7 +6,7 @@ DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch install clean
+.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch soak install clean
 
 ## Install the Debian packages the build and the tests need (only the missing ones).
 deps:
@@ -44,6 +44,14 @@ bench-tree: deps
 bench-batch: deps
 	$(SWIFT) build -c release
 	$(SWIFT) run -c release bench-batch
+
+## Soak: one release uprobed under mixed load for SOAK_SECONDS (default 60), then checks that
+## nothing hangs, leaks or floods the log (bench/soak.py says what it does and checks).
+SOAK_SECONDS ?= 60
+soak: deps
+	$(SWIFT) build -c release --product uprobed
+	gcc -O1 -o .build/soak-many Tests/Fixtures/kernel/many.c
+	python3 bench/soak.py .build/release/uprobed .build/soak-many $(SOAK_SECONDS)
 
 install: build
 	$(SWIFT) build -c release

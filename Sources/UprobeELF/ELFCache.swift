@@ -6,7 +6,10 @@ import Glibc
 
 /// A bounded cache of parsed ELF files keyed by identity *and* version of the file
 /// (dev, inode, size, mtime, ctime), so a 10,000-probe request against libc parses libc once,
-/// while a rebuilt or replaced binary is re-parsed. Thread-safe; parsing happens outside the lock.
+/// while a rebuilt or replaced binary is re-parsed. A new version read at a path drops the
+/// version cached for that path before: a binary upgraded every few seconds otherwise filled
+/// all the places with its old parses (2.4 MB each for a 10,000-function binary; a soak run's
+/// RSS grew by ~1.2 MB/s until the cache was full). Thread-safe; parsing happens outside the lock.
 public final class ELFFileCache: Sendable {
     struct Key: Hashable {
         var dev: UInt64, ino: UInt64, size: Int64
@@ -17,6 +20,14 @@ public final class ELFFileCache: Sendable {
     private struct State {
         var entries: [Key: ELFFile] = [:]
         var order: [Key] = []            // least recently inserted first
+        /// The version last cached for each path (only versions still cached).
+        var newestAt: [String: Key] = [:]
+
+        mutating func remove(_ key: Key) {
+            entries[key] = nil
+            order.removeAll { $0 == key }
+            newestAt = newestAt.filter { $0.value != key }
+        }
     }
 
     /// Maximum number of parsed files kept.
@@ -40,9 +51,11 @@ public final class ELFFileCache: Sendable {
         let parsed = try Self.parse(fd: fd, path: path, debugDirectories: debugDirectories)
         guard capacity > 0 else { return parsed }
         state.withLock { s in
+            if let older = s.newestAt[path], older != key { s.remove(older) }
+            s.newestAt[path] = key
             if s.entries.updateValue(parsed, forKey: key) == nil { s.order.append(key) }
-            while s.order.count > capacity {
-                s.entries[s.order.removeFirst()] = nil
+            while s.order.count > capacity, let oldest = s.order.first {
+                s.remove(oldest)
             }
         }
         return parsed

@@ -61,6 +61,15 @@ struct ViewTests {
         let p = try #require(try r.resolve(ProbeSpecInput(path: copy, symbol: "fix_add")).first)
         let v = try #require(try readelfSymbol(fx.nopie, "fix_add"))
         #expect(p.fileOffset == (try expectedOffset(fx.nopie, vaddr: v)))
+        #expect(cache.count == 1, "the new version at the path replaced the old one's parse")
+        // Replaced by rename (an upgrade: a new inode), again and again: still one entry.
+        for _ in 0..<5 {
+            try? FileManager.default.removeItem(atPath: copy + ".new")
+            try FileManager.default.copyItem(atPath: fx.pie, toPath: copy + ".new")
+            guard rename(copy + ".new", copy) == 0 else { throw FixtureError(message: "rename failed") }
+            _ = try r.resolve(ProbeSpecInput(path: copy, symbol: "fix_add"))
+        }
+        #expect(cache.count == 1)
         _ = try r.resolve(ProbeSpecInput(path: fx.lib, symbol: "vfunc"))
         _ = try r.resolve(ProbeSpecInput(path: fx.pie, symbol: "fix_add"))
         #expect(cache.count == 2)
