@@ -7,10 +7,8 @@ import Logging
 /// and with the slots exhausted every follow check re-logged each failing retry: a soak run
 /// wrote 567 MB of log in 60 s. Per-probe detail stays in `list` and `stats`.
 struct FollowLog {
-    enum Event: Int, Comparable {
+    enum Event {
         case followedBack, followed, degraded, retired, ended
-
-        static func < (a: Event, b: Event) -> Bool { a.rawValue < b.rawValue }
 
         var message: Logger.Message {
             switch self {
@@ -45,8 +43,6 @@ struct FollowLog {
     private var entries: [Key: Entry] = [:]
     /// Keys in the order first seen, so the log reads in the order things happened.
     private var order: [Key] = []
-
-    var isEmpty: Bool { order.isEmpty }
 
     mutating func note(_ key: Key, id: String, hits: UInt64 = 0) {
         if entries[key] == nil { order.append(key) }
