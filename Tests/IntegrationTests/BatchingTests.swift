@@ -21,12 +21,18 @@ struct BatchingTests {
         return c
     }
 
-    @Test("200 staying probes count exactly K while other clients add and remove 1,000 probes on the same binary")
-    func exactnessUnderChurn() throws {
+    /// A daemon, and a private copy (its own inode) of a binary with 200 staying and 1,000 churn functions.
+    static func daemonWithChurnBinary() throws -> (TestDaemon, String) {
         let daemon = try TestDaemon()
         let bin = daemon.dir + "/churn"
-        try FileManager.default.copyItem(atPath: try Fixtures.build("churn", source: Self.churnSource(staying: 200, churn: 1000)),
+        try FileManager.default.copyItem(atPath: try Fixtures.build("churn", source: churnSource(staying: 200, churn: 1000)),
                                          toPath: bin)
+        return (daemon, bin)
+    }
+
+    @Test("200 staying probes count exactly K while other clients add and remove 1,000 probes on the same binary")
+    func exactnessUnderChurn() throws {
+        let (daemon, bin) = try Self.daemonWithChurnBinary()
         // Staying probes in several requests: several links in one group, so merges and rebuilds
         // of the links that carry them happen while the workload runs.
         var staying: [String] = []
@@ -77,10 +83,7 @@ struct BatchingTests {
 
     @Test("64 concurrent clients x 200 register/unregister round trips: all succeed, nothing leaks")
     func manyClientsNoLeaks() throws {
-        let daemon = try TestDaemon()
-        let bin = daemon.dir + "/churn"
-        try FileManager.default.copyItem(atPath: try Fixtures.build("churn", source: Self.churnSource(staying: 200, churn: 1000)),
-                                         toPath: bin)
+        let (daemon, bin) = try Self.daemonWithChurnBinary()
         let pid = daemon.process.processIdentifier
         usleep(200_000)  // let the daemon close the harness's readiness probe connection
         let fdsBefore = try fdTargets(pid)
@@ -132,10 +135,7 @@ struct BatchingTests {
 
     @Test("4 clients registering and removing 1,200-probe globs at once (state entries and replies encoded ahead): every request completes, nothing is left")
     func concurrentLargeRequests() throws {
-        let daemon = try TestDaemon()
-        let bin = daemon.dir + "/churn"
-        try FileManager.default.copyItem(atPath: try Fixtures.build("churn", source: Self.churnSource(staying: 200, churn: 1000)),
-                                         toPath: bin)
+        let (daemon, bin) = try Self.daemonWithChurnBinary()
         let errors = ErrorBox()
         let group = ThreadGroup()
         let clients = 4, rounds = 8
@@ -175,7 +175,7 @@ struct BatchingTests {
         #expect(first.count == 16)
         let over = try daemon.call(["op": "register", "probes": [spec(target, symbol: "fn_b")]])
         #expect(errorCode(over) == "capacity_exhausted")
-        #expect((over["error"]?.objectValue?["message"]?.stringValue ?? "").contains("16 of 16"))
+        #expect(over["error"]?.objectValue?["message"]?.stringValue?.contains("16 of 16") == true)
         _ = try daemon.call(["op": "unregister", "probes": .array(first.map { .string($0) })])
         // Immediately: the removed probes' slots are still retiring; the engine reclaims them.
         let again = try daemon.register(Array(repeating: spec(target, symbol: "fn_b"), count: 16))

@@ -204,7 +204,7 @@ struct FollowTests {
         try p.release()
         try waitFor("ended") { try listEntry(daemon, id)["state"]?.stringValue == "ended" }
         let entry = try listEntry(daemon, id)
-        #expect((entry["reason"]?.stringValue ?? "").contains("process \(p.pid) exited"), "\(entry)")
+        #expect(entry["reason"]?.stringValue?.contains("process \(p.pid) exited") == true, "\(entry)")
         #expect(entry["follow"] == .bool(false))
         let s = try statsEntry(daemon, id)
         #expect(s["state"]?.stringValue == "ended")
