@@ -362,6 +362,14 @@ struct StateFileTests {
         #expect(ahead.take(for: Self.records(1..<1201, path: "/bin/x")) == nil, "same ids, other records")
     }
 
+    /// A published registry as `persist` sees it: its generation and the registrations its batch added.
+    static func snapshot(_ generation: UInt64, adding: [ProbeRecord]) -> RegistrySnapshot {
+        var s = RegistrySnapshot()
+        s.generation = generation
+        s.batchAdded = adding
+        return s
+    }
+
     @Test("runs encoded ahead (prepare) are spliced into the log entry; a run its batch did not add is dropped and written inline later")
     func preparedRuns() throws {
         let dirA = try Self.tempDir(), dirB = try Self.tempDir()
@@ -375,24 +383,18 @@ struct StateFileTests {
             try store.prepare()
             return StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
         }
-        func snapshot(_ generation: UInt64, adding: [ProbeRecord]) -> RegistrySnapshot {
-            var s = RegistrySnapshot()
-            s.generation = generation
-            s.batchAdded = adding
-            return s
-        }
         // A: two runs prepared; the batch adds a few inline, then one run (the other request failed).
         let a = try persister(dirA)
         a.prepare(big)
         a.prepare(failed)
-        try a.persist(snapshot(1, adding: small + big))
+        try a.persist(Self.snapshot(1, adding: small + big))
         // The failed request's ids come back later in another batch (they would not: ids are
         // not reused; this checks the dropped run is not spliced in by mistake).
-        try a.persist(snapshot(2, adding: Array(failed.prefix(2))))
+        try a.persist(Self.snapshot(2, adding: Array(failed.prefix(2))))
         // B: the same batches without prepare: everything written inline.
         let b = try persister(dirB)
-        try b.persist(snapshot(1, adding: small + big))
-        try b.persist(snapshot(2, adding: Array(failed.prefix(2))))
+        try b.persist(Self.snapshot(1, adding: small + big))
+        try b.persist(Self.snapshot(2, adding: Array(failed.prefix(2))))
         try a.sync(); try b.sync()
         let loadedA = try #require(try StateStore(dir: dirA).load())
         let loadedB = try #require(try StateStore(dir: dirB).load())
@@ -409,7 +411,7 @@ struct StateFileTests {
 
         // A spliced run's ids are entered into the memo off the writer; a removal right after
         // must still find them on disk (or it would be left out of the log).
-        var removal = snapshot(3, adding: [])
+        var removal = Self.snapshot(3, adding: [])
         removal.batchRemoved = [big[0].id, big[1499].id]
         try a.persist(removal)
         try a.sync()
@@ -430,14 +432,8 @@ struct StateFileTests {
         let queue = DispatchQueue(label: "ahead-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
                                        groupCommit: true, aheadQueue: queue)
-        func snapshot(_ generation: UInt64, adding: [ProbeRecord]) -> RegistrySnapshot {
-            var s = RegistrySnapshot()
-            s.generation = generation
-            s.batchAdded = adding
-            return s
-        }
         persister.prepare(first)
-        try persister.persist(snapshot(1, adding: first))  // defers its settle 20 ms, onto `queue`
+        try persister.persist(Self.snapshot(1, adding: first))  // defers its settle 20 ms, onto `queue`
         // The queue is busy (as with a large reply being encoded) until the settle has queued
         // behind it, then the next large register's encode behind that.
         let busy = DispatchSemaphore(value: 0)
@@ -446,7 +442,7 @@ struct StateFileTests {
         persister.prepare(second)
         let saved = DispatchSemaphore(value: 0)
         let failure = Mutex<String?>(nil)
-        let next = snapshot(2, adding: second)
+        let next = Self.snapshot(2, adding: second)
         Thread {
             do { try persister.persist(next) } catch { failure.withLock { $0 = "\(error)" } }
             saved.signal()

@@ -311,7 +311,7 @@ final class BatchApplier {
         var restored: [Int: [Result<ProbeRecord, EngineError>]] = [:]
         var withdrawn: [TreeEdit] = []  // consumers of entered requests that failed
         var withdrawnAhead: [String] = []  // their ids, where the log has them already
-        var aheadIndices: Set<Int> = []  // batch positions of the registrations written ahead
+        let aheadIndices = Set(registers.filter(\.ahead).map(\.index))  // batch positions written ahead
         for plan in registers {
             if let failure = plan.failure {
                 for p in plan.probes {
@@ -333,7 +333,6 @@ final class BatchApplier {
             }
             // Made and entered during the attach (a large request) or before it (written ahead).
             var records: [ProbeRecord] = plan.early
-            if plan.ahead { aheadIndices.insert(plan.index) }
             for p in plan.probes where !plan.large && !plan.ahead {
                 let id: String
                 if let fixed = plan.restoreID {
@@ -409,7 +408,7 @@ final class BatchApplier {
         var registerReplies: [(reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void, result: Result<[ProbeRecord], EngineError>)] = []
         for plan in registers {
             guard case .register(_, _, _, _, let reply) = batch[plan.index] else { continue }
-            if let f = plan.failure { registerReplies.append((reply, .failure(f))) } else if let persistError, !aheadIndices.contains(plan.index) {
+            if let f = plan.failure { registerReplies.append((reply, .failure(f))) } else if let persistError, !plan.ahead {
                 registerReplies.append((reply, .failure(persistError)))
             } else {
                 registerReplies.append((reply, .success(created[plan.index] ?? [])))

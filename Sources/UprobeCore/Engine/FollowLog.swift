@@ -36,6 +36,12 @@ struct FollowLog {
         var count = 0
         var ids: [String] = []
         var hits: UInt64 = 0
+
+        mutating func add(id: String, hits more: UInt64) {
+            count += 1
+            hits &+= more
+            if ids.count < FollowLog.idsShown { ids.append(id) }
+        }
     }
 
     /// Ids named per line; the rest are counted.
@@ -46,9 +52,7 @@ struct FollowLog {
 
     mutating func note(_ key: Key, id: String, hits: UInt64 = 0) {
         if entries[key] == nil { order.append(key) }
-        entries[key, default: Entry()].count += 1
-        entries[key, default: Entry()].hits &+= hits
-        if entries[key, default: Entry()].ids.count < Self.idsShown { entries[key, default: Entry()].ids.append(id) }
+        entries[key, default: Entry()].add(id: id, hits: hits)
     }
 
     func emit(to logger: Logger) {
