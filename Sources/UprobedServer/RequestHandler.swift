@@ -349,6 +349,15 @@ public struct RequestHandler: Sendable {
                     w.field("current", v.current)
                     if v.retired { w.field("retired", true) }
                 }
+                // Retired versions beyond the newest few are kept as one count and one sum.
+                let older = d.record.retired
+                if older.olderCount > 0 {
+                    w.key("older_versions")
+                    w.beginObject()
+                    w.field("retired", Int64(older.olderCount))
+                    w.field("hits", older.olderHits)
+                    w.endObject()
+                }
             }
             w.endObject()
         }

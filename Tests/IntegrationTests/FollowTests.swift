@@ -102,6 +102,38 @@ struct FollowTests {
         #expect(daemon.log.contains("probe follows its path to a new file"))
     }
 
+    @Test("eleven upgrades: the newest eight retired versions keep their own entry, older ones fold into one count and sum; hits stay exact")
+    func retiredVersionsAreBounded() throws {
+        let daemon = try TestDaemon(config: Self.config)
+        let path = daemon.dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let id = try daemon.register([spec(path, symbol: "fn_a")])[0]
+        var retiredInodes: [UInt64] = []
+        for calls in 1...11 {
+            #expect(try run([path, "\(calls)", "0"]).status == 0)
+            retiredInodes.append(inode(path))
+            try replace(path, with: try Fixtures.target)
+            // Nothing maps the old file: it retires as soon as the new one is attached.
+            try waitFor("upgrade \(calls) retired") {
+                let s = try statsEntry(daemon, id)
+                let kept = s["versions"]?.arrayValue?.filter { $0.objectValue?["retired"] == .bool(true) }.count ?? 0
+                let folded = s["older_versions"]?.objectValue?["retired"]?.int64Value ?? 0
+                return kept + Int(folded) == calls
+            }
+        }
+        let s = try statsEntry(daemon, id)
+        #expect(s["hits"]?.int64Value == 66, "1 + 2 + … + 11 calls, each in its own file")
+        let versions = s["versions"]?.arrayValue?.compactMap(\.objectValue) ?? []
+        let kept = versions.filter { $0["retired"] == .bool(true) }
+        #expect(kept.count == 8 && versions.count == 9, "eight retired and the current file: \(versions)")
+        #expect(kept.compactMap { $0["inode"]?.int64Value }.map(UInt64.init) == Array(retiredInodes.suffix(8)),
+                "the newest eight, oldest first")
+        #expect(kept.compactMap { $0["hits"]?.int64Value } == Array(4...11))
+        #expect(s["older_versions"]?.objectValue == ["retired": 3, "hits": 6], "the first three upgrades: 1 + 2 + 3 hits")
+        #expect(try run([path, "5", "0"]).status == 0)
+        #expect(try daemon.hits([id])[id] == 71)
+    }
+
     @Test("a replacement without the symbol (not ELF, symbol gone) is reported degraded; a good file brings it back")
     func degradedAndRecovered() throws {
         let daemon = try TestDaemon(config: Self.config)

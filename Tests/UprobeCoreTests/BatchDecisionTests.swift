@@ -326,11 +326,33 @@ struct BatchDecisionTests {
         #expect(m.count == 3 && m["p3000"] == nil && m["nope"] == nil)
     }
 
+    @Test("retired versions: the newest eight keep their entry, older ones fold into a count and a sum that the total keeps")
+    func retiredVersionsFold() {
+        var r = RetiredVersions()
+        #expect(r.isEmpty && r.totalHits == 0 && r.count == 0)
+        for i in 1...11 {
+            r.append(RetiredVersion(version: FileVersion(device: 1, inode: UInt64(i), buildID: nil, path: "/x"), hits: UInt64(i * 10)))
+        }
+        #expect(r.recent.map(\.version.inode) == Array(4...11), "the newest eight, oldest first")
+        #expect(r.olderCount == 3 && r.olderHits == 60)
+        #expect(r.totalHits == 660 && r.count == 11)
+        let record = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/x", symbol: "f"), sites: [],
+                                 registeredAt: 0, registeredAtMonotonic: .now - .seconds(10), state: .active, baseHits: 660,
+                                 targets: [], retired: r)
+        var map = ProbeMap()
+        map.insert(record)
+        let table = try? StatsTable.make(map, counts: [], ids: nil, consumer: nil, allVersions: true,
+                                         now: MonotonicEpoch.seconds(.now)).get()
+        #expect(table?.hits.first == 660)
+        #expect(table?.detail(0)?.versions?.count == 8, "the breakdown lists the kept entries only")
+        #expect(abs((table?.rates.first ?? 0) - 66) < 1, "the rate still counts the folded hits: 660 in ~10 s")
+    }
+
     @Test("stats rows: plain rows read without their record give what the records say; consumer numbers are reused only when free")
     func statsRows() throws {
         let start = ContinuousClock.now
         func record(_ id: String, consumer: String?, sites: [(inode: UInt64, slot: UInt32)], state: ProbeState = .active,
-                    baseHits: UInt64 = 0, retired: [RetiredVersion] = [], secondsAgo: Double = 10) -> ProbeRecord {
+                    baseHits: UInt64 = 0, retired: RetiredVersions = [], secondsAgo: Double = 10) -> ProbeRecord {
             let at = start - .milliseconds(Int64(secondsAgo * 1000))
             return ProbeRecord(id: id, consumer: consumer, owner: .daemon, spec: ProbeSpecInput(path: "/x", symbol: "f"),
                                sites: sites.map { ProbeSite(target: target("/x", inode: $0.inode, offset: UInt64($0.slot) * 16), slot: $0.slot) },
@@ -358,8 +380,8 @@ struct BatchDecisionTests {
         // What each row must be, computed from the record alone.
         func expected(_ r: ProbeRecord, allVersions: Bool) -> ProbeStats {
             let counted = r.sites.reduce(UInt64(0)) { $0 + (Int($1.slot) < counts.count ? counts[Int($1.slot)] : 0) }
-            let retiredHits = r.retired.reduce(UInt64(0)) { $0 + $1.hits }
-            let files = Set(r.sites.map(\.target.inode)).count + r.retired.count
+            let retiredHits = r.retired.totalHits
+            let files = Set(r.sites.map(\.target.inode)).count + r.retired.recent.count
             let secs = now - MonotonicEpoch.seconds(r.registeredAtMonotonic)
             return ProbeStats(id: r.id, hits: r.baseHits + counted, ratePerSecond: Double(counted + retiredHits) / secs,
                               sites: r.sites.count, state: r.state,

@@ -73,6 +73,40 @@ public struct RetiredVersion: Sendable, Hashable {
     public var hits: UInt64
 }
 
+/// A registration's retired file versions: the newest `keptApart` each with its own hits, the
+/// older ones folded into one count and one sum. Without the bound every upgrade of a probed
+/// binary would add an entry to every probe on it for as long as the daemon runs (and one
+/// more `versions` entry to each `stats` reply); the sum keeps their hits in the rate.
+public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
+    /// How many retired versions keep their own entry.
+    public static let keptApart = 8
+    /// The newest retired versions, oldest first.
+    public private(set) var recent: [RetiredVersion] = []
+    /// Versions retired before those in `recent`, and their hits.
+    public private(set) var olderCount = 0
+    public private(set) var olderHits: UInt64 = 0
+
+    public init() {}
+    public init(arrayLiteral elements: RetiredVersion...) { for e in elements { append(e) } }
+
+    public var isEmpty: Bool { recent.isEmpty }
+    /// Hits of every retired version, folded ones included.
+    public var totalHits: UInt64 { recent.reduce(olderHits) { $0 &+ $1.hits } }
+    /// Versions retired in all.
+    public var count: Int { olderCount + recent.count }
+
+    /// Adds the newest retired version, folding the oldest kept one first if all places are
+    /// taken (first, so the array never grows past `keptApart` and its capacity stays bounded).
+    public mutating func append(_ v: RetiredVersion) {
+        if recent.count >= Self.keptApart {
+            let oldest = recent.removeFirst()
+            olderCount += 1
+            olderHits &+= oldest.hits
+        }
+        recent.append(v)
+    }
+}
+
 /// A registered probe: one id, one or more sites (several for a multi-site USDT probe).
 ///
 /// Immutable and a class: snapshots and readers pass records around by one reference
@@ -101,13 +135,13 @@ public final class ProbeRecord: Sendable {
     /// For a registration that follows its path, `targets` are those of the newest good file.
     public let targets: [ResolvedProbe]
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
-    public let retired: [RetiredVersion]
+    public let retired: RetiredVersions
 
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
     /// the caller has it (a batch computes it once for all its records).
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
                 registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
-                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: [RetiredVersion] = []) {
+                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = []) {
         self.retired = retired
         self.id = id
         self.consumer = consumer
@@ -124,7 +158,7 @@ public final class ProbeRecord: Sendable {
 
     /// A new version of this registration (same id, registration time and consumers' owner).
     func with(sites: [ProbeSite], state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe],
-              retired: [RetiredVersion]) -> ProbeRecord {
+              retired: RetiredVersions) -> ProbeRecord {
         ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
                     registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince, state: state,
                     baseHits: baseHits, targets: targets,

@@ -133,10 +133,10 @@ public struct StatsTable: Sendable {
                     breakdown.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
                 }
             }
-            for old in r.retired { breakdown.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
+            for old in r.retired.recent { breakdown.append(VersionStats(version: old.version, hits: old.hits, current: false, retired: true)) }
             versions = breakdown
         }
-        let retiredHits = r.retired.reduce(UInt64(0)) { $0 &+ $1.hits }
+        let retiredHits = r.retired.totalHits
         let secs = now - r.countingSince
         numbers.append(0)
         hits.append(r.baseHits &+ counted)
