@@ -81,7 +81,7 @@ public final class UprobedService: Service, Sendable {
         // writer is in the kernel attach: one queue, so the entry the writer waits for is first.
         let aheadQueue = DispatchQueue(label: "uprobed-encode-ahead")
         let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved, groupCommit: true,
-                                       aheadQueue: aheadQueue)
+                                       aheadQueue: aheadQueue, logger: logger)
 
         let engineConfig = EngineConfig(batchWindow: .microseconds(Int64(config.batchWindowMicros)),
                                         maxBatchRequests: config.maxBatchRequests,

@@ -392,10 +392,16 @@ public enum StateCodec {
 /// changes, not to the whole registry; the snapshot is rewritten (and the log dropped) when
 /// the log grows, at hit checkpoints and at stop. A crash at any moment leaves the old or the
 /// new snapshot and a log whose only possibly torn line is its last, unsynced one.
+///
+/// A snapshot written while batches go on (see `StatePersister`) first moves the log aside to
+/// `DIR/state.log.prev` (`rotateLog`); new lines start a new log, and `prev` is dropped once
+/// the snapshot that covers it is in place. `load` replays `prev`, then the log.
 public final class StateStore: Sendable {
     public let dir: String
     public var path: String { dir + "/state.json" }
     public var logPath: String { dir + "/state.log" }
+    /// The log as it was when a snapshot being written in the background was taken.
+    public var previousLogPath: String { dir + "/state.log.prev" }
     var tmpPath: String { dir + "/state.json.tmp" }
 
     public init(dir: String) { self.dir = dir }
@@ -427,18 +433,44 @@ public final class StateStore: Sendable {
         } else if errno != ENOENT {
             throw StateError(code: "state_io", message: "cannot stat \(path): \(String(cString: strerror(errno)))")
         }
-        guard stat(logPath, &st) == 0 else {
-            if errno == ENOENT { return base }
-            throw StateError(code: "state_io", message: "cannot stat \(logPath): \(String(cString: strerror(errno)))")
+        // Lines at or below the snapshot's seq are skipped: `prev` is all such lines once the
+        // snapshot taken with it is in place.
+        for log in [previousLogPath, logPath] {
+            guard stat(log, &st) == 0 else {
+                if errno == ENOENT { continue }
+                throw StateError(code: "state_io", message: "cannot stat \(log): \(String(cString: strerror(errno)))")
+            }
+            guard let bytes = readWholeFile(log, limit: 1 << 30) else {
+                throw StateError(code: "state_io", message: "cannot read \(log): \(String(cString: strerror(errno)))")
+            }
+            do {
+                base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
+            } catch {
+                throw StateError(code: error.code, message: "\(log): \(error.message)")
+            }
         }
-        guard let log = readWholeFile(logPath, limit: 1 << 30) else {
-            throw StateError(code: "state_io", message: "cannot read \(logPath): \(String(cString: strerror(errno)))")
+        return base
+    }
+
+    /// Moves the log aside for a snapshot written in the background: fsyncs it (lines appended
+    /// without a sync are in it, and the committer syncs the new log by path from now on), then
+    /// renames it to `previousLogPath`. False if there is no log, or a `prev` is still there (a
+    /// snapshot that did not finish; only a full `write` drops it).
+    func rotateLog() throws(StateError) -> Bool {
+        if access(previousLogPath, F_OK) == 0 { return false }
+        let fd = open(logPath, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return false }
+            throw StateError(code: "state_io", message: "cannot open \(logPath): \(String(cString: strerror(errno)))")
         }
-        do {
-            return try StateCodec.replay(log, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
-        } catch {
-            throw StateError(code: error.code, message: "\(logPath): \(error.message)")
+        defer { close(fd) }
+        guard fsync(fd) == 0 else {
+            throw StateError(code: "state_io", message: "cannot fsync \(logPath): \(String(cString: strerror(errno)))")
         }
+        guard rename(logPath, previousLogPath) == 0 else {
+            throw StateError(code: "state_io", message: "cannot rename \(logPath): \(String(cString: strerror(errno)))")
+        }
+        return true
     }
 
     /// Size of a file, 0 if missing.
@@ -526,14 +558,22 @@ public final class StateStore: Sendable {
         if rename(path, target) != 0 && errno != ENOENT {
             throw StateError(code: "state_io", message: "cannot move \(path) aside: \(String(cString: strerror(errno)))")
         }
-        if rename(logPath, logPath + ".corrupt-\(stamp)") != 0 && errno != ENOENT {
-            throw StateError(code: "state_io", message: "cannot move \(logPath) aside: \(String(cString: strerror(errno)))")
+        for log in [logPath, previousLogPath] where rename(log, log + ".corrupt-\(stamp)") != 0 && errno != ENOENT {
+            throw StateError(code: "state_io", message: "cannot move \(log) aside: \(String(cString: strerror(errno)))")
         }
         return target
     }
 
-    /// Writes `state` atomically and durably.
-    public func write(_ state: SavedState) throws(StateError) {
+    /// Which logs a new snapshot makes redundant.
+    public enum Covered: Sendable {
+        /// Both: the snapshot holds every line (written with the writer held).
+        case allLogs
+        /// `previousLogPath` only: lines appended after `rotateLog` are newer than it.
+        case previousLog
+    }
+
+    /// Writes `state` atomically and durably, then drops the logs it covers.
+    public func write(_ state: SavedState, covering covered: Covered = .allLogs) throws(StateError) {
         let bytes = StateCodec.encode(state)
         func fail(_ what: String) -> StateError {
             StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
@@ -558,9 +598,10 @@ public final class StateStore: Sendable {
             unlink(tmpPath)
             throw e
         }
-        // The snapshot holds everything the log did (its seq says so); a crash before this
-        // unlink only makes the next start skip the old lines.
-        unlink(logPath)
+        // The snapshot holds everything these logs did (its seq says so); a crash before the
+        // unlink only makes the next start skip their lines.
+        unlink(previousLogPath)
+        if covered == .allLogs { unlink(logPath) }
         let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
         defer { close(dfd) }
@@ -570,7 +611,8 @@ public final class StateStore: Sendable {
 
 /// Turns engine snapshots into state files: called by the engine's writer once per batch
 /// (before replies, so an acknowledged registration is on disk) and once more at a graceful
-/// stop with the final hit counts. Writes are serialized, and an older snapshot never
+/// stop with the final hit counts. Log appends are serialized by the memo lock; snapshots are
+/// taken with it held and written outside it, one at a time, and an older snapshot never
 /// overwrites a newer one.
 public final class StatePersister: Sendable {
     let store: StateStore
@@ -604,6 +646,10 @@ public final class StatePersister: Sendable {
         /// reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
         /// first settles it (`persist` and `checkpoint` begin with `settle()`).
         var unsettled: [(records: [ProbeRecord], stamps: [(FileStamp?, UInt64?)])] = []
+        /// A snapshot taken by `capture` is being written outside the lock (`writeCaptured`).
+        /// Only one at a time: they share the temporary file, and a later one must not be
+        /// overtaken by an earlier one.
+        var snapshotInFlight = false
 
         mutating func settle() {
             for run in unsettled {
@@ -636,6 +682,9 @@ public final class StatePersister: Sendable {
     let bootID: String?
     let groupCommit: Bool
     let aheadQueue: DispatchQueue
+    let logger: Logger?
+    /// Writes snapshots taken by `capture`, one at a time (see `Memo.snapshotInFlight`).
+    private let snapshotQueue: DispatchQueue
 
     /// Registrations whose log entries are being written ahead of their batch (`prepare`),
     /// keyed by the first record. Taken by the next `persist`, used or not.
@@ -697,7 +746,10 @@ public final class StatePersister: Sendable {
     /// `aheadQueue` runs `prepare`'s encoding; the daemon shares one serial queue with the
     /// register replies written ahead, so the entry the writer waits for comes first.
     public init(store: StateStore, kernel: any KernelBackend, counters: ServiceCounters, restored: SavedState?,
-                groupCommit: Bool = false, aheadQueue: DispatchQueue = .global()) {
+                groupCommit: Bool = false, aheadQueue: DispatchQueue = .global(), logger: Logger? = nil,
+                snapshotQueue: DispatchQueue = DispatchQueue(label: "uprobed-snapshot")) {
+        self.logger = logger
+        self.snapshotQueue = snapshotQueue
         self.groupCommit = groupCommit
         self.aheadQueue = aheadQueue
         self.store = store
@@ -710,15 +762,16 @@ public final class StatePersister: Sendable {
         m.seq = restored?.seq ?? 0
         m.nextID = restored?.nextID ?? 1
         m.snapshotBytes = store.size(store.path)
-        m.logBytes = store.size(store.logPath)
+        m.logBytes = store.size(store.logPath) + store.size(store.previousLogPath)
         m.olderSnapshot = (restored?.formatVersion ?? SavedState.version) < SavedState.version
         memo.withLock { $0 = m }
     }
 
     /// The engine's persist hook, once per batch before its replies: appends the batch's added
     /// and removed registrations (`batchAdded`, `batchRemoved`: the engine says what changed, so
-    /// this costs the size of the batch, not of the registry) to the log, or rewrites the
-    /// snapshot once the log has grown past it (at least 1 MiB).
+    /// this costs the size of the batch, not of the registry) to the log. Once the log has grown
+    /// past the snapshot (at least 1 MiB) a new snapshot is started on `snapshotQueue`; only a
+    /// rewrite the replies must wait for (`rewriteDue`, `olderSnapshot`) is written here.
     public func persist(_ snapshot: RegistrySnapshot) throws(StateError) {
         // Runs written ahead by `prepare` are spliced in; the rest is written here. A run's
         // registrations are new (restored ones are never prepared): none is on disk yet.
@@ -740,7 +793,29 @@ public final class StatePersister: Sendable {
             }
         }
         let filled = runStarts.mapValues { run in (run: run, encoded: run.get()) }
-        let result: Result<Bool, StateError> = memo.withLock { m in
+        // nil: a full rewrite is due while a snapshot is being written; wait for it, then again.
+        var outcome: Result<Bool, StateError>? = nil
+        while outcome == nil {
+            outcome = persistLocked(snapshot, filled: filled)
+            if outcome == nil { snapshotQueue.sync {} }
+        }
+        let result = outcome ?? .success(false)
+        if case .success(true) = result {
+            // Once the batch's fsync and reply are done: settled at once, it took the second
+            // CPU from them (fsync 0.7 -> 1.2-3.2 ms); started at the sync, it slowed the reply
+            // by 1-2 ms. 20 ms later the reply is out and its client is reading it.
+            let memo = self.memo
+            aheadQueue.asyncAfter(deadline: .now() + .milliseconds(20)) { memo.withLock { $0.settle() } }
+        }
+        try counted(result.map { _ in () })
+    }
+
+    /// `persist` with the memo lock held. True: runs written ahead were appended (to settle).
+    private func persistLocked(_ snapshot: RegistrySnapshot,
+                               filled: [Int: (run: PreparedRun, encoded: (text: [UInt8], stamps: [(FileStamp?, UInt64?)]))])
+        -> Result<Bool, StateError>? {
+        let batch = snapshot.batchAdded
+        return memo.withLock { m -> Result<Bool, StateError>? in
             guard snapshot.generation >= m.lastGeneration else { return .success(false) }
             m.settle()
             var spliced: [(run: PreparedRun, encoded: (text: [UInt8], stamps: [(FileStamp?, UInt64?)]))] = []
@@ -760,7 +835,11 @@ public final class StatePersister: Sendable {
                 m.lastGeneration = snapshot.generation
                 return .success(false)
             }
-            if m.logBytes > max(1 << 20, m.snapshotBytes) || m.olderSnapshot || m.rewriteDue {
+            if m.olderSnapshot || m.rewriteDue {
+                // A full rewrite that the batch's reply waits for, with the writer held: after a
+                // failed sync the log may have lost lines, and an older format must not be
+                // appended to.
+                if m.snapshotInFlight { return nil }
                 let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
                 do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
                     m.unsavedRemovals = removed
@@ -769,7 +848,7 @@ public final class StatePersister: Sendable {
                 return .success(false)
             }
             var files: [String: FileStamp?] = [:]
-            let adds = added.map { saved($0, hits: $0.baseHits, memo: &m, files: &files) }
+            let adds = added.map { Self.saved($0, hits: $0.baseHits, stamps: &m.stamps, files: &files) }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
             do throws(StateError) { try store.append(parts: parts, sync: !groupCommit) } catch {
                 m.unsavedRemovals = removed
@@ -779,35 +858,119 @@ public final class StatePersister: Sendable {
             m.seq += 1
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)
+            for id in removed { m.stamps.removeValue(forKey: id) }
             m.noteWritten(added.map(\.id))
             m.unsettled += spliced.map { ($0.run.records, $0.encoded.stamps) }
             m.lastGeneration = snapshot.generation
+            if m.logBytes > max(1 << 20, m.snapshotBytes) && !m.snapshotInFlight {
+                // The log has grown past the snapshot: a new one is written on `snapshotQueue`
+                // while batches go on. (Written here, a 10,000-probe registry held the writer
+                // 32-64 ms, and every request waited.)
+                let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
+                do throws(StateError) {
+                    let captured = try capture(&m, snapshot, counts: counts)
+                    snapshotQueue.async { _ = self.writeCaptured(captured) }
+                } catch {
+                    // The log's fsync failed: the batch's sync will say so; rewrite in full next.
+                    m.rewriteDue = true
+                }
+            }
             return .success(!spliced.isEmpty)
         }
-        if case .success(true) = result {
-            // Once the batch's fsync and reply are done: settled at once, it took the second
-            // CPU from them (fsync 0.7 -> 1.2-3.2 ms); started at the sync, it slowed the reply
-            // by 1-2 ms. 20 ms later the reply is out and its client is reading it.
-            let memo = self.memo
-            aheadQueue.asyncAfter(deadline: .now() + .milliseconds(20)) { memo.withLock { $0.settle() } }
+    }
+
+    /// Waits until a snapshot being written outside the memo lock is in place (tests; a stop
+    /// waits through `checkpoint`).
+    func waitForSnapshotWrite() { snapshotQueue.sync {} }
+
+    /// What a snapshot written outside the memo lock needs, taken with it held (`capture`).
+    private struct Captured: Sendable {
+        let snapshot: RegistrySnapshot
+        let counts: [UInt64]
+        let stamps: [String: (FileStamp?, UInt64?)]
+        let unsettled: [(records: [ProbeRecord], stamps: [(FileStamp?, UInt64?)])]
+        /// The last log line the snapshot covers.
+        let seq: UInt64
+        let nextID: UInt64
+    }
+
+    /// With the memo lock held: takes the registry as of the last log line and moves the log
+    /// aside (`StateStore.rotateLog`), so the new snapshot can drop it. Cheap: the snapshot and
+    /// the stamps are shared copies. If the log cannot be moved aside (a `prev` left by a
+    /// snapshot that failed), it stays: its lines are skipped by their seq after the snapshot.
+    private func capture(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) -> Captured {
+        if try store.rotateLog() { m.logBytes = 0 }
+        m.snapshotInFlight = true
+        m.lastGeneration = max(m.lastGeneration, snapshot.generation)
+        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID)
+    }
+
+    /// Writes a captured snapshot (on `snapshotQueue`, one at a time) and drops the log it
+    /// covers. A failure leaves the old snapshot and both logs, which `load` reads together,
+    /// and makes the next batch rewrite in full.
+    private func writeCaptured(_ c: Captured) -> Result<Void, StateError> {
+        var stamps = c.stamps
+        for run in c.unsettled {
+            for (r, st) in zip(run.records, run.stamps) where stamps[r.id] == nil { stamps[r.id] = st }
         }
-        try counted(result.map { _ in () })
+        let probes = Self.savedProbes(c.snapshot, counts: c.counts, stamps: &stamps)
+        var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)
+        state.seq = c.seq
+        state.nextID = max(c.nextID, StateCodec.nextID(after: probes.map(\.id)))
+        let result: Result<Void, StateError>
+        do throws(StateError) {
+            try store.write(state, covering: .previousLog)
+            result = .success(())
+        } catch {
+            result = .failure(error)
+        }
+        let store = self.store
+        memo.withLock { m in
+            m.snapshotInFlight = false
+            if case .success = result {
+                m.snapshotBytes = store.size(store.path)
+                m.olderSnapshot = false
+            } else {
+                m.rewriteDue = true
+            }
+        }
+        if case .failure(let e) = result {
+            logger?.error("writing the state snapshot failed; the next batch rewrites it with the writer held",
+                          metadata: ["error_code": "\(e.code)", "error": "\(e.message)"])
+        }
+        try? counted(result)
+        return result
     }
 
     /// Rewrites the snapshot with the hit totals of `snapshot` (periodic checkpoint, final
-    /// save). Skipped if the writer has already saved a newer snapshot.
+    /// save), waiting for it; the writer is held only while it is taken. Skipped if the writer
+    /// has already saved a newer registry.
     public func checkpoint(_ snapshot: RegistrySnapshot) throws(StateError) {
         let counts: [UInt64]
         do { counts = try kernel.readCounters(upTo: snapshot.slotHighWater) } catch {
             throw StateError(code: "state_io", message: "cannot read hit counters: \(error.message)")
         }
-        let result: Result<Void, StateError> = memo.withLock { m in
-            guard snapshot.generation >= m.lastGeneration else { return .success(()) }
-            m.settle()
-            do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch { return .failure(error) }
-            return .success(())
+        while true {
+            // Taken with the lock held, written outside it: the writer goes on meanwhile.
+            let step: Result<Captured?, StateError>? = memo.withLock { m in
+                guard snapshot.generation >= m.lastGeneration else { return .success(nil) }
+                if m.snapshotInFlight { return nil }
+                m.settle()
+                do throws(StateError) { return .success(try capture(&m, snapshot, counts: counts)) } catch {
+                    m.rewriteDue = true
+                    return .failure(error)
+                }
+            }
+            switch step {
+            case nil: snapshotQueue.sync {}  // another snapshot is being written; then again
+            case .success(nil)?: return
+            case .success(let captured?)?:
+                let result = snapshotQueue.sync { writeCaptured(captured) }
+                if case .failure(let e) = result { throw e }
+                return
+            case .failure(let e)?: try counted(.failure(e))
+            }
         }
-        try counted(result)
     }
 
     /// Counts a write attempt in the service counters and passes its failure on.
@@ -822,14 +985,25 @@ public final class StatePersister: Sendable {
 
     /// `files`: stamps already taken during this write, by path (a batch of 10,000 probes on one
     /// binary stats it once).
-    private func saved(_ r: ProbeRecord, hits: UInt64, memo m: inout Memo, files: inout [String: FileStamp?]) -> SavedProbe {
-        var ids = m.stamps[r.id] ?? Self.firstStamps(r, files: &files)
+    private static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout [String: (FileStamp?, UInt64?)],
+                              files: inout [String: FileStamp?]) -> SavedProbe {
+        var ids = stamps[r.id] ?? firstStamps(r, files: &files)
         // A registration that followed its path to a new file is stamped with that file.
         if let t = r.targets.first, let was = ids.0, was.device != t.device || was.inode != t.inode {
-            ids.0 = Self.currentStamp(of: t, files: &files)
+            ids.0 = currentStamp(of: t, files: &files)
         }
-        m.stamps[r.id] = ids
-        return Self.savedProbe(r, hits: hits, stamps: ids)
+        stamps[r.id] = ids
+        return savedProbe(r, hits: hits, stamps: ids)
+    }
+
+    /// Every registration of `snapshot` as the snapshot file keeps it, with its hit total.
+    private static func savedProbes(_ snapshot: RegistrySnapshot, counts: [UInt64],
+                                    stamps: inout [String: (FileStamp?, UInt64?)]) -> [SavedProbe] {
+        var files: [String: FileStamp?] = [:]
+        return snapshot.sortedProbes.map { r in
+            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
+            return saved(r, hits: hits, stamps: &stamps, files: &files)
+        }
     }
 
     /// A registration's identity when first saved: its first target's file (if that is still
@@ -863,14 +1037,8 @@ public final class StatePersister: Sendable {
 
     /// Writes the whole registry as the new snapshot.
     private func writeSnapshot(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) {
-        var probes: [SavedProbe] = []
-        var live: Set<String> = []
-        var files: [String: FileStamp?] = [:]
-        for r in snapshot.sortedProbes {
-            live.insert(r.id)
-            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
-            probes.append(saved(r, hits: hits, memo: &m, files: &files))
-        }
+        let probes = Self.savedProbes(snapshot, counts: counts, stamps: &m.stamps)
+        let live = Set(probes.map(\.id))
         var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)
         state.seq = m.seq + 1
         m.nextID = max(m.nextID, StateCodec.nextID(after: probes.map(\.id)))

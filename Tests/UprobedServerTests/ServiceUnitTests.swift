@@ -311,6 +311,104 @@ struct StateFileTests {
         #expect(try store.load()?.probes.map(\.id) == ["p3", "p9"])
     }
 
+    @Test("a log moved aside for a snapshot (state.log.prev) is replayed before the log; a snapshot that covers only it drops it and keeps the log")
+    func previousLog() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = StateStore(dir: dir)
+        var base = Self.sample  // p3, p9
+        base.seq = 5
+        try store.write(base)
+        #expect(try store.rotateLog() == false, "no log to move aside")
+        var p4 = base.probes[0]
+        p4.id = "p4"
+        var p5 = p4
+        p5.id = "p5"
+        try store.append(StateCodec.encodeLogEntry(seq: 4, add: [p5], remove: []))          // in the snapshot already: skipped
+        try store.append(StateCodec.encodeLogEntry(seq: 6, add: [p4], remove: ["p9"]))
+        #expect(try store.rotateLog() == true)
+        #expect(!FileManager.default.fileExists(atPath: store.logPath))
+        try store.append(StateCodec.encodeLogEntry(seq: 7, add: [p5], remove: ["p3"]))
+        try store.append(StateCodec.encodeLogEntry(seq: 8, add: [], remove: ["p4"]))
+        #expect(try store.rotateLog() == false, "a prev is still there")
+        var loaded = try #require(try store.load())
+        #expect(loaded.probes.map(\.id) == ["p5"] && loaded.seq == 8, "prev's lines first, then the log's")
+        // A crash after the new snapshot (seq 6) was renamed in place, before prev was dropped.
+        var covered = try StateCodec.replay(Array(StateCodec.encodeLogEntry(seq: 6, add: [p4], remove: ["p9"])), onto: base)
+        covered.seq = 6
+        let prevText = try Data(contentsOf: URL(fileURLWithPath: store.previousLogPath))
+        try store.write(covered, covering: .previousLog)
+        #expect(!FileManager.default.fileExists(atPath: store.previousLogPath))
+        #expect(try store.load() == loaded)
+        try prevText.write(to: URL(fileURLWithPath: store.previousLogPath))
+        loaded = try #require(try store.load())
+        #expect(loaded.probes.map(\.id) == ["p5"] && loaded.seq == 8, "prev's lines are at or below the snapshot's seq")
+        try store.write(loaded)
+        #expect(!FileManager.default.fileExists(atPath: store.previousLogPath) && !FileManager.default.fileExists(atPath: store.logPath))
+    }
+
+    @Test("a snapshot due while batches go on is written off the writer: the log moves aside, later batches start a new log, and every batch stays on disk")
+    func snapshotOffTheWriter() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = dir + "/bin"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))
+        let store = StateStore(dir: dir + "/state")
+        try store.prepare()
+        let queue = DispatchQueue(label: "snapshot-test")
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
+                                       groupCommit: true, snapshotQueue: queue)
+        var snap = RegistrySnapshot()
+        var next: UInt64 = 1
+        var generation: UInt64 = 0
+        func batch() throws {
+            generation += 1
+            let added = Self.records(next..<next + 500, path: binary)
+            next += 500
+            // Remove a tenth of what is there, so the log carries removals too.
+            let removed = snap.sortedProbes.enumerated().filter { $0.offset % 10 == 3 }.map(\.element.id)
+            for id in removed { _ = snap.probes.remove(id) }
+            snap.add(added, generation: generation)
+            snap.batchRemoved = removed
+            try persister.persist(snap)
+            try persister.sync()
+        }
+        func onDisk() throws -> [String] { try #require(try StateStore(dir: dir + "/state").load()).probes.map(\.id) }
+
+        // The snapshot writer is held up: batches must go on without it.
+        let gate = DispatchSemaphore(value: 0)
+        queue.async { gate.wait() }
+        var rounds = 0
+        while !FileManager.default.fileExists(atPath: store.previousLogPath) && rounds < 400 {
+            try batch()
+            rounds += 1
+        }
+        #expect(FileManager.default.fileExists(atPath: store.previousLogPath), "the log passed 1 MiB and was moved aside")
+        for _ in 0..<3 { try batch() }
+        #expect(!FileManager.default.fileExists(atPath: store.path), "the snapshot is not written by the batches")
+        #expect(try onDisk() == snap.sortedProbes.map(\.id), "a crash now: no snapshot, prev and the new log hold everything")
+
+        gate.signal()
+        persister.waitForSnapshotWrite()
+        #expect(FileManager.default.fileExists(atPath: store.path))
+        #expect(!FileManager.default.fileExists(atPath: store.previousLogPath), "the snapshot in place, the log it covers is gone")
+        let saved = try StateCodec.decode(Array(try Data(contentsOf: URL(fileURLWithPath: store.path))))
+        let lines = try String(contentsOfFile: store.logPath, encoding: .utf8).split(separator: "\n")
+        let seqs = lines.compactMap { try? JSONParser.parse(Array($0.utf8)).objectValue?["seq"]?.int64Value }
+        #expect(seqs == Array(Int64(saved.seq) + 1...Int64(saved.seq) + 3),
+                "the three batches after the one that took the snapshot, in a new log: \(seqs), snapshot seq \(saved.seq)")
+        #expect(try onDisk() == snap.sortedProbes.map(\.id))
+        for _ in 0..<10 {
+            try batch()
+            persister.waitForSnapshotWrite()
+            #expect(try onDisk() == snap.sortedProbes.map(\.id))
+        }
+        // A checkpoint writes the same way; the log's lines are all at or below its seq.
+        try persister.checkpoint(snap)
+        #expect(try onDisk() == snap.sortedProbes.map(\.id))
+        #expect(!FileManager.default.fileExists(atPath: store.logPath) && !FileManager.default.fileExists(atPath: store.previousLogPath))
+    }
+
     /// Reads zero hits; the persister needs nothing else from the kernel.
     struct ZeroKernel: KernelBackend {
         var capacity: UInt32 { 1 << 20 }
