@@ -162,12 +162,20 @@ public final class UprobedService: Service, Sendable {
                         }
                     }
                     if config.stateCheckpointSeconds > 0 {
+                        let checkpoints = DispatchQueue(label: "uprobed-checkpoint")
                         tasks.addTask {
                             // Hit totals between batches; the writer saves registrations itself.
+                            // The blocking write (25 MB for 64,000 probes) runs on its own
+                            // thread, not on one of the task pool's two, which serve requests.
                             while !Task.isCancelled {
                                 try await Task.sleep(for: .seconds(config.stateCheckpointSeconds))
-                                do throws(StateError) { try persister.checkpoint(engine.snapshot) } catch {
-                                    logger.warning("hit checkpoint failed", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
+                                await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+                                    checkpoints.async {
+                                        do throws(StateError) { try persister.checkpoint(engine.snapshot) } catch {
+                                            logger.warning("hit checkpoint failed", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
+                                        }
+                                        done.resume()
+                                    }
                                 }
                             }
                         }
