@@ -20,6 +20,15 @@ struct FollowTests {
         throw TestFailure("timed out waiting for: \(what)")
     }
 
+    /// A daemon with `config` (plus `extraConfig`) and a private copy of the target binary at
+    /// DIR/app, the path the follow tests replace.
+    func daemonWithApp(extraConfig: String = "") throws -> (TestDaemon, String) {
+        let daemon = try TestDaemon(config: Self.config + extraConfig)
+        let path = daemon.dir + "/app"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        return (daemon, path)
+    }
+
     func inode(_ path: String) -> UInt64 {
         var st = stat()
         return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
@@ -65,9 +74,7 @@ struct FollowTests {
 
     @Test("a binary replaced by rename(2): old and new processes are both counted exactly; the old link goes when its process exits")
     func followsRename() throws {
-        let daemon = try TestDaemon(config: Self.config)
-        let path = daemon.dir + "/app"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let (daemon, path) = try daemonWithApp()
         let oldInode = inode(path)
         let old = try WaitingProcess([path, "300", "0", "wait"])
         let ids = try daemon.register([spec(path, symbol: "fn_a")])
@@ -104,9 +111,7 @@ struct FollowTests {
 
     @Test("eleven upgrades: the newest eight retired versions keep their own entry, older ones fold into one count and sum; hits stay exact")
     func retiredVersionsAreBounded() throws {
-        let daemon = try TestDaemon(config: Self.config)
-        let path = daemon.dir + "/app"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let (daemon, path) = try daemonWithApp()
         let id = try daemon.register([spec(path, symbol: "fn_a")])[0]
         var retiredInodes: [UInt64] = []
         for calls in 1...11 {
@@ -136,9 +141,7 @@ struct FollowTests {
 
     @Test("a replacement without the symbol (not ELF, symbol gone) is reported degraded; a good file brings it back")
     func degradedAndRecovered() throws {
-        let daemon = try TestDaemon(config: Self.config)
-        let path = daemon.dir + "/app"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let (daemon, path) = try daemonWithApp()
         let id = try daemon.register([spec(path, symbol: "fn_a")])[0]
         #expect(try run([path, "10", "0"]).status == 0)
 
@@ -167,9 +170,7 @@ struct FollowTests {
 
     @Test("one log line per follow outcome, not per probe; registrations degraded for want of slots follow once slots are freed")
     func followLogIsAggregated() throws {
-        let daemon = try TestDaemon(config: Self.config + "slot_capacity = 16\n")
-        let path = daemon.dir + "/app"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let (daemon, path) = try daemonWithApp(extraConfig: "slot_capacity = 16\n")
         // 12 of 16 slots; a process keeps the old file mapped, so its sites cannot retire.
         let ids = try daemon.register(Array(repeating: spec(path, symbol: "fn_a"), count: 12))
         let old = try WaitingProcess([path, "3", "0", "wait"])
@@ -197,9 +198,7 @@ struct FollowTests {
 
     @Test("follow: false pins a probe to its inode; a followed one on the same file moves on")
     func pinned() throws {
-        let daemon = try TestDaemon(config: Self.config)
-        let path = daemon.dir + "/app"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: path)
+        let (daemon, path) = try daemonWithApp()
         let ids = try daemon.register([spec(path, symbol: "fn_a", follow: false), spec(path, symbol: "fn_a")])
         let (pin, fol) = (ids[0], ids[1])
         #expect(try listEntry(daemon, pin)["follow"] == .bool(false))

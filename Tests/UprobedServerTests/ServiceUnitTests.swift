@@ -351,8 +351,7 @@ struct StateFileTests {
     func snapshotOffTheWriter() throws {
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let binary = dir + "/bin"
-        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))
+        let binary = try Self.stampableFile(in: dir)
         let store = StateStore(dir: dir + "/state")
         try store.prepare()
         let queue = DispatchQueue(label: "snapshot-test")
@@ -407,6 +406,13 @@ struct StateFileTests {
         try persister.checkpoint(snap)
         #expect(try onDisk() == snap.sortedProbes.map(\.id))
         #expect(!FileManager.default.fileExists(atPath: store.logPath) && !FileManager.default.fileExists(atPath: store.previousLogPath))
+    }
+
+    /// A file at DIR/bin for records to point at, so the persister has something to stamp.
+    static func stampableFile(in dir: String) throws -> String {
+        let binary = dir + "/bin"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))
+        return binary
     }
 
     /// Reads zero hits; the persister needs nothing else from the kernel.
@@ -472,8 +478,7 @@ struct StateFileTests {
     func preparedRuns() throws {
         let dirA = try Self.tempDir(), dirB = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dirA); try? FileManager.default.removeItem(atPath: dirB) }
-        let binary = dirA + "/bin"
-        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))  // something to stamp
+        let binary = try Self.stampableFile(in: dirA)
         let small = Self.records(1..<4, path: binary), big = Self.records(4..<1504, path: binary),
             failed = Self.records(1504..<2504, path: binary)
         func persister(_ dir: String) throws -> StatePersister {
@@ -522,8 +527,7 @@ struct StateFileTests {
     func preparedRunBehindSettle() throws {
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let binary = dir + "/bin"
-        try Data("x".utf8).write(to: URL(fileURLWithPath: binary))
+        let binary = try Self.stampableFile(in: dir)
         let first = Self.records(1..<1201, path: binary), second = Self.records(1201..<2401, path: binary)
         let store = StateStore(dir: dir + "/state")
         try store.prepare()
