@@ -455,7 +455,7 @@ public final class StateStore: Sendable {
     /// Moves the log aside for a snapshot written in the background: fsyncs it (lines appended
     /// without a sync are in it, and the committer syncs the new log by path from now on), then
     /// renames it to `previousLogPath`. False if there is no log, or a `prev` is still there (a
-    /// snapshot that did not finish; only a full `write` drops it).
+    /// snapshot that did not finish; the next snapshot written drops it).
     func rotateLog() throws(StateError) -> Bool {
         if access(previousLogPath, F_OK) == 0 { return false }
         let fd = open(logPath, O_WRONLY | O_CLOEXEC)
