@@ -650,6 +650,10 @@ public final class StatePersister: Sendable {
         /// Only one at a time: they share the temporary file, and a later one must not be
         /// overtaken by an earlier one.
         var snapshotInFlight = false
+        /// The registry generation and the sum of all hit counters the snapshot on disk was
+        /// taken with. A checkpoint that finds both unchanged (an idle daemon) writes nothing:
+        /// counters only grow while a generation lasts (a slot is reused only in a new one).
+        var savedMark: (generation: UInt64, hits: UInt64)?
 
         mutating func settle() {
             for run in unsettled {
@@ -892,7 +896,11 @@ public final class StatePersister: Sendable {
         /// The last log line the snapshot covers.
         let seq: UInt64
         let nextID: UInt64
+        /// See `Memo.savedMark`.
+        let mark: (generation: UInt64, hits: UInt64)
     }
+
+    static func hitSum(_ counts: [UInt64]) -> UInt64 { counts.reduce(0, &+) }
 
     /// With the memo lock held: takes the registry as of the last log line and moves the log
     /// aside (`StateStore.rotateLog`), so the new snapshot can drop it. Cheap: the snapshot and
@@ -902,7 +910,8 @@ public final class StatePersister: Sendable {
         if try store.rotateLog() { m.logBytes = 0 }
         m.snapshotInFlight = true
         m.lastGeneration = max(m.lastGeneration, snapshot.generation)
-        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID)
+        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID,
+                        mark: (snapshot.generation, Self.hitSum(counts)))
     }
 
     /// Writes a captured snapshot (on `snapshotQueue`, one at a time) and drops the log it
@@ -930,6 +939,7 @@ public final class StatePersister: Sendable {
             if case .success = result {
                 m.snapshotBytes = store.size(store.path)
                 m.olderSnapshot = false
+                m.savedMark = c.mark
             } else {
                 m.rewriteDue = true
             }
@@ -955,6 +965,11 @@ public final class StatePersister: Sendable {
             let step: Result<Captured?, StateError>? = memo.withLock { m in
                 guard snapshot.generation >= m.lastGeneration else { return .success(nil) }
                 if m.snapshotInFlight { return nil }
+                // Nothing registered, removed or counted since the snapshot on disk.
+                if let saved = m.savedMark, saved.generation == snapshot.generation, saved.hits == Self.hitSum(counts),
+                   m.logBytes == 0, !m.rewriteDue {
+                    return .success(nil)
+                }
                 m.settle()
                 do throws(StateError) { return .success(try capture(&m, snapshot, counts: counts)) } catch {
                     m.rewriteDue = true
@@ -1053,6 +1068,7 @@ public final class StatePersister: Sendable {
         m.unsavedRemovals.removeAll()
         m.rewriteDue = false
         m.lastGeneration = snapshot.generation
+        m.savedMark = (snapshot.generation, Self.hitSum(counts))
     }
 }
 

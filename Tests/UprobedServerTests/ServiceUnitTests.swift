@@ -415,6 +415,61 @@ struct StateFileTests {
         return binary
     }
 
+    @Test("a checkpoint with nothing registered, removed or counted since the last snapshot writes nothing; a hit or a change makes it write")
+    func idleCheckpointSkipped() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = try Self.stampableFile(in: dir)
+        let store = StateStore(dir: dir + "/state")
+        try store.prepare()
+        let kernel = SettableKernel()
+        let counters = ServiceCounters()
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: nil, groupCommit: true)
+        var snap = RegistrySnapshot()
+        snap.add(Self.records(1..<4, path: binary), generation: 1)
+        snap.slotHighWater = 4
+        try persister.persist(snap)
+        try persister.sync()
+        func writes() -> UInt64 { counters.stateWrites.load(ordering: .relaxed) }
+        func inode() -> UInt64 { var st = stat(); return stat(store.path, &st) == 0 ? UInt64(st.st_ino) : 0 }
+
+        try persister.checkpoint(snap)
+        let (w1, i1) = (writes(), inode())
+        #expect(i1 != 0)
+        try persister.checkpoint(snap)
+        try persister.checkpoint(snap)
+        #expect(writes() == w1 && inode() == i1, "idle: the snapshot on disk is the same file")
+
+        kernel.counts.withLock { $0[2] = 5 }
+        try persister.checkpoint(snap)
+        #expect(writes() == w1 + 1 && inode() != i1, "a hit since: rewritten")
+        #expect(try StateStore(dir: dir + "/state").load()?.probes.first { $0.id == "p2" }?.hits == 5)
+        let i2 = inode()
+        try persister.checkpoint(snap)
+        #expect(inode() == i2)
+
+        snap.add(Self.records(4..<5, path: binary), generation: 2)
+        try persister.persist(snap)
+        try persister.sync()
+        try persister.checkpoint(snap)
+        #expect(inode() != i2, "a registration since: rewritten")
+        #expect(try StateStore(dir: dir + "/state").load()?.probes.count == 4)
+    }
+
+    /// Hit counters a test sets by slot.
+    final class SettableKernel: KernelBackend, Sendable {
+        let counts = Mutex<[UInt64]>(Array(repeating: 0, count: 16))
+        var capacity: UInt32 { 16 }
+        func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
+            throw KernelError(code: "unused", message: "not in this test")
+        }
+        func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {}
+        func sweepMarks(slots: Set<UInt32>) throws(KernelError) {}
+        func resetCounters(slots: [UInt32]) throws(KernelError) {}
+        func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64] { counts.withLock { Array($0.prefix(Int(upTo))) } }
+        func closeAll(_ links: [any KernelLink]) {}
+    }
+
     /// Reads zero hits; the persister needs nothing else from the kernel.
     struct ZeroKernel: KernelBackend {
         var capacity: UInt32 { 1 << 20 }
