@@ -352,8 +352,7 @@ struct StateFileTests {
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let binary = try Self.stampableFile(in: dir)
-        let store = StateStore(dir: dir + "/state")
-        try store.prepare()
+        let store = try Self.preparedStore(in: dir)
         let queue = DispatchQueue(label: "snapshot-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
                                        groupCommit: true, snapshotQueue: queue)
@@ -408,6 +407,13 @@ struct StateFileTests {
         #expect(!FileManager.default.fileExists(atPath: store.logPath) && !FileManager.default.fileExists(atPath: store.previousLogPath))
     }
 
+    /// A state store at DIR/state, its directory made.
+    static func preparedStore(in dir: String) throws -> StateStore {
+        let store = StateStore(dir: dir + "/state")
+        try store.prepare()
+        return store
+    }
+
     /// A file at DIR/bin for records to point at, so the persister has something to stamp.
     static func stampableFile(in dir: String) throws -> String {
         let binary = dir + "/bin"
@@ -420,8 +426,7 @@ struct StateFileTests {
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let binary = try Self.stampableFile(in: dir)
-        let store = StateStore(dir: dir + "/state")
-        try store.prepare()
+        let store = try Self.preparedStore(in: dir)
         let kernel = SettableKernel()
         let counters = ServiceCounters()
         let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: nil, groupCommit: true)
@@ -584,8 +589,7 @@ struct StateFileTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let binary = try Self.stampableFile(in: dir)
         let first = Self.records(1..<1201, path: binary), second = Self.records(1201..<2401, path: binary)
-        let store = StateStore(dir: dir + "/state")
-        try store.prepare()
+        let store = try Self.preparedStore(in: dir)
         let queue = DispatchQueue(label: "ahead-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
                                        groupCommit: true, aheadQueue: queue)
