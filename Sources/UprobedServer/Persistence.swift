@@ -896,8 +896,6 @@ public final class StatePersister: Sendable {
         /// The last log line the snapshot covers.
         let seq: UInt64
         let nextID: UInt64
-        /// See `Memo.savedMark`.
-        let mark: (generation: UInt64, hits: UInt64)
     }
 
     static func hitSum(_ counts: [UInt64]) -> UInt64 { counts.reduce(0, &+) }
@@ -910,8 +908,7 @@ public final class StatePersister: Sendable {
         if try store.rotateLog() { m.logBytes = 0 }
         m.snapshotInFlight = true
         m.lastGeneration = max(m.lastGeneration, snapshot.generation)
-        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID,
-                        mark: (snapshot.generation, Self.hitSum(counts)))
+        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID)
     }
 
     /// Writes a captured snapshot (on `snapshotQueue`, one at a time) and drops the log it
@@ -934,12 +931,13 @@ public final class StatePersister: Sendable {
             result = .failure(error)
         }
         let store = self.store
+        let mark = (generation: c.snapshot.generation, hits: Self.hitSum(c.counts))
         memo.withLock { m in
             m.snapshotInFlight = false
             if case .success = result {
                 m.snapshotBytes = store.size(store.path)
                 m.olderSnapshot = false
-                m.savedMark = c.mark
+                m.savedMark = mark
             } else {
                 m.rewriteDue = true
             }
@@ -960,13 +958,14 @@ public final class StatePersister: Sendable {
         do { counts = try kernel.readCounters(upTo: snapshot.slotHighWater) } catch {
             throw StateError(code: "state_io", message: "cannot read hit counters: \(error.message)")
         }
+        let hits = Self.hitSum(counts)
         while true {
             // Taken with the lock held, written outside it: the writer goes on meanwhile.
             let step: Result<Captured?, StateError>? = memo.withLock { m in
                 guard snapshot.generation >= m.lastGeneration else { return .success(nil) }
                 if m.snapshotInFlight { return nil }
                 // Nothing registered, removed or counted since the snapshot on disk.
-                if let saved = m.savedMark, saved.generation == snapshot.generation, saved.hits == Self.hitSum(counts),
+                if let saved = m.savedMark, saved.generation == snapshot.generation, saved.hits == hits,
                    m.logBytes == 0, !m.rewriteDue {
                     return .success(nil)
                 }
@@ -1060,7 +1059,7 @@ public final class StatePersister: Sendable {
         state.nextID = m.nextID
         try store.write(state)
         m.seq += 1
-        m.written = Set(probes.map(\.id))
+        m.written = live
         m.stamps = m.stamps.filter { live.contains($0.key) }
         m.snapshotBytes = store.size(store.path)
         m.logBytes = 0
