@@ -165,6 +165,7 @@ func runBench() {
         return call(c, ["op": "status"])
     }
     func batching(_ key: String) -> Int64 { status()["batching"]?.objectValue?[key]?.int64Value ?? -1 }
+    func service(_ key: String) -> Int64 { status()["service"]?.objectValue?[key]?.int64Value ?? -1 }
     func waitDetached() {
         while true {
             let s = status()
@@ -224,7 +225,7 @@ func runBench() {
         _ = call(c, ["op": "register", "consumer": "resident", "probes": .array(specs)])
     }
     let graceBefore = batching("grace_periods"), batchesBefore = batching("batches"), requestsBefore = batching("requests")
-    let busyBefore = batching("writer_busy_us"), persistBefore = batching("state_write_us")
+    let busyBefore = batching("writer_busy_us"), persistBefore = batching("state_write_us"), syncsBefore = service("state_syncs")
     // The stats poller alternates: the 10,000 resident probes (`"consumer": "resident"`, the
     // issue's measure) and every probe (10,000 resident + those churning). Latency is taken
     // twice: when the whole reply line has arrived (the daemon's part), and once this client
@@ -296,6 +297,7 @@ func runBench() {
     let graceAfter = batching("grace_periods"), batchesAfter = batching("batches"), requestsAfter = batching("requests")
     let writerBusy = Double(batching("writer_busy_us") - busyBefore) / 1e6, persistBusy = Double(batching("state_write_us") - persistBefore) / 1e6
     let churnRequests = Int(requestsAfter - requestsBefore)  // only register/unregister count as requests
+    let churnSyncs = service("state_syncs") - syncsBefore
     let stats = statsLatency.values
 
     // MARK: - report
@@ -329,7 +331,7 @@ func runBench() {
     print(String(format: "CPU during churn: uprobed %.2f s, this bench's 16 clients + stats poller %.2f s (2 cores x %.2f s wall = %.2f s available)",
                  daemonCPU, benchCPU, churnAck, 2 * churnAck))
     print(String(format: "writer thread during churn: busy %.2f s (%.0f%% of the wall time), of which writing the state file %.2f s", writerBusy, 100 * writerBusy / churnAck, persistBusy))
-    print("churn: \(churnRequests) requests in \(batchesAfter - batchesBefore) batches (mean \(String(format: "%.1f", Double(churnRequests) / Double(max(1, batchesAfter - batchesBefore)))) per batch), \(graceAfter - graceBefore) grace-period rounds → \(String(format: "%.0f", Double(churnRequests) / Double(max(1, graceAfter - graceBefore))))x fewer grace periods than requests")
+    print("churn: \(churnRequests) requests in \(batchesAfter - batchesBefore) batches (mean \(String(format: "%.1f", Double(churnRequests) / Double(max(1, batchesAfter - batchesBefore)))) per batch, \(churnSyncs) state-log syncs), \(graceAfter - graceBefore) grace-period rounds → \(String(format: "%.0f", Double(churnRequests) / Double(max(1, graceAfter - graceBefore))))x fewer grace periods than requests")
     if !stats.isEmpty {
         let parsed = statsParsed.values, all = statsAll.values
         print("stats of the 10000 resident probes (polled every 40 ms during the churn): \(stats.count) calls; reply received p50 \(ms(percentile(stats, 0.5))), p99 \(ms(percentile(stats, 0.99))), max \(ms(stats.max() ?? 0)); received and parsed by this client p50 \(ms(percentile(parsed, 0.5))), p99 \(ms(percentile(parsed, 0.99)))")
