@@ -39,16 +39,26 @@ public enum JSONParser {
         /// The last few long strings made, by where their text is in `buf`: a 10,000-probe
         /// reply repeats one path and one build id in every entry, and a string found here is
         /// neither validated nor allocated again.
-        var recent: [(start: Int, count: Int, value: String)] = []
+        var recent: [SeenString] = []
         var nextRecent = 0
+        /// Object keys, which repeat in every entry of a list: a short key found here by its
+        /// bytes is not made again (making a small String costs more than comparing its bytes).
+        var keys: [SeenString] = []
+        static let keySlots = 8
         static let recentSlots = 4
         static let recentMinimum = 16
         /// The members of the objects and arrays being parsed, innermost last. Each container is
         /// copied out at its exact size when it closes: grown in place, a 10,000-entry reply's
         /// 5-key objects took 1, 2, 4 then 8 pairs' room each, and freeing that much memory made
         /// glibc hand it back to the kernel, so the next parse page-faulted it in again.
-        var pairStack: [(key: String, value: JSONValue)] = []
+        var pairStack: [JSONMember] = []
         var itemStack: [JSONValue] = []
+
+        struct SeenString {
+            var start: Int
+            var count: Int
+            var value: String
+        }
 
         func fail(_ message: String) -> JSONParseError { JSONParseError(message: message, byteOffset: i) }
 
@@ -91,7 +101,7 @@ public enum JSONParser {
             while true {
                 skipWhitespace()
                 guard i < buf.count, buf[i] == UInt8(ascii: "\"") else { throw fail("expected a string key") }
-                let key = try string()
+                let key = try self.key()
                 skipWhitespace()
                 guard i < buf.count, buf[i] == UInt8(ascii: ":") else { throw fail("expected ':'") }
                 i += 1
@@ -101,7 +111,7 @@ public enum JSONParser {
                 if let k = pairStack[base...].lastIndex(where: { $0.key == key }) {
                     pairStack[k].value = v
                 } else {
-                    pairStack.append((key, v))
+                    pairStack.append(JSONMember(key, v))
                 }
                 skipWhitespace()
                 guard i < buf.count else { throw fail("unterminated object") }
@@ -155,29 +165,54 @@ public enum JSONParser {
             return v
         }
 
+        /// An object key: `string()`, through `keys` for a short key without escapes.
+        mutating func key() throws(JSONParseError) -> String {
+            let start = i + 1
+            var end = start
+            while end < buf.count, end - start < Self.recentMinimum {
+                let c = buf[end]
+                if c == UInt8(ascii: "\"") { break }
+                if c == UInt8(ascii: "\\") || c < 0x20 || c >= 0x80 { return try string() }
+                end += 1
+            }
+            guard end < buf.count, buf[end] == UInt8(ascii: "\""), let base = buf.baseAddress else { return try string() }
+            let count = end - start
+            for k in keys where k.count == count && memcmp(base + k.start, base + start, count) == 0 {
+                i = end + 1
+                return k.value
+            }
+            let s = try string()
+            if keys.count < Self.keySlots { keys.append(SeenString(start: start, count: count, value: s)) }
+            return s
+        }
+
         mutating func string() throws(JSONParseError) -> String {
             i += 1  // opening quote
             let start = i
+            // A long string seen before ends where its text ends: compare before scanning. Its
+            // text holds no quote or backslash (only strings without escapes are kept).
+            if let base = buf.baseAddress {
+                for r in recent where start + r.count < buf.count && buf[start + r.count] == UInt8(ascii: "\"")
+                    && memcmp(base + r.start, base + start, r.count) == 0 {
+                    i = start + r.count + 1
+                    return r.value
+                }
+            }
             // Fast path: no escapes.
             var ascii = true
             while i < buf.count {
                 let c = buf[i]
                 if c == UInt8(ascii: "\"") {
                     let count = i - start
-                    if count >= Self.recentMinimum, let base = buf.baseAddress {
-                        for r in recent where r.count == count && memcmp(base + r.start, base + start, count) == 0 {
-                            i += 1
-                            return r.value
-                        }
-                    }
                     let bytes = UnsafeBufferPointer(rebasing: buf[start..<i])
                     // ASCII needs no validation, and `String(decoding:)` on a buffer is specialized;
                     // the generic validating initializer spent most of its time in metadata lookups.
                     let s = ascii ? String(decoding: bytes, as: UTF8.self) : String(validating: bytes, as: UTF8.self)
                     guard let s else { throw fail("invalid UTF-8 in string") }
                     if count >= Self.recentMinimum {
-                        if recent.count < Self.recentSlots { recent.append((start, count, s)) } else {
-                            recent[nextRecent] = (start, count, s)
+                        let seen = SeenString(start: start, count: count, value: s)
+                        if recent.count < Self.recentSlots { recent.append(seen) } else {
+                            recent[nextRecent] = seen
                             nextRecent = (nextRecent + 1) % Self.recentSlots
                         }
                     }

@@ -52,15 +52,29 @@ public enum JSONValue: Sendable, Hashable {
     }
 }
 
+/// One member of a JSON object.
+///
+/// A struct rather than a `(key, value)` tuple: arrays of tuples are copied and destroyed
+/// through the runtime's generic tuple witnesses, which took ~10% of parsing a 10,000-entry
+/// reply.
+public struct JSONMember: Sendable, Hashable {
+    public var key: String
+    public var value: JSONValue
+    public init(_ key: String, _ value: JSONValue) {
+        self.key = key
+        self.value = value
+    }
+}
+
 /// An ordered JSON object. Lookups are linear: protocol objects have a handful of keys.
 public struct JSONObject: Sendable, Hashable, ExpressibleByDictionaryLiteral {
-    public private(set) var pairs: [(key: String, value: JSONValue)]
+    public private(set) var pairs: [JSONMember]
 
     public init() { pairs = [] }
-    /// The pairs as given, in order (the parser has already merged duplicate keys).
-    init(pairs: [(key: String, value: JSONValue)]) { self.pairs = pairs }
+    /// The members as given, in order (the parser has already merged duplicate keys).
+    init(pairs: [JSONMember]) { self.pairs = pairs }
     public init(dictionaryLiteral elements: (String, JSONValue)...) {
-        pairs = elements.map { (key: $0.0, value: $0.1) }
+        pairs = elements.map { JSONMember($0.0, $0.1) }
     }
 
     public subscript(key: String) -> JSONValue? {
@@ -69,7 +83,7 @@ public struct JSONObject: Sendable, Hashable, ExpressibleByDictionaryLiteral {
             if let i = pairs.lastIndex(where: { $0.key == key }) {
                 if let newValue { pairs[i].value = newValue } else { pairs.remove(at: i) }
             } else if let newValue {
-                pairs.append((key: key, value: newValue))
+                pairs.append(JSONMember(key, newValue))
             }
         }
     }

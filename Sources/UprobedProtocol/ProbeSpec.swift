@@ -45,7 +45,8 @@ public struct ProbeSpec: Sendable, Hashable {
         var offset: UInt64?
         var pid: Int32?
         var retprobe = false, force = false, follow = true
-        for (key, value) in obj.pairs {
+        for member in obj.pairs {
+            let (key, value) = (member.key, member.value)
             if case .null = value, key != "path" { continue }  // an explicit null is an absent member
             switch key {
             case "path":

@@ -266,10 +266,11 @@ extension UprobeCtl {
         func run() throws {
             let reply = try global.call(["op": "status"])
             guard !global.json else { return }
-            for (k, v) in reply.pairs where k != "ok" && k != "id" {
+            for member in reply.pairs where member.key != "ok" && member.key != "id" {
+                let (k, v) = (member.key, member.value)
                 if let o = v.objectValue {
                     print("\(k):")
-                    for (k2, v2) in o.pairs { print("  \(k2): \(text(v2))") }
+                    for m in o.pairs { print("  \(m.key): \(text(m.value))") }
                 } else {
                     print("\(k): \(text(v))")
                 }

@@ -172,6 +172,28 @@ struct JSONTests {
         #expect(parsed == .array(expected))
     }
 
+    @Test("object keys seen before are reused only for the same bytes: prefixes, escapes, non-ASCII, long keys, more than the cache holds")
+    func repeatedObjectKeys() throws {
+        // (as written in the document, as parsed)
+        let keys: [(String, String)] = [("id", "id"), ("i", "i"), ("ids", "ids"), ("", ""), ("path", "path"),
+            (#"pat\u0068"#, "path2"), ("caf\u{e9}", "caf\u{e9}"),
+            ("a_key_longer_than_sixteen_bytes", "a_key_longer_than_sixteen_bytes")]
+            + (0..<10).map { ("k\($0)", "k\($0)") }
+        let text = "[" + (0..<3).map { round in
+            "{" + keys.enumerated().map { n, k in
+                // The escaped spelling of "path" gets a suffix so it is a key of its own.
+                "\"\(k.0)\(k.0.hasPrefix("pat\\") ? "2" : "")\":\(n + round)"
+            }.joined(separator: ",") + "}"
+        }.joined(separator: ",") + "]"
+        guard case .array(let items) = try JSONParser.parse(text) else { Issue.record("not an array"); return }
+        #expect(items.count == 3)
+        for (round, item) in items.enumerated() {
+            let o = try #require(item.objectValue)
+            #expect(o.keys == keys.map(\.1))
+            for (n, k) in keys.enumerated() { #expect(o[k.1] == .int(Int64(n + round))) }
+        }
+    }
+
     @Test("a repeated key keeps its first position and takes the last value")
     func repeatedKeys() throws {
         let o = try #require(try JSONParser.parse(#"{"a":1,"b":2,"a":3}"#).objectValue)
