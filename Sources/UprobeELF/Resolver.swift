@@ -158,14 +158,7 @@ public struct Resolver: Sendable {
             }
             switch entry {
             case .success(let (target, elf)):
-                for spec in specs[start..<end] {
-                    do throws(ResolveError) {
-                        try validate(spec)
-                        results.append(.success(try resolve(spec, in: target, elf: elf)))
-                    } catch {
-                        results.append(.failure(error))
-                    }
-                }
+                results += resolveRun(specs[start..<end], in: target, elf: elf)
             case .failure(let openError):
                 for spec in specs[start..<end] {
                     do throws(ResolveError) { try validate(spec) } catch {
@@ -180,14 +173,45 @@ public struct Resolver: Sendable {
         return results
     }
 
+    /// The specs of one run (one opened file: the same path and pid), in order.
+    private func resolveRun(_ run: ArraySlice<ProbeSpecInput>, in target: Target, elf: ELFFile)
+        -> [Result<[ResolvedProbe], ResolveError>] {
+        var out: [Result<[ResolvedProbe], ResolveError>] = []
+        out.reserveCapacity(run.count)
+        // The run shares one path: checked once, not once per spec.
+        let pathError: ResolveError?
+        do throws(ResolveError) { try validatePath(run.first?.path ?? ""); pathError = nil } catch { pathError = error }
+        for spec in run {
+            do throws(ResolveError) {
+                try validateKind(spec)
+                if let pathError { throw pathError }
+                out.append(.success(try resolve(spec, in: target, elf: elf)))
+            } catch {
+                out.append(.failure(error))
+            }
+        }
+        return out
+    }
+
     private func validate(_ spec: ProbeSpecInput) throws(ResolveError) {
+        try validateKind(spec)
+        try validatePath(spec.path)
+    }
+
+    /// What `validate` checks but the path, in the same order of errors.
+    private func validateKind(_ spec: ProbeSpecInput) throws(ResolveError) {
         let kinds = (spec.symbol != nil ? 1 : 0) + (spec.offset != nil ? 1 : 0) + (spec.usdt != nil ? 1 : 0)
         guard kinds == 1 else {
             throw .invalidSpec("a probe needs exactly one of symbol, offset or usdt (got \(kinds))")
         }
-        guard !spec.path.isEmpty, !spec.path.utf8.contains(0) else { throw .invalidSpec("path is empty or contains NUL") }
-        if let s = spec.symbol, s.isEmpty || s.utf8.contains(0) { throw .invalidSpec("symbol is empty or contains NUL") }
+        if let s = spec.symbol, s.isEmpty || s.containsUTF8(where: { $0 == 0 }) {
+            throw .invalidSpec("symbol is empty or contains NUL")
+        }
         if spec.usdt != nil && spec.retprobe { throw .invalidSpec("a USDT probe cannot be a retprobe") }
+    }
+
+    private func validatePath(_ path: String) throws(ResolveError) {
+        guard !path.isEmpty, !path.containsUTF8(where: { $0 == 0 }) else { throw .invalidSpec("path is empty or contains NUL") }
     }
 
     private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> [ResolvedProbe] {
@@ -404,7 +428,7 @@ public struct Resolver: Sendable {
     /// (`ELFFile.uniqueFunctionOffsets`). Nil: take the general path.
     private func uniqueSymbolSite(_ request: String, elf: ELFFile) -> Site? {
         guard let off = elf.uniqueFunctionOffsets[request],
-              !request.utf8.contains(where: { $0 == UInt8(ascii: "@") || $0 == UInt8(ascii: "*")
+              !request.containsUTF8(where: { $0 == UInt8(ascii: "@") || $0 == UInt8(ascii: "*")
                                                  || $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "[") })
         else { return nil }
         return Site(offset: off, symbol: request, aliases: [], refCtr: nil, warning: nil)
@@ -559,4 +583,13 @@ func editDistance(_ a: [UInt8], _ b: [UInt8], cap: Int) -> Int {
         swap(&prev, &cur)
     }
     return min(prev[b.count], cap)
+}
+
+extension String {
+    /// Whether a UTF-8 byte of the string passes `test`, read from contiguous bytes: the
+    /// generic `utf8.contains` walk was a tenth of resolving a 10,000-spec request.
+    func containsUTF8(where test: (UInt8) -> Bool) -> Bool {
+        var s = self
+        return s.withUTF8 { $0.contains(where: test) }
+    }
 }

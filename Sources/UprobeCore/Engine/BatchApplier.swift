@@ -627,7 +627,7 @@ final class BatchApplier {
                 } else {
                     for site in newSites {
                         uprobeRefs[UprobeSiteKey(site), default: 0] += 1
-                        if let number = ProbeID.number(r.id) {
+                        if let number = r.number {
                             pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
                                 registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
                                 flags: r.spec.retprobe ? Consumer.retprobe : 0)))
@@ -659,7 +659,7 @@ final class BatchApplier {
                         retired.append(RetiredVersion(version: version, hits: hits))
                         log.note(.init(event: .retired, path: version.path, inode: version.inode), id: r.id, hits: hits)
                     }
-                    if let number = ProbeID.number(r.id) {
+                    if let number = r.number {
                         for site in gone { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
                     }
                     for site in gone {
@@ -744,7 +744,7 @@ final class BatchApplier {
     private func insert(_ r: ProbeRecord) {
         probes.insert(r)
         for site in r.sites { uprobeRefs[UprobeSiteKey(site), default: 0] += 1 }
-        if let number = ProbeID.number(r.id) {
+        if let number = r.number {
             for site in r.sites {
                 pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
                     registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
@@ -757,7 +757,7 @@ final class BatchApplier {
     /// after the registry without it is published). Its slots are left for the caller to retire.
     private func removeRecord(_ id: String, treeEdits: inout [TreeEdit]) -> ProbeRecord? {
         guard let r = probes.remove(id) else { return nil }
-        if let number = ProbeID.number(r.id) {
+        if let number = r.number {
             for site in r.sites { treeEdits.append(.removeConsumer(Self.treeKey(site), registration: number)) }
         }
         for site in r.sites {
