@@ -108,7 +108,9 @@ public enum JSONParser {
                 skipWhitespace()
                 let v = try value(depth: depth + 1)
                 // A repeated key keeps its first place and takes the last value (as `JSONObject`'s setter).
-                if let k = pairStack[base...].lastIndex(where: { $0.key == key }) {
+                // Lengths first: small strings keep theirs inline, and most keys differ in it.
+                let length = key.utf8.count
+                if let k = pairStack[base...].lastIndex(where: { $0.key.utf8.count == length && $0.key == key }) {
                     pairStack[k].value = v
                 } else {
                     pairStack.append(JSONMember(key, v))

@@ -205,6 +205,11 @@ struct JSONTests {
         #expect(JSONSerializer.serialize(nested) == #"{"a":0,"b":[{"a":4,"b":[1,[2]]}],"c":{}}"#)
         let inner = try JSONParser.parse(#"{"a":0,"b":1,"x":{"b":2,"a":1,"a":2}}"#)
         #expect(JSONSerializer.serialize(inner) == #"{"a":0,"b":1,"x":{"b":2,"a":2}}"#)
+        // Keys of one length are told apart by their text; long keys merge too.
+        let long = "a_key_longer_than_sixteen_bytes"
+        let same = try #require(try JSONParser.parse(#"{"ab":1,"ba":2,"é":3,"ab":4,"\#(long)":5,"\#(long)":6}"#).objectValue)
+        #expect(same.keys == ["ab", "ba", "é", long])
+        #expect(same["ab"] == .int(4) && same["ba"] == .int(2) && same["é"] == .int(3) && same[long] == .int(6))
     }
 
     @Test("integers at the edges serialize exactly")
