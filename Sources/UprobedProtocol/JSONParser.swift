@@ -179,7 +179,7 @@ public enum JSONParser {
             }
             guard end < buf.count, buf[end] == UInt8(ascii: "\""), let base = buf.baseAddress else { return try string() }
             let count = end - start
-            for k in keys where k.count == count && memcmp(base + k.start, base + start, count) == 0 {
+            for k in keys where k.count == count && base[k.start] == base[start] && memcmp(base + k.start, base + start, count) == 0 {
                 i = end + 1
                 return k.value
             }
