@@ -36,6 +36,18 @@ struct WatchTests {
         }
         #expect(reply?["ok"] == .bool(true))
         #expect(reply?["probes"] == .int(1))
+        // …and the stream is over: no event follows within ten intervals.
+        let quiet = try LineClient(socketPath: daemon.socket, timeoutSeconds: 1)
+        try quiet.send(.object(["op": "watch", "id": "w2", "interval_ms": 100]))
+        #expect(try quiet.readReply().objectValue?["id"] == "w2")
+        try quiet.send(.object(["op": "stats", "id": "s2"]))
+        var answered = false
+        for _ in 0..<20 {
+            let r = try quiet.readReply().objectValue
+            if r?["id"] == "s2" { answered = true; break }
+        }
+        #expect(answered)
+        #expect(throws: ClientError.self, "an event after the stream ended") { try quiet.readReply() }
     }
 
     @Test("watch with bad arguments is refused and the connection stays usable")
