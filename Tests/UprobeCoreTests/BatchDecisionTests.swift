@@ -635,6 +635,36 @@ struct BatchDecisionTests {
         #expect(queue.close())
     }
 
+    @Test("op queue: a request of many probes does not wait for the window; a small one does")
+    func opQueueLargeRequest() throws {
+        let queue = OpQueue()
+        let taken = Mutex<[Int]>([])
+        let done = DispatchSemaphore(value: 0)
+        let items = (0..<4).map { RegisterItem(spec: ProbeSpecInput(path: "/x", symbol: "f\($0)"), targets: []) }
+        func register(_ n: Int) -> PendingOp {
+            .register(items: Array(items.prefix(n)), consumer: nil, peer: .daemon, early: nil, reply: { _ in })
+        }
+        // A window far longer than the test: only the size of the request can end it early.
+        let writer = Thread {
+            while let batch = queue.nextBatch(window: .seconds(600), max: 100, largeRequest: 4) {
+                taken.withLock { $0.append(batch.count) }
+                done.signal()
+            }
+            done.signal()
+        }
+        writer.start()
+        usleep(50_000)  // the writer now waits for work
+        #expect(queue.push(register(4)))
+        #expect(done.wait(timeout: .now() + 30) == .success, "a large request must not wait for the window")
+        #expect(taken.withLock { $0 } == [1])
+        usleep(50_000)
+        #expect(queue.push(register(3)))
+        #expect(done.wait(timeout: .now() + 1) == .timedOut, "a small request waits in the window")
+        #expect(queue.close())
+        #expect(done.wait(timeout: .now() + 30) == .success)
+        #expect(taken.withLock { $0 } == [1, 1])
+    }
+
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")
     func slotAllocator() {
         var a = SlotAllocator(capacity: 8)

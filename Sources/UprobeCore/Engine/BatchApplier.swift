@@ -25,6 +25,17 @@ enum PendingOp: Sendable {
     case detachFinished
 }
 
+extension PendingOp {
+    /// Probes a register or an unregister by ids names; 0 for every other op.
+    var probeCount: Int {
+        switch self {
+        case .register(let items, _, _, _, _): return items.count
+        case .unregister(let ids?, _, _, _, _): return ids.count
+        default: return 0
+        }
+    }
+}
+
 /// The single writer: applies a whole batch of requests to the kernel and the registry.
 ///
 /// Lives on the engine's writer thread and is never shared, so it needs no lock of its own.

@@ -80,7 +80,8 @@ public final class Engine: Sendable {
                                        prepare: prepare,
                                        wake: { _ = queue.push(.detachFinished) },
                                        requeue: { op in _ = queue.push(op) })
-            while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue) {
+            while let batch = queue.nextBatch(window: window, max: maxBatch, wakeAt: applier.compactionDue,
+                                              largeRequest: tuning.prepareMinimum) {
                 if batch.isEmpty { applier.maintain() } else { applier.apply(batch) }
             }
             applier.shutdown()
@@ -239,9 +240,12 @@ final class OpQueue: @unchecked Sendable {
     /// Blocks until there is work; then, if the writer had to wait for it, waits up to `window`
     /// for more (or until `max` requests). Work that queued while the writer was busy is taken
     /// at once: those requests have met already, and waiting would only add to their latency.
+    /// So is a request naming at least `largeRequest` probes: it is a batch's worth of kernel
+    /// work by itself, and company would save it nothing.
     /// Returns an empty batch if `wakeAt` passes with no work (time for deferred maintenance),
     /// nil once closed and drained.
-    func nextBatch(window: Duration, max: Int, wakeAt: ContinuousClock.Instant? = nil) -> [PendingOp]? {
+    func nextBatch(window: Duration, max: Int, wakeAt: ContinuousClock.Instant? = nil,
+                   largeRequest: Int = .max) -> [PendingOp]? {
         cond.lock()
         defer { writerWaits = .nothing; cond.unlock() }
         let queuedMeanwhile = !pending.isEmpty
@@ -257,7 +261,7 @@ final class OpQueue: @unchecked Sendable {
         }
         if pending.isEmpty { return nil }
         let secs = window.inSeconds
-        if secs > 0 && !queuedMeanwhile {
+        if secs > 0 && !queuedMeanwhile && !pending.contains(where: { $0.probeCount >= largeRequest }) {
             writerWaits = .batch(of: max)
             let deadline = Date(timeIntervalSinceNow: secs)
             while pending.count < max && !closed {
