@@ -245,8 +245,10 @@ public struct RequestHandler: Sendable {
             logger.info("probes registered", metadata: [
                 "count": "\(records.count)", "probe_id": "\(records.first?.id ?? "")", "last_probe_id": "\(records.last?.id ?? "")",
                 "path": "\(records.first?.sites.first?.target.path ?? "")", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
-            for r in records {
-                logger.debug("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")"])
+            if logger.logLevel <= .debug {  // checked once, not 10,000 times for a large request
+                for r in records {
+                    logger.debug("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")"])
+                }
             }
             if let text = ahead.take(for: records) {
                 return .success(.written(estimatedBytes: text.count) { w in

@@ -11,7 +11,7 @@ struct UprobeCtl: ParsableCommand {
         commandName: "uprobectl",
         abstract: "Register, list and read user-space probes owned by uprobed.",
         discussion: """
-            PROBE spellings: PATH:SYMBOL, PATH:0xOFFSET, or bpftrace's uprobe:PATH:SYMBOL,
+            PROBE spellings: PATH:SYMBOL, PATH:0xOFFSET, or bpftrace's uprobe:PATH:SYMBOL, \
             uretprobe:PATH:SYMBOL, usdt:PATH:PROVIDER:NAME. PATH may be a library name (libc).
             SYMBOL may be a glob (f*), which registers one probe per matching function.
             The socket is --socket, else $UPROBED_SOCKET, else /run/uprobed/uprobed.sock.

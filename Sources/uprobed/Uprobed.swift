@@ -13,8 +13,8 @@ struct UprobedCommand: AsyncParsableCommand {
         commandName: "uprobed",
         abstract: "Own every user-space probe on this host: attach them in batches, count every hit exactly.",
         discussion: """
-            Listens for JSON-lines requests on a Unix socket (or the socket systemd passes by socket
-            activation). Built-in defaults need no config file; a config file overrides them and
+            Listens for JSON-lines requests on a Unix socket (or the socket systemd passes by socket \
+            activation). Built-in defaults need no config file; a config file overrides them and \
             flags override both. Needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN for uprobe_multi links).
             """,
         version: "0.1.0")
