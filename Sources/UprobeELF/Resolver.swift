@@ -178,13 +178,11 @@ public struct Resolver: Sendable {
         -> [Result<[ResolvedProbe], ResolveError>] {
         var out: [Result<[ResolvedProbe], ResolveError>] = []
         out.reserveCapacity(run.count)
-        // The run shares one path: checked once, not once per spec.
-        let pathError: ResolveError?
-        do throws(ResolveError) { try validatePath(run.first?.path ?? ""); pathError = nil } catch { pathError = error }
         for spec in run {
             do throws(ResolveError) {
-                try validateKind(spec)
-                if let pathError { throw pathError }
+                // The run's one path was checked already: its file was opened for a spec of the
+                // run that passed `validate`.
+                try validate(spec, pathChecked: true)
                 out.append(.success(try resolve(spec, in: target, elf: elf)))
             } catch {
                 out.append(.failure(error))
@@ -193,25 +191,21 @@ public struct Resolver: Sendable {
         return out
     }
 
-    private func validate(_ spec: ProbeSpecInput) throws(ResolveError) {
-        try validateKind(spec)
-        try validatePath(spec.path)
-    }
-
-    /// What `validate` checks but the path, in the same order of errors.
-    private func validateKind(_ spec: ProbeSpecInput) throws(ResolveError) {
+    /// `pathChecked`: the caller knows the path is valid, so it is not scanned again.
+    private func validate(_ spec: ProbeSpecInput, pathChecked: Bool = false) throws(ResolveError) {
         let kinds = (spec.symbol != nil ? 1 : 0) + (spec.offset != nil ? 1 : 0) + (spec.usdt != nil ? 1 : 0)
         guard kinds == 1 else {
             throw .invalidSpec("a probe needs exactly one of symbol, offset or usdt (got \(kinds))")
+        }
+        if !pathChecked {
+            guard !spec.path.isEmpty, !spec.path.containsUTF8(where: { $0 == 0 }) else {
+                throw .invalidSpec("path is empty or contains NUL")
+            }
         }
         if let s = spec.symbol, s.isEmpty || s.containsUTF8(where: { $0 == 0 }) {
             throw .invalidSpec("symbol is empty or contains NUL")
         }
         if spec.usdt != nil && spec.retprobe { throw .invalidSpec("a USDT probe cannot be a retprobe") }
-    }
-
-    private func validatePath(_ path: String) throws(ResolveError) {
-        guard !path.isEmpty, !path.containsUTF8(where: { $0 == 0 }) else { throw .invalidSpec("path is empty or contains NUL") }
     }
 
     private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> [ResolvedProbe] {
