@@ -236,8 +236,22 @@ final class SocketServer: Sendable {
         }
         let line = JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(.tooManyConnections,
             "uprobed already serves \(maxConnections) connections (max_connections); this one is closed. Retry later, or close idle clients")))
-        try? await connection.executeThenClose { _, outbound in try await outbound.write(ByteBuffer(bytes: line)) }
+        let channel = connection.channel
+        try? await connection.executeThenClose { inbound, outbound in
+            try await outbound.write(ByteBuffer(bytes: line))
+            // Closing with the client's first request still unread makes the kernel reset the
+            // connection, and the client then reads ECONNRESET instead of this line (17 times in
+            // 20 for a client that sends at once). So: end our side, and read and drop what the
+            // client sends until it closes, for at most `refusalLinger`.
+            try await channel.close(mode: .output)
+            let deadline = channel.eventLoop.scheduleTask(in: Self.refusalLinger) { channel.close(promise: nil) }
+            defer { deadline.cancel() }
+            for try await _ in inbound {}
+        }
     }
+
+    /// How long a refused connection is kept open for its client to read the refusal and close.
+    static let refusalLinger = TimeAmount.seconds(1)
 
     private func serve(_ connection: Connection, peer who: PeerIdentity?) async {
         let channel = connection.channel
