@@ -49,6 +49,7 @@ public struct RequestHandler: Sendable {
     /// The reply line (newline included) for one decoded request; `watch` is answered by the
     /// caller (it streams).
     public func reply(_ env: RequestEnvelope, peer who: PeerIdentity) async -> ByteBuffer {
+        if let line = replyWithoutWaiting(env, peer: who) { return line }
         let policy = access.load()
         let result: Result<ReplyBody, ProtocolError>
         if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
@@ -59,13 +60,34 @@ public struct RequestHandler: Sendable {
             case .unregister(let ids, let consumer):
                 result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy).map { .members($0) }
             case .list(let consumer): result = .success(list(consumer: consumer))
-            case .stats(let ids, let versions, let consumer): result = stats(ids: ids, consumer: consumer, versions: versions)
-            case .status: result = .success(.members(status()))
+            case .stats, .status: result = readOnlyResult(env.request)  // answered above; kept for a total switch
             case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
         }
         return line(for: env, who: who, result)
+    }
+
+    /// The reply line for `stats` and `status`, which read the published snapshot and the
+    /// counters and wait for nothing; nil for every other request. The event loop that read the
+    /// line calls this directly (see `ImmediateReplies`).
+    func replyWithoutWaiting(_ env: RequestEnvelope, peer who: PeerIdentity) -> ByteBuffer? {
+        switch env.request {
+        case .stats, .status: break
+        default: return nil
+        }
+        if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op,
+                                            policy: access.load()) {
+            return line(for: env, who: who, .failure(denial))
+        }
+        return line(for: env, who: who, readOnlyResult(env.request))
+    }
+
+    private func readOnlyResult(_ request: Request) -> Result<ReplyBody, ProtocolError> {
+        if case .stats(let ids, let versions, let consumer) = request {
+            return stats(ids: ids, consumer: consumer, versions: versions)
+        }
+        return .success(.members(status()))
     }
 
     /// The reply line for `result`: `{"id", "ok": true, …body}`, or the error reply, with the
@@ -397,6 +419,7 @@ public struct RequestHandler: Sendable {
         service["access_denied"] = JSONValue(counters.accessDenied.load(ordering: .relaxed))
         service["connections"] = JSONValue(counters.connectionsOpen.load(ordering: .relaxed))
         service["connections_refused"] = JSONValue(counters.connectionsRefused.load(ordering: .relaxed))
+        service["replies_on_event_loop"] = JSONValue(counters.repliesOnEventLoop.load(ordering: .relaxed))
         service["state_writes"] = JSONValue(counters.stateWrites.load(ordering: .relaxed))
         service["state_syncs"] = JSONValue(counters.stateSyncs.load(ordering: .relaxed))
         service["state_write_failures"] = JSONValue(counters.stateWriteFailures.load(ordering: .relaxed))
@@ -443,6 +466,8 @@ public final class ServiceCounters: Sendable {
     public let connectionsOpen = Atomic<Int>(0)
     /// Connections turned away because `max_connections` were open.
     public let connectionsRefused = Atomic<UInt64>(0)
+    /// `stats` and `status` requests answered by the event loop that read them (`ImmediateReplies`).
+    public let repliesOnEventLoop = Atomic<UInt64>(0)
     public init() {}
 }
 

@@ -50,6 +50,8 @@ final class SocketServer: Sendable {
     struct Accepted: Sendable {
         var connection: Connection
         var who: PeerIdentity?
+        /// Shared with the connection's `ImmediateReplies` handler (nil without credentials).
+        var gate: ConnectionGate?
     }
 
     /// Where to listen: a socket systemd passed us, or a path we bind ourselves.
@@ -74,12 +76,19 @@ final class SocketServer: Sendable {
         // Credentials are taken here, on the event loop before the first read: a client that
         // sends its request and closes at once would otherwise leave a closed channel whose
         // socket options can no longer be read.
+        let handler = self.handler
         let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
             Self.identity(channel).flatMapThrowing { who in
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFramer(maxLength: maxLine)))
+                var gate: ConnectionGate? = nil
+                if let who {
+                    let g = ConnectionGate()
+                    try channel.pipeline.syncOperations.addHandler(ImmediateReplies(handler: handler, peer: who, gate: g))
+                    gate = g
+                }
                 return Accepted(connection: try Connection(wrappingChannelSynchronously: channel,
                                                            configuration: .init(isOutboundHalfClosureEnabled: false)),
-                                who: who)
+                                who: who, gate: gate)
             }
         }
         let server: NIOAsyncChannel<Accepted, Never>
@@ -102,7 +111,7 @@ final class SocketServer: Sendable {
         try await withThrowingDiscardingTaskGroup { group in
             try await server.executeThenClose { inbound in
                 for try await accepted in inbound {
-                    group.addTask { await self.serve(accepted.connection, peer: accepted.who) }
+                    group.addTask { await self.serve(accepted.connection, peer: accepted.who, gate: accepted.gate) }
                 }
             }
         }
@@ -253,7 +262,7 @@ final class SocketServer: Sendable {
     /// How long a refused connection is kept open for its client to read the refusal and close.
     static let refusalLinger = TimeAmount.seconds(1)
 
-    private func serve(_ connection: Connection, peer who: PeerIdentity?) async {
+    private func serve(_ connection: Connection, peer who: PeerIdentity?, gate: ConnectionGate?) async {
         let channel = connection.channel
         let key = ObjectIdentifier(channel)
         guard admit(channel) else { return await refuse(connection, peer: who) }
@@ -267,6 +276,7 @@ final class SocketServer: Sendable {
             try? await channel.close()
             return
         }
+        gate?.admitted.store(true, ordering: .relaxed)
         do {
             try await connection.executeThenClose { inbound, outbound in
                 var watch: Task<Void, Never>? = nil
@@ -280,10 +290,10 @@ final class SocketServer: Sendable {
                         reply = ByteBuffer(bytes: JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(
                             .lineTooLong, "request line longer than \(limit) bytes (max_line_bytes); it was discarded"))))
                     case .line(let buffer):
-                        let bytes = Array(buffer.readableBytesView)
-                        if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }  // blank keep-alive lines
-                        let decoded = RequestDecoder.decode(bytes, limits: handler.limits)
+                        // (Blank keep-alive lines never arrive: `ImmediateReplies` drops them.)
+                        let decoded = RequestDecoder.decode(Array(buffer.readableBytesView), limits: handler.limits)
                         if case .success(let env) = decoded, case .watch(let interval, _) = env.request {
+                            gate?.watching.store(true, ordering: .relaxed)  // before the stream's first write; see `ImmediateReplies`
                             watch = startWatch(env, intervalMs: interval, peer: peer, outbound: outbound)
                             continue
                         }
