@@ -49,7 +49,6 @@ public struct RequestHandler: Sendable {
     /// The reply line (newline included) for one decoded request; `watch` is answered by the
     /// caller (it streams).
     public func reply(_ env: RequestEnvelope, peer who: PeerIdentity) async -> ByteBuffer {
-        if let line = replyWithoutWaiting(env, peer: who) { return line }
         let policy = access.load()
         let result: Result<ReplyBody, ProtocolError>
         if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op, policy: policy) {
@@ -60,7 +59,7 @@ public struct RequestHandler: Sendable {
             case .unregister(let ids, let consumer):
                 result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy).map { .members($0) }
             case .list(let consumer): result = .success(list(consumer: consumer))
-            case .stats, .status: result = readOnlyResult(env.request)  // answered above; kept for a total switch
+            case .stats, .status: result = readOnlyResult(env.request)  // the event loop answers most (`replyWithoutWaiting`)
             case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
