@@ -1,3 +1,4 @@
+import CUprobeSys
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -7,9 +8,14 @@ import Glibc
 /// A bounded cache of parsed ELF files keyed by identity *and* version of the file
 /// (dev, inode, size, mtime, ctime), so a 10,000-probe request against libc parses libc once,
 /// while a rebuilt or replaced binary is re-parsed. A new version read at a path drops the
-/// version cached for that path before: a binary upgraded every few seconds otherwise filled
-/// all the places with its old parses (2.4 MB each for a 10,000-function binary; a soak run's
-/// RSS grew by ~1.2 MB/s until the cache was full). Thread-safe; parsing happens outside the lock.
+/// version cached for that path before, so a binary upgraded every few seconds does not fill
+/// the cache with its old parses.
+///
+/// Bounded by bytes as well as by count (`ELFFile.estimatedBytes`): any peer that may resolve
+/// can make the daemon parse files of its choosing, and one parse of a 300,000-symbol binary
+/// holds about 80 MB. A parse larger than the whole budget is used once and not kept. Memory
+/// freed by an eviction is handed back to the kernel (malloc_trim), or a burst of large parses
+/// would leave the daemon's RSS at its peak. Thread-safe; parsing happens outside the lock.
 public final class ELFFileCache: Sendable {
     struct Key: Hashable {
         var dev: UInt64, ino: UInt64, size: Int64
@@ -22,9 +28,11 @@ public final class ELFFileCache: Sendable {
         var order: [Key] = []            // least recently inserted first
         /// The version last cached for each path (only versions still cached).
         var newestAt: [String: Key] = [:]
+        /// Sum of the cached parses' `estimatedBytes`.
+        var bytes = 0
 
         mutating func remove(_ key: Key) {
-            entries[key] = nil
+            if let gone = entries.removeValue(forKey: key) { bytes -= gone.estimatedBytes }
             order.removeAll { $0 == key }
             newestAt = newestAt.filter { $0.value != key }
         }
@@ -32,10 +40,15 @@ public final class ELFFileCache: Sendable {
 
     /// Maximum number of parsed files kept.
     public let capacity: Int
+    /// Maximum sum of the kept parses' estimated sizes, in bytes.
+    public let byteBudget: Int
     private let state = Mutex(State())
 
-    public init(capacity: Int = 64) {
+    public static let defaultByteBudget = 256 << 20
+
+    public init(capacity: Int = 64, byteBudget: Int = ELFFileCache.defaultByteBudget) {
         self.capacity = max(0, capacity)
+        self.byteBudget = max(0, byteBudget)
     }
 
     /// The parsed file open on `fd`, from the cache when the file has not changed.
@@ -49,17 +62,28 @@ public final class ELFFileCache: Sendable {
                       ctime: st.st_ctim.tv_sec, ctimeNs: st.st_ctim.tv_nsec, debugDirectories: debugDirectories)
         if let hit = state.withLock({ $0.entries[key] }) { return hit }
         let parsed = try Self.parse(fd: fd, path: path, debugDirectories: debugDirectories)
-        guard capacity > 0 else { return parsed }
-        state.withLock { s in
+        guard capacity > 0, parsed.estimatedBytes <= byteBudget else { return parsed }
+        let evicted = state.withLock { s -> Int in
+            let before = s.bytes
             if let older = s.newestAt[path], older != key { s.remove(older) }
             s.newestAt[path] = key
-            if s.entries.updateValue(parsed, forKey: key) == nil { s.order.append(key) }
-            while s.order.count > capacity, let oldest = s.order.first {
+            if let replaced = s.entries.updateValue(parsed, forKey: key) {
+                s.bytes -= replaced.estimatedBytes
+            } else {
+                s.order.append(key)
+            }
+            s.bytes += parsed.estimatedBytes
+            while s.order.count > capacity || s.bytes > byteBudget, let oldest = s.order.first {
                 s.remove(oldest)
             }
+            return before + parsed.estimatedBytes - s.bytes
         }
+        // Only after a real eviction (a few MB): a trim walks the heap.
+        if evicted >= Self.trimThreshold { _ = malloc_trim(0) }
         return parsed
     }
+
+    static let trimThreshold = 4 << 20
 
     static func parse(fd: FileDescriptor, path: String, debugDirectories: [String]) throws(ResolveError) -> ELFFile {
         var elf = try ELFFile(fd: fd, path: path)
@@ -75,4 +99,6 @@ public final class ELFFileCache: Sendable {
 
     /// Number of cached files (for tests and status).
     public var count: Int { state.withLock { $0.entries.count } }
+    /// Sum of the cached parses' estimated sizes (for tests and status).
+    public var bytes: Int { state.withLock { $0.bytes } }
 }

@@ -238,12 +238,7 @@ public struct Resolver: Sendable {
 
     func openTarget(_ spec: ProbeSpecInput) throws(ResolveError) -> Target {
         var root = ""          // "" = the daemon's own root
-        if let pid = spec.pid {
-            guard pid > 0 else { throw .invalidSpec("pid must be positive (got \(pid))") }
-            var st = stat()
-            guard stat("/proc/\(pid)", &st) == 0 else { throw .processNotFound("process \(pid) not found") }
-            if !sameFile("/proc/\(pid)/root", "/") { root = "/proc/\(pid)/root" }
-        }
+        if let pid = spec.pid { root = try ProcessCheck.probeableRoot(of: pid) }
         var path = spec.path
         var mappedFull: String?
         if LibraryLocator.isLibraryName(path) {

@@ -11,7 +11,8 @@ enum ExecutableRanges {
     /// The [start, end) file ranges of PF_X PT_LOAD segments, or nil if `path` is not an
     /// ELF64 little-endian file (or cannot be read).
     static func of(path: String) -> [Range<UInt64>]? {
-        guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
+        // Non-blocking: a path swapped for a FIFO must not hold the thread that attaches.
+        guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: [.closeOnExec, .nonBlocking]) else { return nil }
         defer { try? fd.close() }
         var header = [UInt8](repeating: 0, count: 64)
         guard read(fd, into: &header, at: 0) == 64,

@@ -17,6 +17,8 @@
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <linux/perf_event.h>
+// malloc_trim(3): Glibc's Swift module does not export <malloc.h>.
+#include <malloc.h>
 
 #ifdef __cplusplus
 extern "C" {

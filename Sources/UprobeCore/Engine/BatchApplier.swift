@@ -920,11 +920,12 @@ final class BatchApplier {
 
     /// The path to hand the kernel for a group's file: its pinned descriptor (opened and
     /// checked against the group's device and inode the first time). A path that cannot be
-    /// opened here is passed as is and the kernel reports its own error.
+    /// opened here is passed as is and the kernel reports its own error. Opened non-blocking:
+    /// the path may name a FIFO by now, and this is the writer thread.
     private func kernelPath(_ key: LinkGroupKey, path: String) throws(KernelError) -> String {
         let file = PinnedFile(device: key.device, inode: key.inode)
         if let fd = pinned[file] { return "/proc/self/fd/\(fd)" }
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         guard fd >= 0 else { return path }
         var st = stat()
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { close(fd); return path }
