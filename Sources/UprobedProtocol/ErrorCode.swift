@@ -29,6 +29,9 @@ public struct ErrorCode: RawRepresentable, Hashable, Sendable, CustomStringConve
     public static let kernelError = ErrorCode("kernel_error")
     /// The daemon already serves `max_connections` clients; this connection is closed.
     public static let tooManyConnections = ErrorCode("too_many_connections")
+    /// The daemon is out of file descriptors: a binary could not be opened, or this connection
+    /// could not be served (it is closed after this reply).
+    public static let tooManyOpenFiles = ErrorCode("too_many_open_files")
     /// The daemon is stopping and takes no new work.
     public static let shuttingDown = ErrorCode("shutting_down")
     /// A bug: the daemon could not complete an operation it accepted.

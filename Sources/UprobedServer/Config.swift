@@ -1,4 +1,5 @@
 import Foundation
+import UprobeELF
 
 /// The daemon's configuration. Every field has a built-in default; `config/uprobed.conf`
 /// documents each key with exactly these defaults (a test keeps the two equal).
@@ -23,8 +24,17 @@ public struct DaemonConfig: Sendable, Equatable {
     /// closed. Connections and uprobe_multi links draw on the same file-descriptor limit, so a
     /// flood of idle clients must not leave the engine unable to open a link or a binary.
     public var maxConnections = 1024
+    /// Most connections one uid that is not an admin may hold open at once (0: no limit), so
+    /// one reader cannot take every connection.
+    public var maxConnectionsPerUID = 64
+    /// Of `max_connections`, this many are kept for admins: peers that are not admins are
+    /// refused once only these are left, so root can always connect to repair things.
+    public var adminReservedConnections = 16
     /// Most functions one glob may expand to.
     public var maxGlobMatches = 10_000
+    /// Memory the cache of parsed binaries may hold, in bytes (estimated from their symbols).
+    /// A parse larger than this is used once and not kept.
+    public var elfCacheBytes = ELFFileCache.defaultByteBudget
     /// Batching: how long the writer waits for more requests after the first, in microseconds.
     public var batchWindowMicros = 250
     /// Batching: most requests in one batch.
@@ -110,6 +120,9 @@ public struct DaemonConfig: Sendable, Equatable {
             case "max_probes_per_request": c.maxProbesPerRequest = try int(1...1_000_000)
             case "send_buffer_bytes": c.sendBufferBytes = try int(0...(256 << 20))
             case "max_connections": c.maxConnections = try int(1...1_000_000)
+            case "max_connections_per_uid": c.maxConnectionsPerUID = try int(0...1_000_000)
+            case "admin_reserved_connections": c.adminReservedConnections = try int(0...1_000_000)
+            case "elf_cache_bytes": c.elfCacheBytes = try int(0...(64 << 30))
             case "max_glob_matches": c.maxGlobMatches = try int(1...1_000_000)
             case "batch_window_us": c.batchWindowMicros = try int(0...1_000_000)
             case "max_batch_requests": c.maxBatchRequests = try int(1...1_000_000)

@@ -48,6 +48,9 @@ public final class UprobedService: Service, Sendable {
         self.options = options
     }
 
+    /// Threads that open and parse the binaries named in requests (see `RequestHandler.resolverPool`).
+    static let resolverThreads = 4
+
     public func run() async throws {
         // SIGHUP's default action kills the process: ignore it before anything else; the
         // dispatch source below still sees it.
@@ -92,17 +95,26 @@ public final class UprobedService: Service, Sendable {
                             persist: { snapshot in try persister.persist(snapshot) },
                             sync: { try persister.sync() },
                             prepare: { records in persister.prepare(records) })
-        let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches))
+        let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches),
+                                          locator: LibraryLocator(),
+                                          cache: ELFFileCache(byteBudget: config.elfCacheBytes))
         let policy = AccessPolicy(config: config)
         for w in policy.warnings { logger.warning("access policy: \(w)") }
+        let resolverPool = NIOThreadPool(numberOfThreads: Self.resolverThreads)
+        resolverPool.start()
+        // Not awaited at exit: a thread stuck in open(2) on a hung mount must not hold the stop.
+        defer { resolverPool.shutdownGracefully { _ in } }
         let handler = RequestHandler(
             engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
                                           minWatchIntervalMs: config.minWatchIntervalMs),
-            logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue)
+            logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue,
+            resolverPool: resolverPool)
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes,
-                                  maxConnections: config.maxConnections)
+                                  connectionLimits: ConnectionLimits(maxConnections: config.maxConnections,
+                                                                     maxPerUID: config.maxConnectionsPerUID,
+                                                                     adminReserved: config.adminReservedConnections))
 
         if let saved {
             // Also with no registrations left: the restore carries the id floor.
@@ -364,6 +376,9 @@ final class Reloader: Sendable {
         if a.maxProbesPerRequest != b.maxProbesPerRequest { out.append("max_probes_per_request") }
         if a.sendBufferBytes != b.sendBufferBytes { out.append("send_buffer_bytes") }
         if a.maxConnections != b.maxConnections { out.append("max_connections") }
+        if a.maxConnectionsPerUID != b.maxConnectionsPerUID { out.append("max_connections_per_uid") }
+        if a.adminReservedConnections != b.adminReservedConnections { out.append("admin_reserved_connections") }
+        if a.elfCacheBytes != b.elfCacheBytes { out.append("elf_cache_bytes") }
         if a.maxGlobMatches != b.maxGlobMatches { out.append("max_glob_matches") }
         if a.batchWindowMicros != b.batchWindowMicros { out.append("batch_window_us") }
         if a.maxBatchRequests != b.maxBatchRequests { out.append("max_batch_requests") }

@@ -36,6 +36,10 @@ final class ConnectionGate: Sendable {
 ///   Spellings with escapes take the normal path.
 /// - The registry holds at most `maxProbes` probes. A larger `stats` would hold up the loop's
 ///   other connections for milliseconds.
+/// - The channel is writable: the client reads its replies. A client that pipelines requests
+///   and never reads would otherwise have every reply queued here (4.8 GB in 7 s with 10,000
+///   probes). Not writable, the line goes to the task, whose writes wait for the client, and
+///   `BackPressureHandler` stops reading until then.
 /// A line that fails to decode here goes on to the task, which decodes it again and answers
 /// with the error.
 final class ImmediateReplies: ChannelDuplexHandler {
@@ -62,7 +66,7 @@ final class ImmediateReplies: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if case .line(let buffer) = unwrapInboundIn(data) {
             if Self.isBlank(buffer) { return }  // keep-alive lines: no reply
-            if pending == 0, let reply = answer(buffer) {
+            if pending == 0, context.channel.isWritable, let reply = answer(buffer) {
                 handler.counters.repliesOnEventLoop.add(1, ordering: .relaxed)
                 context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
                 return

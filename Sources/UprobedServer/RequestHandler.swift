@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import Synchronization
 import UprobeCore
 import UprobeELF
@@ -10,7 +11,7 @@ import UprobedProtocol
 /// engine, answer reads from the published snapshot.
 public struct RequestHandler: Sendable {
     public let engine: Engine
-    public let resolver: Resolver
+    public let resolver: UprobeELF.Resolver
     public let limits: RequestDecoder.Limits
     public let logger: Logger
     public let startedAt: ContinuousClock.Instant
@@ -25,11 +26,17 @@ public struct RequestHandler: Sendable {
 
     /// Where a large register's reply is written while the writer attaches its probes.
     let aheadQueue: DispatchQueue
+    /// Where the files peers name are opened and parsed. Never the task pool (two threads on
+    /// two CPUs, shared by every connection): a file on a hung network mount blocks open(2)
+    /// whatever its flags, and would stall every client. Here it holds one pool thread.
+    let resolverPool: NIOThreadPool
 
-    public init(engine: Engine, resolver: Resolver, limits: RequestDecoder.Limits, logger: Logger,
+    public init(engine: Engine, resolver: UprobeELF.Resolver, limits: RequestDecoder.Limits, logger: Logger,
                 access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
-                counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global()) {
+                counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global(),
+                resolverPool: NIOThreadPool = .singleton) {
         self.aheadQueue = aheadQueue
+        self.resolverPool = resolverPool
         self.engine = engine
         self.resolver = resolver
         self.limits = limits
@@ -60,7 +67,7 @@ public struct RequestHandler: Sendable {
                 result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy).map { .members($0) }
             case .list(let consumer): result = .success(list(consumer: consumer))
             case .stats, .status: result = readOnlyResult(env.request)  // the event loop answers most (`replyWithoutWaiting`)
-            case .resolve(let specs): result = resolveChecked(specs, who: who, policy: policy)
+            case .resolve(let specs): result = await resolveChecked(specs, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
         }
@@ -151,12 +158,12 @@ public struct RequestHandler: Sendable {
     }
 
     /// `resolve` reads ELF files for the peer: a non-admin only learns about files it can read.
-    func resolveChecked(_ specs: [ProbeSpec], who: PeerIdentity, policy: AccessPolicy) -> Result<ReplyBody, ProtocolError> {
+    func resolveChecked(_ specs: [ProbeSpec], who: PeerIdentity, policy: AccessPolicy) async -> Result<ReplyBody, ProtocolError> {
         let inputs = specs.map(Self.input)
         if let denial = AccessControl.checkSpecs(who, specs: inputs, systemWideOK: true, policy: policy) {
             return .failure(denial)
         }
-        return resolve(inputs).flatMap { resolved in
+        return await resolve(inputs).flatMap { resolved in
             let items = zip(inputs, resolved).map { RegisterItem(spec: $0, targets: $1) }
             if let denial = AccessControl.checkTargets(who, items: items, held: nil, policy: policy) { return .failure(denial) }
             let targets = resolved.flatMap { $0 }
@@ -174,13 +181,20 @@ public struct RequestHandler: Sendable {
     }
 
 
-    /// Resolves every spec; the first failure fails the request and names the spec.
-    func resolve(_ specs: [ProbeSpecInput]) -> Result<[[ResolvedProbe]], ProtocolError> {
+    /// Resolves every spec on `resolverPool`; the first failure fails the request and names the spec.
+    func resolve(_ specs: [ProbeSpecInput]) async -> Result<[[ResolvedProbe]], ProtocolError> {
+        let resolver = self.resolver
+        let results: [Result<[ResolvedProbe], ResolveError>]
+        do {
+            // One open per (path, pid) for the whole request: see Resolver.resolveMany.
+            results = try await resolverPool.runIfActive { resolver.resolveMany(specs) }
+        } catch {
+            return .failure(ProtocolError(.shuttingDown, "uprobed is stopping; the probes were not resolved"))
+        }
         var out: [[ResolvedProbe]] = []
         out.reserveCapacity(specs.count)
         var total = 0
-        // One open per (path, pid) for the whole request: see Resolver.resolveMany.
-        for (n, result) in resolver.resolveMany(specs).enumerated() {
+        for (n, result) in results.enumerated() {
             do {
                 let targets = try result.get()
                 total += targets.count
@@ -240,7 +254,7 @@ public struct RequestHandler: Sendable {
             return .failure(denial)
         }
         let resolved: [[ResolvedProbe]]
-        switch resolve(inputs) {
+        switch await resolve(inputs) {
         case .failure(let e): return .failure(e)
         case .success(let r): resolved = r
         }
@@ -425,6 +439,8 @@ public struct RequestHandler: Sendable {
         service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
         service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
         o["service"] = .object(service)
+        o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
+                          "budget": JSONValue(resolver.cache.byteBudget)])
         return o
     }
 

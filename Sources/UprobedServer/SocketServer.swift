@@ -25,23 +25,24 @@ final class SocketServer: Sendable {
     private let minWatchIntervalMs: Int
     /// SO_SNDBUF for each connection (0: the kernel's default); see `run`.
     private let sendBufferBytes: Int
-    /// Most connections served at once (`max_connections`); see `admit`.
-    private let maxConnections: Int
+    /// How many connections may be open, in all and per peer; see `admit`.
+    private let connectionLimits: ConnectionLimits
     /// When a refused connection was last logged, so a flood of them logs once in a while.
     private let lastRefusalLog = Mutex<ContinuousClock.Instant?>(nil)
-    /// Open connections, so a graceful shutdown can stop their input after the current request.
-    private let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
+    /// Open connections (so a graceful shutdown can stop their input after the current
+    /// request) and how many each uid holds.
+    private let connections = Mutex(OpenConnections())
     private let listener = Mutex<(any Channel)?>(nil)
     private let stopping = Atomic<Bool>(false)
 
     init(handler: RequestHandler, logger: Logger, maxLineBytes: Int, minWatchIntervalMs: Int, sendBufferBytes: Int = 0,
-         maxConnections: Int = 1024) {
+         connectionLimits: ConnectionLimits = ConnectionLimits()) {
         self.handler = handler
         self.logger = logger
         self.maxLineBytes = maxLineBytes
         self.minWatchIntervalMs = minWatchIntervalMs
         self.sendBufferBytes = sendBufferBytes
-        self.maxConnections = maxConnections
+        self.connectionLimits = connectionLimits
     }
 
     typealias Connection = NIOAsyncChannel<LineFrame, ByteBuffer>
@@ -79,6 +80,9 @@ final class SocketServer: Sendable {
         let handler = self.handler
         let initializer: @Sendable (any Channel) -> EventLoopFuture<Accepted> = { channel in
             Self.identity(channel).flatMapThrowing { who in
+                // First in line: while the client does not read its replies (the channel is not
+                // writable), no more of its requests are read, so none of their replies queue.
+                try channel.pipeline.syncOperations.addHandler(BackPressureHandler())
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFramer(maxLength: maxLine)))
                 var gate: ConnectionGate? = nil
                 if let who {
@@ -91,19 +95,31 @@ final class SocketServer: Sendable {
                                 who: who, gate: gate)
             }
         }
-        let server: NIOAsyncChannel<Accepted, Never>
+        // The listening socket's descriptor is ours to know (NIO does not expose it), so that
+        // `DescriptorReserve` can answer the clients NIO cannot accept at the descriptor limit.
+        let listenFD: Int32
         switch endpoint {
         case .activated(let fd):
-            server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
+            listenFD = fd
         case .path(let path, let mode):
             try Self.prepareSocketPath(path)
-            let old = umask(0o177)
-            defer { umask(old) }
-            server = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true,
-                                              childChannelInitializer: initializer)
-            guard chmod(path, mode_t(mode)) == 0 else {
-                throw ServerError(message: "chmod \(path): \(String(cString: strerror(errno)))")
-            }
+            listenFD = try Self.bindUnixSocket(path, mode: mode)
+        }
+        let logger = self.logger
+        let counters = handler.counters
+        let server: NIOAsyncChannel<Accepted, Never>
+        do {
+            server = try await bootstrap
+                .serverChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            DescriptorReserve(listenFD: listenFD, logger: logger, counters: counters))
+                    }
+                }
+                .bind(listenFD, childChannelInitializer: initializer)
+        } catch {
+            if case .path = endpoint { close(listenFD) }
+            throw error
         }
         listener.withLock { $0 = server.channel }
         if stopping.load(ordering: .acquiring) { server.channel.close(promise: nil) }
@@ -122,7 +138,7 @@ final class SocketServer: Sendable {
     func stop() {
         stopping.store(true, ordering: .releasing)
         listener.withLock { $0?.close(promise: nil) }
-        for c in connections.withLock({ Array($0.values) }) { c.close(mode: .input, promise: nil) }
+        for c in connections.withLock({ Array($0.channels.values) }) { c.close(mode: .input, promise: nil) }
     }
 
     /// Creates the socket's directory and refuses to steal the socket of a running daemon.
@@ -137,6 +153,38 @@ final class SocketServer: Sendable {
         if (try? probeConnect(path)) == true {
             throw ServerError(message: "another uprobed is already serving \(path)")
         }
+    }
+
+    /// socket(2), bind(2) and chmod(2) of a Unix stream socket at `path` (which
+    /// `prepareSocketPath` has cleared); NIO listens on it. Created with mode 0600 (umask) and
+    /// opened up to `mode` only once bound, so no client connects before the mode is right.
+    static func bindUnixSocket(_ path: String, mode: UInt32) throws -> Int32 {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw ServerError(message: "socket path \(path) is longer than a Unix socket address allows")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in bytes.enumerated() { raw[i] = b } }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        guard fd >= 0 else { throw ServerError(message: "socket(AF_UNIX): \(String(cString: strerror(errno)))") }
+        unlink(path)  // a stale socket file: `prepareSocketPath` found no daemon serving it
+        let old = umask(0o177)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        let bindErrno = errno
+        umask(old)
+        guard rc == 0 else {
+            close(fd)
+            throw ServerError(message: "bind \(path): \(String(cString: strerror(bindErrno)))")
+        }
+        guard chmod(path, mode_t(mode)) == 0 else {
+            let e = errno
+            close(fd)
+            throw ServerError(message: "chmod \(path): \(String(cString: strerror(e)))")
+        }
+        return fd
     }
 
     static func makeDirectories(_ dir: String) throws {
@@ -216,21 +264,38 @@ final class SocketServer: Sendable {
         var gid: UInt32 = 0
     }
 
-    /// Counts `channel` among the open connections, unless `max_connections` are open already.
-    /// The check and the insert are one step under the lock, so a burst of connects cannot
-    /// overshoot the limit.
-    private func admit(_ channel: any Channel) -> Bool {
-        let admitted = connections.withLock { open -> Bool in
-            guard open.count < maxConnections else { return false }
-            open[ObjectIdentifier(channel)] = channel
-            return true
+    /// Counts `channel` among the open connections, or says why it may not be: all
+    /// `max_connections` are open; the peer is not an admin and only the connections kept for
+    /// admins are left; or its uid holds `max_connections_per_uid` already. The checks and the
+    /// insert are one step under the lock, so a burst of connects cannot overshoot a limit.
+    private func admit(_ channel: any Channel, peer who: PeerIdentity?) -> String? {
+        let limits = connectionLimits
+        let isAdmin = who.map { handler.access.load().role(of: $0) == .admin } ?? false
+        let uid = who?.peer.uid
+        let refusal = connections.withLock { open -> String? in
+            if let why = limits.refusal(open: open.channels.count, heldByUID: uid.map { open.perUID[$0] ?? 0 } ?? 0,
+                                        uid: uid, isAdmin: isAdmin) {
+                return why
+            }
+            open.channels[ObjectIdentifier(channel)] = channel
+            if let uid { open.perUID[uid, default: 0] += 1 }
+            return nil
         }
-        if admitted { handler.counters.connectionsOpen.add(1, ordering: .relaxed) }
-        return admitted
+        if refusal == nil { handler.counters.connectionsOpen.add(1, ordering: .relaxed) }
+        return refusal
     }
 
-    /// Tells a connection over the limit why it is closed (one error line), then closes it.
-    private func refuse(_ connection: Connection, peer who: PeerIdentity?) async {
+    private func release(_ channel: any Channel, peer who: PeerIdentity?) {
+        connections.withLock { open in
+            guard open.channels.removeValue(forKey: ObjectIdentifier(channel)) != nil, let uid = who?.peer.uid else { return }
+            let left = (open.perUID[uid] ?? 1) - 1
+            if left > 0 { open.perUID[uid] = left } else { open.perUID.removeValue(forKey: uid) }
+        }
+        handler.counters.connectionsOpen.subtract(1, ordering: .relaxed)
+    }
+
+    /// Tells a connection over a limit why it is closed (one error line), then closes it.
+    private func refuse(_ connection: Connection, peer who: PeerIdentity?, reason: String) async {
         handler.counters.connectionsRefused.add(1, ordering: .relaxed)
         let now = ContinuousClock.now
         let due = lastRefusalLog.withLock { last -> Bool in
@@ -239,12 +304,12 @@ final class SocketServer: Sendable {
             return true
         }
         if due {
-            logger.warning("connection refused: max_connections open", metadata: [
-                "max_connections": "\(maxConnections)", "peer_pid": "\(who?.peer.pid ?? 0)", "peer_uid": "\(who?.peer.uid ?? 0)",
+            logger.warning("connection refused", metadata: [
+                "reason": "\(reason)", "peer_pid": "\(who?.peer.pid ?? 0)", "peer_uid": "\(who?.peer.uid ?? 0)",
                 "refused_total": "\(handler.counters.connectionsRefused.load(ordering: .relaxed))"])
         }
         let line = JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(.tooManyConnections,
-            "uprobed already serves \(maxConnections) connections (max_connections); this one is closed. Retry later, or close idle clients")))
+            "\(reason); this connection is closed")))
         let channel = connection.channel
         try? await connection.executeThenClose { inbound, outbound in
             try await outbound.write(ByteBuffer(bytes: line))
@@ -262,14 +327,16 @@ final class SocketServer: Sendable {
     /// How long a refused connection is kept open for its client to read the refusal and close.
     static let refusalLinger = TimeAmount.seconds(1)
 
+    /// The connections being served: each channel, and how many each uid holds.
+    struct OpenConnections {
+        var channels: [ObjectIdentifier: any Channel] = [:]
+        var perUID: [UInt32: Int] = [:]
+    }
+
     private func serve(_ connection: Connection, peer who: PeerIdentity?, gate: ConnectionGate?) async {
         let channel = connection.channel
-        let key = ObjectIdentifier(channel)
-        guard admit(channel) else { return await refuse(connection, peer: who) }
-        defer {
-            connections.withLock { _ = $0.removeValue(forKey: key) }
-            handler.counters.connectionsOpen.subtract(1, ordering: .relaxed)
-        }
+        if let reason = admit(channel, peer: who) { return await refuse(connection, peer: who, reason: reason) }
+        defer { release(channel, peer: who) }
         if stopping.load(ordering: .acquiring) { channel.close(mode: .input, promise: nil) }
         guard let peer = who else {
             logger.warning("connection without peer credentials refused")
