@@ -212,6 +212,14 @@ final class EpochDomain: Sendable {
 struct RetiredBlock {
     var pointer: UnsafeMutableRawPointer
     var size: Int
+    /// A retained object to release with the block (a version's payload), if any.
+    var payload: UnsafeMutableRawPointer? = nil
+
+    /// Frees the block and releases its payload: only once no reader can see either.
+    func free() {
+        RawMemory.free(pointer, size: size)
+        if let payload { Unmanaged<AnyObject>.fromOpaque(payload).release() }
+    }
 }
 
 /// The writer side: global epoch, retire lists and the grace-period state machine. Owned by the
@@ -303,7 +311,7 @@ struct Reclaimer {
     }
 
     private static func freeAll(_ list: inout [RetiredBlock]) -> Int {
-        for b in list { RawMemory.free(b.pointer, size: b.size) }
+        for b in list { b.free() }
         let n = list.count
         list.removeAll(keepingCapacity: n < 4096)
         return n

@@ -11,8 +11,8 @@
 // Node layout (one malloc block, never resized):
 //   NodeHeader (56 bytes): key (24), left (8), right (8), gen (8), height (4), count (4)
 //   Consumer[count] (32 bytes each) immediately after the header.
-// Version layout (one 64-byte-aligned block): VersionHeader (24 bytes: root, counts, sequence)
-// immediately followed by a copy of the root node ("embedded root"). A reader's first two hops
+// Version layout (one 64-byte-aligned block): VersionHeader (32 bytes: root, counts, sequence,
+// payload) immediately followed by a copy of the root node ("embedded root"). A reader's first two hops
 // (version record, root node's key and links) therefore land on one cache line: after each
 // publish a reader takes one cache miss less than with a separately allocated version record
 // (by construction; on the shared 2-vCPU VM the benchmark's run-to-run noise is larger than that
@@ -58,6 +58,9 @@ struct VersionHeader {
     var keyCount: UInt32
     var consumerCount: UInt32
     var sequence: UInt64
+    /// The object published with this version (see `UprobeTree.apply(_:publishing:)`), retained
+    /// once by the version and released when the version is freed; nil if none.
+    var payload: UnsafeMutableRawPointer?
 
     static let embeddedRootOffset = MemoryLayout<VersionHeader>.stride
 
@@ -67,7 +70,8 @@ struct VersionHeader {
     }
 
     /// Allocates a version block for `root` (copying it in, if any); returns the block.
-    static func make(root: NodePtr?, keyCount: Int, consumerCount: Int, sequence: UInt64) -> UnsafeMutablePointer<VersionHeader> {
+    static func make(root: NodePtr?, keyCount: Int, consumerCount: Int, sequence: UInt64,
+                     payload: UnsafeMutableRawPointer? = nil) -> UnsafeMutablePointer<VersionHeader> {
         let rootCount = root.map { Int($0.pointee.count) }
         let block = RawMemory.allocate(blockSize(rootCount: rootCount), alignment: 64)
         let v = block.bindMemory(to: VersionHeader.self, capacity: 1)
@@ -79,14 +83,15 @@ struct VersionHeader {
         }
         precondition(keyCount <= Int(UInt32.max) && consumerCount <= Int(UInt32.max))
         v.initialize(to: VersionHeader(root: embedded, keyCount: UInt32(keyCount),
-                                       consumerCount: UInt32(consumerCount), sequence: sequence))
+                                       consumerCount: UInt32(consumerCount), sequence: sequence, payload: payload))
         return v
     }
 
     /// The block as a retired block.
     static func retired(_ v: UnsafeMutablePointer<VersionHeader>) -> RetiredBlock {
         RetiredBlock(pointer: UnsafeMutableRawPointer(v),
-                     size: blockSize(rootCount: v.pointee.root.map { Int($0.pointee.count) }))
+                     size: blockSize(rootCount: v.pointee.root.map { Int($0.pointee.count) }),
+                     payload: v.pointee.payload)
     }
 }
 
@@ -370,6 +375,5 @@ func freeVersion(_ v: UnsafeMutablePointer<VersionHeader>) {
         freeSubtree(r.pointee.left)
         freeSubtree(r.pointee.right)
     }
-    let b = VersionHeader.retired(v)
-    RawMemory.free(b.pointer, size: b.size)
+    VersionHeader.retired(v).free()
 }

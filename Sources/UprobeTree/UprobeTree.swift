@@ -59,6 +59,8 @@ public final class UprobeTree: Sendable {
     struct WriterState {
         var reclaimer = Reclaimer()
         var batches: UInt64 = 0
+        /// Edits staged for the next version (``stage(_:)``), which readers do not see yet.
+        var staged: BatchBuilder? = nil
     }
 
     /// - Parameter readerSlots: how many reads may be in progress at the same time without
@@ -73,6 +75,8 @@ public final class UprobeTree: Sendable {
 
     deinit {
         // No reader can be inside: `read` holds a strong reference to `self` while it runs.
+        // Staged edits are published first, so the nodes they made are freed with the rest.
+        apply([], payload: nil)
         writerBox.withLock { $0.reclaimer.freeAllUnconditionally() }
         let v = UnsafeMutablePointer<VersionHeader>(bitPattern: root.pointer.pointee.load(ordering: .acquiring))!
         freeVersion(v)
@@ -88,18 +92,57 @@ public final class UprobeTree: Sendable {
     /// elapsed is freed here (throttled; see ``reclaim()``).
     @discardableResult
     public func apply(_ edits: some Sequence<TreeEdit>) -> BatchResult {
+        apply(edits, payload: nil)
+    }
+
+    /// Applies a batch and publishes `payload` with it, in the same version: a reader sees the
+    /// tree and the payload of one batch together (``TreeView/withPayload(as:_:)``). The engine
+    /// publishes its registry this way, so the registry and the uprobes it names are one view.
+    /// The version holds one reference to `payload`; it is released after the version is
+    /// retired and its grace period has passed, so readers use it without retaining it.
+    /// Always publishes a version, even when `edits` change nothing.
+    @discardableResult
+    public func apply(_ edits: some Sequence<TreeEdit>, publishing payload: AnyObject) -> BatchResult {
+        apply(edits, payload: Unmanaged.passRetained(payload).toOpaque())
+    }
+
+    /// Applies `edits` to the version being built without publishing it: readers keep seeing
+    /// the current version, and the next ``apply(_:publishing:)`` (or ``apply(_:)``) publishes
+    /// these edits and its own as one version. The engine stages a large request's consumers
+    /// while the kernel attaches it, and publishes them with the registry that names them.
+    public func stage(_ edits: some Sequence<TreeEdit>) {
         writerBox.withLock { state in
-            // Relaxed would do (the previous writer's store is ordered by the mutex); acquire
-            // documents that we read the nodes behind the pointer.
-            let old = UnsafeMutablePointer<VersionHeader>(bitPattern: root.pointer.pointee.load(ordering: .acquiring))!
+            var b = state.staged ?? BatchBuilder(base: currentVersion.pointee, gen: currentVersion.pointee.sequence + 1)
+            for e in edits { b.apply(e) }
+            state.staged = b
+        }
+    }
+
+    /// The published version (writer lock held: nothing else publishes meanwhile).
+    private var currentVersion: UnsafeMutablePointer<VersionHeader> {
+        // Relaxed would do (the previous writer's store is ordered by the mutex); acquire
+        // documents that we read the nodes behind the pointer.
+        UnsafeMutablePointer<VersionHeader>(bitPattern: root.pointer.pointee.load(ordering: .acquiring))!
+    }
+
+    /// `payload`: retained for the new version, or nil to keep the current version's payload.
+    private func apply(_ edits: some Sequence<TreeEdit>, payload: UnsafeMutableRawPointer?) -> BatchResult {
+        writerBox.withLock { state in
+            let old = currentVersion
             let seq = old.pointee.sequence + 1
-            var b = BatchBuilder(base: old.pointee, gen: seq)
+            // Staged edits were built on `old` with this same sequence number (only `apply`
+            // publishes, and it consumes them), so their fresh nodes stay mutable here.
+            var b = state.staged ?? BatchBuilder(base: old.pointee, gen: seq)
+            state.staged = nil
             for e in edits { b.apply(e) }
             var result = b.result
-            if result.published {
+            if result.published || payload != nil {
+                // The new version takes its own reference to a payload it inherits: the old
+                // version's is released when the old version is freed.
+                let kept = payload ?? old.pointee.payload.map { Unmanaged<AnyObject>.fromOpaque($0).retain().toOpaque() }
                 let newRoot = b.detachRootForPublishing()
                 let v = VersionHeader.make(root: newRoot, keyCount: b.keyCount,
-                                           consumerCount: b.consumerCount, sequence: seq)
+                                           consumerCount: b.consumerCount, sequence: seq, payload: kept)
                 if let fresh = b.pendingFreshRoot {   // copied into v; never published itself
                     RawMemory.free(fresh, size: NodeHeader.size(count: Int(fresh.pointee.count)))
                 }
@@ -195,6 +238,19 @@ public struct TreeView: ~Copyable {
     public var height: Int { Int(subtreeHeight(version.pointee.root)) }
 
     public func contains(_ key: UprobeKey) -> Bool { findNode(version.pointee.root, key) != nil }
+
+    /// Calls `body` with the object published with this version, if it is a `T`; nil if there
+    /// is none. No reference count is touched: the version keeps the object alive until this
+    /// read has left, so `body` borrows it. Like the view, it must not escape `body`.
+    public func withPayload<T: AnyObject, R>(as type: T.Type, _ body: (T) -> R) -> R? {
+        guard let raw = version.pointee.payload else { return nil }
+        // The exact class, compared without a cast (a cast would hand back a retained reference).
+        let matches = Unmanaged<AnyObject>.fromOpaque(raw)._withUnsafeGuaranteedRef {
+            ObjectIdentifier(Swift.type(of: $0)) == ObjectIdentifier(T.self)
+        }
+        guard matches else { return nil }
+        return Unmanaged<T>.fromOpaque(raw)._withUnsafeGuaranteedRef(body)
+    }
 
     /// The consumers of `key`, or nil if there is no such uprobe.
     public func lookup(_ key: UprobeKey) -> ConsumerList? {

@@ -86,7 +86,7 @@ final class ImmediateReplies: ChannelDuplexHandler {
     private func answer(_ line: ByteBuffer) -> ByteBuffer? {
         guard line.readableBytes <= Self.maxLineBytes, gate.admitted.load(ordering: .relaxed),
               !gate.watching.load(ordering: .relaxed), Self.mentionsStat(line),
-              handler.engine.snapshot.probes.count <= Self.maxProbes,
+              handler.engine.read({ s, _ in s.probes.count }) <= Self.maxProbes,
               case .success(let env) = RequestDecoder.decode(Array(line.readableBytesView), limits: handler.limits)
         else { return nil }
         return handler.replyWithoutWaiting(env, peer: peer)

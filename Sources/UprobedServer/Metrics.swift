@@ -42,10 +42,17 @@ public enum MetricsRenderer {
         MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
     }
 
+    /// One scrape, from one version of the registry (read through the uprobes tree).
     public static func render(engine: Engine, counters: ServiceCounters, startedAt: ContinuousClock.Instant) -> [UInt8] {
+        engine.read { snap, uprobes in
+            render(engine: engine, snap, uprobes: uprobes, counters: counters, startedAt: startedAt)
+        }
+    }
+
+    private static func render(engine: Engine, _ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
+                               startedAt: ContinuousClock.Instant) -> [UInt8] {
         let registry = PrometheusCollectorRegistry()
-        let snap = engine.snapshot
-        if case .success(let stats) = engine.stats(ids: nil) {
+        if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
             for s in stats {
                 guard let r = snap.probes[s.id] else { continue }
                 let labels = [("id", s.id), ("path", r.targets.first?.path ?? r.spec.path),
@@ -67,7 +74,7 @@ public enum MetricsRenderer {
         gauge("uprobed_probes", "Registered probes.", Double(snap.probes.count))
         gauge("uprobed_probes_degraded", "Registered probes that are not attached.",
               Double(snap.probes.values.reduce(0) { $0 + ($1.state == .active ? 0 : 1) }))
-        gauge("uprobed_uprobes", "Distinct (device, inode, offset) uprobes attached.", Double(snap.uprobes))
+        gauge("uprobed_uprobes", "Distinct (device, inode, offset) uprobes attached.", Double(uprobes))
         gauge("uprobed_links", "Open uprobe_multi links.", Double(snap.linksOpen))
         gauge("uprobed_slots_in_use", "Counter slots in use.", Double(snap.slotsInUse))
         gauge("uprobed_slot_capacity", "Counter slots available in all (slot_capacity).", Double(snap.slotCapacity))

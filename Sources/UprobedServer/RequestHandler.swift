@@ -264,7 +264,7 @@ public struct RequestHandler: Sendable {
         if !isAdmin {
             // Reserve first, then count: two concurrent requests of one uid both see each other.
             let pending = inFlight.add(uid: peer.uid, adding)
-            let held = engine.snapshot.probes.values.reduce(0) { $0 + ($1.owner.uid == peer.uid ? 1 : 0) } + pending - adding
+            let held = engine.read { s, _ in s.probes.values.reduce(0) { $0 + ($1.owner.uid == peer.uid ? 1 : 0) } } + pending - adding
             if let denial = AccessControl.checkTargets(who, items: items, held: held, policy: policy) {
                 inFlight.add(uid: peer.uid, -adding)
                 return .failure(denial)
@@ -318,10 +318,15 @@ public struct RequestHandler: Sendable {
         }
     }
 
+    /// Written inside the read section: the records are read where the tree lends them, not
+    /// retained one by one into a list first.
     func list(consumer: String?) -> ReplyBody {
-        let probes = engine.snapshot.probes.sorted(where: { consumer == nil || $0.consumer == consumer })
-        return .written(estimatedBytes: probes.count * 256) { w in
-            w.objects("probes", probes) { w, r in
+        let text = engine.read { snap, _ -> [UInt8] in
+            let probes = snap.probes.sorted(where: { consumer == nil || $0.consumer == consumer })
+            var w = JSONWriter(reservingCapacity: probes.count * 256)
+            w.beginArray()
+            for r in probes {
+                w.beginObject()
                 Self.writeRecord(r, into: &w)
                 w.key("spec")
                 ProbeSpec(r.spec).write(into: &w)
@@ -330,7 +335,14 @@ public struct RequestHandler: Sendable {
                 w.field("registered_at", r.registeredAt)
                 // Whether the probe follows its path through file replacements (see PathWatcher).
                 w.field("follow", r.follows)
+                w.endObject()
             }
+            w.endArray()
+            return w.bytes
+        }
+        return .written(estimatedBytes: text.count) { w in
+            w.key("probes")
+            text.withUnsafeBufferPointer { w.rawValue($0) }
         }
     }
 
@@ -402,7 +414,10 @@ public struct RequestHandler: Sendable {
     }
 
     func status() -> JSONObject {
-        let s = engine.snapshot
+        engine.read { s, uprobes in status(s, uprobes: uprobes) }
+    }
+
+    private func status(_ s: borrowing RegistrySnapshot, uprobes: Int) -> JSONObject {
         let up = ContinuousClock.now - startedAt
         var batching = JSONObject()
         batching["requests"] = JSONValue(s.counters.requests)
@@ -422,7 +437,7 @@ public struct RequestHandler: Sendable {
         o["version"] = .string(Self.version)
         o["uptime_s"] = .double((up.inSeconds * 10).rounded() / 10)
         o["probes"] = JSONValue(s.probes.count)
-        o["uprobes"] = JSONValue(s.uprobes)
+        o["uprobes"] = JSONValue(uprobes)
         o["links"] = JSONValue(s.linksOpen)
         o["slots_in_use"] = JSONValue(s.slotsInUse)
         o["slot_capacity"] = JSONValue(UInt64(s.slotCapacity))

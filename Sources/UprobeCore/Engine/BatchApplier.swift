@@ -47,14 +47,11 @@ final class BatchApplier {
     /// The uprobes tree readers use; this writer is its only writer.
     private let tree: UprobeTree
     private let logger: Logger
-    private let publish: (RegistrySnapshot) -> Void
     private let persist: (RegistrySnapshot) throws -> Void
     private let prepare: (@Sendable ([ProbeRecord]) -> Void)?
 
     private var slots: SlotAllocator
     private var probes = ProbeMap()
-    /// Registrations per attached (dev, inode, offset): how many distinct uprobes there are.
-    private var uprobeRefs: [UprobeSiteKey: Int] = [:]
     private var nextProbeNumber: UInt64 = 1
     private var links: [ObjectIdentifier: LinkRecord] = [:]
     /// The newest link holding each attached slot.
@@ -105,7 +102,6 @@ final class BatchApplier {
     /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
     /// `persist` appended durable; it runs on the committer thread, and replies wait for it.
     init(kernel: any KernelBackend, tree: UprobeTree = UprobeTree(), tuning: EngineConfig, logger: Logger,
-         publish: @escaping (RegistrySnapshot) -> Void,
          persist: @escaping (RegistrySnapshot) throws -> Void,
          sync: (@Sendable () throws -> Void)? = nil,
          prepare: (@Sendable ([ProbeRecord]) -> Void)? = nil,
@@ -115,7 +111,6 @@ final class BatchApplier {
         self.tree = tree
         self.tuning = tuning
         self.logger = logger
-        self.publish = publish
         self.persist = persist
         self.prepare = prepare
         self.slots = SlotAllocator(capacity: kernel.capacity)
@@ -380,11 +375,10 @@ final class BatchApplier {
         slots.release(unattachedSlots)
         updatePendingRemovals()
 
-        // New consumers enter the tree before the registry that names them is published, and
-        // removed ones leave it only after: a reader that finds a registration in the registry
-        // always finds its consumers in the tree.
+        // New consumers are staged now and published with the registry below, in one version
+        // with the removals (`publish`).
         applyPendingTreeInserts()
-        if !withdrawn.isEmpty { tree.apply(withdrawn) }  // never published: no need to wait
+        if !withdrawn.isEmpty { tree.stage(withdrawn) }  // staged, never published: gone before readers look
         var snapshot = makeSnapshot()
         // What this batch changed, so the state file can record it without diffing the registry.
         // Registrations written ahead are in the log already; those of them that failed to
@@ -412,8 +406,7 @@ final class BatchApplier {
             updatePendingRemovals()
             snapshot = makeSnapshot()
         }
-        publish(snapshot)
-        if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
+        publish(snapshot, removing: treeRemovals)
         // Replies: at once if the state write failed or is already durable; otherwise once the
         // committer has synced the log (`persist` only appended to it).
         var registerReplies: [(reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void, result: Result<[ProbeRecord], EngineError>)] = []
@@ -637,7 +630,6 @@ final class BatchApplier {
                     log.note(.init(event: .degraded, path: path, inode: 0, errorCode: failure.code, reason: reason), id: r.id)
                 } else {
                     for site in newSites {
-                        uprobeRefs[UprobeSiteKey(site), default: 0] += 1
                         if let number = r.number {
                             pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
                                 registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
@@ -673,11 +665,7 @@ final class BatchApplier {
                     if let number = r.number {
                         for site in gone { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
                     }
-                    for site in gone {
-                        let k = UprobeSiteKey(site)
-                        if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
-                        deadSlots.insert(site.slot)
-                    }
+                    for site in gone { deadSlots.insert(site.slot) }
                     replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
                                    baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired))
                     changed = true
@@ -702,8 +690,7 @@ final class BatchApplier {
                 synced.wait()
             }
         } catch { logger.error("saving state failed", metadata: ["error": "\(error)"]) }
-        publish(snapshot)
-        if !treeRemovals.isEmpty { tree.apply(treeRemovals) }
+        publish(snapshot, removing: treeRemovals)
         scheduleCompaction()
         if let due = compactionDue, ContinuousClock.now >= due { compact() }
         publish(makeSnapshot())
@@ -743,18 +730,17 @@ final class BatchApplier {
         init() { countingSince = MonotonicEpoch.seconds(monotonic) }
     }
 
-    /// Enters the consumers `insert` queued into the tree.
+    /// Stages the consumers `insert` queued in the tree; they are published with the registry
+    /// that names them (`publish`).
     private func applyPendingTreeInserts() {
         guard !pendingTreeInserts.isEmpty else { return }
-        tree.apply(pendingTreeInserts)
+        tree.stage(pendingTreeInserts)
         pendingTreeInserts.removeAll(keepingCapacity: true)
     }
 
-    /// Enters a new registration: the registry, the uprobe counts, and (at the next
-    /// publication) the tree.
+    /// Enters a new registration: the registry, and (at the next publication) the tree.
     private func insert(_ r: ProbeRecord) {
         probes.insert(r)
-        for site in r.sites { uprobeRefs[UprobeSiteKey(site), default: 0] += 1 }
         if let number = r.number {
             for site in r.sites {
                 pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
@@ -765,15 +751,11 @@ final class BatchApplier {
     }
 
     /// Takes a registration out of the registry; its tree removals go into `treeEdits` (applied
-    /// after the registry without it is published). Its slots are left for the caller to retire.
+    /// with the registry that no longer has it). Its slots are left for the caller to retire.
     private func removeRecord(_ id: String, treeEdits: inout [TreeEdit]) -> ProbeRecord? {
         guard let r = probes.remove(id) else { return nil }
         if let number = r.number {
             for site in r.sites { treeEdits.append(.removeConsumer(Self.treeKey(site), registration: number)) }
-        }
-        for site in r.sites {
-            let k = UprobeSiteKey(site)
-            if let n = uprobeRefs[k], n > 1 { uprobeRefs[k] = n - 1 } else { uprobeRefs.removeValue(forKey: k) }
         }
         return r
     }
@@ -1156,6 +1138,14 @@ final class BatchApplier {
         counters.pendingRemovals = deadSlots.count + rounds.values.reduce(0) { $0 + $1.freeSlots.count }
     }
 
+    /// Publishes `snapshot` as the registry readers see, in one tree version with the consumers
+    /// staged for its new registrations (`applyPendingTreeInserts`) and without those of the
+    /// registrations it no longer has (`removing`): a reader sees a batch's registry and its
+    /// uprobes together or neither.
+    private func publish(_ snapshot: RegistrySnapshot, removing: [TreeEdit] = []) {
+        tree.apply(removing, publishing: PublishedRegistry(snapshot))
+    }
+
     private func makeSnapshot() -> RegistrySnapshot {
         generation += 1
         var s = RegistrySnapshot()
@@ -1164,7 +1154,6 @@ final class BatchApplier {
         s.slotsInUse = slots.inUse
         s.slotCapacity = slots.capacity
         s.linksOpen = links.count + closingLinks
-        s.uprobes = uprobeRefs.count
         s.counters = counters
         s.generation = generation
         return s
@@ -1189,17 +1178,6 @@ final class BatchApplier {
 struct PinnedFile: Hashable {
     var device: UInt64
     var inode: UInt64
-}
-
-struct UprobeSiteKey: Hashable {
-    var device: UInt64
-    var inode: UInt64
-    var offset: UInt64
-    init(_ site: ProbeSite) {
-        device = site.target.device
-        inode = site.target.inode
-        offset = site.target.fileOffset
-    }
 }
 
 func clockRealtimeSeconds() -> Double {

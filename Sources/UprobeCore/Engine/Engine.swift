@@ -32,18 +32,19 @@ public struct VersionStats: Sendable {
 
 /// The engine: batches requests from every connection and applies them on one writer thread.
 ///
-/// Readers (`stats`, `list`, `status`) never wait for the writer: they read the last published
-/// snapshot and the kernel counters directly.
+/// Readers (`stats`, `list`, `watch`, `status`, metrics) read through the uprobes tree
+/// (`read`): the writer publishes each batch's registry in the same tree version as its
+/// uprobes, and a reader sees one such version without a lock and without waiting for the
+/// writer, which is never held up by readers either (it frees what they may see only after a
+/// grace period).
 public final class Engine: Sendable {
     public let config: EngineConfig
     private let kernel: any KernelBackend
     private let logger: Logger
     private let queue: OpQueue
-    /// The uprobes tree: (dev, inode, offset) → consumers. Written by the writer thread once per
-    /// batch; read without locks by `stats` (and anything else that reads uprobes).
+    /// The uprobes tree: (dev, inode, offset) → consumers, and with each version the registry
+    /// that names them. Written by the writer thread once per batch; read without locks.
     public let tree: UprobeTree
-    /// The last published snapshot. Written by the writer once per batch; readers copy it.
-    private let published: SnapshotCell
     private let writerDone = DispatchSemaphore(value: 0)
 
     /// Starts the writer thread. `persist` is called on the writer thread once per batch,
@@ -64,9 +65,8 @@ public final class Engine: Sendable {
         self.tree = tree
         var initial = RegistrySnapshot()
         initial.slotCapacity = kernel.capacity
-        self.published = SnapshotCell(initial)
+        tree.apply([], publishing: PublishedRegistry(initial))
         let queue = self.queue
-        let published = self.published
         let done = self.writerDone
         let window = config.batchWindow
         let maxBatch = config.maxBatchRequests
@@ -74,7 +74,6 @@ public final class Engine: Sendable {
         let thread = Thread {
             ThreadName.setCurrent("uprobed-writer")
             let applier = BatchApplier(kernel: kernel, tree: tree, tuning: tuning, logger: logger,
-                                       publish: { s in published.store(s) },
                                        persist: persist,
                                        sync: sync,
                                        prepare: prepare,
@@ -141,17 +140,35 @@ public final class Engine: Sendable {
 
     private static let stopping = EngineError(code: "shutting_down", message: "uprobed is stopping")
 
-    /// The last published registry.
-    public var snapshot: RegistrySnapshot { published.load() }
+    /// The last published registry, copied out of the tree (one reference taken). Readers that
+    /// answer a request use `read` instead, which takes none; this is for those that keep a
+    /// registry across slow work (the path watcher's file checks, a state snapshot written to
+    /// disk), which must not hold a read section that long.
+    public var snapshot: RegistrySnapshot { read { snapshot, _ in snapshot } }
+
+    /// Calls `body` inside a read section of the uprobes tree with the registry of the current
+    /// version and the number of distinct uprobes (dev, inode, offset) in that same version.
+    /// No lock, no wait for the writer, no reference count touched to get there: the version
+    /// keeps the registry alive until `body` returns, and `body` borrows it. Keep `body` short
+    /// (memory the writer retires meanwhile waits for it). Whatever `body` returns that shares
+    /// the registry's storage (a record, a copy of the map) is a retained copy.
+    public func read<R>(_ body: (borrowing RegistrySnapshot, _ uprobes: Int) -> R) -> R {
+        tree.read { view in
+            let uprobes = view.keyCount
+            // Never nil: the engine publishes a registry with the tree's first version.
+            return view.withPayload(as: PublishedRegistry.self) { body($0.snapshot, uprobes) }
+                ?? body(RegistrySnapshot(), uprobes)
+        }
+    }
 
     /// Hit counts of the given probes, or of one consumer's, or of all. Unknown ids give
     /// `probe_not_found`; an unknown consumer has no probes.
     ///
-    /// The registry snapshot and the counters are read inside one read section of the uprobes
-    /// tree: the writer frees a slot only after a grace period of that tree, so every slot a
-    /// record of this snapshot names still belongs to it while it is summed here. Reading the
-    /// snapshot inside the section also makes a retirement exact: the writer publishes a record
-    /// whose `baseHits` absorbed a slot's final count in the same version that drops the slot.
+    /// The registry and the counters are read inside one read section of the uprobes tree: the
+    /// writer frees a slot only after a grace period of that tree, so every slot a record of
+    /// this registry names still belongs to it while it is summed here. A retirement is exact
+    /// too: the writer publishes a record whose `baseHits` absorbed a slot's final count in the
+    /// same version that drops the slot.
     /// `allVersions`: fill `versions` for every probe; otherwise only for probes that count in
     /// more than one file (an upgrade in progress) — the common single-file probe skips it.
     public func stats(ids: [String]?, consumer: String? = nil, allVersions: Bool = false) -> Result<[ProbeStats], EngineError> {
@@ -160,20 +177,19 @@ public final class Engine: Sendable {
 
     /// `stats` as a `StatsTable` (what the socket server writes from).
     public func statsTable(ids: [String]?, consumer: String? = nil, allVersions: Bool = false) -> Result<StatsTable, EngineError> {
-        let kernel = self.kernel
-        let published = self.published
-        let read: Result<(RegistrySnapshot, [UInt64]), EngineError> = tree.read { (_: borrowing TreeView) -> Result<(RegistrySnapshot, [UInt64]), EngineError> in
-            let snap = published.load()
-            do throws(KernelError) {
-                return .success((snap, try kernel.readCounters(upTo: snap.slotHighWater)))
-            } catch {
-                return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
-            }
+        read { snap, _ in statsTable(of: snap, ids: ids, consumer: consumer, allVersions: allVersions) }
+    }
+
+    /// `statsTable` of a registry lent by `read` (for a reader that needs more than the table
+    /// from the same version; read sections do not nest).
+    public func statsTable(of snap: borrowing RegistrySnapshot, ids: [String]?, consumer: String? = nil,
+                           allVersions: Bool = false) -> Result<StatsTable, EngineError> {
+        let counts: [UInt64]
+        do throws(KernelError) { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch {
+            return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
         }
-        return read.flatMap { snap, counts in
-            StatsTable.make(snap.probes, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions,
-                            now: MonotonicEpoch.seconds(.now))
-        }
+        return StatsTable.make(snap.probes, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions,
+                               now: MonotonicEpoch.seconds(.now))
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for
@@ -182,15 +198,6 @@ public final class Engine: Sendable {
         guard queue.close() else { return }
         writerDone.wait()
     }
-}
-
-/// Holds the last published registry. The lock is held only to swap or copy one reference-
-/// counted value, never while the writer works.
-final class SnapshotCell: Sendable {
-    private let mutex: Mutex<RegistrySnapshot>
-    init(_ initial: RegistrySnapshot) { mutex = Mutex(initial) }
-    func store(_ s: RegistrySnapshot) { mutex.withLock { $0 = s } }
-    func load() -> RegistrySnapshot { mutex.withLock { $0 } }
 }
 
 /// The queue between connections and the writer, with its batching window.

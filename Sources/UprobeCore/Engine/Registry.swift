@@ -229,7 +229,8 @@ public struct EngineCounters: Sendable {
     public var meanBatchSize: Double { batches == 0 ? 0 : Double(requests) / Double(batches) }
 }
 
-/// What readers see: one consistent version, published by the writer after each batch.
+/// What readers see: one consistent version, published by the writer after each batch in the
+/// same uprobes-tree version as the uprobes it names (see `Engine.read`).
 public struct RegistrySnapshot: Sendable {
     public var probes = ProbeMap()
     /// Counter slots in use are all below this.
@@ -237,8 +238,6 @@ public struct RegistrySnapshot: Sendable {
     public var slotsInUse: Int = 0
     public var slotCapacity: UInt32 = 0
     public var linksOpen: Int = 0
-    /// Distinct (dev, inode, offset) uprobes.
-    public var uprobes: Int = 0
     public var counters = EngineCounters()
     public var generation: UInt64 = 0
     /// On the snapshot handed to the persist hook: the registrations its batch added (restored
@@ -249,6 +248,13 @@ public struct RegistrySnapshot: Sendable {
 
     /// Probes sorted by their numeric id, for stable listings.
     public var sortedProbes: [ProbeRecord] { probes.sorted }
+}
+
+/// The registry as published in a version of the uprobes tree (`UprobeTree.apply(_:publishing:)`):
+/// the tree holds the only reference readers use, and frees it after a grace period.
+public final class PublishedRegistry: Sendable {
+    public let snapshot: RegistrySnapshot
+    public init(_ snapshot: RegistrySnapshot) { self.snapshot = snapshot }
 }
 
 /// Probe ids are `p<N>`; sorting by N keeps listings in registration order.
