@@ -29,6 +29,8 @@ enum Paths {
 
     /// A built executable of this package (`swift build --build-tests` builds them).
     static func product(_ name: String) throws -> String {
+        // UPROBED_BIN: another build of the daemon (e.g. an older one, to see a test fail on it).
+        if name == "uprobed", let other = ProcessInfo.processInfo.environment["UPROBED_BIN"], !other.isEmpty { return other }
         var candidates: [URL] = []
         if let exe = CommandLine.arguments.first {
             candidates.append(URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent(name))

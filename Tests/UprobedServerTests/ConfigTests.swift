@@ -12,7 +12,7 @@ struct ConfigTests {
         var scrambled = DaemonConfig()
         scrambled.socketPath = "/x"; scrambled.socketMode = 0o600; scrambled.stateDir = "/y"
         scrambled.maxLineBytes = 2048; scrambled.maxProbesPerRequest = 1; scrambled.maxGlobMatches = 1; scrambled.sendBufferBytes = 5
-        scrambled.maxConnections = 3
+        scrambled.maxConnections = 3; scrambled.maxConnectionsPerUID = 2; scrambled.adminReservedConnections = 1; scrambled.elfCacheBytes = 9
         scrambled.batchWindowMicros = 1; scrambled.maxBatchRequests = 1; scrambled.compactionDelayMs = 1; scrambled.maxLinksPerGroup = 1; scrambled.slotCapacity = 16
         scrambled.minWatchIntervalMs = 1; scrambled.logLevel = "error"
         scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
@@ -80,5 +80,22 @@ struct ConfigTests {
         #expect(text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "systemd-analyze verify said: \(text)")
         let service2 = try String(contentsOf: Self.repo.appendingPathComponent("systemd/uprobed.service"), encoding: .utf8)
         #expect(service2.contains("Type=notify"))
+    }
+}
+
+struct ConnectionLimitsTests {
+    @Test("connection admission: the total, the admins' reserve (at most half) and the per-uid limit, in that order")
+    func admission() {
+        let l = ConnectionLimits(maxConnections: 8, maxPerUID: 4, adminReserved: 2)
+        #expect(l.refusal(open: 0, heldByUID: 0, uid: 1000, isAdmin: false) == nil)
+        #expect(l.refusal(open: 3, heldByUID: 4, uid: 1000, isAdmin: false)?.contains("max_connections_per_uid") == true)
+        #expect(l.refusal(open: 6, heldByUID: 0, uid: 1000, isAdmin: false)?.contains("admin_reserved_connections") == true)
+        #expect(l.refusal(open: 6, heldByUID: 6, uid: 0, isAdmin: true) == nil)
+        #expect(l.refusal(open: 8, heldByUID: 8, uid: 0, isAdmin: true)?.contains("max_connections") == true)
+        #expect(ConnectionLimits(maxConnections: 8, maxPerUID: 0, adminReserved: 0).refusal(open: 7, heldByUID: 7, uid: 5, isAdmin: false) == nil)
+        // A reserve larger than half of a small max_connections keeps only half.
+        let small = ConnectionLimits(maxConnections: 2, maxPerUID: 0, adminReserved: 16)
+        #expect(small.refusal(open: 0, heldByUID: 0, uid: 5, isAdmin: false) == nil)
+        #expect(small.refusal(open: 1, heldByUID: 1, uid: 5, isAdmin: false) != nil)
     }
 }
