@@ -217,16 +217,20 @@ public final class UprobedService: Service, Sendable {
         logger.notice("uprobed stopped")
     }
 
-    /// Reads the state file; a corrupt one is an error unless the operator asked to move it aside.
+    /// Reads the state files; corrupt or incomplete ones are an error unless the operator asked
+    /// to move them aside.
     static func loadState(_ store: StateStore, moveCorrupt: Bool, logger: Logger) throws(StateError) -> SavedState? {
         do { return try store.load() } catch {
-            guard error.code == "state_corrupt" else { throw error }
+            guard error.code == "state_corrupt" || error.code == "state_incomplete" else { throw error }
             guard moveCorrupt else {
-                throw StateError(code: error.code, message: "\(error.message); refusing to start so the registrations in it are not overwritten (inspect it, or restart with --move-corrupt-state to move it aside and start empty)")
+                let consequence = error.code == "state_corrupt"
+                    ? "refusing to start so the registrations in it are not overwritten (inspect it, or restart with --move-corrupt-state to move the state files aside and start with no registrations)"
+                    : "refusing to start, because saving a state without them would lose them for good (restore \(store.path) from a backup and start again, or restart with --move-corrupt-state to move the state files aside and start with no registrations)"
+                throw StateError(code: error.code, message: "\(error.message); \(consequence)", missingChanges: error.missingChanges)
             }
             let moved = try store.moveAside()
-            logger.error("state file is corrupt; moved it aside and starting with no registrations",
-                         metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "path": "\(moved)"])
+            logger.error("state files are \(error.code == "state_corrupt" ? "corrupt" : "incomplete"); moved them aside and starting with no registrations",
+                         metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "moved_to": "\(moved.joined(separator: ","))"])
             return nil
         }
     }

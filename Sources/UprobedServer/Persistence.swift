@@ -10,10 +10,13 @@ import Glibc
 
 /// A state file that cannot be read or written, with a stable code.
 public struct StateError: Error, Sendable, CustomStringConvertible {
-    /// `state_corrupt` (the file exists but is not a state file this daemon understands) or
-    /// `state_io` (the file system refused).
+    /// `state_corrupt` (the file exists but is not a state file this daemon understands),
+    /// `state_incomplete` (the files are readable but changes are missing between them: see
+    /// `StateCodec.replay`) or `state_io` (the file system refused).
     public let code: String
     public let message: String
+    /// For `state_incomplete`: the sequence numbers of the changes that are in no file.
+    public var missingChanges: ClosedRange<UInt64>? = nil
     public var description: String { "\(message) [\(code)]" }
 }
 
@@ -311,6 +314,16 @@ public enum StateCodec {
     /// Applies the log's complete lines with a sequence number above `base.seq`, in order. A
     /// last line without its newline is a write the crash cut short: it was never synced, so
     /// no reply depended on it, and it is ignored. Any other bad line is corruption.
+    ///
+    /// The changes must follow `base` without a hole: every line applied has the seq after the
+    /// last one applied (after `base.seq` for the first). Each change takes the next seq, and a
+    /// snapshot records the seq of the last change it holds (a rewrite takes one of its own),
+    /// so the lines after a snapshot continue at its seq + 1, and the first log ever starts at
+    /// 1 (no snapshot: base seq 0). Lines at or below the seq reached are skipped, not
+    /// checked: a snapshot holds them (a crash before the log it covers was deleted). A
+    /// hole means a file that held those changes is gone (a deleted `state.json`): the error
+    /// is `state_incomplete` with the missing seqs, because the registrations and removals in
+    /// them, and every registration made before the log began, are not in what is left.
     public static func replay(_ log: [UInt8], onto base: SavedState) throws(StateError) -> SavedState {
         func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
         var state = base
@@ -324,6 +337,11 @@ public enum StateCodec {
             do { value = try JSONParser.parse(line) } catch { throw corrupt("log line \(n + 1) is not valid JSON: \(error)") }
             guard let o = value.objectValue, let seq = readU64(o["seq"]) else { throw corrupt("log line \(n + 1) has no seq") }
             guard seq > state.seq else { continue }
+            guard seq == state.seq + 1 else {
+                throw StateError(code: "state_incomplete",
+                                 message: "log line \(n + 1) is change \(seq), but the last change before it is \(state.seq): changes \(state.seq + 1) to \(seq - 1) are in no file",
+                                 missingChanges: state.seq + 1...seq - 1)
+            }
             for id in o["remove"]?.arrayValue?.compactMap(\.stringValue) ?? [] {
                 if index.removeValue(forKey: id) != nil { removed.insert(id) }
             }
@@ -423,7 +441,8 @@ public final class StateStore: Sendable {
     public func load() throws(StateError) -> SavedState? {
         var base: SavedState? = nil
         var st = stat()
-        if stat(path, &st) == 0 {
+        let hasSnapshot = stat(path, &st) == 0
+        if hasSnapshot {
             guard let bytes = readWholeFile(path, limit: 1 << 30) else {
                 throw StateError(code: "state_io", message: "cannot read \(path): \(String(cString: strerror(errno)))")
             }
@@ -446,10 +465,26 @@ public final class StateStore: Sendable {
             do {
                 base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
             } catch {
-                throw StateError(code: error.code, message: "\(log): \(error.message)")
+                guard let missing = error.missingChanges else {
+                    throw StateError(code: error.code, message: "\(log): \(error.message)")
+                }
+                throw incomplete(log, missing, hasSnapshot: hasSnapshot)
             }
         }
         return base
+    }
+
+    /// The `state_incomplete` error of `load`: which changes are missing and what that loses.
+    private func incomplete(_ log: String, _ missing: ClosedRange<UInt64>, hasSnapshot: Bool) -> StateError {
+        let changes = missing.lowerBound == missing.upperBound ? "change \(missing.lowerBound) is" : "changes \(missing.lowerBound) to \(missing.upperBound) are"
+        let next = missing.upperBound + 1
+        let why: String
+        if !hasSnapshot && missing.lowerBound == 1 {
+            why = "\(path) is missing and \(log) begins at change \(next): \(changes) in no file, so every registration made before this log began (and not removed since) is missing; the snapshot that held them was deleted or lost"
+        } else {
+            why = "\(log) goes from change \(missing.lowerBound - 1) to change \(next): \(changes) in no file (a file that held them was deleted or lost), so the registrations and removals made in them are missing"
+        }
+        return StateError(code: "state_incomplete", message: why, missingChanges: missing)
     }
 
     /// Moves the log aside for a snapshot written in the background: fsyncs it (lines appended
@@ -551,17 +586,21 @@ public final class StateStore: Sendable {
         }
     }
 
-    /// Renames a corrupt state file out of the way (`state.json.corrupt-<unix time>`); returns the new name.
-    public func moveAside() throws(StateError) -> String {
+    /// Renames the state files out of the way (`state.json.corrupt-<unix time>`, the same for
+    /// `state.log` and `state.log.prev`), for a start without them; returns the new names of
+    /// those that existed.
+    public func moveAside() throws(StateError) -> [String] {
         let stamp = Int(clockRealtime())
-        let target = path + ".corrupt-\(stamp)"
-        if rename(path, target) != 0 && errno != ENOENT {
-            throw StateError(code: "state_io", message: "cannot move \(path) aside: \(String(cString: strerror(errno)))")
+        var moved: [String] = []
+        for file in [path, logPath, previousLogPath] {
+            let target = file + ".corrupt-\(stamp)"
+            if rename(file, target) == 0 {
+                moved.append(target)
+            } else if errno != ENOENT {
+                throw StateError(code: "state_io", message: "cannot move \(file) aside: \(String(cString: strerror(errno)))")
+            }
         }
-        for log in [logPath, previousLogPath] where rename(log, log + ".corrupt-\(stamp)") != 0 && errno != ENOENT {
-            throw StateError(code: "state_io", message: "cannot move \(log) aside: \(String(cString: strerror(errno)))")
-        }
-        return target
+        return moved
     }
 
     /// Which logs a new snapshot makes redundant.

@@ -334,6 +334,39 @@ struct ServicePersistenceTests {
         #expect(aside.count == 1)
         #expect(moved.stop() == 0)
     }
+
+    @Test("a state dir whose snapshot was deleted (the log alone) stops the start with state_incomplete, naming the missing changes; --move-corrupt-state moves the files aside and starts empty")
+    func deletedSnapshotRefusesToStart() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        var before: [String] = []
+        for symbol in ["fn_a", "fn_b", "fn_a"] { before += try d.register([spec(target, symbol: symbol)]) }
+        #expect(d.stop() == 0)  // the snapshot holds them
+        d = try ServiceDaemon(dir: dir)
+        let after = try d.register([spec(target, symbol: "fn_b")])
+        d.kill9()  // the log holds this one
+        #expect(FileManager.default.fileExists(atPath: d.stateDir + "/state.log"))
+        try FileManager.default.removeItem(atPath: d.stateDir + "/state.json")
+
+        let refused = try ServiceDaemon(dir: dir, waitServing: false)
+        let status = refused.waitExit(seconds: 15)
+        #expect(status != nil && status != 0, "it must not start with \(after) alone and without \(before)")
+        let log = refused.log
+        #expect(log.contains("state_incomplete"), "\(log)")
+        #expect(log.contains("state.json is missing") && log.contains("changes 1 to 3 are in no file"), "\(log)")
+        #expect(log.contains("every registration made before this log began"))
+        #expect(log.contains("refusing to start") && log.contains("--move-corrupt-state"))
+        #expect(FileManager.default.fileExists(atPath: d.stateDir + "/state.log"), "left untouched")
+
+        let moved = try ServiceDaemon(dir: dir, extraArgs: ["--move-corrupt-state"])
+        #expect(try moved.list().isEmpty)
+        let aside = try FileManager.default.contentsOfDirectory(atPath: d.stateDir).filter { $0.hasPrefix("state.log.corrupt-") }
+        #expect(aside.count == 1, "\(aside)")
+        #expect(moved.log.contains("moved them aside"))
+        #expect(moved.stop() == 0)
+    }
 }
 
 /// Shared between the kill -9 test's client thread and the test.
