@@ -68,7 +68,7 @@ public final class UprobedService: Service, Sendable {
         let counters = ServiceCounters()
 
         // The state file is read before anything attaches; a corrupt one stops the start.
-        let store = StateStore(dir: config.stateDir)
+        let store = StateStore(dir: config.stateDir, logger: logger)
         let saved: SavedState?
         do {
             try store.prepare()

@@ -15,10 +15,23 @@ public struct StateError: Error, Sendable, CustomStringConvertible {
     /// `StateCodec.replay`) or `state_io` (the file system refused).
     public let code: String
     public let message: String
+    /// The errno of a `state_io` error, to tell a full disk (ENOSPC, EDQUOT) from other failures.
+    public var systemError: Int32? = nil
     /// For `state_incomplete`: the sequence numbers of the changes that are in no file.
     public var missingChanges: ClosedRange<UInt64>? = nil
     public var description: String { "\(message) [\(code)]" }
+
+    /// A `state_io` error for the failed call `what`, with the current errno.
+    static func io(_ what: String) -> StateError {
+        let e = errno
+        return StateError(code: "state_io", message: "\(what): \(String(cString: strerror(e)))", systemError: e)
+    }
+
+    /// The file system is out of space (or the quota is used up): a write may succeed once
+    /// space is freed, e.g. by the space reserve (`SpaceReserve`).
+    var isDiskFull: Bool { systemError == ENOSPC || systemError == EDQUOT }
 }
+
 
 /// What identified a probed binary when it was registered, to tell after a restart whether it
 /// is still the same file.
@@ -421,10 +434,16 @@ public final class StateStore: Sendable {
     /// The log as it was when a snapshot being written in the background was taken.
     public var previousLogPath: String { dir + "/state.log.prev" }
     var tmpPath: String { dir + "/state.json.tmp" }
+    /// Room for removals and snapshots when the disk fills up (`SpaceReserve`); made by `prepare`.
+    public let reserve: SpaceReserve
 
-    public init(dir: String) { self.dir = dir }
+    public init(dir: String, logger: Logger? = nil) {
+        self.dir = dir
+        reserve = SpaceReserve(dir: dir, logger: logger)
+    }
 
-    /// Creates the directory (mode 0700) if it is missing.
+    /// Creates the directory (mode 0700) if it is missing, and the space reserve in it.
+
     public func prepare() throws(StateError) {
         var built = ""
         let parts = dir.split(separator: "/")
@@ -434,6 +453,7 @@ public final class StateStore: Sendable {
                 throw StateError(code: "state_io", message: "cannot create state directory \(built): \(String(cString: strerror(errno)))")
             }
         }
+        reserve.create()
     }
 
     /// The saved state, or nil if there is no state file yet. A file that exists but cannot be
@@ -530,45 +550,53 @@ public final class StateStore: Sendable {
 
     /// Appends one log line and, if `sync`, fsyncs it. A failed write is cut back off, so the
     /// log never keeps a partial line in its middle. Without `sync` the caller must call
-    /// `syncLog` before it tells anyone the line is saved.
-    public func append(_ line: [UInt8], sync: Bool = true) throws(StateError) {
-        try append(parts: [line], sync: sync)
+    /// `syncLog` before it tells anyone the line is saved. `useReserve`: if the disk is full,
+    /// delete the space reserve and try once more (for lines that remove registrations).
+    public func append(_ line: [UInt8], sync: Bool = true, useReserve: Bool = false) throws(StateError) {
+        try append(parts: [line], sync: sync, useReserve: useReserve)
     }
 
     /// `append` of one line given in parts, written one after another (`logEntryParts`).
-    public func append(parts: [[UInt8]], sync: Bool = true) throws(StateError) {
-        func fail(_ what: String) -> StateError {
-            StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
+    public func append(parts: [[UInt8]], sync: Bool = true, useReserve: Bool = false) throws(StateError) {
+        var created = false
+        try withReserve(useReserve ? .always : .never) { () throws(StateError) in
+            try appendOnce(parts, sync: sync, created: &created)
         }
+        // A new log's name must be durable too (the first line after a snapshot rewrite).
+        if created { try syncDirectory() }
+    }
+
+    private func appendOnce(_ parts: [[UInt8]], sync: Bool, created: inout Bool) throws(StateError) {
         // Opened without O_CREAT first: a log that exists (every batch but the first after a
         // snapshot rewrite) costs one path lookup, not a stat(2) and an open(2).
-        var existed = true
         var fd = open(logPath, O_WRONLY | O_APPEND | O_CLOEXEC)
         if fd < 0 && errno == ENOENT {
-            existed = false
             fd = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+            if fd >= 0 { created = true }
         }
-        guard fd >= 0 else { throw fail("cannot open \(logPath)") }
+        guard fd >= 0 else { throw StateError.io("cannot open \(logPath)") }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw fail("cannot stat \(logPath)") }
+        guard fstat(fd, &st) == 0 else { throw StateError.io("cannot stat \(logPath)") }
         let start = st.st_size
         for line in parts where !Self.writeAll(fd, line) {
-            let e = fail("cannot append to \(logPath)")
+            let e = StateError.io("cannot append to \(logPath)")
             _ = ftruncate(fd, start)
             throw e
         }
         guard !sync || fsync(fd) == 0 else {
-            let e = fail("cannot fsync \(logPath)")
+            let e = StateError.io("cannot fsync \(logPath)")
             _ = ftruncate(fd, start)
             throw e
         }
-        if !existed {
-            let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
-            defer { close(dfd) }
-            guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
-        }
+    }
+
+    /// fsync(2) of the state directory (new names and renames in it).
+    private func syncDirectory() throws(StateError) {
+        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dfd >= 0 else { throw StateError.io("cannot open \(dir) to fsync it") }
+        defer { close(dfd) }
+        guard fsync(dfd) == 0 else { throw StateError.io("cannot fsync \(dir)") }
     }
 
     /// fsync(2) of the log: everything appended before the call is durable when it returns.
@@ -611,29 +639,13 @@ public final class StateStore: Sendable {
         case previousLog
     }
 
-    /// Writes `state` atomically and durably, then drops the logs it covers.
+    /// Writes `state` atomically and durably, then drops the logs it covers. On a full disk
+    /// the space reserve is given up for it if that makes room enough (`ReserveUse.ifItFits`).
     public func write(_ state: SavedState, covering covered: Covered = .allLogs) throws(StateError) {
         let bytes = StateCodec.encode(state)
-        func fail(_ what: String) -> StateError {
-            StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
-        }
-        let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw fail("cannot create \(tmpPath)") }
-        guard Self.writeAll(fd, bytes) else {
-            let e = fail("cannot write \(tmpPath)")
-            close(fd)
-            unlink(tmpPath)
-            throw e
-        }
-        guard fsync(fd) == 0 else {
-            let e = fail("cannot fsync \(tmpPath)")
-            close(fd)
-            unlink(tmpPath)
-            throw e
-        }
-        close(fd)
+        try withReserve(.ifItFits(bytes.count)) { () throws(StateError) in try writeTemporary(bytes) }
         guard rename(tmpPath, path) == 0 else {
-            let e = fail("cannot rename \(tmpPath) to \(path)")
+            let e = StateError.io("cannot rename \(tmpPath) to \(path)")
             unlink(tmpPath)
             throw e
         }
@@ -641,10 +653,26 @@ public final class StateStore: Sendable {
         // unlink only makes the next start skip their lines.
         unlink(previousLogPath)
         if covered == .allLogs { unlink(logPath) }
-        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
-        defer { close(dfd) }
-        guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
+        try syncDirectory()
+    }
+
+    /// `bytes` into the temporary snapshot file, fsynced; nothing left behind if that fails.
+    private func writeTemporary(_ bytes: [UInt8]) throws(StateError) {
+        let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StateError.io("cannot create \(tmpPath)") }
+        guard Self.writeAll(fd, bytes) else {
+            let e = StateError.io("cannot write \(tmpPath)")
+            close(fd)
+            unlink(tmpPath)
+            throw e
+        }
+        guard fsync(fd) == 0 else {
+            let e = StateError.io("cannot fsync \(tmpPath)")
+            close(fd)
+            unlink(tmpPath)
+            throw e
+        }
+        close(fd)
     }
 }
 
@@ -893,7 +921,9 @@ public final class StatePersister: Sendable {
             var files: [String: FileStamp?] = [:]
             let adds = added.map { Self.saved($0, hits: $0.baseHits, stamps: &m.stamps, files: &files) }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
-            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit) } catch {
+            // A line that removes registrations may use the space reserve: acknowledged
+            // removals must not come back after a restart because the disk was full.
+            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit, useReserve: !removed.isEmpty) } catch {
                 m.unsavedRemovals = removed
                 return .failure(error)
             }
