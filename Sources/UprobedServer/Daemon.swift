@@ -218,9 +218,11 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// Reads the state files; corrupt or incomplete ones are an error unless the operator asked
-    /// to move them aside.
+    /// to move them aside. A torn last log line (a crash during an append) is cut off, so that
+    /// the next append starts a line of its own.
     static func loadState(_ store: StateStore, moveCorrupt: Bool, logger: Logger) throws(StateError) -> SavedState? {
-        do { return try store.load() } catch {
+        let saved: SavedState?
+        do { saved = try store.load() } catch {
             guard error.code == "state_corrupt" || error.code == "state_incomplete" else { throw error }
             guard moveCorrupt else {
                 let consequence = error.code == "state_corrupt"
@@ -233,6 +235,12 @@ public final class UprobedService: Service, Sendable {
                          metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "moved_to": "\(moved.joined(separator: ","))"])
             return nil
         }
+        let cut = try store.dropTornTail()
+        if cut > 0 {
+            logger.notice("cut a torn last line off the state log (an append a crash cut short; it was never acknowledged)",
+                          metadata: ["path": "\(store.logPath)", "bytes": "\(cut)"])
+        }
+        return saved
     }
 
     /// Restores every saved registration in one engine batch; logs each degraded one.

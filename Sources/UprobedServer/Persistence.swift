@@ -456,6 +456,40 @@ public final class StateStore: Sendable {
         reserve.create()
     }
 
+    /// Cuts a last log line without its newline off `state.log`: an append that a crash cut
+    /// short (never synced, never acknowledged; `replay` ignores it). Left there, the next
+    /// append would complete it into a line that is not JSON, and the start after that would
+    /// refuse the log as corrupt. Called at start, after `load`, before anything is appended.
+    /// Returns the bytes cut.
+    @discardableResult
+    public func dropTornTail() throws(StateError) -> Int {
+        let fd = open(logPath, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return 0 }
+            throw StateError.io("cannot open \(logPath)")
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw StateError.io("cannot stat \(logPath)") }
+        // The end of the last complete line: read backwards until a newline.
+        var end = Int(st.st_size)
+        let size = end
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        scan: while end > 0 {
+            let from = max(0, end - chunk.count)
+            let n = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, end - from, off_t(from)) }
+            guard n == end - from else { throw StateError.io("cannot read \(logPath)") }
+            for i in stride(from: n - 1, through: 0, by: -1) where chunk[i] == 0x0A {
+                end = from + i + 1
+                break scan
+            }
+            end = from
+        }
+        guard end < size else { return 0 }
+        guard ftruncate(fd, off_t(end)) == 0, fsync(fd) == 0 else { throw StateError.io("cannot cut the torn last line off \(logPath)") }
+        return size - end
+    }
+
     /// The saved state, or nil if there is no state file yet. A file that exists but cannot be
     /// parsed is an error: starting empty would overwrite registrations on the next batch.
     public func load() throws(StateError) -> SavedState? {

@@ -1,12 +1,13 @@
 import Foundation
+import Logging
 import Testing
 @testable import UprobeCore
 @testable import UprobedServer
 
 /// The state files as a history of numbered changes: a start refuses files with changes missing
 /// between them (a deleted snapshot, a lost log), and nothing the daemon itself does to them
-/// (snapshots beside a rotated log, failed snapshots, failed fsyncs, the first start) looks
-/// like a gap.
+/// (snapshots beside a rotated log, failed snapshots, failed fsyncs, a crash mid-append, the
+/// first start) looks like a gap.
 struct StateHistoryTests {
     /// What `load` throws, or nil if it loads.
     static func loadError(_ store: StateStore) -> StateError? {
@@ -167,5 +168,33 @@ struct StateHistoryTests {
         p = persister(try StateStore(dir: store.dir).load())
         try batch()
         check("a restart after all that")
+    }
+
+    @Test("after a crash tore the last log line, the start cuts it off: the line appended next is not glued to it, and the start after that reads every line")
+    func tornTailIsCut() throws {
+        let dir = try StateFileTests.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = try StateFileTests.stampableFile(in: dir)
+        let store = try StateFileTests.preparedStore(in: dir)
+        var p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: nil,
+                               groupCommit: true)
+        var snap = RegistrySnapshot()
+        snap.add(StateFileTests.records(1..<3, path: binary), generation: 1)
+        try p.persist(snap)
+        try p.sync()
+        // The daemon dies in the middle of its next append (never synced, never acknowledged).
+        let torn = Array(Self.line(2, remove: ["p1"]).dropLast(4))
+        let fd = open(store.logPath, O_WRONLY | O_APPEND)
+        _ = torn.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+
+        let restored = try UprobedService.loadState(StateStore(dir: store.dir), moveCorrupt: false, logger: Logger(label: "test"))
+        #expect(restored?.probes.map(\.id) == ["p1", "p2"])
+        p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: restored,
+                           groupCommit: true)
+        snap.add(StateFileTests.records(3..<4, path: binary), generation: 2)
+        try p.persist(snap)
+        try p.sync()
+        #expect(try StateStore(dir: store.dir).load()?.probes.map(\.id) == ["p1", "p2", "p3"])
     }
 }
