@@ -19,7 +19,7 @@ public struct StartOptions: Sendable {
     public var configPath: String?
     /// Command-line flags that override the file (applied again after every reload).
     public var overrides: @Sendable (inout DaemonConfig) -> Void
-    /// Move a corrupt state file aside and start empty instead of refusing to start.
+    /// Move corrupt or incomplete state files aside and start empty instead of refusing to start.
     public var moveCorruptState: Bool
     /// The log level every handler follows.
     public var logLevel: LogLevelCell
@@ -67,7 +67,7 @@ public final class UprobedService: Service, Sendable {
         }
         let counters = ServiceCounters()
 
-        // The state file is read before anything attaches; a corrupt one stops the start.
+        // The state file is read before anything attaches; a corrupt or incomplete one stops the start.
         let store = StateStore(dir: config.stateDir, logger: logger)
         let saved: SavedState?
         do {
@@ -204,16 +204,19 @@ public final class UprobedService: Service, Sendable {
         } catch {
             watcher.stop()
             engine.shutdown()
-            Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
+            _ = Self.finalSave(persister, engine: engine, logger: logger)
             await metrics.stop()
             try? await group.shutdownGracefully()
             throw error
         }
         watcher.stop()
         engine.shutdown()
-        Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
+        let unsaved = Self.finalSave(persister, engine: engine, logger: logger)
         await metrics.stop()
         try await group.shutdownGracefully()
+        // A stop that could not save is a failed stop: thrown, it makes the exit status 1, so
+        // the service manager records the failure instead of a clean stop.
+        if let unsaved { throw unsaved }
         logger.notice("uprobed stopped")
     }
 
@@ -268,15 +271,26 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// Saves the final hit counts after the writer has stopped (links are closed by then, so
-    /// the counters no longer move).
-    static func finalSave(_ persister: StatePersister, engine: Engine, kernel: any KernelBackend, logger: Logger) {
+    /// the counters no longer move). If that fails: logs what the files lack (removals that
+    /// will come back, registrations that will be missing, hit counts) and returns the error
+    /// the stop fails with.
+    static func finalSave(_ persister: StatePersister, engine: Engine, logger: Logger) -> ServerError? {
         let snap = engine.snapshot
         do {
             try persister.checkpoint(snap)
             logger.notice("state saved", metadata: ["probes": "\(snap.probes.count)", "path": "\(persister.store.path)"])
+            return nil
         } catch {
-            logger.error("saving the final state failed; hit counts since the last batch are lost",
-                         metadata: ["error": "\(error)", "path": "\(persister.store.path)"])
+            let unsaved = persister.unsaved(snap)
+            let risk = unsaved.describe(now: clockRealtime())
+            var metadata: Logger.Metadata = [
+                "error_code": "\(error.code)", "error": "\(error.message)", "path": "\(persister.store.path)",
+                "unsaved_removals": "\(unsaved.removals.count)", "unsaved_registrations": "\(unsaved.registrations.count)"]
+            let ids = unsaved.removals + unsaved.registrations
+            if !ids.isEmpty { metadata["probe_ids"] = "\(UnsavedChanges.list(ids))" }
+            logger.critical("saving the final state failed: \(risk)", metadata: metadata)
+            Systemd.notify("STATUS=stopped; the final state save failed: \(error.message)")
+            return ServerError(message: "stopped without saving the state (\(error.message)): \(risk)")
         }
     }
 }

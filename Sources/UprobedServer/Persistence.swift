@@ -32,7 +32,6 @@ public struct StateError: Error, Sendable, CustomStringConvertible {
     var isDiskFull: Bool { systemError == ENOSPC || systemError == EDQUOT }
 }
 
-
 /// What identified a probed binary when it was registered, to tell after a restart whether it
 /// is still the same file.
 public struct FileStamp: Sendable, Equatable {
@@ -443,7 +442,6 @@ public final class StateStore: Sendable {
     }
 
     /// Creates the directory (mode 0700) if it is missing, and the space reserve in it.
-
     public func prepare() throws(StateError) {
         var built = ""
         let parts = dir.split(separator: "/")
@@ -736,12 +734,18 @@ public final class StatePersister: Sendable {
         /// The snapshot on disk is an older format version: the first change rewrites it rather
         /// than appending lines an older uprobed, finding the old version, would misread.
         var olderSnapshot = false
-        /// Removals done but not on disk: their batch's append failed. The next append carries
-        /// them, and any snapshot rewrite covers them (it holds only live registrations).
+        /// Removals done but not on disk: their batch's append failed, or the sync of their
+        /// line did. The next append carries them, and any snapshot covers them (it holds only
+        /// live registrations).
         var unsavedRemovals: [String] = []
         /// A sync failed. Lines appended before it may have been dropped from the page cache
         /// with the error, so the next change rewrites the snapshot instead of appending.
         var rewriteDue = false
+        /// Group commit: removals in lines appended but not yet known to be synced, by the
+        /// line's seq. A failed sync turns them into `unsavedRemovals` (their lines may be lost).
+        var unsyncedRemovals: [(seq: UInt64, ids: [String])] = []
+        /// When the snapshot on disk was written (wall clock); nil if there is none.
+        var snapshotAt: Double?
         /// Runs appended to the log whose ids and stamps are not in `written`, `stamps` and
         /// `nextID` yet. Entering 10,000 of them took ~3 ms of the writer's time before the
         /// reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
@@ -838,12 +842,42 @@ public final class StatePersister: Sendable {
 
     /// The engine's sync hook (group commit): makes every line appended so far durable.
     public func sync() throws(StateError) {
+        // The lines this sync covers, if any of them removes registrations (the memo lock is
+        // not taken otherwise: the writer holds it while it appends the next batch).
+        let covers = unsyncedRemovalLines.load(ordering: .relaxed) > 0 ? memo.withLock { $0.seq } : nil
         do throws(StateError) { try store.syncLog() } catch {
-            memo.withLock { $0.rewriteDue = true }
+            memo.withLock { m in
+                m.rewriteDue = true
+                // Those lines may be lost with the error: their removals are not known to be
+                // on disk, and the rewrite the next change makes must leave them out.
+                for line in m.unsyncedRemovals {
+                    m.written.formUnion(line.ids)
+                    m.unsavedRemovals += line.ids
+                }
+                m.unsyncedRemovals.removeAll()
+                publishUnsaved(m)
+            }
             counters.stateWriteFailures.add(1, ordering: .relaxed)
             throw error
         }
+        if let covers {
+            memo.withLock { m in
+                m.unsyncedRemovals.removeAll { $0.seq <= covers }
+                publishUnsaved(m)
+            }
+        }
         counters.stateSyncs.add(1, ordering: .relaxed)
+    }
+
+    /// `unsyncedRemovals.count`, readable without the memo lock.
+    private let unsyncedRemovalLines = Atomic<Int>(0)
+
+    /// With the memo lock held, after `unsavedRemovals` or `unsyncedRemovals` changed: the
+    /// counts `status` shows and `sync` reads.
+    private func publishUnsaved(_ m: Memo) {
+        counters.stateUnsavedRemovals.store(m.unsavedRemovals.count, ordering: .relaxed)
+        unsyncedRemovalLines.store(m.unsyncedRemovals.count, ordering: .relaxed)
+        counters.stateReserveBytes.store(store.reserve.heldBytes, ordering: .relaxed)
     }
 
     /// `groupCommit`: `persist` appends without syncing and the engine calls `sync` (once for
@@ -869,7 +903,10 @@ public final class StatePersister: Sendable {
         m.snapshotBytes = store.size(store.path)
         m.logBytes = store.size(store.logPath) + store.size(store.previousLogPath)
         m.olderSnapshot = (restored?.formatVersion ?? SavedState.version) < SavedState.version
+        var st = stat()
+        if stat(store.path, &st) == 0 { m.snapshotAt = Double(st.st_mtim.tv_sec) }
         memo.withLock { $0 = m }
+        counters.stateReserveBytes.store(store.reserve.heldBytes, ordering: .relaxed)
     }
 
     /// The engine's persist hook, once per batch before its replies: appends the batch's added
@@ -948,8 +985,10 @@ public final class StatePersister: Sendable {
                 let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
                 do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
                     m.unsavedRemovals = removed
+                    publishUnsaved(m)
                     return .failure(error)
                 }
+                publishUnsaved(m)
                 return .success(false)
             }
             var files: [String: FileStamp?] = [:]
@@ -959,10 +998,13 @@ public final class StatePersister: Sendable {
             // removals must not come back after a restart because the disk was full.
             do throws(StateError) { try store.append(parts: parts, sync: !groupCommit, useReserve: !removed.isEmpty) } catch {
                 m.unsavedRemovals = removed
+                publishUnsaved(m)
                 return .failure(error)
             }
             m.unsavedRemovals.removeAll()
             m.seq += 1
+            if groupCommit && !removed.isEmpty { m.unsyncedRemovals.append((m.seq, removed)) }
+            publishUnsaved(m)
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)
             for id in removed { m.stamps.removeValue(forKey: id) }
@@ -999,6 +1041,8 @@ public final class StatePersister: Sendable {
         /// The last log line the snapshot covers.
         let seq: UInt64
         let nextID: UInt64
+        /// Removals not on disk when it was taken: the snapshot, which leaves them out, saves them.
+        let unsavedRemovals: [String]
     }
 
     static func hitSum(_ counts: [UInt64]) -> UInt64 { counts.reduce(0, &+) }
@@ -1008,10 +1052,16 @@ public final class StatePersister: Sendable {
     /// the stamps are shared copies. If the log cannot be moved aside (a `prev` left by a
     /// snapshot that failed), it stays: its lines are skipped by their seq after the snapshot.
     private func capture(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) -> Captured {
-        if try store.rotateLog() { m.logBytes = 0 }
+        if try store.rotateLog() {
+            m.logBytes = 0
+            // Rotating fsynced the log: every line in it is on disk.
+            m.unsyncedRemovals.removeAll()
+            publishUnsaved(m)
+        }
         m.snapshotInFlight = true
         m.lastGeneration = max(m.lastGeneration, snapshot.generation)
-        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID)
+        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID,
+                        unsavedRemovals: m.unsavedRemovals)
     }
 
     /// Writes a captured snapshot (on `snapshotQueue`, one at a time) and drops the log it
@@ -1041,9 +1091,16 @@ public final class StatePersister: Sendable {
                 m.snapshotBytes = store.size(store.path)
                 m.olderSnapshot = false
                 m.savedMark = mark
+                m.snapshotAt = state.savedAt
+                if !c.unsavedRemovals.isEmpty {
+                    let saved = Set(c.unsavedRemovals)
+                    m.unsavedRemovals.removeAll { saved.contains($0) }
+                    m.written.subtract(saved)
+                }
             } else {
                 m.rewriteDue = true
             }
+            publishUnsaved(m)
         }
         if case .failure(let e) = result {
             logger?.error("writing the state snapshot failed; the next batch rewrites it with the writer held",
@@ -1087,6 +1144,18 @@ public final class StatePersister: Sendable {
                 return
             case .failure(let e)?: try counted(.failure(e))
             }
+        }
+    }
+
+    /// What the state files lack compared with `snapshot` (the registry now), for the log line
+    /// of a failed final save.
+    public func unsaved(_ snapshot: RegistrySnapshot) -> UnsavedChanges {
+        memo.withLock { m in
+            m.settle()
+            var seen: Set<String> = []
+            let removals = (m.unsavedRemovals + m.unsyncedRemovals.flatMap(\.ids)).filter { seen.insert($0).inserted }
+            let registrations = snapshot.sortedProbes.map(\.id).filter { !m.written.contains($0) }
+            return UnsavedChanges(removals: removals, registrations: registrations, snapshotAt: m.snapshotAt)
         }
     }
 
@@ -1168,6 +1237,8 @@ public final class StatePersister: Sendable {
         m.logBytes = 0
         m.olderSnapshot = false
         m.unsavedRemovals.removeAll()
+        m.unsyncedRemovals.removeAll()
+        m.snapshotAt = state.savedAt
         m.rewriteDue = false
         m.lastGeneration = snapshot.generation
         m.savedMark = (snapshot.generation, Self.hitSum(counts))

@@ -367,6 +367,57 @@ struct ServicePersistenceTests {
         #expect(moved.log.contains("moved them aside"))
         #expect(moved.stop() == 0)
     }
+
+    /// Writes DIR/filler until the file system is full.
+    static func fill(_ dir: String) {
+        let fd = open(dir + "/filler", O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        defer { close(fd) }
+        let chunk = [UInt8](repeating: 1, count: 64 << 10)
+        for size in [64 << 10, 4096, 1] {
+            while chunk.withUnsafeBytes({ write(fd, $0.baseAddress, size) }) > 0 {}
+        }
+    }
+
+    @Test("disk full: an unregister is saved all the same (the space reserve), a stop that cannot save fails naming what is lost, and the removed probes do not come back after the restart")
+    func fullDiskKeepsRemovals() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        let state = dir + "/state"
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: false)
+        guard mount("tmpfs", state, "tmpfs", 0, "size=4m,mode=0700") == 0 else {
+            throw TestFailure("mount tmpfs on \(state): errno \(errno)")
+        }
+        defer { umount2(state, Int32(MNT_DETACH)) }
+        var d = try ServiceDaemon(dir: dir)
+        let kept = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")], consumer: "svc-kept")
+        let doomed = try d.register(Array(repeating: spec(target, symbol: "fn_a"), count: 1000), consumer: "svc-doomed")
+        #expect(doomed.count == 1000)
+
+        Self.fill(state)
+        // Its log line (~7 KB) needs pages the file system no longer has.
+        let removed = try d.call(["op": "unregister", "consumer": "svc-doomed"])
+        #expect(removed["ok"] == .bool(true) && removed["removed"] == .int(1000), "\(removed)")
+        #expect(removed["warning"] == nil, "saved with the space the reserve gave back: \(removed)")
+        let service = try d.status()["service"]?.objectValue
+        #expect(service?["state_reserve_bytes"] == .int(0), "the reserve was used: \(String(describing: service))")
+        #expect(service?["state_unsaved_removals"] == .int(0), "\(String(describing: service))")
+        #expect(d.log.contains("state_disk_full"))
+
+        // The room the reserve made is taken too: the final snapshot cannot be written.
+        Self.fill(state)
+        let status = d.stop()
+        #expect(status != 0, "a stop that could not save must not look clean (exit \(status))")
+        let log = d.log
+        #expect(log.contains("saving the final state failed") && log.contains("every registration and removal is on disk")
+                && log.contains("hit counts"), "\(log)")
+
+        unlink(state + "/filler")
+        d = try ServiceDaemon(dir: dir)
+        let back = Set(try d.list().keys)
+        #expect(back == Set(kept), "\(back.intersection(doomed).count) unregistered probes came back")
+        #expect(d.stop() == 0)
+    }
 }
 
 /// Shared between the kill -9 test's client thread and the test.

@@ -3,7 +3,8 @@ import Testing
 @testable import UprobeCore
 @testable import UprobedServer
 
-/// A full disk under the state directory: the space reserve keeps removals durable.
+/// A full disk under the state directory: the space reserve keeps removals durable, and what is
+/// not on disk is known (`status`, the log line of a failed final save).
 struct StateSpaceTests {
     @Test("reserve sizing: the removal line of a 10,000-id unregister, measured, fits nine times in the reserve")
     func reserveSize() {
@@ -90,5 +91,77 @@ struct StateSpaceTests {
         try store.write(small)
         #expect(store.reserve.heldBytes == 0)
         #expect(try store.load() == small)
+    }
+
+    @Test("removals not on disk are counted (status) and named (a failed final save): a failed append, a failed fsync of their line; a snapshot or the rewrite saves them")
+    func unsavedRemovals() throws {
+        let dir = try StateFileTests.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = try StateFileTests.stampableFile(in: dir)
+        let store = try StateFileTests.preparedStore(in: dir)
+        let counters = ServiceCounters()
+        let p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: counters, restored: nil, groupCommit: true)
+        #expect(counters.stateReserveBytes.load(ordering: .relaxed) == SpaceReserve.defaultBytes)
+        var snap = RegistrySnapshot()
+        snap.add(StateFileTests.records(1..<6, path: binary), generation: 1)
+        try p.persist(snap)
+        try p.sync()
+        #expect(p.unsaved(snap).removals.isEmpty && p.unsaved(snap).registrations.isEmpty)
+        func remove(_ ids: [String], generation: UInt64) {
+            for id in ids { _ = snap.probes.remove(id) }
+            snap.generation = generation
+            snap.batchAdded = []
+            snap.batchRemoved = ids
+        }
+        func unsavedCount() -> Int { counters.stateUnsavedRemovals.load(ordering: .relaxed) }
+        // The log cannot be opened: a directory in its place (root ignores modes).
+        func breakLog() throws {
+            #expect(rename(store.logPath, store.logPath + ".aside") == 0)
+            try FileManager.default.createDirectory(atPath: store.logPath, withIntermediateDirectories: false)
+        }
+        func repairLog() throws {
+            try FileManager.default.removeItem(atPath: store.logPath)
+            #expect(rename(store.logPath + ".aside", store.logPath) == 0)
+        }
+
+        // The append fails.
+        try breakLog()
+        remove(["p1"], generation: 2)
+        #expect(throws: StateError.self) { try p.persist(snap) }
+        try repairLog()
+        #expect(unsavedCount() == 1 && p.unsaved(snap).removals == ["p1"])
+        // A checkpoint saves the registry without it.
+        try p.checkpoint(snap)
+        #expect(unsavedCount() == 0 && p.unsaved(snap).removals.isEmpty)
+        #expect(try StateStore(dir: store.dir).load()?.probes.map(\.id) == ["p2", "p3", "p4", "p5"])
+
+        // The append works, its fsync fails: the line may be lost.
+        remove(["p2", "p3"], generation: 3)
+        try p.persist(snap)
+        try breakLog()
+        #expect(throws: StateError.self) { try p.sync() }
+        try repairLog()
+        #expect(unsavedCount() == 2 && p.unsaved(snap).removals.sorted() == ["p2", "p3"])
+        let told = p.unsaved(snap).describe(now: clockRealtime())
+        #expect(told.contains("2 unregistered probe(s) are still in the state files and will come back at the next start (p2,p3)"), "\(told)")
+        #expect(told.contains("hit counts"))
+        // The next change rewrites the snapshot, which leaves them out.
+        snap.add(StateFileTests.records(6..<7, path: binary), generation: 4)
+        snap.batchRemoved = []
+        try p.persist(snap)
+        #expect(unsavedCount() == 0 && p.unsaved(snap).removals.isEmpty)
+        #expect(try StateStore(dir: store.dir).load()?.probes.map(\.id) == ["p4", "p5", "p6"])
+    }
+
+    @Test("the account of a failed final save: removals that come back, registrations that are missing, ids up to 20, hit counts since the snapshot")
+    func unsavedDescription() {
+        let none = UnsavedChanges(removals: [], registrations: [], snapshotAt: 1000)
+        #expect(none.describe(now: 1090) == "every registration and removal is on disk; hit counts (and degraded or ended states) since the last snapshot, written 90 s ago, are lost")
+        let many = UnsavedChanges(removals: (1...25).map { "p\($0)" }, registrations: ["p40"], snapshotAt: nil)
+        let text = many.describe(now: 0)
+        #expect(text.contains("25 unregistered probe(s) are still in the state files and will come back at the next start (p1,p2,"))
+        #expect(text.contains("p20,… (5 more))"))
+        #expect(text.contains("1 registered probe(s) are in no state file and will be missing after the next start (p40)"))
+        #expect(text.contains("there is no snapshot"))
     }
 }
