@@ -19,7 +19,7 @@ public struct StartOptions: Sendable {
     public var configPath: String?
     /// Command-line flags that override the file (applied again after every reload).
     public var overrides: @Sendable (inout DaemonConfig) -> Void
-    /// Move a corrupt state file aside and start empty instead of refusing to start.
+    /// Move corrupt or incomplete state files aside and start empty instead of refusing to start.
     public var moveCorruptState: Bool
     /// The log level every handler follows.
     public var logLevel: LogLevelCell
@@ -70,8 +70,8 @@ public final class UprobedService: Service, Sendable {
         }
         let counters = ServiceCounters()
 
-        // The state file is read before anything attaches; a corrupt one stops the start.
-        let store = StateStore(dir: config.stateDir)
+        // The state file is read before anything attaches; a corrupt or incomplete one stops the start.
+        let store = StateStore(dir: config.stateDir, logger: logger)
         let saved: SavedState?
         do {
             try store.prepare()
@@ -216,31 +216,46 @@ public final class UprobedService: Service, Sendable {
         } catch {
             watcher.stop()
             engine.shutdown()
-            Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
+            _ = Self.finalSave(persister, engine: engine, logger: logger)
             await metrics.stop()
             try? await group.shutdownGracefully()
             throw error
         }
         watcher.stop()
         engine.shutdown()
-        Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
+        let unsaved = Self.finalSave(persister, engine: engine, logger: logger)
         await metrics.stop()
         try await group.shutdownGracefully()
+        // A stop that could not save is a failed stop: thrown, it makes the exit status 1, so
+        // the service manager records the failure instead of a clean stop.
+        if let unsaved { throw unsaved }
         logger.notice("uprobed stopped")
     }
 
-    /// Reads the state file; a corrupt one is an error unless the operator asked to move it aside.
+    /// Reads the state files; corrupt or incomplete ones are an error unless the operator asked
+    /// to move them aside. A torn last log line (a crash during an append) is cut off, so that
+    /// the next append starts a line of its own.
     static func loadState(_ store: StateStore, moveCorrupt: Bool, logger: Logger) throws(StateError) -> SavedState? {
-        do { return try store.load() } catch {
-            guard error.code == "state_corrupt" else { throw error }
+        let saved: SavedState?
+        do { saved = try store.load() } catch {
+            guard error.code == "state_corrupt" || error.code == "state_incomplete" else { throw error }
             guard moveCorrupt else {
-                throw StateError(code: error.code, message: "\(error.message); refusing to start so the registrations in it are not overwritten (inspect it, or restart with --move-corrupt-state to move it aside and start empty)")
+                let consequence = error.code == "state_corrupt"
+                    ? "refusing to start so the registrations in it are not overwritten (inspect it, or restart with --move-corrupt-state to move the state files aside and start with no registrations)"
+                    : "refusing to start, because saving a state without them would lose them for good (restore \(store.path) from a backup and start again, or restart with --move-corrupt-state to move the state files aside and start with no registrations)"
+                throw StateError(code: error.code, message: "\(error.message); \(consequence)", missingChanges: error.missingChanges)
             }
             let moved = try store.moveAside()
-            logger.error("state file is corrupt; moved it aside and starting with no registrations",
-                         metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "path": "\(moved)"])
+            logger.error("state files are \(error.code == "state_corrupt" ? "corrupt" : "incomplete"); moved them aside and starting with no registrations",
+                         metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "moved_to": "\(moved.joined(separator: ","))"])
             return nil
         }
+        let cut = try store.dropTornTail()
+        if cut > 0 {
+            logger.notice("cut a torn last line off the state log (an append a crash cut short; it was never acknowledged)",
+                          metadata: ["path": "\(store.logPath)", "bytes": "\(cut)"])
+        }
+        return saved
     }
 
     /// Restores every saved registration in one engine batch; logs each degraded one.
@@ -268,15 +283,26 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// Saves the final hit counts after the writer has stopped (links are closed by then, so
-    /// the counters no longer move).
-    static func finalSave(_ persister: StatePersister, engine: Engine, kernel: any KernelBackend, logger: Logger) {
+    /// the counters no longer move). If that fails: logs what the files lack (removals that
+    /// will come back, registrations that will be missing, hit counts) and returns the error
+    /// the stop fails with.
+    static func finalSave(_ persister: StatePersister, engine: Engine, logger: Logger) -> ServerError? {
         let snap = engine.snapshot
         do {
             try persister.checkpoint(snap)
             logger.notice("state saved", metadata: ["probes": "\(snap.probes.count)", "path": "\(persister.store.path)"])
+            return nil
         } catch {
-            logger.error("saving the final state failed; hit counts since the last batch are lost",
-                         metadata: ["error": "\(error)", "path": "\(persister.store.path)"])
+            let unsaved = persister.unsaved(snap)
+            let risk = unsaved.describe(now: clockRealtime())
+            var metadata: Logger.Metadata = [
+                "error_code": "\(error.code)", "error": "\(error.message)", "path": "\(persister.store.path)",
+                "unsaved_removals": "\(unsaved.removals.count)", "unsaved_registrations": "\(unsaved.registrations.count)"]
+            let ids = unsaved.removals + unsaved.registrations
+            if !ids.isEmpty { metadata["probe_ids"] = "\(UnsavedChanges.list(ids))" }
+            logger.critical("saving the final state failed: \(risk)", metadata: metadata)
+            Systemd.notify("STATUS=stopped; the final state save failed: \(error.message)")
+            return ServerError(message: "stopped without saving the state (\(error.message)): \(risk)")
         }
     }
 }

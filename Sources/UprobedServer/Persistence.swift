@@ -10,11 +10,26 @@ import Glibc
 
 /// A state file that cannot be read or written, with a stable code.
 public struct StateError: Error, Sendable, CustomStringConvertible {
-    /// `state_corrupt` (the file exists but is not a state file this daemon understands) or
-    /// `state_io` (the file system refused).
+    /// `state_corrupt` (the file exists but is not a state file this daemon understands),
+    /// `state_incomplete` (the files are readable but changes are missing between them: see
+    /// `StateCodec.replay`) or `state_io` (the file system refused).
     public let code: String
     public let message: String
+    /// The errno of a `state_io` error, to tell a full disk (ENOSPC, EDQUOT) from other failures.
+    public var systemError: Int32? = nil
+    /// For `state_incomplete`: the sequence numbers of the changes that are in no file.
+    public var missingChanges: ClosedRange<UInt64>? = nil
     public var description: String { "\(message) [\(code)]" }
+
+    /// A `state_io` error for the failed call `what`, with the current errno.
+    static func io(_ what: String) -> StateError {
+        let e = errno
+        return StateError(code: "state_io", message: "\(what): \(String(cString: strerror(e)))", systemError: e)
+    }
+
+    /// The file system is out of space (or the quota is used up): a write may succeed once
+    /// space is freed, e.g. by the space reserve (`SpaceReserve`).
+    var isDiskFull: Bool { systemError == ENOSPC || systemError == EDQUOT }
 }
 
 /// What identified a probed binary when it was registered, to tell after a restart whether it
@@ -311,6 +326,16 @@ public enum StateCodec {
     /// Applies the log's complete lines with a sequence number above `base.seq`, in order. A
     /// last line without its newline is a write the crash cut short: it was never synced, so
     /// no reply depended on it, and it is ignored. Any other bad line is corruption.
+    ///
+    /// The changes must follow `base` without a hole: every line applied has the seq after the
+    /// last one applied (after `base.seq` for the first). Each change takes the next seq, and a
+    /// snapshot records the seq of the last change it holds (a rewrite takes one of its own),
+    /// so the lines after a snapshot continue at its seq + 1, and the first log ever starts at
+    /// 1 (no snapshot: base seq 0). Lines at or below the seq reached are skipped, not
+    /// checked: a snapshot holds them (a crash before the log it covers was deleted). A
+    /// hole means a file that held those changes is gone (a deleted `state.json`): the error
+    /// is `state_incomplete` with the missing seqs, because the registrations and removals in
+    /// them, and every registration made before the log began, are not in what is left.
     public static func replay(_ log: [UInt8], onto base: SavedState) throws(StateError) -> SavedState {
         func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
         var state = base
@@ -324,6 +349,11 @@ public enum StateCodec {
             do { value = try JSONParser.parse(line) } catch { throw corrupt("log line \(n + 1) is not valid JSON: \(error)") }
             guard let o = value.objectValue, let seq = readU64(o["seq"]) else { throw corrupt("log line \(n + 1) has no seq") }
             guard seq > state.seq else { continue }
+            guard seq == state.seq + 1 else {
+                throw StateError(code: "state_incomplete",
+                                 message: "log line \(n + 1) is change \(seq), but the last change before it is \(state.seq): changes \(state.seq + 1) to \(seq - 1) are in no file",
+                                 missingChanges: state.seq + 1...seq - 1)
+            }
             for id in o["remove"]?.arrayValue?.compactMap(\.stringValue) ?? [] {
                 if index.removeValue(forKey: id) != nil { removed.insert(id) }
             }
@@ -403,10 +433,15 @@ public final class StateStore: Sendable {
     /// The log as it was when a snapshot being written in the background was taken.
     public var previousLogPath: String { dir + "/state.log.prev" }
     var tmpPath: String { dir + "/state.json.tmp" }
+    /// Room for removals and snapshots when the disk fills up (`SpaceReserve`); made by `prepare`.
+    public let reserve: SpaceReserve
 
-    public init(dir: String) { self.dir = dir }
+    public init(dir: String, logger: Logger? = nil) {
+        self.dir = dir
+        reserve = SpaceReserve(dir: dir, logger: logger)
+    }
 
-    /// Creates the directory (mode 0700) if it is missing.
+    /// Creates the directory (mode 0700) if it is missing, and the space reserve in it.
     public func prepare() throws(StateError) {
         var built = ""
         let parts = dir.split(separator: "/")
@@ -416,6 +451,41 @@ public final class StateStore: Sendable {
                 throw StateError(code: "state_io", message: "cannot create state directory \(built): \(String(cString: strerror(errno)))")
             }
         }
+        reserve.create()
+    }
+
+    /// Cuts a last log line without its newline off `state.log`: an append that a crash cut
+    /// short (never synced, never acknowledged; `replay` ignores it). Left there, the next
+    /// append would complete it into a line that is not JSON, and the start after that would
+    /// refuse the log as corrupt. Called at start, after `load`, before anything is appended.
+    /// Returns the bytes cut.
+    @discardableResult
+    public func dropTornTail() throws(StateError) -> Int {
+        let fd = open(logPath, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else {
+            if errno == ENOENT { return 0 }
+            throw StateError.io("cannot open \(logPath)")
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw StateError.io("cannot stat \(logPath)") }
+        // The end of the last complete line: read backwards until a newline.
+        var end = Int(st.st_size)
+        let size = end
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        scan: while end > 0 {
+            let from = max(0, end - chunk.count)
+            let n = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, end - from, off_t(from)) }
+            guard n == end - from else { throw StateError.io("cannot read \(logPath)") }
+            for i in stride(from: n - 1, through: 0, by: -1) where chunk[i] == 0x0A {
+                end = from + i + 1
+                break scan
+            }
+            end = from
+        }
+        guard end < size else { return 0 }
+        guard ftruncate(fd, off_t(end)) == 0, fsync(fd) == 0 else { throw StateError.io("cannot cut the torn last line off \(logPath)") }
+        return size - end
     }
 
     /// The saved state, or nil if there is no state file yet. A file that exists but cannot be
@@ -423,7 +493,8 @@ public final class StateStore: Sendable {
     public func load() throws(StateError) -> SavedState? {
         var base: SavedState? = nil
         var st = stat()
-        if stat(path, &st) == 0 {
+        let hasSnapshot = stat(path, &st) == 0
+        if hasSnapshot {
             guard let bytes = readWholeFile(path, limit: 1 << 30) else {
                 throw StateError(code: "state_io", message: "cannot read \(path): \(String(cString: strerror(errno)))")
             }
@@ -446,10 +517,26 @@ public final class StateStore: Sendable {
             do {
                 base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
             } catch {
-                throw StateError(code: error.code, message: "\(log): \(error.message)")
+                guard let missing = error.missingChanges else {
+                    throw StateError(code: error.code, message: "\(log): \(error.message)")
+                }
+                throw incomplete(log, missing, hasSnapshot: hasSnapshot)
             }
         }
         return base
+    }
+
+    /// The `state_incomplete` error of `load`: which changes are missing and what that loses.
+    private func incomplete(_ log: String, _ missing: ClosedRange<UInt64>, hasSnapshot: Bool) -> StateError {
+        let changes = missing.lowerBound == missing.upperBound ? "change \(missing.lowerBound) is" : "changes \(missing.lowerBound) to \(missing.upperBound) are"
+        let next = missing.upperBound + 1
+        let why: String
+        if !hasSnapshot && missing.lowerBound == 1 {
+            why = "\(path) is missing and \(log) begins at change \(next): \(changes) in no file, so every registration made before this log began (and not removed since) is missing; the snapshot that held them was deleted or lost"
+        } else {
+            why = "\(log) goes from change \(missing.lowerBound - 1) to change \(next): \(changes) in no file (a file that held them was deleted or lost), so the registrations and removals made in them are missing"
+        }
+        return StateError(code: "state_incomplete", message: why, missingChanges: missing)
     }
 
     /// Moves the log aside for a snapshot written in the background: fsyncs it (lines appended
@@ -495,45 +582,53 @@ public final class StateStore: Sendable {
 
     /// Appends one log line and, if `sync`, fsyncs it. A failed write is cut back off, so the
     /// log never keeps a partial line in its middle. Without `sync` the caller must call
-    /// `syncLog` before it tells anyone the line is saved.
-    public func append(_ line: [UInt8], sync: Bool = true) throws(StateError) {
-        try append(parts: [line], sync: sync)
+    /// `syncLog` before it tells anyone the line is saved. `useReserve`: if the disk is full,
+    /// delete the space reserve and try once more (for lines that remove registrations).
+    public func append(_ line: [UInt8], sync: Bool = true, useReserve: Bool = false) throws(StateError) {
+        try append(parts: [line], sync: sync, useReserve: useReserve)
     }
 
     /// `append` of one line given in parts, written one after another (`logEntryParts`).
-    public func append(parts: [[UInt8]], sync: Bool = true) throws(StateError) {
-        func fail(_ what: String) -> StateError {
-            StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
+    public func append(parts: [[UInt8]], sync: Bool = true, useReserve: Bool = false) throws(StateError) {
+        var created = false
+        try withReserve(useReserve ? .always : .never) { () throws(StateError) in
+            try appendOnce(parts, sync: sync, created: &created)
         }
+        // A new log's name must be durable too (the first line after a snapshot rewrite).
+        if created { try syncDirectory() }
+    }
+
+    private func appendOnce(_ parts: [[UInt8]], sync: Bool, created: inout Bool) throws(StateError) {
         // Opened without O_CREAT first: a log that exists (every batch but the first after a
         // snapshot rewrite) costs one path lookup, not a stat(2) and an open(2).
-        var existed = true
         var fd = open(logPath, O_WRONLY | O_APPEND | O_CLOEXEC)
         if fd < 0 && errno == ENOENT {
-            existed = false
             fd = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+            if fd >= 0 { created = true }
         }
-        guard fd >= 0 else { throw fail("cannot open \(logPath)") }
+        guard fd >= 0 else { throw StateError.io("cannot open \(logPath)") }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw fail("cannot stat \(logPath)") }
+        guard fstat(fd, &st) == 0 else { throw StateError.io("cannot stat \(logPath)") }
         let start = st.st_size
         for line in parts where !Self.writeAll(fd, line) {
-            let e = fail("cannot append to \(logPath)")
+            let e = StateError.io("cannot append to \(logPath)")
             _ = ftruncate(fd, start)
             throw e
         }
         guard !sync || fsync(fd) == 0 else {
-            let e = fail("cannot fsync \(logPath)")
+            let e = StateError.io("cannot fsync \(logPath)")
             _ = ftruncate(fd, start)
             throw e
         }
-        if !existed {
-            let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
-            defer { close(dfd) }
-            guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
-        }
+    }
+
+    /// fsync(2) of the state directory (new names and renames in it).
+    private func syncDirectory() throws(StateError) {
+        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dfd >= 0 else { throw StateError.io("cannot open \(dir) to fsync it") }
+        defer { close(dfd) }
+        guard fsync(dfd) == 0 else { throw StateError.io("cannot fsync \(dir)") }
     }
 
     /// fsync(2) of the log: everything appended before the call is durable when it returns.
@@ -551,17 +646,21 @@ public final class StateStore: Sendable {
         }
     }
 
-    /// Renames a corrupt state file out of the way (`state.json.corrupt-<unix time>`); returns the new name.
-    public func moveAside() throws(StateError) -> String {
+    /// Renames the state files out of the way (`state.json.corrupt-<unix time>`, the same for
+    /// `state.log` and `state.log.prev`), for a start without them; returns the new names of
+    /// those that existed.
+    public func moveAside() throws(StateError) -> [String] {
         let stamp = Int(clockRealtime())
-        let target = path + ".corrupt-\(stamp)"
-        if rename(path, target) != 0 && errno != ENOENT {
-            throw StateError(code: "state_io", message: "cannot move \(path) aside: \(String(cString: strerror(errno)))")
+        var moved: [String] = []
+        for file in [path, logPath, previousLogPath] {
+            let target = file + ".corrupt-\(stamp)"
+            if rename(file, target) == 0 {
+                moved.append(target)
+            } else if errno != ENOENT {
+                throw StateError(code: "state_io", message: "cannot move \(file) aside: \(String(cString: strerror(errno)))")
+            }
         }
-        for log in [logPath, previousLogPath] where rename(log, log + ".corrupt-\(stamp)") != 0 && errno != ENOENT {
-            throw StateError(code: "state_io", message: "cannot move \(log) aside: \(String(cString: strerror(errno)))")
-        }
-        return target
+        return moved
     }
 
     /// Which logs a new snapshot makes redundant.
@@ -572,29 +671,13 @@ public final class StateStore: Sendable {
         case previousLog
     }
 
-    /// Writes `state` atomically and durably, then drops the logs it covers.
+    /// Writes `state` atomically and durably, then drops the logs it covers. On a full disk
+    /// the space reserve is given up for it if that makes room enough (`ReserveUse.ifItFits`).
     public func write(_ state: SavedState, covering covered: Covered = .allLogs) throws(StateError) {
         let bytes = StateCodec.encode(state)
-        func fail(_ what: String) -> StateError {
-            StateError(code: "state_io", message: "\(what): \(String(cString: strerror(errno)))")
-        }
-        let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw fail("cannot create \(tmpPath)") }
-        guard Self.writeAll(fd, bytes) else {
-            let e = fail("cannot write \(tmpPath)")
-            close(fd)
-            unlink(tmpPath)
-            throw e
-        }
-        guard fsync(fd) == 0 else {
-            let e = fail("cannot fsync \(tmpPath)")
-            close(fd)
-            unlink(tmpPath)
-            throw e
-        }
-        close(fd)
+        try withReserve(.ifItFits(bytes.count)) { () throws(StateError) in try writeTemporary(bytes) }
         guard rename(tmpPath, path) == 0 else {
-            let e = fail("cannot rename \(tmpPath) to \(path)")
+            let e = StateError.io("cannot rename \(tmpPath) to \(path)")
             unlink(tmpPath)
             throw e
         }
@@ -602,10 +685,26 @@ public final class StateStore: Sendable {
         // unlink only makes the next start skip their lines.
         unlink(previousLogPath)
         if covered == .allLogs { unlink(logPath) }
-        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard dfd >= 0 else { throw fail("cannot open \(dir) to fsync it") }
-        defer { close(dfd) }
-        guard fsync(dfd) == 0 else { throw fail("cannot fsync \(dir)") }
+        try syncDirectory()
+    }
+
+    /// `bytes` into the temporary snapshot file, fsynced; nothing left behind if that fails.
+    private func writeTemporary(_ bytes: [UInt8]) throws(StateError) {
+        let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw StateError.io("cannot create \(tmpPath)") }
+        guard Self.writeAll(fd, bytes) else {
+            let e = StateError.io("cannot write \(tmpPath)")
+            close(fd)
+            unlink(tmpPath)
+            throw e
+        }
+        guard fsync(fd) == 0 else {
+            let e = StateError.io("cannot fsync \(tmpPath)")
+            close(fd)
+            unlink(tmpPath)
+            throw e
+        }
+        close(fd)
     }
 }
 
@@ -635,12 +734,18 @@ public final class StatePersister: Sendable {
         /// The snapshot on disk is an older format version: the first change rewrites it rather
         /// than appending lines an older uprobed, finding the old version, would misread.
         var olderSnapshot = false
-        /// Removals done but not on disk: their batch's append failed. The next append carries
-        /// them, and any snapshot rewrite covers them (it holds only live registrations).
+        /// Removals done but not on disk: their batch's append failed, or the sync of their
+        /// line did. The next append carries them, and any snapshot covers them (it holds only
+        /// live registrations).
         var unsavedRemovals: [String] = []
         /// A sync failed. Lines appended before it may have been dropped from the page cache
         /// with the error, so the next change rewrites the snapshot instead of appending.
         var rewriteDue = false
+        /// Group commit: removals in lines appended but not yet known to be synced, by the
+        /// line's seq. A failed sync turns them into `unsavedRemovals` (their lines may be lost).
+        var unsyncedRemovals: [(seq: UInt64, ids: [String])] = []
+        /// When the snapshot on disk was written (wall clock); nil if there is none.
+        var snapshotAt: Double?
         /// Runs appended to the log whose ids and stamps are not in `written`, `stamps` and
         /// `nextID` yet. Entering 10,000 of them took ~3 ms of the writer's time before the
         /// reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
@@ -737,12 +842,42 @@ public final class StatePersister: Sendable {
 
     /// The engine's sync hook (group commit): makes every line appended so far durable.
     public func sync() throws(StateError) {
+        // The lines this sync covers, if any of them removes registrations (the memo lock is
+        // not taken otherwise: the writer holds it while it appends the next batch).
+        let covers = unsyncedRemovalLines.load(ordering: .relaxed) > 0 ? memo.withLock { $0.seq } : nil
         do throws(StateError) { try store.syncLog() } catch {
-            memo.withLock { $0.rewriteDue = true }
+            memo.withLock { m in
+                m.rewriteDue = true
+                // Those lines may be lost with the error: their removals are not known to be
+                // on disk, and the rewrite the next change makes must leave them out.
+                for line in m.unsyncedRemovals {
+                    m.written.formUnion(line.ids)
+                    m.unsavedRemovals += line.ids
+                }
+                m.unsyncedRemovals.removeAll()
+                publishUnsaved(m)
+            }
             counters.stateWriteFailures.add(1, ordering: .relaxed)
             throw error
         }
+        if let covers {
+            memo.withLock { m in
+                m.unsyncedRemovals.removeAll { $0.seq <= covers }
+                publishUnsaved(m)
+            }
+        }
         counters.stateSyncs.add(1, ordering: .relaxed)
+    }
+
+    /// `unsyncedRemovals.count`, readable without the memo lock.
+    private let unsyncedRemovalLines = Atomic<Int>(0)
+
+    /// With the memo lock held, after `unsavedRemovals` or `unsyncedRemovals` changed: the
+    /// counts `status` shows and `sync` reads.
+    private func publishUnsaved(_ m: Memo) {
+        counters.stateUnsavedRemovals.store(m.unsavedRemovals.count, ordering: .relaxed)
+        unsyncedRemovalLines.store(m.unsyncedRemovals.count, ordering: .relaxed)
+        counters.stateReserveBytes.store(store.reserve.heldBytes, ordering: .relaxed)
     }
 
     /// `groupCommit`: `persist` appends without syncing and the engine calls `sync` (once for
@@ -768,7 +903,10 @@ public final class StatePersister: Sendable {
         m.snapshotBytes = store.size(store.path)
         m.logBytes = store.size(store.logPath) + store.size(store.previousLogPath)
         m.olderSnapshot = (restored?.formatVersion ?? SavedState.version) < SavedState.version
+        var st = stat()
+        if stat(store.path, &st) == 0 { m.snapshotAt = Double(st.st_mtim.tv_sec) }
         memo.withLock { $0 = m }
+        counters.stateReserveBytes.store(store.reserve.heldBytes, ordering: .relaxed)
     }
 
     /// The engine's persist hook, once per batch before its replies: appends the batch's added
@@ -847,19 +985,26 @@ public final class StatePersister: Sendable {
                 let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
                 do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
                     m.unsavedRemovals = removed
+                    publishUnsaved(m)
                     return .failure(error)
                 }
+                publishUnsaved(m)
                 return .success(false)
             }
             var files: [String: FileStamp?] = [:]
             let adds = added.map { Self.saved($0, hits: $0.baseHits, stamps: &m.stamps, files: &files) }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
-            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit) } catch {
+            // A line that removes registrations may use the space reserve: acknowledged
+            // removals must not come back after a restart because the disk was full.
+            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit, useReserve: !removed.isEmpty) } catch {
                 m.unsavedRemovals = removed
+                publishUnsaved(m)
                 return .failure(error)
             }
             m.unsavedRemovals.removeAll()
             m.seq += 1
+            if groupCommit && !removed.isEmpty { m.unsyncedRemovals.append((m.seq, removed)) }
+            publishUnsaved(m)
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)
             for id in removed { m.stamps.removeValue(forKey: id) }
@@ -896,6 +1041,8 @@ public final class StatePersister: Sendable {
         /// The last log line the snapshot covers.
         let seq: UInt64
         let nextID: UInt64
+        /// Removals not on disk when it was taken: the snapshot, which leaves them out, saves them.
+        let unsavedRemovals: [String]
     }
 
     static func hitSum(_ counts: [UInt64]) -> UInt64 { counts.reduce(0, &+) }
@@ -905,10 +1052,16 @@ public final class StatePersister: Sendable {
     /// the stamps are shared copies. If the log cannot be moved aside (a `prev` left by a
     /// snapshot that failed), it stays: its lines are skipped by their seq after the snapshot.
     private func capture(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) -> Captured {
-        if try store.rotateLog() { m.logBytes = 0 }
+        if try store.rotateLog() {
+            m.logBytes = 0
+            // Rotating fsynced the log: every line in it is on disk.
+            m.unsyncedRemovals.removeAll()
+            publishUnsaved(m)
+        }
         m.snapshotInFlight = true
         m.lastGeneration = max(m.lastGeneration, snapshot.generation)
-        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID)
+        return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID,
+                        unsavedRemovals: m.unsavedRemovals)
     }
 
     /// Writes a captured snapshot (on `snapshotQueue`, one at a time) and drops the log it
@@ -938,9 +1091,16 @@ public final class StatePersister: Sendable {
                 m.snapshotBytes = store.size(store.path)
                 m.olderSnapshot = false
                 m.savedMark = mark
+                m.snapshotAt = state.savedAt
+                if !c.unsavedRemovals.isEmpty {
+                    let saved = Set(c.unsavedRemovals)
+                    m.unsavedRemovals.removeAll { saved.contains($0) }
+                    m.written.subtract(saved)
+                }
             } else {
                 m.rewriteDue = true
             }
+            publishUnsaved(m)
         }
         if case .failure(let e) = result {
             logger?.error("writing the state snapshot failed; the next batch rewrites it with the writer held",
@@ -984,6 +1144,18 @@ public final class StatePersister: Sendable {
                 return
             case .failure(let e)?: try counted(.failure(e))
             }
+        }
+    }
+
+    /// What the state files lack compared with `snapshot` (the registry now), for the log line
+    /// of a failed final save.
+    public func unsaved(_ snapshot: RegistrySnapshot) -> UnsavedChanges {
+        memo.withLock { m in
+            m.settle()
+            var seen: Set<String> = []
+            let removals = (m.unsavedRemovals + m.unsyncedRemovals.flatMap(\.ids)).filter { seen.insert($0).inserted }
+            let registrations = snapshot.sortedProbes.map(\.id).filter { !m.written.contains($0) }
+            return UnsavedChanges(removals: removals, registrations: registrations, snapshotAt: m.snapshotAt)
         }
     }
 
@@ -1065,6 +1237,8 @@ public final class StatePersister: Sendable {
         m.logBytes = 0
         m.olderSnapshot = false
         m.unsavedRemovals.removeAll()
+        m.unsyncedRemovals.removeAll()
+        m.snapshotAt = state.savedAt
         m.rewriteDue = false
         m.lastGeneration = snapshot.generation
         m.savedMark = (snapshot.generation, Self.hitSum(counts))

@@ -451,6 +451,8 @@ public struct RequestHandler: Sendable {
         service["state_writes"] = JSONValue(counters.stateWrites.load(ordering: .relaxed))
         service["state_syncs"] = JSONValue(counters.stateSyncs.load(ordering: .relaxed))
         service["state_write_failures"] = JSONValue(counters.stateWriteFailures.load(ordering: .relaxed))
+        service["state_unsaved_removals"] = JSONValue(counters.stateUnsavedRemovals.load(ordering: .relaxed))
+        service["state_reserve_bytes"] = JSONValue(counters.stateReserveBytes.load(ordering: .relaxed))
         service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
         service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
         o["service"] = .object(service)
@@ -487,6 +489,10 @@ public final class ServiceCounters: Sendable {
     public let accessDenied = Atomic<UInt64>(0)
     public let stateWrites = Atomic<UInt64>(0)
     public let stateWriteFailures = Atomic<UInt64>(0)
+    /// Unregistered probes whose removal is not on disk yet (a restart now would bring them back).
+    public let stateUnsavedRemovals = Atomic<Int>(0)
+    /// Bytes of the state directory's space reserve (0: used up by a full disk, or not made).
+    public let stateReserveBytes = Atomic<Int>(0)
     /// fsyncs of the state log by group commit (each covers one or more batches).
     public let stateSyncs = Atomic<UInt64>(0)
     public let configReloads = Atomic<UInt64>(0)

@@ -31,7 +31,7 @@ struct UprobedCommand: AsyncParsableCommand {
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
-    @Flag(name: .long, help: "If the state file is corrupt, move it aside (state.json.corrupt-TIME) and start with no registrations, instead of refusing to start.")
+    @Flag(name: .long, help: "If the state files are corrupt or incomplete (changes missing between them, e.g. a deleted state.json), move them aside (state.json.corrupt-TIME, state.log.corrupt-TIME, state.log.prev.corrupt-TIME) and start with no registrations, instead of refusing to start.")
     var moveCorruptState = false
 
     func run() async throws {

@@ -334,6 +334,90 @@ struct ServicePersistenceTests {
         #expect(aside.count == 1)
         #expect(moved.stop() == 0)
     }
+
+    @Test("a state dir whose snapshot was deleted (the log alone) stops the start with state_incomplete, naming the missing changes; --move-corrupt-state moves the files aside and starts empty")
+    func deletedSnapshotRefusesToStart() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        var d = try ServiceDaemon(dir: dir)
+        var before: [String] = []
+        for symbol in ["fn_a", "fn_b", "fn_a"] { before += try d.register([spec(target, symbol: symbol)]) }
+        #expect(d.stop() == 0)  // the snapshot holds them
+        d = try ServiceDaemon(dir: dir)
+        let after = try d.register([spec(target, symbol: "fn_b")])
+        d.kill9()  // the log holds this one
+        #expect(FileManager.default.fileExists(atPath: d.stateDir + "/state.log"))
+        try FileManager.default.removeItem(atPath: d.stateDir + "/state.json")
+
+        let refused = try ServiceDaemon(dir: dir, waitServing: false)
+        let status = refused.waitExit(seconds: 15)
+        #expect(status != nil && status != 0, "it must not start with \(after) alone and without \(before)")
+        let log = refused.log
+        #expect(log.contains("state_incomplete"), "\(log)")
+        #expect(log.contains("state.json is missing") && log.contains("changes 1 to 3 are in no file"), "\(log)")
+        #expect(log.contains("every registration made before this log began"))
+        #expect(log.contains("refusing to start") && log.contains("--move-corrupt-state"))
+        #expect(FileManager.default.fileExists(atPath: d.stateDir + "/state.log"), "left untouched")
+
+        let moved = try ServiceDaemon(dir: dir, extraArgs: ["--move-corrupt-state"])
+        #expect(try moved.list().isEmpty)
+        let aside = try FileManager.default.contentsOfDirectory(atPath: d.stateDir).filter { $0.hasPrefix("state.log.corrupt-") }
+        #expect(aside.count == 1, "\(aside)")
+        #expect(moved.log.contains("moved them aside"))
+        #expect(moved.stop() == 0)
+    }
+
+    /// Writes DIR/filler until the file system is full.
+    static func fill(_ dir: String) {
+        let fd = open(dir + "/filler", O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        defer { close(fd) }
+        let chunk = [UInt8](repeating: 1, count: 64 << 10)
+        for size in [64 << 10, 4096, 1] {
+            while chunk.withUnsafeBytes({ write(fd, $0.baseAddress, size) }) > 0 {}
+        }
+    }
+
+    @Test("disk full: an unregister is saved all the same (the space reserve), a stop that cannot save fails naming what is lost, and the removed probes do not come back after the restart")
+    func fullDiskKeepsRemovals() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try Self.target(in: dir)
+        let state = dir + "/state"
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: false)
+        guard mount("tmpfs", state, "tmpfs", 0, "size=4m,mode=0700") == 0 else {
+            throw TestFailure("mount tmpfs on \(state): errno \(errno)")
+        }
+        defer { umount2(state, Int32(MNT_DETACH)) }
+        var d = try ServiceDaemon(dir: dir)
+        let kept = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")], consumer: "svc-kept")
+        let doomed = try d.register(Array(repeating: spec(target, symbol: "fn_a"), count: 1000), consumer: "svc-doomed")
+        #expect(doomed.count == 1000)
+
+        Self.fill(state)
+        // Its log line (~7 KB) needs pages the file system no longer has.
+        let removed = try d.call(["op": "unregister", "consumer": "svc-doomed"])
+        #expect(removed["ok"] == .bool(true) && removed["removed"] == .int(1000), "\(removed)")
+        #expect(removed["warning"] == nil, "saved with the space the reserve gave back: \(removed)")
+        let service = try d.status()["service"]?.objectValue
+        #expect(service?["state_reserve_bytes"] == .int(0), "the reserve was used: \(String(describing: service))")
+        #expect(service?["state_unsaved_removals"] == .int(0), "\(String(describing: service))")
+        #expect(d.log.contains("state_disk_full"))
+
+        // The room the reserve made is taken too: the final snapshot cannot be written.
+        Self.fill(state)
+        let status = d.stop()
+        #expect(status != 0, "a stop that could not save must not look clean (exit \(status))")
+        let log = d.log
+        #expect(log.contains("saving the final state failed") && log.contains("every registration and removal is on disk")
+                && log.contains("hit counts"), "\(log)")
+
+        unlink(state + "/filler")
+        d = try ServiceDaemon(dir: dir)
+        let back = Set(try d.list().keys)
+        #expect(back == Set(kept), "\(back.intersection(doomed).count) unregistered probes came back")
+        #expect(d.stop() == 0)
+    }
 }
 
 /// Shared between the kill -9 test's client thread and the test.

@@ -274,7 +274,7 @@ struct StateFileTests {
         try "garbage".write(toFile: store.path, atomically: true, encoding: .utf8)
         #expect(throws: StateError.self) { try store.load() }
         let moved = try store.moveAside()
-        #expect(FileManager.default.fileExists(atPath: moved))
+        #expect(moved.count == 1 && moved.allSatisfy { FileManager.default.fileExists(atPath: $0) }, "\(moved)")
         #expect(try store.load() == nil)
     }
 
