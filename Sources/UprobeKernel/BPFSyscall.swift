@@ -1,5 +1,6 @@
 import CUprobeSys
 import SystemPackage
+import UprobeSystem
 
 #if canImport(Glibc)
 import Glibc
@@ -38,11 +39,8 @@ public struct KernelError: Error, Sendable, CustomStringConvertible {
     }
 }
 
-/// A failed syscall: its name and errno. Thrown by `BPFSyscall.retryingEINTR`.
-struct SyscallFailure: Error, Sendable {
-    let call: String
-    let errno: Errno
-}
+/// A failed syscall of the attacher: the daemon's one syscall error type.
+typealias SyscallFailure = SyscallError
 
 /// A failed BPF_PROG_LOAD: the syscall failure and the verifier log.
 struct ProgLoadFailure: Error, Sendable {
@@ -58,13 +56,7 @@ enum BPFSyscall {
     /// fail with EINTR; throws the call's name with errno on any other failure.
     @inline(__always)
     static func retryingEINTR(_ call: String, _ body: () -> Int32) throws(SyscallFailure) -> Int32 {
-        while true {
-            let rc = body()
-            if rc >= 0 { return rc }
-            let err = Errno(rawValue: Glibc.errno)
-            if err == .interrupted { continue }
-            throw SyscallFailure(call: call, errno: err)
-        }
+        try Syscall.run(call, "", body)
     }
 
     /// BPF_MAP_CREATE: a new map, returned as an owned fd.
