@@ -708,11 +708,63 @@ struct AccessPolicyTests {
         #expect(AccessControl.unreadable(path: file, device: UInt64(st.st_dev), inode: UInt64(st.st_ino) + 1, uid: 999, groups: [])?.contains("changed") == true)
     }
 
-    @Test("process ownership reads the real, effective and saved uids")
+    @Test("process ownership reads the real, effective, saved and filesystem uids")
     func ownership() {
         #expect(AccessControl.processNotOwned(pid: getpid(), uid: getuid()) == nil)
         #expect(AccessControl.processNotOwned(pid: getpid(), uid: getuid() + 1) != nil)
         #expect(AccessControl.processNotOwned(pid: Int32.max, uid: 0)?.contains("does not exist") == true)
+    }
+}
+
+/// The rule of `ProcessOwnership` on /proc/PID/status text.
+struct ProcessOwnershipTests {
+    static func status(uid: String = "1000\t1000\t1000\t1000", gid: String = "100\t100\t100\t100",
+                       prm: String = "0000000000000000", eff: String = "0000000000000000", amb: String? = "0000000000000000") -> ArraySlice<UInt8> {
+        var text = "Name:\tpasswd\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t\(uid)\nGid:\t\(gid)\nGroups:\t100 \n"
+        text += "CapInh:\t0000000000000000\nCapPrm:\t\(prm)\nCapEff:\t\(eff)\nCapBnd:\t000001ffffffffff\n"
+        if let amb { text += "CapAmb:\t\(amb)\n" }
+        return Array(text.utf8)[...]
+    }
+
+    func judge(_ bytes: ArraySlice<UInt8>, fileUID: UInt32 = 1000, uid: UInt32 = 1000, confined: Bool = false) -> ProcessOwnership.Problem? {
+        guard let c = ProcessOwnership.parse(bytes, fileUID: fileUID) else { return .gone }
+        return ProcessOwnership.judge(c, uid: uid, capsConfined: { confined })
+    }
+
+    @Test("owned: four equal uids, one gid, no capabilities, dumpable (status file owned by the uid)")
+    func owned() {
+        #expect(judge(Self.status()) == nil)
+        #expect(judge(Self.status(amb: nil)) == nil, "kernels without CapAmb")
+    }
+
+    @Test("a setuid exec (uids), a setgid exec (gids), file capabilities, and undumpability each fail, with what was seen")
+    func notOwned() {
+        #expect(judge(Self.status(uid: "1000\t0\t0\t0")) == .uids([1000, 0, 0, 0]))
+        #expect(judge(Self.status(uid: "1000\t1000\t1000\t0")) == .uids([1000, 1000, 1000, 0]), "fsuid counts")
+        #expect(judge(Self.status(gid: "100\t42\t42\t42")) == .gids([100, 42, 42, 42]))
+        #expect(judge(Self.status(prm: "0000000000002000")) == .capabilities(permitted: 0x2000, effective: 0, ambient: 0))
+        #expect(judge(Self.status(amb: "0000000000000400")) == .capabilities(permitted: 0, effective: 0, ambient: 0x400))
+        #expect(judge(Self.status(), fileUID: 0) == .notDumpable)
+        #expect(ProcessOwnership.Problem.uids([1000, 0, 0, 0]).detail == "uids 1000 0 0 0")
+        #expect(ProcessOwnership.Problem.capabilities(permitted: 0x2000, effective: 0, ambient: 0).detail
+                == "capabilities CapPrm 0000000000002000 CapEff 0000000000000000 CapAmb 0000000000000000")
+    }
+
+    @Test("capabilities held inside a user namespace the owner created do not count; root's own never do")
+    func capabilityExceptions() {
+        #expect(judge(Self.status(prm: "000001ffffffffff", eff: "000001ffffffffff"), confined: true) == nil)
+        #expect(judge(Self.status(uid: "0\t0\t0\t0", gid: "0\t0\t0\t0", prm: "000001ffffffffff"), fileUID: 0, uid: 0) == nil)
+    }
+
+    @Test("status text missing a line the rule needs is not read as owned")
+    func malformed() {
+        #expect(ProcessOwnership.parse(Array("Name:\tx\nUid:\t1\t1\t1\t1\n".utf8)[...], fileUID: 1) == nil)
+    }
+
+    @Test("this test process (root) is root's; a process that does not exist is gone")
+    func live() {
+        #expect(ProcessOwnership.problem(pid: getpid(), uid: 0) == nil)
+        #expect(ProcessOwnership.problem(pid: Int32.max, uid: 0) == .gone)
     }
 }
 
