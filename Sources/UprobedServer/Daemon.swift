@@ -235,16 +235,19 @@ public final class UprobedService: Service, Sendable {
     static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, logger: Logger) async {
         let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID())
         let results = await engine.restore(items, nextIDFloor: saved.nextID)
-        var active = 0, degraded = 0
+        var active = 0, degraded = 0, ended = 0
         for (item, result) in zip(items, results) {
             switch result {
             case .success(let r):
-                if case .degraded(let reason) = r.state {
+                switch r.state {
+                case .degraded(let reason):
                     degraded += 1
                     logger.warning("restored probe is degraded", metadata: [
                         "probe_id": "\(r.id)", "path": "\(item.targets.first?.path ?? item.spec.path)",
                         "consumer": "\(r.consumer ?? "")", "error_code": "probe_degraded", "reason": "\(reason)"])
-                } else {
+                case .ended:
+                    ended += 1
+                case .active:
                     active += 1
                 }
             case .failure(let e):
@@ -252,7 +255,7 @@ public final class UprobedService: Service, Sendable {
                 logger.error("restoring probe failed", metadata: ["probe_id": "\(item.id)", "error_code": "\(e.code)", "error": "\(e.message)"])
             }
         }
-        logger.notice("registrations restored", metadata: ["active": "\(active)", "degraded": "\(degraded)"])
+        logger.notice("registrations restored", metadata: ["active": "\(active)", "degraded": "\(degraded)", "ended": "\(ended)"])
     }
 
     /// Saves the final hit counts after the writer has stopped (links are closed by then, so

@@ -44,6 +44,9 @@ public struct SavedProbe: Sendable, Equatable {
     public var pidStartTime: UInt64?
     /// Why it was degraded at the last start (informational; every start decides afresh).
     public var degradedReason: String?
+    /// Why it ended (its process exited or stopped being its owner's). Unlike a degraded
+    /// registration, an ended one is never attached again: it comes back ended.
+    public var endedReason: String? = nil
 }
 
 /// The whole state file.
@@ -159,6 +162,7 @@ public enum StateCodec {
         let s = a.spec, z = b.spec, t = a.targets[0], u = b.targets[0]
         return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
+            && a.endedReason == b.endedReason
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
@@ -272,6 +276,7 @@ public enum StateCodec {
         }
         if let st = p.pidStartTime { w.field("pid_start_time", u64(st)) }
         if let r = p.degradedReason { w.field("degraded_reason", r) }
+        if let r = p.endedReason { w.field("ended_reason", r) }
         w.endObject()
     }
 
@@ -381,7 +386,8 @@ public enum StateCodec {
                 id: id, consumer: o["consumer"]?.stringValue,
                 owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
                 spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
-                stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue)
+                stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
+                endedReason: o["ended_reason"]?.stringValue)
     }
 }
 /// The state on disk: `DIR/state.json`, a full snapshot replaced atomically (write a
@@ -834,6 +840,10 @@ public final class StatePersister: Sendable {
                     i += 1
                 }
             }
+            // An ended registration is written again (a log entry's add replaces an earlier one
+            // of the same id): a crash must not bring it back as it was.
+            let addedIDs = Set(added.map(\.id))
+            added += snapshot.batchEnded.filter { !addedIDs.contains($0.id) }
             let removed = (m.unsavedRemovals + snapshot.batchRemoved).filter { m.written.contains($0) }
             if added.isEmpty && spliced.isEmpty && removed.isEmpty {
                 m.lastGeneration = snapshot.generation
@@ -1040,13 +1050,15 @@ public final class StatePersister: Sendable {
     }
 
     static func savedProbe(_ r: ProbeRecord, hits: UInt64, stamps ids: (FileStamp?, UInt64?)) -> SavedProbe {
-        var reason: String? = nil
+        var degraded: String? = nil, ended: String? = nil
         switch r.state {
         case .active: break
-        case .degraded(let why), .ended(let why): reason = why
+        case .degraded(let why): degraded = why
+        case .ended(let why): ended = why
         }
         return SavedProbe(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
-                          hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: reason)
+                          hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: degraded,
+                          endedReason: ended)
     }
 
     /// Writes the whole registry as the new snapshot.
@@ -1074,13 +1086,19 @@ public final class StatePersister: Sendable {
 /// Decides, for each saved registration, whether it can attach again: the binary must be the
 /// same file (device, inode, build-id; size and mtime when there is no build-id), the symbol
 /// must still resolve to the same offsets, and a `pid` filter's process must still be the same
-/// process. Anything else comes back degraded with a reason, never attached elsewhere.
+/// process. Anything else comes back degraded with a reason, never attached elsewhere; a
+/// registration that had ended comes back ended.
 public enum RestorePlanner {
     public static func plan(_ state: SavedState, resolver: Resolver, bootID: String?) -> [RestoreItem] {
         // One resolution per distinct spec: a glob registered once is saved as one record per
         // function, and each must not resolve the glob again.
         let cache = ResolutionCache(resolver: resolver)
         return state.probes.map { p in
+            if let why = p.endedReason {
+                return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
+                                   registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
+                                   degradedReason: why, ended: true)
+            }
             switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache) {
             case .success(let targets):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,

@@ -105,6 +105,7 @@ struct StateFileTests {
             ("owner", { $0.owner.pid = 8 }), ("registered_at", { $0.registeredAt = 6 }),
             ("stamp", { $0.stamp?.mtimeNanos = 43 }), ("no stamp", { $0.stamp = nil }),
             ("pid start", { $0.pidStartTime = 12 }), ("degraded", { $0.degradedReason = "gone" }),
+            ("ended", { $0.endedReason = "over" }),
             ("spec path", { $0.spec.path = "libm" }), ("spec pid", { $0.spec.pid = 9 }),
             ("retprobe", { $0.spec.retprobe = true }), ("force", { $0.spec.force = true }),
             ("follow", { $0.spec.follow = false }), ("target path", { $0.targets[0].path = "/bin/n" }),
@@ -146,7 +147,7 @@ struct StateFileTests {
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }
@@ -628,6 +629,19 @@ struct StateFileTests {
         state.probes[0].spec.pid = getpid()
         let other = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-2")
         #expect(other[0].degradedReason?.contains("earlier boot") == true)
+    }
+
+    @Test("an ended registration round-trips as ended and comes back ended, never resolved or attached again")
+    func endedStaysEnded() throws {
+        var state = Self.sample
+        state.probes[0].spec.pid = getpid()  // alive and the same process: without the end it would attach
+        state.probes[0].pidStartTime = processStartTime(getpid())
+        state.probes[0].endedReason = "process 42 is no longer uid 1000's (…)"
+        #expect(try StateCodec.decode(StateCodec.encode(state)) == state)
+        let items = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1")
+        #expect(items[0].ended && items[0].degradedReason == state.probes[0].endedReason)
+        #expect(items[0].baseHits == state.probes[0].hits)
+        #expect(!items[1].ended, "degraded stays degraded: decided afresh at every start")
     }
 
     @Test("process start time reads field 22 of /proc/PID/stat")
