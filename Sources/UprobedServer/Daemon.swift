@@ -95,11 +95,17 @@ public final class UprobedService: Service, Sendable {
         let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches))
         let policy = AccessPolicy(config: config)
         for w in policy.warnings { logger.warning("access policy: \(w)") }
+        let access = PolicyCell(policy)
+        // Made before the handler, which tells it of registrations; started after the restore.
+        let owners = OwnershipWatcher(engine: engine, access: access, logger: logger,
+                                      checkEvery: .milliseconds(Int64(config.ownerCheckMs)),
+                                      idleEvery: .milliseconds(Int64(config.followCheckMs)))
         let handler = RequestHandler(
             engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
                                           minWatchIntervalMs: config.minWatchIntervalMs),
-            logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue)
+            logger: logger, access: access, counters: counters, aheadQueue: aheadQueue,
+            registered: { records in owners.registered(records) })
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes,
                                   maxConnections: config.maxConnections)
@@ -107,7 +113,7 @@ public final class UprobedService: Service, Sendable {
         if let saved {
             // Also with no registrations left: the restore carries the id floor.
             if !saved.probes.isEmpty { Systemd.notify("STATUS=restoring \(saved.probes.count) registrations") }
-            await Self.restore(saved, engine: engine, resolver: resolver, logger: logger)
+            await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger)
         }
 
         // After the restore: the watcher follows what is registered now.
@@ -115,12 +121,14 @@ public final class UprobedService: Service, Sendable {
                                   checkEvery: .milliseconds(Int64(config.followCheckMs)),
                                   settle: .milliseconds(Int64(config.followSettleMs)))
         watcher.start()
+        owners.start()
 
         let endpoint: SocketServer.Endpoint
         let activated = Systemd.listenFDs()
         if let fd = activated.first {
             guard activated.count == 1, Systemd.isUnixStreamListener(fd) else {
                 watcher.stop()
+                owners.stop()
                 engine.shutdown()
                 throw ServerError(message: "socket activation passed \(activated.count) fds; expected one listening Unix stream socket")
             }
@@ -203,6 +211,7 @@ public final class UprobedService: Service, Sendable {
             }
         } catch {
             watcher.stop()
+            owners.stop()
             engine.shutdown()
             Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
             await metrics.stop()
@@ -210,6 +219,7 @@ public final class UprobedService: Service, Sendable {
             throw error
         }
         watcher.stop()
+        owners.stop()
         engine.shutdown()
         Self.finalSave(persister, engine: engine, kernel: kernel, logger: logger)
         await metrics.stop()
@@ -232,10 +242,13 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// Restores every saved registration in one engine batch; logs each degraded one.
-    static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, logger: Logger) async {
-        let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID())
+    static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, policy: AccessPolicy,
+                        logger: Logger) async {
+        let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID(),
+                                        ownership: RestorePlanner.ownershipCheck(policy: policy))
         let results = await engine.restore(items, nextIDFloor: saved.nextID)
         var active = 0, degraded = 0, ended = 0
+        let endedBefore = Set(saved.probes.filter { $0.endedReason != nil }.map(\.id))
         for (item, result) in zip(items, results) {
             switch result {
             case .success(let r):
@@ -245,8 +258,14 @@ public final class UprobedService: Service, Sendable {
                     logger.warning("restored probe is degraded", metadata: [
                         "probe_id": "\(r.id)", "path": "\(item.targets.first?.path ?? item.spec.path)",
                         "consumer": "\(r.consumer ?? "")", "error_code": "probe_degraded", "reason": "\(reason)"])
-                case .ended:
+                case .ended(let reason):
                     ended += 1
+                    // Ended by this restore: its process stopped being its owner's meanwhile.
+                    if !endedBefore.contains(r.id) {
+                        logger.warning("probe ended: its process is no longer its owner's", metadata: [
+                            "probe_id": "\(r.id)", "pid": "\(item.spec.pid.map(String.init) ?? "")",
+                            "owner_uid": "\(r.owner.uid)", "error_code": "process_not_owned", "reason": "\(reason)"])
+                    }
                 case .active:
                     active += 1
                 }
@@ -376,6 +395,7 @@ final class Reloader: Sendable {
         if a.minWatchIntervalMs != b.minWatchIntervalMs { out.append("min_watch_interval_ms") }
         if a.followCheckMs != b.followCheckMs { out.append("follow_check_ms") }
         if a.followSettleMs != b.followSettleMs { out.append("follow_settle_ms") }
+        if a.ownerCheckMs != b.ownerCheckMs { out.append("owner_check_ms") }
         return out
     }
 }

@@ -1086,10 +1086,14 @@ public final class StatePersister: Sendable {
 /// Decides, for each saved registration, whether it can attach again: the binary must be the
 /// same file (device, inode, build-id; size and mtime when there is no build-id), the symbol
 /// must still resolve to the same offsets, and a `pid` filter's process must still be the same
-/// process. Anything else comes back degraded with a reason, never attached elsewhere; a
-/// registration that had ended comes back ended.
+/// process and, for a non-admin owner, still the owner's (`ProcessOwnership`). Anything else
+/// comes back degraded with a reason, never attached elsewhere; a registration that had ended,
+/// or whose process stopped being its owner's while the daemon was down, comes back ended.
 public enum RestorePlanner {
-    public static func plan(_ state: SavedState, resolver: Resolver, bootID: String?) -> [RestoreItem] {
+    /// `ownership`: for a `pid`-filtered registration, why its process may no longer be probed
+    /// for its owner (nil: it may, or the owner is an admin).
+    public static func plan(_ state: SavedState, resolver: Resolver, bootID: String?,
+                            ownership: (SavedProbe, Int32) -> String? = { _, _ in nil }) -> [RestoreItem] {
         // One resolution per distinct spec: a glob registered once is saved as one record per
         // function, and each must not resolve the glob again.
         let cache = ResolutionCache(resolver: resolver)
@@ -1099,26 +1103,50 @@ public enum RestorePlanner {
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
                                    degradedReason: why, ended: true)
             }
-            switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache) {
+            switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache, ownership: ownership) {
             case .success(let targets):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil)
             case .failure(let why):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why.reason)
+                                   degradedReason: why.reason, ended: why.ended)
             }
         }
     }
 
-    struct Degraded: Error { let reason: String }
+    /// The ownership rule for a restore under `policy`: judged like the running daemon's
+    /// `OwnershipWatcher` (owner's groups from the user database; root and admins exempt).
+    public static func ownershipCheck(policy: AccessPolicy) -> (SavedProbe, Int32) -> String? {
+        var admin: [UInt32: Bool] = [:]
+        return { p, pid in
+            guard p.owner.uid != 0 else { return nil }
+            let isAdmin = admin[p.owner.uid] ?? {
+                let who = PeerIdentity(peer: p.owner, supplementaryGroups: OwnershipWatcher.groups(of: p.owner.uid, primary: p.owner.gid))
+                let a = policy.role(of: who) == .admin
+                admin[p.owner.uid] = a
+                return a
+            }()
+            guard !isAdmin, let problem = ProcessOwnership.problem(pid: pid, uid: p.owner.uid), problem != .gone else { return nil }
+            return "process \(pid) is no longer uid \(p.owner.uid)'s (\(problem.likelyCause): \(problem.detail)); noticed when uprobed restarted, so it was not attached again, its hits up to the last save are kept"
+        }
+    }
+
+    struct Degraded: Error {
+        let reason: String
+        /// Final: it comes back ended, not degraded.
+        var ended = false
+    }
 
     /// The recorded targets as resolved now (fresh warnings etc.), or why they cannot attach.
-    static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache) -> Result<[ResolvedProbe], Degraded> {
+    static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache,
+                      ownership: (SavedProbe, Int32) -> String? = { _, _ in nil }) -> Result<[ResolvedProbe], Degraded> {
         var resolvedNow: [UprobeSiteID: ResolvedProbe] = [:]
         if let why = degradedReason(p, savedBoot: savedBoot, bootID: bootID, resolver: resolver, now: &resolvedNow) {
             return .failure(Degraded(reason: why))
         }
+        // After the start-time check: the pid is still the process that was registered.
+        if let pid = p.spec.pid, let why = ownership(p, pid) { return .failure(Degraded(reason: why, ended: true)) }
         return .success(p.targets.compactMap { resolvedNow[UprobeSiteID($0)] })
     }
 

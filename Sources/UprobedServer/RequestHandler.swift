@@ -25,11 +25,15 @@ public struct RequestHandler: Sendable {
 
     /// Where a large register's reply is written while the writer attaches its probes.
     let aheadQueue: DispatchQueue
+    /// Told of every successful registration (the ownership watcher checks new `pid` filters).
+    let registered: @Sendable ([ProbeRecord]) -> Void
 
     public init(engine: Engine, resolver: Resolver, limits: RequestDecoder.Limits, logger: Logger,
                 access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
-                counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global()) {
+                counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global(),
+                registered: @escaping @Sendable ([ProbeRecord]) -> Void = { _ in }) {
         self.aheadQueue = aheadQueue
+        self.registered = registered
         self.engine = engine
         self.resolver = resolver
         self.limits = limits
@@ -262,6 +266,7 @@ public struct RequestHandler: Sendable {
         switch await engine.register(items, consumer: consumer, peer: peer, early: { ahead.start($0, on: queue) }) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let records):
+            registered(records)
             // One line per request: a 10,000-probe request would otherwise log 10,000 lines.
             logger.info("probes registered", metadata: [
                 "count": "\(records.count)", "probe_id": "\(records.first?.id ?? "")", "last_probe_id": "\(records.last?.id ?? "")",

@@ -644,6 +644,32 @@ struct StateFileTests {
         #expect(!items[1].ended, "degraded stays degraded: decided afresh at every start")
     }
 
+    @Test("restore planning asks the ownership rule about a live pid filter: a process no longer its owner's comes back ended")
+    func plannerOwnership() throws {
+        let spec = ProbeSpecInput(path: "libc.so.6", symbol: "getpid", pid: getpid())
+        var state = Self.sample
+        state.probes = [state.probes[0]]
+        state.probes[0].spec = spec
+        state.probes[0].targets = try Resolver().resolve(spec)
+        state.probes[0].stamp = nil
+        state.probes[0].pidStartTime = processStartTime(getpid())
+        let kept = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1")
+        #expect(kept[0].degradedReason == nil && !kept[0].ended, "\(String(describing: kept[0].degradedReason))")
+        let ended = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1", ownership: { _, pid in
+            pid == getpid() ? "not yours" : nil
+        })
+        #expect(ended[0].ended && ended[0].degradedReason == "not yours")
+        // The rule as the daemon builds it: root's probes are never judged; a gone process is
+        // the start-time check's business.
+        let check = RestorePlanner.ownershipCheck(policy: AccessPolicy(config: DaemonConfig()))
+        var p = state.probes[0]
+        p.owner = Peer(pid: 1, uid: 0, gid: 0)
+        #expect(check(p, 1) == nil)
+        p.owner = Peer(pid: 1, uid: 4242, gid: 4242)
+        #expect(check(p, 1)?.contains("process 1 is no longer uid 4242's") == true)
+        #expect(check(p, Int32.max) == nil)
+    }
+
     @Test("process start time reads field 22 of /proc/PID/stat")
     func startTime() {
         #expect(processStartTime(getpid()) != nil)
@@ -775,10 +801,12 @@ struct ProcessOwnershipTests {
         #expect(ProcessOwnership.parse(Array("Name:\tx\nUid:\t1\t1\t1\t1\n".utf8)[...], fileUID: 1) == nil)
     }
 
-    @Test("this test process (root) is root's; a process that does not exist is gone")
+    @Test("this test process (root) is root's; the daemon's user database gives a user's groups")
     func live() {
         #expect(ProcessOwnership.problem(pid: getpid(), uid: 0) == nil)
         #expect(ProcessOwnership.problem(pid: Int32.max, uid: 0) == .gone)
+        #expect(OwnershipWatcher.groups(of: 0, primary: 0).contains(0))
+        #expect(OwnershipWatcher.groups(of: 4_000_000_123, primary: 77) == [77], "a uid the database does not know")
     }
 }
 
