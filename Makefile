@@ -2,7 +2,7 @@
 # (as root, through apt-get) before it builds.
 SWIFT   ?= swift
 PREFIX  ?= /usr/local
-DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3 libsqlite3-0 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2
+DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3 libsqlite3-0 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 

@@ -164,6 +164,42 @@ int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *
                                       PERF_FLAG_FD_CLOEXEC);
 }
 
+int CUprobeSys_raw_tracepoint_open(const char *name, int prog_fd) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.raw_tracepoint.name = ptr_to_u64(name);
+    attr.raw_tracepoint.prog_fd = (__u32)prog_fd;
+    return CUprobeSys_bpf(BPF_RAW_TRACEPOINT_OPEN, &attr, sizeof(attr));
+}
+
+// Ring buffer record header (include/uapi/linux/bpf.h): a u32 length whose top two bits are
+// BPF_RINGBUF_BUSY_BIT (still being written) and BPF_RINGBUF_DISCARD_BIT, then a u32 page
+// offset; records are 8-byte aligned.
+int CUprobeSys_ringbuf_drain(uint64_t *consumer, const uint64_t *producer, const uint8_t *data,
+                             uint64_t data_size, struct CUprobeSys_ringbuf_record *out, int max_out) {
+    uint64_t cons = __atomic_load_n(consumer, __ATOMIC_ACQUIRE);
+    uint64_t prod = __atomic_load_n(producer, __ATOMIC_ACQUIRE);
+    int n = 0;
+    while (cons < prod) {
+        const uint32_t *header = (const uint32_t *)(data + (cons & (data_size - 1)));
+        uint32_t len = __atomic_load_n(header, __ATOMIC_ACQUIRE);
+        if (len & BPF_RINGBUF_BUSY_BIT) break;
+        uint32_t size = len & ~(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT);
+        if (!(len & BPF_RINGBUF_DISCARD_BIT)) {
+            if (n < max_out) {
+                memset(&out[n], 0, sizeof(out[n]));
+                // The data area is mapped twice in a row, so a record that wraps reads whole.
+                memcpy(&out[n], (const uint8_t *)header + BPF_RINGBUF_HDR_SZ,
+                       size < sizeof(out[n]) ? size : sizeof(out[n]));
+            }
+            n++;
+        }
+        cons += (BPF_RINGBUF_HDR_SZ + size + 7) & ~7ULL;
+        __atomic_store_n(consumer, cons, __ATOMIC_RELEASE);
+    }
+    return n;
+}
+
 int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold) {
     return mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold);
 }

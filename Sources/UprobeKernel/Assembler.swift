@@ -1,4 +1,4 @@
-/// A minimal eBPF assembler: enough opcodes for the counting program, with forward labels.
+/// A minimal eBPF assembler: enough opcodes for the counting and exec-event programs, with forward labels.
 /// Instructions are encoded as the little-endian u64 words of struct bpf_insn
 /// { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm } so no C bitfields are involved.
 struct BPFAssembler {
@@ -14,7 +14,7 @@ struct BPFAssembler {
     private enum Op {
         static let mov64Reg: UInt8 = 0xbf, mov64Imm: UInt8 = 0xb7, mov32Reg: UInt8 = 0xbc
         static let add64Imm: UInt8 = 0x07, rsh64Imm: UInt8 = 0x77
-        static let ldxW: UInt8 = 0x61, stxW: UInt8 = 0x63
+        static let ldxW: UInt8 = 0x61, stxW: UInt8 = 0x63, stxDW: UInt8 = 0x7b
         static let atomicDW: UInt8 = 0xdb   // BPF_STX | BPF_ATOMIC | BPF_DW
         static let ja: UInt8 = 0x05, jeqImm: UInt8 = 0x15, jleReg: UInt8 = 0xbd
         static let call: UInt8 = 0x85, exit: UInt8 = 0x95, ldImm64: UInt8 = 0x18
@@ -40,6 +40,8 @@ struct BPFAssembler {
     mutating func loadW(_ dst: Reg, _ src: Reg, off: Int16) { emit(Op.ldxW, dst: dst, src: src.rawValue, off: off) }
     /// *(u32 *)(dst + off) = src
     mutating func storeW(_ dst: Reg, off: Int16, _ src: Reg) { emit(Op.stxW, dst: dst, src: src.rawValue, off: off) }
+    /// *(u64 *)(dst + off) = src
+    mutating func storeDW(_ dst: Reg, off: Int16, _ src: Reg) { emit(Op.stxDW, dst: dst, src: src.rawValue, off: off) }
     /// lock *(u64 *)(dst + off) += src  (BPF_ATOMIC | BPF_ADD, no fetch)
     mutating func atomicAdd64(_ dst: Reg, off: Int16, _ src: Reg) { emit(Op.atomicDW, dst: dst, src: src.rawValue, off: off, imm: 0x00) }
     /// dst = map pointer of `fd` (ld_imm64 with BPF_PSEUDO_MAP_FD), two words.

@@ -185,21 +185,19 @@ public enum AccessControl {
         return nil
     }
 
-    /// Nil if the process exists and its real, effective and saved uids are all `uid`;
-    /// otherwise why not.
+    /// Nil if the process exists and is `uid`'s by `ProcessOwnership`'s rule (all four uids
+    /// `uid`, one gid, no capability, dumpable); otherwise why not.
     static func processNotOwned(pid: Int32, uid: UInt32) -> String? {
-        guard pid > 0, let bytes = readWholeFile("/proc/\(pid)/status", limit: 1 << 16) else {
-            return "process \(pid) does not exist"
-        }
-        let text = String(decoding: bytes, as: UTF8.self)
-        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Uid:") }) else {
-            return "process \(pid) has no Uid line in /proc/\(pid)/status"
-        }
-        let ids = line.dropFirst(4).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) }
-        guard ids.count >= 3, ids[0] == uid, ids[1] == uid, ids[2] == uid else {
+        guard let problem = ProcessOwnership.problem(pid: pid, uid: uid) else { return nil }
+        switch problem {
+        case .gone: return "process \(pid) does not exist"
+        case .uids(let ids):
             return "process \(pid) is not owned by uid \(uid) (its uids: \(ids.map(String.init).joined(separator: " ")))"
+        case .gids, .capabilities:
+            return "process \(pid) is not owned by uid \(uid) alone (\(problem.detail): \(problem.likelyCause))"
+        case .notDumpable:
+            return "process \(pid) is not dumpable, so uid \(uid) may not probe it (\(problem.likelyCause))"
         }
-        return nil
     }
 
     /// Nil if the peer could open `path` for reading by the permission bits: search (x) on

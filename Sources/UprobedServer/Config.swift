@@ -57,6 +57,11 @@ public struct DaemonConfig: Sendable, Equatable {
     /// After an inotify event, wait this long for the directory to settle before checking (a
     /// copy in place arrives as several events; a rename is atomic).
     public var followSettleMs = 20
+    /// A non-admin's pid-filtered probe ends when its process stops being the owner's (a
+    /// setuid exec). Checked at once after every exec of such a process (BPF exec events) and
+    /// also every this many milliseconds while there are any (one read of /proc/PID/status per
+    /// process), for when exec events are unavailable.
+    public var ownerCheckMs = 100
 
     // Access control (see AccessPolicy). Entries are user/group names or numeric ids; `*` is
     // everyone. Root (uid 0) is always an admin.
@@ -132,6 +137,7 @@ public struct DaemonConfig: Sendable, Equatable {
             case "min_watch_interval_ms": c.minWatchIntervalMs = try int(1...3_600_000)
             case "follow_check_ms": c.followCheckMs = try int(10...3_600_000)
             case "follow_settle_ms": c.followSettleMs = try int(0...60_000)
+            case "owner_check_ms": c.ownerCheckMs = try int(10...3_600_000)
             case "admin_uids": c.adminUsers = try idList(value, line: n + 1, key: key)
             case "admin_groups": c.adminGroups = try idList(value, line: n + 1, key: key)
             case "register_uids": c.registerUsers = try idList(value, line: n + 1, key: key)

@@ -104,12 +104,17 @@ public final class UprobedService: Service, Sendable {
         resolverPool.start()
         // Not awaited at exit: a thread stuck in open(2) on a hung mount must not hold the stop.
         defer { resolverPool.shutdownGracefully { _ in } }
+        let access = PolicyCell(policy)
+        // Made before the handler, which tells it of registrations; started after the restore.
+        let owners = OwnershipWatcher(engine: engine, access: access, logger: logger,
+                                      checkEvery: .milliseconds(Int64(config.ownerCheckMs)),
+                                      idleEvery: .milliseconds(Int64(config.followCheckMs)))
         let handler = RequestHandler(
             engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
                                           minWatchIntervalMs: config.minWatchIntervalMs),
-            logger: logger, access: PolicyCell(policy), counters: counters, aheadQueue: aheadQueue,
-            resolverPool: resolverPool)
+            logger: logger, access: access, counters: counters, aheadQueue: aheadQueue,
+            resolverPool: resolverPool, registered: { records in owners.registered(records) })
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes,
                                   connectionLimits: ConnectionLimits(maxConnections: config.maxConnections,
@@ -119,7 +124,7 @@ public final class UprobedService: Service, Sendable {
         if let saved {
             // Also with no registrations left: the restore carries the id floor.
             if !saved.probes.isEmpty { Systemd.notify("STATUS=restoring \(saved.probes.count) registrations") }
-            await Self.restore(saved, engine: engine, resolver: resolver, logger: logger)
+            await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger)
         }
 
         // After the restore: the watcher follows what is registered now.
@@ -127,12 +132,14 @@ public final class UprobedService: Service, Sendable {
                                   checkEvery: .milliseconds(Int64(config.followCheckMs)),
                                   settle: .milliseconds(Int64(config.followSettleMs)))
         watcher.start()
+        owners.start()
 
         let endpoint: SocketServer.Endpoint
         let activated = Systemd.listenFDs()
         if let fd = activated.first {
             guard activated.count == 1, Systemd.isUnixStreamListener(fd) else {
                 watcher.stop()
+                owners.stop()
                 engine.shutdown()
                 throw ServerError(message: "socket activation passed \(activated.count) fds; expected one listening Unix stream socket")
             }
@@ -215,6 +222,7 @@ public final class UprobedService: Service, Sendable {
             }
         } catch {
             watcher.stop()
+            owners.stop()
             engine.shutdown()
             _ = Self.finalSave(persister, engine: engine, logger: logger)
             await metrics.stop()
@@ -222,6 +230,7 @@ public final class UprobedService: Service, Sendable {
             throw error
         }
         watcher.stop()
+        owners.stop()
         engine.shutdown()
         let unsaved = Self.finalSave(persister, engine: engine, logger: logger)
         await metrics.stop()
@@ -259,19 +268,31 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// Restores every saved registration in one engine batch; logs each degraded one.
-    static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, logger: Logger) async {
-        let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID())
+    static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, policy: AccessPolicy,
+                        logger: Logger) async {
+        let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID(),
+                                        ownership: RestorePlanner.ownershipCheck(policy: policy))
         let results = await engine.restore(items, nextIDFloor: saved.nextID)
-        var active = 0, degraded = 0
+        var active = 0, degraded = 0, ended = 0
+        let endedBefore = Set(saved.probes.filter { $0.endedReason != nil }.map(\.id))
         for (item, result) in zip(items, results) {
             switch result {
             case .success(let r):
-                if case .degraded(let reason) = r.state {
+                switch r.state {
+                case .degraded(let reason):
                     degraded += 1
                     logger.warning("restored probe is degraded", metadata: [
                         "probe_id": "\(r.id)", "path": "\(item.targets.first?.path ?? item.spec.path)",
                         "consumer": "\(r.consumer ?? "")", "error_code": "probe_degraded", "reason": "\(reason)"])
-                } else {
+                case .ended(let reason):
+                    ended += 1
+                    // Ended by this restore: its process stopped being its owner's meanwhile.
+                    if !endedBefore.contains(r.id) {
+                        logger.warning("probe ended: its process is no longer its owner's", metadata: [
+                            "probe_id": "\(r.id)", "pid": "\(item.spec.pid.map(String.init) ?? "")",
+                            "owner_uid": "\(r.owner.uid)", "error_code": "process_not_owned", "reason": "\(reason)"])
+                    }
+                case .active:
                     active += 1
                 }
             case .failure(let e):
@@ -279,7 +300,7 @@ public final class UprobedService: Service, Sendable {
                 logger.error("restoring probe failed", metadata: ["probe_id": "\(item.id)", "error_code": "\(e.code)", "error": "\(e.message)"])
             }
         }
-        logger.notice("registrations restored", metadata: ["active": "\(active)", "degraded": "\(degraded)"])
+        logger.notice("registrations restored", metadata: ["active": "\(active)", "degraded": "\(degraded)", "ended": "\(ended)"])
     }
 
     /// Saves the final hit counts after the writer has stopped (links are closed by then, so
@@ -414,6 +435,7 @@ final class Reloader: Sendable {
         if a.minWatchIntervalMs != b.minWatchIntervalMs { out.append("min_watch_interval_ms") }
         if a.followCheckMs != b.followCheckMs { out.append("follow_check_ms") }
         if a.followSettleMs != b.followSettleMs { out.append("follow_settle_ms") }
+        if a.ownerCheckMs != b.ownerCheckMs { out.append("owner_check_ms") }
         return out
     }
 }

@@ -59,6 +59,9 @@ public struct SavedProbe: Sendable, Equatable {
     public var pidStartTime: UInt64?
     /// Why it was degraded at the last start (informational; every start decides afresh).
     public var degradedReason: String?
+    /// Why it ended (its process exited or stopped being its owner's). Unlike a degraded
+    /// registration, an ended one is never attached again: it comes back ended.
+    public var endedReason: String? = nil
 }
 
 /// The whole state file.
@@ -174,6 +177,7 @@ public enum StateCodec {
         let s = a.spec, z = b.spec, t = a.targets[0], u = b.targets[0]
         return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
+            && a.endedReason == b.endedReason
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
@@ -287,6 +291,7 @@ public enum StateCodec {
         }
         if let st = p.pidStartTime { w.field("pid_start_time", u64(st)) }
         if let r = p.degradedReason { w.field("degraded_reason", r) }
+        if let r = p.endedReason { w.field("ended_reason", r) }
         w.endObject()
     }
 
@@ -411,7 +416,8 @@ public enum StateCodec {
                 id: id, consumer: o["consumer"]?.stringValue,
                 owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
                 spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
-                stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue)
+                stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
+                endedReason: o["ended_reason"]?.stringValue)
     }
 }
 /// The state on disk: `DIR/state.json`, a full snapshot replaced atomically (write a
@@ -972,6 +978,10 @@ public final class StatePersister: Sendable {
                     i += 1
                 }
             }
+            // An ended registration is written again (a log entry's add replaces an earlier one
+            // of the same id): a crash must not bring it back as it was.
+            let addedIDs = Set(added.map(\.id))
+            added += snapshot.batchEnded.filter { !addedIDs.contains($0.id) }
             let removed = (m.unsavedRemovals + snapshot.batchRemoved).filter { m.written.contains($0) }
             if added.isEmpty && spliced.isEmpty && removed.isEmpty {
                 m.lastGeneration = snapshot.generation
@@ -1212,13 +1222,15 @@ public final class StatePersister: Sendable {
     }
 
     static func savedProbe(_ r: ProbeRecord, hits: UInt64, stamps ids: (FileStamp?, UInt64?)) -> SavedProbe {
-        var reason: String? = nil
+        var degraded: String? = nil, ended: String? = nil
         switch r.state {
         case .active: break
-        case .degraded(let why), .ended(let why): reason = why
+        case .degraded(let why): degraded = why
+        case .ended(let why): ended = why
         }
         return SavedProbe(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
-                          hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: reason)
+                          hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: degraded,
+                          endedReason: ended)
     }
 
     /// Writes the whole registry as the new snapshot.
@@ -1248,33 +1260,67 @@ public final class StatePersister: Sendable {
 /// Decides, for each saved registration, whether it can attach again: the binary must be the
 /// same file (device, inode, build-id; size and mtime when there is no build-id), the symbol
 /// must still resolve to the same offsets, and a `pid` filter's process must still be the same
-/// process. Anything else comes back degraded with a reason, never attached elsewhere.
+/// process and, for a non-admin owner, still the owner's (`ProcessOwnership`). Anything else
+/// comes back degraded with a reason, never attached elsewhere; a registration that had ended,
+/// or whose process stopped being its owner's while the daemon was down, comes back ended.
 public enum RestorePlanner {
-    public static func plan(_ state: SavedState, resolver: Resolver, bootID: String?) -> [RestoreItem] {
+    /// `ownership`: for a `pid`-filtered registration, why its process may no longer be probed
+    /// for its owner (nil: it may, or the owner is an admin).
+    public static func plan(_ state: SavedState, resolver: Resolver, bootID: String?,
+                            ownership: (SavedProbe, Int32) -> String? = { _, _ in nil }) -> [RestoreItem] {
         // One resolution per distinct spec: a glob registered once is saved as one record per
         // function, and each must not resolve the glob again.
         let cache = ResolutionCache(resolver: resolver)
         return state.probes.map { p in
-            switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache) {
+            if let why = p.endedReason {
+                return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
+                                   registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
+                                   degradedReason: why, ended: true)
+            }
+            switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache, ownership: ownership) {
             case .success(let targets):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil)
             case .failure(let why):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why.reason)
+                                   degradedReason: why.reason, ended: why.ended)
             }
         }
     }
 
-    struct Degraded: Error { let reason: String }
+    /// The ownership rule for a restore under `policy`: judged like the running daemon's
+    /// `OwnershipWatcher` (owner's groups from the user database; root and admins exempt).
+    public static func ownershipCheck(policy: AccessPolicy) -> (SavedProbe, Int32) -> String? {
+        var admin: [UInt32: Bool] = [:]
+        return { p, pid in
+            guard p.owner.uid != 0 else { return nil }
+            let isAdmin = admin[p.owner.uid] ?? {
+                let who = PeerIdentity(peer: p.owner, supplementaryGroups: OwnershipWatcher.groups(of: p.owner.uid, primary: p.owner.gid))
+                let a = policy.role(of: who) == .admin
+                admin[p.owner.uid] = a
+                return a
+            }()
+            guard !isAdmin, let problem = ProcessOwnership.problem(pid: pid, uid: p.owner.uid), problem != .gone else { return nil }
+            return "process \(pid) is no longer uid \(p.owner.uid)'s (\(problem.likelyCause): \(problem.detail)); noticed when uprobed restarted, so it was not attached again, its hits up to the last save are kept"
+        }
+    }
+
+    struct Degraded: Error {
+        let reason: String
+        /// Final: it comes back ended, not degraded.
+        var ended = false
+    }
 
     /// The recorded targets as resolved now (fresh warnings etc.), or why they cannot attach.
-    static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache) -> Result<[ResolvedProbe], Degraded> {
+    static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache,
+                      ownership: (SavedProbe, Int32) -> String? = { _, _ in nil }) -> Result<[ResolvedProbe], Degraded> {
         var resolvedNow: [UprobeSiteID: ResolvedProbe] = [:]
         if let why = degradedReason(p, savedBoot: savedBoot, bootID: bootID, resolver: resolver, now: &resolvedNow) {
             return .failure(Degraded(reason: why))
         }
+        // After the start-time check: the pid is still the process that was registered.
+        if let pid = p.spec.pid, let why = ownership(p, pid) { return .failure(Degraded(reason: why, ended: true)) }
         return .success(p.targets.compactMap { resolvedNow[UprobeSiteID($0)] })
     }
 

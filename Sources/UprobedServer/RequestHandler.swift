@@ -30,13 +30,17 @@ public struct RequestHandler: Sendable {
     /// two CPUs, shared by every connection): a file on a hung network mount blocks open(2)
     /// whatever its flags, and would stall every client. Here it holds one pool thread.
     let resolverPool: NIOThreadPool
+    /// Told of every successful registration (the ownership watcher checks new `pid` filters).
+    let registered: @Sendable ([ProbeRecord]) -> Void
 
     public init(engine: Engine, resolver: UprobeELF.Resolver, limits: RequestDecoder.Limits, logger: Logger,
                 access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
                 counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global(),
-                resolverPool: NIOThreadPool = .singleton) {
+                resolverPool: NIOThreadPool = .singleton,
+                registered: @escaping @Sendable ([ProbeRecord]) -> Void = { _ in }) {
         self.aheadQueue = aheadQueue
         self.resolverPool = resolverPool
+        self.registered = registered
         self.engine = engine
         self.resolver = resolver
         self.limits = limits
@@ -276,6 +280,7 @@ public struct RequestHandler: Sendable {
         switch await engine.register(items, consumer: consumer, peer: peer, early: { ahead.start($0, on: queue) }) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let records):
+            registered(records)
             // One line per request: a 10,000-probe request would otherwise log 10,000 lines.
             logger.info("probes registered", metadata: [
                 "count": "\(records.count)", "probe_id": "\(records.first?.id ?? "")", "last_probe_id": "\(records.last?.id ?? "")",

@@ -18,7 +18,7 @@ struct ConfigTests {
         scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
         scrambled.registerGroups = ["x"]; scrambled.readUsers = ["x"]; scrambled.readGroups = ["x"]
         scrambled.maxProbesPerUID = 7; scrambled.metricsListen = "/z"; scrambled.stateCheckpointSeconds = 1
-        scrambled.followCheckMs = 11; scrambled.followSettleMs = 3
+        scrambled.followCheckMs = 11; scrambled.followSettleMs = 3; scrambled.ownerCheckMs = 12
         let parsed = try DaemonConfig.parse(text, base: scrambled)
         #expect(parsed == DaemonConfig())
     }
@@ -32,6 +32,7 @@ struct ConfigTests {
         #expect(throws: ConfigError.self) { try DaemonConfig.parse("metrics_listen = 0.0.0.0:9464\n") }
         #expect(throws: ConfigError.self) { try DaemonConfig.parse("metrics_listen = relative.sock\n") }
         #expect(throws: ConfigError.self) { try DaemonConfig.parse("max_probes_per_uid = -1\n") }
+        #expect(throws: ConfigError.self) { try DaemonConfig.parse("owner_check_ms = 0\n") }
         do { _ = try DaemonConfig.parse("\n\nbatch_window_us = -5\n"); Issue.record("accepted") } catch {
             #expect(error.line == 3)
         }

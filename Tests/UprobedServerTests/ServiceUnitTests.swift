@@ -105,6 +105,7 @@ struct StateFileTests {
             ("owner", { $0.owner.pid = 8 }), ("registered_at", { $0.registeredAt = 6 }),
             ("stamp", { $0.stamp?.mtimeNanos = 43 }), ("no stamp", { $0.stamp = nil }),
             ("pid start", { $0.pidStartTime = 12 }), ("degraded", { $0.degradedReason = "gone" }),
+            ("ended", { $0.endedReason = "over" }),
             ("spec path", { $0.spec.path = "libm" }), ("spec pid", { $0.spec.pid = 9 }),
             ("retprobe", { $0.spec.retprobe = true }), ("force", { $0.spec.force = true }),
             ("follow", { $0.spec.follow = false }), ("target path", { $0.targets[0].path = "/bin/n" }),
@@ -146,7 +147,7 @@ struct StateFileTests {
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }
@@ -630,6 +631,45 @@ struct StateFileTests {
         #expect(other[0].degradedReason?.contains("earlier boot") == true)
     }
 
+    @Test("an ended registration round-trips as ended and comes back ended, never resolved or attached again")
+    func endedStaysEnded() throws {
+        var state = Self.sample
+        state.probes[0].spec.pid = getpid()  // alive and the same process: without the end it would attach
+        state.probes[0].pidStartTime = processStartTime(getpid())
+        state.probes[0].endedReason = "process 42 is no longer uid 1000's (…)"
+        #expect(try StateCodec.decode(StateCodec.encode(state)) == state)
+        let items = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1")
+        #expect(items[0].ended && items[0].degradedReason == state.probes[0].endedReason)
+        #expect(items[0].baseHits == state.probes[0].hits)
+        #expect(!items[1].ended, "degraded stays degraded: decided afresh at every start")
+    }
+
+    @Test("restore planning asks the ownership rule about a live pid filter: a process no longer its owner's comes back ended")
+    func plannerOwnership() throws {
+        let spec = ProbeSpecInput(path: "libc.so.6", symbol: "getpid", pid: getpid())
+        var state = Self.sample
+        state.probes = [state.probes[0]]
+        state.probes[0].spec = spec
+        state.probes[0].targets = try Resolver().resolve(spec)
+        state.probes[0].stamp = nil
+        state.probes[0].pidStartTime = processStartTime(getpid())
+        let kept = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1")
+        #expect(kept[0].degradedReason == nil && !kept[0].ended, "\(String(describing: kept[0].degradedReason))")
+        let ended = RestorePlanner.plan(state, resolver: Resolver(), bootID: "b-1", ownership: { _, pid in
+            pid == getpid() ? "not yours" : nil
+        })
+        #expect(ended[0].ended && ended[0].degradedReason == "not yours")
+        // The rule as the daemon builds it: root's probes are never judged; a gone process is
+        // the start-time check's business.
+        let check = RestorePlanner.ownershipCheck(policy: AccessPolicy(config: DaemonConfig()))
+        var p = state.probes[0]
+        p.owner = Peer(pid: 1, uid: 0, gid: 0)
+        #expect(check(p, 1) == nil)
+        p.owner = Peer(pid: 1, uid: 4242, gid: 4242)
+        #expect(check(p, 1)?.contains("process 1 is no longer uid 4242's") == true)
+        #expect(check(p, Int32.max) == nil)
+    }
+
     @Test("process start time reads field 22 of /proc/PID/stat")
     func startTime() {
         #expect(processStartTime(getpid()) != nil)
@@ -708,11 +748,65 @@ struct AccessPolicyTests {
         #expect(AccessControl.unreadable(path: file, device: UInt64(st.st_dev), inode: UInt64(st.st_ino) + 1, uid: 999, groups: [])?.contains("changed") == true)
     }
 
-    @Test("process ownership reads the real, effective and saved uids")
+    @Test("process ownership reads the real, effective, saved and filesystem uids")
     func ownership() {
         #expect(AccessControl.processNotOwned(pid: getpid(), uid: getuid()) == nil)
         #expect(AccessControl.processNotOwned(pid: getpid(), uid: getuid() + 1) != nil)
         #expect(AccessControl.processNotOwned(pid: Int32.max, uid: 0)?.contains("does not exist") == true)
+    }
+}
+
+/// The rule of `ProcessOwnership` on /proc/PID/status text.
+struct ProcessOwnershipTests {
+    static func status(uid: String = "1000\t1000\t1000\t1000", gid: String = "100\t100\t100\t100",
+                       prm: String = "0000000000000000", eff: String = "0000000000000000", amb: String? = "0000000000000000") -> ArraySlice<UInt8> {
+        var text = "Name:\tpasswd\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t\(uid)\nGid:\t\(gid)\nGroups:\t100 \n"
+        text += "CapInh:\t0000000000000000\nCapPrm:\t\(prm)\nCapEff:\t\(eff)\nCapBnd:\t000001ffffffffff\n"
+        if let amb { text += "CapAmb:\t\(amb)\n" }
+        return Array(text.utf8)[...]
+    }
+
+    func judge(_ bytes: ArraySlice<UInt8>, fileUID: UInt32 = 1000, uid: UInt32 = 1000, confined: Bool = false) -> ProcessOwnership.Problem? {
+        guard let c = ProcessOwnership.parse(bytes, fileUID: fileUID) else { return .gone }
+        return ProcessOwnership.judge(c, uid: uid, capsConfined: { confined })
+    }
+
+    @Test("owned: four equal uids, one gid, no capabilities, dumpable (status file owned by the uid)")
+    func owned() {
+        #expect(judge(Self.status()) == nil)
+        #expect(judge(Self.status(amb: nil)) == nil, "kernels without CapAmb")
+    }
+
+    @Test("a setuid exec (uids), a setgid exec (gids), file capabilities, and undumpability each fail, with what was seen")
+    func notOwned() {
+        #expect(judge(Self.status(uid: "1000\t0\t0\t0")) == .uids([1000, 0, 0, 0]))
+        #expect(judge(Self.status(uid: "1000\t1000\t1000\t0")) == .uids([1000, 1000, 1000, 0]), "fsuid counts")
+        #expect(judge(Self.status(gid: "100\t42\t42\t42")) == .gids([100, 42, 42, 42]))
+        #expect(judge(Self.status(prm: "0000000000002000")) == .capabilities(permitted: 0x2000, effective: 0, ambient: 0))
+        #expect(judge(Self.status(amb: "0000000000000400")) == .capabilities(permitted: 0, effective: 0, ambient: 0x400))
+        #expect(judge(Self.status(), fileUID: 0) == .notDumpable)
+        #expect(ProcessOwnership.Problem.uids([1000, 0, 0, 0]).detail == "uids 1000 0 0 0")
+        #expect(ProcessOwnership.Problem.capabilities(permitted: 0x2000, effective: 0, ambient: 0).detail
+                == "capabilities CapPrm 0000000000002000 CapEff 0000000000000000 CapAmb 0000000000000000")
+    }
+
+    @Test("capabilities held inside a user namespace the owner created do not count; root's own never do")
+    func capabilityExceptions() {
+        #expect(judge(Self.status(prm: "000001ffffffffff", eff: "000001ffffffffff"), confined: true) == nil)
+        #expect(judge(Self.status(uid: "0\t0\t0\t0", gid: "0\t0\t0\t0", prm: "000001ffffffffff"), fileUID: 0, uid: 0) == nil)
+    }
+
+    @Test("status text missing a line the rule needs is not read as owned")
+    func malformed() {
+        #expect(ProcessOwnership.parse(Array("Name:\tx\nUid:\t1\t1\t1\t1\n".utf8)[...], fileUID: 1) == nil)
+    }
+
+    @Test("this test process (root) is root's; the daemon's user database gives a user's groups")
+    func live() {
+        #expect(ProcessOwnership.problem(pid: getpid(), uid: 0) == nil)
+        #expect(ProcessOwnership.problem(pid: Int32.max, uid: 0) == .gone)
+        #expect(OwnershipWatcher.groups(of: 0, primary: 0).contains(0))
+        #expect(OwnershipWatcher.groups(of: 4_000_000_123, primary: 77) == [77], "a uid the database does not know")
     }
 }
 

@@ -106,6 +106,25 @@ int CUprobeSys_map_update_batch(int map_fd, const void *keys, const void *values
 int CUprobeSys_perf_uprobe_open(uint32_t pmu_type, uint64_t config, const char *path,
                                 uint64_t offset, pid_t pid);
 
+/// BPF_RAW_TRACEPOINT_OPEN: attaches a BPF_PROG_TYPE_RAW_TRACEPOINT program to the tracepoint
+/// `name` (e.g. "sched_process_exec"); returns the attachment's fd (closing it detaches).
+int CUprobeSys_raw_tracepoint_open(const char *name, int prog_fd);
+
+/// One record of a BPF ring buffer as `CUprobeSys_ringbuf_drain` hands it out: its first 16
+/// bytes (shorter records are zero-padded).
+struct CUprobeSys_ringbuf_record {
+    uint64_t words[2];
+};
+
+/// Consumes every committed record of a BPF ring buffer mapped by the caller: `consumer` is the
+/// first page (read-write), `producer` the second (read-only) followed by the data area of
+/// `data_size` bytes (a power of two), mapped twice in a row as the kernel lays it out. Copies
+/// up to `max_out` records into `out` (the rest are consumed and counted but not copied) and
+/// returns how many records there were. Stops at a record still being written. The position
+/// words are read and written with acquire/release ordering, as the kernel's producer expects.
+int CUprobeSys_ringbuf_drain(uint64_t *consumer, const uint64_t *producer, const uint8_t *data,
+                             uint64_t data_size, struct CUprobeSys_ringbuf_record *out, int max_out);
+
 /// mallopt(3) M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (Glibc's Swift module does not export
 /// mallopt): blocks up to `mmap_threshold` bytes come from the heap instead of their own
 /// mmap, and up to `trim_threshold` bytes of freed heap stay mapped. 0 on failure (errno is

@@ -348,7 +348,12 @@ final class BatchApplier {
                     id = ProbeID.make(nextProbeNumber)
                     nextProbeNumber += 1
                 }
-                let state: ProbeState = p.restored?.degradedReason.map { .degraded(reason: $0) } ?? .active
+                let state: ProbeState
+                if let restored = p.restored, let reason = restored.degradedReason {
+                    state = restored.ended ? .ended(reason: reason) : .degraded(reason: reason)
+                } else {
+                    state = .active
+                }
                 records.append(record(id: id, plan: plan, spec: p.spec, sites: p.sites, now: now,
                                       restored: p.restored, state: state))
             }
@@ -543,6 +548,7 @@ final class BatchApplier {
         var treeRemovals: [TreeEdit] = []
         var changed = false
         var retiring: [(id: String, sites: [ProbeSite], version: FileVersion?)] = []
+        var endedIDs: [String] = []
         var log = FollowLog()
         defer { log.emit(to: logger) }
         for change in changes {
@@ -576,6 +582,7 @@ final class BatchApplier {
                 // Ended with sites left means an earlier counter read failed: retry the detach.
                 guard !(isEnded(r) && r.sites.isEmpty) else { continue }
                 retiring.append((r.id, r.sites, nil))
+                endedIDs.append(r.id)
                 replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
                                retired: r.retired))
                 changed = true
@@ -675,7 +682,9 @@ final class BatchApplier {
         updatePendingRemovals()
         guard changed || !treeRemovals.isEmpty else { return }
         applyPendingTreeInserts()
-        let snapshot = makeSnapshot()
+        var snapshot = makeSnapshot()
+        // The ended records as they are now, their final counts folded in.
+        snapshot.batchEnded = endedIDs.compactMap { probes[$0] }
         // The state file keeps registrations, not file versions: a failed save is logged and
         // retried by the next batch or checkpoint (the kernel side is already right).
         do {

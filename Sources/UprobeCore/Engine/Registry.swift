@@ -186,9 +186,13 @@ public struct RestoreItem: Sendable {
     public var baseHits: UInt64
     /// The targets as resolved now (attached when `degradedReason` is nil) or as recorded.
     public var targets: [ResolvedProbe]
+    /// Why it is not attached: it comes back degraded (or ended, with `ended`).
     public var degradedReason: String?
+    /// It comes back `ended` with `degradedReason` as the reason: it was over before the
+    /// restart, or its process stopped being its owner's while the daemon was down.
+    public var ended: Bool
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
-                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?) {
+                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false) {
         self.id = id
         self.consumer = consumer
         self.owner = owner
@@ -197,6 +201,7 @@ public struct RestoreItem: Sendable {
         self.baseHits = baseHits
         self.targets = targets
         self.degradedReason = degradedReason
+        self.ended = ended
     }
 }
 
@@ -245,6 +250,9 @@ public struct RegistrySnapshot: Sendable {
     /// persist fails is rolled back, so its registrations never appear in a later snapshot.
     public var batchAdded: [ProbeRecord] = []
     public var batchRemoved: [String] = []
+    /// On the snapshot handed to the persist hook: registrations its batch ended (saved again
+    /// at once, so an ended probe stays ended after a crash).
+    public var batchEnded: [ProbeRecord] = []
 
     /// Probes sorted by their numeric id, for stable listings.
     public var sortedProbes: [ProbeRecord] { probes.sorted }
