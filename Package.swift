@@ -3,6 +3,7 @@
 //
 // Module layout follows the data flow (see ../shared/DESIGN.md and README.md):
 //   CUprobeSys, CSystemd      C shims: bpf(2)/perf_event_open(2), UAPI structs; libsystemd
+//   UprobeErrors              the error codes every layer reports (wire and journal)
 //   UprobeSystem              POSIX calls that capture errno into one error type
 //   UprobeELF                 spec -> (file, offset): symbols, versions, USDT, libraries
 //   UprobeKernel              BPF counting program, maps, uprobe_multi links, counter reads
@@ -32,26 +33,27 @@ let package = Package(
     ],
     targets: [
         .target(name: "CUprobeSys"),
+        .target(name: "UprobeErrors", swiftSettings: strict),
         .target(name: "UprobeSystem",
                 dependencies: [.product(name: "SystemPackage", package: "swift-system")],
                 swiftSettings: strict),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd",
                        providers: [.apt(["libsystemd-dev"])]),
         .target(name: "UprobeELF",
-                dependencies: ["CUprobeSys", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
+                dependencies: ["CUprobeSys", "UprobeErrors", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
                 swiftSettings: strict),
         .target(name: "UprobeKernel",
-                dependencies: ["CUprobeSys", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
+                dependencies: ["CUprobeSys", "UprobeErrors", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
                 swiftSettings: strict),
         .target(name: "UprobeTree", swiftSettings: strict),
         .target(name: "UprobeCore",
-                dependencies: ["UprobeTree", "UprobeELF", "UprobeKernel", "UprobeSystem", "CUprobeSys",
+                dependencies: ["UprobeTree", "UprobeELF", "UprobeKernel", "UprobeErrors", "UprobeSystem", "CUprobeSys",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
-        .target(name: "UprobedProtocol", swiftSettings: strict),
+        .target(name: "UprobedProtocol", dependencies: ["UprobeErrors"], swiftSettings: strict),
         .target(name: "UprobedClient", dependencies: ["UprobedProtocol", "UprobeSystem"], swiftSettings: strict),
         .target(name: "UprobedServer",
-                dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobeSystem", "UprobeTree", "UprobedProtocol", "CSystemd", "CUprobeSys",
+                dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobeErrors", "UprobeSystem", "UprobeTree", "UprobedProtocol", "CSystemd", "CUprobeSys",
                                .product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
                                .product(name: "Logging", package: "swift-log"),

@@ -1,5 +1,6 @@
 import CUprobeSys
 import SystemPackage
+import UprobeErrors
 import UprobeSystem
 
 #if canImport(Glibc)
@@ -8,19 +9,14 @@ import Glibc
 import Musl
 #endif
 
-/// An error of the kernel attacher. `code` is stable snake_case and is what the engine and the
-/// wire protocol pass on; `message` is for humans; `errno` is the failing syscall's errno, if any.
-///
-/// Codes: `bpf_unavailable`, `uprobe_multi_unsupported`, `map_create_failed`,
-/// `prog_load_failed`, `link_create_failed`, `path_not_found`, `offset_out_of_range`,
-/// `offset_not_executable`, `process_not_found`, `invalid_argument`, `capacity_exhausted`, `map_op_failed`, `perf_event_open_failed`,
-/// `perf_pmu_unavailable`.
+/// An error of the kernel attacher: its code (passed on by the engine and the wire protocol),
+/// a message for humans, and the failing syscall's errno, if any.
 public struct KernelError: Error, Sendable, CustomStringConvertible {
-    public let code: String
+    public let code: ErrorCode
     public let message: String
     public let errno: Int32?
 
-    public init(code: String, message: String, errno: Int32? = nil) {
+    public init(code: ErrorCode, message: String, errno: Int32? = nil) {
         self.code = code
         self.message = message
         self.errno = errno
@@ -33,7 +29,7 @@ public struct KernelError: Error, Sendable, CustomStringConvertible {
         "\(code): \(message)"
     }
 
-    init(code: String, _ failure: SyscallFailure, context: String = "") {
+    init(code: ErrorCode, _ failure: SyscallFailure, context: String = "") {
         let what = context.isEmpty ? failure.call : "\(failure.call) (\(context))"
         self.init(code: code, message: "\(what) failed: \(failure.errno)", errno: failure.errno.rawValue)
     }

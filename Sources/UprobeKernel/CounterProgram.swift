@@ -89,7 +89,7 @@ public final class CounterProgram: Sendable {
     /// (message carries the verifier log).
     public init(capacity: UInt32, markCapacity: UInt32 = 65_536) throws(KernelError) {
         guard capacity > 0, markCapacity > 0 else {
-            throw KernelError(code: "invalid_argument", message: "capacity and markCapacity must be > 0")
+            throw KernelError(code: .invalidArgument, message: "capacity and markCapacity must be > 0")
         }
         self.capacity = capacity
         self.markCapacity = markCapacity
@@ -104,9 +104,9 @@ public final class CounterProgram: Sendable {
             } catch {
                 for fd in opened { try? fd.close() }
                 if error.errno == .notPermitted || error.errno == .noFunction {
-                    throw KernelError(code: "bpf_unavailable", error, context: "map \(name)")
+                    throw KernelError(code: .bpfUnavailable, error, context: "map \(name)")
                 }
-                throw KernelError(code: "map_create_failed", error, context: "map \(name)")
+                throw KernelError(code: .mapCreateFailed, error, context: "map \(name)")
             }
         }
         counters = try create(BPF_MAP_TYPE_ARRAY, 4, 8, capacity, "uprobed_counts", flags: UInt32(BPF_F_MMAPABLE))
@@ -114,7 +114,7 @@ public final class CounterProgram: Sendable {
             counterMapping = try CounterMapping(fd: counters, count: Int(capacity))
         } catch {
             for fd in opened { try? fd.close() }
-            throw KernelError(code: "map_create_failed", error, context: "mmap of uprobed_counts")
+            throw KernelError(code: .mapCreateFailed, error, context: "mmap of uprobed_counts")
         }
         overlap = try create(BPF_MAP_TYPE_ARRAY, 4, 4, capacity, "uprobed_overlap")
         marks = try create(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, "uprobed_marks")
@@ -129,16 +129,16 @@ public final class CounterProgram: Sendable {
             let failure = pf.failure, log = pf.log
             for fd in opened { try? fd.close() }
             if failure.errno == .notPermitted {
-                throw KernelError(code: "bpf_unavailable", failure, context: "counting program")
+                throw KernelError(code: .bpfUnavailable, failure, context: "counting program")
             }
             // An unknown expected_attach_type makes the kernel fail with EINVAL before the
             // verifier runs, i.e. with an empty log.
             if failure.errno == .invalidArgument && log.isEmpty {
-                throw KernelError(code: "uprobe_multi_unsupported",
+                throw KernelError(code: .uprobeMultiUnsupported,
                                   message: "the kernel rejects BPF_TRACE_UPROBE_MULTI programs (needs Linux >= 6.6 with CONFIG_UPROBES): \(failure.call) failed: \(failure.errno)",
                                   errno: failure.errno.rawValue)
             }
-            throw KernelError(code: "prog_load_failed",
+            throw KernelError(code: .progLoadFailed,
                               message: "\(failure.call) failed: \(failure.errno); verifier log:\n\(log)",
                               errno: failure.errno.rawValue)
         }
@@ -227,7 +227,7 @@ public final class CounterProgram: Sendable {
                 return .success(fd)
             case .failure(let pf):
             let failure = pf.failure, log = pf.log
-                return .failure(KernelError(code: "prog_load_failed",
+                return .failure(KernelError(code: .progLoadFailed,
                                             message: "\(failure.call) failed: \(failure.errno); verifier log:\n\(log)",
                                             errno: failure.errno.rawValue))
             }
@@ -250,33 +250,33 @@ public final class CounterProgram: Sendable {
     public func attach(path: String, offsets: [UInt64], refCtrOffsets: [UInt64]?, slots: [UInt32],
                        pid: Int32?, retprobe: Bool) throws(KernelError) -> UprobeMultiLink {
         guard !offsets.isEmpty else {
-            throw KernelError(code: "invalid_argument", message: "a link needs at least one offset")
+            throw KernelError(code: .invalidArgument, message: "a link needs at least one offset")
         }
         guard offsets.count == slots.count, refCtrOffsets.map({ $0.count == offsets.count }) ?? true else {
-            throw KernelError(code: "invalid_argument",
+            throw KernelError(code: .invalidArgument,
                               message: "offsets, slots and refCtrOffsets must have the same length")
         }
         if let bad = slots.first(where: { $0 >= capacity }) {
-            throw KernelError(code: "capacity_exhausted", message: "slot \(bad) is outside the counter capacity \(capacity)")
+            throw KernelError(code: .capacityExhausted, message: "slot \(bad) is outside the counter capacity \(capacity)")
         }
         if let pid, pid <= 0 {
-            throw KernelError(code: "invalid_argument", message: "pid must be positive, got \(pid)")
+            throw KernelError(code: .invalidArgument, message: "pid must be positive, got \(pid)")
         }
         // Pre-check the file so the two common mistakes get precise codes; the kernel checks too.
         var st = stat()
         if stat(path, &st) != 0 {
             let err = Errno(rawValue: Glibc.errno)
-            throw KernelError(code: err == .noSuchFileOrDirectory ? "path_not_found" : "link_create_failed",
+            throw KernelError(code: err == .noSuchFileOrDirectory ? .pathNotFound : .linkCreateFailed,
                               message: "cannot stat \(path): \(err)", errno: err.rawValue)
         }
         if let bad = offsets.first(where: { $0 >= UInt64(st.st_size) }) {
-            throw KernelError(code: "offset_out_of_range",
+            throw KernelError(code: .offsetOutOfRange,
                               message: "offset \(bad) is beyond the end of \(path) (\(st.st_size) bytes)",
                               errno: Errno.invalidArgument.rawValue)
         }
         if let exec = ExecutableRanges.of(path: path),
            let bad = offsets.first(where: { off in !exec.contains { $0.contains(off) } }) {
-            throw KernelError(code: "offset_not_executable",
+            throw KernelError(code: .offsetNotExecutable,
                               message: "offset \(bad) of \(path) is not inside an executable segment; the kernel would accept it but the probe could never fire",
                               errno: Errno.invalidArgument.rawValue)
         }
@@ -291,17 +291,17 @@ public final class CounterProgram: Sendable {
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory:
-                throw KernelError(code: "path_not_found", error, context: path)
+                throw KernelError(code: .pathNotFound, error, context: path)
             case .noSuchProcess:
-                throw KernelError(code: "process_not_found", error, context: "pid \(pid ?? 0)")
+                throw KernelError(code: .processNotFound, error, context: "pid \(pid ?? 0)")
             case .badFileDescriptor, .invalidArgument:
-                throw KernelError(code: "link_create_failed", error,
+                throw KernelError(code: .linkCreateFailed, error,
                                   context: "\(path): not a regular file, an offset is not a probeable instruction, or a probe at that offset already has another USDT semaphore (ref_ctr_offset)")
             case .tooManyOpenFiles, .tooManyOpenFilesInSystem:
-                throw KernelError(code: "too_many_open_files", error,
+                throw KernelError(code: .tooManyOpenFiles, error,
                                   context: "\(path): uprobed is out of file descriptors (each link is one); raise LimitNOFILE or lower max_connections")
             default:
-                throw KernelError(code: "link_create_failed", error, context: path)
+                throw KernelError(code: .linkCreateFailed, error, context: path)
             }
         }
     }
@@ -318,7 +318,7 @@ public final class CounterProgram: Sendable {
         do {
             try updateBatch(overlap, keys: slots, values: values, valueSize: 4)
         } catch {
-            throw KernelError(code: "map_op_failed", error, context: "overlap (\(slots.count) slots)")
+            throw KernelError(code: .mapOpFailed, error, context: "overlap (\(slots.count) slots)")
         }
     }
 
@@ -337,7 +337,7 @@ public final class CounterProgram: Sendable {
 
     private func checkSlots(_ slots: [UInt32]) throws(KernelError) {
         if let bad = slots.first(where: { $0 >= capacity }) {
-            throw KernelError(code: "invalid_argument", message: "slot \(bad) is outside the capacity \(capacity)")
+            throw KernelError(code: .invalidArgument, message: "slot \(bad) is outside the capacity \(capacity)")
         }
     }
 
@@ -366,7 +366,7 @@ public final class CounterProgram: Sendable {
             }
             for var k in doomed { try BPFSyscall.mapDelete(marks, key: &k) }
         } catch {
-            throw KernelError(code: "map_op_failed", error, context: "sweeping marks")
+            throw KernelError(code: .mapOpFailed, error, context: "sweeping marks")
         }
     }
 
@@ -387,7 +387,7 @@ public final class CounterProgram: Sendable {
                 key = next
             }
         } catch {
-            throw KernelError(code: "map_op_failed", error, context: "walking marks")
+            throw KernelError(code: .mapOpFailed, error, context: "walking marks")
         }
         return count
     }
@@ -402,7 +402,7 @@ public final class CounterProgram: Sendable {
     /// The hits of one slot.
     public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
         guard slot < capacity else {
-            throw KernelError(code: "invalid_argument", message: "slot \(slot) is outside the capacity \(capacity)")
+            throw KernelError(code: .invalidArgument, message: "slot \(slot) is outside the capacity \(capacity)")
         }
         return counterMapping.word(Int(slot)).pointee.load(ordering: .relaxed)
     }

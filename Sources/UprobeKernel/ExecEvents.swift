@@ -54,12 +54,12 @@ public final class ExecEvents {
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         let size = max(ringBytes, page)
         guard size & (size - 1) == 0 else {
-            throw KernelError(code: "invalid_argument", message: "ringBytes must be a power of two")
+            throw KernelError(code: .invalidArgument, message: "ringBytes must be a power of two")
         }
         var opened: [FileDescriptor] = []
         func fail(_ what: String, _ error: SyscallFailure) -> KernelError {
             for fd in opened { try? fd.close() }
-            return KernelError(code: "exec_events_unavailable", error, context: what)
+            return KernelError(code: .execEventsUnavailable, error, context: what)
         }
         let pids: FileDescriptor, ring: FileDescriptor
         do {
@@ -80,7 +80,7 @@ public final class ExecEvents {
         case .success(let fd): program = fd
         case .failure(let pf):
             for fd in opened { try? fd.close() }
-            throw KernelError(code: "exec_events_unavailable",
+            throw KernelError(code: .execEventsUnavailable,
                               message: "\(pf.failure.call) (exec event program) failed: \(pf.failure.errno); verifier log: \(pf.log)",
                               errno: pf.failure.errno.rawValue)
         }

@@ -20,9 +20,9 @@ public enum KernelSupport {
             case .badFileDescriptor, .noSuchFileOrDirectory:
                 return      // the kernel parsed the uprobe_multi attr and looked at the path
             case .notPermitted, .permissionDenied:
-                throw KernelError(code: "bpf_unavailable", error, context: "uprobe_multi link probe")
+                throw KernelError(code: .bpfUnavailable, error, context: "uprobe_multi link probe")
             default:
-                throw KernelError(code: "uprobe_multi_unsupported",
+                throw KernelError(code: .uprobeMultiUnsupported,
                                   message: "the kernel does not support uprobe_multi links (needs Linux >= 6.6 with CONFIG_UPROBES): \(error.call) failed: \(error.errno)",
                                   errno: error.errno.rawValue)
             }

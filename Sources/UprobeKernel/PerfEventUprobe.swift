@@ -17,11 +17,11 @@ public final class PerfEventUprobe: Sendable {
     public init(program: CounterProgram, path: String, offset: UInt64, slot: UInt32, pid: Int32?,
                 retprobe: Bool) throws(KernelError) {
         guard slot < program.capacity else {
-            throw KernelError(code: "capacity_exhausted", message: "slot \(slot) is outside the counter capacity \(program.capacity)")
+            throw KernelError(code: .capacityExhausted, message: "slot \(slot) is outside the counter capacity \(program.capacity)")
         }
         guard let typeText = readSmallFile("/sys/bus/event_source/devices/uprobe/type"),
               let pmuType = UInt32(typeText.filter { !$0.isWhitespace }) else {
-            throw KernelError(code: "perf_pmu_unavailable", message: "no uprobe PMU in /sys/bus/event_source/devices/uprobe")
+            throw KernelError(code: .perfPMUUnavailable, message: "no uprobe PMU in /sys/bus/event_source/devices/uprobe")
         }
         var config: UInt64 = 0
         if retprobe {
@@ -29,7 +29,7 @@ public final class PerfEventUprobe: Sendable {
             guard let format = readSmallFile("/sys/bus/event_source/devices/uprobe/format/retprobe"),
                   let bitText = format.split(separator: ":").last,
                   let bit = UInt64(bitText.filter { !$0.isWhitespace }), bit < 64 else {
-                throw KernelError(code: "perf_pmu_unavailable", message: "the uprobe PMU has no retprobe format bit")
+                throw KernelError(code: .perfPMUUnavailable, message: "the uprobe PMU has no retprobe format bit")
             }
             config = 1 << bit
         }
@@ -39,7 +39,7 @@ public final class PerfEventUprobe: Sendable {
             event = try BPFSyscall.perfUprobeOpen(pmuType: pmuType, config: config, path: path,
                                                   offset: offset, pid: pid ?? -1)
         } catch {
-            throw KernelError(code: error.errno == .noSuchFileOrDirectory ? "path_not_found" : "perf_event_open_failed",
+            throw KernelError(code: error.errno == .noSuchFileOrDirectory ? .pathNotFound : .perfEventOpenFailed,
                               error, context: "\(path)+\(offset)")
         }
         do {
@@ -47,7 +47,7 @@ public final class PerfEventUprobe: Sendable {
             fds = Mutex((link, event))
         } catch {
             try? event.close()
-            throw KernelError(code: "link_create_failed", error, context: "perf_event link")
+            throw KernelError(code: .linkCreateFailed, error, context: "perf_event link")
         }
         self.slot = slot
     }

@@ -119,8 +119,6 @@ public struct AccessPolicy: Sendable, Equatable {
 /// The checks a request must pass before it reaches the engine. Every denial is a
 /// `permission_denied` (or `probe_limit_exceeded`) error whose message names what is missing.
 public enum AccessControl {
-    public static let limitExceeded = ErrorCode("probe_limit_exceeded")
-
     /// The least role each operation needs.
     public static func requiredRole(_ request: Request) -> AccessRole {
         switch request {
@@ -179,7 +177,7 @@ public enum AccessControl {
         }
         let adding = items.reduce(0) { $0 + $1.probeCount }
         if let held, policy.maxProbesPerUID > 0 && held + adding > policy.maxProbesPerUID {
-            return ProtocolError(limitExceeded,
+            return ProtocolError(.probeLimitExceeded,
                                  "uid \(who.peer.uid) holds \(held) probes; \(adding) more would exceed max_probes_per_uid (\(policy.maxProbesPerUID))")
         }
         return nil

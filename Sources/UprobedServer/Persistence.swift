@@ -1340,9 +1340,9 @@ public enum RestorePlanner {
         let byID: [UprobeSiteID: ResolvedProbe]
         do { (now, byID) = try resolver.resolve(p.spec) } catch {
             switch error.code {
-            case "file_not_found", "library_not_found":
+            case .fileNotFound, .libraryNotFound:
                 return "binary \(first.path) no longer exists (\(error.code)); not attached"
-            case "not_elf", "malformed_elf", "unsupported_elf":
+            case .notELF, .malformedELF, .unsupportedELF:
                 return "binary \(first.path) is no longer a usable ELF file (\(error.code): \(error.message)); not attached"
             default:
                 return "cannot resolve the probe again (\(error.code): \(error.message)); not attached"

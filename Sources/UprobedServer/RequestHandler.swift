@@ -118,7 +118,7 @@ public struct RequestHandler: Sendable {
                 return w.withLine { ByteBuffer(bytes: $0) }
             }
         case .failure(let error):
-            if error.code == .permissionDenied || error.code == AccessControl.limitExceeded {
+            if error.code == .permissionDenied || error.code == .probeLimitExceeded {
                 counters.accessDenied.add(1, ordering: .relaxed)
                 logger.warning("access denied", metadata: ["op": "\(env.request.op)", "error_code": "\(error.code)",
                                                            "peer_pid": "\(who.peer.pid)", "peer_uid": "\(who.peer.uid)",
@@ -208,7 +208,7 @@ public struct RequestHandler: Sendable {
                 }
                 out.append(targets)
             } catch {
-                return .failure(ProtocolError(ErrorCode(error.code), "probes[\(n)]: \(error.message)",
+                return .failure(ProtocolError(error.code, "probes[\(n)]: \(error.message)",
                                               details: ["probe": .int(Int64(n))]))
             }
         }
@@ -469,7 +469,7 @@ public struct RequestHandler: Sendable {
     static func protocolError(_ e: EngineError) -> ProtocolError {
         var details = JSONObject()
         if let i = e.probeIndex { details["probe"] = .int(Int64(i)) }
-        return ProtocolError(ErrorCode(e.code), e.message, details: details)
+        return ProtocolError(e.code, e.message, details: details)
     }
 }
 

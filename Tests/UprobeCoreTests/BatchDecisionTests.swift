@@ -52,9 +52,9 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
             gate.wait()
         }
         lock.lock(); defer { lock.unlock() }
-        if failPaths.contains(path) { throw KernelError(code: "link_create_failed", message: "fake failure on \(path)") }
+        if failPaths.contains(path) { throw KernelError(code: .linkCreateFailed, message: "fake failure on \(path)") }
         if let bad = sites.first(where: { failOffsets.contains($0.offset) }) {
-            throw KernelError(code: "link_create_failed", message: "fake failure at offset \(bad.offset)")
+            throw KernelError(code: .linkCreateFailed, message: "fake failure at offset \(bad.offset)")
         }
         attaches.append((path, sites, pid, retprobe))
         let l = FakeLink(generation: nextGeneration, sites: sites, owner: self)
@@ -204,7 +204,7 @@ struct BatchDecisionTests {
         #expect((try? results[0].get())?.count == 1)
         #expect((try? results[2].get())?.count == 1)
         guard case .failure(let e) = results[1] else { Issue.record("request 1 should fail"); return }
-        #expect(e.code == "link_create_failed")
+        #expect(e.code == .linkCreateFailed)
         #expect(e.message.contains("/bad"))
         // Request 1's site on /a was attached in the shared link: it must be detached, not counted.
         h.applier.compact(wait: true)
@@ -224,7 +224,7 @@ struct BatchDecisionTests {
         #expect((try? results[0].get())?.count == 1)
         #expect((try? results[2].get())?.count == 1)
         guard case .failure(let e) = results[1] else { Issue.record("request 1 should fail"); return }
-        #expect(e.code == "link_create_failed" && e.message.contains("offset 32"), "\(e.message)")
+        #expect(e.code == .linkCreateFailed && e.message.contains("offset 32"), "\(e.message)")
         #expect(h.kernel.openSlots.count == 2, "only the two good requests' sites are attached")
         #expect(h.published.load().probes.count == 2)
     }
@@ -472,7 +472,7 @@ struct BatchDecisionTests {
         let h = Harness(persist: { _ in throw DiskFull() })
         let r = h.registerBatch([[item("/a", inode: 1, offsets: [0x10, 0x20])]])
         guard case .failure(let e) = r[0] else { Issue.record("register should fail"); return }
-        #expect(e.code == "state_write_failed")
+        #expect(e.code == .stateWriteFailed)
         #expect(h.published.load().probes.isEmpty)
         #expect(h.tree.count == 0)
         h.applier.compact(wait: true)
@@ -544,7 +544,7 @@ struct BatchDecisionTests {
         gate.signal()
         h.applier.waitForCommits()
         guard case .failure(let e)? = replies.withLock({ $0["third"] }) else { Issue.record("the unsynced register must fail"); return }
-        #expect(e.code == "state_write_failed")
+        #expect(e.code == .stateWriteFailed)
         let undo = requeued.withLock { $0 }
         #expect(undo.count == 1, "one removal per unconfirmed registration")
         failing.withLock { $0 = false }
@@ -588,7 +588,7 @@ struct BatchDecisionTests {
         let ok = try #require(replies.withLock { $0[0] })
         #expect((try? ok.get())?.map(\.id) == ["p1"])
         guard case .failure(let refused)? = replies.withLock({ $0[1] }) else { Issue.record("the refused register must fail"); return }
-        #expect(refused.code == "link_create_failed")
+        #expect(refused.code == .linkCreateFailed)
         #expect(h.published.load().probes.values.map(\.id) == ["p1"])
 
         // A batch whose registrations all attach appends nothing after the attach: one sync.

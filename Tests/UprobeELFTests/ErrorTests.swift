@@ -55,7 +55,7 @@ struct ErrorTests {
                 _ = try r.resolve(ProbeSpecInput(path: p, symbol: "fix_add"))
                 // Cutting off only the section headers' tail may still leave usable tables: not an error.
             } catch {
-                #expect(["malformed_elf", "no_symbols", "symbol_not_found", "offset_not_executable"].contains(error.code),
+                #expect(["malformed_elf", "no_symbols", "symbol_not_found", "offset_not_executable"].contains(error.code.rawValue),
                         "\(n): \(error)")
             }
         }
@@ -88,7 +88,7 @@ struct ErrorTests {
             let p = try write(b, "fuzz")
             for spec in [ProbeSpecInput(path: p, symbol: "fix_add"), ProbeSpecInput(path: p, symbol: "gen_*"),
                          ProbeSpecInput(path: p, usdt: "fixprov:hit"), ProbeSpecInput(path: p, offset: 0x1200, force: true)] {
-                do { _ = try r.resolve(spec); outcomes["ok", default: 0] += 1 } catch { outcomes[error.code, default: 0] += 1 }
+                do { _ = try r.resolve(spec); outcomes["ok", default: 0] += 1 } catch { outcomes[error.code.rawValue, default: 0] += 1 }
             }
         }
         #expect(outcomes.values.reduce(0, +) == 1600)

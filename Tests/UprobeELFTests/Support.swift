@@ -143,7 +143,7 @@ func expectCode(_ code: String, sourceLocation: SourceLocation = #_sourceLocatio
         Issue.record("expected \(code), got \(r)", sourceLocation: sourceLocation)
         return nil
     } catch {
-        #expect(error.code == code, "\(error.message)", sourceLocation: sourceLocation)
+        #expect(error.code.rawValue == code, "\(error.message)", sourceLocation: sourceLocation)
         return error
     }
 }

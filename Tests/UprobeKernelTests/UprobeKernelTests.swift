@@ -267,7 +267,7 @@ struct UprobeKernelTests {
                                slots: [0], pid: nil, retprobe: false)
         }
         func code(_ body: () throws -> Void) -> String? {
-            do { try body(); return nil } catch let e as KernelError { print("error: \(e)"); return e.code } catch { return "other" }
+            do { try body(); return nil } catch let e as KernelError { print("error: \(e)"); return e.code.rawValue } catch { return "other" }
         }
         #expect(code { _ = try program.attach(path: "/nonexistent/x", offsets: [0x1000], refCtrOffsets: nil, slots: [0], pid: nil, retprobe: false) } == "path_not_found")
         #expect(code { _ = try program.attach(path: fx.binary, offsets: [1 << 40], refCtrOffsets: nil, slots: [0], pid: nil, retprobe: false) } == "offset_out_of_range")

@@ -341,3 +341,28 @@ struct RequestDecodingTests {
         }
     }
 }
+
+struct ErrorCodeCatalogTests {
+    @Test("README's table of error codes lists exactly ErrorCode.all, each once")
+    func readmeListsEveryCode() throws {
+        let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let readme = try String(contentsOf: repo.appendingPathComponent("README.md"), encoding: .utf8)
+        let start = try #require(readme.range(of: "### Error codes"))
+        let table = readme[start.upperBound...].split(separator: "\n").drop { !$0.hasPrefix("|") }.prefix { $0.hasPrefix("|") }
+        // The second column's backticked snake_case words, skipping config keys named in parentheses.
+        var listed: [String] = []
+        for row in table.dropFirst(2) {
+            let cells = row.split(separator: "|", omittingEmptySubsequences: false)
+            guard cells.count > 2 else { continue }
+            var text = String(cells[2])
+            while let open = text.firstIndex(of: "("), let close = text[open...].firstIndex(of: ")") {
+                text.removeSubrange(open...close)
+            }
+            for part in text.split(separator: "`").enumerated() where part.offset % 2 == 1 { listed.append(String(part.element)) }
+        }
+        #expect(listed == ErrorCode.all.map(\.rawValue), "README: \(listed)")
+        #expect(Set(listed).count == listed.count)
+        #expect(ErrorCode(rawValue: "symbol_not_found") == .symbolNotFound)
+        #expect(ErrorCode(rawValue: "no_such_code") == nil)
+    }
+}

@@ -467,7 +467,7 @@ struct StateFileTests {
         let counts = Mutex<[UInt64]>(Array(repeating: 0, count: 16))
         var capacity: UInt32 { 16 }
         func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
-            throw KernelError(code: "unused", message: "not in this test")
+            throw KernelError(code: .internalError, message: "not in this test")
         }
         func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {}
         func sweepMarks(slots: Set<UInt32>) throws(KernelError) {}
@@ -480,7 +480,7 @@ struct StateFileTests {
     struct ZeroKernel: KernelBackend {
         var capacity: UInt32 { 1 << 20 }
         func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
-            throw KernelError(code: "unused", message: "not in this test")
+            throw KernelError(code: .internalError, message: "not in this test")
         }
         func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {}
         func sweepMarks(slots: Set<UInt32>) throws(KernelError) {}

@@ -190,7 +190,7 @@ final class BatchApplier {
                 }
                 guard let allocated = slots.allocate(needed) else {
                     plan.failure = EngineError(
-                        code: "capacity_exhausted",
+                        code: .capacityExhausted,
                         message: "no counter slots left for \(needed) probe sites (\(slots.inUse) of \(slots.capacity) in use); unregister probes or raise slot_capacity")
                     registers.append(plan)
                     continue
@@ -230,7 +230,7 @@ final class BatchApplier {
                     }
                     if slots.available < item.targets.count { reclaimSlots() }
                     guard let allocated = slots.allocate(item.targets.count) else {
-                        plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left to restore \(item.id)")
+                        plan.failure = EngineError(code: .capacityExhausted, message: "no counter slots left to restore \(item.id)")
                         plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
                         registers.append(plan)
                         continue
@@ -244,7 +244,7 @@ final class BatchApplier {
                 let selected: [String]
                 if let ids {
                     if let missing = ids.first(where: { probes[$0] == nil || removedInBatch.contains($0) }) {
-                        reply(.failure(EngineError(code: "probe_not_found", message: "no probe with id '\(missing)'")))
+                        reply(.failure(EngineError(code: .probeNotFound, message: "no probe with id '\(missing)'")))
                         continue
                     }
                     selected = Array(Set(ids))
@@ -252,7 +252,7 @@ final class BatchApplier {
                     selected = probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
                 }
                 if let denied = selected.first(where: { id in probes[id].map { !authorize($0) } ?? false }) {
-                    reply(.failure(EngineError(code: "permission_denied",
+                    reply(.failure(EngineError(code: .permissionDenied,
                                                message: "probe '\(denied)' belongs to another user")))
                     continue
                 }
@@ -444,7 +444,7 @@ final class BatchApplier {
                 // Not durable: no registration of this batch may be acknowledged. Take them
                 // back out through the writer (an ordinary removal, itself logged).
                 logger.error("syncing the state log failed", metadata: ["error": "\(why)"])
-                let error = EngineError(code: "state_write_failed",
+                let error = EngineError(code: .stateWriteFailed,
                                         message: "the state file could not be synced, so these probes were not registered: \(why)")
                 var undo: [String] = []
                 for r in registerReplies {
@@ -531,7 +531,7 @@ final class BatchApplier {
 
     /// What a registration whose state could not be written fails with.
     private static func notRegistered(_ error: any Error) -> EngineError {
-        EngineError(code: "state_write_failed",
+        EngineError(code: .stateWriteFailed,
                     message: "the state file could not be written, so these probes were not registered: \(error)")
     }
 
@@ -604,7 +604,7 @@ final class BatchApplier {
                     newSlots += allocated
                     plan.probes = [PlannedProbe(sites: zip(targets, allocated).map { ProbeSite(target: $0, slot: $1) }, spec: r.spec)]
                 } else {
-                    plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left for the new file's \(targets.count) sites")
+                    plan.failure = EngineError(code: .capacityExhausted, message: "no counter slots left for the new file's \(targets.count) sites")
                 }
                 plans.append(plan)
                 ids.append(id)
@@ -634,7 +634,7 @@ final class BatchApplier {
                     // The watcher retries at every check; only a change of state is news.
                     guard r.state != .degraded(reason: reason) else { continue }
                     replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets, retired: r.retired))
-                    log.note(.init(event: .degraded, path: path, inode: 0, errorCode: failure.code, reason: reason), id: r.id)
+                    log.note(.init(event: .degraded, path: path, inode: 0, errorCode: failure.code.rawValue, reason: reason), id: r.id)
                 } else {
                     for site in newSites {
                         if let number = r.number {
@@ -922,7 +922,7 @@ final class BatchApplier {
         guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { close(fd); return path }
         guard UInt64(st.st_dev) == key.device, UInt64(st.st_ino) == key.inode else {
             close(fd)
-            throw KernelError(code: "file_changed",
+            throw KernelError(code: .fileChanged,
                               message: "\(path) was replaced after it was resolved (inode \(key.inode) -> \(st.st_ino)); resolve again")
         }
         pinned[file] = fd

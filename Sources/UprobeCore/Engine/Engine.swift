@@ -138,7 +138,7 @@ public final class Engine: Sendable {
         if queue.push(.follow(changes: changes, reply: { done.signal() })) { done.wait() }
     }
 
-    private static let stopping = EngineError(code: "shutting_down", message: "uprobed is stopping")
+    private static let stopping = EngineError(code: .shuttingDown, message: "uprobed is stopping")
 
     /// The last published registry, copied out of the tree (one reference taken). Readers that
     /// answer a request use `read` instead, which takes none; this is for those that keep a

@@ -1,3 +1,4 @@
+import UprobeErrors
 import UprobeELF
 
 /// What an unregister did.
@@ -17,10 +18,10 @@ public struct Removal: Sendable, Equatable {
 /// A failed engine operation, with a stable code and (when one probe is to blame) its index
 /// in the request.
 public struct EngineError: Error, Sendable, Equatable {
-    public var code: String
+    public var code: ErrorCode
     public var message: String
     public var probeIndex: Int?
-    public init(code: String, message: String, probeIndex: Int? = nil) {
+    public init(code: ErrorCode, message: String, probeIndex: Int? = nil) {
         self.code = code
         self.message = message
         self.probeIndex = probeIndex

@@ -63,7 +63,7 @@ public struct StatsTable: Sendable {
             table.reserve(ids.count)
             for id in ids {
                 guard let r = probes[id] else {
-                    return .failure(EngineError(code: "probe_not_found", message: "no probe with id '\(id)'"))
+                    return .failure(EngineError(code: .probeNotFound, message: "no probe with id '\(id)'"))
                 }
                 counts.withUnsafeBufferPointer { table.add(r, counts: $0, allVersions: allVersions, now: now) }
             }
