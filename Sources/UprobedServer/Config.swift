@@ -102,61 +102,11 @@ public struct DaemonConfig: Sendable, Equatable {
             }
             let key = trimmed[..<eq].trimmingCharacters(in: .whitespaces)
             let value = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: .whitespaces)
-            func int(_ range: ClosedRange<Int>) throws(ConfigError) -> Int {
-                guard let v = Int(value.replacingOccurrences(of: "_", with: "")), range.contains(v) else {
-                    throw ConfigError(line: n + 1, message: "\(key) must be an integer in \(range.lowerBound)...\(range.upperBound), got '\(value)'")
-                }
-                return v
-            }
-            switch key {
-            case "socket":
-                guard value.hasPrefix("/") else { throw ConfigError(line: n + 1, message: "socket must be an absolute path") }
-                c.socketPath = value
-            case "socket_mode":
-                guard let m = UInt32(value, radix: 8), m <= 0o777 else {
-                    throw ConfigError(line: n + 1, message: "socket_mode must be octal like 0660, got '\(value)'")
-                }
-                c.socketMode = m
-            case "state_dir":
-                guard value.hasPrefix("/") else { throw ConfigError(line: n + 1, message: "state_dir must be an absolute path") }
-                c.stateDir = value
-            case "state_checkpoint_s": c.stateCheckpointSeconds = try int(0...86_400)
-            case "max_line_bytes": c.maxLineBytes = try int(1024...(256 << 20))
-            case "max_probes_per_request": c.maxProbesPerRequest = try int(1...1_000_000)
-            case "send_buffer_bytes": c.sendBufferBytes = try int(0...(256 << 20))
-            case "max_connections": c.maxConnections = try int(1...1_000_000)
-            case "max_connections_per_uid": c.maxConnectionsPerUID = try int(0...1_000_000)
-            case "admin_reserved_connections": c.adminReservedConnections = try int(0...1_000_000)
-            case "elf_cache_bytes": c.elfCacheBytes = try int(0...(64 << 30))
-            case "max_glob_matches": c.maxGlobMatches = try int(1...1_000_000)
-            case "batch_window_us": c.batchWindowMicros = try int(0...1_000_000)
-            case "max_batch_requests": c.maxBatchRequests = try int(1...1_000_000)
-            case "compaction_delay_ms": c.compactionDelayMs = try int(0...3_600_000)
-            case "max_links_per_group": c.maxLinksPerGroup = try int(1...100_000)
-            case "slot_capacity": c.slotCapacity = UInt32(try int(16...16_777_216))
-            case "min_watch_interval_ms": c.minWatchIntervalMs = try int(1...3_600_000)
-            case "follow_check_ms": c.followCheckMs = try int(10...3_600_000)
-            case "follow_settle_ms": c.followSettleMs = try int(0...60_000)
-            case "owner_check_ms": c.ownerCheckMs = try int(10...3_600_000)
-            case "admin_uids": c.adminUsers = try idList(value, line: n + 1, key: key)
-            case "admin_groups": c.adminGroups = try idList(value, line: n + 1, key: key)
-            case "register_uids": c.registerUsers = try idList(value, line: n + 1, key: key)
-            case "register_groups": c.registerGroups = try idList(value, line: n + 1, key: key)
-            case "read_uids": c.readUsers = try idList(value, line: n + 1, key: key)
-            case "read_groups": c.readGroups = try idList(value, line: n + 1, key: key)
-            case "max_probes_per_uid": c.maxProbesPerUID = try int(0...10_000_000)
-            case "metrics_listen":
-                do { _ = try MetricsEndpoint.parse(value) } catch {
-                    throw ConfigError(line: n + 1, message: error.message)
-                }
-                c.metricsListen = value
-            case "log_level":
-                guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(value) else {
-                    throw ConfigError(line: n + 1, message: "log_level must be one of trace, debug, info, notice, warning, error, critical")
-                }
-                c.logLevel = value
-            default:
+            guard let entry = ConfigKey.named[key] else {
                 throw ConfigError(line: n + 1, message: "unknown key '\(key)'")
+            }
+            do throws(ConfigKey.BadValue) { try entry.set(&c, value) } catch {
+                throw ConfigError(line: n + 1, message: error.message)
             }
         }
         return c
@@ -164,14 +114,14 @@ public struct DaemonConfig: Sendable, Equatable {
 
     /// A list of user or group names / numeric ids, separated by commas or blanks; `*` means
     /// everyone. Names are resolved when the policy is built (and again on every reload).
-    static func idList(_ value: String, line: Int, key: String) throws(ConfigError) -> [String] {
+    static func idList(_ value: String, key: String) throws(ConfigKey.BadValue) -> [String] {
         let items = value.split(whereSeparator: { $0 == "," || $0 == " " || $0 == "\t" }).map(String.init)
         for item in items {
             let ok = item == "*" || UInt32(item) != nil
                 || (item.first.map { $0.isLetter || $0 == "_" } ?? false)
                     && item.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "_-.$".contains($0)) }
             guard ok else {
-                throw ConfigError(line: line, message: "\(key): '\(item)' is not a user/group name, a numeric id or *")
+                throw ConfigKey.BadValue(message: "\(key): '\(item)' is not a user/group name, a numeric id or *")
             }
         }
         return items

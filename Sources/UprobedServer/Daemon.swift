@@ -13,26 +13,6 @@ import UprobedProtocol
 import Glibc
 #endif
 
-/// How the daemon was started, beyond the config file: what a reload must re-read and re-apply.
-public struct StartOptions: Sendable {
-    /// The config file given with --config (nil: the default path if it exists).
-    public var configPath: String?
-    /// Command-line flags that override the file (applied again after every reload).
-    public var overrides: @Sendable (inout DaemonConfig) -> Void
-    /// Move corrupt or incomplete state files aside and start empty instead of refusing to start.
-    public var moveCorruptState: Bool
-    /// The log level every handler follows.
-    public var logLevel: LogLevelCell
-
-    public init(configPath: String? = nil, overrides: @escaping @Sendable (inout DaemonConfig) -> Void = { _ in },
-                moveCorruptState: Bool = false, logLevel: LogLevelCell = .shared) {
-        self.configPath = configPath
-        self.overrides = overrides
-        self.moveCorruptState = moveCorruptState
-        self.logLevel = logLevel
-    }
-}
-
 /// The daemon as a swift-service-lifecycle `Service`: kernel, state file, engine, socket server
 /// and metrics listener, with systemd readiness sent only once the socket is serving (after the
 /// saved registrations are restored), SIGHUP reloads, and a graceful drain on SIGTERM that saves
@@ -181,36 +161,13 @@ public final class UprobedService: Service, Sendable {
                         }
                     }
                     if config.stateCheckpointSeconds > 0 {
-                        let checkpoints = DispatchQueue(label: "uprobed-checkpoint")
-                        tasks.addTask {
-                            // Hit totals between batches; the writer saves registrations itself.
-                            // The blocking write (25 MB for 64,000 probes) runs on its own
-                            // thread, not on one of the task pool's two, which serve requests.
-                            while !Task.isCancelled {
-                                try await Task.sleep(for: .seconds(config.stateCheckpointSeconds))
-                                await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-                                    checkpoints.async {
-                                        do throws(StateError) { try persister.checkpoint(engine.snapshot) } catch {
-                                            logger.warning("hit checkpoint failed", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
-                                        }
-                                        done.resume()
-                                    }
-                                }
-                            }
-                        }
+                        let checkpoints = CheckpointService(persister: persister, engine: engine,
+                                                            every: .seconds(config.stateCheckpointSeconds), logger: logger)
+                        tasks.addTask { try await checkpoints.run() }
                     }
-                    // STATUS every 10 s (or with each watchdog ping: half the manager's
-                    // interval, as sd_watchdog_enabled(3) recommends). No-ops without NOTIFY_SOCKET.
-                    let watchdog = Systemd.watchdogInterval()
                     if Systemd.notifySocketSet {
-                        tasks.addTask {
-                            while !Task.isCancelled {
-                                let s = engine.snapshot
-                                let status = "STATUS=\(s.probes.count) probes, \(s.linksOpen) links, last batch \(s.counters.lastBatchSize) requests in \(s.counters.lastBatchMicros) us"
-                                Systemd.notify(watchdog == nil ? status : "WATCHDOG=1\n" + status)
-                                try await Task.sleep(for: watchdog.map { $0 / 2 } ?? .seconds(10))
-                            }
-                        }
+                        let status = SystemdStatusService(engine: engine, watchdog: Systemd.watchdogInterval())
+                        tasks.addTask { try await status.run() }
                     }
                     try await tasks.next()
                     tasks.cancelAll()
@@ -325,156 +282,5 @@ public final class UprobedService: Service, Sendable {
             Systemd.notify("STATUS=stopped; the final state save failed: \(error.message)")
             return ServerError(message: "stopped without saving the state (\(error.message)): \(risk)")
         }
-    }
-}
-
-/// SIGHUP: re-reads the config file and applies what can change while running (log level,
-/// access policy, per-uid limit, metrics listener). A bad file is refused with a log line and
-/// the old config stays in force; keys that need a restart are named in a warning and keep
-/// their running value. Tells systemd RELOADING=1 ... READY=1 around it.
-final class Reloader: Sendable {
-    let options: StartOptions
-    let access: PolicyCell
-    let counters: ServiceCounters
-    let metrics: MetricsServer
-    let group: MultiThreadedEventLoopGroup
-    let logger: Logger
-    let serving: String
-    /// The config in force (reloadable keys updated by each good reload). Reloads run one at a
-    /// time on the signal source's serial queue.
-    private let current: Mutex<DaemonConfig>
-
-    init(options: StartOptions, running: DaemonConfig, access: PolicyCell, counters: ServiceCounters,
-         metrics: MetricsServer, group: MultiThreadedEventLoopGroup, logger: Logger, serving: String) {
-        self.options = options
-        self.access = access
-        self.counters = counters
-        self.metrics = metrics
-        self.group = group
-        self.logger = logger
-        self.serving = serving
-        self.current = Mutex(running)
-    }
-
-    func reload() {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        Systemd.notify("RELOADING=1\nMONOTONIC_USEC=\(Int64(ts.tv_sec) * 1_000_000 + Int64(ts.tv_nsec) / 1000)\nSTATUS=reloading config")
-        let path = options.configPath ?? DaemonConfig.defaultPath
-        var next: DaemonConfig
-        do {
-            next = try DaemonConfig.load(path: options.configPath)
-            options.overrides(&next)
-            guard Logger.Level(rawValue: next.logLevel) != nil else {
-                throw ConfigError(line: 0, message: "unknown log level '\(next.logLevel)'")
-            }
-        } catch {
-            counters.configReloadFailures.add(1, ordering: .relaxed)
-            logger.error("config reload refused; the previous configuration stays in force",
-                         metadata: ["path": "\(path)", "error_code": "config_invalid", "error": "\(error)"])
-            Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reload refused: \(error)")
-            return
-        }
-        let old = current.withLock { $0 }
-        let fixed = Self.restartOnlyChanges(old, next)
-        if !fixed.isEmpty {
-            logger.warning("config keys that need a restart changed; they keep their running values until then",
-                           metadata: ["keys": "\(fixed.joined(separator: ","))", "path": "\(path)"])
-        }
-        var applied = old
-        applied.logLevel = next.logLevel
-        applied.adminUsers = next.adminUsers; applied.adminGroups = next.adminGroups
-        applied.registerUsers = next.registerUsers; applied.registerGroups = next.registerGroups
-        applied.readUsers = next.readUsers; applied.readGroups = next.readGroups
-        applied.maxProbesPerUID = next.maxProbesPerUID
-        applied.metricsListen = next.metricsListen
-        let policy = AccessPolicy(config: applied)
-        for w in policy.warnings { logger.warning("access policy: \(w)") }
-        if let level = Logger.Level(rawValue: applied.logLevel) { options.logLevel.level = level }
-        access.store(policy)
-        current.withLock { $0 = applied }
-        if old.metricsListen != applied.metricsListen {
-            // Rebinding waits on the event loop: never block the signal queue on it.
-            let metrics = self.metrics, group = self.group, logger = self.logger, mode = applied.socketMode
-            let listen = applied.metricsListen
-            Task {
-                await metrics.stop()
-                do {
-                    if let m = try MetricsEndpoint.parse(listen) { try await metrics.start(m, group: group, socketMode: mode) }
-                } catch {
-                    logger.error("metrics listener could not move; it is off until the next good reload",
-                                 metadata: ["error": "\(error)", "address": "\(listen)"])
-                }
-            }
-        }
-        counters.configReloads.add(1, ordering: .relaxed)
-        logger.notice("config reloaded", metadata: ["path": "\(path)", "log_level": "\(applied.logLevel)"])
-        Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reloaded")
-    }
-
-    /// Keys whose new value only takes effect after a restart.
-    static func restartOnlyChanges(_ a: DaemonConfig, _ b: DaemonConfig) -> [String] {
-        var out: [String] = []
-        if a.socketPath != b.socketPath { out.append("socket") }
-        if a.socketMode != b.socketMode { out.append("socket_mode") }
-        if a.stateDir != b.stateDir { out.append("state_dir") }
-        if a.stateCheckpointSeconds != b.stateCheckpointSeconds { out.append("state_checkpoint_s") }
-        if a.maxLineBytes != b.maxLineBytes { out.append("max_line_bytes") }
-        if a.maxProbesPerRequest != b.maxProbesPerRequest { out.append("max_probes_per_request") }
-        if a.sendBufferBytes != b.sendBufferBytes { out.append("send_buffer_bytes") }
-        if a.maxConnections != b.maxConnections { out.append("max_connections") }
-        if a.maxConnectionsPerUID != b.maxConnectionsPerUID { out.append("max_connections_per_uid") }
-        if a.adminReservedConnections != b.adminReservedConnections { out.append("admin_reserved_connections") }
-        if a.elfCacheBytes != b.elfCacheBytes { out.append("elf_cache_bytes") }
-        if a.maxGlobMatches != b.maxGlobMatches { out.append("max_glob_matches") }
-        if a.batchWindowMicros != b.batchWindowMicros { out.append("batch_window_us") }
-        if a.maxBatchRequests != b.maxBatchRequests { out.append("max_batch_requests") }
-        if a.compactionDelayMs != b.compactionDelayMs { out.append("compaction_delay_ms") }
-        if a.maxLinksPerGroup != b.maxLinksPerGroup { out.append("max_links_per_group") }
-        if a.slotCapacity != b.slotCapacity { out.append("slot_capacity") }
-        if a.minWatchIntervalMs != b.minWatchIntervalMs { out.append("min_watch_interval_ms") }
-        if a.followCheckMs != b.followCheckMs { out.append("follow_check_ms") }
-        if a.followSettleMs != b.followSettleMs { out.append("follow_settle_ms") }
-        if a.ownerCheckMs != b.ownerCheckMs { out.append("owner_check_ms") }
-        return out
-    }
-}
-
-/// Settings of the daemon's process, made once by `main` before the service starts.
-public enum DaemonProcess {
-    /// Descriptors to keep beyond `max_connections` for the engine: a batch of single-probe
-    /// registrations makes one link (one fd) each until the next merge, and the resolver opens
-    /// the binaries it reads. Below this, the daemon warns at start.
-    static let descriptorReserve: UInt64 = 4096
-
-    /// Raises the soft RLIMIT_NOFILE to the hard limit (setrlimit(2)) and returns the limits
-    /// then in force. The daemon never uses select(2), so the historical soft limit of 1024
-    /// protects nothing here, while every uprobe_multi link and client connection is an fd.
-    /// The shipped unit filters setrlimit out (`~@resources`); its `LimitNOFILE` sets both
-    /// limits, so there is nothing to raise there.
-    @discardableResult
-    public static func raiseFileLimit() -> (soft: UInt64, hard: UInt64) {
-        var limit = rlimit()
-        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
-        guard getrlimit(resource, &limit) == 0 else { return (0, 0) }
-        if limit.rlim_cur < limit.rlim_max {
-            var raised = limit
-            raised.rlim_cur = limit.rlim_max
-            if setrlimit(resource, &raised) == 0 { limit = raised }
-        }
-        return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
-    }
-
-    /// Large requests build multi-megabyte buffers (a 10,000-probe request: its 0.5 MB line,
-    /// the 3.5 MB state-log line, the 1.2 MB reply; a `stats` of 10,000 probes: 330 KB).
-    /// glibc gives each block over 128 KiB its own mmap and unmaps it on free, so each such
-    /// request faulted in fresh zeroed pages: ~4,000 faults (16 MB) per 10,000-probe register
-    /// and unregister, measured; encoding that register's state-log line took 14 ms instead
-    /// of 9. Blocks up to 32 MiB now come from the heap, and up to 64 MiB of freed heap stays
-    /// mapped for the next request (that much resident memory is the price).
-    /// Returns false if glibc refused the settings (the daemon runs anyway, slower on big requests).
-    @discardableResult
-    public static func keepFreedMemory() -> Bool {
-        CUprobeSys_keep_freed_memory(32 << 20, 64 << 20) != 0
     }
 }

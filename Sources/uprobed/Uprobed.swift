@@ -1,6 +1,7 @@
 import ArgumentParser
 import Logging
 import ServiceLifecycle
+import UprobedProtocol
 import UprobedServer
 #if canImport(Glibc)
 import Glibc
@@ -17,7 +18,7 @@ struct UprobedCommand: AsyncParsableCommand {
             activation). Built-in defaults need no config file; a config file overrides them and \
             flags override both. Needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN for uprobe_multi links).
             """,
-        version: "0.1.0")
+        version: UprobedVersion.current)
 
     @Option(name: .long, help: "Config file (default \(DaemonConfig.defaultPath) if it exists).")
     var config: String?

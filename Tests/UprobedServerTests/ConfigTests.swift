@@ -100,3 +100,27 @@ struct ConnectionLimitsTests {
         #expect(small.refusal(open: 1, heldByUID: 1, uid: 5, isAdmin: false) != nil)
     }
 }
+
+struct ConfigKeyTableTests {
+    @Test("config/uprobed.conf sets exactly the keys of the table, each once")
+    func shippedConfigNamesEveryKey() throws {
+        let text = try String(contentsOf: ConfigTests.repo.appendingPathComponent("config/uprobed.conf"), encoding: .utf8)
+        let keys = text.split(separator: "\n").compactMap { line -> String? in
+            let code = line.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            guard let eq = code.firstIndex(of: "=") else { return nil }
+            return code[..<eq].trimmingCharacters(in: .whitespaces)
+        }
+        #expect(keys.sorted() == ConfigKey.all.map(\.name).sorted())
+        #expect(Set(keys).count == keys.count)
+    }
+
+    @Test("a reload applies the reloadable keys and names the others as needing a restart")
+    func reloadSplitsKeys() throws {
+        let running = DaemonConfig()
+        let next = try DaemonConfig.parse("log_level = debug\nread_uids = 5\nslot_capacity = 32\nmax_connections = 7\n")
+        #expect(ConfigKey.restartOnlyChanges(running, next) == ["max_connections", "slot_capacity"])
+        let applied = ConfigKey.reloaded(running, from: next)
+        #expect(applied.logLevel == "debug" && applied.readUsers == ["5"])
+        #expect(applied.slotCapacity == running.slotCapacity && applied.maxConnections == running.maxConnections)
+    }
+}

@@ -1,0 +1,165 @@
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+import UprobeCore
+import UprobeELF
+import UprobedProtocol
+
+/// How replies are written: sites, registrations, stats rows and the status object.
+extension RequestHandler {
+    /// The members describing one resolved site (inside an object the caller opened).
+    static func writeTarget(_ t: ResolvedProbe, into w: inout JSONWriter) {
+        w.field("path", t.path)
+        w.field("offset", t.fileOffset)
+        if let s = t.symbol { w.field("symbol", s) }
+        if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
+        if let b = t.buildID { w.field("build_id", b) }
+        if let r = t.refCtrOffset { w.field("ref_ctr_offset", r) }
+        if let warning = t.warning { w.field("warning", warning) }
+    }
+
+    /// The members describing a registration: its id, its (first) site, all sites if there are
+    /// several, its state if it is not active. The object is left open for more members.
+    static func writeRecord(_ r: ProbeRecord, into w: inout JSONWriter) {
+        w.field("id", r.id)
+        if let first = r.targets.first { writeTarget(first, into: &w) }
+        if r.targets.count > 1 {
+            w.objects("sites", r.targets) { w, t in writeTarget(t, into: &w) }
+        }
+        if let reason = r.state.reason {
+            w.field("state", r.state.name)
+            w.field("reason", reason)
+        }
+    }
+
+    /// A register reply's `probes` value: one object per registration (`writeRecord`).
+    static func writeRegistered(_ records: [ProbeRecord], into w: inout JSONWriter) {
+        w.beginArray()
+        for r in records {
+            w.beginObject()
+            writeRecord(r, into: &w)
+            w.endObject()
+        }
+        w.endArray()
+    }
+
+    /// The `stats` member: per probe its id, hits, rate (from `rate`, rounded to 1/1000), its
+    /// state if not active, and the per-file breakdown when asked for or when there is more
+    /// than one file (an upgrade in progress) — a 10,000-probe reply stays small. A plain row
+    /// (see `StatsTable`) is written from its id number without touching its record.
+    static func writeStats(_ table: StatsTable, versions: Bool, into w: inout JSONWriter,
+                           rate: (Int) -> Double) {
+        w.key("stats")
+        w.beginArray()
+        for i in 0..<table.count {
+            if let number = table.plainID(i) {
+                // In one go: an id `p<N>` and two numbers, nothing to escape.
+                w.unchecked(maxBytes: 32 + 3 * JSONWriter.Unchecked.numberBytes) { t in
+                    t.literal("{\"id\":\"p")
+                    t.digits(number)
+                    t.literal("\",\"hits\":")
+                    t.digits(table.hits[i])
+                    t.literal(",\"rate\":")
+                    t.fixed(rate(i), decimals: 3)
+                    t.literal("}")
+                }
+                continue
+            }
+            guard let d = table.detail(i) else { continue }
+            w.beginObject()
+            w.field("id", d.record.id)
+            w.field("hits", table.hits[i])
+            w.key("rate")
+            w.fixed(rate(i), decimals: 3)
+            if let reason = d.record.state.reason {
+                w.field("state", d.record.state.name)
+                w.field("reason", reason)
+            }
+            if let breakdown = d.versions, versions || breakdown.count > 1 {
+                w.objects("versions", breakdown) { w, v in
+                    w.field("path", v.version.path)
+                    w.field("device", v.version.device)
+                    w.field("inode", v.version.inode)
+                    if let b = v.version.buildID { w.field("build_id", b) }
+                    w.field("hits", v.hits)
+                    w.field("current", v.current)
+                    if v.retired { w.field("retired", true) }
+                }
+                // Retired versions beyond the newest few are kept as one count and one sum.
+                let older = d.record.retired
+                if older.olderCount > 0 {
+                    w.key("older_versions")
+                    w.beginObject()
+                    w.field("retired", Int64(older.olderCount))
+                    w.field("hits", older.olderHits)
+                    w.endObject()
+                }
+            }
+            w.endObject()
+        }
+        w.endArray()
+    }
+
+    func status() -> JSONObject {
+        engine.read { s, uprobes in status(s, uprobes: uprobes) }
+    }
+
+    private func status(_ s: borrowing RegistrySnapshot, uprobes: Int) -> JSONObject {
+        let up = ContinuousClock.now - startedAt
+        var batching = JSONObject()
+        batching["requests"] = JSONValue(s.counters.requests)
+        batching["batches"] = JSONValue(s.counters.batches)
+        batching["mean_batch_size"] = .double((s.counters.meanBatchSize * 100).rounded() / 100)
+        batching["max_batch_size"] = JSONValue(s.counters.maxBatchSize)
+        batching["last_batch_size"] = JSONValue(s.counters.lastBatchSize)
+        batching["last_batch_us"] = JSONValue(s.counters.lastBatchMicros)
+        batching["writer_busy_us"] = JSONValue(s.counters.busyMicros)
+        batching["state_write_us"] = JSONValue(s.counters.persistMicros)
+        batching["links_created"] = JSONValue(s.counters.linksCreated)
+        batching["links_closed"] = JSONValue(s.counters.linksClosed)
+        batching["link_rebuilds"] = JSONValue(s.counters.linkRebuilds)
+        batching["grace_periods"] = JSONValue(s.counters.gracePeriods)
+        batching["pending_removals"] = JSONValue(s.counters.pendingRemovals)
+        var o = JSONObject()
+        o["version"] = .string(Self.version)
+        o["uptime_s"] = .double((up.inSeconds * 10).rounded() / 10)
+        o["probes"] = JSONValue(s.probes.count)
+        o["uprobes"] = JSONValue(uprobes)
+        o["links"] = JSONValue(s.linksOpen)
+        o["slots_in_use"] = JSONValue(s.slotsInUse)
+        o["slot_capacity"] = JSONValue(UInt64(s.slotCapacity))
+        o["batching"] = .object(batching)
+        o["degraded"] = JSONValue(s.probes.values.reduce(0) { $0 + ($1.state == .active ? 0 : 1) })
+        var service = JSONObject()
+        service["access_denied"] = JSONValue(counters.accessDenied.load(ordering: .relaxed))
+        service["connections"] = JSONValue(counters.connectionsOpen.load(ordering: .relaxed))
+        service["connections_refused"] = JSONValue(counters.connectionsRefused.load(ordering: .relaxed))
+        service["replies_on_event_loop"] = JSONValue(counters.repliesOnEventLoop.load(ordering: .relaxed))
+        service["state_writes"] = JSONValue(counters.stateWrites.load(ordering: .relaxed))
+        service["state_syncs"] = JSONValue(counters.stateSyncs.load(ordering: .relaxed))
+        service["state_write_failures"] = JSONValue(counters.stateWriteFailures.load(ordering: .relaxed))
+        service["state_unsaved_removals"] = JSONValue(counters.stateUnsavedRemovals.load(ordering: .relaxed))
+        service["state_reserve_bytes"] = JSONValue(counters.stateReserveBytes.load(ordering: .relaxed))
+        service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
+        service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
+        o["service"] = .object(service)
+        o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
+                          "budget": JSONValue(resolver.cache.byteBudget)])
+        return o
+    }
+
+    static func protocolError(_ e: EngineError) -> ProtocolError {
+        var details = JSONObject()
+        if let i = e.probeIndex { details["probe"] = .int(Int64(i)) }
+        return ProtocolError(e.code, e.message, details: details)
+    }
+}
+
+extension ProbeSpec {
+    /// The wire form of a resolver spec (the inverse of `RequestHandler.input`).
+    init(_ s: ProbeSpecInput) {
+        self.init(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
+                  retprobe: s.retprobe, force: s.force, follow: s.follow)
+    }
+}
