@@ -6,7 +6,7 @@ DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch soak install clean
+.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch bench-read soak install clean
 
 ## Install the Debian packages the build and the tests need (only the missing ones).
 deps:
@@ -36,10 +36,14 @@ sanitize: deps
 	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 	$(SWIFT) test --sanitize=address --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 
-bench: bench-tree bench-batch
+bench: bench-tree bench-batch bench-read
 
 bench-tree: deps
 	$(SWIFT) run -c release bench-tree --repeats 5 --pace-spin
+
+## The daemon's read path (Engine.read, stats tables) on real links, idle and under a writer churn.
+bench-read: deps
+	$(SWIFT) run -c release bench-read
 
 bench-batch: deps
 	$(SWIFT) build -c release
