@@ -1,23 +1,44 @@
 # uprobed — build, run, test. Every target installs what it needs on a fresh Debian 12 machine
-# (as root, through apt-get) before it builds.
+# (as root, through apt-get) before it builds: `build`, `run` and `install` only the build
+# dependencies; `test`, `sanitize`, the benchmarks and `soak` the test peers too.
 SWIFT   ?= swift
 PREFIX  ?= /usr/local
-DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3 libsqlite3-0 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin
+# What `swift build` needs besides the Swift toolchain: libsystemd's headers, library and .pc
+# file (the CSystemd target, found through pkg-config); libc and Linux UAPI headers for the C
+# shim (libc6-dev, which pulls linux-libc-dev); the linker, crt files and libgcc (binutils, gcc);
+# libsqlite3.so.0, which SwiftPM itself loads.
+BUILD_DEBS := libsystemd-dev pkg-config libc6-dev gcc binutils libsqlite3-0
+# What the tests, sanitizer runs, benchmarks and soak call or probe: systemd-analyze and
+# systemd-socket-activate (systemd), <sys/sdt.h> for the USDT fixtures (systemtap-sdt-dev),
+# python3 and sqlite3 as probed targets and the soak driver, promtool (prometheus), useradd
+# (passwd), setpriv/unshare/prlimit (util-linux), ss (iproute2), setcap (libcap2-bin); and the
+# tools the benchmarks are compared with or traced by (bpftrace, bpftool, linux-perf).
+TEST_DEBS  := systemd systemtap-sdt-dev python3 sqlite3 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin
+DEBS       := $(BUILD_DEBS) $(TEST_DEBS)
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch bench-read soak install clean
+.PHONY: deps deps-build build run test test-unit sanitize bench bench-tree bench-batch bench-read soak install clean
 
-## Install the Debian packages the build and the tests need (only the missing ones).
-deps:
-	@missing=""; for p in $(DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+# $(call apt_install,PACKAGES): install those of PACKAGES that are missing (as root, apt-get).
+define apt_install
+@missing=""; for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install$$missing" >&2; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+endef
 
-build: deps
+## Install the Debian packages the build needs (only the missing ones).
+deps-build:
+	$(call apt_install,$(BUILD_DEBS))
+
+## Install the Debian packages the build and the tests need (only the missing ones).
+deps:
+	$(call apt_install,$(DEBS))
+
+build: deps-build
 	$(SWIFT) build
 
 ## Run the daemon in the foreground with built-in defaults (socket $(SOCKET)).
