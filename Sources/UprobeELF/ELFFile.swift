@@ -1,4 +1,5 @@
 import SystemPackage
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -148,7 +149,7 @@ public struct ELFFile: Sendable {
     public init(fd: FileDescriptor, path: String) throws(ResolveError) {
         var st = stat()
         guard fstat(fd.rawValue, &st) == 0 else {
-            throw .fileNotFound("cannot stat \(path): \(String(cString: strerror(errno)))")
+            throw .fileNotFound("cannot \(Syscall.lastError("fstat", path))")
         }
         guard (st.st_mode & S_IFMT) == S_IFREG else {
             throw .notELF("\(path) is not a regular file")

@@ -1,3 +1,4 @@
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,10 +26,12 @@ enum ProcessCheck {
         }
         var buf = [CChar](repeating: 0, count: 8)
         if readlink("/proc/\(pid)/root", &buf, buf.count) < 0 {
-            let e = errno
-            if e == ENOENT || e == ESRCH { throw .processNotFound("process \(pid) (\(parsed.comm)) has exited") }
-            throw .permissionDenied("uprobed cannot see the files of process \(pid) (\(parsed.comm)): /proc/\(pid)/root: "
-                + "\(String(cString: strerror(e))) (it runs in a namespace or sandbox the daemon may not enter)")
+            let e = Syscall.lastError("readlink", "/proc/\(pid)/root")
+            if e.errno == .noSuchFileOrDirectory || e.errno == .noSuchProcess {
+                throw .processNotFound("process \(pid) (\(parsed.comm)) has exited")
+            }
+            throw .permissionDenied("uprobed cannot see the files of process \(pid) (\(parsed.comm)): \(e) "
+                + "(it runs in a namespace or sandbox the daemon may not enter)")
         }
         return sameFile("/proc/\(pid)/root", "/") ? "" : "/proc/\(pid)/root"
     }

@@ -1,4 +1,5 @@
 import SystemPackage
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -289,9 +290,9 @@ public struct Resolver: Sendable {
     /// realpath(3), mapping failures to resolver errors.
     func canonicalize(_ path: String) throws(ResolveError) -> String {
         guard let p = realpath(path, nil) else {
-            let e = errno
-            if e == EACCES { throw .permissionDenied("\(path): permission denied") }
-            throw .fileNotFound("\(path): no such file (\(String(cString: strerror(e))))")
+            let e = Syscall.lastError("realpath", path)
+            if e.errno == .permissionDenied { throw .permissionDenied("\(path): permission denied") }
+            throw .fileNotFound("\(path): no such file (\(e))")
         }
         defer { free(p) }
         return String(cString: p)

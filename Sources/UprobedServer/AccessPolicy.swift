@@ -1,6 +1,7 @@
 import UprobeCore
 import UprobeELF
 import UprobedProtocol
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -203,7 +204,7 @@ public enum AccessControl {
     /// (primary and supplementary) and other bits like the kernel does. POSIX ACLs are not
     /// consulted. The file must still be (device, inode): the one the resolver read.
     static func unreadable(path: String, device: UInt64?, inode: UInt64?, uid: UInt32, groups: Set<UInt32>) -> String? {
-        guard let real = realpath(path, nil) else { return "cannot resolve \(path): \(String(cString: strerror(errno)))" }
+        guard let real = realpath(path, nil) else { return "cannot resolve \(Syscall.lastError("realpath", path))" }
         let canonical = String(cString: real)
         free(real)
         var prefix = ""
@@ -211,13 +212,13 @@ public enum AccessControl {
         for (i, part) in parts.enumerated() {
             let dir = prefix.isEmpty ? "/" : prefix
             var st = stat()
-            guard stat(dir, &st) == 0 else { return "cannot stat \(dir): \(String(cString: strerror(errno)))" }
+            guard stat(dir, &st) == 0 else { return "cannot \(Syscall.lastError("stat", dir))" }
             if !allowed(st, bit: 1, uid: uid, groups: groups) {
                 return "uid \(uid) cannot search directory \(dir), so it cannot read \(path)"
             }
             prefix += "/" + part
             if i == parts.count - 1 {
-                guard stat(prefix, &st) == 0 else { return "cannot stat \(prefix): \(String(cString: strerror(errno)))" }
+                guard stat(prefix, &st) == 0 else { return "cannot \(Syscall.lastError("stat", prefix))" }
                 if !allowed(st, bit: 4, uid: uid, groups: groups) {
                     return "uid \(uid) cannot read \(path) (mode \(String(st.st_mode & 0o777, radix: 8)), owner \(st.st_uid):\(st.st_gid))"
                 }

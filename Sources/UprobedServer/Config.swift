@@ -1,5 +1,6 @@
 import Foundation
 import UprobeELF
+import UprobeSystem
 
 /// The daemon's configuration. Every field has a built-in default; `config/uprobed.conf`
 /// documents each key with exactly these defaults (a test keeps the two equal).
@@ -135,7 +136,7 @@ public struct DaemonConfig: Sendable, Equatable {
             throw ConfigError(line: 0, message: "config file \(p) does not exist")
         }
         guard let bytes = readWholeFile(p, limit: 1 << 20) else {
-            throw ConfigError(line: 0, message: "cannot read \(p): \(String(cString: strerror(errno)))")
+            throw ConfigError(line: 0, message: "cannot read the config: \(Syscall.lastError("read", p))")
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw ConfigError(line: 0, message: "\(p) is not UTF-8 text")

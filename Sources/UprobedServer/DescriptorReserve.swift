@@ -1,7 +1,9 @@
 import Logging
 import NIOCore
 import Synchronization
+import SystemPackage
 import UprobedProtocol
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -52,7 +54,7 @@ final class DescriptorReserve: ChannelInboundHandler {
         if spare >= 0 { close(spare) }
         spare = -1
         let line = JSONSerializer.serializeLine(Reply.failure(id: nil, ProtocolError(.tooManyOpenFiles,
-            "uprobed is out of file descriptors (\(String(cString: strerror(errnoCode)))) and cannot serve this connection; "
+            "uprobed is out of file descriptors (\(Errno(rawValue: errnoCode))) and cannot serve this connection; "
                 + "retry later. Its operator should raise LimitNOFILE or lower max_connections")))
         var refused = 0
         while refused < Self.maxPerRound {

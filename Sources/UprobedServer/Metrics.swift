@@ -5,6 +5,7 @@ import NIOPosix
 import Prometheus
 import Synchronization
 import UprobeCore
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -139,7 +140,7 @@ final class MetricsServer: Sendable {
             bound = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
             guard chmod(path, mode_t(socketMode)) == 0 else {
                 bound.close(promise: nil)
-                throw ServerError(message: "chmod \(path): \(String(cString: strerror(errno)))")
+                throw ServerError(message: Syscall.lastError("chmod", path).description)
             }
         }
         channel.withLock { $0 = bound }

@@ -4,6 +4,7 @@ import Logging
 import Synchronization
 import UprobeCore
 import UprobeELF
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -99,7 +100,7 @@ public final class PathWatcher: Sendable {
         let ifd = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
         if ifd < 0 {
             logger.warning("inotify unavailable; replaced binaries are noticed by the periodic check only",
-                           metadata: ["error": "\(String(cString: strerror(errno)))"])
+                           metadata: ["error": "\(Syscall.lastError("inotify_init1"))"])
         }
         defer {
             if ifd >= 0 { close(ifd) }

@@ -4,6 +4,7 @@ import NIOPosix
 import UprobeCore
 import UprobedProtocol
 import Synchronization
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -166,23 +167,25 @@ final class SocketServer: Sendable {
             throw ServerError(message: "socket path \(path) is longer than a Unix socket address allows")
         }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in bytes.enumerated() { raw[i] = b } }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        guard fd >= 0 else { throw ServerError(message: "socket(AF_UNIX): \(String(cString: strerror(errno)))") }
+        let fd: Int32
+        do {
+            fd = try Syscall.run("socket", "AF_UNIX") {
+                socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            }
+        } catch { throw ServerError(message: error.description) }
         unlink(path)  // a stale socket file: `prepareSocketPath` found no daemon serving it
-        let old = umask(0o177)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        let bindErrno = errno
-        umask(old)
-        guard rc == 0 else {
+        do {
+            let old = umask(0o177)
+            defer { umask(old) }
+            try Syscall.run("bind", path) {
+                withUnsafePointer(to: &addr) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                }
+            }
+            try Syscall.run("chmod", path) { chmod(path, mode_t(mode)) }
+        } catch {
             close(fd)
-            throw ServerError(message: "bind \(path): \(String(cString: strerror(bindErrno)))")
-        }
-        guard chmod(path, mode_t(mode)) == 0 else {
-            let e = errno
-            close(fd)
-            throw ServerError(message: "chmod \(path): \(String(cString: strerror(e)))")
+            throw ServerError(message: error.description)
         }
         return fd
     }
@@ -192,7 +195,7 @@ final class SocketServer: Sendable {
         for part in dir.split(separator: "/") {
             built += "/" + part
             if mkdir(built, 0o755) != 0 && errno != EEXIST {
-                throw ServerError(message: "mkdir \(built): \(String(cString: strerror(errno)))")
+                throw ServerError(message: Syscall.lastError("mkdir", built).description)
             }
         }
     }
