@@ -6,9 +6,11 @@ import Glibc
 /// Runs POSIX calls that report failure as -1 with errno, and turns the failure into a thrown
 /// `SyscallError`. EINTR is retried; every other errno is captured at once.
 public enum Syscall {
-    /// `body` returns an `Int32` result (an fd, 0, ...) or -1 with errno set.
+    /// `body` returns a result (an fd, 0, a byte count from `read`/`write`/`send`) or -1 with
+    /// errno set.
     @inline(__always) @discardableResult
-    public static func run(_ call: String, _ subject: String = "", _ body: () -> Int32) throws(SyscallError) -> Int32 {
+    public static func run<Result: BinaryInteger>(_ call: String, _ subject: String = "",
+                                                  _ body: () -> Result) throws(SyscallError) -> Result {
         while true {
             let rc = body()
             if rc >= 0 { return rc }
@@ -18,16 +20,10 @@ public enum Syscall {
         }
     }
 
-    /// `body` returns a byte count (`read`, `write`, `send`) or -1 with errno set.
+    /// `run` for calls that return a byte count (`read`, `write`, `send`).
     @inline(__always) @discardableResult
     public static func count(_ call: String, _ subject: String = "", _ body: () -> Int) throws(SyscallError) -> Int {
-        while true {
-            let n = body()
-            if n >= 0 { return n }
-            let e = Glibc.errno
-            if e == EINTR { continue }
-            throw SyscallError(call: call, subject: subject, errno: Errno(rawValue: e))
-        }
+        try run(call, subject, body)
     }
 
     /// The error of a call that already failed (errno still set), for calls whose failure is
