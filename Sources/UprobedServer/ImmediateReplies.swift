@@ -14,14 +14,11 @@ final class ConnectionGate: Sendable {
 }
 
 /// Answers `stats` and `status` on the event-loop thread that read them. Every other line goes
-/// on to the connection's task, as before.
+/// on to the connection's task.
 ///
-/// Why: through the task, a `stats` crossed four threads (event loop → task pool → event loop
-/// → client), and each hop could wait for a CPU. During a 16-client register churn on two CPUs,
-/// 10 pairs of `bench-batch` runs (the daemon before and after this, ~300 `stats` of 10,000
-/// probes each) gave, over all samples:
-/// - p99: 4.98 ms through the task, 2.28 ms here;
-/// - max: 5.6 ms through the task, 3.7 ms here.
+/// Why: through the task, a `stats` crosses four threads (event loop → task pool → event loop
+/// → client), and each hop can wait for a CPU; answered here it crosses two. `bench-batch`
+/// measures the `stats` tail during a register churn (docs/BENCHMARKS.md).
 ///
 /// A request is answered here only when all of these hold:
 /// - Every line already passed to the task has had its reply written. Each such line gets

@@ -3,9 +3,9 @@ import Logging
 /// What one follow batch did, gathered for the log: one line per (event, path, file, reason)
 /// with how many registrations it concerned and a few of their ids.
 ///
-/// Logged per registration, an upgrade of a binary carrying 10,000 probes wrote 10,000 lines,
-/// and with the slots exhausted every follow check re-logged each failing retry: a soak run
-/// wrote 567 MB of log in 60 s. Per-probe detail stays in `list` and `stats`.
+/// Why grouped: logged per registration, an upgrade of a binary carrying 10,000 probes writes
+/// 10,000 lines, and a retry that keeps failing (no free slots) is logged again at every follow
+/// check. Per-probe detail stays in `list` and `stats`.
 struct FollowLog {
     enum Event {
         case followedBack, followed, degraded, retired, ended
