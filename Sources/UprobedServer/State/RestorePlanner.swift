@@ -1,5 +1,6 @@
 import UprobeCore
 import UprobeELF
+import UprobeTree
 
 /// Decides, for each saved registration, whether it can attach again: the binary must be the
 /// same file (device, inode, build-id; size and mtime when there is no build-id), the symbol
@@ -59,17 +60,17 @@ public enum RestorePlanner {
     /// The recorded targets as resolved now (fresh warnings etc.), or why they cannot attach.
     static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache,
                       ownership: (SavedProbe, Int32) -> String? = { _, _ in nil }) -> Result<[ResolvedProbe], Degraded> {
-        var resolvedNow: [UprobeSiteID: ResolvedProbe] = [:]
+        var resolvedNow: [UprobeKey: ResolvedProbe] = [:]
         if let why = degradedReason(p, savedBoot: savedBoot, bootID: bootID, resolver: resolver, now: &resolvedNow) {
             return .failure(Degraded(reason: why))
         }
         // After the start-time check: the pid is still the process that was registered.
         if let pid = p.spec.pid, let why = ownership(p, pid) { return .failure(Degraded(reason: why, ended: true)) }
-        return .success(p.targets.compactMap { resolvedNow[UprobeSiteID($0)] })
+        return .success(p.targets.compactMap { resolvedNow[UprobeKey($0)] })
     }
 
     static func degradedReason(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache,
-                               now resolvedNow: inout [UprobeSiteID: ResolvedProbe]) -> String? {
+                               now resolvedNow: inout [UprobeKey: ResolvedProbe]) -> String? {
         if let pid = p.spec.pid {
             if let savedBoot, let bootID, savedBoot != bootID {
                 return "process \(pid) belonged to an earlier boot of this host; not attached"
@@ -81,8 +82,8 @@ public enum RestorePlanner {
         }
         guard let first = p.targets.first else { return "the state file recorded no target for this probe" }
         let now: [ResolvedProbe]
-        let byID: [UprobeSiteID: ResolvedProbe]
-        do { (now, byID) = try resolver.resolve(p.spec) } catch {
+        let bySite: [UprobeKey: ResolvedProbe]
+        do { (now, bySite) = try resolver.resolve(p.spec) } catch {
             switch error.code {
             case "file_not_found", "library_not_found":
                 return "binary \(first.path) no longer exists (\(error.code)); not attached"
@@ -92,7 +93,7 @@ public enum RestorePlanner {
                 return "cannot resolve the probe again (\(error.code): \(error.message)); not attached"
             }
         }
-        resolvedNow = byID
+        resolvedNow = bySite
         guard let current = now.first else { return "the probe no longer resolves to any site; not attached" }
         if current.device != first.device || current.inode != first.inode {
             return "binary \(first.path) was replaced while uprobed was down (device:inode \(first.device):\(first.inode) -> \(current.device):\(current.inode)); not attached"
@@ -104,33 +105,33 @@ public enum RestorePlanner {
         } else if let was = p.stamp, let isNow = fileStamp(current.path), was.size != isNow.size || was.mtimeNanos != isNow.mtimeNanos {
             return "binary \(first.path) was modified in place (size or mtime changed, and it has no build-id to prove it is the same build); not attached"
         }
-        for t in p.targets where byID[UprobeSiteID(t)] == nil {
+        for t in p.targets where bySite[UprobeKey(t)] == nil {
             return "\(t.symbol ?? "offset") is no longer at offset \(t.fileOffset) of \(t.path); not attached"
         }
         return nil
     }
 }
 
-/// (device, inode, file offset): one uprobe site.
-struct UprobeSiteID: Hashable {
-    var device: UInt64, inode: UInt64, offset: UInt64
-    init(_ t: ResolvedProbe) { device = t.device; inode = t.inode; offset = t.fileOffset }
+extension UprobeKey {
+    /// The uprobe `t` attaches to: a saved target and a fresh resolution are the same site
+    /// exactly when their keys are equal.
+    init(_ t: ResolvedProbe) { self.init(dev: t.device, inode: t.inode, offset: t.fileOffset) }
 }
 
 /// Resolves each distinct spec once during a restore.
 final class ResolutionCache {
     let resolver: Resolver
-    private var done: [String: Result<([ResolvedProbe], [UprobeSiteID: ResolvedProbe]), ResolveError>] = [:]
+    private var done: [String: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>] = [:]
     init(resolver: Resolver) { self.resolver = resolver }
 
-    func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> ([ResolvedProbe], [UprobeSiteID: ResolvedProbe]) {
+    func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> ([ResolvedProbe], [UprobeKey: ResolvedProbe]) {
         let key = "\(spec.path)\u{0}\(spec.symbol ?? "")\u{0}\(spec.offset.map(String.init) ?? "")\u{0}\(spec.usdt ?? "")\u{0}\(spec.pid.map(String.init) ?? "")\u{0}\(spec.retprobe)\u{0}\(spec.force)\u{0}\(spec.follow)"
         if let r = done[key] { return try r.get() }
-        let r: Result<([ResolvedProbe], [UprobeSiteID: ResolvedProbe]), ResolveError>
+        let r: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>
         do {
             let targets = try resolver.resolve(spec)
-            var index: [UprobeSiteID: ResolvedProbe] = [:]
-            for t in targets { index[UprobeSiteID(t)] = t }
+            var index: [UprobeKey: ResolvedProbe] = [:]
+            for t in targets { index[UprobeKey(t)] = t }
             r = .success((targets, index))
         } catch {
             r = .failure(error)
