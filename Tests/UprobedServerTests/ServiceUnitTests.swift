@@ -192,7 +192,7 @@ struct StateFileTests {
         let store = StateStore(dir: dir)
         try Data(v1.utf8).write(to: URL(fileURLWithPath: store.path))
         let restored = try #require(try store.load())
-        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored, groupCommit: true)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored)
         var snap = RegistrySnapshot()
         snap.add(Self.records(20..<22, path: dir), generation: 1)
         try persister.persist(snap)
@@ -208,7 +208,7 @@ struct StateFileTests {
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = StateStore(dir: dir)
-        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil)
         var snap = RegistrySnapshot()
         snap.add(Self.records(20..<21, path: dir), generation: 1)
         try persister.persist(snap)
@@ -356,7 +356,7 @@ struct StateFileTests {
         let store = try Self.preparedStore(in: dir)
         let queue = DispatchQueue(label: "snapshot-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
-                                       groupCommit: true, snapshotQueue: queue)
+                                       snapshotQueue: queue)
         var snap = RegistrySnapshot()
         var next: UInt64 = 1
         var generation: UInt64 = 0
@@ -430,7 +430,7 @@ struct StateFileTests {
         let store = try Self.preparedStore(in: dir)
         let kernel = SettableKernel()
         let counters = ServiceCounters()
-        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: nil, groupCommit: true)
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: nil)
         var snap = RegistrySnapshot()
         snap.add(Self.records(1..<4, path: binary), generation: 1)
         snap.slotHighWater = 4
@@ -545,7 +545,7 @@ struct StateFileTests {
         func persister(_ dir: String) throws -> StatePersister {
             let store = StateStore(dir: dir)
             try store.prepare()
-            return StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
+            return StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil)
         }
         // A: two runs prepared; the batch adds a few inline, then one run (the other request failed).
         let a = try persister(dirA)
@@ -593,7 +593,7 @@ struct StateFileTests {
         let store = try Self.preparedStore(in: dir)
         let queue = DispatchQueue(label: "ahead-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
-                                       groupCommit: true, aheadQueue: queue)
+                                       aheadQueue: queue)
         persister.prepare(first)
         try persister.persist(Self.snapshot(1, adding: first))  // defers its settle 20 ms, onto `queue`
         // The queue is busy (as with a large reply being encoded) until the settle has queued

@@ -59,7 +59,7 @@ public enum RestorePlanner {
 
     /// The recorded targets as resolved now (fresh warnings etc.), or why they cannot attach.
     static func check(_ p: SavedProbe, savedBoot: String?, bootID: String?, resolver: ResolutionCache,
-                      ownership: (SavedProbe, Int32) -> String? = { _, _ in nil }) -> Result<[ResolvedProbe], Degraded> {
+                      ownership: (SavedProbe, Int32) -> String?) -> Result<[ResolvedProbe], Degraded> {
         var resolvedNow: [UprobeKey: ResolvedProbe] = [:]
         if let why = degradedReason(p, savedBoot: savedBoot, bootID: bootID, resolver: resolver, now: &resolvedNow) {
             return .failure(Degraded(reason: why))

@@ -45,18 +45,15 @@ public final class SpaceReserve: Sendable {
 
     public var heldBytes: Int { held.load(ordering: .relaxed) }
 
-    /// Makes the reserve (or completes one a crash left short). At start; false, with a
-    /// warning, if the file system refused.
-    @discardableResult
-    func create() -> Bool {
+    /// Makes the reserve (or completes one a crash left short). At start; a warning if the
+    /// file system refused.
+    func create() {
         lock.withLock { failedAt in
             if let why = make() {
                 failedAt = .now
                 logger?.warning("cannot make the state directory's space reserve; a full disk will fail removals",
                                 metadata: ["path": "\(path)", "bytes": "\(bytes)", "error": "\(why)"])
-                return false
             }
-            return true
         }
     }
 

@@ -9,7 +9,9 @@ import Glibc
 
 /// Turns engine snapshots into state files: called by the engine's writer once per batch
 /// (before replies, so an acknowledged registration is on disk) and once more at a graceful
-/// stop with the final hit counts. Log appends are serialized by the memo lock; snapshots are
+/// stop with the final hit counts. A batch's line is appended without an fsync: the engine
+/// calls `sync` once for the batches it is about to answer (group commit), so one fsync
+/// serves them all; the engine must therefore be given both hooks. Log appends are serialized by the memo lock; snapshots are
 /// taken with it held and written outside it, one at a time, and an older snapshot never
 /// overwrites a newer one.
 public final class StatePersister: Sendable {
@@ -88,7 +90,6 @@ public final class StatePersister: Sendable {
     }
     private let memo = MemoCell()
     let bootID: String?
-    let groupCommit: Bool
     let aheadQueue: DispatchQueue
     let logger: Logger?
     /// Writes snapshots taken by `capture`, one at a time (see `Memo.snapshotInFlight`).
@@ -179,16 +180,13 @@ public final class StatePersister: Sendable {
         counters.stateReserveBytes.store(store.reserve.heldBytes, ordering: .relaxed)
     }
 
-    /// `groupCommit`: `persist` appends without syncing and the engine calls `sync` (once for
-    /// several batches) before it replies; otherwise every append is synced at once.
     /// `aheadQueue` runs `prepare`'s encoding; the daemon shares one serial queue with the
     /// register replies written ahead, so the entry the writer waits for comes first.
     public init(store: StateStore, kernel: any KernelBackend, counters: ServiceCounters, restored: SavedState?,
-                groupCommit: Bool = false, aheadQueue: DispatchQueue = .global(), logger: Logger? = nil,
+                aheadQueue: DispatchQueue = .global(), logger: Logger? = nil,
                 snapshotQueue: DispatchQueue = DispatchQueue(label: "uprobed-snapshot")) {
         self.logger = logger
         self.snapshotQueue = snapshotQueue
-        self.groupCommit = groupCommit
         self.aheadQueue = aheadQueue
         self.store = store
         self.kernel = kernel
@@ -299,14 +297,14 @@ public final class StatePersister: Sendable {
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
             // A line that removes registrations may use the space reserve: acknowledged
             // removals must not come back after a restart because the disk was full.
-            do throws(StateError) { try store.append(parts: parts, sync: !groupCommit, useReserve: !removed.isEmpty) } catch {
+            do throws(StateError) { try store.append(parts: parts, sync: false, useReserve: !removed.isEmpty) } catch {
                 m.unsavedRemovals = removed
                 publishUnsaved(m)
                 return .failure(error)
             }
             m.unsavedRemovals.removeAll()
             m.seq += 1
-            if groupCommit && !removed.isEmpty { m.unsyncedRemovals.append((m.seq, removed)) }
+            if !removed.isEmpty { m.unsyncedRemovals.append((m.seq, removed)) }
             publishUnsaved(m)
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.written.subtract(removed)

@@ -48,7 +48,6 @@ public final class StateStore: Sendable {
     /// append would complete it into a line that is not JSON, and the start after that would
     /// refuse the log as corrupt. Called at start, after `load`, before anything is appended.
     /// Returns the bytes cut.
-    @discardableResult
     public func dropTornTail() throws(StateError) -> Int {
         let fd = open(logPath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else {
