@@ -279,6 +279,30 @@ struct StateFileTests {
         #expect(try store.load() == nil)
     }
 
+    @Test("a file system error is state_io and names what the store was doing, the call, its file and the errno")
+    func ioErrors() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "".write(toFile: dir + "/file", atomically: true, encoding: .utf8)
+        do {
+            try StateStore(dir: dir + "/file/state").prepare()
+            Issue.record("made a directory under a file")
+        } catch {
+            #expect(error.code == "state_io" && error.cause?.errno == .notDirectory)
+            #expect(error.message == "cannot create the state directory: mkdir(\(dir)/file/state): Not a directory", "\(error)")
+        }
+        let store = StateStore(dir: dir + "/state")
+        try store.prepare()
+        #expect(mkdir(store.path, 0o700) == 0)  // a snapshot that is a directory
+        do {
+            _ = try store.load()
+            Issue.record("read a directory as the snapshot")
+        } catch {
+            #expect(error.code == "state_io" && !error.isDiskFull)
+            #expect(error.message == "cannot read the snapshot: read(\(store.path)): Is a directory", "\(error)")
+        }
+    }
+
     @Test("the log: entries apply in order above the snapshot's seq; a torn last line is ignored; a bad middle line is corruption")
     func logReplay() throws {
         let dir = try Self.tempDir()

@@ -1,6 +1,8 @@
 import Foundation
+import SystemPackage
 import UprobeCore
 import UprobeELF
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,21 +14,23 @@ public struct StateError: Error, Sendable, CustomStringConvertible {
     /// `StateCodec.replay`) or `state_io` (the file system refused).
     public let code: String
     public let message: String
-    /// The errno of a `state_io` error, to tell a full disk (ENOSPC, EDQUOT) from other failures.
-    public var systemError: Int32? = nil
+    /// The failed call behind a `state_io` error; its errno tells a full disk (ENOSPC, EDQUOT)
+    /// from other failures.
+    public var cause: SyscallError? = nil
     /// For `state_incomplete`: the sequence numbers of the changes that are in no file.
     public var missingChanges: ClosedRange<UInt64>? = nil
     public var description: String { "\(message) [\(code)]" }
 
-    /// A `state_io` error for the failed call `what`, with the current errno.
-    static func io(_ what: String) -> StateError {
-        let e = errno
-        return StateError(code: "state_io", message: "\(what): \(String(cString: strerror(e)))", systemError: e)
+    /// A `state_io` error: what the store could not do, then the call that failed, on what, and
+    /// its errno (`cannot append to the log: write(/var/lib/uprobed/state.log): No space left
+    /// on device`).
+    static func io(_ what: String, _ cause: SyscallError) -> StateError {
+        StateError(code: "state_io", message: "\(what): \(cause)", cause: cause)
     }
 
     /// The file system is out of space (or the quota is used up): a write may succeed once
     /// space is freed, e.g. by the space reserve (`SpaceReserve`).
-    var isDiskFull: Bool { systemError == ENOSPC || systemError == EDQUOT }
+    var isDiskFull: Bool { cause?.errno == .noSpace || cause?.errno == .diskQuotaExceeded }
 }
 
 /// What identified a probed binary when it was registered, to tell after a restart whether it

@@ -1,12 +1,14 @@
 import Logging
+import SystemPackage
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// The state on disk: `DIR/state.json`, a full snapshot replaced atomically (write a
 /// temporary file, fsync it, rename it over the old one, fsync the directory), plus
-/// `DIR/state.log`, one appended and fsynced line per batch with the registrations the batch
-/// added and removed (two when the engine writes a batch's new registrations ahead of their
+/// `DIR/state.log`, one appended line per batch (fsynced before the batch is answered) with the
+/// registrations the batch added and removed (two when the engine writes a batch's new registrations ahead of their
 /// attach: see `BatchApplier.writeAhead`). A batch costs a write proportional to its own
 /// changes, not to the whole registry; the snapshot is rewritten (and the log dropped) when
 /// the log grows, at hit checkpoints and at stop. A crash at any moment leaves the old or the
@@ -36,8 +38,9 @@ public final class StateStore: Sendable {
         let parts = dir.split(separator: "/")
         for (i, part) in parts.enumerated() {
             built += "/" + part
-            if mkdir(built, i == parts.count - 1 ? 0o700 : 0o755) != 0 && errno != EEXIST {
-                throw StateError(code: "state_io", message: "cannot create state directory \(built): \(String(cString: strerror(errno)))")
+            let mode: mode_t = i == parts.count - 1 ? 0o700 : 0o755
+            do throws(SyscallError) { try Syscall.run("mkdir", built) { mkdir(built, mode) } } catch {
+                guard error.errno == .fileExists else { throw .io("cannot create the state directory", error) }
             }
         }
         reserve.create()
@@ -49,22 +52,34 @@ public final class StateStore: Sendable {
     /// refuse the log as corrupt. Called at start, after `load`, before anything is appended.
     /// Returns the bytes cut.
     public func dropTornTail() throws(StateError) -> Int {
-        let fd = open(logPath, O_RDWR | O_CLOEXEC)
-        guard fd >= 0 else {
-            if errno == ENOENT { return 0 }
-            throw StateError.io("cannot open \(logPath)")
+        let cut: Int?
+        do throws(SyscallError) { cut = try cutTornTail() } catch {
+            throw .io("cannot cut the torn last line off the log", error)
         }
+        guard let cut else {
+            throw StateError(code: "state_io", message: "cannot cut the torn last line off the log: \(logPath) shrank while it was read (is another process writing it?)")
+        }
+        return cut
+    }
+
+    /// The work of `dropTornTail`: the bytes cut, or nil if the log is shorter than its fstat
+    /// said by the time it is read (cutting at an offset found then could extend it instead).
+    private func cutTornTail() throws(SyscallError) -> Int? {
+        guard let fd = try Self.openExisting(logPath, O_RDWR) else { return 0 }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw StateError.io("cannot stat \(logPath)") }
+        try Syscall.run("fstat", logPath) { fstat(fd, &st) }
         // The end of the last complete line: read backwards until a newline.
         var end = Int(st.st_size)
         let size = end
         var chunk = [UInt8](repeating: 0, count: 64 << 10)
         scan: while end > 0 {
             let from = max(0, end - chunk.count)
-            let n = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, end - from, off_t(from)) }
-            guard n == end - from else { throw StateError.io("cannot read \(logPath)") }
+            let want = end - from
+            let n = try Syscall.count("pread", logPath) {
+                chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(from)) }
+            }
+            guard n == want else { return nil }
             for i in stride(from: n - 1, through: 0, by: -1) where chunk[i] == 0x0A {
                 end = from + i + 1
                 break scan
@@ -72,7 +87,8 @@ public final class StateStore: Sendable {
             end = from
         }
         guard end < size else { return 0 }
-        guard ftruncate(fd, off_t(end)) == 0, fsync(fd) == 0 else { throw StateError.io("cannot cut the torn last line off \(logPath)") }
+        try Syscall.run("ftruncate", logPath) { ftruncate(fd, off_t(end)) }
+        try Syscall.run("fsync", logPath) { fsync(fd) }
         return size - end
     }
 
@@ -80,35 +96,23 @@ public final class StateStore: Sendable {
     /// parsed is an error: starting empty would overwrite registrations on the next batch.
     public func load() throws(StateError) -> SavedState? {
         var base: SavedState? = nil
-        var st = stat()
-        let hasSnapshot = stat(path, &st) == 0
-        if hasSnapshot {
-            guard let bytes = readWholeFile(path, limit: 1 << 30) else {
-                throw StateError(code: "state_io", message: "cannot read \(path): \(String(cString: strerror(errno)))")
-            }
+        let snapshot = try Self.readIfExists(path, "the snapshot")
+        if let bytes = snapshot {
             do { base = try StateCodec.decode(bytes) } catch {
                 throw StateError(code: error.code, message: "\(path): \(error.message)")
             }
-        } else if errno != ENOENT {
-            throw StateError(code: "state_io", message: "cannot stat \(path): \(String(cString: strerror(errno)))")
         }
         // Lines at or below the snapshot's seq are skipped: `prev` is all such lines once the
         // snapshot taken with it is in place.
         for log in [previousLogPath, logPath] {
-            guard stat(log, &st) == 0 else {
-                if errno == ENOENT { continue }
-                throw StateError(code: "state_io", message: "cannot stat \(log): \(String(cString: strerror(errno)))")
-            }
-            guard let bytes = readWholeFile(log, limit: 1 << 30) else {
-                throw StateError(code: "state_io", message: "cannot read \(log): \(String(cString: strerror(errno)))")
-            }
+            guard let bytes = try Self.readIfExists(log, "the log") else { continue }
             do {
                 base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
             } catch {
                 guard let missing = error.missingChanges else {
                     throw StateError(code: error.code, message: "\(log): \(error.message)")
                 }
-                throw incomplete(log, missing, hasSnapshot: hasSnapshot)
+                throw incomplete(log, missing, hasSnapshot: snapshot != nil)
             }
         }
         return base
@@ -133,17 +137,13 @@ public final class StateStore: Sendable {
     /// snapshot that did not finish; the next snapshot written drops it).
     func rotateLog() throws(StateError) -> Bool {
         if access(previousLogPath, F_OK) == 0 { return false }
-        let fd = open(logPath, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            if errno == ENOENT { return false }
-            throw StateError(code: "state_io", message: "cannot open \(logPath): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        guard fsync(fd) == 0 else {
-            throw StateError(code: "state_io", message: "cannot fsync \(logPath): \(String(cString: strerror(errno)))")
-        }
-        guard rename(logPath, previousLogPath) == 0 else {
-            throw StateError(code: "state_io", message: "cannot rename \(logPath): \(String(cString: strerror(errno)))")
+        do throws(SyscallError) {
+            guard let fd = try Self.openExisting(logPath, O_WRONLY) else { return false }
+            defer { close(fd) }
+            try Syscall.run("fsync", logPath) { fsync(fd) }
+            try Syscall.run("rename", "\(logPath), \(previousLogPath)") { rename(logPath, previousLogPath) }
+        } catch {
+            throw .io("cannot move the log aside", error)
         }
         return true
     }
@@ -152,20 +152,6 @@ public final class StateStore: Sendable {
     func size(_ p: String) -> Int {
         var st = stat()
         return stat(p, &st) == 0 ? Int(st.st_size) : 0
-    }
-
-    /// write(2) of all of `bytes`, through short writes and EINTR; false (errno set) on an error.
-    private static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
-        var off = 0
-        while off < bytes.count {
-            let n = bytes[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                return false
-            }
-            off += n
-        }
-        return true
     }
 
     /// Appends one log line and, if `sync`, fsyncs it. A failed write is cut back off, so the
@@ -187,50 +173,55 @@ public final class StateStore: Sendable {
     }
 
     private func appendOnce(_ parts: [[UInt8]], sync: Bool, created: inout Bool) throws(StateError) {
-        // Opened without O_CREAT first: a log that exists (every batch but the first after a
-        // snapshot rewrite) costs one path lookup, not a stat(2) and an open(2).
-        var fd = open(logPath, O_WRONLY | O_APPEND | O_CLOEXEC)
-        if fd < 0 && errno == ENOENT {
-            fd = open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-            if fd >= 0 { created = true }
+        let fd: Int32
+        do throws(SyscallError) {
+            // Opened without O_CREAT first: a log that exists (every batch but the first after
+            // a snapshot rewrite) costs one path lookup, not a stat(2) and an open(2).
+            if let existing = try Self.openExisting(logPath, O_WRONLY | O_APPEND) {
+                fd = existing
+            } else {
+                fd = try Syscall.run("open", logPath) { open(logPath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600) }
+                created = true
+            }
+        } catch {
+            throw .io("cannot append to the log", error)
         }
-        guard fd >= 0 else { throw StateError.io("cannot open \(logPath)") }
         defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw StateError.io("cannot stat \(logPath)") }
-        let start = st.st_size
-        for line in parts where !Self.writeAll(fd, line) {
-            let e = StateError.io("cannot append to \(logPath)")
-            _ = ftruncate(fd, start)
-            throw e
+        do throws(SyscallError) { try Syscall.run("fstat", logPath) { fstat(fd, &st) } } catch {
+            throw .io("cannot append to the log", error)
         }
-        guard !sync || fsync(fd) == 0 else {
-            let e = StateError.io("cannot fsync \(logPath)")
+        let start = st.st_size
+        do throws(SyscallError) {
+            for line in parts { try Self.writeAll(fd, line, logPath) }
+            if sync { try Syscall.run("fsync", logPath) { fsync(fd) } }
+        } catch {
             _ = ftruncate(fd, start)
-            throw e
+            throw .io("cannot append to the log", error)
         }
     }
 
     /// fsync(2) of the state directory (new names and renames in it).
     private func syncDirectory() throws(StateError) {
-        let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard dfd >= 0 else { throw StateError.io("cannot open \(dir) to fsync it") }
-        defer { close(dfd) }
-        guard fsync(dfd) == 0 else { throw StateError.io("cannot fsync \(dir)") }
+        do throws(SyscallError) {
+            let dfd = try Syscall.run("open", dir) { open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+            defer { close(dfd) }
+            try Syscall.run("fsync", dir) { fsync(dfd) }
+        } catch {
+            throw .io("cannot sync the state directory", error)
+        }
     }
 
     /// fsync(2) of the log: everything appended before the call is durable when it returns.
     /// (No log yet, e.g. a snapshot rewrite just replaced it: nothing to sync.) A failure is
     /// not cut back: later lines may follow it, and the caller undoes what it cannot confirm.
     public func syncLog() throws(StateError) {
-        let fd = open(logPath, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            if errno == ENOENT { return }
-            throw StateError(code: "state_io", message: "cannot open \(logPath): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        guard fsync(fd) == 0 else {
-            throw StateError(code: "state_io", message: "cannot fsync \(logPath): \(String(cString: strerror(errno)))")
+        do throws(SyscallError) {
+            guard let fd = try Self.openExisting(logPath, O_WRONLY) else { return }
+            defer { close(fd) }
+            try Syscall.run("fsync", logPath) { fsync(fd) }
+        } catch {
+            throw .io("cannot sync the log", error)
         }
     }
 
@@ -242,10 +233,11 @@ public final class StateStore: Sendable {
         var moved: [String] = []
         for file in [path, logPath, previousLogPath] {
             let target = file + ".corrupt-\(stamp)"
-            if rename(file, target) == 0 {
+            do throws(SyscallError) {
+                try Syscall.run("rename", "\(file), \(target)") { rename(file, target) }
                 moved.append(target)
-            } else if errno != ENOENT {
-                throw StateError(code: "state_io", message: "cannot move \(file) aside: \(String(cString: strerror(errno)))")
+            } catch {
+                guard error.errno == .noSuchFileOrDirectory else { throw .io("cannot move the state files aside", error) }
             }
         }
         return moved
@@ -264,10 +256,9 @@ public final class StateStore: Sendable {
     public func write(_ state: SavedState, covering covered: Covered = .allLogs) throws(StateError) {
         let bytes = StateCodec.encode(state)
         try withReserve(.ifItFits(bytes.count)) { () throws(StateError) in try writeTemporary(bytes) }
-        guard rename(tmpPath, path) == 0 else {
-            let e = StateError.io("cannot rename \(tmpPath) to \(path)")
+        do throws(SyscallError) { try Syscall.run("rename", "\(tmpPath), \(path)") { rename(tmpPath, path) } } catch {
             unlink(tmpPath)
-            throw e
+            throw .io("cannot write the snapshot", error)
         }
         // The snapshot holds everything these logs did (its seq says so); a crash before the
         // unlink only makes the next start skip their lines.
@@ -278,20 +269,55 @@ public final class StateStore: Sendable {
 
     /// `bytes` into the temporary snapshot file, fsynced; nothing left behind if that fails.
     private func writeTemporary(_ bytes: [UInt8]) throws(StateError) {
-        let fd = open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw StateError.io("cannot create \(tmpPath)") }
-        guard Self.writeAll(fd, bytes) else {
-            let e = StateError.io("cannot write \(tmpPath)")
-            close(fd)
-            unlink(tmpPath)
-            throw e
+        let fd: Int32
+        do throws(SyscallError) { fd = try Syscall.run("open", tmpPath) { open(tmpPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) } } catch {
+            throw .io("cannot write the snapshot", error)
         }
-        guard fsync(fd) == 0 else {
-            let e = StateError.io("cannot fsync \(tmpPath)")
-            close(fd)
+        defer { close(fd) }
+        do throws(SyscallError) {
+            try Self.writeAll(fd, bytes, tmpPath)
+            try Syscall.run("fsync", tmpPath) { fsync(fd) }
+        } catch {
             unlink(tmpPath)
-            throw e
+            throw .io("cannot write the snapshot", error)
         }
-        close(fd)
+    }
+
+    /// open(2) of a file that may be missing: nil if it is.
+    private static func openExisting(_ path: String, _ flags: Int32) throws(SyscallError) -> Int32? {
+        do throws(SyscallError) {
+            return try Syscall.run("open", path) { open(path, flags | O_CLOEXEC) }
+        } catch {
+            guard error.errno == .noSuchFileOrDirectory else { throw error }
+            return nil
+        }
+    }
+
+    /// write(2) of all of `bytes`, through short writes.
+    private static func writeAll(_ fd: Int32, _ bytes: [UInt8], _ path: String) throws(SyscallError) {
+        var off = 0
+        while off < bytes.count {
+            let n = try Syscall.count("write", path) { bytes[off...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } }
+            off += n
+        }
+    }
+
+    /// The whole of `path`, nil if it does not exist. A file over 1 GiB is refused (EFBIG):
+    /// the daemon never writes one, and reading it would take that much memory.
+    private static func readIfExists(_ path: String, _ what: String) throws(StateError) -> [UInt8]? {
+        do throws(SyscallError) {
+            guard let fd = try openExisting(path, O_RDONLY) else { return nil }
+            defer { close(fd) }
+            var out: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 64 << 10)
+            while true {
+                let n = try Syscall.count("read", path) { chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }
+                if n == 0 { return out }
+                out.append(contentsOf: chunk[0..<n])
+                if out.count > 1 << 30 { throw SyscallError(call: "read", subject: path, errno: .fileTooLarge) }
+            }
+        } catch {
+            throw .io("cannot read \(what)", error)
+        }
     }
 }
