@@ -121,12 +121,11 @@ extension UprobeKey {
 /// Resolves each distinct spec once during a restore.
 final class ResolutionCache {
     let resolver: Resolver
-    private var done: [String: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>] = [:]
+    private var done: [ProbeSpecInput: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>] = [:]
     init(resolver: Resolver) { self.resolver = resolver }
 
     func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> ([ResolvedProbe], [UprobeKey: ResolvedProbe]) {
-        let key = "\(spec.path)\u{0}\(spec.symbol ?? "")\u{0}\(spec.offset.map(String.init) ?? "")\u{0}\(spec.usdt ?? "")\u{0}\(spec.pid.map(String.init) ?? "")\u{0}\(spec.retprobe)\u{0}\(spec.force)\u{0}\(spec.follow)"
-        if let r = done[key] { return try r.get() }
+        if let r = done[spec] { return try r.get() }
         let r: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>
         do {
             let targets = try resolver.resolve(spec)
@@ -136,7 +135,7 @@ final class ResolutionCache {
         } catch {
             r = .failure(error)
         }
-        done[key] = r
+        done[spec] = r
         return try r.get()
     }
 }
