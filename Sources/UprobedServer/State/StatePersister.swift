@@ -20,7 +20,7 @@ public final class StatePersister: Sendable {
     let counters: ServiceCounters
     private struct Memo {
         /// File and process identity taken when each probe was first saved.
-        var stamps: [String: (FileStamp?, UInt64?)] = [:]
+        var stamps: [String: ProbeStamps] = [:]
         var lastGeneration: UInt64 = 0
         /// Ids the files on disk hold (snapshot plus log). A registration whose batch could not
         /// be saved is never added: the engine answers `state_write_failed` and rolls it back,
@@ -51,7 +51,7 @@ public final class StatePersister: Sendable {
         /// `nextID` yet. Entering 10,000 of them took ~3 ms of the writer's time before the
         /// reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
         /// first settles it (`persist` and `checkpoint` begin with `settle()`).
-        var unsettled: [(records: [ProbeRecord], stamps: [(FileStamp?, UInt64?)])] = []
+        var unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])] = []
         /// A snapshot taken by `capture` is being written outside the lock (`writeCaptured`).
         /// Only one at a time: they share the temporary file, and a later one must not be
         /// overtaken by an earlier one.
@@ -102,29 +102,35 @@ public final class StatePersister: Sendable {
     /// The log text of a run of new registrations, written on a background queue.
     private final class PreparedRun: Sendable {
         let records: [ProbeRecord]
-        private let result = Mutex<(text: [UInt8], stamps: [(FileStamp?, UInt64?)])?>(nil)
+        private let result = Mutex<Encoded?>(nil)
         private let done = DispatchSemaphore(value: 0)
         init(_ records: [ProbeRecord]) { self.records = records }
 
+        /// The records as log array elements, and the stamps taken for them (in their order).
+        struct Encoded: Sendable {
+            var text: [UInt8] = []
+            var stamps: [ProbeStamps] = []
+        }
+
         func fill() {
-            var files: [String: FileStamp?] = [:]
-            var stamps: [(FileStamp?, UInt64?)] = []
+            var files = FileStampCache()
+            var stamps: [ProbeStamps] = []
             stamps.reserveCapacity(records.count)
             let saved = records.map { r -> SavedProbe in
-                let ids = StatePersister.firstStamps(r, files: &files)
-                stamps.append(ids)
-                return StatePersister.savedProbe(r, hits: r.baseHits, stamps: ids)
+                let first = ProbeStamps(firstSave: r, files: &files)
+                stamps.append(first)
+                return SavedProbe(r, hits: r.baseHits, stamps: first)
             }
             let text = StateCodec.encodeElements(saved)
-            result.withLock { $0 = (text, stamps) }
+            result.withLock { $0 = Encoded(text: text, stamps: stamps) }
             done.signal()
         }
 
         /// Waits for `fill`.
-        func get() -> (text: [UInt8], stamps: [(FileStamp?, UInt64?)]) {
+        func get() -> Encoded {
             done.wait()
             done.signal()  // stays readable
-            return result.withLock { $0 } ?? ([], [])
+            return result.withLock { $0 } ?? Encoded()
         }
     }
 
@@ -193,7 +199,7 @@ public final class StatePersister: Sendable {
         self.counters = counters
         self.bootID = currentBootID()
         var m = Memo()
-        for p in restored?.probes ?? [] { m.stamps[p.id] = (p.stamp, p.pidStartTime) }
+        for p in restored?.probes ?? [] { m.stamps[p.id] = ProbeStamps(file: p.stamp, processStart: p.pidStartTime) }
         m.written = Set(restored?.probes.map(\.id) ?? [])
         m.seq = restored?.seq ?? 0
         m.nextID = restored?.nextID ?? 1
@@ -251,13 +257,13 @@ public final class StatePersister: Sendable {
 
     /// `persist` with the memo lock held. True: runs written ahead were appended (to settle).
     private func persistLocked(_ snapshot: RegistrySnapshot,
-                               filled: [Int: (run: PreparedRun, encoded: (text: [UInt8], stamps: [(FileStamp?, UInt64?)]))])
+                               filled: [Int: (run: PreparedRun, encoded: PreparedRun.Encoded)])
         -> Result<Bool, StateError>? {
         let batch = snapshot.batchAdded
         return memo.withLock { m -> Result<Bool, StateError>? in
             guard snapshot.generation >= m.lastGeneration else { return .success(false) }
             m.settle()
-            var spliced: [(run: PreparedRun, encoded: (text: [UInt8], stamps: [(FileStamp?, UInt64?)]))] = []
+            var spliced: [(run: PreparedRun, encoded: PreparedRun.Encoded)] = []
             var added: [ProbeRecord] = []
             var i = batch.startIndex
             while i < batch.endIndex {
@@ -292,7 +298,7 @@ public final class StatePersister: Sendable {
                 publishUnsaved(m)
                 return .success(false)
             }
-            var files: [String: FileStamp?] = [:]
+            var files = FileStampCache()
             let adds = added.map { Self.saved($0, hits: $0.baseHits, stamps: &m.stamps, files: &files) }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
             // A line that removes registrations may use the space reserve: acknowledged
@@ -337,8 +343,8 @@ public final class StatePersister: Sendable {
     private struct Captured: Sendable {
         let snapshot: RegistrySnapshot
         let counts: [UInt64]
-        let stamps: [String: (FileStamp?, UInt64?)]
-        let unsettled: [(records: [ProbeRecord], stamps: [(FileStamp?, UInt64?)])]
+        let stamps: [String: ProbeStamps]
+        let unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])]
         /// The last log line the snapshot covers.
         let seq: UInt64
         let nextID: UInt64
@@ -468,60 +474,6 @@ public final class StatePersister: Sendable {
             counters.stateWriteFailures.add(1, ordering: .relaxed)
             throw e
         }
-    }
-
-    /// `files`: stamps already taken during this write, by path (a batch of 10,000 probes on one
-    /// binary stats it once).
-    private static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout [String: (FileStamp?, UInt64?)],
-                              files: inout [String: FileStamp?]) -> SavedProbe {
-        var ids = stamps[r.id] ?? firstStamps(r, files: &files)
-        // A registration that followed its path to a new file is stamped with that file.
-        if let t = r.targets.first, let was = ids.0, was.device != t.device || was.inode != t.inode {
-            ids.0 = currentStamp(of: t, files: &files)
-        }
-        stamps[r.id] = ids
-        return savedProbe(r, hits: hits, stamps: ids)
-    }
-
-    /// Every registration of `snapshot` as the snapshot file keeps it, with its hit total.
-    private static func savedProbes(_ snapshot: RegistrySnapshot, counts: [UInt64],
-                                    stamps: inout [String: (FileStamp?, UInt64?)]) -> [SavedProbe] {
-        var files: [String: FileStamp?] = [:]
-        return snapshot.sortedProbes.map { r in
-            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
-            return saved(r, hits: hits, stamps: &stamps, files: &files)
-        }
-    }
-
-    /// A registration's identity when first saved: its first target's file (if that is still
-    /// the file it was resolved in) and, with a `pid` filter, the process's start time. Used
-    /// by `saved` and by runs encoded ahead, so both stamp alike.
-    static func firstStamps(_ r: ProbeRecord, files: inout [String: FileStamp?]) -> (FileStamp?, UInt64?) {
-        (r.targets.first.flatMap { currentStamp(of: $0, files: &files) }, r.spec.pid.flatMap { processStartTime($0) })
-    }
-
-    /// The stamp of `t`'s file as it is now, nil unless it is still `t`'s device and inode.
-    /// `files`: stamps already taken during this write, by path (a batch of 10,000 probes on
-    /// one binary stats it once).
-    static func currentStamp(of t: ResolvedProbe, files: inout [String: FileStamp?]) -> FileStamp? {
-        let s: FileStamp?
-        if let known = files[t.path] { s = known } else {
-            s = fileStamp(t.path)
-            files[t.path] = s
-        }
-        return s.flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
-    }
-
-    static func savedProbe(_ r: ProbeRecord, hits: UInt64, stamps ids: (FileStamp?, UInt64?)) -> SavedProbe {
-        var degraded: String? = nil, ended: String? = nil
-        switch r.state {
-        case .active: break
-        case .degraded(let why): degraded = why
-        case .ended(let why): ended = why
-        }
-        return SavedProbe(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
-                          hits: hits, targets: r.targets, stamp: ids.0, pidStartTime: ids.1, degradedReason: degraded,
-                          endedReason: ended)
     }
 
     /// Writes the whole registry as the new snapshot.
