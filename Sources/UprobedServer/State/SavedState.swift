@@ -84,6 +84,9 @@ public struct SavedState: Sendable, Equatable {
     public var nextID: UInt64 = 1
 }
 
+// What the model's identities are read from on this host: at each save (`StatePersister`), and
+// again at a restart, which compares the two (`RestorePlanner`).
+
 /// (device, inode, size, mtime) of `path`, following symlinks.
 func fileStamp(_ path: String) -> FileStamp? {
     var st = stat()
@@ -103,11 +106,13 @@ func processStartTime(_ pid: Int32) -> UInt64? {
     return UInt64(rest[19])
 }
 
+/// This boot's id (`SavedState.bootID`); nil if the kernel does not give one.
 func currentBootID() -> String? {
     guard let b = readWholeFile("/proc/sys/kernel/random/boot_id", limit: 256) else { return nil }
     return String(decoding: b, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
 }
 
+/// Seconds since the Unix epoch: saved times outlive the process and the boot, so they are wall-clock.
 func clockRealtime() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)

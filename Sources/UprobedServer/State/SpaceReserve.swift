@@ -19,7 +19,7 @@ import Glibc
 /// re-creates it when twice its size is free, so that making it does not fill the disk again.
 public final class SpaceReserve: Sendable {
     /// A removal line costs about 11 bytes per id (`"p1234567",`): 10,000 ids (the most one
-    /// request names) took 110,027 bytes with 7-digit ids (`StateSpaceTests.reserveSize`).
+    /// request names) take 110,027 bytes with 7-digit ids (`StateSpaceTests.reserveSize`).
     /// 1 MiB holds the line of a batch removing ~95,000 such ids at once, more than the
     /// default `slot_capacity` (65,536) can register, or nine 10,000-id requests in a row.
     public static let defaultBytes = 1 << 20

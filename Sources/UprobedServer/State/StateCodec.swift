@@ -38,8 +38,9 @@ public enum StateCodec {
     }
 
     /// `encodeLogEntry` in pieces to be written one after another (`StateStore.append(parts:)`):
-    /// runs written ahead are passed through, not copied into one line (splicing a 10,000-probe
-    /// run, then copying the line out of the writer, took milliseconds when it was 3.5 MB).
+    /// runs written ahead are passed through, not copied into one line. A line can be
+    /// megabytes, and splicing a run into the writer and copying the line out again costs the
+    /// writer milliseconds before the batch's reply.
     public static func logEntryParts(seq: UInt64, add: [SavedProbe], encoded: [[UInt8]] = [], remove: [String]) -> [[UInt8]] {
         let runs = encoded.filter { !$0.isEmpty }
         var parts: [[UInt8]] = []
@@ -90,7 +91,7 @@ public enum StateCodec {
 
     /// Whether two rows share everything but the id, the hits and their target's symbol and
     /// offset (`isRow` holds for both). Listed by hand: comparing copies with those fields
-    /// cleared took 7 ms for 10,000 probes. `StateFileTests.rowFields` fails when one of these
+    /// cleared costs 7 ms for 10,000 probes. `StateFileTests.rowFields` fails when one of these
     /// types gains a field, so a new field cannot be silently dropped from runs.
     static func sameRowShape(_ a: SavedProbe, _ b: SavedProbe) -> Bool {
         let s = a.spec, z = b.spec, t = a.targets[0], u = b.targets[0]
@@ -105,7 +106,7 @@ public enum StateCodec {
     /// shape (`sameRowShape`: a large request's probes on one binary) share one element, a run:
     /// `{"run": <the first, in full>, "rows": [[id, symbol, offset], …]}`, with hits as a
     /// fourth member of a row when they are not zero. The log entry of a 10,000-probe request
-    /// on one binary took 4.1 MB written one object per probe; as a run, 0.24 MB.
+    /// on one binary is 4.1 MB written one object per probe, 0.24 MB as a run.
     static func writeProbes(_ probes: [SavedProbe], into w: inout JSONWriter) {
         var i = probes.startIndex
         while i < probes.endIndex {
@@ -173,8 +174,8 @@ public enum StateCodec {
         return out
     }
 
-    /// One registration as the state file stores it (written directly: a batch of 10,000 was
-    /// most of a 10,000-probe request's time when built as a JSON tree first).
+    /// One registration as the state file stores it, written directly rather than built as a
+    /// JSON tree first: for a 10,000-probe request the tree would take most of its time.
     static func writeProbe(_ p: SavedProbe, into w: inout JSONWriter) {
         w.beginObject()
         w.field("id", p.id)
@@ -234,7 +235,7 @@ public enum StateCodec {
         var state = SavedState(bootID: root["boot_id"]?.stringValue, savedAt: root["saved_at"]?.doubleValue ?? 0, probes: probes)
         state.formatVersion = version
         state.seq = readU64(root["seq"]) ?? 0
-        // Files written before `next_id` existed: the highest saved id is the best floor there is.
+        // A file without `next_id` (an older uprobed's): the highest saved id is the best floor there is.
         state.nextID = max(readU64(root["next_id"]) ?? 1, nextID(after: probes.map(\.id)))
         return state
     }
@@ -303,39 +304,39 @@ public enum StateCodec {
 
     static func decodeProbe(_ v: JSONValue, _ n: Int) throws(StateError) -> SavedProbe {
         func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
-            guard let o = v.objectValue, let id = o["id"]?.stringValue, !id.isEmpty,
-                  let owner = o["owner"]?.objectValue, let uid = owner["uid"]?.int64Value, let gid = owner["gid"]?.int64Value,
-                  let specValue = o["spec"], let registeredAt = o["registered_at"]?.doubleValue,
-                  let hits = readU64(o["hits"]), let targetList = o["targets"]?.arrayValue,
-                  let uid32 = UInt32(exactly: uid), let gid32 = UInt32(exactly: gid) else {
-                throw corrupt("probes[\(n)] is incomplete")
+        guard let o = v.objectValue, let id = o["id"]?.stringValue, !id.isEmpty,
+              let owner = o["owner"]?.objectValue, let uid = owner["uid"]?.int64Value, let gid = owner["gid"]?.int64Value,
+              let specValue = o["spec"], let registeredAt = o["registered_at"]?.doubleValue,
+              let hits = readU64(o["hits"]), let targetList = o["targets"]?.arrayValue,
+              let uid32 = UInt32(exactly: uid), let gid32 = UInt32(exactly: gid) else {
+            throw corrupt("probes[\(n)] is incomplete")
+        }
+        let spec: ProbeSpec
+        do { spec = try ProbeSpec(json: specValue, context: "probes[\(n)].spec") } catch {
+            throw corrupt("probes[\(n)].spec: \(error.message)")
+        }
+        var targets: [ResolvedProbe] = []
+        for t in targetList {
+            guard let x = t.objectValue, let path = x["path"]?.stringValue, let dev = readU64(x["device"]),
+                  let ino = readU64(x["inode"]), let off = readU64(x["offset"]) else {
+                throw corrupt("probes[\(n)] has an incomplete target")
             }
-            let spec: ProbeSpec
-            do { spec = try ProbeSpec(json: specValue, context: "probes[\(n)].spec") } catch {
-                throw corrupt("probes[\(n)].spec: \(error.message)")
-            }
-            var targets: [ResolvedProbe] = []
-            for t in targetList {
-                guard let x = t.objectValue, let path = x["path"]?.stringValue, let dev = readU64(x["device"]),
-                      let ino = readU64(x["inode"]), let off = readU64(x["offset"]) else {
-                    throw corrupt("probes[\(n)] has an incomplete target")
-                }
-                targets.append(ResolvedProbe(path: path, device: dev, inode: ino, buildID: x["build_id"]?.stringValue,
-                                             fileOffset: off, symbol: x["symbol"]?.stringValue,
-                                             aliases: x["aliases"]?.arrayValue?.compactMap(\.stringValue) ?? [],
-                                             refCtrOffset: readU64(x["ref_ctr_offset"])))
-            }
-            var stamp: FileStamp? = nil
-            if let f = o["file"]?.objectValue {
-                guard let d = readU64(f["device"]), let i = readU64(f["inode"]), let sz = f["size"]?.int64Value,
-                      let mt = f["mtime_ns"]?.int64Value else { throw corrupt("probes[\(n)].file is incomplete") }
-                stamp = FileStamp(device: d, inode: i, size: sz, mtimeNanos: mt)
-            }
-            return SavedProbe(
-                id: id, consumer: o["consumer"]?.stringValue,
-                owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
-                spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
-                stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
-                endedReason: o["ended_reason"]?.stringValue)
+            targets.append(ResolvedProbe(path: path, device: dev, inode: ino, buildID: x["build_id"]?.stringValue,
+                                         fileOffset: off, symbol: x["symbol"]?.stringValue,
+                                         aliases: x["aliases"]?.arrayValue?.compactMap(\.stringValue) ?? [],
+                                         refCtrOffset: readU64(x["ref_ctr_offset"])))
+        }
+        var stamp: FileStamp? = nil
+        if let f = o["file"]?.objectValue {
+            guard let d = readU64(f["device"]), let i = readU64(f["inode"]), let sz = f["size"]?.int64Value,
+                  let mt = f["mtime_ns"]?.int64Value else { throw corrupt("probes[\(n)].file is incomplete") }
+            stamp = FileStamp(device: d, inode: i, size: sz, mtimeNanos: mt)
+        }
+        return SavedProbe(
+            id: id, consumer: o["consumer"]?.stringValue,
+            owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
+            spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
+            stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
+            endedReason: o["ended_reason"]?.stringValue)
     }
 }

@@ -2,7 +2,6 @@ import Foundation
 import Logging
 import Synchronization
 import UprobeCore
-import UprobeELF
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -48,8 +47,7 @@ public final class StatePersister: Sendable {
         /// When the snapshot on disk was written (wall clock); nil if there is none.
         var snapshotAt: Double?
         /// Runs appended to the log whose ids and stamps are not in `written`, `stamps` and
-        /// `nextID` yet. Entering 10,000 of them took ~3 ms of the writer's time before the
-        /// reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
+        /// `nextID` yet. Entering 10,000 of them costs the writer ~3 ms before the reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
         /// first settles it (`persist` and `checkpoint` begin with `settle()`).
         var unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])] = []
         /// A snapshot taken by `capture` is being written outside the lock (`writeCaptured`).
@@ -136,8 +134,8 @@ public final class StatePersister: Sendable {
 
     /// The engine's prepare hook: `records` are new registrations of one request that a
     /// coming `persist` will probably add (unless the request fails). Their log text is
-    /// written now on a background queue, while the writer attaches them in the kernel: a
-    /// 10,000-probe request no longer encodes its entry after the attach. A run that
+    /// written now on a background queue, while the writer attaches them in the kernel, so a
+    /// 10,000-probe request's entry is ready when its attach is done. A run that
     /// its batch does not add (the request failed) is dropped by that batch's `persist`.
     public func prepare(_ records: [ProbeRecord]) {
         guard let first = records.first else { return }
@@ -222,8 +220,8 @@ public final class StatePersister: Sendable {
         // registrations are new (restored ones are never prepared): none is on disk yet.
         // The runs this batch adds whole are found, and waited for, before the memo lock is
         // taken: their encoding is queued on `aheadQueue`, possibly behind a deferred `settle`
-        // that needs that lock. Waiting with it held deadlocked the writer (two large
-        // registers in a row, found by a soak run).
+        // that needs that lock: waiting with it held would deadlock the writer when two large
+        // registers come in a row.
         let runs = prepared.withLock { p in defer { p.removeAll() }; return p }
         let batch = snapshot.batchAdded
         var runStarts: [Int: PreparedRun] = [:]
@@ -246,9 +244,9 @@ public final class StatePersister: Sendable {
         }
         let result = outcome ?? .success(false)
         if case .success(true) = result {
-            // Once the batch's fsync and reply are done: settled at once, it took the second
-            // CPU from them (fsync 0.7 -> 1.2-3.2 ms); started at the sync, it slowed the reply
-            // by 1-2 ms. 20 ms later the reply is out and its client is reading it.
+            // Once the batch's fsync and reply are done: settling at once takes the second CPU
+            // from them (fsync 0.7 -> 1.2-3.2 ms), and settling at the sync delays the reply by
+            // 1-2 ms. 20 ms later the reply is out and its client is reading it.
             let memo = self.memo
             aheadQueue.asyncAfter(deadline: .now() + .milliseconds(20)) { memo.withLock { $0.settle() } }
         }
@@ -320,8 +318,8 @@ public final class StatePersister: Sendable {
             m.lastGeneration = snapshot.generation
             if m.logBytes > max(1 << 20, m.snapshotBytes) && !m.snapshotInFlight {
                 // The log has grown past the snapshot: a new one is written on `snapshotQueue`
-                // while batches go on. (Written here, a 10,000-probe registry held the writer
-                // 32-64 ms, and every request waited.)
+                // while batches go on. (Written here, a 10,000-probe registry would hold the
+                // writer 32-64 ms, and every request would wait.)
                 let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
                 do throws(StateError) {
                     let captured = try capture(&m, snapshot, counts: counts)
