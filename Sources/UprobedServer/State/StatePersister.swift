@@ -10,9 +10,9 @@ import Glibc
 /// (before replies, so an acknowledged registration is on disk) and once more at a graceful
 /// stop with the final hit counts. A batch's line is appended without an fsync: the engine
 /// calls `sync` once for the batches it is about to answer (group commit), so one fsync
-/// serves them all; the engine must therefore be given both hooks. Log appends are serialized by the memo lock; snapshots are
-/// taken with it held and written outside it, one at a time, and an older snapshot never
-/// overwrites a newer one.
+/// serves them all; the engine must therefore be given both hooks. Log appends are
+/// serialized by the memo lock; snapshots are taken with it held and written outside it, one
+/// at a time, and an older snapshot never overwrites a newer one.
 public final class StatePersister: Sendable {
     let store: StateStore
     let kernel: any KernelBackend
@@ -20,6 +20,8 @@ public final class StatePersister: Sendable {
     private struct Memo {
         /// File and process identity taken when each probe was first saved.
         var stamps: [String: ProbeStamps] = [:]
+        /// Registry generation of the newest registry saved: a save of an older one (a
+        /// checkpoint overtaken by the writer) is skipped.
         var lastGeneration: UInt64 = 0
         /// Ids the files on disk hold (snapshot plus log). A registration whose batch could not
         /// be saved is never added: the engine answers `state_write_failed` and rolls it back,
@@ -29,6 +31,7 @@ public final class StatePersister: Sendable {
         var seq: UInt64 = 0
         /// Lowest probe number not in any file written so far (see `SavedState.nextID`).
         var nextID: UInt64 = 1
+        /// Sizes on disk: once the log outgrows the snapshot, a new snapshot replaces both.
         var snapshotBytes = 0
         var logBytes = 0
         /// The snapshot on disk is an older format version: the first change rewrites it rather
@@ -47,8 +50,9 @@ public final class StatePersister: Sendable {
         /// When the snapshot on disk was written (wall clock); nil if there is none.
         var snapshotAt: Double?
         /// Runs appended to the log whose ids and stamps are not in `written`, `stamps` and
-        /// `nextID` yet. Entering 10,000 of them costs the writer ~3 ms before the reply, so `persist` leaves it to the encode-ahead queue; whatever reads the memo
-        /// first settles it (`persist` and `checkpoint` begin with `settle()`).
+        /// `nextID` yet. Entering 10,000 of them costs the writer ~3 ms before the reply, so
+        /// `persist` leaves it to the encode-ahead queue; whatever reads the memo first settles
+        /// it (`persist` and `checkpoint` begin with `settle()`).
         var unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])] = []
         /// A snapshot taken by `capture` is being written outside the lock (`writeCaptured`).
         /// Only one at a time: they share the temporary file, and a later one must not be
@@ -135,8 +139,8 @@ public final class StatePersister: Sendable {
     /// The engine's prepare hook: `records` are new registrations of one request that a
     /// coming `persist` will probably add (unless the request fails). Their log text is
     /// written now on a background queue, while the writer attaches them in the kernel, so a
-    /// 10,000-probe request's entry is ready when its attach is done. A run that
-    /// its batch does not add (the request failed) is dropped by that batch's `persist`.
+    /// 10,000-probe request's entry is ready when its attach is done. A run that its batch
+    /// does not add (the request failed) is dropped by that batch's `persist`.
     public func prepare(_ records: [ProbeRecord]) {
         guard let first = records.first else { return }
         let run = PreparedRun(records)
