@@ -63,7 +63,7 @@ public final class UprobedService: Service, Sendable {
         // Encoding done ahead of a large register (its state entry, then its reply) while the
         // writer is in the kernel attach: one queue, so the entry the writer waits for is first.
         let aheadQueue = DispatchQueue(label: "uprobed-encode-ahead")
-        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved, groupCommit: true,
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: saved,
                                        aheadQueue: aheadQueue, logger: logger)
 
         let engineConfig = EngineConfig(batchWindow: .microseconds(Int64(config.batchWindowMicros)),

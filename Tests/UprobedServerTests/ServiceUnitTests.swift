@@ -192,7 +192,7 @@ struct StateFileTests {
         let store = StateStore(dir: dir)
         try Data(v1.utf8).write(to: URL(fileURLWithPath: store.path))
         let restored = try #require(try store.load())
-        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored, groupCommit: true)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored)
         var snap = RegistrySnapshot()
         snap.add(Self.records(20..<22, path: dir), generation: 1)
         try persister.persist(snap)
@@ -208,7 +208,7 @@ struct StateFileTests {
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = StateStore(dir: dir)
-        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil)
         var snap = RegistrySnapshot()
         snap.add(Self.records(20..<21, path: dir), generation: 1)
         try persister.persist(snap)
@@ -277,6 +277,30 @@ struct StateFileTests {
         let moved = try store.moveAside()
         #expect(moved.count == 1 && moved.allSatisfy { FileManager.default.fileExists(atPath: $0) }, "\(moved)")
         #expect(try store.load() == nil)
+    }
+
+    @Test("a file system error is state_io and names what the store was doing, the call, its file and the errno")
+    func ioErrors() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "".write(toFile: dir + "/file", atomically: true, encoding: .utf8)
+        do {
+            try StateStore(dir: dir + "/file/state").prepare()
+            Issue.record("made a directory under a file")
+        } catch {
+            #expect(error.code == "state_io" && error.cause?.errno == .notDirectory)
+            #expect(error.message == "cannot create the state directory: mkdir(\(dir)/file/state): Not a directory", "\(error)")
+        }
+        let store = StateStore(dir: dir + "/state")
+        try store.prepare()
+        #expect(mkdir(store.path, 0o700) == 0)  // a snapshot that is a directory
+        do {
+            _ = try store.load()
+            Issue.record("read a directory as the snapshot")
+        } catch {
+            #expect(error.code == "state_io" && !error.isDiskFull)
+            #expect(error.message == "cannot read the snapshot: read(\(store.path)): Is a directory", "\(error)")
+        }
     }
 
     @Test("the log: entries apply in order above the snapshot's seq; a torn last line is ignored; a bad middle line is corruption")
@@ -356,7 +380,7 @@ struct StateFileTests {
         let store = try Self.preparedStore(in: dir)
         let queue = DispatchQueue(label: "snapshot-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
-                                       groupCommit: true, snapshotQueue: queue)
+                                       snapshotQueue: queue)
         var snap = RegistrySnapshot()
         var next: UInt64 = 1
         var generation: UInt64 = 0
@@ -430,7 +454,7 @@ struct StateFileTests {
         let store = try Self.preparedStore(in: dir)
         let kernel = SettableKernel()
         let counters = ServiceCounters()
-        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: nil, groupCommit: true)
+        let persister = StatePersister(store: store, kernel: kernel, counters: counters, restored: nil)
         var snap = RegistrySnapshot()
         snap.add(Self.records(1..<4, path: binary), generation: 1)
         snap.slotHighWater = 4
@@ -545,7 +569,7 @@ struct StateFileTests {
         func persister(_ dir: String) throws -> StatePersister {
             let store = StateStore(dir: dir)
             try store.prepare()
-            return StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil, groupCommit: true)
+            return StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil)
         }
         // A: two runs prepared; the batch adds a few inline, then one run (the other request failed).
         let a = try persister(dirA)
@@ -593,7 +617,7 @@ struct StateFileTests {
         let store = try Self.preparedStore(in: dir)
         let queue = DispatchQueue(label: "ahead-test")
         let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil,
-                                       groupCommit: true, aheadQueue: queue)
+                                       aheadQueue: queue)
         persister.prepare(first)
         try persister.persist(Self.snapshot(1, adding: first))  // defers its settle 20 ms, onto `queue`
         // The queue is busy (as with a large reply being encoded) until the settle has queued

@@ -91,8 +91,7 @@ struct StateHistoryTests {
         let binary = try StateFileTests.stampableFile(in: dir)
         let store = try StateFileTests.preparedStore(in: dir)
         func persister(_ restored: SavedState?) -> StatePersister {
-            StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: restored,
-                           groupCommit: true)
+            StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: restored)
         }
         var p = persister(nil)
         var snap = RegistrySnapshot()
@@ -176,8 +175,7 @@ struct StateHistoryTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let binary = try StateFileTests.stampableFile(in: dir)
         let store = try StateFileTests.preparedStore(in: dir)
-        var p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: nil,
-                               groupCommit: true)
+        var p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: nil)
         var snap = RegistrySnapshot()
         snap.add(StateFileTests.records(1..<3, path: binary), generation: 1)
         try p.persist(snap)
@@ -190,8 +188,7 @@ struct StateHistoryTests {
 
         let restored = try UprobedService.loadState(StateStore(dir: store.dir), moveCorrupt: false, logger: Logger(label: "test"))
         #expect(restored?.probes.map(\.id) == ["p1", "p2"])
-        p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: restored,
-                           groupCommit: true)
+        p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: ServiceCounters(), restored: restored)
         snap.add(StateFileTests.records(3..<4, path: binary), generation: 2)
         try p.persist(snap)
         try p.sync()

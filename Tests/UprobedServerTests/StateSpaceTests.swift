@@ -100,7 +100,7 @@ struct StateSpaceTests {
         let binary = try StateFileTests.stampableFile(in: dir)
         let store = try StateFileTests.preparedStore(in: dir)
         let counters = ServiceCounters()
-        let p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: counters, restored: nil, groupCommit: true)
+        let p = StatePersister(store: store, kernel: StateFileTests.ZeroKernel(), counters: counters, restored: nil)
         #expect(counters.stateReserveBytes.load(ordering: .relaxed) == SpaceReserve.defaultBytes)
         var snap = RegistrySnapshot()
         snap.add(StateFileTests.records(1..<6, path: binary), generation: 1)

@@ -1,5 +1,7 @@
 import Logging
 import Synchronization
+import SystemPackage
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,7 +19,7 @@ import Glibc
 /// re-creates it when twice its size is free, so that making it does not fill the disk again.
 public final class SpaceReserve: Sendable {
     /// A removal line costs about 11 bytes per id (`"p1234567",`): 10,000 ids (the most one
-    /// request names) took 110,027 bytes with 7-digit ids (`StateSpaceTests.reserveSize`).
+    /// request names) take 110,027 bytes with 7-digit ids (`StateSpaceTests.reserveSize`).
     /// 1 MiB holds the line of a batch removing ~95,000 such ids at once, more than the
     /// default `slot_capacity` (65,536) can register, or nine 10,000-id requests in a row.
     public static let defaultBytes = 1 << 20
@@ -45,18 +47,15 @@ public final class SpaceReserve: Sendable {
 
     public var heldBytes: Int { held.load(ordering: .relaxed) }
 
-    /// Makes the reserve (or completes one a crash left short). At start; false, with a
-    /// warning, if the file system refused.
-    @discardableResult
-    func create() -> Bool {
+    /// Makes the reserve (or completes one a crash left short). At start; a warning if the
+    /// file system refused.
+    func create() {
         lock.withLock { failedAt in
             if let why = make() {
                 failedAt = .now
                 logger?.warning("cannot make the state directory's space reserve; a full disk will fail removals",
                                 metadata: ["path": "\(path)", "bytes": "\(bytes)", "error": "\(why)"])
-                return false
             }
-            return true
         }
     }
 
@@ -67,7 +66,9 @@ public final class SpaceReserve: Sendable {
             failedAt = nil
             guard held.load(ordering: .relaxed) > 0 else { return false }
             held.store(0, ordering: .relaxed)
-            guard unlink(path) == 0 || errno == ENOENT else { return false }
+            do throws(SyscallError) { try Syscall.run("unlink", path) { unlink(path) } } catch {
+                guard error.errno == .noSuchFileOrDirectory else { return false }
+            }
             // On ext4, blocks freed by a transaction that has not committed are not handed out
             // again; syncing the directory commits it.
             let dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -116,15 +117,18 @@ public final class SpaceReserve: Sendable {
     /// Allocates the file's blocks (posix_fallocate(3): fallocate(2), or glibc writes them
     /// where the file system does not support it). nil on success, else what failed; a
     /// partial file is deleted.
-    private func make() -> String? {
-        let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return "open: \(String(cString: strerror(errno)))" }
+    private func make() -> SyscallError? {
+        let fd: Int32
+        do throws(SyscallError) { fd = try Syscall.run("open", path) { open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600) } } catch {
+            return error
+        }
         defer { close(fd) }
+        // posix_fallocate returns the error number instead of setting errno.
         var rc: Int32
         repeat { rc = posix_fallocate(fd, 0, off_t(bytes)) } while rc == EINTR
         guard rc == 0 else {
             unlink(path)
-            return "allocating \(bytes) bytes: \(String(cString: strerror(rc)))"
+            return SyscallError(call: "posix_fallocate", subject: "\(path), \(bytes) bytes", errno: Errno(rawValue: rc))
         }
         held.store(bytes, ordering: .relaxed)
         return nil

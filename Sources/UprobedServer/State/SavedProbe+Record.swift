@@ -1,0 +1,76 @@
+import UprobeCore
+import UprobeELF
+
+/// What identified a registration when it was first saved: its first target's file and, with a
+/// `pid` filter, its process's start time. Later saves carry them unchanged, so that a restart
+/// compares the binary and the process with those of the registration (`RestorePlanner`), not
+/// with whatever was there at the last save.
+struct ProbeStamps: Sendable {
+    var file: FileStamp?
+    var processStart: UInt64?
+}
+
+extension ProbeStamps {
+    /// The stamps of `r` saved for the first time: its first target's file (if that is still
+    /// the file it was resolved in) and, with a `pid` filter, the process's start time. Used
+    /// by every save and by runs encoded ahead, so both stamp alike.
+    init(firstSave r: ProbeRecord, files: inout FileStampCache) {
+        file = r.targets.first.flatMap { files.stamp(of: $0) }
+        processStart = r.spec.pid.flatMap { processStartTime($0) }
+    }
+}
+
+/// Files stamped during one write, by path: a batch of 10,000 probes on one binary stats it once.
+struct FileStampCache {
+    private var byPath: [String: FileStamp?] = [:]
+
+    /// The stamp of `t`'s file as it is now, nil unless it is still `t`'s device and inode.
+    mutating func stamp(of t: ResolvedProbe) -> FileStamp? {
+        let s: FileStamp?
+        if let known = byPath[t.path] { s = known } else {
+            s = fileStamp(t.path)
+            byPath[t.path] = s
+        }
+        return s.flatMap { $0.device == t.device && $0.inode == t.inode ? $0 : nil }
+    }
+}
+
+extension SavedProbe {
+    /// `r` as the state files keep it, with `hits` as its count.
+    init(_ r: ProbeRecord, hits: UInt64, stamps: ProbeStamps) {
+        var degraded: String? = nil, ended: String? = nil
+        switch r.state {
+        case .active: break
+        case .degraded(let why): degraded = why
+        case .ended(let why): ended = why
+        }
+        self.init(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
+                  hits: hits, targets: r.targets, stamp: stamps.file, pidStartTime: stamps.processStart,
+                  degradedReason: degraded, endedReason: ended)
+    }
+}
+
+extension StatePersister {
+    /// `r` as saved, stamped from `stamps` (the registration's first stamps, entered there
+    /// when it has none yet).
+    static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout [String: ProbeStamps],
+                      files: inout FileStampCache) -> SavedProbe {
+        var own = stamps[r.id] ?? ProbeStamps(firstSave: r, files: &files)
+        // A registration that followed its path to a new file is stamped with that file.
+        if let t = r.targets.first, let was = own.file, was.device != t.device || was.inode != t.inode {
+            own.file = files.stamp(of: t)
+        }
+        stamps[r.id] = own
+        return SavedProbe(r, hits: hits, stamps: own)
+    }
+
+    /// Every registration of `snapshot` as the snapshot file keeps it, with its hit total.
+    static func savedProbes(_ snapshot: RegistrySnapshot, counts: [UInt64],
+                            stamps: inout [String: ProbeStamps]) -> [SavedProbe] {
+        var files = FileStampCache()
+        return snapshot.sortedProbes.map { r in
+            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
+            return saved(r, hits: hits, stamps: &stamps, files: &files)
+        }
+    }
+}
