@@ -76,7 +76,7 @@ struct ConfigKey: Sendable {
 
     // MARK: kinds of keys
 
-    static func field<V: Equatable>(_ name: String, _ path: WritableKeyPath<DaemonConfig, V> & Sendable, reloadable: Bool = false,
+    static func field<V: Equatable>(_ name: String, _ path: any WritableKeyPath<DaemonConfig, V> & Sendable, reloadable: Bool = false,
                                     parse: @escaping @Sendable (String) throws(BadValue) -> V) -> ConfigKey {
         ConfigKey(name: name, reloadable: reloadable,
                   set: { (c: inout DaemonConfig, v: String) throws(BadValue) in c[keyPath: path] = try parse(v) },
@@ -84,7 +84,7 @@ struct ConfigKey: Sendable {
                   differs: { a, b in a[keyPath: path] != b[keyPath: path] })
     }
 
-    static func int(_ name: String, _ path: WritableKeyPath<DaemonConfig, Int> & Sendable, _ range: ClosedRange<Int>,
+    static func int(_ name: String, _ path: any WritableKeyPath<DaemonConfig, Int> & Sendable, _ range: ClosedRange<Int>,
                     reloadable: Bool = false) -> ConfigKey {
         field(name, path, reloadable: reloadable) { v throws(BadValue) in try integer(name, v, range) }
     }
@@ -97,7 +97,7 @@ struct ConfigKey: Sendable {
         return n
     }
 
-    static func path(_ name: String, _ keyPath: WritableKeyPath<DaemonConfig, String> & Sendable) -> ConfigKey {
+    static func path(_ name: String, _ keyPath: any WritableKeyPath<DaemonConfig, String> & Sendable) -> ConfigKey {
         field(name, keyPath) { v throws(BadValue) in
             guard v.hasPrefix("/") else { throw BadValue(message: "\(name) must be an absolute path") }
             return v
@@ -105,7 +105,7 @@ struct ConfigKey: Sendable {
     }
 
     /// The access lists: reloadable (a reload replaces the policy).
-    static func ids(_ name: String, _ path: WritableKeyPath<DaemonConfig, [String]> & Sendable) -> ConfigKey {
+    static func ids(_ name: String, _ path: any WritableKeyPath<DaemonConfig, [String]> & Sendable) -> ConfigKey {
         field(name, path, reloadable: true) { v throws(BadValue) in try DaemonConfig.idList(v, key: name) }
     }
 }

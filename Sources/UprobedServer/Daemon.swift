@@ -204,15 +204,15 @@ public final class UprobedService: Service, Sendable {
     static func loadState(_ store: StateStore, moveCorrupt: Bool, logger: Logger) throws(StateError) -> SavedState? {
         let saved: SavedState?
         do { saved = try store.load() } catch {
-            guard error.code == "state_corrupt" || error.code == "state_incomplete" else { throw error }
+            guard error.code == .stateCorrupt || error.code == .stateIncomplete else { throw error }
             guard moveCorrupt else {
-                let consequence = error.code == "state_corrupt"
+                let consequence = error.code == .stateCorrupt
                     ? "refusing to start so the registrations in it are not overwritten (inspect it, or restart with --move-corrupt-state to move the state files aside and start with no registrations)"
                     : "refusing to start, because saving a state without them would lose them for good (restore \(store.path) from a backup and start again, or restart with --move-corrupt-state to move the state files aside and start with no registrations)"
                 throw StateError(code: error.code, message: "\(error.message); \(consequence)", missingChanges: error.missingChanges)
             }
             let moved = try store.moveAside()
-            logger.error("state files are \(error.code == "state_corrupt" ? "corrupt" : "incomplete"); moved them aside and starting with no registrations",
+            logger.error("state files are \(error.code == .stateCorrupt ? "corrupt" : "incomplete"); moved them aside and starting with no registrations",
                          metadata: ["error_code": "\(error.code)", "error": "\(error.message)", "moved_to": "\(moved.joined(separator: ","))"])
             return nil
         }
@@ -240,14 +240,14 @@ public final class UprobedService: Service, Sendable {
                     degraded += 1
                     logger.warning("restored probe is degraded", metadata: [
                         "probe_id": "\(r.id)", "path": "\(item.targets.first?.path ?? item.spec.path)",
-                        "consumer": "\(r.consumer ?? "")", "error_code": "probe_degraded", "reason": "\(reason)"])
+                        "consumer": "\(r.consumer ?? "")", "error_code": "\(ErrorCode.probeDegraded)", "reason": "\(reason)"])
                 case .ended(let reason):
                     ended += 1
                     // Ended by this restore: its process stopped being its owner's meanwhile.
                     if !endedBefore.contains(r.id) {
                         logger.warning("probe ended: its process is no longer its owner's", metadata: [
                             "probe_id": "\(r.id)", "pid": "\(item.spec.pid.map(String.init) ?? "")",
-                            "owner_uid": "\(r.owner.uid)", "error_code": "process_not_owned", "reason": "\(reason)"])
+                            "owner_uid": "\(r.owner.uid)", "error_code": "\(ErrorCode.processNotOwned)", "reason": "\(reason)"])
                     }
                 case .active:
                     active += 1

@@ -73,7 +73,7 @@ final class DescriptorReserve: ChannelInboundHandler {
         if let last = lastLog, now - last < .seconds(10) { return }
         lastLog = now
         logger.error("out of file descriptors: new connections are refused until some close", metadata: [
-            "error_code": "too_many_open_files", "refused": "\(refused)", "reserve_taken_again": "\(spare >= 0)",
+            "error_code": "\(ErrorCode.tooManyOpenFiles)", "refused": "\(refused)", "reserve_taken_again": "\(spare >= 0)",
             "hint": "raise LimitNOFILE, or lower max_connections and max_connections_per_uid"])
     }
 

@@ -6,6 +6,7 @@ import UprobeCore
 import UprobeKernel
 #if canImport(Glibc)
 import Glibc
+import UprobeErrors
 #endif
 
 /// Holds a non-admin's `pid`-filtered probes to the rule they were registered under, for as
@@ -207,7 +208,7 @@ public final class OwnershipWatcher: Sendable {
                 "probe_id": "\(f.target.ids.first ?? "")",
                 "probe_ids": "\(f.target.ids.prefix(5).joined(separator: ","))\(f.target.ids.count > 5 ? ",…" : "")",
                 "probes": "\(f.target.ids.count)", "pid": "\(f.pid)", "owner_uid": "\(f.target.owner.uid)",
-                "error_code": "process_not_owned", "reason": "\(f.reason)",
+                "error_code": "\(ErrorCode.processNotOwned)", "reason": "\(f.reason)",
             ]
             // How long the process ran exec'd and still counted: up to the end's counter read,
             // which `followSync` has done by now.

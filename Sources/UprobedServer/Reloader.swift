@@ -56,7 +56,7 @@ final class Reloader: Sendable {
         } catch {
             counters.configReloadFailures.add(1, ordering: .relaxed)
             logger.error("config reload refused; the previous configuration stays in force",
-                         metadata: ["path": "\(path)", "error_code": "config_invalid", "error": "\(error)"])
+                         metadata: ["path": "\(path)", "error_code": "\(ErrorCode.configInvalid)", "error": "\(error)"])
             Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reload refused: \(error)")
             return
         }

@@ -55,7 +55,7 @@ struct StateFileTests {
     static func tempDir() throws -> String {
         let template = NSTemporaryDirectory() + "uprobed-statetest-XXXXXX"
         var buf = Array(template.utf8CString)
-        guard mkdtemp(&buf) != nil else { throw StateError(code: "state_io", message: "mkdtemp") }
+        guard mkdtemp(&buf) != nil else { throw StateError(code: .stateIO, message: "mkdtemp") }
         return String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
@@ -169,7 +169,7 @@ struct StateFileTests {
                 _ = try StateCodec.decode(Array(text.utf8))
                 Issue.record("accepted: \(run)")
             } catch {
-                #expect(error.code == "state_corrupt")
+                #expect(error.code.rawValue == "state_corrupt")
             }
         }
         let good = #"{"format":"uprobed-state","version":2,"probes":[{"run":\#(probe),"rows":[["p1","g1",4097],["p2","g2",4098,5]]}]}"#
@@ -254,7 +254,7 @@ struct StateFileTests {
                 _ = try StateCodec.decode(Array(text.utf8))
                 Issue.record("accepted: \(text)")
             } catch {
-                #expect(error.code == "state_corrupt")
+                #expect(error.code.rawValue == "state_corrupt")
             }
         }
     }
@@ -288,7 +288,7 @@ struct StateFileTests {
             try StateStore(dir: dir + "/file/state").prepare()
             Issue.record("made a directory under a file")
         } catch {
-            #expect(error.code == "state_io" && error.cause?.errno == .notDirectory)
+            #expect(error.code.rawValue == "state_io" && error.cause?.errno == .notDirectory)
             #expect(error.message == "cannot create the state directory: mkdir(\(dir)/file/state): Not a directory", "\(error)")
         }
         let store = StateStore(dir: dir + "/state")
@@ -298,7 +298,7 @@ struct StateFileTests {
             _ = try store.load()
             Issue.record("read a directory as the snapshot")
         } catch {
-            #expect(error.code == "state_io" && !error.isDiskFull)
+            #expect(error.code.rawValue == "state_io" && !error.isDiskFull)
             #expect(error.message == "cannot read the snapshot: read(\(store.path)): Is a directory", "\(error)")
         }
     }

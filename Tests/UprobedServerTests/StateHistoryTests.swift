@@ -41,7 +41,7 @@ struct StateHistoryTests {
         // The snapshot deleted: the log alone would start with p4 and without p9.
         unlink(store.path)
         var e = Self.loadError(store)
-        #expect(e?.code == "state_incomplete", "\(String(describing: e))")
+        #expect(e?.code.rawValue == "state_incomplete", "\(String(describing: e))")
         #expect(e?.message.contains("changes 1 to 5 are in no file") == true, "\(String(describing: e))")
         #expect(e?.message.contains("every registration made before this log began") == true)
         #expect(e?.message.contains("state.json is missing") == true)
@@ -51,14 +51,14 @@ struct StateHistoryTests {
         unlink(store.logPath)
         try store.append(Self.line(7, remove: ["p3"]))
         e = Self.loadError(store)
-        #expect(e?.code == "state_incomplete" && e?.message.contains("change 6 is in no file") == true, "\(String(describing: e))")
+        #expect(e?.code.rawValue == "state_incomplete" && e?.message.contains("change 6 is in no file") == true, "\(String(describing: e))")
 
         // A hole in the middle of the log.
         unlink(store.logPath)
         try store.append(Self.line(6, add: [p4]))
         try store.append(Self.line(8, remove: ["p3"]))
         e = Self.loadError(store)
-        #expect(e?.code == "state_incomplete" && e?.message.contains("from change 6 to change 8") == true, "\(String(describing: e))")
+        #expect(e?.code.rawValue == "state_incomplete" && e?.message.contains("from change 6 to change 8") == true, "\(String(describing: e))")
 
         // Lines the snapshot covers are skipped, not checked; the first one above it must follow it.
         unlink(store.logPath)
@@ -73,7 +73,7 @@ struct StateHistoryTests {
         #expect(try store.rotateLog())
         try store.append(Self.line(8, remove: ["p3"]))
         e = Self.loadError(store)
-        #expect(e?.code == "state_incomplete" && e?.message.contains("change 7 is in no file") == true, "\(String(describing: e))")
+        #expect(e?.code.rawValue == "state_incomplete" && e?.message.contains("change 7 is in no file") == true, "\(String(describing: e))")
 
         // Without a snapshot, a first log starting at 1 is the whole history.
         unlink(store.path)

@@ -18,7 +18,7 @@ struct StateSpaceTests {
     static func mountTmpfs(size: String) throws -> String {
         let dir = try StateFileTests.tempDir()
         guard mount("tmpfs", dir, "tmpfs", 0, "size=\(size),mode=0700") == 0 else {
-            throw StateError(code: "state_io", message: "mount tmpfs on \(dir): \(String(cString: strerror(errno)))")
+            throw StateError(code: .stateIO, message: "mount tmpfs on \(dir): \(String(cString: strerror(errno)))")
         }
         return dir
     }

@@ -5,6 +5,7 @@ import UprobeELF
 import UprobeSystem
 #if canImport(Glibc)
 import Glibc
+import UprobeErrors
 #endif
 
 /// A state file that cannot be read or written, with a stable code.
@@ -12,7 +13,7 @@ public struct StateError: Error, Sendable, CustomStringConvertible {
     /// `state_corrupt` (the file exists but is not a state file this daemon understands),
     /// `state_incomplete` (the files are readable but changes are missing between them: see
     /// `StateCodec.replay`) or `state_io` (the file system refused).
-    public let code: String
+    public let code: ErrorCode
     public let message: String
     /// The failed call behind a `state_io` error; its errno tells a full disk (ENOSPC, EDQUOT)
     /// from other failures.
@@ -25,7 +26,7 @@ public struct StateError: Error, Sendable, CustomStringConvertible {
     /// its errno (`cannot append to the log: write(/var/lib/uprobed/state.log): No space left
     /// on device`).
     static func io(_ what: String, _ cause: SyscallError) -> StateError {
-        StateError(code: "state_io", message: "\(what): \(cause)", cause: cause)
+        StateError(code: .stateIO, message: "\(what): \(cause)", cause: cause)
     }
 
     /// The file system is out of space (or the quota is used up): a write may succeed once

@@ -4,6 +4,7 @@ import SystemPackage
 import UprobeSystem
 #if canImport(Glibc)
 import Glibc
+import UprobeErrors
 #endif
 
 /// Space held in the state directory for the state writes that must not fail when its file
@@ -77,7 +78,7 @@ public final class SpaceReserve: Sendable {
                 close(dfd)
             }
             logger?.error("the state directory's file system is full: its space reserve was deleted so that a state write could be made; free space there (the reserve comes back by itself)",
-                          metadata: ["error_code": "state_disk_full", "path": "\(path)", "bytes": "\(bytes)",
+                          metadata: ["error_code": "\(ErrorCode.stateDiskFull)", "path": "\(path)", "bytes": "\(bytes)",
                                      "error": "\(failed.message)"])
             return true
         }

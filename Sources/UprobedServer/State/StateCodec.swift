@@ -140,7 +140,7 @@ public enum StateCodec {
 
     /// The registrations of a `probes` or `add` list, runs expanded (see `writeProbes`).
     static func decodeProbes(_ list: [JSONValue]) throws(StateError) -> [SavedProbe] {
-        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+        func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var out: [SavedProbe] = []
         out.reserveCapacity(list.count)
         for (n, v) in list.enumerated() {
@@ -216,7 +216,7 @@ public enum StateCodec {
     }
 
     public static func decode(_ bytes: [UInt8]) throws(StateError) -> SavedState {
-        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+        func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         let value: JSONValue
         do { value = try JSONParser.parse(bytes) } catch { throw corrupt("not valid JSON: \(error)") }
         guard let root = value.objectValue, root["format"]?.stringValue == SavedState.format else {
@@ -262,7 +262,7 @@ public enum StateCodec {
     /// is `state_incomplete` with the missing seqs, because the registrations and removals in
     /// them, and every registration made before the log began, are not in what is left.
     public static func replay(_ log: [UInt8], onto base: SavedState) throws(StateError) -> SavedState {
-        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+        func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var state = base
         var index: [String: Int] = [:]
         for (i, p) in state.probes.enumerated() { index[p.id] = i }
@@ -275,7 +275,7 @@ public enum StateCodec {
             guard let o = value.objectValue, let seq = readU64(o["seq"]) else { throw corrupt("log line \(n + 1) has no seq") }
             guard seq > state.seq else { continue }
             guard seq == state.seq + 1 else {
-                throw StateError(code: "state_incomplete",
+                throw StateError(code: .stateIncomplete,
                                  message: "log line \(n + 1) is change \(seq), but the last change before it is \(state.seq): changes \(state.seq + 1) to \(seq - 1) are in no file",
                                  missingChanges: state.seq + 1...seq - 1)
             }
@@ -303,7 +303,7 @@ public enum StateCodec {
     }
 
     static func decodeProbe(_ v: JSONValue, _ n: Int) throws(StateError) -> SavedProbe {
-        func corrupt(_ why: String) -> StateError { StateError(code: "state_corrupt", message: why) }
+        func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         guard let o = v.objectValue, let id = o["id"]?.stringValue, !id.isEmpty,
               let owner = o["owner"]?.objectValue, let uid = owner["uid"]?.int64Value, let gid = owner["gid"]?.int64Value,
               let specValue = o["spec"], let registeredAt = o["registered_at"]?.doubleValue,

@@ -425,7 +425,7 @@ public final class StatePersister: Sendable {
     public func checkpoint(_ snapshot: RegistrySnapshot) throws(StateError) {
         let counts: [UInt64]
         do { counts = try kernel.readCounters(upTo: snapshot.slotHighWater) } catch {
-            throw StateError(code: "state_io", message: "cannot read hit counters: \(error.message)")
+            throw StateError(code: .stateIO, message: "cannot read hit counters: \(error.message)")
         }
         let hits = Self.hitSum(counts)
         while true {

@@ -57,7 +57,7 @@ public final class StateStore: Sendable {
             throw .io("cannot cut the torn last line off the log", error)
         }
         guard let cut else {
-            throw StateError(code: "state_io", message: "cannot cut the torn last line off the log: \(logPath) shrank while it was read (is another process writing it?)")
+            throw StateError(code: .stateIO, message: "cannot cut the torn last line off the log: \(logPath) shrank while it was read (is another process writing it?)")
         }
         return cut
     }
@@ -128,7 +128,7 @@ public final class StateStore: Sendable {
         } else {
             why = "\(log) goes from change \(missing.lowerBound - 1) to change \(next): \(changes) in no file (a file that held them was deleted or lost), so the registrations and removals made in them are missing"
         }
-        return StateError(code: "state_incomplete", message: why, missingChanges: missing)
+        return StateError(code: .stateIncomplete, message: why, missingChanges: missing)
     }
 
     /// Moves the log aside for a snapshot written in the background: fsyncs it (lines appended
