@@ -366,3 +366,24 @@ struct ErrorCodeCatalogTests {
         #expect(ErrorCode(rawValue: "no_such_code") == nil)
     }
 }
+
+struct RequestEncodingTests {
+    @Test("every request encodes to what the decoder reads back")
+    func roundTrip() throws {
+        let spec = ProbeSpec(path: "/usr/bin/bash", symbol: "readline", pid: 7, retprobe: true)
+        let requests: [Request] = [
+            .register(probes: [spec], consumer: "c"), .register(probes: [spec], consumer: nil),
+            .resolve(probes: [spec]), .unregister(ids: ["p1", "p2"], consumer: nil), .unregister(ids: nil, consumer: "c"),
+            .list(consumer: nil), .list(consumer: "c"), .stats(ids: nil, versions: true), .stats(ids: ["p3"], versions: false),
+            .stats(ids: nil, versions: false, consumer: "c"), .watch(intervalMs: 250, ids: ["p1"]), .status,
+        ]
+        for r in requests {
+            let line = JSONSerializer.serializeLine(.object(r.json(id: .int(9))))
+            guard case .success(let env) = RequestDecoder.decode(Array(line.dropLast())) else {
+                Issue.record("\(r) did not decode: \(String(decoding: line, as: UTF8.self))")
+                continue
+            }
+            #expect(env.request == r && env.id == .int(9))
+        }
+    }
+}
