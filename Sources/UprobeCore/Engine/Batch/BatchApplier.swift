@@ -1,0 +1,541 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import Foundation
+import Logging
+import UprobeELF
+import UprobeKernel
+import UprobeTree
+
+/// The single writer: applies a whole batch of requests to the kernel and the registry.
+///
+/// Lives on the engine's writer thread and is never shared, so it needs no lock of its own.
+/// One batch = one slot allocation pass, at most one new uprobe_multi link per
+/// (binary, pid filter, direction), one publication, one round of detach work whose link
+/// closes are issued together so they share grace periods.
+final class BatchApplier {
+    let kernel: any KernelBackend
+    /// The uprobes tree readers use; this writer is its only writer.
+    let tree: UprobeTree
+    let logger: Logger
+    let persist: (RegistrySnapshot) throws -> Void
+    let prepare: (@Sendable ([ProbeRecord]) -> Void)?
+
+    var slots: SlotAllocator
+    var probes = ProbeMap()
+    var nextProbeNumber: UInt64 = 1
+    var links: [ObjectIdentifier: LinkRecord] = [:]
+    /// The newest link holding each attached slot.
+    var slotLink = SlotTable<LinkRecord>()
+    /// Slots whose probe is gone but which are still attached (waiting for detach work).
+    var deadSlots = SlotSet()
+    /// Open links of each (binary, pid filter, direction).
+    var groupLinks: [LinkGroupKey: Set<ObjectIdentifier>] = [:]
+    /// When the pending detach/merge work must run at the latest (nil: nothing pending).
+    var compactionDue: ContinuousClock.Instant?
+    /// The last compaction could do nothing (every dead site is in a link still in hand-off,
+    /// or its rebuilds failed). Until a detach round is collected or a later compaction makes
+    /// progress, pending work waits for the delay like any other instead of being due at once:
+    /// the bulk-removal rule made it due after every batch, and each one rescanned thousands
+    /// of dead sites for nothing while a merge's old links closed.
+    var compactionStalled = false
+    let tuning: EngineConfig
+    var counters = EngineCounters()
+    var generation: UInt64 = 0
+    var pendingTreeInserts: [TreeEdit] = []
+    /// An open descriptor per attached file (device, inode). Links are created through
+    /// `/proc/self/fd/N`, so a rebuild after the path was replaced (an upgrade by rename)
+    /// still attaches the old inode, and a file replaced between resolution and attach is
+    /// refused (`file_changed`) instead of being probed at offsets meant for another build.
+    var pinned: [PinnedFile: Int32] = [:]
+    /// Closes links and waits for grace periods off this thread.
+    let detacher: DetachWorker
+    /// Enters a large batch's registrations while this thread creates its links (`attachPlanned`).
+    let attacher = DrainingThread<@Sendable () -> Void>(name: "uprobed-attach") { jobs in
+        for job in jobs { job() }
+    }
+    /// Syncs the state log and sends replies off this thread; nil when `persist` is durable
+    /// by itself (no separate sync hook).
+    let committer: Committer?
+    /// Queues an op for this writer (a rollback after a failed sync).
+    let requeue: @Sendable (PendingOp) -> Void
+    /// Detach rounds handed to `detacher` and not yet finished, by id.
+    var rounds: [UInt64: DetachRound] = [:]
+    var nextRoundID: UInt64 = 1
+    /// Links a running round attached in place of the ones it is closing. Their slots are in
+    /// hand-off with an older link, and the counting program allows at most two links on a slot,
+    /// so they are not rebuilt again until that round has finished.
+    var handoffLinks: Set<ObjectIdentifier> = []
+    /// Links being closed by running rounds (still attached as far as `status` is concerned).
+    var closingLinks = 0
+
+    /// `wake` is called from the detach worker when a round finishes; the engine turns it into
+    /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
+    /// `persist` appended durable; it runs on the committer thread, and replies wait for it.
+    init(kernel: any KernelBackend, tree: UprobeTree = UprobeTree(), tuning: EngineConfig, logger: Logger,
+         persist: @escaping (RegistrySnapshot) throws -> Void,
+         sync: (@Sendable () throws -> Void)? = nil,
+         prepare: (@Sendable ([ProbeRecord]) -> Void)? = nil,
+         wake: @escaping @Sendable () -> Void = {},
+         requeue: @escaping @Sendable (PendingOp) -> Void = { _ in }) {
+        self.kernel = kernel
+        self.tree = tree
+        self.tuning = tuning
+        self.logger = logger
+        self.persist = persist
+        self.prepare = prepare
+        self.slots = SlotAllocator(capacity: kernel.capacity)
+        self.detacher = DetachWorker(kernel: kernel, tree: tree, wake: wake)
+        self.committer = sync.map { Committer(sync: $0) }
+        self.requeue = requeue
+    }
+
+    func apply(_ batch: [PendingOp]) {
+        var requests: [PendingOp] = []
+        var follows: [(changes: [FollowChange], reply: @Sendable () -> Void)] = []
+        for op in batch {
+            switch op {
+            case .follow(let changes, let reply): follows.append((changes, reply))
+            case .detachFinished: continue  // collected below
+            default: requests.append(op)
+            }
+        }
+        // Only wake-ups from the detach worker: the idle path collects them.
+        if requests.isEmpty && follows.isEmpty { maintain(); return }
+        collectDetaches(detacher.takeFinished())
+        if !requests.isEmpty { applyRequests(requests) }
+        if !follows.isEmpty {
+            applyFollow(follows.flatMap(\.changes))
+            for f in follows { f.reply() }
+        }
+    }
+
+    func applyRequests(_ batch: [PendingOp]) {
+        let started = ContinuousClock.now
+        let now = BatchClock()
+        counters.batches += 1
+        counters.requests += UInt64(batch.count)
+        counters.lastBatchSize = batch.count
+        counters.maxBatchSize = max(counters.maxBatchSize, batch.count)
+
+        // Phase A: plan. Allocate slots for registrations; validate removals.
+        var registers: [PlannedRegister] = []
+        var removals: [(ids: [String], reply: @Sendable (Result<Removal, EngineError>) -> Void)] = []
+        var removedInBatch: Set<String> = []
+        var newSlots: [UInt32] = []
+        for (n, op) in batch.enumerated() {
+            switch op {
+            case .register(let items, let consumer, let peer, let early, _):
+                var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
+                let needed = items.reduce(0) { $0 + $1.targets.count }  // one slot per site
+                if slots.available < needed {
+                    // Reclaim retired slots (their links close, a grace period passes) before refusing.
+                    reclaimSlots()
+                }
+                guard let allocated = slots.allocate(needed) else {
+                    plan.failure = EngineError(
+                        code: "capacity_exhausted",
+                        message: "no counter slots left for \(needed) probe sites (\(slots.inUse) of \(slots.capacity) in use); unregister probes or raise slot_capacity")
+                    registers.append(plan)
+                    continue
+                }
+                newSlots += allocated
+                var next = allocated.makeIterator()
+                plan.probes.reserveCapacity(needed)
+                for item in items {
+                    // A USDT spec is one probe with one site per note; a symbol glob is one probe
+                    // per function.
+                    if item.spec.usdt != nil {
+                        let sites = item.targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
+                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
+                    } else {
+                        for t in item.targets {
+                            guard let slot = next.next() else { break }  // never: `needed` slots were allocated
+                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec))
+                        }
+                    }
+                }
+                if prepare != nil || early != nil, plan.probes.count >= tuning.prepareMinimum {
+                    plan.large = true
+                    plan.earlyHook = early
+                }
+                registers.append(plan)
+            case .restore(let items, let floor, _):
+                nextProbeNumber = max(nextProbeNumber, floor)
+                // Each restored registration is its own request, so one that cannot attach
+                // never takes the others down with it.
+                for item in items {
+                    var plan = PlannedRegister(index: n, consumer: item.consumer, peer: item.owner)
+                    plan.restoreID = item.id
+                    if item.degradedReason != nil {
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    if slots.available < item.targets.count { reclaimSlots() }
+                    guard let allocated = slots.allocate(item.targets.count) else {
+                        plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left to restore \(item.id)")
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    newSlots += allocated
+                    plan.probes = [PlannedProbe(sites: zip(item.targets, allocated).map { ProbeSite(target: $0, slot: $1) },
+                                                spec: item.spec, restored: item)]
+                    registers.append(plan)
+                }
+            case .unregister(let ids, let consumer, _, let authorize, let reply):
+                let selected: [String]
+                if let ids {
+                    if let missing = ids.first(where: { probes[$0] == nil || removedInBatch.contains($0) }) {
+                        reply(.failure(EngineError(code: "probe_not_found", message: "no probe with id '\(missing)'")))
+                        continue
+                    }
+                    selected = Array(Set(ids))
+                } else {
+                    selected = probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
+                }
+                if let denied = selected.first(where: { id in probes[id].map { !authorize($0) } ?? false }) {
+                    reply(.failure(EngineError(code: "permission_denied",
+                                               message: "probe '\(denied)' belongs to another user")))
+                    continue
+                }
+                removedInBatch.formUnion(selected)
+                removals.append((selected, reply))
+            case .follow, .detachFinished:
+                continue  // split off by `apply`
+            }
+        }
+
+        // Counters of reused slots still hold their previous owner's hits.
+        if !newSlots.isEmpty {
+            do { try kernel.resetCounters(slots: newSlots) } catch {
+                logger.error("resetting counters failed", metadata: ["error": "\(error.message)"])
+                for i in registers.indices where registers[i].failure == nil {
+                    registers[i].failure = EngineError(code: error.code, message: "resetting counters failed: \(error.message)")
+                }
+            }
+        }
+
+        // The small registrations' state entry goes to the log now, and its sync runs while
+        // the kernel attaches them.
+        let wroteAhead = writeAhead(&registers, now: now)
+
+        // Phase B: attach, one link per (binary, pid filter, direction) across all requests.
+        // While the kernel attaches, a large request's records are made, handed to the hooks
+        // (which encode its state entry and reply on other threads) and entered into the
+        // registry and the tree; they leave both again below if the request fails. No reader
+        // sees them meanwhile: the registry is published only with the batch, and readers
+        // find tree consumers through the registry. Made before the attach, they delayed it
+        // by 3-3.5 ms, half of it in the two hooks, which only queue work (probably the
+        // threads they wake taking this CPU; not proven).
+        let entered = registers.indices.filter { registers[$0].failure == nil && registers[$0].large }
+        if entered.isEmpty {
+            attachPlanned(&registers)
+        } else {
+            let large = entered.map { (index: $0, plan: registers[$0]) }
+            var made: [Int: [ProbeRecord]] = [:]
+            attachPlanned(&registers) {
+                for (index, plan) in large {
+                    let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
+                    let records = plan.probes.map { p in
+                        defer { self.nextProbeNumber += 1 }
+                        return self.makeRecord(id: ProbeID.make(self.nextProbeNumber), consumer: consumer, peer: peer,
+                                               spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
+                    }
+                    // The state entry first: the writer waits for it, the reply can wait longer.
+                    self.prepare?(records)
+                    plan.earlyHook?(records)
+                    for r in records { self.insert(r) }
+                    made[index] = records
+                }
+                self.applyPendingTreeInserts()
+            }
+            for (index, records) in made { registers[index].early = records }
+        }
+
+        // Phase C: commit, persist, publish, reply.
+        var orphanSlots: [UInt32] = []  // attached for a request that then failed
+        var unattachedSlots: [UInt32] = []
+        var created: [Int: [ProbeRecord]] = [:]
+        var restored: [Int: [Result<ProbeRecord, EngineError>]] = [:]
+        var withdrawn: [TreeEdit] = []  // consumers of entered requests that failed
+        var withdrawnAhead: [String] = []  // their ids, where the log has them already
+        let aheadIndices = Set(registers.filter(\.ahead).map(\.index))  // batch positions written ahead
+        for plan in registers {
+            if let failure = plan.failure {
+                for p in plan.probes {
+                    for s in p.sites {
+                        if slotLink[s.slot] != nil { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
+                    }
+                }
+                // Entered during the attach (large) or before it (written ahead).
+                for r in plan.early { _ = removeRecord(r.id, treeEdits: &withdrawn) }
+                if plan.ahead { withdrawnAhead += plan.early.map(\.id) }
+                if let item = plan.probes.first?.restored {
+                    // A restored registration that cannot attach stays registered, degraded:
+                    // dropping it silently would lose an acknowledged registration.
+                    let r = record(id: item.id, plan: plan, spec: item.spec, sites: [], now: now,
+                                   restored: item, state: .degraded(reason: failure.message))
+                    restored[plan.index, default: []].append(.success(r))
+                }
+                continue
+            }
+            // Made and entered during the attach (a large request) or before it (written ahead).
+            var records: [ProbeRecord] = plan.early
+            for p in plan.probes where !plan.large && !plan.ahead {
+                let id: String
+                if let fixed = plan.restoreID {
+                    id = fixed
+                    if let n = ProbeID.number(fixed) { nextProbeNumber = max(nextProbeNumber, n + 1) }
+                } else {
+                    id = ProbeID.make(nextProbeNumber)
+                    nextProbeNumber += 1
+                }
+                let state: ProbeState
+                if let restored = p.restored, let reason = restored.degradedReason {
+                    state = restored.ended ? .ended(reason: reason) : .degraded(reason: reason)
+                } else {
+                    state = .active
+                }
+                records.append(record(id: id, plan: plan, spec: p.spec, sites: p.sites, now: now,
+                                      restored: p.restored, state: state))
+            }
+            if plan.restoreID != nil {
+                restored[plan.index, default: []] += records.map { .success($0) }
+            } else {
+                created[plan.index] = records
+            }
+        }
+        var removedCount: [Int] = []
+        var removedIDs: [String] = []
+        var treeRemovals: [TreeEdit] = []
+        for removal in removals {
+            var n = 0
+            for id in removal.ids {
+                guard let r = removeRecord(id, treeEdits: &treeRemovals) else { continue }
+                n += 1
+                removedIDs.append(id)
+                for s in r.sites { deadSlots.insert(s.slot) }
+            }
+            removedCount.append(n)
+        }
+        deadSlots.formUnion(orphanSlots)
+        slots.release(unattachedSlots)
+        updatePendingRemovals()
+
+        // New consumers are staged now and published with the registry below, in one version
+        // with the removals (`publish`).
+        applyPendingTreeInserts()
+        if !withdrawn.isEmpty { tree.stage(withdrawn) }  // staged, never published: gone before readers look
+        var snapshot = makeSnapshot()
+        // What this batch changed, so the state file can record it without diffing the registry.
+        // Registrations written ahead are in the log already; those of them that failed to
+        // attach leave it again here, before their failure is told.
+        snapshot.batchAdded = created.filter { !aheadIndices.contains($0.key) }.values.flatMap { $0 }
+            + restored.values.flatMap { $0.compactMap { try? $0.get() } }
+        snapshot.batchRemoved = removedIDs + withdrawnAhead
+        let appends = !snapshot.batchAdded.isEmpty || !snapshot.batchRemoved.isEmpty
+        var persistError: EngineError? = nil
+        var unsavedRemoval: String? = nil
+        if let error = save(snapshot) {
+            persistError = Self.notRegistered(error)
+            unsavedRemoval = "the state file could not be written: \(error)"
+            // The clients are told their registrations failed: take them back out (they are
+            // detached by the next compaction) instead of leaving them counting unacknowledged.
+            // Those written ahead were saved by their own entry: their replies wait for its
+            // sync. (The removal of those that failed to attach is carried into the next save;
+            // a crash before it would bring them back, degraded, like an unsaved unregister.)
+            for (index, records) in created where !aheadIndices.contains(index) {
+                for r in records {
+                    if let gone = removeRecord(r.id, treeEdits: &treeRemovals) { deadSlots.formUnion(gone.sites.map(\.slot)) }
+                }
+            }
+            created = created.filter { aheadIndices.contains($0.key) }
+            updatePendingRemovals()
+            snapshot = makeSnapshot()
+        }
+        publish(snapshot, removing: treeRemovals)
+        // Replies: at once if the state write failed or is already durable; otherwise once the
+        // committer has synced the log (`persist` only appended to it).
+        var registerReplies: [(reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void, result: Result<[ProbeRecord], EngineError>)] = []
+        for plan in registers {
+            guard case .register(_, _, _, _, let reply) = batch[plan.index] else { continue }
+            if let f = plan.failure { registerReplies.append((reply, .failure(f))) } else if let persistError, !plan.ahead {
+                registerReplies.append((reply, .failure(persistError)))
+            } else {
+                registerReplies.append((reply, .success(created[plan.index] ?? [])))
+            }
+        }
+        var restoreReplies: [(reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void, results: [Result<ProbeRecord, EngineError>])] = []
+        for (n, op) in batch.enumerated() {
+            if case .restore(_, _, let reply) = op { restoreReplies.append((reply, restored[n] ?? [])) }
+        }
+        // Removals happened whether or not they were saved: the kernel no longer counts them.
+        // An unsaved one is still acknowledged, with the reason; the persister carries it into
+        // the next save.
+        let removalReplies = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
+        let replyAll: @Sendable () -> Void = { [registerReplies, restoreReplies, unsavedRemoval] in
+            for r in registerReplies { r.reply(r.result) }
+            for r in restoreReplies { r.reply(r.results) }
+            for r in removalReplies { r.reply(.success(Removal(count: r.count, unsaved: unsavedRemoval))) }
+        }
+        // After an entry written ahead, this batch's job always follows it: it carries that
+        // sync's outcome.
+        if let committer, persistError == nil || wroteAhead {
+            let logger = self.logger, requeue = self.requeue
+            committer.submit(Committer.Job(durable: replyAll, failed: { [registerReplies, restoreReplies] why in
+                // Not durable: no registration of this batch may be acknowledged. Take them
+                // back out through the writer (an ordinary removal, itself logged).
+                logger.error("syncing the state log failed", metadata: ["error": "\(why)"])
+                let error = EngineError(code: "state_write_failed",
+                                        message: "the state file could not be synced, so these probes were not registered: \(why)")
+                var undo: [String] = []
+                for r in registerReplies {
+                    if case .success(let records) = r.result {
+                        undo += records.map(\.id)
+                        r.reply(.failure(error))
+                    } else {
+                        r.reply(r.result)
+                    }
+                }
+                // Restored registrations were on disk already; removals did happen.
+                for r in restoreReplies { r.reply(r.results) }
+                for r in removalReplies {
+                    r.reply(.success(Removal(count: r.count, unsaved: "the state file could not be synced: \(why)")))
+                }
+                // One removal per id: an unregister by ids fails whole if one is already gone
+                // (another client may have removed it by consumer meanwhile).
+                for id in undo {
+                    requeue(.unregister(ids: [id], consumer: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
+                }
+            }, needsSync: appends))
+        } else {
+            replyAll()
+        }
+
+        // Phase D: detach work is deferred (compaction_delay) so that the removals of many
+        // batches share one rebuild per link and one grace period; it runs now if it is due.
+        scheduleCompaction()
+        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        counters.lastBatchMicros = (ContinuousClock.now - started).microseconds
+        counters.busyMicros += counters.lastBatchMicros
+        publish(makeSnapshot())
+    }
+
+    // MARK: - The registry
+
+    /// Swaps in a new version of an existing registration (same id).
+    func replace(_ r: ProbeRecord) { probes.insert(r) }
+
+    /// Makes a registration and enters it (registry, uprobe counts, tree).
+    func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
+                restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+        let r = makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
+                           restored: restored, state: state)
+        insert(r)
+        return r
+    }
+
+    func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
+                    restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+        ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
+                    registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
+                    countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
+                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+    }
+
+    /// A batch's registration time, read once: every record of the batch carries it.
+    struct BatchClock {
+        let realtime = Double(clockRealtimeSeconds())
+        let monotonic = ContinuousClock.now
+        /// `monotonic` as `ProbeRecord.countingSince` (Duration arithmetic once per batch, not per record).
+        let countingSince: Double
+        init() { countingSince = MonotonicEpoch.seconds(monotonic) }
+    }
+
+    /// Stages the consumers `insert` queued in the tree; they are published with the registry
+    /// that names them (`publish`).
+    func applyPendingTreeInserts() {
+        guard !pendingTreeInserts.isEmpty else { return }
+        tree.stage(pendingTreeInserts)
+        pendingTreeInserts.removeAll(keepingCapacity: true)
+    }
+
+    /// Enters a new registration: the registry, and (at the next publication) the tree.
+    func insert(_ r: ProbeRecord) {
+        probes.insert(r)
+        if let number = r.number {
+            for site in r.sites {
+                pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
+                    registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
+                    flags: r.spec.retprobe ? Consumer.retprobe : 0)))
+            }
+        }
+    }
+
+    /// Takes a registration out of the registry; its tree removals go into `treeEdits` (applied
+    /// with the registry that no longer has it). Its slots are left for the caller to retire.
+    func removeRecord(_ id: String, treeEdits: inout [TreeEdit]) -> ProbeRecord? {
+        guard let r = probes.remove(id) else { return nil }
+        if let number = r.number {
+            for site in r.sites { treeEdits.append(.removeConsumer(Self.treeKey(site), registration: number)) }
+        }
+        return r
+    }
+
+    static func treeKey(_ site: ProbeSite) -> UprobeKey {
+        UprobeKey(dev: site.target.device, inode: site.target.inode, offset: site.target.fileOffset)
+    }
+
+    /// Runs pending detach/merge work if it is due (called by the writer when it wakes idle).
+    func maintain() {
+        collectDetaches(detacher.takeFinished())
+        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        tree.reclaim()
+        publish(makeSnapshot())
+    }
+
+    /// Publishes `snapshot` as the registry readers see, in one tree version with the consumers
+    /// staged for its new registrations (`applyPendingTreeInserts`) and without those of the
+    /// registrations it no longer has (`removing`): a reader sees a batch's registry and its
+    /// uprobes together or neither.
+    func publish(_ snapshot: RegistrySnapshot, removing: [TreeEdit] = []) {
+        tree.apply(removing, publishing: PublishedRegistry(snapshot))
+    }
+
+    func makeSnapshot() -> RegistrySnapshot {
+        generation += 1
+        var s = RegistrySnapshot()
+        s.probes = probes
+        s.slotHighWater = slots.highWater
+        s.slotsInUse = slots.inUse
+        s.slotCapacity = slots.capacity
+        s.linksOpen = links.count + closingLinks
+        s.counters = counters
+        s.generation = generation
+        return s
+    }
+
+    /// Detaches everything (daemon shutdown without persistence of kernel state: links die with
+    /// the process anyway, but closing them together is faster than the kernel doing it one by one).
+    func shutdown() {
+        committer?.stop()
+        finishDetaches()
+        detacher.stop()
+        attacher.stop()
+        kernel.closeAll(links.values.map(\.handle))
+        links.removeAll()
+        groupLinks.removeAll()
+        slotLink.removeAll()
+        for fd in pinned.values { close(fd) }
+        pinned.removeAll()
+    }
+}
+
+func clockRealtimeSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
