@@ -14,7 +14,7 @@ import Musl
 /// Codes: `bpf_unavailable`, `uprobe_multi_unsupported`, `map_create_failed`,
 /// `prog_load_failed`, `link_create_failed`, `path_not_found`, `offset_out_of_range`,
 /// `offset_not_executable`, `process_not_found`, `invalid_argument`, `capacity_exhausted`, `map_op_failed`, `perf_event_open_failed`,
-/// `perf_pmu_unavailable`.
+/// `perf_pmu_unavailable`, `file_changed` (`PinnedBinary`).
 public struct KernelError: Error, Sendable, CustomStringConvertible {
     public let code: String
     public let message: String

@@ -48,7 +48,7 @@ final class BatchApplier {
     /// `/proc/self/fd/N`, so a rebuild after the path was replaced (an upgrade by rename)
     /// still attaches the old inode, and a file replaced between resolution and attach is
     /// refused (`file_changed`) instead of being probed at offsets meant for another build.
-    var pinned: [PinnedFile: Int32] = [:]
+    var pinned = PinnedFiles()
     /// Closes links and waits for grace periods off this thread.
     let detacher: DetachWorker
     /// Enters a large batch's registrations while this thread creates its links (`attachPlanned`).
@@ -529,8 +529,7 @@ final class BatchApplier {
         links.removeAll()
         groupLinks.removeAll()
         slotLink.removeAll()
-        for fd in pinned.values { close(fd) }
-        pinned.removeAll()
+        pinned.unpinAll()
     }
 }
 

@@ -1,9 +1,6 @@
 // The links the writer holds in the kernel: creating them (through pinned descriptors),
 // adopting what the kernel made, forgetting what compaction closes.
 
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import UprobeKernel
 
@@ -86,32 +83,16 @@ extension BatchApplier {
         }
     }
 
-    /// The path to hand the kernel for a group's file: its pinned descriptor (opened and
-    /// checked against the group's device and inode the first time). A path that cannot be
-    /// opened here is passed as is and the kernel reports its own error. Opened non-blocking:
-    /// the path may name a FIFO by now, and this is the writer thread.
+    /// The path to hand the kernel for a group's file: its pinned descriptor's
+    /// `/proc/self/fd/N` (see `PinnedFiles`), or `path` itself if it cannot be pinned.
     func kernelPath(_ key: LinkGroupKey, path: String) throws(KernelError) -> String {
-        let file = PinnedFile(device: key.device, inode: key.inode)
-        if let fd = pinned[file] { return "/proc/self/fd/\(fd)" }
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
-        guard fd >= 0 else { return path }
-        var st = stat()
-        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { close(fd); return path }
-        guard UInt64(st.st_dev) == key.device, UInt64(st.st_ino) == key.inode else {
-            close(fd)
-            throw KernelError(code: "file_changed",
-                              message: "\(path) was replaced after it was resolved (inode \(key.inode) -> \(st.st_ino)); resolve again")
-        }
-        pinned[file] = fd
-        return "/proc/self/fd/\(fd)"
+        try pinned.kernelPath(for: FileID(device: key.device, inode: key.inode), at: path)
     }
 
     /// Closes the pinned descriptor of a file once no link of any group uses it.
     func unpinIfUnused(_ key: LinkGroupKey) {
-        let file = PinnedFile(device: key.device, inode: key.inode)
-        guard let fd = pinned[file], !groupLinks.keys.contains(where: { $0.device == key.device && $0.inode == key.inode }) else { return }
-        close(fd)
-        pinned.removeValue(forKey: file)
+        guard !groupLinks.keys.contains(where: { $0.device == key.device && $0.inode == key.inode }) else { return }
+        pinned.unpin(FileID(device: key.device, inode: key.inode))
     }
 
     func adopt(_ record: LinkRecord) {
@@ -151,11 +132,6 @@ extension BatchApplier {
 
     /// A link merges are allowed to rebuild (see `groupNeedsMerge`).
     func isSmall(_ l: LinkRecord) -> Bool { l.sites.count <= tuning.mergeLinksUpTo }
-}
-
-struct PinnedFile: Hashable {
-    var device: UInt64
-    var inode: UInt64
 }
 
 /// The (binary, pid filter, direction) a uprobe_multi link is made for.
