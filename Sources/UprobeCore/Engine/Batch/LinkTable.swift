@@ -86,13 +86,13 @@ extension BatchApplier {
     /// The path to hand the kernel for a group's file: its pinned descriptor's
     /// `/proc/self/fd/N` (see `PinnedFiles`), or `path` itself if it cannot be pinned.
     func kernelPath(_ key: LinkGroupKey, path: String) throws(KernelError) -> String {
-        try pinned.kernelPath(for: FileID(device: key.device, inode: key.inode), at: path)
+        try pinned.kernelPath(for: key.file, at: path)
     }
 
     /// Closes the pinned descriptor of a file once no link of any group uses it.
     func unpinIfUnused(_ key: LinkGroupKey) {
-        guard !groupLinks.keys.contains(where: { $0.device == key.device && $0.inode == key.inode }) else { return }
-        pinned.unpin(FileID(device: key.device, inode: key.inode))
+        guard !groupLinks.keys.contains(where: { $0.file == key.file }) else { return }
+        pinned.unpin(key.file)
     }
 
     func adopt(_ record: LinkRecord) {
@@ -135,9 +135,10 @@ extension BatchApplier {
 }
 
 /// The (binary, pid filter, direction) a uprobe_multi link is made for.
+/// Not a `UprobeKey`: a link covers many offsets of one file, and one file has a link group per
+/// pid filter and direction.
 struct LinkGroupKey: Hashable {
-    var device: UInt64
-    var inode: UInt64
+    var file: FileID
     var pid: Int32  // 0: every process
     var retprobe: Bool
 }

@@ -45,7 +45,7 @@ extension BatchApplier {
         for (r, plan) in registers.enumerated() where plan.failure == nil {
             for p in plan.probes {
                 for s in p.sites {
-                    let key = LinkGroupKey(device: s.target.device, inode: s.target.inode,
+                    let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
                                            pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
                     let g: Int
                     if let last, last.key == key {
