@@ -25,13 +25,10 @@ final class BatchApplier {
     var slots: SlotAllocator
     var probes = ProbeMap()
     var nextProbeNumber: UInt64 = 1
-    var links: [ObjectIdentifier: LinkRecord] = [:]
-    /// The newest link holding each attached slot.
-    var slotLink = SlotTable<LinkRecord>()
+    /// The links this writer holds in the kernel.
+    let links: LinkTable
     /// Slots whose probe is gone but which are still attached (waiting for detach work).
     var deadSlots = SlotSet()
-    /// Open links of each (binary, pid filter, direction).
-    var groupLinks: [LinkGroupKey: Set<ObjectIdentifier>] = [:]
     /// When the pending detach/merge work must run at the latest (nil: nothing pending).
     var compactionDue: ContinuousClock.Instant?
     /// The last compaction could do nothing (every dead site is in a link still in hand-off,
@@ -44,17 +41,8 @@ final class BatchApplier {
     var counters = EngineCounters()
     var generation: UInt64 = 0
     var pendingTreeInserts: [TreeEdit] = []
-    /// An open descriptor per attached file (device, inode). Links are created through
-    /// `/proc/self/fd/N`, so a rebuild after the path was replaced (an upgrade by rename)
-    /// still attaches the old inode, and a file replaced between resolution and attach is
-    /// refused (`file_changed`) instead of being probed at offsets meant for another build.
-    var pinned = PinnedFiles()
     /// Closes links and waits for grace periods off this thread.
     let detacher: DetachWorker
-    /// Enters a large batch's registrations while this thread creates its links (`attachPlanned`).
-    let attacher = DrainingThread<@Sendable () -> Void>(name: "uprobed-attach") { jobs in
-        for job in jobs { job() }
-    }
     /// Syncs the state log and sends replies off this thread; nil when `persist` is durable
     /// by itself (no separate sync hook).
     let committer: Committer?
@@ -63,12 +51,6 @@ final class BatchApplier {
     /// Detach rounds handed to `detacher` and not yet finished, by id.
     var rounds: [UInt64: DetachRound] = [:]
     var nextRoundID: UInt64 = 1
-    /// Links a running round attached in place of the ones it is closing. Their slots are in
-    /// hand-off with an older link, and the counting program allows at most two links on a slot,
-    /// so they are not rebuilt again until that round has finished.
-    var handoffLinks: Set<ObjectIdentifier> = []
-    /// Links being closed by running rounds (still attached as far as `status` is concerned).
-    var closingLinks = 0
 
     /// `wake` is called from the detach worker when a round finishes; the engine turns it into
     /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
@@ -86,6 +68,7 @@ final class BatchApplier {
         self.persist = persist
         self.prepare = prepare
         self.slots = SlotAllocator(capacity: kernel.capacity)
+        self.links = LinkTable(kernel: kernel)
         self.detacher = DetachWorker(kernel: kernel, tree: tree, wake: wake)
         self.committer = sync.map { Committer(sync: $0) }
         self.requeue = requeue
@@ -267,7 +250,7 @@ final class BatchApplier {
             if let failure = plan.failure {
                 for p in plan.probes {
                     for s in p.sites {
-                        if slotLink[s.slot] != nil { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
+                        if links.isAttached(s.slot) { orphanSlots.append(s.slot) } else { unattachedSlots.append(s.slot) }
                     }
                 }
                 // Entered during the attach (large) or before it (written ahead).
@@ -512,8 +495,9 @@ final class BatchApplier {
         s.slotHighWater = slots.highWater
         s.slotsInUse = slots.inUse
         s.slotCapacity = slots.capacity
-        s.linksOpen = links.count + closingLinks
+        s.linksOpen = links.openCount
         s.counters = counters
+        s.counters.linksCreated = links.created  // counted by the link table
         s.generation = generation
         return s
     }
@@ -524,12 +508,7 @@ final class BatchApplier {
         committer?.stop()
         finishDetaches()
         detacher.stop()
-        attacher.stop()
-        kernel.closeAll(links.values.map(\.handle))
-        links.removeAll()
-        groupLinks.removeAll()
-        slotLink.removeAll()
-        pinned.unpinAll()
+        links.closeAll()
     }
 }
 

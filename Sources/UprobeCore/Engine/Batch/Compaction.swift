@@ -4,7 +4,7 @@
 extension BatchApplier {
     /// Sets `compactionDue` when there is detach or merge work, keeping an earlier deadline.
     func scheduleCompaction() {
-        let pending = !deadSlots.isEmpty || groupLinks.keys.contains(where: groupNeedsMerge)
+        let pending = !deadSlots.isEmpty || links.groups.contains(where: groupNeedsMerge)
         guard pending else { compactionDue = nil; return }
         let now = ContinuousClock.now
         if !compactionStalled {
@@ -15,6 +15,27 @@ extension BatchApplier {
         }
         if compactionDue == nil { compactionDue = now + tuning.compactionDelay }
     }
+
+    /// Whether a group has more small links than it should (many small batches each added
+    /// one). Big links are never rebuilt just to merge: that would make every merge cost the
+    /// size of the biggest registration on the binary. Asked for every group after every
+    /// batch, so it counts in place and stops past the limit (listing the small links
+    /// allocated two arrays per group per batch).
+    func groupNeedsMerge(_ g: LinkGroupKey) -> Bool {
+        var small = 0
+        for l in links.links(of: g) where isSmall(l) {
+            small += 1
+            if small > tuning.maxLinksPerGroup { return true }
+        }
+        return false
+    }
+
+    func smallLinks(of g: LinkGroupKey) -> [LinkRecord] {
+        links.links(of: g).filter(isSmall)
+    }
+
+    /// A link merges are allowed to rebuild (see `groupNeedsMerge`).
+    func isSmall(_ l: LinkRecord) -> Bool { l.sites.count <= tuning.mergeLinksUpTo }
 
     /// Replaces every link of each group that holds dead sites or has too many links by one
     /// link of the group's live sites (make-before-break, with the BPF hand-off on so no hit is
@@ -36,19 +57,19 @@ extension BatchApplier {
         var previous: LinkRecord? = nil
         for s in deadSlots {
             // Dead slots come in slot order, and neighbours mostly share a link.
-            guard let l = slotLink[s], l !== previous else { continue }
+            guard let l = links.link(holding: s), l !== previous else { continue }
             previous = l
-            if !handoffLinks.contains(ObjectIdentifier(l)) {
+            if !links.isInHandoff(l) {
                 replace[l.group, default: [:]][ObjectIdentifier(l)] = l
             }
         }
-        for g in groupLinks.keys where groupNeedsMerge(g) {
-            for l in smallLinks(of: g) where !handoffLinks.contains(ObjectIdentifier(l)) {
+        for g in links.groups where groupNeedsMerge(g) {
+            for l in smallLinks(of: g) where !links.isInHandoff(l) {
                 replace[g, default: [:]][ObjectIdentifier(l)] = l
             }
         }
         var round = DetachRound()
-        round.freeSlots = deadSlots.filter { slotLink[$0] == nil }
+        round.freeSlots = deadSlots.filter { !links.isAttached($0) }
         var rebuilds: [(group: LinkGroupKey, old: [LinkRecord], live: [LinkSite])] = []
         for (g, set) in replace {
             let old = Array(set.values)
@@ -69,11 +90,7 @@ extension BatchApplier {
             for r in rebuilds {
                 guard let path = r.old.first?.path else { continue }
                 do {
-                    let handle = try kernel.attach(path: try kernelPath(r.group, path: path), sites: r.live, pid: r.group.pid == 0 ? nil : r.group.pid,
-                                                   retprobe: r.group.retprobe)
-                    let record = LinkRecord(group: r.group, path: path, sites: r.live, handle: handle)
-                    adopt(record)
-                    handoffLinks.insert(ObjectIdentifier(record))
+                    let record = try links.rebuild(r.group, path: path, sites: r.live)
                     round.handoffLinks.append(ObjectIdentifier(record))
                     round.overlapSlots += r.live.map(\.slot)
                     counters.linkRebuilds += 1
@@ -94,18 +111,13 @@ extension BatchApplier {
             }
         }
         for l in round.closing {
-            forget(l)
-            for s in l.sites where deadSlots.contains(s.slot) && slotLink[s.slot] === l {
-                slotLink[s.slot] = nil
-                round.freeSlots.append(s.slot)
-            }
+            round.freeSlots += links.close(l, dead: deadSlots.contains)
         }
         deadSlots.subtract(round.freeSlots)
         if !round.closing.isEmpty || !round.freeSlots.isEmpty {
             let id = nextRoundID
             nextRoundID += 1
             rounds[id] = round
-            closingLinks += round.closing.count
             if !round.closing.isEmpty { counters.gracePeriods += 1 }
             detacher.submit(id: id, links: round.closing.map(\.handle))
         }
@@ -134,10 +146,9 @@ extension BatchApplier {
                     logger.error("ending link hand-off failed", metadata: ["error": "\(error.message)"])
                 }
             }
-            handoffLinks.subtract(round.handoffLinks)
+            links.roundFinished(closed: round.closing.count, handoff: round.handoffLinks)
             compactionStalled = false
             slots.release(round.freeSlots)
-            closingLinks -= round.closing.count
             counters.linksClosed += UInt64(round.closing.count)
         }
         updatePendingRemovals()

@@ -91,7 +91,7 @@ extension BatchApplier {
                 let newSites = plan.probes.first?.sites ?? []
                 if let failure = plan.failure {
                     for s in newSites {
-                        if slotLink[s.slot] != nil {
+                        if links.isAttached(s.slot) {
                             deadSlots.insert(s.slot)
                             changed = true  // detach work to schedule
                         } else {

@@ -33,7 +33,7 @@ extension BatchApplier {
     /// Creates the links of a batch. A group's link failing is retried request by request so
     /// one bad request cannot fail its neighbours; a request that loses any group fails whole
     /// (its sites attached in other groups are retired like any removed probe's).
-    /// `meanwhile`, if given, runs on `attacher` while this thread creates the links: a large
+    /// `meanwhile`, if given, runs on the attach thread while this thread creates the links: a large
     /// request's records, registry and tree work overlap its attach.
     func attachPlanned(_ registers: inout [PlannedRegister], meanwhile: (() -> Void)? = nil) {
         // Plain values only (no target copies): a 10,000-site request spent as long grouping
@@ -66,7 +66,7 @@ extension BatchApplier {
         let live = groups.map { $0.members.filter { registers[$0.reg].failure == nil } }
         let used = groups.indices.filter { !live[$0].isEmpty }
         let requests = used.map { g in LinkRequest(key: groups[g].key, path: groups[g].path, sites: live[g].map(\.site)) }
-        let created = createLinks(requests, meanwhile: meanwhile)
+        let created = links.create(requests, meanwhile: meanwhile)
         for (g, (request, result)) in zip(used, zip(requests, created)) {
             guard case .failure(let whole) = result else { continue }
             let members = live[g]
@@ -77,7 +77,7 @@ extension BatchApplier {
             }
             for r in regsInGroup where registers[r].failure == nil {
                 let mine = LinkRequest(key: request.key, path: request.path, sites: members.filter { $0.reg == r }.map(\.site))
-                for case .failure(let error) in createLinks([mine], meanwhile: nil) {
+                for case .failure(let error) in links.create([mine], meanwhile: nil) {
                     registers[r].failure = attachFailure(error, path: request.path)
                 }
             }
