@@ -27,30 +27,17 @@ final class BatchApplier {
     var nextProbeNumber: UInt64 = 1
     /// The links this writer holds in the kernel.
     let links: LinkTable
-    /// Slots whose probe is gone but which are still attached (waiting for detach work).
-    var deadSlots = SlotSet()
-    /// When the pending detach/merge work must run at the latest (nil: nothing pending).
-    var compactionDue: ContinuousClock.Instant?
-    /// The last compaction could do nothing (every dead site is in a link still in hand-off,
-    /// or its rebuilds failed). Until a detach round is collected or a later compaction makes
-    /// progress, pending work waits for the delay like any other instead of being due at once:
-    /// the bulk-removal rule made it due after every batch, and each one rescanned thousands
-    /// of dead sites for nothing while a merge's old links closed.
-    var compactionStalled = false
+    /// Removed probes' sites until they are detached and their slots free.
+    let compactor: Compactor
     let tuning: EngineConfig
     var counters = EngineCounters()
     var generation: UInt64 = 0
     var pendingTreeInserts: [TreeEdit] = []
-    /// Closes links and waits for grace periods off this thread.
-    let detacher: DetachWorker
     /// Syncs the state log and sends replies off this thread; nil when `persist` is durable
     /// by itself (no separate sync hook).
     let committer: Committer?
     /// Queues an op for this writer (a rollback after a failed sync).
     let requeue: @Sendable (PendingOp) -> Void
-    /// Detach rounds handed to `detacher` and not yet finished, by id.
-    var rounds: [UInt64: DetachRound] = [:]
-    var nextRoundID: UInt64 = 1
 
     /// `wake` is called from the detach worker when a round finishes; the engine turns it into
     /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
@@ -68,8 +55,9 @@ final class BatchApplier {
         self.persist = persist
         self.prepare = prepare
         self.slots = SlotAllocator(capacity: kernel.capacity)
-        self.links = LinkTable(kernel: kernel)
-        self.detacher = DetachWorker(kernel: kernel, tree: tree, wake: wake)
+        let links = LinkTable(kernel: kernel)
+        self.links = links
+        self.compactor = Compactor(kernel: kernel, links: links, tree: tree, tuning: tuning, logger: logger, wake: wake)
         self.committer = sync.map { Committer(sync: $0) }
         self.requeue = requeue
     }
@@ -86,7 +74,7 @@ final class BatchApplier {
         }
         // Only wake-ups from the detach worker: the idle path collects them.
         if requests.isEmpty && follows.isEmpty { maintain(); return }
-        collectDetaches(detacher.takeFinished())
+        compactor.collect(slots: &slots)
         if !requests.isEmpty { applyRequests(requests) }
         if !follows.isEmpty {
             applyFollow(follows.flatMap(\.changes))
@@ -114,7 +102,7 @@ final class BatchApplier {
                 let needed = items.reduce(0) { $0 + $1.targets.count }  // one slot per site
                 if slots.available < needed {
                     // Reclaim retired slots (their links close, a grace period passes) before refusing.
-                    reclaimSlots()
+                    compactor.reclaim(slots: &slots)
                 }
                 guard let allocated = slots.allocate(needed) else {
                     plan.failure = EngineError(
@@ -156,7 +144,7 @@ final class BatchApplier {
                         registers.append(plan)
                         continue
                     }
-                    if slots.available < item.targets.count { reclaimSlots() }
+                    if slots.available < item.targets.count { compactor.reclaim(slots: &slots) }
                     guard let allocated = slots.allocate(item.targets.count) else {
                         plan.failure = EngineError(code: "capacity_exhausted", message: "no counter slots left to restore \(item.id)")
                         plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
@@ -300,13 +288,12 @@ final class BatchApplier {
                 guard let r = removeRecord(id, treeEdits: &treeRemovals) else { continue }
                 n += 1
                 removedIDs.append(id)
-                for s in r.sites { deadSlots.insert(s.slot) }
+                for s in r.sites { compactor.retire(s.slot) }
             }
             removedCount.append(n)
         }
-        deadSlots.formUnion(orphanSlots)
+        compactor.retire(orphanSlots)
         slots.release(unattachedSlots)
-        updatePendingRemovals()
 
         // New consumers are staged now and published with the registry below, in one version
         // with the removals (`publish`).
@@ -332,11 +319,10 @@ final class BatchApplier {
             // a crash before it would bring them back, degraded, like an unsaved unregister.)
             for (index, records) in created where !aheadIndices.contains(index) {
                 for r in records {
-                    if let gone = removeRecord(r.id, treeEdits: &treeRemovals) { deadSlots.formUnion(gone.sites.map(\.slot)) }
+                    if let gone = removeRecord(r.id, treeEdits: &treeRemovals) { compactor.retire(gone.sites.map(\.slot)) }
                 }
             }
             created = created.filter { aheadIndices.contains($0.key) }
-            updatePendingRemovals()
             snapshot = makeSnapshot()
         }
         publish(snapshot, removing: treeRemovals)
@@ -400,8 +386,8 @@ final class BatchApplier {
 
         // Phase D: detach work is deferred (compaction_delay) so that the removals of many
         // batches share one rebuild per link and one grace period; it runs now if it is due.
-        scheduleCompaction()
-        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        compactor.schedule()
+        compactor.runIfDue(slots: &slots)
         counters.lastBatchMicros = (ContinuousClock.now - started).microseconds
         counters.busyMicros += counters.lastBatchMicros
         publish(makeSnapshot())
@@ -474,10 +460,23 @@ final class BatchApplier {
 
     /// Runs pending detach/merge work if it is due (called by the writer when it wakes idle).
     func maintain() {
-        collectDetaches(detacher.takeFinished())
-        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        compactor.collect(slots: &slots)
+        compactor.runIfDue(slots: &slots)
         tree.reclaim()
         publish(makeSnapshot())
+    }
+
+    /// When pending detach/merge work must run at the latest (the writer wakes for it).
+    var compactionDue: ContinuousClock.Instant? { compactor.due }
+
+    /// Runs the detach/merge work now (see `Compactor.compact`).
+    func compact(wait: Bool = false) {
+        compactor.compact(wait: wait, slots: &slots)
+    }
+
+    /// Blocks until the detach worker has finished every round, and collects them.
+    func finishDetaches() {
+        compactor.finish(slots: &slots)
     }
 
     /// Publishes `snapshot` as the registry readers see, in one tree version with the consumers
@@ -497,7 +496,9 @@ final class BatchApplier {
         s.slotCapacity = slots.capacity
         s.linksOpen = links.openCount
         s.counters = counters
-        s.counters.linksCreated = links.created  // counted by the link table
+        // Counted where the work is done.
+        s.counters.linksCreated = links.created
+        compactor.count(into: &s.counters)
         s.generation = generation
         return s
     }
@@ -506,8 +507,8 @@ final class BatchApplier {
     /// the process anyway, but closing them together is faster than the kernel doing it one by one).
     func shutdown() {
         committer?.stop()
-        finishDetaches()
-        detacher.stop()
+        compactor.finish(slots: &slots)
+        compactor.stop()
         links.closeAll()
     }
 }

@@ -68,7 +68,7 @@ extension BatchApplier {
             for (id, targets) in attaches {
                 guard let r = probes[id] else { continue }
                 var plan = PlannedRegister(index: plans.count, consumer: r.consumer, peer: r.owner)
-                if slots.available < targets.count { reclaimSlots() }
+                if slots.available < targets.count { compactor.reclaim(slots: &slots) }
                 if let allocated = slots.allocate(targets.count) {
                     newSlots += allocated
                     plan.probes = [PlannedProbe(sites: zip(targets, allocated).map { ProbeSite(target: $0, slot: $1) }, spec: r.spec)]
@@ -92,7 +92,7 @@ extension BatchApplier {
                 if let failure = plan.failure {
                     for s in newSites {
                         if links.isAttached(s.slot) {
-                            deadSlots.insert(s.slot)
+                            compactor.retire(s.slot)
                             changed = true  // detach work to schedule
                         } else {
                             slots.release([s.slot])
@@ -141,14 +141,13 @@ extension BatchApplier {
                     if let number = r.number {
                         for site in gone { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
                     }
-                    for site in gone { deadSlots.insert(site.slot) }
+                    for site in gone { compactor.retire(site.slot) }
                     replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
                                    baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired))
                     changed = true
                 }
             }
         }
-        updatePendingRemovals()
         guard changed || !treeRemovals.isEmpty else { return }
         applyPendingTreeInserts()
         var snapshot = makeSnapshot()
@@ -169,8 +168,8 @@ extension BatchApplier {
             }
         } catch { logger.error("saving state failed", metadata: ["error": "\(error)"]) }
         publish(snapshot, removing: treeRemovals)
-        scheduleCompaction()
-        if let due = compactionDue, ContinuousClock.now >= due { compact() }
+        compactor.schedule()
+        compactor.runIfDue(slots: &slots)
         publish(makeSnapshot())
     }
 
