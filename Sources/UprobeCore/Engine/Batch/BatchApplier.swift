@@ -19,7 +19,6 @@ final class BatchApplier {
     /// The uprobes tree readers use; this writer is its only writer.
     let tree: UprobeTree
     let logger: Logger
-    let persist: (RegistrySnapshot) throws -> Void
     let prepare: (@Sendable ([ProbeRecord]) -> Void)?
 
     var slots: SlotAllocator
@@ -33,11 +32,8 @@ final class BatchApplier {
     var counters = EngineCounters()
     var generation: UInt64 = 0
     var pendingTreeInserts: [TreeEdit] = []
-    /// Syncs the state log and sends replies off this thread; nil when `persist` is durable
-    /// by itself (no separate sync hook).
-    let committer: Committer?
-    /// Queues an op for this writer (a rollback after a failed sync).
-    let requeue: @Sendable (PendingOp) -> Void
+    /// Appends each batch's state entry and sends its replies once it is durable.
+    let commit: BatchCommit
 
     /// `wake` is called from the detach worker when a round finishes; the engine turns it into
     /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
@@ -52,14 +48,12 @@ final class BatchApplier {
         self.tree = tree
         self.tuning = tuning
         self.logger = logger
-        self.persist = persist
         self.prepare = prepare
         self.slots = SlotAllocator(capacity: kernel.capacity)
         let links = LinkTable(kernel: kernel)
         self.links = links
         self.compactor = Compactor(kernel: kernel, links: links, tree: tree, tuning: tuning, logger: logger, wake: wake)
-        self.committer = sync.map { Committer(sync: $0) }
-        self.requeue = requeue
+        self.commit = BatchCommit(persist: persist, sync: sync, requeue: requeue, logger: logger)
     }
 
     func apply(_ batch: [PendingOp]) {
@@ -309,8 +303,8 @@ final class BatchApplier {
         let appends = !snapshot.batchAdded.isEmpty || !snapshot.batchRemoved.isEmpty
         var persistError: EngineError? = nil
         var unsavedRemoval: String? = nil
-        if let error = save(snapshot) {
-            persistError = Self.notRegistered(error)
+        if let error = commit.save(snapshot) {
+            persistError = BatchCommit.notRegistered(error)
             unsavedRemoval = "the state file could not be written: \(error)"
             // The clients are told their registrations failed: take them back out (they are
             // detached by the next compaction) instead of leaving them counting unacknowledged.
@@ -328,61 +322,20 @@ final class BatchApplier {
         publish(snapshot, removing: treeRemovals)
         // Replies: at once if the state write failed or is already durable; otherwise once the
         // committer has synced the log (`persist` only appended to it).
-        var registerReplies: [(reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void, result: Result<[ProbeRecord], EngineError>)] = []
+        var replies = BatchReplies(unsavedRemoval: unsavedRemoval)
         for plan in registers {
             guard case .register(_, _, _, _, let reply) = batch[plan.index] else { continue }
-            if let f = plan.failure { registerReplies.append((reply, .failure(f))) } else if let persistError, !plan.ahead {
-                registerReplies.append((reply, .failure(persistError)))
+            if let f = plan.failure { replies.registers.append((reply, .failure(f))) } else if let persistError, !plan.ahead {
+                replies.registers.append((reply, .failure(persistError)))
             } else {
-                registerReplies.append((reply, .success(created[plan.index] ?? [])))
+                replies.registers.append((reply, .success(created[plan.index] ?? [])))
             }
         }
-        var restoreReplies: [(reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void, results: [Result<ProbeRecord, EngineError>])] = []
         for (n, op) in batch.enumerated() {
-            if case .restore(_, _, let reply) = op { restoreReplies.append((reply, restored[n] ?? [])) }
+            if case .restore(_, _, let reply) = op { replies.restores.append((reply, restored[n] ?? [])) }
         }
-        // Removals happened whether or not they were saved: the kernel no longer counts them.
-        // An unsaved one is still acknowledged, with the reason; the persister carries it into
-        // the next save.
-        let removalReplies = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
-        let replyAll: @Sendable () -> Void = { [registerReplies, restoreReplies, unsavedRemoval] in
-            for r in registerReplies { r.reply(r.result) }
-            for r in restoreReplies { r.reply(r.results) }
-            for r in removalReplies { r.reply(.success(Removal(count: r.count, unsaved: unsavedRemoval))) }
-        }
-        // After an entry written ahead, this batch's job always follows it: it carries that
-        // sync's outcome.
-        if let committer, persistError == nil || wroteAhead {
-            let logger = self.logger, requeue = self.requeue
-            committer.submit(Committer.Job(durable: replyAll, failed: { [registerReplies, restoreReplies] why in
-                // Not durable: no registration of this batch may be acknowledged. Take them
-                // back out through the writer (an ordinary removal, itself logged).
-                logger.error("syncing the state log failed", metadata: ["error": "\(why)"])
-                let error = EngineError(code: "state_write_failed",
-                                        message: "the state file could not be synced, so these probes were not registered: \(why)")
-                var undo: [String] = []
-                for r in registerReplies {
-                    if case .success(let records) = r.result {
-                        undo += records.map(\.id)
-                        r.reply(.failure(error))
-                    } else {
-                        r.reply(r.result)
-                    }
-                }
-                // Restored registrations were on disk already; removals did happen.
-                for r in restoreReplies { r.reply(r.results) }
-                for r in removalReplies {
-                    r.reply(.success(Removal(count: r.count, unsaved: "the state file could not be synced: \(why)")))
-                }
-                // One removal per id: an unregister by ids fails whole if one is already gone
-                // (another client may have removed it by consumer meanwhile).
-                for id in undo {
-                    requeue(.unregister(ids: [id], consumer: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
-                }
-            }, needsSync: appends))
-        } else {
-            replyAll()
-        }
+        replies.removals = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
+        commit.reply(replies, saved: persistError == nil, wroteAhead: wroteAhead, appends: appends)
 
         // Phase D: detach work is deferred (compaction_delay) so that the removals of many
         // batches share one rebuild per link and one grace period; it runs now if it is due.
@@ -479,6 +432,11 @@ final class BatchApplier {
         compactor.finish(slots: &slots)
     }
 
+    /// Blocks until every batch handed to the committer has been answered (tests).
+    func waitForCommits() {
+        commit.waitAll()
+    }
+
     /// Publishes `snapshot` as the registry readers see, in one tree version with the consumers
     /// staged for its new registrations (`applyPendingTreeInserts`) and without those of the
     /// registrations it no longer has (`removing`): a reader sees a batch's registry and its
@@ -498,6 +456,7 @@ final class BatchApplier {
         s.counters = counters
         // Counted where the work is done.
         s.counters.linksCreated = links.created
+        s.counters.persistMicros = commit.persistMicros
         compactor.count(into: &s.counters)
         s.generation = generation
         return s
@@ -506,7 +465,7 @@ final class BatchApplier {
     /// Detaches everything (daemon shutdown without persistence of kernel state: links die with
     /// the process anyway, but closing them together is faster than the kernel doing it one by one).
     func shutdown() {
-        committer?.stop()
+        commit.stop()
         compactor.finish(slots: &slots)
         compactor.stop()
         links.closeAll()

@@ -1,7 +1,6 @@
 // Follow rounds: the path watcher's changes to existing registrations (a replaced binary, a
 // retired file version, an ended process), applied by the writer as one batch.
 
-import Dispatch
 import UprobeELF
 import UprobeTree
 
@@ -153,20 +152,7 @@ extension BatchApplier {
         var snapshot = makeSnapshot()
         // The ended records as they are now, their final counts folded in.
         snapshot.batchEnded = endedIDs.compactMap { probes[$0] }
-        // The state file keeps registrations, not file versions: a failed save is logged and
-        // retried by the next batch or checkpoint (the kernel side is already right).
-        do {
-            try persist(snapshot)
-            if let committer {
-                let synced = DispatchSemaphore(value: 0)
-                let logger = self.logger
-                committer.submit(Committer.Job(durable: { synced.signal() }, failed: { why in
-                    logger.error("syncing the state log failed", metadata: ["error": "\(why)"])
-                    synced.signal()
-                }))
-                synced.wait()
-            }
-        } catch { logger.error("saving state failed", metadata: ["error": "\(error)"]) }
+        commit.saveAndWait(snapshot)
         publish(snapshot, removing: treeRemovals)
         compactor.schedule()
         compactor.runIfDue(slots: &slots)
