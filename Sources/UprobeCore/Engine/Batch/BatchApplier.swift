@@ -22,8 +22,8 @@ final class BatchApplier {
     let prepare: (@Sendable ([ProbeRecord]) -> Void)?
 
     var slots: SlotAllocator
-    var probes = ProbeMap()
-    var nextProbeNumber: UInt64 = 1
+    /// The registrations, as the next batch publishes them.
+    let registry: RegistryWriter
     /// The links this writer holds in the kernel.
     let links: LinkTable
     /// Removed probes' sites until they are detached and their slots free.
@@ -31,7 +31,6 @@ final class BatchApplier {
     let tuning: EngineConfig
     var counters = EngineCounters()
     var generation: UInt64 = 0
-    var pendingTreeInserts: [TreeEdit] = []
     /// Appends each batch's state entry and sends its replies once it is durable.
     let commit: BatchCommit
 
@@ -50,6 +49,7 @@ final class BatchApplier {
         self.logger = logger
         self.prepare = prepare
         self.slots = SlotAllocator(capacity: kernel.capacity)
+        self.registry = RegistryWriter(tree: tree)
         let links = LinkTable(kernel: kernel)
         self.links = links
         self.compactor = Compactor(kernel: kernel, links: links, tree: tree, tuning: tuning, logger: logger, wake: wake)
@@ -107,21 +107,22 @@ final class BatchApplier {
         } else {
             let large = entered.map { (index: $0, plan: registers[$0]) }
             var made: [Int: [ProbeRecord]] = [:]
+            // What the attach thread may touch: the registry (and the tree through it) and the hooks.
+            let registry = self.registry, prepare = self.prepare
             attachPlanned(&registers) {
                 for (index, plan) in large {
                     let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
                     let records = plan.probes.map { p in
-                        defer { self.nextProbeNumber += 1 }
-                        return self.makeRecord(id: ProbeID.make(self.nextProbeNumber), consumer: consumer, peer: peer,
-                                               spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
+                        Self.makeRecord(id: registry.nextID(), consumer: consumer, peer: peer,
+                                        spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
                     }
                     // The state entry first: the writer waits for it, the reply can wait longer.
-                    self.prepare?(records)
+                    prepare?(records)
                     plan.earlyHook?(records)
-                    for r in records { self.insert(r) }
+                    for r in records { registry.insert(r) }
                     made[index] = records
                 }
-                self.applyPendingTreeInserts()
+                registry.stageInserts()
             }
             for (index, records) in made { registers[index].early = records }
         }
@@ -142,7 +143,7 @@ final class BatchApplier {
                     }
                 }
                 // Entered during the attach (large) or before it (written ahead).
-                for r in plan.early { _ = removeRecord(r.id, treeEdits: &withdrawn) }
+                for r in plan.early { _ = registry.remove(r.id, treeEdits: &withdrawn) }
                 if plan.ahead { withdrawnAhead += plan.early.map(\.id) }
                 if let item = plan.probes.first?.restored {
                     // A restored registration that cannot attach stays registered, degraded:
@@ -159,10 +160,9 @@ final class BatchApplier {
                 let id: String
                 if let fixed = plan.restoreID {
                     id = fixed
-                    if let n = ProbeID.number(fixed) { nextProbeNumber = max(nextProbeNumber, n + 1) }
+                    registry.reserve(fixed)
                 } else {
-                    id = ProbeID.make(nextProbeNumber)
-                    nextProbeNumber += 1
+                    id = registry.nextID()
                 }
                 let state: ProbeState
                 if let restored = p.restored, let reason = restored.degradedReason {
@@ -185,7 +185,7 @@ final class BatchApplier {
         for removal in removals {
             var n = 0
             for id in removal.ids {
-                guard let r = removeRecord(id, treeEdits: &treeRemovals) else { continue }
+                guard let r = registry.remove(id, treeEdits: &treeRemovals) else { continue }
                 n += 1
                 removedIDs.append(id)
                 for s in r.sites { compactor.retire(s.slot) }
@@ -197,7 +197,7 @@ final class BatchApplier {
 
         // New consumers are staged now and published with the registry below, in one version
         // with the removals (`publish`).
-        applyPendingTreeInserts()
+        registry.stageInserts()
         if !withdrawn.isEmpty { tree.stage(withdrawn) }  // staged, never published: gone before readers look
         var snapshot = makeSnapshot()
         // What this batch changed, so the state file can record it without diffing the registry.
@@ -219,7 +219,7 @@ final class BatchApplier {
             // a crash before it would bring them back, degraded, like an unsaved unregister.)
             for (index, records) in created where !aheadIndices.contains(index) {
                 for r in records {
-                    if let gone = removeRecord(r.id, treeEdits: &treeRemovals) { compactor.retire(gone.sites.map(\.slot)) }
+                    if let gone = registry.remove(r.id, treeEdits: &treeRemovals) { compactor.retire(gone.sites.map(\.slot)) }
                 }
             }
             created = created.filter { aheadIndices.contains($0.key) }
@@ -252,21 +252,16 @@ final class BatchApplier {
         publish(makeSnapshot())
     }
 
-    // MARK: - The registry
-
-    /// Swaps in a new version of an existing registration (same id).
-    func replace(_ r: ProbeRecord) { probes.insert(r) }
-
-    /// Makes a registration and enters it (registry, uprobe counts, tree).
+    /// Makes a registration and enters it (registry and, at the next publication, tree).
     func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
                 restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
-        let r = makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
-                           restored: restored, state: state)
-        insert(r)
+        let r = Self.makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
+                                restored: restored, state: state)
+        registry.insert(r)
         return r
     }
 
-    func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
+    static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
                     restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
         ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
                     registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
@@ -281,40 +276,6 @@ final class BatchApplier {
         /// `monotonic` as `ProbeRecord.countingSince` (Duration arithmetic once per batch, not per record).
         let countingSince: Double
         init() { countingSince = MonotonicEpoch.seconds(monotonic) }
-    }
-
-    /// Stages the consumers `insert` queued in the tree; they are published with the registry
-    /// that names them (`publish`).
-    func applyPendingTreeInserts() {
-        guard !pendingTreeInserts.isEmpty else { return }
-        tree.stage(pendingTreeInserts)
-        pendingTreeInserts.removeAll(keepingCapacity: true)
-    }
-
-    /// Enters a new registration: the registry, and (at the next publication) the tree.
-    func insert(_ r: ProbeRecord) {
-        probes.insert(r)
-        if let number = r.number {
-            for site in r.sites {
-                pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
-                    registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
-                    flags: r.spec.retprobe ? Consumer.retprobe : 0)))
-            }
-        }
-    }
-
-    /// Takes a registration out of the registry; its tree removals go into `treeEdits` (applied
-    /// with the registry that no longer has it). Its slots are left for the caller to retire.
-    func removeRecord(_ id: String, treeEdits: inout [TreeEdit]) -> ProbeRecord? {
-        guard let r = probes.remove(id) else { return nil }
-        if let number = r.number {
-            for site in r.sites { treeEdits.append(.removeConsumer(Self.treeKey(site), registration: number)) }
-        }
-        return r
-    }
-
-    static func treeKey(_ site: ProbeSite) -> UprobeKey {
-        UprobeKey(dev: site.target.device, inode: site.target.inode, offset: site.target.fileOffset)
     }
 
     /// Runs pending detach/merge work if it is due (called by the writer when it wakes idle).
@@ -344,7 +305,7 @@ final class BatchApplier {
     }
 
     /// Publishes `snapshot` as the registry readers see, in one tree version with the consumers
-    /// staged for its new registrations (`applyPendingTreeInserts`) and without those of the
+    /// staged for its new registrations (`RegistryWriter.stageInserts`) and without those of the
     /// registrations it no longer has (`removing`): a reader sees a batch's registry and its
     /// uprobes together or neither.
     func publish(_ snapshot: RegistrySnapshot, removing: [TreeEdit] = []) {
@@ -354,7 +315,7 @@ final class BatchApplier {
     func makeSnapshot() -> RegistrySnapshot {
         generation += 1
         var s = RegistrySnapshot()
-        s.probes = probes
+        s.probes = registry.probes
         s.slotHighWater = slots.highWater
         s.slotsInUse = slots.inUse
         s.slotCapacity = slots.capacity

@@ -181,9 +181,7 @@ extension BatchApplier {
         for i in small {
             let plan = registers[i]
             registers[i].early = plan.probes.map { p in
-                defer { nextProbeNumber += 1 }
-                return record(id: ProbeID.make(nextProbeNumber), plan: plan, spec: p.spec, sites: p.sites, now: now,
-                              restored: nil, state: .active)
+                record(id: registry.nextID(), plan: plan, spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
             }
             added += registers[i].early
         }

@@ -20,14 +20,14 @@ extension BatchApplier {
         var log = FollowLog()
         defer { log.emit(to: logger) }
         for change in changes {
-            guard let r = probes[change.id] else { continue }
+            guard let r = registry[change.id] else { continue }
             switch change.kind {
             case .attach(let targets):
                 guard let first = targets.first, r.follows, !isEnded(r) else { continue }
                 // Back to a file this registration still counts in (moved back): no new sites.
                 let known = r.sites.filter { $0.target.device == first.device && $0.target.inode == first.inode }
                 if !known.isEmpty {
-                    replace(r.with(sites: r.sites, state: .active, baseHits: r.baseHits, targets: known.map(\.target), retired: r.retired))
+                    registry.replace(r.with(sites: r.sites, state: .active, baseHits: r.baseHits, targets: known.map(\.target), retired: r.retired))
                     changed = true
                     log.note(.init(event: .followedBack, path: first.path, inode: first.inode), id: r.id)
                 } else {
@@ -35,8 +35,8 @@ extension BatchApplier {
                 }
             case .degrade(let reason):
                 guard r.state != .degraded(reason: reason), !isEnded(r) else { continue }
-                replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets,
-                               retired: r.retired))
+                registry.replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets,
+                                        retired: r.retired))
                 changed = true
                 log.note(.init(event: .degraded, path: r.targets.first?.path ?? r.spec.path, inode: 0,
                                errorCode: "probe_degraded", reason: reason), id: r.id)
@@ -51,8 +51,8 @@ extension BatchApplier {
                 guard !(isEnded(r) && r.sites.isEmpty) else { continue }
                 retiring.append((r.id, r.sites, nil))
                 endedIDs.append(r.id)
-                replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
-                               retired: r.retired))
+                registry.replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
+                                        retired: r.retired))
                 changed = true
                 log.note(.init(event: .ended, path: r.targets.first?.path ?? r.spec.path, inode: 0, reason: reason), id: r.id)
             }
@@ -65,7 +65,7 @@ extension BatchApplier {
             var ids: [String] = []
             var newSlots: [UInt32] = []
             for (id, targets) in attaches {
-                guard let r = probes[id] else { continue }
+                guard let r = registry[id] else { continue }
                 var plan = PlannedRegister(index: plans.count, consumer: r.consumer, peer: r.owner)
                 if slots.available < targets.count { compactor.reclaim(slots: &slots) }
                 if let allocated = slots.allocate(targets.count) {
@@ -86,7 +86,7 @@ extension BatchApplier {
             }
             attachPlanned(&plans)
             for (plan, id) in zip(plans, ids) {
-                guard let r = probes[id] else { continue }
+                guard let r = registry[id] else { continue }
                 let newSites = plan.probes.first?.sites ?? []
                 if let failure = plan.failure {
                     for s in newSites {
@@ -101,18 +101,12 @@ extension BatchApplier {
                     let reason = "the new file at \(path) could not be attached (\(failure.code): \(failure.message)); processes running the old file are still counted"
                     // The watcher retries at every check; only a change of state is news.
                     guard r.state != .degraded(reason: reason) else { continue }
-                    replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets, retired: r.retired))
+                    registry.replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets, retired: r.retired))
                     log.note(.init(event: .degraded, path: path, inode: 0, errorCode: failure.code, reason: reason), id: r.id)
                 } else {
-                    for site in newSites {
-                        if let number = r.number {
-                            pendingTreeInserts.append(.insertConsumer(Self.treeKey(site), Consumer(
-                                registration: number, slot: site.slot, pid: r.spec.pid ?? 0,
-                                flags: r.spec.retprobe ? Consumer.retprobe : 0)))
-                        }
-                    }
-                    replace(r.with(sites: r.sites + newSites, state: .active, baseHits: r.baseHits,
-                                   targets: newSites.map(\.target), retired: r.retired))
+                    registry.addConsumers(of: r, sites: newSites)
+                    registry.replace(r.with(sites: r.sites + newSites, state: .active, baseHits: r.baseHits,
+                                            targets: newSites.map(\.target), retired: r.retired))
                     log.note(.init(event: .followed, path: newSites.first?.target.path ?? "", inode: newSites.first?.target.inode ?? 0,
                                    buildID: newSites.first?.target.buildID ?? ""), id: r.id)
                 }
@@ -129,7 +123,7 @@ extension BatchApplier {
             }
             if !counts.isEmpty {
                 for (id, gone, version) in retiring {
-                    guard let r = probes[id] else { continue }
+                    guard let r = registry[id] else { continue }
                     let goneSlots = Set(gone.map(\.slot))
                     let hits = gone.reduce(UInt64(0)) { $0 &+ (Int($1.slot) < counts.count ? counts[Int($1.slot)] : 0) }
                     var retired = r.retired
@@ -137,21 +131,19 @@ extension BatchApplier {
                         retired.append(RetiredVersion(version: version, hits: hits))
                         log.note(.init(event: .retired, path: version.path, inode: version.inode), id: r.id, hits: hits)
                     }
-                    if let number = r.number {
-                        for site in gone { treeRemovals.append(.removeConsumer(Self.treeKey(site), registration: number)) }
-                    }
+                    registry.removeConsumers(of: r, sites: gone, into: &treeRemovals)
                     for site in gone { compactor.retire(site.slot) }
-                    replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
-                                   baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired))
+                    registry.replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
+                                            baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired))
                     changed = true
                 }
             }
         }
         guard changed || !treeRemovals.isEmpty else { return }
-        applyPendingTreeInserts()
+        registry.stageInserts()
         var snapshot = makeSnapshot()
         // The ended records as they are now, their final counts folded in.
-        snapshot.batchEnded = endedIDs.compactMap { probes[$0] }
+        snapshot.batchEnded = endedIDs.compactMap { registry[$0] }
         commit.saveAndWait(snapshot)
         publish(snapshot, removing: treeRemovals)
         compactor.schedule()

@@ -129,7 +129,7 @@ extension BatchApplier {
                 }
                 registers.append(plan)
             case .restore(let items, let floor, _):
-                nextProbeNumber = max(nextProbeNumber, floor)
+                registry.skipNumbers(below: floor)
                 // Each restored registration is its own request, so one that cannot attach
                 // never takes the others down with it.
                 for item in items {
@@ -155,15 +155,15 @@ extension BatchApplier {
             case .unregister(let ids, let consumer, _, let authorize, let reply):
                 let selected: [String]
                 if let ids {
-                    if let missing = ids.first(where: { probes[$0] == nil || removedInBatch.contains($0) }) {
+                    if let missing = ids.first(where: { registry[$0] == nil || removedInBatch.contains($0) }) {
                         reply(.failure(EngineError(code: "probe_not_found", message: "no probe with id '\(missing)'")))
                         continue
                     }
                     selected = Array(Set(ids))
                 } else {
-                    selected = probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
+                    selected = registry.probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
                 }
-                if let denied = selected.first(where: { id in probes[id].map { !authorize($0) } ?? false }) {
+                if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
                     reply(.failure(EngineError(code: "permission_denied",
                                                message: "probe '\(denied)' belongs to another user")))
                     continue
