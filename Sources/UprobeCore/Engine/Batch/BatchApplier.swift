@@ -14,13 +14,23 @@ import UprobeTree
 /// One batch = one slot allocation pass, at most one new uprobe_multi link per
 /// (binary, pid filter, direction), one publication, one round of detach work whose link
 /// closes are issued together so they share grace periods.
+///
+/// A batch of requests goes through `plan` (Planning.swift: slots, removals checked),
+/// `writeAhead` and `attachPlanned` (links made by the `LinkTable`), the records entered in the
+/// `RegistryWriter`, one publication, `BatchCommit` (state log, replies) and the `Compactor`
+/// (deferred detach work); a follow round through `applyFollow` (Following.swift). Each of those
+/// types owns its state; this class owns the slot allocator and the order of the steps.
 final class BatchApplier {
     let kernel: any KernelBackend
     /// The uprobes tree readers use; this writer is its only writer.
-    let tree: UprobeTree
+    private let tree: UprobeTree
+    let tuning: EngineConfig
     let logger: Logger
+    /// Told a large request's records while the kernel attaches them (`EngineConfig.prepareMinimum`).
     let prepare: (@Sendable ([ProbeRecord]) -> Void)?
 
+    /// Counter slots: allocated by planning, released by the compactor once no link can count
+    /// into them (it borrows the allocator for the calls that release).
     var slots: SlotAllocator
     /// The registrations, as the next batch publishes them.
     let registry: RegistryWriter
@@ -28,11 +38,11 @@ final class BatchApplier {
     let links: LinkTable
     /// Removed probes' sites until they are detached and their slots free.
     let compactor: Compactor
-    let tuning: EngineConfig
-    var counters = EngineCounters()
-    var generation: UInt64 = 0
     /// Appends each batch's state entry and sends its replies once it is durable.
     let commit: BatchCommit
+    /// The batch counters; the link table, compactor and committer count their own work.
+    private var counters = EngineCounters()
+    private var generation: UInt64 = 0
 
     /// `wake` is called from the detach worker when a round finishes; the engine turns it into
     /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
@@ -76,7 +86,7 @@ final class BatchApplier {
         }
     }
 
-    func applyRequests(_ batch: [PendingOp]) {
+    private func applyRequests(_ batch: [PendingOp]) {
         let started = ContinuousClock.now
         let now = BatchClock()
         counters.batches += 1
@@ -261,8 +271,8 @@ final class BatchApplier {
         return r
     }
 
-    static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
-                    restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+    private static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
+                                   now: BatchClock, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
         ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
                     registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
                     countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
@@ -339,7 +349,7 @@ final class BatchApplier {
     }
 }
 
-func clockRealtimeSeconds() -> Double {
+private func clockRealtimeSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9

@@ -151,7 +151,7 @@ extension BatchApplier {
         publish(makeSnapshot())
     }
 
-    func isEnded(_ r: ProbeRecord) -> Bool {
+    private func isEnded(_ r: ProbeRecord) -> Bool {
         if case .ended = r.state { return true }
         return false
     }

@@ -212,7 +212,7 @@ extension BatchApplier {
         }
     }
 
-    func attachFailure(_ error: KernelError, path: String) -> EngineError {
+    private func attachFailure(_ error: KernelError, path: String) -> EngineError {
         EngineError(code: error.code, message: "attaching probes in \(path) failed: \(error.message)")
     }
 }
