@@ -4,6 +4,7 @@ import Logging
 import Synchronization
 import UprobeCore
 import UprobeELF
+import UprobeKernel
 import UprobeSystem
 #if canImport(Glibc)
 import Glibc
@@ -199,9 +200,9 @@ public final class PathWatcher: Sendable {
                 let reason = "binary \(path) no longer exists; processes still running the old file are counted"
                 if r.state != .degraded(reason: reason) { changes.append(FollowChange(id: r.id, kind: .degrade(reason: reason))) }
             }
-            var seen = Set<PinnedID>()
+            var seen = Set<FileID>()
             for s in r.sites {
-                let f = PinnedID(device: s.target.device, inode: s.target.inode)
+                let f = FileID(device: s.target.device, inode: s.target.inode)
                 if let now, now.device == f.device && now.inode == f.inode { continue }
                 if seen.insert(f).inserted { candidates.append((r.id, f.device, f.inode)) }
             }
@@ -217,11 +218,6 @@ public final class PathWatcher: Sendable {
         if !memo.pidStart.isEmpty { memo.pidStart = memo.pidStart.filter { snap.probes[$0.key] != nil } }
         if inotifyFD >= 0 { updateWatches(inotifyFD, dirs: dirs, memo: &memo) }
         if !changes.isEmpty { engine.followSync(changes) }
-    }
-
-    struct PinnedID: Hashable {
-        var device: UInt64
-        var inode: UInt64
     }
 
     /// Resolves the registration's probe in the file now at `path`: an `attach` of the sites

@@ -80,28 +80,6 @@ public struct EngineConfig: Sendable {
     }
 }
 
-/// The (binary, pid filter, direction) a uprobe_multi link is made for.
-struct LinkGroupKey: Hashable {
-    var device: UInt64
-    var inode: UInt64
-    var pid: Int32  // 0: every process
-    var retprobe: Bool
-}
-
-/// An attached link and the sites it covers. Owned by the writer.
-final class LinkRecord {
-    let group: LinkGroupKey
-    let path: String
-    let sites: [LinkSite]
-    let handle: any KernelLink
-    init(group: LinkGroupKey, path: String, sites: [LinkSite], handle: any KernelLink) {
-        self.group = group
-        self.path = path
-        self.sites = sites
-        self.handle = handle
-    }
-}
-
 /// A change the path watcher asks the writer to make to an existing registration. The watcher
 /// decides (outside any lock, after resolving and scanning /proc); the writer applies all
 /// changes of one round together: one slot allocation, one link per (binary, direction).
@@ -124,17 +102,4 @@ public struct FollowChange: Sendable {
         self.id = id
         self.kind = kind
     }
-}
-
-/// One round of detach work handed to the detach worker: what the writer does once the worker
-/// has closed `closing` and waited for a tree grace period.
-struct DetachRound {
-    /// The links being closed.
-    var closing: [LinkRecord] = []
-    /// Slots of the links that replaced them, in hand-off until the round ends.
-    var overlapSlots: [UInt32] = []
-    /// Those replacement links (not rebuilt again before the round ends).
-    var handoffLinks: [ObjectIdentifier] = []
-    /// Dead slots freed when the round ends.
-    var freeSlots: [UInt32] = []
 }

@@ -1,0 +1,236 @@
+// The links the writer holds in the kernel: creating them (through pinned descriptors),
+// adopting what the kernel made, forgetting what compaction closes.
+
+import Foundation
+import UprobeKernel
+
+/// The (binary, pid filter, direction) a uprobe_multi link is made for.
+/// Not a `UprobeKey`: a link covers many offsets of one file, and one file has a link group per
+/// pid filter and direction.
+struct LinkGroupKey: Hashable {
+    var file: FileID
+    var pid: Int32  // 0: every process
+    var retprobe: Bool
+}
+
+/// An attached link and the sites it covers. Owned by the writer.
+final class LinkRecord {
+    let group: LinkGroupKey
+    let path: String
+    let sites: [LinkSite]
+    let handle: any KernelLink
+    init(group: LinkGroupKey, path: String, sites: [LinkSite], handle: any KernelLink) {
+        self.group = group
+        self.path = path
+        self.sites = sites
+        self.handle = handle
+    }
+}
+
+/// One link to create: a group's file and the sites of its requests that are still good.
+struct LinkRequest: Sendable {
+    var key: LinkGroupKey
+    var path: String
+    var sites: [LinkSite]
+}
+
+/// The uprobe_multi links the writer holds open: by identity, by group and by slot, the
+/// binaries they were made from (pinned, see `PinnedFiles`), and which of them are in a
+/// make-before-break hand-off or being closed.
+///
+/// Owned by the writer thread like the rest of `BatchApplier`. `create` lends other work to
+/// the attach thread only while the writer itself waits in the kernel.
+final class LinkTable {
+    private let kernel: any KernelBackend
+    /// Runs the work `create` lends while this thread creates links.
+    private let attacher = DrainingThread<@Sendable () -> Void>(name: "uprobed-attach") { jobs in
+        for job in jobs { job() }
+    }
+    private var links: [ObjectIdentifier: LinkRecord] = [:]
+    /// The newest link holding each attached slot.
+    private var slotLink = SlotTable<LinkRecord>()
+    /// Open links of each (binary, pid filter, direction).
+    private var groupLinks: [LinkGroupKey: Set<ObjectIdentifier>] = [:]
+    /// An open descriptor per attached file (device, inode). Links are created through
+    /// `/proc/self/fd/N`, so a rebuild after the path was replaced (an upgrade by rename)
+    /// still attaches the old inode, and a file replaced between resolution and attach is
+    /// refused (`file_changed`) instead of being probed at offsets meant for another build.
+    private var pinned = PinnedFiles()
+    /// Links a running detach round attached in place of the ones it is closing. Their slots
+    /// are in hand-off with an older link, and the counting program allows at most two links
+    /// on a slot, so they are not rebuilt again until that round has finished.
+    private var inHandoff: Set<ObjectIdentifier> = []
+    /// Links being closed by running rounds (still attached as far as `status` is concerned).
+    private var closing = 0
+    /// Links created so far (`status`: links created).
+    private(set) var created: UInt64 = 0
+
+    init(kernel: any KernelBackend) {
+        self.kernel = kernel
+    }
+
+    /// Links held (not counting those being closed).
+    var count: Int { links.count }
+
+    /// Links open in the kernel: held, and being closed (`status`: links).
+    var openCount: Int { links.count + closing }
+
+    /// The groups that have links.
+    var groups: some Collection<LinkGroupKey> { groupLinks.keys }
+
+    /// The links of a group.
+    func links(of group: LinkGroupKey) -> some Sequence<LinkRecord> {
+        (groupLinks[group] ?? []).lazy.compactMap { self.links[$0] }
+    }
+
+    /// The newest link holding `slot`, if any link does.
+    func link(holding slot: UInt32) -> LinkRecord? { slotLink[slot] }
+
+    /// Whether some link holds `slot`.
+    func isAttached(_ slot: UInt32) -> Bool { slotLink[slot] != nil }
+
+    /// Whether `link` replaced links that a running round is still closing.
+    func isInHandoff(_ link: LinkRecord) -> Bool { inHandoff.contains(ObjectIdentifier(link)) }
+
+    /// Creates the links and adopts those the kernel made; returns each one's outcome.
+    /// `meanwhile`, if given, runs on `attacher` while the kernel calls run here. The
+    /// descriptors (`kernelPath`) are opened here first: `pinned` is this thread's.
+    func create(_ requests: [LinkRequest], meanwhile: (() -> Void)?) -> [Result<Void, KernelError>] {
+        var paths: [Result<String, KernelError>] = []
+        for r in requests {
+            do { paths.append(.success(try kernelPath(r.key, path: r.path))) } catch { paths.append(.failure(error)) }
+        }
+        let kernel = self.kernel
+        let work = zip(requests, paths).map { (request: $0, path: $1) }
+        @Sendable func create() -> [Result<any KernelLink, KernelError>] {
+            work.map { job in
+                do throws(KernelError) {
+                    let path = try job.path.get()
+                    return .success(try kernel.attach(path: path, sites: job.request.sites,
+                                                      pid: job.request.key.pid == 0 ? nil : job.request.key.pid,
+                                                      retprobe: job.request.key.retprobe))
+                } catch {
+                    return .failure(error)
+                }
+            }
+        }
+        let made: [Result<any KernelLink, KernelError>]
+        if let meanwhile {
+            // This thread makes the kernel calls, the long pole, at once; `meanwhile` is lent
+            // to `attacher`. When `attacher` made the kernel calls instead, its start waited up
+            // to 2.4 ms for a CPU: `meanwhile` can afford such a wait, the attach cannot.
+            let lent = LentWork(meanwhile)
+            attacher.submit { lent.run() }
+            made = create()
+            lent.wait()
+        } else {
+            made = create()
+        }
+        return zip(requests, made).map { request, result in
+            switch result {
+            case .success(let handle):
+                adopt(LinkRecord(group: request.key, path: request.path, sites: request.sites, handle: handle))
+                return .success(())
+            case .failure(let error):
+                unpinIfUnused(request.key)
+                return .failure(error)
+            }
+        }
+    }
+
+    /// Creates the link that replaces some of a group's links (make-before-break: the caller
+    /// has turned the hand-off on for `sites` and closes the old links in a detach round). It
+    /// is in hand-off until that round ends (`roundFinished`).
+    func rebuild(_ group: LinkGroupKey, path: String, sites: [LinkSite]) throws(KernelError) -> LinkRecord {
+        let handle = try kernel.attach(path: try kernelPath(group, path: path), sites: sites,
+                                       pid: group.pid == 0 ? nil : group.pid, retprobe: group.retprobe)
+        let record = LinkRecord(group: group, path: path, sites: sites, handle: handle)
+        adopt(record)
+        inHandoff.insert(ObjectIdentifier(record))
+        return record
+    }
+
+    /// Forgets a link handed to a detach round to be closed (it counts as open until the round
+    /// ends). Returns the slots among `dead` that it was the newest link of: no link holds
+    /// them any more.
+    func close(_ record: LinkRecord, dead: (UInt32) -> Bool) -> [UInt32] {
+        forget(record)
+        closing += 1
+        var freed: [UInt32] = []
+        for s in record.sites where dead(s.slot) && slotLink[s.slot] === record {
+            slotLink[s.slot] = nil
+            freed.append(s.slot)
+        }
+        return freed
+    }
+
+    /// A detach round has closed `closed` links: the links it attached in their place
+    /// (`handoff`) may be rebuilt again.
+    func roundFinished(closed: Int, handoff: [ObjectIdentifier]) {
+        inHandoff.subtract(handoff)
+        closing -= closed
+    }
+
+    /// Closes every link together and every pinned descriptor (daemon shutdown).
+    func closeAll() {
+        attacher.stop()
+        kernel.closeAll(links.values.map(\.handle))
+        links.removeAll()
+        groupLinks.removeAll()
+        slotLink.removeAll()
+        pinned.unpinAll()
+    }
+
+    /// The path to hand the kernel for a group's file: its pinned descriptor's
+    /// `/proc/self/fd/N` (see `PinnedFiles`), or `path` itself if it cannot be pinned.
+    private func kernelPath(_ key: LinkGroupKey, path: String) throws(KernelError) -> String {
+        try pinned.kernelPath(for: key.file, at: path)
+    }
+
+    /// Closes the pinned descriptor of a file once no link of any group uses it.
+    private func unpinIfUnused(_ key: LinkGroupKey) {
+        guard !groupLinks.keys.contains(where: { $0.file == key.file }) else { return }
+        pinned.unpin(key.file)
+    }
+
+    private func adopt(_ record: LinkRecord) {
+        links[ObjectIdentifier(record)] = record
+        groupLinks[record.group, default: []].insert(ObjectIdentifier(record))
+        for s in record.sites { slotLink[s.slot] = record }
+        created += 1
+    }
+
+    private func forget(_ record: LinkRecord) {
+        links.removeValue(forKey: ObjectIdentifier(record))
+        groupLinks[record.group]?.remove(ObjectIdentifier(record))
+        if groupLinks[record.group]?.isEmpty == true {
+            groupLinks.removeValue(forKey: record.group)
+            unpinIfUnused(record.group)
+        }
+    }
+
+    /// Work on the writer's state run by `attacher` while the writer waits in the kernel.
+    /// The writer touches none of its state between `submit` and `wait`, so the state still
+    /// has one user at a time; the NSCondition orders the two threads' accesses (and
+    /// ThreadSanitizer sees it, as it does not see `Mutex` or a Dispatch semaphore).
+    private final class LentWork: @unchecked Sendable {
+        // @unchecked: `work` runs on one thread while its owner waits in `wait`; `done` is
+        // guarded by `cond`.
+        private let work: () -> Void
+        private let cond = NSCondition()
+        private var done = false
+        init(_ work: @escaping () -> Void) { self.work = work }
+        func run() {
+            work()
+            cond.lock()
+            done = true
+            cond.signal()
+            cond.unlock()
+        }
+        func wait() {
+            cond.lock()
+            while !done { cond.wait() }
+            cond.unlock()
+        }
+    }
+}

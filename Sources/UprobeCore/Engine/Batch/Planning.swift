@@ -1,0 +1,218 @@
+// Phase A of a batch, its plan: registrations with their slots and sites, removals checked
+// (`plan`); then phase B's grouping of every registration's sites into one uprobe_multi link per
+// (binary, pid filter, direction) (`attachPlanned`).
+
+import UprobeELF
+import UprobeKernel
+
+struct PlannedProbe {
+    var sites: [ProbeSite]
+    var spec: ProbeSpecInput
+    var restored: RestoreItem? = nil
+}
+
+/// One registration of a batch (a register request, one restored registration, or a follow
+/// round's new file for one registration) on its way through the batch.
+struct PlannedRegister {
+    var index: Int  // position in the batch
+    var probes: [PlannedProbe] = []
+    var failure: EngineError?
+    var consumer: String?
+    var peer: Peer
+    var restoreID: String? = nil
+    /// A large request (`EngineConfig.prepareMinimum`): its records are made while the
+    /// kernel attaches, handed to `prepare` and to the request's own hook, and entered
+    /// into the registry and the tree then (and taken out again if the request fails).
+    var large = false
+    var earlyHook: (@Sendable ([ProbeRecord]) -> Void)? = nil
+    /// A large request's records, once made; a small one's if they were written ahead.
+    var early: [ProbeRecord] = []
+    /// Its records were made and entered before the attach, and appended to the state log
+    /// (`writeAhead`; false if that append failed).
+    var ahead = false
+}
+
+/// What phase A decided for a batch's requests.
+struct BatchPlan {
+    typealias Unregister = (ids: [String], reply: @Sendable (Result<Removal, EngineError>) -> Void)
+    /// Registrations, with their slots allocated and reset (or their failure).
+    var registers: [PlannedRegister]
+    /// Unregisters that may go ahead, with the ids each removes; those refused were answered.
+    var removals: [Unregister]
+}
+
+/// A batch's sites grouped by link: one group per (binary, pid filter, direction), in the order
+/// first seen, each with the sites of every registration in it.
+struct LinkGroups {
+    struct Member { var reg: Int; var site: LinkSite }  // `reg`: index into the registrations
+    struct Group {
+        var key: LinkGroupKey
+        var path: String
+        var members: [Member]
+    }
+    private(set) var groups: [Group] = []
+
+    /// The groups of the registrations that have not failed. Each group has a member.
+    init(_ registers: [PlannedRegister]) {
+        // Plain values only (no target copies): a 10,000-site request spent as long grouping
+        // its sites as the kernel took to attach them.
+        var groupOf: [LinkGroupKey: Int] = [:]
+        var last: (key: LinkGroupKey, group: Int)?  // consecutive sites are mostly in one group
+        for (r, plan) in registers.enumerated() where plan.failure == nil {
+            for p in plan.probes {
+                for s in p.sites {
+                    let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
+                                           pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
+                    let g: Int
+                    if let last, last.key == key {
+                        g = last.group
+                    } else if let known = groupOf[key] {
+                        g = known
+                    } else {
+                        g = groups.count
+                        groups.append(Group(key: key, path: s.target.path, members: []))
+                        groupOf[key] = g
+                    }
+                    last = (key, g)
+                    groups[g].members.append(Member(reg: r, site: LinkSite(
+                        offset: s.target.fileOffset, refCtrOffset: s.target.refCtrOffset, slot: s.slot)))
+                }
+            }
+        }
+    }
+}
+
+extension BatchApplier {
+    /// Phase A: allocates and resets slots for the batch's registrations (each restored
+    /// registration on its own) and checks its unregisters, answering those refused at once.
+    /// Short of slots, it first waits for pending detach work to free some.
+    func plan(_ batch: [PendingOp]) -> BatchPlan {
+        var registers: [PlannedRegister] = []
+        var removals: [BatchPlan.Unregister] = []
+        var removedInBatch: Set<String> = []
+        var newSlots: [UInt32] = []
+        for (n, op) in batch.enumerated() {
+            switch op {
+            case .register(let items, let consumer, let peer, let early, _):
+                var plan = PlannedRegister(index: n, consumer: consumer, peer: peer)
+                let needed = items.reduce(0) { $0 + $1.targets.count }  // one slot per site
+                if slots.available < needed {
+                    // Reclaim retired slots (their links close, a grace period passes) before refusing.
+                    compactor.reclaim(slots: &slots)
+                }
+                guard let allocated = slots.allocate(needed) else {
+                    plan.failure = EngineError(
+                        code: .capacityExhausted,
+                        message: "no counter slots left for \(needed) probe sites (\(slots.inUse) of \(slots.capacity) in use); unregister probes or raise slot_capacity")
+                    registers.append(plan)
+                    continue
+                }
+                newSlots += allocated
+                var next = allocated.makeIterator()
+                plan.probes.reserveCapacity(needed)
+                for item in items {
+                    // A USDT spec is one probe with one site per note; a symbol glob is one probe
+                    // per function.
+                    if item.spec.usdt != nil {
+                        let sites = item.targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
+                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
+                    } else {
+                        for t in item.targets {
+                            guard let slot = next.next() else { break }  // never: `needed` slots were allocated
+                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec))
+                        }
+                    }
+                }
+                if prepare != nil || early != nil, plan.probes.count >= tuning.prepareMinimum {
+                    plan.large = true
+                    plan.earlyHook = early
+                }
+                registers.append(plan)
+            case .restore(let items, let floor, _):
+                registry.skipNumbers(below: floor)
+                // Each restored registration is its own request, so one that cannot attach
+                // never takes the others down with it.
+                for item in items {
+                    var plan = PlannedRegister(index: n, consumer: item.consumer, peer: item.owner)
+                    plan.restoreID = item.id
+                    if item.degradedReason != nil {
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    if slots.available < item.targets.count { compactor.reclaim(slots: &slots) }
+                    guard let allocated = slots.allocate(item.targets.count) else {
+                        plan.failure = EngineError(code: .capacityExhausted, message: "no counter slots left to restore \(item.id)")
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    newSlots += allocated
+                    plan.probes = [PlannedProbe(sites: zip(item.targets, allocated).map { ProbeSite(target: $0, slot: $1) },
+                                                spec: item.spec, restored: item)]
+                    registers.append(plan)
+                }
+            case .unregister(let ids, let consumer, _, let authorize, let reply):
+                let selected: [String]
+                if let ids {
+                    if let missing = ids.first(where: { registry[$0] == nil || removedInBatch.contains($0) }) {
+                        reply(.failure(EngineError(code: .probeNotFound, message: "no probe with id '\(missing)'")))
+                        continue
+                    }
+                    selected = Array(Set(ids))
+                } else {
+                    selected = registry.probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
+                }
+                if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
+                    reply(.failure(EngineError(code: .permissionDenied,
+                                               message: "probe '\(denied)' belongs to another user")))
+                    continue
+                }
+                removedInBatch.formUnion(selected)
+                removals.append((selected, reply))
+            case .follow, .detachFinished:
+                continue  // split off by `apply`
+            }
+        }
+
+        // Counters of reused slots still hold their previous owner's hits.
+        if !newSlots.isEmpty {
+            do { try kernel.resetCounters(slots: newSlots) } catch {
+                logger.error("resetting counters failed", metadata: ["error": "\(error.message)"])
+                for i in registers.indices where registers[i].failure == nil {
+                    registers[i].failure = EngineError(code: error.code, message: "resetting counters failed: \(error.message)")
+                }
+            }
+        }
+        return BatchPlan(registers: registers, removals: removals)
+    }
+
+    /// Creates the links of a batch. A group's link failing is retried request by request so
+    /// one bad request cannot fail its neighbours; a request that loses any group fails whole
+    /// (its sites attached in other groups are retired like any removed probe's).
+    /// `meanwhile`, if given, runs on the attach thread while this thread creates the links: a
+    /// large request's records, registry and tree work overlap its attach.
+    func attachPlanned(_ registers: inout [PlannedRegister], meanwhile: (() -> Void)? = nil) {
+        let groups = LinkGroups(registers).groups
+        let requests = groups.map { LinkRequest(key: $0.key, path: $0.path, sites: $0.members.map(\.site)) }
+        let created = links.create(requests, meanwhile: meanwhile)
+        for (group, result) in zip(groups, created) {
+            guard case .failure(let whole) = result else { continue }
+            let regsInGroup = Array(Set(group.members.map(\.reg))).sorted()
+            if regsInGroup.count == 1 {
+                registers[regsInGroup[0]].failure = attachFailure(whole, path: group.path)
+                continue
+            }
+            for r in regsInGroup where registers[r].failure == nil {
+                let mine = LinkRequest(key: group.key, path: group.path, sites: group.members.filter { $0.reg == r }.map(\.site))
+                for case .failure(let error) in links.create([mine], meanwhile: nil) {
+                    registers[r].failure = attachFailure(error, path: group.path)
+                }
+            }
+        }
+    }
+
+    private func attachFailure(_ error: KernelError, path: String) -> EngineError {
+        EngineError(code: error.code, message: "attaching probes in \(path) failed: \(error.message)")
+    }
+}
