@@ -108,9 +108,12 @@ public enum JSONParser {
                 skipWhitespace()
                 let v = try value(depth: depth + 1)
                 // A repeated key keeps its first place and takes the last value (as `JSONObject`'s setter).
-                // Lengths first: small strings keep theirs inline, and most keys differ in it.
+                // The same key is the same UTF-8 (RFC 8259 §8.3). Not String's ==, canonical equivalence:
+                // behind the length test it would merge "a\u0301\u0323" with "a\u0323\u0301" (equal
+                // lengths) yet not "\u00e9" with "e\u0301". Lengths first: small strings keep theirs
+                // inline, and most keys differ in it.
                 let length = key.utf8.count
-                if let k = pairStack[base...].lastIndex(where: { $0.key.utf8.count == length && $0.key == key }) {
+                if let k = pairStack[base...].lastIndex(where: { $0.key.utf8.count == length && $0.key.utf8.elementsEqual(key.utf8) }) {
                     pairStack[k].value = v
                 } else {
                     pairStack.append(JSONMember(key, v))

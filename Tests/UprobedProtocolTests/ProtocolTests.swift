@@ -387,3 +387,15 @@ struct RequestEncodingTests {
         }
     }
 }
+
+struct RepeatedKeyTests {
+    @Test("keys are the same when their UTF-8 is (RFC 8259 §8.3), not when they are canonically equivalent")
+    func keysCompareByBytes() throws {
+        for text in [#"{"a\u0301\u0323":1,"a\u0323\u0301":2}"#, #"{"\u00e9":1,"e\u0301":2}"#] {
+            let o = try #require(try JSONParser.parse(text).objectValue)
+            #expect(o.count == 2, "\(text)")
+        }
+        let same = try #require(try JSONParser.parse(#"{"k":1,"k":2}"#).objectValue)
+        #expect(same.count == 1 && same["k"] == .int(2))
+    }
+}
