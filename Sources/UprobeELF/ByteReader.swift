@@ -45,13 +45,19 @@ struct ByteReader: Sendable {
     /// NUL-terminated string starting at `off`; a missing terminator is malformed.
     /// Invalid UTF-8 is repaired rather than rejected (names are only compared, never executed).
     func cString(_ off: Int) throws(ResolveError) -> String {
+        try cStringAndEnd(off).string
+    }
+
+    /// `cString`, and the offset of its terminating NUL: where the next string of a packed
+    /// list starts is counted in the file's bytes, not in the repaired string's.
+    func cStringAndEnd(_ off: Int) throws(ResolveError) -> (string: String, end: Int) {
         guard off >= 0, off < bytes.count else {
             throw .malformed("\(what): string offset \(off) is outside its \(bytes.count) bytes")
         }
         guard let end = bytes[off...].firstIndex(of: 0) else {
             throw .malformed("\(what): unterminated string at \(off)")
         }
-        return String(decoding: bytes[off..<end], as: UTF8.self)
+        return (String(decoding: bytes[off..<end], as: UTF8.self), end)
     }
 }
 

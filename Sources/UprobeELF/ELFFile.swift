@@ -236,11 +236,14 @@ public struct ELFFile: Sendable {
         // --- symbols -----------------------------------------------------------------------
         var syms: [ELFFunctionSymbol] = []
         var sawSymtab = false, sawDynsym = false
-        for (idx, s) in secs.enumerated() where s.type == ELFSection.symtab {
+        // Only the first table of each kind: the gABI allows one, and a crafted file with many
+        // section headers over the same bytes would otherwise multiply the symbols it yields
+        // (a 59 KB file made 420,000 of them).
+        if let idx = secs.firstIndex(where: { $0.type == ELFSection.symtab }) {
             sawSymtab = true
             syms += try Self.readSymbols(io: io, sections: secs, index: idx, table: .symtab, path: path)
         }
-        for (idx, s) in secs.enumerated() where s.type == ELFSection.dynsym {
+        if let idx = secs.firstIndex(where: { $0.type == ELFSection.dynsym }) {
             sawDynsym = true
             syms += try Self.readSymbols(io: io, sections: secs, index: idx, table: .dynsym, path: path)
         }
@@ -258,7 +261,13 @@ public struct ELFFile: Sendable {
                            size: $0.fileSize, link: 0, info: 0, entSize: 0)
             }
         }
-        for s in noteSections {
+        // Each region once, and no more note bytes than the file has: many headers naming the
+        // same bytes must not multiply the work.
+        var readRegions = Set<[UInt64]>()
+        var noteBytes: UInt64 = 0
+        for s in noteSections where readRegions.insert([s.offset, s.size]).inserted {
+            noteBytes &+= s.size
+            guard noteBytes <= size else { throw .malformed("\(path): its note sections add up to more than the file") }
             notes += try Self.parseNotes(ByteReader(bytes: try io.read(s.offset, s.size), what: "\(path) note \(s.name)"))
         }
         var bid: String?
@@ -357,8 +366,9 @@ public struct ELFFile: Sendable {
     /// - Parameter executable: require that segment to be `PF_X` (code) — true for probe sites,
     ///   false for data such as USDT semaphores.
     public func fileOffset(ofVirtualAddress vaddr: UInt64, executable: Bool) -> UInt64? {
+        // Checked: a crafted header can place a segment so that the sum overflows.
         for p in programHeaders where p.isLoad && (!executable || p.isExecutable) && p.containsFileBacked(vaddr: vaddr) {
-            return vaddr - p.vaddr + p.offset
+            return checkedAdd(vaddr - p.vaddr, p.offset)
         }
         return nil
     }
@@ -366,7 +376,7 @@ public struct ELFFile: Sendable {
     /// Virtual address of file offset `off` if it lies in an executable PT_LOAD segment.
     public func virtualAddress(ofExecutableFileOffset off: UInt64) -> UInt64? {
         for p in programHeaders where p.isLoad && p.isExecutable && p.contains(fileOffset: off) {
-            return off - p.offset + p.vaddr
+            return checkedAdd(off - p.offset, p.vaddr)
         }
         return nil
     }
@@ -411,7 +421,7 @@ public struct ELFFile: Sendable {
             let value = try data.u64(b + 8)
             guard value != 0 else { continue }
             var name = try strs.cString(Int(try data.u32(b)))
-            guard !name.isEmpty else { continue }
+            guard !name.isEmpty, !name.hasPrefix("@") else { continue }  // no base name: nothing to ask for
             var version: String?
             var isDefault = false
             if let at = name.firstIndex(of: "@") {
@@ -483,13 +493,13 @@ public struct ELFFile: Sendable {
         let r = ByteReader(bytes: desc, what: "\(path) stapsdt note")
         var pc = try r.u64(0)
         let noteBase = try r.u64(8), sema = try r.u64(16)
-        let provider = try r.cString(24)
-        let name = try r.cString(24 + provider.utf8.count + 1)
-        let args = (try? r.cString(24 + provider.utf8.count + name.utf8.count + 2)) ?? ""
+        let provider = try r.cStringAndEnd(24)
+        let name = try r.cStringAndEnd(provider.end + 1)
+        let args = (try? r.cString(name.end + 1)) ?? ""
         // The note records the link-time address of .stapsdt.base; if the file was later
         // relocated (prelink), shift the pc by the same amount. Semaphores are not adjusted.
         if let base, noteBase != 0 { pc = pc &+ (base &- noteBase) }
-        return USDTNote(provider: provider, name: name, arguments: args, pc: pc, semaphore: sema)
+        return USDTNote(provider: provider.string, name: name.string, arguments: args, pc: pc, semaphore: sema)
     }
 }
 
