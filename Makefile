@@ -18,7 +18,7 @@ DEBS       := $(BUILD_DEBS) $(TEST_DEBS)
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps deps-build build run test test-unit sanitize bench bench-tree bench-batch bench-read soak install clean
+.PHONY: deps deps-build build run test test-unit sanitize fuzz bench bench-tree bench-batch bench-read soak install clean
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that are missing (as root, apt-get).
 define apt_install
@@ -56,6 +56,12 @@ test: deps
 sanitize: deps
 	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 	$(SWIFT) test --sanitize=address --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+
+## libFuzzer on the JSON parser (with a differential check against Foundation) and the ELF
+## reader, FUZZ_SECONDS each (default 30; CI runs the default). fuzz/README.md: the long run.
+FUZZ_SECONDS ?= 30
+fuzz: deps
+	bash fuzz/run.sh $(FUZZ_SECONDS)
 
 bench: bench-tree bench-batch bench-read
 
