@@ -6,7 +6,13 @@ import UprobedProtocol
 /// Why talking to the daemon failed.
 public struct ClientError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// The errno of a failed connect(2) (ENOENT, ECONNREFUSED, EACCES, ...), so a caller can
+    /// say what to do about it; nil for every other failure.
+    public let connectErrno: Int32?
+    public init(_ message: String, connectErrno: Int32? = nil) {
+        self.message = message
+        self.connectErrno = connectErrno
+    }
     public var description: String { message }
 }
 
@@ -49,7 +55,7 @@ public final class LineClient {
             let e = errno
             close(fd)
             let hint = e == ENOENT || e == ECONNREFUSED ? " (is uprobed running? set --socket or UPROBED_SOCKET)" : ""
-            throw ClientError("cannot connect to \(socketPath): \(String(cString: strerror(e)))\(hint)")
+            throw ClientError("cannot connect to \(socketPath): \(String(cString: strerror(e)))\(hint)", connectErrno: e)
         }
         var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
