@@ -3,6 +3,7 @@
 //
 // Module layout follows the data flow (see ../shared/DESIGN.md and README.md):
 //   CUprobeSys, CSystemd      C shims: bpf(2)/perf_event_open(2), UAPI structs; libsystemd
+//   CTerminal                 signalfd(2) for uprobectl top
 //   UprobeELF                 spec -> (file, offset): symbols, versions, USDT, libraries
 //   UprobeKernel              BPF counting program, maps, uprobe_multi links, counter reads
 //   UprobeTree                the uprobes tree and its epoch-based reclamation domain
@@ -45,6 +46,7 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .target(name: "UprobedProtocol", swiftSettings: strict),
+        .target(name: "CTerminal"),
         .target(name: "UprobedClient", dependencies: ["UprobedProtocol"], swiftSettings: strict),
         .target(name: "UprobedServer",
                 dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobedProtocol", "CSystemd", "CUprobeSys",
@@ -61,7 +63,7 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: strict),
         .executableTarget(name: "uprobectl",
-                          dependencies: ["UprobedProtocol", "UprobedClient",
+                          dependencies: ["UprobedProtocol", "UprobedClient", "CTerminal",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: strict),
         .executableTarget(name: "bench-tree", dependencies: ["UprobeTree"], path: "bench/TreeBench",

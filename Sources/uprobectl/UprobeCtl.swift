@@ -16,7 +16,7 @@ struct UprobeCtl: ParsableCommand {
             \(ExitStatus.helpText)
             """,
         version: "0.1.0",
-        subcommands: [Add.self, Remove.self, List.self, Stats.self, Watch.self, Status.self, Resolve.self])
+        subcommands: [Add.self, Remove.self, List.self, Stats.self, Top.self, Watch.self, Status.self, Resolve.self])
 
     @OptionGroup var global: GlobalOptions
 }
