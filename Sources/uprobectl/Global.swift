@@ -71,6 +71,11 @@ struct GlobalOptions: ParsableArguments {
         }
         let group = groupName(st.st_gid)
         let mode = String(st.st_mode & 0o777, radix: 8)
+        guard st.st_gid != 0 else {
+            // Joining group root is not advice anyone should follow.
+            return "the socket is mode 0\(mode), group root: run uprobectl as root, or give the socket a group of "
+                + "its own (the shipped uprobed.socket uses SocketGroup=uprobed) and join that group."
+        }
         let user = getpwuid(getuid()).flatMap { $0.pointee.pw_name.map { String(cString: $0) } } ?? "$USER"
         return "the socket is mode 0\(mode), group \(group). Join that group (`sudo usermod -aG \(group) \(user)`, "
             + "then log in again or run `newgrp \(group)`), or run uprobectl as root."

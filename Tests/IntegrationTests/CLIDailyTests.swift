@@ -37,6 +37,23 @@ struct CLIDailyTests {
         #expect(try ctl(["--help"]).out.contains("3  the daemon is unreachable"))
     }
 
+    @Test("permission denied on the socket names the group to join, or the directory in the way")
+    func permissionAdvice() throws {
+        let daemon = try TestDaemon()
+        let asNobody = ["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", try Paths.product("uprobectl"),
+                        "--socket", daemon.socket, "status"]
+        // The test daemon's directory is 0700 (mkdtemp): the directory is what blocks.
+        let dir = try run(asNobody)
+        #expect(dir.status == 3, "\(dir)")
+        #expect(dir.err.contains("the directory \(daemon.dir) is not searchable"), "\(dir.err)")
+        // With the directory open, the socket's group (0660, group users) is what blocks.
+        #expect(chmod(daemon.dir, 0o755) == 0)
+        #expect(chown(daemon.socket, 0, 100) == 0)
+        let sock = try run(asNobody)
+        #expect(sock.status == 3, "\(sock)")
+        #expect(sock.err.contains("mode 0660, group users") && sock.err.contains("usermod -aG users nobody"), "\(sock.err)")
+    }
+
     @Test("stats: symbol and path per probe, sorted by hits by default, --sort, --top, --match, --path, human numbers and --raw")
     func statsSortAndFilter() throws {
         let daemon = try TestDaemon()
@@ -71,25 +88,36 @@ struct CLIDailyTests {
         #expect(mean.split(separator: "\n").first?.split(separator: " ").prefix(4) == ["ID", "HITS", "MEAN", "RATE"], "\(mean)")
     }
 
-    @Test("stats demangles C++ and Rust names and keeps the raw name in --json")
+    @Test("stats demangles C++, Rust and Swift names and keeps the raw name in --json")
     func statsDemangles() throws {
-        // C functions named with mangled names: what a C++ or Rust binary holds, without a C++ compiler.
+        // C functions named with mangled names: what C++, Rust and Swift binaries hold, without
+        // their compilers. The Swift one is called through a pointer: `call $s…` does not assemble.
         let bin = try Fixtures.build("mangled", source: """
+            #define PROBED __attribute__((noinline, used))
             long cxx(long x) __asm__("_ZN5cache6lookupEl");
-            __attribute__((noinline, used)) long cxx(long x) { return x + 1; }
+            PROBED long cxx(long x) { return x + 1; }
             long rust(long x) __asm__("_RNvCs1234_7mycrate6handle");
-            __attribute__((noinline, used)) long rust(long x) { return x * 2; }
-            int main(int argc, char **argv) { (void)argv; return (int)(cxx(argc) + rust(argc)) & 1; }
+            PROBED long rust(long x) { return x * 2; }
+            long rustold(long x) __asm__("_ZN4core3fmt5write17h0123456789abcdefE");
+            PROBED long rustold(long x) { return x * 3; }
+            long swift(long x) __asm__("$s4main5CacheV6lookupyyF");
+            PROBED long swift(long x) { return x * 4; }
+            long (*volatile swiftp)(long) = swift;
+            int main(int argc, char **argv) { (void)argv; return (int)(cxx(argc) + rust(argc) + rustold(argc) + swiftp(argc)) & 1; }
             """)
         let daemon = try TestDaemon()
         let copy = daemon.dir + "/mangled"
         try FileManager.default.copyItem(atPath: bin, toPath: copy)
-        #expect(try ctl(["--socket", daemon.socket, "add", "\(copy):_ZN5cache6lookupEl", "\(copy):_RNvCs1234_7mycrate6handle"]).status == 0)
+        let add = try ctl(["--socket", daemon.socket, "add", "\(copy):_ZN5cache6lookupEl", "\(copy):_RNvCs1234_7mycrate6handle",
+                           "\(copy):_ZN4core3fmt5write17h0123456789abcdefE", "\(copy):$s4main5CacheV6lookupyyF"])
+        #expect(add.status == 0, "\(add.err)")
         try run([copy])
         let table = try ctl(["--socket", daemon.socket, "stats", "--interval", "0", "--sort", "name"])
         #expect(table.out.contains("cache::lookup(long)"), "\(table.out)")
         #expect(table.out.contains("mycrate"), "\(table.out)")
-        #expect(!table.out.contains("_ZN5cache"), "\(table.out)")
+        #expect(table.out.contains("core::fmt::write "), "Rust's legacy hash is dropped: \(table.out)")
+        #expect(table.out.contains("main.Cache.lookup() -> ()"), "\(table.out)")
+        #expect(!table.out.contains("_ZN5cache") && !table.out.contains("$s4main"), "\(table.out)")
         let json = try ctl(["--socket", daemon.socket, "stats", "--interval", "0", "--json", "--match", "cache::*"])
         let stats = try JSONParser.parse(json.out.trimmingCharacters(in: .whitespacesAndNewlines)).objectValue?["stats"]?.arrayValue
         #expect(stats?.count == 1, "\(json.out)")
