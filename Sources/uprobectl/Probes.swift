@@ -64,6 +64,7 @@ final class Catalog {
     init(consumer: String?) { self.consumer = consumer }
 
     func refresh(_ daemon: Daemon) throws(CtlError) {
+        listedAt = Clock.monotonic()
         let listed = try daemon.list(consumer: consumer)
         probes = Dictionary(listed.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
         let fresh = Set(listed.compactMap(\.symbol)).subtracting(demangledNames)
@@ -77,9 +78,15 @@ final class Catalog {
     /// consumer): not worth another list on every sample.
     private var unnamed = Set<String>()
 
-    /// Lists again if `counts` names a probe the catalog lacks.
-    func refreshIfNeeded(for counts: [ProbeCount], _ daemon: Daemon) throws(CtlError) {
+    private var listedAt = -Double.infinity
+
+    /// Lists again if `counts` names a probe the catalog lacks, but not more often than every
+    /// `minimumGap` seconds: under steady registration churn a live view would otherwise
+    /// list (60 MB at 241,000 probes) on every update. Meanwhile new probes show as '?'.
+    func refreshIfNeeded(for counts: [ProbeCount], _ daemon: Daemon, minimumGap: Double = 0) throws(CtlError) {
         guard counts.contains(where: { probes[$0.id] == nil && !unnamed.contains($0.id) }) else { return }
+        let now = Clock.monotonic()
+        guard now - listedAt >= minimumGap else { return }
         try refresh(daemon)
         for c in counts where probes[c.id] == nil { unnamed.insert(c.id) }
     }

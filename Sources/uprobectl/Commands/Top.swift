@@ -86,7 +86,7 @@ struct TopView {
         let t = Clock.monotonic()
         let counts = try daemon.stats(ids: ids)
         let rates = meter.update(counts, at: t)
-        try catalog.refreshIfNeeded(for: counts, daemon)
+        try catalog.refreshIfNeeded(for: counts, daemon, minimumGap: 5)
         status = try daemon.status()
         haveRates = rates != nil
         rows = counts.map { c in catalog.row(c, rate: rates.map { $0[c.id] ?? 0 }) }.filter(filter.matches)

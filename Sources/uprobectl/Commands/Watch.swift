@@ -56,7 +56,7 @@ extension UprobeCtl {
                 }
                 let counts = (try? ProbeCount.fromStats(o)) ?? []
                 // A probe registered since the last list: list once more to name it.
-                try catalog.refreshIfNeeded(for: counts, daemon)
+                try catalog.refreshIfNeeded(for: counts, daemon, minimumGap: 5)
                 // The daemon's rate is per interval except in its first event (mean since registration).
                 let filter = selection.filter
                 let kept = counts.map { catalog.row($0, rate: first ? nil : $0.rate) }.filter(filter.matches)
