@@ -2,11 +2,11 @@
 # (as root, through apt-get) before it builds.
 SWIFT   ?= swift
 PREFIX  ?= /usr/local
-DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3 libsqlite3-0 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2
+DEBS    := libsystemd-dev systemd gcc binutils systemtap-sdt-dev python3 sqlite3 libsqlite3-0 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 tmux
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch soak install clean
+.PHONY: deps build run test test-unit sanitize bench bench-tree bench-batch soak completions man install clean
 
 ## Install the Debian packages the build and the tests need (only the missing ones).
 deps:
@@ -53,10 +53,31 @@ soak: deps
 	gcc -O1 -o .build/soak-many Tests/Fixtures/kernel/many.c
 	python3 bench/soak.py .build/release/uprobed .build/soak-many $(SOAK_SECONDS)
 
+## Shell completions (bash, zsh, fish) and man pages, generated from the ArgumentParser
+## definitions of the release binaries into $(GEN). The man pages come from
+## swift-argument-parser's GenerateManual plugin (in the package checkout; no network).
+GEN     := .build/generated
+MANOUT  := .build/plugins/GenerateManual/outputs
+completions: deps
+	$(SWIFT) build -c release --product uprobectl
+	mkdir -p $(GEN)
+	for sh in bash zsh fish; do .build/release/uprobectl --generate-completion-script $$sh > $(GEN)/uprobectl.$$sh || exit 1; done
+
+man: deps
+	$(SWIFT) package plugin generate-manual --configuration release
+	mkdir -p $(GEN)
+	cp $(MANOUT)/uprobectl/uprobectl.1 $(MANOUT)/uprobed/uprobed.1 $(GEN)/
+
 install: build
 	$(SWIFT) build -c release
+	$(MAKE) completions man
 	install -D -m 0755 .build/release/uprobed $(DESTDIR)$(PREFIX)/bin/uprobed
 	install -D -m 0755 .build/release/uprobectl $(DESTDIR)$(PREFIX)/bin/uprobectl
+	install -D -m 0644 $(GEN)/uprobectl.bash $(DESTDIR)/usr/share/bash-completion/completions/uprobectl
+	install -D -m 0644 $(GEN)/uprobectl.zsh $(DESTDIR)/usr/share/zsh/vendor-completions/_uprobectl
+	install -D -m 0644 $(GEN)/uprobectl.fish $(DESTDIR)/usr/share/fish/vendor_completions.d/uprobectl.fish
+	install -D -m 0644 $(GEN)/uprobectl.1 $(DESTDIR)$(PREFIX)/share/man/man1/uprobectl.1
+	install -D -m 0644 $(GEN)/uprobed.1 $(DESTDIR)$(PREFIX)/share/man/man1/uprobed.1
 	install -D -m 0644 systemd/uprobed.service $(DESTDIR)/etc/systemd/system/uprobed.service
 	install -D -m 0644 systemd/uprobed.socket $(DESTDIR)/etc/systemd/system/uprobed.socket
 	install -D -m 0644 config/uprobed.conf $(DESTDIR)/etc/uprobed/uprobed.conf
