@@ -192,7 +192,7 @@ struct TopView {
                 ? head.padded(to: width - clock.count) + clock : head.truncatedRight(to: width))
         }
         var mode = "sort: \(sort.rawValue)  every \(interval)"
-        if !filter.isEmpty { mode += "  \(rows.count) shown by filters" }
+        if !filter.isEmpty { mode += "  \(rows.count) of \(status?.probes ?? rows.count) probes match" }
         if paused { mode += "  PAUSED" }
         lines.append((mode + "   q quit  p pause  s sort  ? help").truncatedRight(to: width))
         if showHelp {
