@@ -11,14 +11,15 @@ BUILD_DEBS := libsystemd-dev pkg-config libc6-dev gcc binutils libsqlite3-0
 # What the tests, sanitizer runs, benchmarks and soak call or probe: systemd-analyze and
 # systemd-socket-activate (systemd), <sys/sdt.h> for the USDT fixtures (systemtap-sdt-dev),
 # python3 and sqlite3 as probed targets and the soak driver, promtool (prometheus), useradd
-# (passwd), setpriv/unshare/prlimit (util-linux), ss (iproute2), setcap (libcap2-bin); and the
+# (passwd), setpriv/unshare/prlimit (util-linux), ss (iproute2), setcap (libcap2-bin), tmux (the
+# uprobectl top tests drive a terminal); and the
 # tools the benchmarks are compared with or traced by (bpftrace, bpftool, linux-perf).
-TEST_DEBS  := systemd systemtap-sdt-dev python3 sqlite3 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin
+TEST_DEBS  := systemd systemtap-sdt-dev python3 sqlite3 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin tmux
 DEBS       := $(BUILD_DEBS) $(TEST_DEBS)
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps deps-build build run test test-unit sanitize fuzz bench bench-tree bench-batch bench-read soak install clean
+.PHONY: deps deps-build build run test test-unit sanitize fuzz bench bench-tree bench-batch bench-read soak completions man install clean
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that are missing (as root, apt-get).
 define apt_install
@@ -84,10 +85,31 @@ soak: deps
 	gcc -O1 -o .build/soak-many Tests/Fixtures/kernel/many.c
 	python3 bench/soak.py .build/release/uprobed .build/soak-many $(SOAK_SECONDS)
 
+## Shell completions (bash, zsh, fish) and man pages, generated from the ArgumentParser
+## definitions of the release binaries into $(GEN). The man pages come from
+## swift-argument-parser's GenerateManual plugin (in the package checkout; no network).
+GEN     := .build/generated
+MANOUT  := .build/plugins/GenerateManual/outputs
+completions: deps-build
+	$(SWIFT) build -c release --product uprobectl
+	mkdir -p $(GEN)
+	for sh in bash zsh fish; do .build/release/uprobectl --generate-completion-script $$sh > $(GEN)/uprobectl.$$sh || exit 1; done
+
+man: deps-build
+	$(SWIFT) package plugin generate-manual --configuration release
+	mkdir -p $(GEN)
+	cp $(MANOUT)/uprobectl/uprobectl.1 $(MANOUT)/uprobed/uprobed.1 $(GEN)/
+
 install: build
 	$(SWIFT) build -c release
+	$(MAKE) completions man
 	install -D -m 0755 .build/release/uprobed $(DESTDIR)$(PREFIX)/bin/uprobed
 	install -D -m 0755 .build/release/uprobectl $(DESTDIR)$(PREFIX)/bin/uprobectl
+	install -D -m 0644 $(GEN)/uprobectl.bash $(DESTDIR)/usr/share/bash-completion/completions/uprobectl
+	install -D -m 0644 $(GEN)/uprobectl.zsh $(DESTDIR)/usr/share/zsh/vendor-completions/_uprobectl
+	install -D -m 0644 $(GEN)/uprobectl.fish $(DESTDIR)/usr/share/fish/vendor_completions.d/uprobectl.fish
+	install -D -m 0644 $(GEN)/uprobectl.1 $(DESTDIR)$(PREFIX)/share/man/man1/uprobectl.1
+	install -D -m 0644 $(GEN)/uprobed.1 $(DESTDIR)$(PREFIX)/share/man/man1/uprobed.1
 	install -D -m 0644 systemd/uprobed.service $(DESTDIR)/etc/systemd/system/uprobed.service
 	install -D -m 0644 systemd/uprobed.socket $(DESTDIR)/etc/systemd/system/uprobed.socket
 	install -D -m 0644 config/uprobed.conf $(DESTDIR)/etc/uprobed/uprobed.conf

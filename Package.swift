@@ -3,6 +3,7 @@
 //
 // Module layout follows the data flow (see ../shared/DESIGN.md and README.md):
 //   CUprobeSys, CSystemd      C shims: bpf(2)/perf_event_open(2), UAPI structs; libsystemd
+//   CTerminal                 signalfd(2) for uprobectl top
 //   UprobeErrors              the error codes every layer reports (wire and journal)
 //   UprobeSystem              POSIX calls that capture errno into one error type
 //   UprobeELF                 spec -> (file, offset): symbols, versions, USDT, libraries
@@ -51,7 +52,10 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .target(name: "UprobedProtocol", dependencies: ["UprobeErrors"], swiftSettings: strict),
-        .target(name: "UprobedClient", dependencies: ["UprobedProtocol", "UprobeSystem"], swiftSettings: strict),
+        .target(name: "CTerminal"),
+        .target(name: "UprobedClient",
+                dependencies: ["UprobedProtocol", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
+                swiftSettings: strict),
         .target(name: "UprobedServer",
                 dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobeErrors", "UprobeSystem", "UprobeTree", "UprobedProtocol", "CSystemd", "CUprobeSys",
                                .product(name: "NIOCore", package: "swift-nio"),
@@ -69,7 +73,7 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: strict),
         .executableTarget(name: "uprobectl",
-                          dependencies: ["UprobedProtocol", "UprobedClient",
+                          dependencies: ["UprobedProtocol", "UprobedClient", "CTerminal", "UprobeSystem",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: strict),
         .executableTarget(name: "bench-tree", dependencies: ["UprobeTree"], path: "bench/TreeBench",

@@ -1,3 +1,5 @@
+import SystemPackage
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -6,7 +8,13 @@ import UprobedProtocol
 /// Why talking to the daemon failed.
 public struct ClientError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// The errno of a failed connect(2) (ENOENT, ECONNREFUSED, EACCES, ...), so a caller can
+    /// say what to do about it; nil for every other failure.
+    public let connectErrno: Int32?
+    public init(_ message: String, connectErrno: Int32? = nil) {
+        self.message = message
+        self.connectErrno = connectErrno
+    }
     public var description: String { message }
 }
 
@@ -29,7 +37,7 @@ public final class LineClient {
     public init(socketPath: String, timeoutSeconds: Int = 30) throws(ClientError) {
         self.socketPath = socketPath
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw ClientError("socket: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw ClientError(Syscall.lastError("socket", "AF_UNIX").description) }
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let pathBytes = Array(socketPath.utf8)
@@ -49,7 +57,7 @@ public final class LineClient {
             let e = errno
             close(fd)
             let hint = e == ENOENT || e == ECONNREFUSED ? " (is uprobed running? set --socket or UPROBED_SOCKET)" : ""
-            throw ClientError("cannot connect to \(socketPath): \(String(cString: strerror(e)))\(hint)")
+            throw ClientError("cannot connect to \(socketPath): \(Errno(rawValue: e))\(hint)", connectErrno: e)
         }
         var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
@@ -65,7 +73,7 @@ public final class LineClient {
             let n = bytes[off...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw ClientError("write to \(socketPath): \(String(cString: strerror(errno)))")
+                throw ClientError(Syscall.lastError("send", socketPath).description)
             }
             off += n
         }
@@ -92,7 +100,7 @@ public final class LineClient {
             if n < 0 {
                 if errno == EINTR { continue }
                 if errno == EAGAIN { throw ClientError("timed out waiting for uprobed on \(socketPath)") }
-                throw ClientError("read from \(socketPath): \(String(cString: strerror(errno)))")
+                throw ClientError(Syscall.lastError("recv", socketPath).description)
             }
             if n == 0 { return nil }
             if start == buffer.count { buffer.removeAll(keepingCapacity: true); start = 0; scanned = 0 }

@@ -152,6 +152,11 @@ public final class Engine: Sendable {
     /// keeps the registry alive until `body` returns, and `body` borrows it. Keep `body` short
     /// (memory the writer retires meanwhile waits for it). Whatever `body` returns that shares
     /// the registry's storage (a record, a copy of the map) is a retained copy.
+    ///
+    /// Readers take each probe's counter slots from the registry's rows, not by walking the
+    /// tree's consumer lists: both are the same version, and the rows lie in one array per
+    /// registration (a `stats` of 10,000 probes reads them in order) where the consumers are
+    /// spread over the tree's nodes. The tree's keys give the uprobe count.
     public func read<R>(_ body: (borrowing RegistrySnapshot, _ uprobes: Int) -> R) -> R {
         tree.read { view in
             let uprobes = view.keyCount
