@@ -132,3 +132,74 @@ struct ProbeableInstructionTests {
         }
     }
 }
+
+/// The resolver on a built fixture whose functions begin with vzeroupper, vmovd (VEX) and a
+/// lock-prefixed add, beside ordinary ones.
+@Suite("resolver: unprobeable first instructions")
+struct InstructionSiteTests {
+    let r = Resolver()
+
+    @Test("a glob skips them and says why; the rest resolve")
+    func globSkips() throws {
+        let fx = try Fixtures.get()
+        let res = try r.resolution(ProbeSpecInput(path: fx.insn, symbol: "fx_*"))
+        #expect(res.probes.compactMap(\.symbol).sorted() == ["fx_add", "fx_mul"])
+        let skipped = Dictionary(uniqueKeysWithValues: res.skipped.map { ($0.symbol ?? "", $0) })
+        #expect(skipped.keys.sorted() == ["fx_lock", "fx_vmovd", "fx_vzeroupper"])
+        #expect(skipped["fx_lock"]?.refusal.kind == .refused)
+        #expect(skipped["fx_lock"]?.reason.contains("lock prefix (f0)") == true)
+        #expect(skipped["fx_vmovd"]?.refusal.kind == .refused)
+        #expect(skipped["fx_vmovd"]?.refusal.hexBytes == "c5 f9 6e")
+        #expect(skipped["fx_vzeroupper"]?.refusal.kind == .misemulated)
+        #expect(res.skipped.allSatisfy { $0.path == fx.insn })
+        // The offsets are the functions' (readelf's answer).
+        for (name, site) in skipped {
+            let vaddr = try #require(try readelfSymbol(fx.insn, name))
+            #expect(site.fileOffset == (try expectedOffset(fx.insn, vaddr: vaddr)), "\(name)")
+        }
+        // resolve() and resolveMany() leave them out the same way.
+        #expect(try r.resolve(ProbeSpecInput(path: fx.insn, symbol: "fx_*")).count == 2)
+        #expect(try r.resolveMany([ProbeSpecInput(path: fx.insn, symbol: "fx_*")]).first?.get().count == 2)
+    }
+
+    @Test("asked for by name or offset they are refused, force or not, naming the function and the instruction")
+    func namedRefused() throws {
+        let fx = try Fixtures.get()
+        for name in ["fx_lock", "fx_vmovd", "fx_vzeroupper"] {
+            let e = expectCode("instruction_not_probeable") { () throws(ResolveError) in
+                try r.resolve(ProbeSpecInput(path: fx.insn, symbol: name))
+            }
+            #expect(e?.message.contains("'\(name)'") == true, "\(e?.message ?? "")")
+        }
+        let lock = expectCode("instruction_not_probeable") { () throws(ResolveError) in
+            try r.resolve(ProbeSpecInput(path: fx.insn, symbol: "fx_lock"))
+        }
+        #expect(lock?.message.contains("f0 48 83") == true && lock?.message.contains("force does not override") == true)
+        // The fast path (a plain name alone at its address) must not bypass the check.
+        let elf = try ELFFile(path: fx.insn)
+        #expect(elf.uniqueFunctionOffsets["fx_lock"] == nil && elf.uniqueFunctionOffsets["fx_add"] != nil)
+        #expect(elf.unprobeableSites.count == 3)
+        // By offset: refused with and without force.
+        let vaddr = try #require(try readelfSymbol(fx.insn, "fx_lock"))
+        let off = try #require(try expectedOffset(fx.insn, vaddr: vaddr))
+        for force in [false, true] {
+            expectCode("instruction_not_probeable") { () throws(ResolveError) in
+                try r.resolve(ProbeSpecInput(path: fx.insn, offset: off, force: force))
+            }
+        }
+        // A glob that matches only such functions fails, listing them.
+        let only = expectCode("instruction_not_probeable") { () throws(ResolveError) in
+            try r.resolve(ProbeSpecInput(path: fx.insn, symbol: "fx_v*"))
+        }
+        #expect(only?.message.contains("fx_vmovd") == true && only?.message.contains("fx_vzeroupper") == true)
+    }
+
+    @Test("a mid-function offset (forced) is checked by reading its bytes")
+    func forcedOffsetRead() throws {
+        let fx = try Fixtures.get()
+        let vaddr = try #require(try readelfSymbol(fx.insn, "fx_lock"))
+        let off = try #require(try expectedOffset(fx.insn, vaddr: vaddr))
+        // fx_lock + 1 is `48 83 07 01` (add $1,(%rdi)) without its lock prefix: probeable if forced.
+        #expect(try r.resolve(ProbeSpecInput(path: fx.insn, offset: off + 1, force: true)).count == 1)
+    }
+}
