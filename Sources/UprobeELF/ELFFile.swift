@@ -307,10 +307,14 @@ public struct ELFFile: Sendable {
         }
         let before = unprobeableSites.count
         unprobeableSites = try ProbeableInstruction.refusals(at: offsets, io: io)
-        // The fast path must not hand out a site the resolver would refuse (not a whole rebuild:
-        // that costs as much as the parse's indexing of every symbol).
-        if !unprobeableSites.isEmpty {
-            uniqueFunctionOffsets = uniqueFunctionOffsets.filter { unprobeableSites[$0.value] == nil }
+        // The fast path must not hand out a site the resolver would refuse. Its names are taken
+        // out one by one: a rebuild or a filter of the index costs as much as the parse's
+        // indexing of every symbol, for the few functions (one in swift-frontend) refused.
+        for off in unprobeableSites.keys {
+            guard let address = virtualAddress(ofExecutableFileOffset: off) else { continue }
+            for i in symbolsByAddress[address] ?? [] where uniqueFunctionOffsets[functionSymbols[i].name] == off {
+                uniqueFunctionOffsets.removeValue(forKey: functionSymbols[i].name)
+            }
         }
         estimatedBytes += (unprobeableSites.count - before) * Self.refusalBytes
     }
