@@ -154,6 +154,7 @@ extension UprobeCtl {
                 return [text(o["id"]), text(o["path"]), hex(o["offset"]), sym]
             }
             printTable(["ID", "PATH", "OFFSET", "SYMBOL"], rows)
+            reportSkipped(reply)
         }
     }
 
@@ -295,7 +296,18 @@ extension UprobeCtl {
                 return [text(o["path"]), hex(o["offset"]), text(o["symbol"]), text(o["build_id"])]
             }
             printTable(["PATH", "OFFSET", "SYMBOL", "BUILD-ID"], rows)
+            reportSkipped(reply)
         }
+    }
+}
+
+/// The functions a glob left out (their first instruction cannot be probed), on stderr.
+func reportSkipped(_ reply: JSONObject) {
+    guard let skipped = reply["skipped"]?.arrayValue, !skipped.isEmpty else { return }
+    FileHandleStderr.write("uprobectl: skipped \(skipped.count) function(s) whose first instruction cannot be probed:\n")
+    for s in skipped {
+        let o = s.objectValue ?? JSONObject()
+        FileHandleStderr.write("  \(text(o["symbol"])) \(hex(o["offset"])): \(text(o["reason"]))\n")
     }
 }
 
