@@ -67,7 +67,7 @@ public struct InstructionRefusal: Sendable, Hashable, CustomStringConvertible {
 /// Not reproduced (the kernel's opcode-map tables would be needed; compilers do not emit these):
 /// an instruction longer than 15 bytes because of its operands, and a VEX/EVEX/XOP opcode or an
 /// escape the decoder's map marks invalid for that encoding. The kernel refuses those at attach
-/// time (see `ProbeSiteCheck` in the engine's link errors).
+/// time, and the attach then finds and names them (`RefusedOffsets` in UprobeKernel).
 public enum ProbeableInstruction {
     /// Bytes the kernel copies from a probe site (`MAX_UINSN_BYTES`).
     public static let siteBytes = 16

@@ -125,3 +125,30 @@ struct WholeBinaryTests {
         }
     }
 }
+
+extension WholeBinaryTests {
+    @Test("an instruction only the kernel refuses: the attach finds the offset and names it instead of relaying ENOEXEC")
+    func kernelOnlyRefusal() throws {
+        let daemon = try TestDaemon()
+        let bin = try Fixtures.build("insn", relative: "insn/insn.c")
+        let dry = try daemon.call(["op": "resolve", "probes": [spec(bin, symbol: "gap_vex")]])
+        let offset = try #require(dry["probes"]?.arrayValue?.first?.objectValue?["offset"]?.int64Value, "\(dry)")
+        // The kernel looks at the instruction when it installs the probe in a process that maps
+        // the file: one runs (filtered to it), beside a probeable function in the same request.
+        let p = try WaitingProcess([bin, "1"])
+        let start = ContinuousClock.now
+        let r = try daemon.call(["op": "register", "probes": [spec(bin, symbol: "fx_add", pid: p.pid), spec(bin, symbol: "gap_vex", pid: p.pid)]])
+        let took = ContinuousClock.now - start
+        #expect(errorCode(r) == "instruction_not_probeable", "\(r)")
+        let message = r["error"]?.objectValue?["message"]?.stringValue ?? ""
+        #expect(message.contains("0x\(String(offset, radix: 16)) (c5 f8 0a c1"), "\(message)")
+        #expect(message.contains("ENOEXEC"), "\(message)")
+        #expect(!message.contains("0x\(String(offset + 0x10, radix: 16))"))
+        #expect(took < .seconds(10), "\(took)")
+        // Nothing was left attached, and the probeable function alone still registers.
+        #expect(try daemon.status()["links"] == .int(0))
+        let ids = try daemon.register([spec(bin, symbol: "fx_add", pid: p.pid)])
+        try p.release()
+        #expect(try daemon.hits(ids)[ids[0]] == 1)
+    }
+}
