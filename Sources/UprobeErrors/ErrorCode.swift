@@ -63,7 +63,8 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     public static let offsetNotFunctionStart = ErrorCode("offset_not_function_start")
     /// The instruction at a named symbol, offset or USDT site is one x86 uprobes refuse (or would
     /// emulate instead of executing); `force` does not override it. A glob skips such functions
-    /// and lists them in its reply's `skipped` instead.
+    /// and lists them in its reply's `skipped` instead. Also reported when the kernel refused a
+    /// link over an instruction the resolver could not judge: the message names the offsets.
     public static let instructionNotProbeable = ErrorCode("instruction_not_probeable")
     public static let usdtNotFound = ErrorCode("usdt_not_found")
     public static let libraryNotFound = ErrorCode("library_not_found")
