@@ -207,3 +207,7 @@ int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold) {
 int CUprobeSys_set_thread_name(const char *name) {
     return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL);
 }
+
+int CUprobeSys_memfd_create(const char *name) {
+    return (int)syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */);
+}

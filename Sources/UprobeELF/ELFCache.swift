@@ -86,14 +86,18 @@ public final class ELFFileCache: Sendable {
     static let trimThreshold = 4 << 20
 
     static func parse(fd: FileDescriptor, path: String, debugDirectories: [String]) throws(ResolveError) -> ELFFile {
-        var elf = try ELFFile(fd: fd, path: path)
-        guard !elf.hasSymtab, let bid = elf.buildID, bid.count > 2 else { return elf }
-        for dir in debugDirectories {
-            let p = "\(dir)/.build-id/\(bid.prefix(2))/\(bid.dropFirst(2)).debug"
-            // Best effort: a missing, unreadable, corrupt or mismatched debug file is not used.
-            guard fileExists(p), let dbg = try? ELFFile(path: p) else { continue }
-            if elf.attachDebugSymbols(dbg, path: p) { break }
+        // Instructions are checked once the debug file's names (more function starts) are in.
+        var elf = try ELFFile(fd: fd, path: path, checkingInstructions: false)
+        if !elf.hasSymtab, let bid = elf.buildID, bid.count > 2 {
+            for dir in debugDirectories {
+                let p = "\(dir)/.build-id/\(bid.prefix(2))/\(bid.dropFirst(2)).debug"
+                // Best effort: a missing, unreadable, corrupt or mismatched debug file is not used.
+                // Its code sections are empty (NOBITS): only its names are used, never its bytes.
+                guard fileExists(p), let dbg = try? ELFFile(path: p, checkingInstructions: false) else { continue }
+                if elf.attachDebugSymbols(dbg, path: p) { break }
+            }
         }
+        try elf.checkInstructions(fd: fd, path: path)
         return elf
     }
 

@@ -127,6 +127,10 @@ public struct ELFFile: Sendable {
     /// (name, symbol, address, segment) that a 10,000-symbol request paid per name, mostly
     /// in cache misses.
     public private(set) var uniqueFunctionOffsets: [String: UInt64] = [:]
+    /// The function starts (file offsets) whose first instruction x86 uprobes cannot probe, and
+    /// why (`ProbeableInstruction`); filled by `checkInstructions`. Such names are left out of
+    /// `uniqueFunctionOffsets`, so the resolver's general path refuses or skips them.
+    public private(set) var unprobeableSites: [UInt64: InstructionRefusal] = [:]
     /// Path of the separate debug file whose symbols were attached, if any.
     public private(set) var debugFilePath: String?
     /// About how much memory this parse holds (symbols, their names and the three indices), so
@@ -146,7 +150,10 @@ public struct ELFFile: Sendable {
     static let maxRead: UInt64 = 1 << 30
 
     /// Parses the ELF file open on `fd`. `path` is only used in messages.
-    public init(fd: FileDescriptor, path: String) throws(ResolveError) {
+    /// - Parameter checkingInstructions: also check the first instruction of every function
+    ///   (`checkInstructions`). False for a separate debug file, whose code is not in it, and for
+    ///   a caller that attaches debug symbols first and checks afterwards.
+    public init(fd: FileDescriptor, path: String, checkingInstructions: Bool = true) throws(ResolveError) {
         var st = stat()
         guard fstat(fd.rawValue, &st) == 0 else {
             throw .fileNotFound("cannot \(Syscall.lastError("fstat", path))")
@@ -290,6 +297,35 @@ public struct ELFFile: Sendable {
         isGoBinary = go
         usdtNotes = usdt
         rebuildIndex()
+        if checkingInstructions { try checkInstructions(io: io) }
+    }
+
+    /// Checks the first instruction at every function start in an executable segment
+    /// (`ProbeableInstruction`) and records the ones x86 uprobes cannot probe in
+    /// `unprobeableSites`. Call it again after `attachDebugSymbols`: the debug file's names can
+    /// add function starts. Reads the code in large windows: about 2 ms for libc's 3,000 starts.
+    public mutating func checkInstructions(fd: FileDescriptor, path: String) throws(ResolveError) {
+        try checkInstructions(io: FileIO(fd: fd, size: fileSize, path: path))
+    }
+
+    private mutating func checkInstructions(io: FileIO) throws(ResolveError) {
+        var offsets: [UInt64] = []
+        offsets.reserveCapacity(symbolsByAddress.count)
+        for address in symbolsByAddress.keys {
+            if let off = fileOffset(ofVirtualAddress: address, executable: true) { offsets.append(off) }
+        }
+        let before = unprobeableSites.count
+        unprobeableSites = try ProbeableInstruction.refusals(at: offsets, io: io)
+        // The fast path must not hand out a site the resolver would refuse. Its names are taken
+        // out one by one: a rebuild or a filter of the index costs as much as the parse's
+        // indexing of every symbol, for the few functions (one in swift-frontend) refused.
+        for off in unprobeableSites.keys {
+            guard let address = virtualAddress(ofExecutableFileOffset: off) else { continue }
+            for i in symbolsByAddress[address] ?? [] where uniqueFunctionOffsets[functionSymbols[i].name] == off {
+                uniqueFunctionOffsets.removeValue(forKey: functionSymbols[i].name)
+            }
+        }
+        estimatedBytes += (unprobeableSites.count - before) * Self.refusalBytes
     }
 
     /// Adds the function symbols of `debug` (a separate debug file for this binary, e.g.
@@ -314,7 +350,7 @@ public struct ELFFile: Sendable {
         for (name, indices) in byName where indices.count == 1 {
             let sym = functionSymbols[indices[0]]
             if !sym.isIFunc, byAddr[sym.address]?.count == 1,
-               let off = fileOffset(ofVirtualAddress: sym.address, executable: true) {
+               let off = fileOffset(ofVirtualAddress: sym.address, executable: true), unprobeableSites[off] == nil {
                 unique[name] = off
             }
         }
@@ -322,7 +358,12 @@ public struct ELFFile: Sendable {
         symbolsByAddress = byAddr
         uniqueFunctionOffsets = unique
         estimatedBytes = Self.estimateBytes(functionSymbols, names: byName.count, addresses: byAddr.count, unique: unique.count)
+            + unprobeableSites.count * Self.refusalBytes
     }
+
+    /// About what one `unprobeableSites` entry holds: its key, the refusal, its byte array and
+    /// its reason text (about 150 bytes), and the dictionary's free buckets.
+    static let refusalBytes = 8 + MemoryLayout<InstructionRefusal>.stride + 32 + 16 + 32 + 160
 
     /// See `estimatedBytes`. A String holds up to 15 UTF-8 bytes inline and puts longer text in
     /// a heap buffer (32-byte header); the name indices share those buffers with the symbols. A
@@ -354,10 +395,10 @@ public struct ELFFile: Sendable {
     }
 
     /// Opens `path` read-only and parses it.
-    public init(path: String) throws(ResolveError) {
+    public init(path: String, checkingInstructions: Bool = true) throws(ResolveError) {
         let fd = try openReadOnly(path)
         defer { try? fd.close() }
-        try self.init(fd: fd, path: path)
+        try self.init(fd: fd, path: path, checkingInstructions: checkingInstructions)
     }
 
     // MARK: address translation

@@ -23,6 +23,7 @@ public struct ResolveError: Error, Sendable, Equatable, CustomStringConvertible 
     static func symbolNotFound(_ m: String) -> Self { .init(code: .symbolNotFound, message: m) }
     static func notExecutable(_ m: String) -> Self { .init(code: .offsetNotExecutable, message: m) }
     static func notFunctionStart(_ m: String) -> Self { .init(code: .offsetNotFunctionStart, message: m) }
+    static func instructionNotProbeable(_ m: String) -> Self { .init(code: .instructionNotProbeable, message: m) }
     static func usdtNotFound(_ m: String) -> Self { .init(code: .usdtNotFound, message: m) }
     static func libraryNotFound(_ m: String) -> Self { .init(code: .libraryNotFound, message: m) }
     static func tooMany(_ m: String) -> Self { .init(code: .tooManyMatches, message: m) }

@@ -72,6 +72,38 @@ public struct ResolvedProbe: Sendable, Hashable {
     }
 }
 
+/// A function a glob matched but left out because its first instruction cannot be probed
+/// (`ProbeableInstruction`): reported in the register and resolve replies' `skipped`.
+public struct SkippedSite: Sendable, Hashable {
+    /// The file, as `ResolvedProbe.path`.
+    public var path: String
+    public var fileOffset: UInt64
+    /// The function's primary name.
+    public var symbol: String?
+    public var refusal: InstructionRefusal
+
+    public init(path: String, fileOffset: UInt64, symbol: String?, refusal: InstructionRefusal) {
+        self.path = path
+        self.fileOffset = fileOffset
+        self.symbol = symbol
+        self.refusal = refusal
+    }
+
+    /// The reply's `reason`: the instruction's bytes and what is wrong with them.
+    public var reason: String { refusal.description }
+}
+
+/// What one spec resolves to: the probes to attach, and the functions a glob skipped.
+public struct Resolution: Sendable, Hashable {
+    public var probes: [ResolvedProbe]
+    public var skipped: [SkippedSite]
+
+    public init(probes: [ResolvedProbe], skipped: [SkippedSite] = []) {
+        self.probes = probes
+        self.skipped = skipped
+    }
+}
+
 /// Bounds on how much one spec may expand to.
 public struct ResolverLimits: Sendable, Equatable {
     /// A glob or USDT spec matching more distinct sites than this fails with `too_many_matches`.
@@ -108,8 +140,15 @@ public struct Resolver: Sendable {
     }
 
     /// Resolve one spec into one or more probes (globs and multi-site USDT give several),
-    /// sorted by file offset.
+    /// sorted by file offset. Functions a glob skipped are left out silently; see
+    /// `resolution(_:)` for them.
     public func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> [ResolvedProbe] {
+        try resolution(spec).probes
+    }
+
+    /// `resolve`, with the functions a glob skipped because x86 uprobes cannot probe their first
+    /// instruction.
+    public func resolution(_ spec: ProbeSpecInput) throws(ResolveError) -> Resolution {
         try validate(spec)
         let target = try openTarget(spec)
         defer { try? target.fd.close() }
@@ -122,12 +161,17 @@ public struct Resolver: Sendable {
     /// one file open plus 10,000 symbol lookups. Results are in spec order; one failure does
     /// not stop the others (the caller decides what a failure means for the request).
     public func resolveMany(_ specs: [ProbeSpecInput]) -> [Result<[ResolvedProbe], ResolveError>] {
+        resolutions(specs).map { $0.map(\.probes) }
+    }
+
+    /// `resolveMany`, with the functions each glob skipped (see `resolution(_:)`).
+    public func resolutions(_ specs: [ProbeSpecInput]) -> [Result<Resolution, ResolveError>] {
         struct OpenKey: Hashable { var path: String; var pid: Int32? }
         var opened: [OpenKey: Result<(Target, ELFFile), ResolveError>] = [:]
         defer {
             for case .success(let (t, _)) in opened.values { try? t.fd.close() }
         }
-        var results: [Result<[ResolvedProbe], ResolveError>] = []
+        var results: [Result<Resolution, ResolveError>] = []
         results.reserveCapacity(specs.count)
         // Specs are taken in runs naming one (path, pid): a 10,000-probe request names one
         // binary 10,000 times, and each run binds its file once instead of copying it (and
@@ -176,8 +220,8 @@ public struct Resolver: Sendable {
 
     /// The specs of one run (one opened file: the same path and pid), in order.
     private func resolveRun(_ run: ArraySlice<ProbeSpecInput>, in target: Target, elf: ELFFile)
-        -> [Result<[ResolvedProbe], ResolveError>] {
-        var out: [Result<[ResolvedProbe], ResolveError>] = []
+        -> [Result<Resolution, ResolveError>] {
+        var out: [Result<Resolution, ResolveError>] = []
         out.reserveCapacity(run.count)
         for spec in run {
             do throws(ResolveError) {
@@ -209,26 +253,42 @@ public struct Resolver: Sendable {
         if spec.usdt != nil && spec.retprobe { throw .invalidSpec("a USDT probe cannot be a retprobe") }
     }
 
-    private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> [ResolvedProbe] {
+    private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> Resolution {
         if spec.retprobe && elf.isGoBinary && !spec.force {
             throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe can corrupt "
                 + "them and crash the process; probe the function's return sites by offset, or set force to accept the risk")
         }
         let sites: [Site]
+        var skipped: [SkippedSite] = []
         if let symbol = spec.symbol {
-            sites = try resolveSymbol(symbol, elf: elf, path: target.path)
+            (sites, skipped) = try resolveSymbol(symbol, elf: elf, path: target.path)
         } else if let offset = spec.offset {
-            sites = [try resolveOffset(offset, elf: elf, path: target.path, force: spec.force)]
+            sites = [try resolveOffset(offset, elf: elf, target: target, force: spec.force)]
         } else if let usdt = spec.usdt {
-            sites = try resolveUSDT(usdt, elf: elf, path: target.path)
+            sites = try resolveUSDT(usdt, elf: elf, target: target)
         } else {
             sites = []
         }
-        return (sites.count < 2 ? sites : sites.sorted { $0.offset < $1.offset }).map {
+        let probes = (sites.count < 2 ? sites : sites.sorted { $0.offset < $1.offset }).map {
             ResolvedProbe(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID,
                           fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,
                           refCtrOffset: $0.refCtr, warning: $0.warning)
         }
+        return Resolution(probes: probes, skipped: skipped.map {
+            var s = $0
+            s.path = target.path
+            return s
+        })
+    }
+
+    /// The `instruction_not_probeable` error for a site a spec names (`what`: "symbol 'x'",
+    /// "offset 0x…", "USDT p:n").
+    private func notProbeable(_ what: String, at offset: UInt64, path: String, _ refusal: InstructionRefusal) -> ResolveError {
+        let consequence = refusal.kind == .misemulated
+            ? "the kernel would accept the probe and then not execute that instruction"
+            : "the kernel would refuse the probe"
+        return .instructionNotProbeable("\(what) in \(path) (offset 0x\(hex(offset))) cannot be probed: its first "
+            + "\(refusal); force does not override this (\(consequence)). Probe a later instruction of the function by offset")
     }
 
     struct Site { var offset: UInt64; var symbol: String?; var aliases: [String]; var refCtr: UInt64?; var warning: String? }
@@ -331,8 +391,10 @@ public struct Resolver: Sendable {
 
     // MARK: symbols
 
-    func resolveSymbol(_ request: String, elf: ELFFile, path: String) throws(ResolveError) -> [Site] {
-        if let site = uniqueSymbolSite(request, elf: elf) { return [site] }
+    /// The sites `request` names, and the functions a glob skipped because their first
+    /// instruction cannot be probed (a plain or versioned name is refused instead).
+    func resolveSymbol(_ request: String, elf: ELFFile, path: String) throws(ResolveError) -> ([Site], [SkippedSite]) {
+        if let site = uniqueSymbolSite(request, elf: elf) { return ([site], []) }
         let syms = elf.functionSymbols
         let tables = [elf.hasSymtab ? ".symtab" : nil, elf.hasDynsym ? ".dynsym" : nil, elf.debugFilePath].compactMap { $0 }
         guard !syms.isEmpty else {
@@ -389,6 +451,7 @@ public struct Resolver: Sendable {
         }
         let matchedNames = Set(matched.map(\.name))
         var sites: [Site] = []
+        var skipped: [SkippedSite] = []
         for addr in addresses {
             let here = elf.symbols(at: addr)
             guard let off = elf.fileOffset(ofVirtualAddress: addr, executable: true) else {
@@ -397,6 +460,12 @@ public struct Resolver: Sendable {
             }
             let ranked = here.sorted { before($0, $1, matchedNames) }
             guard let primary = ranked.first else { continue }
+            if let refusal = elf.unprobeableSites[off] {
+                guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
+                // The path is filled in by the caller, which knows the target's.
+                skipped.append(SkippedSite(path: "", fileOffset: off, symbol: primary.name, refusal: refusal))
+                continue
+            }
             var seen: Set<String> = [primary.name]
             var aliases: [String] = []
             for s in ranked where seen.insert(s.name).inserted { aliases.append(s.name) }
@@ -407,9 +476,15 @@ public struct Resolver: Sendable {
             sites.append(Site(offset: off, symbol: primary.name, aliases: aliases, refCtr: nil, warning: warning))
         }
         guard !sites.isEmpty else {
+            if !skipped.isEmpty {
+                let listed = skipped.prefix(8).map { "\($0.symbol ?? "0x" + hex($0.fileOffset)) (\($0.refusal))" }
+                throw .instructionNotProbeable("'\(request)' matches \(skipped.count) function(s) in \(path), and x86 uprobes "
+                    + "cannot probe the first instruction of any of them: \(listed.joined(separator: "; "))"
+                    + (skipped.count > 8 ? "; …" : ""))
+            }
             throw .notExecutable("'\(request)' matches only symbols outside executable segments in \(path)")
         }
-        return sites
+        return (sites, skipped)
     }
 
     /// The common case without the general path's sets and sorting (a 10,000-symbol request
@@ -484,7 +559,17 @@ public struct Resolver: Sendable {
 
     // MARK: offsets
 
-    func resolveOffset(_ offset: UInt64, elf: ELFFile, path: String, force: Bool) throws(ResolveError) -> Site {
+    func resolveOffset(_ offset: UInt64, elf: ELFFile, target: Target, force: Bool) throws(ResolveError) -> Site {
+        let site = try offsetSite(offset, elf: elf, path: target.path, force: force)
+        // A function start was checked with the file; any other offset is read here (one read).
+        let refusal = elf.symbolsByAddress[elf.virtualAddress(ofExecutableFileOffset: offset) ?? 0] != nil
+            ? elf.unprobeableSites[offset]
+            : try ProbeableInstruction.refusal(at: offset, fd: target.fd, path: target.path)
+        if let refusal { throw notProbeable("offset 0x\(hex(offset))", at: offset, path: target.path, refusal) }
+        return site
+    }
+
+    private func offsetSite(_ offset: UInt64, elf: ELFFile, path: String, force: Bool) throws(ResolveError) -> Site {
         guard let vaddr = elf.virtualAddress(ofExecutableFileOffset: offset) else {
             let ranges = elf.programHeaders.filter { $0.isLoad && $0.isExecutable }
                 .map { "0x\(hex($0.offset))..<0x\(hex($0.offset &+ $0.fileSize))" }.joined(separator: ", ")
@@ -510,7 +595,20 @@ public struct Resolver: Sendable {
 
     // MARK: USDT
 
-    func resolveUSDT(_ spec: String, elf: ELFFile, path: String) throws(ResolveError) -> [Site] {
+    func resolveUSDT(_ spec: String, elf: ELFFile, target: Target) throws(ResolveError) -> [Site] {
+        let sites = try usdtSites(spec, elf: elf, path: target.path)
+        // USDT sites are nops by construction; checked all the same, in one read per nearby group.
+        var st = stat()
+        guard fstat(target.fd.rawValue, &st) == 0 else { throw .fileNotFound("cannot \(Syscall.lastError("fstat", target.path))") }
+        let refusals = try ProbeableInstruction.refusals(at: sites.map(\.offset),
+                                                         io: FileIO(fd: target.fd, size: UInt64(max(0, st.st_size)), path: target.path))
+        if let bad = sites.first(where: { refusals[$0.offset] != nil }), let refusal = refusals[bad.offset] {
+            throw notProbeable("USDT \(spec) site", at: bad.offset, path: target.path, refusal)
+        }
+        return sites
+    }
+
+    private func usdtSites(_ spec: String, elf: ELFFile, path: String) throws(ResolveError) -> [Site] {
         let parts = spec.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
         guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
             throw .invalidSpec("usdt '\(spec)' must be provider:name")

@@ -61,6 +61,11 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     public static let symbolNotFound = ErrorCode("symbol_not_found")
     public static let offsetNotExecutable = ErrorCode("offset_not_executable")
     public static let offsetNotFunctionStart = ErrorCode("offset_not_function_start")
+    /// The instruction at a named symbol, offset or USDT site is one x86 uprobes refuse (or would
+    /// emulate instead of executing); `force` does not override it. A glob skips such functions
+    /// and lists them in its reply's `skipped` instead. Also reported when the kernel refused a
+    /// link over an instruction the resolver could not judge: the message names the offsets.
+    public static let instructionNotProbeable = ErrorCode("instruction_not_probeable")
     public static let usdtNotFound = ErrorCode("usdt_not_found")
     public static let libraryNotFound = ErrorCode("library_not_found")
     public static let tooManyMatches = ErrorCode("too_many_matches")
@@ -117,7 +122,7 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
         tooManyConnections, tooManyOpenFiles, shuttingDown, internalError,
         permissionDenied, probeLimitExceeded, processNotOwned,
         fileNotFound, notELF, unsupportedELF, malformedELF, noSymbols, symbolNotFound, offsetNotExecutable,
-        offsetNotFunctionStart, usdtNotFound, libraryNotFound, tooManyMatches, invalidSpec, retprobeOnGo,
+        offsetNotFunctionStart, instructionNotProbeable, usdtNotFound, libraryNotFound, tooManyMatches, invalidSpec, retprobeOnGo,
         processNotFound,
         bpfUnavailable, uprobeMultiUnsupported, mapCreateFailed, mapOpFailed, progLoadFailed, linkCreateFailed,
         pathNotFound, offsetOutOfRange, invalidArgument, perfEventOpenFailed, perfPMUUnavailable,

@@ -297,6 +297,12 @@ public final class CounterProgram: Sendable {
             case .badFileDescriptor, .invalidArgument:
                 throw KernelError(code: .linkCreateFailed, error,
                                   context: "\(path): not a regular file, an offset is not a probeable instruction, or a probe at that offset already has another USDT semaphore (ref_ctr_offset)")
+            case let e where RefusedOffsets.mayBeRefusedInstruction(e):
+                // The kernel names no offset: find them (an error path, ~1 s on a large link).
+                if let named = RefusedOffsets.error(path: path, offsets: offsets, errno: e, program: multiProgram) {
+                    throw named
+                }
+                throw KernelError(code: .linkCreateFailed, error, context: path)
             case .tooManyOpenFiles, .tooManyOpenFilesInSystem:
                 throw KernelError(code: .tooManyOpenFiles, error,
                                   context: "\(path): uprobed is out of file descriptors (each link is one); raise LimitNOFILE or lower max_connections")

@@ -161,7 +161,7 @@ public final class PathWatcher: Sendable {
         // Per round, one stat per path and one resolution per spec: a glob registered once is
         // one record per function, and an upgrade must not resolve the glob once per record.
         var identities: [String: FileIdentity?] = [:]
-        var resolutions: [ProbeSpecInput: Result<[ResolvedProbe], ResolveError>] = [:]
+        var resolutions: [ProbeSpecInput: Result<Resolution, ResolveError>] = [:]
         // Consecutive records mostly share their path (one request, one binary): the previous
         // record's path answers without hashing it again. This round runs every second on every
         // machine, and hashing each of 10,000 ids and paths was most of its ~6 ms.
@@ -223,26 +223,32 @@ public final class PathWatcher: Sendable {
     /// Resolves the registration's probe in the file now at `path`: an `attach` of the sites
     /// that correspond to this registration, or a `degrade` saying why there are none.
     private func resolveNew(_ r: ProbeRecord, path: String, file: FileIdentity,
-                            cache: inout [ProbeSpecInput: Result<[ResolvedProbe], ResolveError>]) -> FollowChange? {
+                            cache: inout [ProbeSpecInput: Result<Resolution, ResolveError>]) -> FollowChange? {
         var spec = r.spec
         spec.path = path
         let what = r.spec.usdt.map { "USDT probe \($0)" } ?? "symbol \(r.targets.first?.symbol ?? r.spec.symbol ?? "?")"
-        let result: Result<[ResolvedProbe], ResolveError>
+        let result: Result<Resolution, ResolveError>
         if let known = cache[spec] { result = known } else {
-            do throws(ResolveError) { result = .success(try resolver.resolve(spec)) } catch { result = .failure(error) }
+            do throws(ResolveError) { result = .success(try resolver.resolution(spec)) } catch { result = .failure(error) }
             cache[spec] = result
         }
-        let targets: [ResolvedProbe]
-        do { targets = try result.get() } catch {
+        let resolution: Resolution
+        do { resolution = try result.get() } catch {
             let reason = "binary \(path) was replaced (inode \(file.inode)) and the \(what) cannot be probed in it (\(error.code): \(error.message)); processes still running the old file are counted"
             logger.debug("follow: new file does not resolve", metadata: ["probe_id": "\(r.id)", "error_code": "\(error.code)"])
             return r.state == .degraded(reason: reason) ? nil : FollowChange(id: r.id, kind: .degrade(reason: reason))
         }
+        let targets = resolution.probes
         // A glob registration is one record per matched function: keep that function only.
         let picked: [ResolvedProbe]
         if r.spec.usdt == nil, let s = r.spec.symbol, s.contains(where: { "*?[".contains($0) }) {
             let name = r.targets.first?.symbol
             picked = targets.filter { $0.symbol == name }
+            // The function is there, but the glob skipped it: its first instruction changed.
+            if picked.isEmpty, let skipped = resolution.skipped.first(where: { $0.symbol == name }) {
+                let reason = "binary \(path) was replaced (inode \(file.inode)) and the \(what) cannot be probed in it (its first \(skipped.reason)); processes still running the old file are counted"
+                return r.state == .degraded(reason: reason) ? nil : FollowChange(id: r.id, kind: .degrade(reason: reason))
+            }
         } else {
             picked = targets
         }

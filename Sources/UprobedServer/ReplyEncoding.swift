@@ -19,6 +19,26 @@ extension RequestHandler {
         if let warning = t.warning { w.field("warning", warning) }
     }
 
+    /// The functions the request's globs skipped, each with the index of its spec.
+    static func skipped(_ resolutions: [Resolution]) -> [(probe: Int, site: SkippedSite)] {
+        resolutions.enumerated().flatMap { n, r in r.skipped.map { (probe: n, site: $0) } }
+    }
+
+    /// `skipped_count` and `skipped` (each function a glob left out because x86 uprobes cannot
+    /// probe its first instruction: spec index, path, symbol, offset, reason); nothing when no
+    /// glob skipped any.
+    static func writeSkipped(_ skipped: [(probe: Int, site: SkippedSite)], into w: inout JSONWriter) {
+        guard !skipped.isEmpty else { return }
+        w.field("skipped_count", Int64(skipped.count))
+        w.objects("skipped", skipped) { w, s in
+            w.field("probe", Int64(s.probe))
+            w.field("path", s.site.path)
+            if let name = s.site.symbol { w.field("symbol", name) }
+            w.field("offset", s.site.fileOffset)
+            w.field("reason", s.site.reason)
+        }
+    }
+
     /// The members describing a registration: its id, its (first) site, all sites if there are
     /// several, its state if it is not active. The object is left open for more members.
     static func writeRecord(_ r: ProbeRecord, into w: inout JSONWriter) {

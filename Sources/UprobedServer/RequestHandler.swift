@@ -167,12 +167,14 @@ public struct RequestHandler: Sendable {
         if let denial = AccessControl.checkSpecs(who, specs: inputs, systemWideOK: true, policy: policy) {
             return .failure(denial)
         }
-        return await resolve(inputs).flatMap { resolved in
-            let items = zip(inputs, resolved).map { RegisterItem(spec: $0, targets: $1) }
+        return await resolve(inputs).flatMap { resolutions in
+            let items = zip(inputs, resolutions).map { RegisterItem(spec: $0, targets: $1.probes) }
             if let denial = AccessControl.checkTargets(who, items: items, held: nil, policy: policy) { return .failure(denial) }
-            let targets = resolved.flatMap { $0 }
-            return .success(.written(estimatedBytes: targets.count * 128) { w in
+            let targets = resolutions.flatMap(\.probes)
+            let skipped = Self.skipped(resolutions)
+            return .success(.written(estimatedBytes: targets.count * 128 + skipped.count * 256) { w in
                 w.objects("probes", targets) { w, t in Self.writeTarget(t, into: &w) }
+                Self.writeSkipped(skipped, into: &w)
             })
         }
     }
@@ -186,22 +188,22 @@ public struct RequestHandler: Sendable {
 
 
     /// Resolves every spec on `resolverPool`; the first failure fails the request and names the spec.
-    func resolve(_ specs: [ProbeSpecInput]) async -> Result<[[ResolvedProbe]], ProtocolError> {
+    func resolve(_ specs: [ProbeSpecInput]) async -> Result<[Resolution], ProtocolError> {
         let resolver = self.resolver
-        let results: [Result<[ResolvedProbe], ResolveError>]
+        let results: [Result<Resolution, ResolveError>]
         do {
             // One open per (path, pid) for the whole request: see Resolver.resolveMany.
-            results = try await resolverPool.runIfActive { resolver.resolveMany(specs) }
+            results = try await resolverPool.runIfActive { resolver.resolutions(specs) }
         } catch {
             return .failure(ProtocolError(.shuttingDown, "uprobed is stopping; the probes were not resolved"))
         }
-        var out: [[ResolvedProbe]] = []
+        var out: [Resolution] = []
         out.reserveCapacity(specs.count)
         var total = 0
         for (n, result) in results.enumerated() {
             do {
                 let targets = try result.get()
-                total += targets.count
+                total += targets.probes.count
                 if total > limits.maxProbesPerRequest * 4 {
                     return .failure(ProtocolError(.tooManyProbes, "the request expands to more than \(limits.maxProbesPerRequest * 4) probes",
                                                   details: ["probe": .int(Int64(n))]))
@@ -221,12 +223,13 @@ public struct RequestHandler: Sendable {
         if let denial = AccessControl.checkSpecs(who, specs: inputs, systemWideOK: false, policy: policy) {
             return .failure(denial)
         }
-        let resolved: [[ResolvedProbe]]
+        let resolutions: [Resolution]
         switch await resolve(inputs) {
         case .failure(let e): return .failure(e)
-        case .success(let r): resolved = r
+        case .success(let r): resolutions = r
         }
-        let items = zip(inputs, resolved).map { RegisterItem(spec: $0, targets: $1) }
+        let items = zip(inputs, resolutions).map { RegisterItem(spec: $0, targets: $1.probes) }
+        let skipped = Self.skipped(resolutions)
         let adding = items.reduce(0) { $0 + $1.probeCount }
         let isAdmin = policy.role(of: who) == .admin
         if !isAdmin {
@@ -255,14 +258,16 @@ public struct RequestHandler: Sendable {
                 }
             }
             if let text = ahead.take(for: records) {
-                return .success(.written(estimatedBytes: text.count) { w in
+                return .success(.written(estimatedBytes: text.count + skipped.count * 256) { w in
                     w.key("probes")
                     text.withUnsafeBufferPointer { w.rawValue($0) }
+                    Self.writeSkipped(skipped, into: &w)
                 })
             }
-            return .success(.written(estimatedBytes: records.count * 128) { w in
+            return .success(.written(estimatedBytes: records.count * 128 + skipped.count * 256) { w in
                 w.key("probes")
                 Self.writeRegistered(records, into: &w)
+                Self.writeSkipped(skipped, into: &w)
             })
         }
     }

@@ -33,6 +33,8 @@ struct Fixtures: Sendable {
     var bareUnstripped: String { dir + "/prog_bare_unstripped" }
     var lib: String { dir + "/libver.so" }
     var gofake: String { dir + "/gofake" }
+    /// Functions whose first instruction x86 uprobes cannot probe (Tests/Fixtures/insn).
+    var insn: String { dir + "/insn" }
 
     static let source = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("Fixtures/elf").path
@@ -58,6 +60,7 @@ struct Fixtures: Sendable {
             try run("gcc", ["-O2", "-shared", "-fPIC", "-Wl,--version-script=" + source + "/libver.map",
                             "-o", dir + "/libver.so", source + "/libver.c"])
             try run("gcc", ["-O2", "-o", dir + "/gofake", source + "/gofake.c"])
+            try run("gcc", ["-O1", "-fno-inline", "-o", dir + "/insn", source + "/../insn/insn.c"])
             return .success(Fixtures(dir: dir))
         } catch let e as FixtureError {
             return .failure(e)

@@ -135,6 +135,10 @@ int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold);
 /// (truncated to 15 bytes). 0 on success, -1 with errno set.
 int CUprobeSys_set_thread_name(const char *name);
 
+/// memfd_create(2) with MFD_CLOEXEC (Glibc's Swift module does not export it): an anonymous
+/// regular file. An fd, or -1 with errno set.
+int CUprobeSys_memfd_create(const char *name);
+
 #ifdef __cplusplus
 }
 #endif

@@ -106,6 +106,9 @@ public enum RestorePlanner {
             return "binary \(first.path) was modified in place (size or mtime changed, and it has no build-id to prove it is the same build); not attached"
         }
         for t in p.targets where bySite[UprobeKey(t)] == nil {
+            if let skipped = resolver.skipped(p.spec, at: t.fileOffset) {
+                return "\(t.symbol ?? "offset") at offset \(t.fileOffset) of \(t.path) cannot be probed (its first \(skipped.reason)); not attached"
+            }
             return "\(t.symbol ?? "offset") is no longer at offset \(t.fileOffset) of \(t.path); not attached"
         }
         return nil
@@ -122,13 +125,22 @@ extension UprobeKey {
 final class ResolutionCache {
     let resolver: Resolver
     private var done: [ProbeSpecInput: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>] = [:]
+    /// The functions each glob skipped (their first instruction cannot be probed), by offset.
+    private var skippedBySpec: [ProbeSpecInput: [UInt64: SkippedSite]] = [:]
     init(resolver: Resolver) { self.resolver = resolver }
+
+    /// The site at `offset` that `spec` (a glob) skipped, once `resolve(spec)` ran.
+    func skipped(_ spec: ProbeSpecInput, at offset: UInt64) -> SkippedSite? { skippedBySpec[spec]?[offset] }
 
     func resolve(_ spec: ProbeSpecInput) throws(ResolveError) -> ([ResolvedProbe], [UprobeKey: ResolvedProbe]) {
         if let r = done[spec] { return try r.get() }
         let r: Result<([ResolvedProbe], [UprobeKey: ResolvedProbe]), ResolveError>
         do {
-            let targets = try resolver.resolve(spec)
+            let resolution = try resolver.resolution(spec)
+            let targets = resolution.probes
+            if !resolution.skipped.isEmpty {
+                skippedBySpec[spec] = Dictionary(resolution.skipped.map { ($0.fileOffset, $0) }, uniquingKeysWith: { a, _ in a })
+            }
             var index: [UprobeKey: ResolvedProbe] = [:]
             for t in targets { index[UprobeKey(t)] = t }
             r = .success((targets, index))

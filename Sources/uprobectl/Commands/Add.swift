@@ -58,6 +58,7 @@ extension UprobeCtl {
                         + "of the earlier requests stay registered: \(registered.first ?? "")…\(registered.last ?? ""))"
                     throw e
                 }
+                if !global.json { reportSkipped(reply) }
                 for p in reply["probes"]?.arrayValue ?? [] {
                     let o = p.objectValue ?? JSONObject()
                     var sym = text(o["symbol"])

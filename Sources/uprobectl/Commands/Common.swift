@@ -93,3 +93,13 @@ func printTable(_ header: [String], _ rows: [[String]]) {
     t.rows = rows
     for line in t.render() { print(line) }
 }
+
+/// The functions a glob left out (their first instruction cannot be probed), on stderr.
+func reportSkipped(_ reply: JSONObject) {
+    guard let skipped = reply["skipped"]?.arrayValue, !skipped.isEmpty else { return }
+    Stderr.write("uprobectl: skipped \(skipped.count) function(s) whose first instruction cannot be probed:\n")
+    for s in skipped {
+        let o = s.objectValue ?? JSONObject()
+        Stderr.write("  \(text(o["symbol"])) \(hex(o["offset"])): \(text(o["reason"]))\n")
+    }
+}

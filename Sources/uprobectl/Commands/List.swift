@@ -66,6 +66,7 @@ extension UprobeCtl {
                 return [text(o["path"]), hex(o["offset"]), text(o["symbol"]), text(o["build_id"])]
             }
             printTable(["PATH", "OFFSET", "SYMBOL", "BUILD-ID"], rows)
+            reportSkipped(reply)
         }
     }
 }
