@@ -129,10 +129,13 @@ public final class UprobedService: Service, Sendable {
         }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let startedAt = handler.startedAt
+        // The start as wall-clock time, taken once so every scrape reports the same value.
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let startTime = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 - (ContinuousClock.now - handler.startedAt).inSeconds
         let metrics = MetricsServer(logger: logger) {
             counters.metricsScrapes.add(1, ordering: .relaxed)
-            return MetricsRenderer.render(engine: engine, counters: counters, startedAt: startedAt)
+            return MetricsRenderer.render(engine: engine, counters: counters, startTime: startTime)
         }
         let logger = self.logger
         let config = self.config

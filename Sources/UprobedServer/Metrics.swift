@@ -44,14 +44,15 @@ public enum MetricsRenderer {
     }
 
     /// One scrape, from one version of the registry (read through the uprobes tree).
-    public static func render(engine: Engine, counters: ServiceCounters, startedAt: ContinuousClock.Instant) -> [UInt8] {
+    /// `startTime`: when the daemon started, in seconds since the Unix epoch.
+    public static func render(engine: Engine, counters: ServiceCounters, startTime: Double) -> [UInt8] {
         engine.read { snap, uprobes in
-            render(engine: engine, snap, uprobes: uprobes, counters: counters, startedAt: startedAt)
+            render(engine: engine, snap, uprobes: uprobes, counters: counters, startTime: startTime)
         }
     }
 
     private static func render(engine: Engine, _ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
-                               startedAt: ContinuousClock.Instant) -> [UInt8] {
+                               startTime: Double) -> [UInt8] {
         let registry = PrometheusCollectorRegistry()
         if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
             for s in stats {
@@ -65,7 +66,7 @@ public enum MetricsRenderer {
                     .set(Double(s.state == .active ? 0 : 1))
             }
         } else {
-            registry.makeCounter(descriptor: desc("uprobed_counter_read_failures_total", "Scrapes whose kernel counter read failed.")).increment()
+            counters.counterReadFailures.add(1, ordering: .relaxed)
         }
         func gauge(_ name: String, _ help: String, _ v: Double) { registry.makeGauge(descriptor: desc(name, help)).set(v) }
         func counter(_ name: String, _ help: String, _ v: UInt64) {
@@ -82,7 +83,9 @@ public enum MetricsRenderer {
         gauge("uprobed_pending_removals", "Removed probe sites still waiting for detach work.", Double(c.pendingRemovals))
         gauge("uprobed_last_batch_requests", "Requests in the last batch.", Double(c.lastBatchSize))
         gauge("uprobed_last_batch_seconds", "Time the last batch took.", Double(c.lastBatchMicros) / 1e6)
-        gauge("uprobed_uptime_seconds", "Seconds since this uprobed process started.", (ContinuousClock.now - startedAt).inSeconds)
+        // A start timestamp, not an uptime: Prometheus' convention for "time since", so the
+        // value stays constant and `time() - uprobed_start_time_seconds` is the uptime.
+        gauge("uprobed_start_time_seconds", "Start time of this uprobed process, in seconds since the Unix epoch.", startTime)
         counter("uprobed_requests_total", "Mutating requests applied by the writer.", c.requests)
         counter("uprobed_batches_total", "Batches applied by the writer.", c.batches)
         counter("uprobed_links_created_total", "uprobe_multi links created.", c.linksCreated)
@@ -99,6 +102,8 @@ public enum MetricsRenderer {
         counter("uprobed_config_reload_failures_total", "Config reloads refused (bad config; the old one stayed).",
                 counters.configReloadFailures.load(ordering: .relaxed))
         counter("uprobed_metrics_scrapes_total", "Scrapes of this endpoint.", counters.metricsScrapes.load(ordering: .relaxed))
+        counter("uprobed_hits_read_failures_total", "Scrapes whose read of the kernel hit counters failed (they export no probe series).",
+                counters.counterReadFailures.load(ordering: .relaxed))
         registry.makeGauge(descriptor: desc("uprobed_build_info", "Always 1; the version label says which uprobed runs."), labels: [("version", RequestHandler.version)]).set(Double(1))
         var out: [UInt8] = []
         registry.emit(into: &out)
