@@ -85,6 +85,9 @@ public struct DaemonConfig: Sendable, Equatable {
     /// Where to serve Prometheus metrics: empty (off), `HOST:PORT` (loopback TCP) or an
     /// absolute Unix socket path.
     public var metricsListen = ""
+    /// Which per-probe series the metrics carry: every probe, one per consumer, or the top N
+    /// plus an aggregate (bounds the series at large probe counts).
+    public var metricsProbeSeries = MetricsProbeSeries.all
 
     public init() {}
 

@@ -53,6 +53,12 @@ struct ConfigKey: Sendable {
             do throws(MetricsEndpoint.ParseError) { _ = try MetricsEndpoint.parse(v) } catch { throw BadValue(message: error.message) }
             return v
         },
+        field("metrics_probe_series", \.metricsProbeSeries, reloadable: true) { v throws(BadValue) in
+            guard let mode = MetricsProbeSeries.parse(v) else {
+                throw BadValue(message: "metrics_probe_series must be all, per_consumer or top:N (N in 1...\(MetricsProbeSeries.maxTop)), got '\(v)'")
+            }
+            return mode
+        },
         field("log_level", \.logLevel, reloadable: true) { v throws(BadValue) in
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(v) else { throw BadValue(message: "log_level must be one of \(levels.joined(separator: ", "))") }

@@ -129,16 +129,20 @@ public final class UprobedService: Service, Sendable {
         }
 
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let startedAt = handler.startedAt
+        // The start as wall-clock time, taken once so every scrape reports the same value.
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let startTime = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 - (ContinuousClock.now - handler.startedAt).inSeconds
+        let series = MetricsSeriesState(config.metricsProbeSeries)
         let metrics = MetricsServer(logger: logger) {
             counters.metricsScrapes.add(1, ordering: .relaxed)
-            return MetricsRenderer.render(engine: engine, counters: counters, startedAt: startedAt)
+            return MetricsRenderer.render(engine: engine, counters: counters, series: series, startTime: startTime)
         }
         let logger = self.logger
         let config = self.config
         let where_ = { if case .activated(let fd) = endpoint { return "socket-activated fd \(fd)" } else { return config.socketPath } }()
         let reloader = Reloader(options: options, running: config, access: handler.access, counters: counters,
-                                metrics: metrics, group: group, logger: logger, serving: where_)
+                                metrics: metrics, series: series, group: group, logger: logger, serving: where_)
         do {
             do {
                 if let m = try MetricsEndpoint.parse(config.metricsListen) {

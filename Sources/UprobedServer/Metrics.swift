@@ -34,6 +34,161 @@ public enum MetricsEndpoint: Sendable, Equatable {
     }
 }
 
+/// How the per-probe hit counters are exported (config `metrics_probe_series`). One series per
+/// probe is what a few thousand probes want; at 241,000 probes (four label values each) that is
+/// more series than a Prometheus server should take from one target, so the other two modes
+/// bound the count by the number of consumers or by N.
+public enum MetricsProbeSeries: Sendable, Equatable, CustomStringConvertible {
+    /// `uprobed_probe_hits_total` and `uprobed_probe_degraded` for every probe.
+    case all
+    /// `uprobed_consumer_hits_total`, `uprobed_consumer_probes` and
+    /// `uprobed_consumer_probes_degraded` per consumer; no per-probe series.
+    case perConsumer
+    /// The N probes with the most hits as in `all`, plus one `uprobed_probe_hits_total{id="other"}`
+    /// holding the hits of all the others.
+    case top(Int)
+
+    /// The most series `top:N` may ask for (more is what `all` is for).
+    public static let maxTop = 1_000_000
+
+    /// `all`, `per_consumer` or `top:N` (1 ≤ N ≤ maxTop); nil for anything else.
+    public static func parse(_ text: String) -> MetricsProbeSeries? {
+        switch text {
+        case "all": return .all
+        case "per_consumer": return .perConsumer
+        default:
+            guard text.hasPrefix("top:"), let n = Int(text.dropFirst(4)), (1...maxTop).contains(n) else { return nil }
+            return .top(n)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .all: "all"
+        case .perConsumer: "per_consumer"
+        case .top(let n): "top:\(n)"
+        }
+    }
+}
+
+/// One probe as a scrape sees it: its label values, hits and state.
+struct ProbeSample: Sendable, Equatable {
+    var id: String
+    var path: String
+    var symbol: String
+    var consumer: String
+    var hits: UInt64
+    var degraded: Bool
+}
+
+/// One consumer's series in `per_consumer` mode.
+struct ConsumerSeries: Sendable, Equatable {
+    var consumer: String
+    var hits: UInt64
+    var probes: Int
+    var degraded: Int
+}
+
+/// What one scrape exports for the probes, after `metrics_probe_series` is applied.
+struct ProbeSeriesOutput: Sendable, Equatable {
+    /// Probes exported one series each: all of them, or the top N (most hits first).
+    var probes: [ProbeSample] = []
+    /// `top:N` only: the value of the `id="other"` series, and how many probes it stands for.
+    var other: UInt64?
+    var otherProbes = 0
+    /// `per_consumer` only, by consumer name.
+    var consumers: [ConsumerSeries] = []
+}
+
+/// Applies `metrics_probe_series` to the probes of one scrape after another.
+///
+/// The aggregates are counters, so they must never go down while the daemon runs: a drop is a
+/// counter reset to Prometheus, and `rate()` would count the whole value again as new hits. A
+/// plain sum over the probes present now would drop whenever a probe is removed (its hits
+/// leave the sum), and `other` would drop whenever a probe moves into the top N. So each
+/// aggregate instead accumulates the hits its probes gained between scrapes (the first time a
+/// probe is seen, all of its hits): removing a probe keeps what it contributed, and a probe
+/// that enters the top N keeps its earlier hits in `other` while its own series starts with
+/// its full count. The price: a probe's hits between the last scrape and its removal are not
+/// counted, and once probes have moved into the top N the values of all series add up to a
+/// little more than the hits of the probes registered now; the rates add up right.
+struct ProbeSeriesAggregator: Sendable {
+    let mode: MetricsProbeSeries
+    /// Hits of every probe at the previous scrape (aggregating modes only).
+    private var lastHits: [String: UInt64] = [:]
+    /// `per_consumer`: the counter of each consumer that has probes.
+    private var consumerHits: [String: UInt64] = [:]
+    /// `top:N`: the counter behind `id="other"`.
+    private var otherHits: UInt64 = 0
+
+    init(mode: MetricsProbeSeries) { self.mode = mode }
+
+    mutating func apply(_ samples: [ProbeSample]) -> ProbeSeriesOutput {
+        switch mode {
+        case .all:
+            return ProbeSeriesOutput(probes: samples)
+        case .perConsumer:
+            var counts: [String: (probes: Int, degraded: Int)] = [:]
+            var next: [String: UInt64] = [:]
+            next.reserveCapacity(samples.count)
+            for s in samples {
+                consumerHits[s.consumer, default: 0] &+= gained(s)
+                counts[s.consumer, default: (0, 0)].probes += 1
+                if s.degraded { counts[s.consumer, default: (0, 0)].degraded += 1 }
+                next[s.id] = s.hits
+            }
+            lastHits = next
+            // A consumer whose probes are all gone ends its series (as a removed probe does)
+            // instead of being exported until the daemon stops.
+            consumerHits = consumerHits.filter { counts[$0.key] != nil }
+            let consumers = counts.keys.sorted().map { c in
+                ConsumerSeries(consumer: c, hits: consumerHits[c] ?? 0, probes: counts[c]?.probes ?? 0, degraded: counts[c]?.degraded ?? 0)
+            }
+            return ProbeSeriesOutput(consumers: consumers)
+        case .top(let n):
+            // Most hits first; ties by id, so equal probes do not swap places between scrapes.
+            let order = samples.indices.sorted { a, b in
+                samples[a].hits != samples[b].hits ? samples[a].hits > samples[b].hits : samples[a].id < samples[b].id
+            }
+            var next: [String: UInt64] = [:]
+            next.reserveCapacity(samples.count)
+            for i in order.dropFirst(n) { otherHits &+= gained(samples[i]) }
+            for s in samples { next[s.id] = s.hits }
+            lastHits = next
+            return ProbeSeriesOutput(probes: order.prefix(n).map { samples[$0] }, other: otherHits,
+                                     otherProbes: max(0, samples.count - n))
+        }
+    }
+
+    /// Hits the probe gained since the previous scrape; all of them if it is new. A count
+    /// below the previous one (not expected: a probe's hits only grow) adds nothing.
+    private func gained(_ s: ProbeSample) -> UInt64 {
+        let before = lastHits[s.id] ?? 0
+        return s.hits >= before ? s.hits - before : 0
+    }
+}
+
+/// The renderer's state between scrapes: the configured mode and its aggregator. Shared by the
+/// metrics listener (each scrape) and the reloader (a changed `metrics_probe_series`).
+public final class MetricsSeriesState: Sendable {
+    private let cell: Mutex<ProbeSeriesAggregator>
+
+    public init(_ mode: MetricsProbeSeries) { cell = Mutex(ProbeSeriesAggregator(mode: mode)) }
+
+    /// A new mode starts its aggregates afresh (its metric names differ anyway).
+    public func set(_ mode: MetricsProbeSeries) {
+        cell.withLock { if $0.mode != mode { $0 = ProbeSeriesAggregator(mode: mode) } }
+    }
+
+    public var mode: MetricsProbeSeries { cell.withLock { $0.mode } }
+
+    /// Runs one scrape with the aggregator held: counters read by two scrapes at once and
+    /// applied in the other order would count the hits between them twice.
+    func scrape<R: Sendable>(_ body: (inout ProbeSeriesAggregator) -> R) -> R {
+        cell.withLock { body(&$0) }
+    }
+}
+
 /// Renders the Prometheus text format (version 0.0.4) from the engine's published snapshot and
 /// one bulk counter read, into a fresh swift-prometheus registry per scrape (so probes that are
 /// gone leave no stale series).
@@ -43,29 +198,34 @@ public enum MetricsRenderer {
         MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
     }
 
+    static let hitsHelp = "Hits of one probe since it was registered (hits while uprobed was down are not counted); with metrics_probe_series = top:N, id=\"other\" holds the hits of the probes outside the top N."
+    static let degradedHelp = "1 if the probe is degraded (registered but its file cannot be probed) or ended (its process exited); `uprobectl list` says why."
+
     /// One scrape, from one version of the registry (read through the uprobes tree).
-    public static func render(engine: Engine, counters: ServiceCounters, startedAt: ContinuousClock.Instant) -> [UInt8] {
-        engine.read { snap, uprobes in
-            render(engine: engine, snap, uprobes: uprobes, counters: counters, startedAt: startedAt)
+    /// `startTime`: when the daemon started, in seconds since the Unix epoch.
+    public static func render(engine: Engine, counters: ServiceCounters, series: MetricsSeriesState, startTime: Double) -> [UInt8] {
+        series.scrape { aggregator in
+            engine.read { snap, uprobes in
+                render(engine: engine, snap, uprobes: uprobes, counters: counters, aggregator: &aggregator, startTime: startTime)
+            }
         }
     }
 
     private static func render(engine: Engine, _ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
-                               startedAt: ContinuousClock.Instant) -> [UInt8] {
+                               aggregator: inout ProbeSeriesAggregator, startTime: Double) -> [UInt8] {
         let registry = PrometheusCollectorRegistry()
         if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
+            var samples: [ProbeSample] = []
+            samples.reserveCapacity(stats.count)
             for s in stats {
                 guard let r = snap.probes[s.id] else { continue }
-                let labels = [("id", s.id), ("path", r.targets.first?.path ?? r.spec.path),
-                              ("symbol", r.targets.first?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? ""),
-                              ("consumer", r.consumer ?? "")]
-                registry.makeCounter(descriptor: desc("uprobed_probe_hits_total", "Hits of one probe since it was registered (hits while uprobed was down are not counted)."), labels: labels)
-                    .increment(by: Int64(clamping: s.hits))
-                registry.makeGauge(descriptor: desc("uprobed_probe_degraded", "1 if the probe is degraded (registered but its file cannot be probed) or ended (its process exited); `uprobectl list` says why."), labels: [("id", s.id)])
-                    .set(Double(s.state == .active ? 0 : 1))
+                samples.append(ProbeSample(id: s.id, path: r.targets.first?.path ?? r.spec.path,
+                                           symbol: r.targets.first?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? "",
+                                           consumer: r.consumer ?? "", hits: s.hits, degraded: s.state != .active))
             }
+            emit(aggregator.apply(samples), into: registry)
         } else {
-            registry.makeCounter(descriptor: desc("uprobed_counter_read_failures_total", "Scrapes whose kernel counter read failed.")).increment()
+            counters.counterReadFailures.add(1, ordering: .relaxed)
         }
         func gauge(_ name: String, _ help: String, _ v: Double) { registry.makeGauge(descriptor: desc(name, help)).set(v) }
         func counter(_ name: String, _ help: String, _ v: UInt64) {
@@ -82,7 +242,9 @@ public enum MetricsRenderer {
         gauge("uprobed_pending_removals", "Removed probe sites still waiting for detach work.", Double(c.pendingRemovals))
         gauge("uprobed_last_batch_requests", "Requests in the last batch.", Double(c.lastBatchSize))
         gauge("uprobed_last_batch_seconds", "Time the last batch took.", Double(c.lastBatchMicros) / 1e6)
-        gauge("uprobed_uptime_seconds", "Seconds since this uprobed process started.", (ContinuousClock.now - startedAt).inSeconds)
+        // A start timestamp, not an uptime: Prometheus' convention for "time since", so the
+        // value stays constant and `time() - uprobed_start_time_seconds` is the uptime.
+        gauge("uprobed_start_time_seconds", "Start time of this uprobed process, in seconds since the Unix epoch.", startTime)
         counter("uprobed_requests_total", "Mutating requests applied by the writer.", c.requests)
         counter("uprobed_batches_total", "Batches applied by the writer.", c.batches)
         counter("uprobed_links_created_total", "uprobe_multi links created.", c.linksCreated)
@@ -99,10 +261,49 @@ public enum MetricsRenderer {
         counter("uprobed_config_reload_failures_total", "Config reloads refused (bad config; the old one stayed).",
                 counters.configReloadFailures.load(ordering: .relaxed))
         counter("uprobed_metrics_scrapes_total", "Scrapes of this endpoint.", counters.metricsScrapes.load(ordering: .relaxed))
+        counter("uprobed_hits_read_failures_total", "Scrapes whose read of the kernel hit counters failed (they export no probe series).",
+                counters.counterReadFailures.load(ordering: .relaxed))
         registry.makeGauge(descriptor: desc("uprobed_build_info", "Always 1; the version label says which uprobed runs."), labels: [("version", RequestHandler.version)]).set(Double(1))
         var out: [UInt8] = []
         registry.emit(into: &out)
         return out
+    }
+
+    /// The probe series alone, as text (the unit tests check each mode's output with promtool).
+    static func text(of output: ProbeSeriesOutput) -> String {
+        let registry = PrometheusCollectorRegistry()
+        emit(output, into: registry)
+        var out: [UInt8] = []
+        registry.emit(into: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// The probe series of one scrape. Every `uprobed_probe_hits_total` series has the same four
+    /// labels (the `other` one with empty path, symbol and consumer), so `sum()` over them and
+    /// joins on `id` behave the same in `all` and `top:N`.
+    static func emit(_ output: ProbeSeriesOutput, into registry: PrometheusCollectorRegistry) {
+        let hits = desc("uprobed_probe_hits_total", hitsHelp)
+        for p in output.probes {
+            registry.makeCounter(descriptor: hits, labels: [("id", p.id), ("path", p.path), ("symbol", p.symbol), ("consumer", p.consumer)])
+                .increment(by: Int64(clamping: p.hits))
+            registry.makeGauge(descriptor: desc("uprobed_probe_degraded", degradedHelp), labels: [("id", p.id)])
+                .set(Double(p.degraded ? 1 : 0))
+        }
+        if let other = output.other {
+            registry.makeCounter(descriptor: hits, labels: [("id", "other"), ("path", ""), ("symbol", ""), ("consumer", "")])
+                .increment(by: Int64(clamping: other))
+            registry.makeGauge(descriptor: desc("uprobed_probes_other", "Probes whose hits are in uprobed_probe_hits_total{id=\"other\"} (metrics_probe_series = top:N)."))
+                .set(Double(output.otherProbes))
+        }
+        for c in output.consumers {
+            let labels = [("consumer", c.consumer)]
+            registry.makeCounter(descriptor: desc("uprobed_consumer_hits_total", "Hits of one consumer's probes (metrics_probe_series = per_consumer); the hits of its removed probes stay counted."), labels: labels)
+                .increment(by: Int64(clamping: c.hits))
+            registry.makeGauge(descriptor: desc("uprobed_consumer_probes", "Probes registered by one consumer (metrics_probe_series = per_consumer)."), labels: labels)
+                .set(Double(c.probes))
+            registry.makeGauge(descriptor: desc("uprobed_consumer_probes_degraded", "Probes of one consumer that are not attached (metrics_probe_series = per_consumer)."), labels: labels)
+                .set(Double(c.degraded))
+        }
     }
 }
 

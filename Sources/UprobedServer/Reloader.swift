@@ -14,7 +14,7 @@ import Glibc
 #endif
 
 /// SIGHUP: re-reads the config file and applies what can change while running (log level,
-/// access policy, per-uid limit, metrics listener). A bad file is refused with a log line and
+/// access policy, per-uid limit, metrics listener and series). A bad file is refused with a log line and
 /// the old config stays in force; keys that need a restart are named in a warning and keep
 /// their running value. Tells systemd RELOADING=1 ... READY=1 around it.
 final class Reloader: Sendable {
@@ -22,6 +22,7 @@ final class Reloader: Sendable {
     let access: PolicyCell
     let counters: ServiceCounters
     let metrics: MetricsServer
+    let series: MetricsSeriesState
     let group: MultiThreadedEventLoopGroup
     let logger: Logger
     let serving: String
@@ -30,11 +31,12 @@ final class Reloader: Sendable {
     private let current: Mutex<DaemonConfig>
 
     init(options: StartOptions, running: DaemonConfig, access: PolicyCell, counters: ServiceCounters,
-         metrics: MetricsServer, group: MultiThreadedEventLoopGroup, logger: Logger, serving: String) {
+         metrics: MetricsServer, series: MetricsSeriesState, group: MultiThreadedEventLoopGroup, logger: Logger, serving: String) {
         self.options = options
         self.access = access
         self.counters = counters
         self.metrics = metrics
+        self.series = series
         self.group = group
         self.logger = logger
         self.serving = serving
@@ -72,6 +74,7 @@ final class Reloader: Sendable {
         if let level = Logger.Level(rawValue: applied.logLevel) { options.logLevel.level = level }
         access.store(policy)
         current.withLock { $0 = applied }
+        series.set(applied.metricsProbeSeries)
         if old.metricsListen != applied.metricsListen {
             // Rebinding waits on the event loop: never block the signal queue on it.
             let metrics = self.metrics, group = self.group, logger = self.logger, mode = applied.socketMode

@@ -14,6 +14,8 @@ public final class ServiceCounters: Sendable {
     public let configReloads = Atomic<UInt64>(0)
     public let configReloadFailures = Atomic<UInt64>(0)
     public let metricsScrapes = Atomic<UInt64>(0)
+    /// Scrapes whose bulk read of the kernel counters failed (they carry no probe series).
+    public let counterReadFailures = Atomic<UInt64>(0)
     /// Client connections being served now.
     public let connectionsOpen = Atomic<Int>(0)
     /// Connections turned away because `max_connections` were open.

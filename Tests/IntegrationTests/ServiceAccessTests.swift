@@ -94,7 +94,7 @@ struct ServiceAccessTests {
         #expect(d.stop() == 0)
     }
 
-    @Test("metrics: GET /metrics on a Unix path and on loopback TCP, per-probe hits equal stats, promtool check metrics passes")
+    @Test("metrics: GET /metrics on a Unix path and on loopback TCP, per-probe hits equal stats, promtool check metrics passes; metrics_probe_series per_consumer and top:N by SIGHUP")
     func metricsPromtool() throws {
         let promtool = "/usr/bin/promtool"
         let havePromtool = FileManager.default.isExecutableFile(atPath: promtool)
@@ -133,6 +133,32 @@ struct ServiceAccessTests {
             let check = try run([promtool, "check", "metrics"], stdin: tcp.body)
             #expect(check.status == 0, "promtool: \(check.out) \(check.err)")
         }
+
+        // metrics_probe_series by SIGHUP: per consumer, then the top 1 (fn_b, 34) plus other.
+        func reloadSeries(_ mode: String, until expected: String) throws -> String {
+            try "metrics_listen = 127.0.0.1:\(port)\nmetrics_probe_series = \(mode)\n".write(toFile: d.configPath, atomically: true, encoding: .utf8)
+            kill(d.pid, SIGHUP)
+            let deadline = Date().addingTimeInterval(10)
+            var body = ""
+            repeat {
+                body = try httpGet(port: port, path: "/metrics").body
+                if body.contains(expected) { break }
+                usleep(50_000)
+            } while Date() < deadline
+            #expect(body.contains(expected), "\(mode): \(body)")
+            if havePromtool {
+                let check = try run([promtool, "check", "metrics"], stdin: body)
+                #expect(check.status == 0, "promtool (\(mode)): \(check.out) \(check.err)")
+            }
+            return body
+        }
+        let perConsumer = try reloadSeries("per_consumer", until: "uprobed_consumer_hits_total{consumer=\"svc \\\"quoted\\\" consumer\"} 46")
+        #expect(perConsumer.contains("uprobed_consumer_probes{consumer=\"svc \\\"quoted\\\" consumer\"} 2"), "\(perConsumer)")
+        #expect(!perConsumer.contains("uprobed_probe_hits_total{"), "\(perConsumer)")
+        let top = try reloadSeries("top:1", until: "uprobed_probe_hits_total{id=\"other\",path=\"\",symbol=\"\",consumer=\"\"} 12")
+        #expect(top.contains("uprobed_probe_hits_total{id=\"\(ids[1])\""), "\(top)")
+        #expect(!top.contains("uprobed_probe_hits_total{id=\"\(ids[0])\""), "\(top)")
+        #expect(top.contains("uprobed_probes_other 1"), "\(top)")
         #expect(d.stop() == 0)
     }
 }

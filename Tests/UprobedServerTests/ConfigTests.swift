@@ -17,7 +17,7 @@ struct ConfigTests {
         scrambled.minWatchIntervalMs = 1; scrambled.logLevel = "error"
         scrambled.adminUsers = ["x"]; scrambled.adminGroups = ["x"]; scrambled.registerUsers = ["x"]
         scrambled.registerGroups = ["x"]; scrambled.readUsers = ["x"]; scrambled.readGroups = ["x"]
-        scrambled.maxProbesPerUID = 7; scrambled.metricsListen = "/z"; scrambled.stateCheckpointSeconds = 1
+        scrambled.maxProbesPerUID = 7; scrambled.metricsListen = "/z"; scrambled.metricsProbeSeries = .top(3); scrambled.stateCheckpointSeconds = 1
         scrambled.followCheckMs = 11; scrambled.followSettleMs = 3; scrambled.ownerCheckMs = 12
         let parsed = try DaemonConfig.parse(text, base: scrambled)
         #expect(parsed == DaemonConfig())
