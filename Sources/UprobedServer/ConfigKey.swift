@@ -82,7 +82,7 @@ struct ConfigKey: Sendable {
 
     // MARK: kinds of keys
 
-    static func field<V: Equatable>(_ name: String, _ path: any WritableKeyPath<DaemonConfig, V> & Sendable, reloadable: Bool = false,
+    static func field<V: Equatable & Sendable>(_ name: String, _ path: any WritableKeyPath<DaemonConfig, V> & Sendable, reloadable: Bool = false,
                                     parse: @escaping @Sendable (String) throws(BadValue) -> V) -> ConfigKey {
         ConfigKey(name: name, reloadable: reloadable,
                   set: { (c: inout DaemonConfig, v: String) throws(BadValue) in c[keyPath: path] = try parse(v) },
