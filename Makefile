@@ -19,7 +19,7 @@ DEBS       := $(BUILD_DEBS) $(TEST_DEBS)
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps deps-build build run test test-unit sanitize fuzz bench bench-tree bench-batch bench-read soak completions man install clean
+.PHONY: deps deps-build build run test test-unit sanitize fuzz fuzz-ci bench bench-tree bench-batch bench-read soak completions man install clean
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that are missing (as root, apt-get).
 define apt_install
@@ -63,6 +63,11 @@ sanitize: deps
 FUZZ_SECONDS ?= 30
 fuzz: deps
 	bash fuzz/run.sh $(FUZZ_SECONDS)
+
+## What CI runs: a fixed number of inputs from a fixed seed (the same run everywhere; see run.sh).
+fuzz-ci: deps
+	rm -rf .build-fuzz/corpus
+	FUZZ_RUNS=300000,6000 bash fuzz/run.sh
 
 bench: bench-tree bench-batch bench-read
 

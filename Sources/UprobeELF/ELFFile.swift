@@ -34,6 +34,12 @@ public struct ELFProgramHeader: Sendable, Equatable {
         return a < end
     }
 
+    /// Whether the segment's file range ends within a file of `fileSize` bytes.
+    public func liesWithin(fileSize: UInt64) -> Bool {
+        guard let end = checkedAdd(offset, self.fileSize) else { return false }
+        return end <= fileSize
+    }
+
     /// Whether file offset `off` lies in this segment's file range.
     public func contains(fileOffset off: UInt64) -> Bool {
         guard off >= offset, let end = checkedAdd(offset, fileSize) else { return false }
@@ -407,8 +413,10 @@ public struct ELFFile: Sendable {
     /// - Parameter executable: require that segment to be `PF_X` (code) — true for probe sites,
     ///   false for data such as USDT semaphores.
     public func fileOffset(ofVirtualAddress vaddr: UInt64, executable: Bool) -> UInt64? {
-        // Checked: a crafted header can place a segment so that the sum overflows.
-        for p in programHeaders where p.isLoad && (!executable || p.isExecutable) && p.containsFileBacked(vaddr: vaddr) {
+        // Only segments that lie inside the file: a crafted header can place one so that the
+        // sum overflows, or past the end of the file (an offset there names nothing).
+        for p in programHeaders where p.isLoad && (!executable || p.isExecutable) && p.containsFileBacked(vaddr: vaddr)
+            && p.liesWithin(fileSize: fileSize) {
             return checkedAdd(vaddr - p.vaddr, p.offset)
         }
         return nil
@@ -416,7 +424,7 @@ public struct ELFFile: Sendable {
 
     /// Virtual address of file offset `off` if it lies in an executable PT_LOAD segment.
     public func virtualAddress(ofExecutableFileOffset off: UInt64) -> UInt64? {
-        for p in programHeaders where p.isLoad && p.isExecutable && p.contains(fileOffset: off) {
+        for p in programHeaders where p.isLoad && p.isExecutable && p.contains(fileOffset: off) && p.liesWithin(fileSize: fileSize) {
             return checkedAdd(off - p.offset, p.vaddr)
         }
         return nil

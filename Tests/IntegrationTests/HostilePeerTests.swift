@@ -135,21 +135,23 @@ struct HostilePeerTests {
         // Exited and reaped.
         let gone = try run(["/bin/sh", "-c", "echo $$"]).out.trimmingCharacters(in: .whitespacesAndNewlines)
         if let pid = Int32(gone) { #expect(errorCode(try register(pid: pid)) == "process_not_found") }
-        // A zombie: `sleep 0` exits, and the shell that became `sleep 30` never reaps it.
+        // A zombie: the child exits at once and its parent (python, asleep) never reaps it.
         let parent = Process()
-        parent.executableURL = URL(fileURLWithPath: "/bin/bash")
-        parent.arguments = ["-c", "sleep 0 & exec sleep 30"]
+        parent.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        parent.arguments = ["-c", "import os, signal, time\nsignal.signal(signal.SIGCHLD, signal.SIG_DFL)\npid = os.fork()\nif pid == 0: os._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)"]
+        let out = Pipe()
+        parent.standardOutput = out
         try parent.run()
         defer { kill(parent.processIdentifier, SIGKILL); parent.waitUntilExit() }
+        let child = Int32(String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
+            .trimmingCharacters(in: .whitespacesAndNewlines))
         var zombie: Int32? = nil
-        for _ in 0..<200 where zombie == nil {
-            let children = (try? String(contentsOfFile: "/proc/\(parent.processIdentifier)/task/\(parent.processIdentifier)/children",
-                                        encoding: .utf8)) ?? ""
-            if let c = children.split(separator: " ").first.flatMap({ Int32($0) }),
-               let st = try? String(contentsOfFile: "/proc/\(c)/stat", encoding: .utf8), st.contains(") Z ") {
+        for _ in 0..<1000 where zombie == nil {
+            if let c = child, let st = try? String(contentsOfFile: "/proc/\(c)/stat", encoding: .utf8), st.contains(") Z ") {
                 zombie = c
+            } else {
+                usleep(10_000)
             }
-            usleep(10_000)
         }
         let z = try #require(zombie)
         let zr = try register(pid: z)

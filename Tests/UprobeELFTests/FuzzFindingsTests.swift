@@ -48,4 +48,13 @@ struct FuzzFindingsTests {
         let elf = try ELFFile(path: Self.repro + "/empty-symbol-name.elf")
         #expect(!elf.functionSymbols.contains { $0.name.isEmpty })
     }
+
+    @Test("a segment that claims bytes past the end of the file maps no function")
+    func segmentBeyondFile() throws {
+        let path = Self.repro + "/segment-beyond-file.elf"
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int)
+        if case .success(let probes) = resolve("segment-beyond-file.elf", { ProbeSpecInput(path: $0, symbol: "*") }) {
+            #expect(probes.allSatisfy { $0.fileOffset < UInt64(size) }, "\(probes.map(\.fileOffset))")
+        }
+    }
 }

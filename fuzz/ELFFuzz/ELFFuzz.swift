@@ -97,7 +97,7 @@ func exerciseResolver(_ elf: ELFFile) {
         if let v = s.version { requests.append(s.name + "@" + v) }
     }
     for request in requests {
-        guard let sites = try? resolver.resolveSymbol(request, elf: elf, path: path) else { continue }
+        guard let (sites, _) = try? resolver.resolveSymbol(request, elf: elf, path: path) else { continue }
         check(!sites.isEmpty, "resolveSymbol(\(request)) succeeded with no sites")
         for site in sites {
             check(elf.virtualAddress(ofExecutableFileOffset: site.offset) != nil,
@@ -112,9 +112,11 @@ func exerciseResolver(_ elf: ELFFile) {
     for s in elf.functionSymbols.prefix(16) {
         if let off = elf.fileOffset(ofVirtualAddress: s.address, executable: true) { offsets += [off, off &+ 1] }
     }
+    // The scratch file as the resolver's opened target (its descriptor reads the same bytes).
+    let target = Resolver.Target(fd: FileDescriptor(rawValue: scratch), path: path, device: 0, inode: 0)
     for off in offsets {
         for force in [false, true] {
-            guard let site = try? resolver.resolveOffset(off, elf: elf, path: path, force: force) else { continue }
+            guard let site = try? resolver.resolveOffset(off, elf: elf, target: target, force: force) else { continue }
             check(site.offset == off, "resolveOffset(\(off)) moved the offset to \(site.offset)")
         }
     }
@@ -122,7 +124,7 @@ func exerciseResolver(_ elf: ELFFile) {
     var specs = ["a:b", "nocolon", ":", "p:"]
     for n in elf.usdtNotes.prefix(16) { specs.append("\(n.provider):\(n.name)") }
     for spec in specs {
-        _ = try? resolver.resolveUSDT(spec, elf: elf, path: path)
+        _ = try? resolver.resolveUSDT(spec, elf: elf, target: target)
     }
 }
 
