@@ -16,10 +16,13 @@ BUILD_DEBS := libsystemd-dev pkg-config libc6-dev gcc binutils libsqlite3-0
 # tools the benchmarks are compared with or traced by (bpftrace, bpftool, linux-perf).
 TEST_DEBS  := systemd systemtap-sdt-dev python3 sqlite3 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin tmux
 DEBS       := $(BUILD_DEBS) $(TEST_DEBS)
+# What `make k8s-validate` needs: python3 with venv (deploy/kubernetes/validate.sh pip-installs
+# a pinned kubernetes-validate into .build-k8s/venv).
+K8S_DEBS   := python3 python3-venv
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps deps-build build run test test-unit sanitize fuzz fuzz-ci bench bench-tree bench-batch bench-read soak completions man install clean
+.PHONY: deps deps-build build run test test-unit sanitize fuzz fuzz-ci bench bench-tree bench-batch bench-read soak k8s-validate completions man install clean
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that are missing (as root, apt-get).
 define apt_install
@@ -68,6 +71,13 @@ fuzz: deps
 fuzz-ci: deps
 	rm -rf .build-fuzz/corpus
 	FUZZ_RUNS=300000,6000 bash fuzz/run.sh
+
+## The Kubernetes manifests (deploy/kubernetes/) against the API schemas of Kubernetes 1.30 and
+## 1.37 (kubernetes-validate --strict, pinned, from PyPI), the systemd unit's capabilities and
+## the daemon's config keys. No Swift build; a few seconds once the venv exists.
+k8s-validate:
+	$(call apt_install,$(K8S_DEBS))
+	deploy/kubernetes/validate.sh
 
 bench: bench-tree bench-batch bench-read
 
@@ -120,4 +130,4 @@ install: build
 	install -D -m 0644 config/uprobed.conf $(DESTDIR)/etc/uprobed/uprobed.conf
 
 clean:
-	rm -rf .build .build-tsan .build-asan
+	rm -rf .build .build-tsan .build-asan .build-k8s
