@@ -54,7 +54,9 @@ summary() {  # name, exit code
     # The last status line: "#N  DONE  cov: C ft: F corp: U/SIZE ...".
     last=$(grep -E '^#[0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' || true)
     if [ "$rc" = 0 ]; then
-        echo "$name: PASS ${FUZZ_RUNS:+fixed }${runs:-?} runs, ${eps:-?} exec/s, ${last:-no status line}"
+        local label="${SECONDS_EACH}s,"
+        [ -n "${FUZZ_RUNS:-}" ] && label="fixed inputs (seed 1),"
+        echo "$name: PASS $label ${runs:-?} runs, ${eps:-?} exec/s, ${last:-no status line}"
     else
         local artifact
         artifact=$(sed -n "s/.*Test unit written to //p" "$log" | tail -1)
