@@ -58,8 +58,8 @@ test: deps
 ## XCTest runner, which itself leaks a few hundred bytes at exit (LeakSanitizer would fail it);
 ## the Swift Testing run is leak-checked.
 sanitize: deps
-	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|preparedRuns|preparedReply|snapshotOffTheWriter"
-	$(SWIFT) test --sanitize=address --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=address --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 
 ## libFuzzer on the JSON parser (with a differential check against Foundation) and the ELF
 ## reader, FUZZ_SECONDS each (default 30; CI runs the default). fuzz/README.md: the long run.
