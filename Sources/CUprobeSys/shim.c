@@ -84,10 +84,17 @@ int CUprobeSys_prog_load(uint32_t prog_type, uint32_t expected_attach_type,
 int CUprobeSys_link_create_uprobe_multi(int prog_fd, const char *path, const uint64_t *offsets,
                                         const uint64_t *ref_ctr_offsets, const uint64_t *cookies,
                                         uint32_t cnt, uint32_t flags, uint32_t pid) {
+    return CUprobeSys_link_create_uprobe_multi_as(prog_fd, CUPROBESYS_BPF_TRACE_UPROBE_MULTI, path, offsets,
+                                                  ref_ctr_offsets, cookies, cnt, flags, pid);
+}
+
+int CUprobeSys_link_create_uprobe_multi_as(int prog_fd, uint32_t attach_type, const char *path,
+                                           const uint64_t *offsets, const uint64_t *ref_ctr_offsets,
+                                           const uint64_t *cookies, uint32_t cnt, uint32_t flags, uint32_t pid) {
     union CUprobeSys_bpf_attr attr;
     memset(&attr, 0, sizeof(attr));
     attr.link_create_uprobe_multi.prog_fd = (__u32)prog_fd;
-    attr.link_create_uprobe_multi.attach_type = CUPROBESYS_BPF_TRACE_UPROBE_MULTI;
+    attr.link_create_uprobe_multi.attach_type = attach_type;
     attr.link_create_uprobe_multi.uprobe_multi.path = ptr_to_u64(path);
     attr.link_create_uprobe_multi.uprobe_multi.offsets = ptr_to_u64(offsets);
     attr.link_create_uprobe_multi.uprobe_multi.ref_ctr_offsets = ptr_to_u64(ref_ctr_offsets);

@@ -79,6 +79,9 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     public static let bpfUnavailable = ErrorCode("bpf_unavailable")
     /// The kernel has no uprobe_multi links (before 6.6, or not built in).
     public static let uprobeMultiUnsupported = ErrorCode("uprobe_multi_unsupported")
+    /// A latency probe was asked for, and the kernel has no uprobe sessions
+    /// (BPF_TRACE_UPROBE_SESSION and its kfuncs, Linux >= 6.13, with BTF).
+    public static let latencyUnsupported = ErrorCode("latency_unsupported")
     public static let mapCreateFailed = ErrorCode("map_create_failed")
     public static let mapOpFailed = ErrorCode("map_op_failed")
     public static let progLoadFailed = ErrorCode("prog_load_failed")
@@ -124,7 +127,7 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
         fileNotFound, notELF, unsupportedELF, malformedELF, noSymbols, symbolNotFound, offsetNotExecutable,
         offsetNotFunctionStart, instructionNotProbeable, usdtNotFound, libraryNotFound, tooManyMatches, invalidSpec, retprobeOnGo,
         processNotFound,
-        bpfUnavailable, uprobeMultiUnsupported, mapCreateFailed, mapOpFailed, progLoadFailed, linkCreateFailed,
+        bpfUnavailable, uprobeMultiUnsupported, latencyUnsupported, mapCreateFailed, mapOpFailed, progLoadFailed, linkCreateFailed,
         pathNotFound, offsetOutOfRange, invalidArgument, perfEventOpenFailed, perfPMUUnavailable,
         execEventsUnavailable, fileChanged, capacityExhausted,
         stateWriteFailed, stateIO, stateCorrupt, stateIncomplete, stateDiskFull,

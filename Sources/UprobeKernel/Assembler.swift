@@ -18,7 +18,14 @@ struct BPFAssembler {
         static let atomicDW: UInt8 = 0xdb   // BPF_STX | BPF_ATOMIC | BPF_DW
         static let ja: UInt8 = 0x05, jeqImm: UInt8 = 0x15, jleReg: UInt8 = 0xbd
         static let call: UInt8 = 0x85, exit: UInt8 = 0x95, ldImm64: UInt8 = 0x18
+        // For the latency program.
+        static let add64Reg: UInt8 = 0x0f, sub64Reg: UInt8 = 0x1f, lsh64Imm: UInt8 = 0x67
+        static let rsh64Reg: UInt8 = 0x7f, and64Imm: UInt8 = 0x57, xor64Imm: UInt8 = 0xa7
+        static let ldxDW: UInt8 = 0x79
+        static let jneImm: UInt8 = 0x55, jltImm: UInt8 = 0xa5, jgtImm: UInt8 = 0x25, jeqReg: UInt8 = 0x1d
     }
+    /// `call` source register for a kernel function named by BTF id (BPF_PSEUDO_KFUNC_CALL).
+    static let pseudoKfuncCall: UInt8 = 2
 
     private mutating func emit(_ code: UInt8, dst: Reg = .r0, src: UInt8 = 0, off: Int16 = 0, imm: Int32 = 0) {
         let regs = UInt64(dst.rawValue & 0x0f) | (UInt64(src & 0x0f) << 4)
@@ -50,6 +57,26 @@ struct BPFAssembler {
         emit(0, dst: .r0, imm: 0)
     }
     mutating func call(_ helper: Int32) { emit(Op.call, imm: helper) }
+    /// Calls a kfunc of vmlinux by its BTF type id (off 0: vmlinux BTF).
+    mutating func callKfunc(btfID: UInt32) { emit(Op.call, src: Self.pseudoKfuncCall, imm: Int32(bitPattern: btfID)) }
+    mutating func add(_ dst: Reg, _ src: Reg) { emit(Op.add64Reg, dst: dst, src: src.rawValue) }
+    mutating func sub(_ dst: Reg, _ src: Reg) { emit(Op.sub64Reg, dst: dst, src: src.rawValue) }
+    mutating func lsh(_ dst: Reg, imm: Int32) { emit(Op.lsh64Imm, dst: dst, imm: imm) }
+    mutating func rsh(_ dst: Reg, _ src: Reg) { emit(Op.rsh64Reg, dst: dst, src: src.rawValue) }
+    mutating func and(_ dst: Reg, imm: Int32) { emit(Op.and64Imm, dst: dst, imm: imm) }
+    /// dst ^= imm (sign-extended to 64 bits: imm -1 flips every bit).
+    mutating func xor(_ dst: Reg, imm: Int32) { emit(Op.xor64Imm, dst: dst, imm: imm) }
+    /// dst = *(u64 *)(src + off)
+    mutating func loadDW(_ dst: Reg, _ src: Reg, off: Int16) { emit(Op.ldxDW, dst: dst, src: src.rawValue, off: off) }
+    /// r0 = cmpxchg((u64 *)(dst + off), r0, src): stores src if the value equals r0; r0 gets
+    /// the value found (BPF_ATOMIC | BPF_CMPXCHG).
+    mutating func atomicCmpxchg64(_ dst: Reg, off: Int16, _ src: Reg) { emit(Op.atomicDW, dst: dst, src: src.rawValue, off: off, imm: 0xf1) }
+    mutating func jumpIfNotZero(_ reg: Reg, _ label: Label) { fixups.append((words.count, label.id)); emit(Op.jneImm, dst: reg, imm: 0) }
+    /// if dst < imm (unsigned) goto label
+    mutating func jumpIfLess(_ reg: Reg, imm: Int32, _ label: Label) { fixups.append((words.count, label.id)); emit(Op.jltImm, dst: reg, imm: imm) }
+    /// if dst > imm (unsigned) goto label
+    mutating func jumpIfGreater(_ reg: Reg, imm: Int32, _ label: Label) { fixups.append((words.count, label.id)); emit(Op.jgtImm, dst: reg, imm: imm) }
+    mutating func jumpIfEqual(_ dst: Reg, _ src: Reg, _ label: Label) { fixups.append((words.count, label.id)); emit(Op.jeqReg, dst: dst, src: src.rawValue) }
     mutating func exit() { emit(Op.exit) }
 
     mutating func jump(_ label: Label) { fixups.append((words.count, label.id)); emit(Op.ja) }

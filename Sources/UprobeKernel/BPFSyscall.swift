@@ -92,15 +92,17 @@ enum BPFSyscall {
         }
     }
 
-    /// BPF_LINK_CREATE of a uprobe_multi link (attach type BPF_TRACE_UPROBE_MULTI).
+    /// BPF_LINK_CREATE of a uprobe_multi link (attach type BPF_TRACE_UPROBE_MULTI, or
+    /// BPF_TRACE_UPROBE_SESSION for a latency link).
     static func linkCreateUprobeMulti(program: FileDescriptor, path: String, offsets: [UInt64],
                                       refCtrOffsets: [UInt64]?, cookies: [UInt64],
-                                      flags: UInt32, pid: UInt32) throws(SyscallFailure) -> FileDescriptor {
+                                      flags: UInt32, pid: UInt32,
+                                      attachType: UInt32 = CUPROBESYS_BPF_TRACE_UPROBE_MULTI) throws(SyscallFailure) -> FileDescriptor {
         let fd = try offsets.withUnsafeBufferPointer { (offs) throws(SyscallFailure) -> Int32 in
             try cookies.withUnsafeBufferPointer { (cks) throws(SyscallFailure) -> Int32 in
                 try withOptionalBuffer(refCtrOffsets) { (refs) throws(SyscallFailure) -> Int32 in
                     try retryingEINTR("bpf(BPF_LINK_CREATE uprobe_multi)") {
-                        CUprobeSys_link_create_uprobe_multi(program.rawValue, path, offs.baseAddress,
+                        CUprobeSys_link_create_uprobe_multi_as(program.rawValue, attachType, path, offs.baseAddress,
                                                             refs, cks.baseAddress,
                                                             UInt32(offs.count), flags, pid)
                     }

@@ -259,6 +259,19 @@ public final class CounterProgram: Sendable {
         if let bad = slots.first(where: { $0 >= capacity }) {
             throw KernelError(code: .capacityExhausted, message: "slot \(bad) is outside the counter capacity \(capacity)")
         }
+        let generation = nextGeneration()
+        let cookies = slots.map { (UInt64(generation) << 32) | UInt64($0) }
+        let fd = try createLink(program: multiProgram, attachType: CUPROBESYS_BPF_TRACE_UPROBE_MULTI, path: path,
+                                offsets: offsets, refCtrOffsets: refCtrOffsets, cookies: cookies, pid: pid,
+                                flags: retprobe ? CUPROBESYS_BPF_F_UPROBE_MULTI_RETURN : 0)
+        return UprobeMultiLink(fd: fd, generation: generation, offsetCount: offsets.count)
+    }
+
+    /// BPF_LINK_CREATE of one uprobe_multi-style link of `program` (the counting program, or
+    /// the latency program with BPF_TRACE_UPROBE_SESSION), with the checks and error codes
+    /// both share. The caller checked that the arrays have the same length.
+    func createLink(program: FileDescriptor, attachType: UInt32, path: String, offsets: [UInt64],
+                    refCtrOffsets: [UInt64]?, cookies: [UInt64], pid: Int32?, flags: UInt32) throws(KernelError) -> FileDescriptor {
         if let pid, pid <= 0 {
             throw KernelError(code: .invalidArgument, message: "pid must be positive, got \(pid)")
         }
@@ -280,14 +293,10 @@ public final class CounterProgram: Sendable {
                               message: "offset \(bad) of \(path) is not inside an executable segment; the kernel would accept it but the probe could never fire",
                               errno: Errno.invalidArgument.rawValue)
         }
-        let generation = nextGeneration()
-        let cookies = slots.map { (UInt64(generation) << 32) | UInt64($0) }
         do {
-            let fd = try BPFSyscall.linkCreateUprobeMulti(
-                program: multiProgram, path: path, offsets: offsets, refCtrOffsets: refCtrOffsets,
-                cookies: cookies, flags: retprobe ? CUPROBESYS_BPF_F_UPROBE_MULTI_RETURN : 0,
-                pid: pid.map { UInt32($0) } ?? 0)
-            return UprobeMultiLink(fd: fd, generation: generation, offsetCount: offsets.count)
+            return try BPFSyscall.linkCreateUprobeMulti(
+                program: program, path: path, offsets: offsets, refCtrOffsets: refCtrOffsets,
+                cookies: cookies, flags: flags, pid: pid.map { UInt32($0) } ?? 0, attachType: attachType)
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory:
@@ -328,7 +337,7 @@ public final class CounterProgram: Sendable {
         }
     }
 
-    private func updateBatch<V>(_ map: FileDescriptor, keys: [UInt32], values: [V], valueSize: Int) throws(SyscallFailure) {
+    func updateBatch<V>(_ map: FileDescriptor, keys: [UInt32], values: [V], valueSize: Int) throws(SyscallFailure) {
         guard !keys.isEmpty else { return }
         let result: Result<Void, SyscallFailure> = keys.withUnsafeBufferPointer { k in
             values.withUnsafeBytes { v in
@@ -351,6 +360,11 @@ public final class CounterProgram: Sendable {
     /// BPF_MAP_DELETE_ELEM). Call after `setOverlap(false, ...)`, when no old link of these
     /// slots is attached any more.
     public func sweepMarks(slots: Set<UInt32>) throws(KernelError) {
+        try sweep(marks, slots: slots)
+    }
+
+    /// Deletes the entries of a {u32 tid; u32 slot} hand-off map whose slot is in `slots`.
+    func sweep(_ marks: FileDescriptor, slots: Set<UInt32>) throws(KernelError) {
         guard !slots.isEmpty else { return }
         var doomed: [UInt64] = []
         var key: UInt64 = 0

@@ -28,6 +28,9 @@ extern "C" {
 
 /// enum bpf_attach_type value of the uprobe_multi link (Linux >= 6.6).
 #define CUPROBESYS_BPF_TRACE_UPROBE_MULTI 48u
+/// enum bpf_attach_type value of the uprobe session link (Linux >= 6.13): one program runs at
+/// a function's entry and, unless that run returned non-zero, again at its return.
+#define CUPROBESYS_BPF_TRACE_UPROBE_SESSION 57u
 /// link_create.uprobe_multi.flags: attach to function returns instead of entries.
 #define CUPROBESYS_BPF_F_UPROBE_MULTI_RETURN 1u
 /// enum bpf_attach_type value of perf_event links (present in 6.1, restated for Swift).
@@ -84,6 +87,10 @@ int CUprobeSys_prog_load(uint32_t prog_type, uint32_t expected_attach_type,
 int CUprobeSys_link_create_uprobe_multi(int prog_fd, const char *path, const uint64_t *offsets,
                                         const uint64_t *ref_ctr_offsets, const uint64_t *cookies,
                                         uint32_t cnt, uint32_t flags, uint32_t pid);
+/// The same link with another uprobe_multi attach type (BPF_TRACE_UPROBE_SESSION).
+int CUprobeSys_link_create_uprobe_multi_as(int prog_fd, uint32_t attach_type, const char *path,
+                                           const uint64_t *offsets, const uint64_t *ref_ctr_offsets,
+                                           const uint64_t *cookies, uint32_t cnt, uint32_t flags, uint32_t pid);
 
 /// BPF_LINK_CREATE for a BPF_PERF_EVENT link (program on a perf event, with bpf_cookie).
 int CUprobeSys_link_create_perf_event(int prog_fd, int perf_fd, uint64_t cookie);
