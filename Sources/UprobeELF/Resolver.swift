@@ -22,10 +22,15 @@ public struct ProbeSpecInput: Sendable, Hashable {
     /// Follow the path when its file is replaced (a new inode): the daemon resolves the same
     /// probe in the new file and attaches it too. The resolver itself ignores it.
     public var follow: Bool
+    /// Measure each call's duration (entry to return) instead of counting entries: a latency
+    /// probe (a uprobe session link). The resolver itself ignores it.
+    public var latency: Bool
 
     public init(path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: String? = nil,
-                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false, follow: Bool = true) {
+                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false, follow: Bool = true,
+                latency: Bool = false) {
         self.follow = follow
+        self.latency = latency
         self.path = path
         self.symbol = symbol
         self.offset = offset
@@ -251,11 +256,14 @@ public struct Resolver: Sendable {
             throw .invalidSpec("symbol is empty or contains NUL")
         }
         if spec.usdt != nil && spec.retprobe { throw .invalidSpec("a USDT probe cannot be a retprobe") }
+        if spec.usdt != nil && spec.latency { throw .invalidSpec("a USDT probe cannot be a latency probe") }
+        if spec.retprobe && spec.latency { throw .invalidSpec("a probe cannot be both a retprobe and a latency probe") }
     }
 
     private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> Resolution {
-        if spec.retprobe && elf.isGoBinary && !spec.force {
-            throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe can corrupt "
+        if (spec.retprobe || spec.latency) && elf.isGoBinary && !spec.force {
+            // A latency probe hooks each call's return the same way a uretprobe does.
+            throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe (or latency probe) can corrupt "
                 + "them and crash the process; probe the function's return sites by offset, or set force to accept the risk")
         }
         let sites: [Site]

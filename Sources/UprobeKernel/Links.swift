@@ -58,6 +58,15 @@ public enum LinkCloser {
         }
         pool.runAll(links.map { link in { link.close() } })
     }
+
+    /// `closeAll` with latency links among them: each latency link drains on its own closer
+    /// thread (`LatencyLink.close`), unless `drain` is false (daemon shutdown).
+    public static func closeAll(_ links: [UprobeMultiLink], latency: [LatencyLink], drain: Bool = true) {
+        if latency.isEmpty { closeAll(links); return }
+        let plain: [@Sendable () -> Void] = links.map { link in { link.close() } }
+        let sessions: [@Sendable () -> Void] = latency.map { link in { link.close(drain: drain) } }
+        pool.runAll(plain + sessions)
+    }
 }
 
 /// Plain pthreads for work that blocks in the kernel and should overlap (Dispatch would cap

@@ -13,10 +13,15 @@ public struct ProbeSpec: Sendable, Hashable {
     /// Follow the path through replacements of its file (default); false pins the probe to
     /// the inode it was registered on.
     public var follow: Bool
+    /// Measure each call from entry to return (calls, returns, in flight, a histogram of
+    /// durations) instead of counting entries.
+    public var latency: Bool
 
     public init(path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: String? = nil,
-                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false, follow: Bool = true) {
+                pid: Int32? = nil, retprobe: Bool = false, force: Bool = false, follow: Bool = true,
+                latency: Bool = false) {
         self.follow = follow
+        self.latency = latency
         self.path = path
         self.symbol = symbol
         self.offset = offset
@@ -26,7 +31,7 @@ public struct ProbeSpec: Sendable, Hashable {
         self.force = force
     }
 
-    static let knownKeys: Set<String> = ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"]
+    static let knownKeys: Set<String> = ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"]
 
     /// Decodes a spec object; `context` names it in errors (e.g. `probes[3]`) and is only
     /// made when there is one (a 10,000-probe request formatted 10,000 unused names).
@@ -44,7 +49,7 @@ public struct ProbeSpec: Sendable, Hashable {
         var usdt: String?
         var offset: UInt64?
         var pid: Int32?
-        var retprobe = false, force = false, follow = true
+        var retprobe = false, force = false, follow = true, latency = false
         for member in obj.pairs {
             let (key, value) = (member.key, member.value)
             if case .null = value, key != "path" { continue }  // an explicit null is an absent member
@@ -76,9 +81,14 @@ public struct ProbeSpec: Sendable, Hashable {
                     throw ProtocolError(.invalidRequest, "\(context()).pid must be a positive process id")
                 }
                 pid = Int32(p)
-            case "retprobe", "force", "follow":
+            case "retprobe", "force", "follow", "latency":
                 guard case .bool(let b) = value else { throw mistyped(key, "a boolean", value) }
-                if key == "retprobe" { retprobe = b } else if key == "force" { force = b } else { follow = b }
+                switch key {
+                case "retprobe": retprobe = b
+                case "force": force = b
+                case "latency": latency = b
+                default: follow = b
+                }
             default:
                 throw ProtocolError(.invalidRequest,
                                     "\(context()) has unknown field '\(key)' (known: \(Self.knownKeys.sorted().joined(separator: ", ")))")
@@ -91,7 +101,14 @@ public struct ProbeSpec: Sendable, Hashable {
         }
         if let s = symbol, s.isEmpty { throw ProtocolError(.invalidRequest, "\(context()).symbol is empty") }
         if let u = usdt, u.isEmpty { throw ProtocolError(.invalidRequest, "\(context()).usdt is empty") }
-        self.init(path: path, symbol: symbol, offset: offset, usdt: usdt, pid: pid, retprobe: retprobe, force: force, follow: follow)
+        if latency && retprobe {
+            throw ProtocolError(.invalidRequest, "\(context()) cannot be both 'latency' and 'retprobe': a latency probe already sees each call's return")
+        }
+        if latency && usdt != nil {
+            throw ProtocolError(.invalidRequest, "\(context()) cannot be 'latency' on a USDT probe: a USDT note is a point, not a function with a return")
+        }
+        self.init(path: path, symbol: symbol, offset: offset, usdt: usdt, pid: pid, retprobe: retprobe, force: force, follow: follow,
+                  latency: latency)
     }
 
     /// The spec as it goes on the wire (also how `list` shows it).
@@ -118,6 +135,7 @@ public struct ProbeSpec: Sendable, Hashable {
         if retprobe { m.append(("retprobe", true)) }
         if force { m.append(("force", true)) }
         if !follow { m.append(("follow", false)) }
+        if latency { m.append(("latency", true)) }
         return m
     }
 }

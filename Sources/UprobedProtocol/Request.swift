@@ -6,8 +6,9 @@ public enum Request: Sendable, Equatable {
     /// `versions`: always include the per-file breakdown (by default only probes that count in
     /// more than one file version, i.e. during an upgrade, carry it).
     /// `consumer`: only that consumer's probes (not together with `ids`).
-    case stats(ids: [String]?, versions: Bool, consumer: String? = nil)
-    case watch(intervalMs: Int, ids: [String]?)
+    /// `buckets`: a latency probe's entry also lists its non-empty histogram buckets.
+    case stats(ids: [String]?, versions: Bool, consumer: String? = nil, buckets: Bool = false)
+    case watch(intervalMs: Int, ids: [String]?, buckets: Bool = false)
     case status
     /// Dry run: resolve specs and report what would be probed, without attaching.
     case resolve(probes: [ProbeSpec])
@@ -102,8 +103,8 @@ public enum RequestDecoder {
         case "register", "resolve": allowed = ["probes", "consumer"]
         case "unregister": allowed = ["probes", "consumer"]
         case "list": allowed = ["consumer"]
-        case "stats": allowed = ["probes", "versions", "consumer"]
-        case "watch": allowed = ["probes", "interval_ms"]
+        case "stats": allowed = ["probes", "versions", "consumer", "buckets"]
+        case "watch": allowed = ["probes", "interval_ms", "buckets"]
         case "status": allowed = []
         default:
             throw ProtocolError(.unknownOp, "unknown op '\(op)' (known: \(Request.ops.joined(separator: ", ")))")
@@ -114,6 +115,11 @@ public enum RequestDecoder {
         let consumer = try optionalString(obj, "consumer")
         if let consumer, consumer.isEmpty || consumer.utf8.count > 256 {
             throw ProtocolError(.invalidRequest, "'consumer' must be 1 to 256 bytes")
+        }
+        var buckets = false
+        if let v = obj["buckets"] {
+            guard let b = v.boolValue else { throw ProtocolError(.invalidRequest, "'buckets' must be a boolean") }
+            buckets = b
         }
         switch op {
         case "register", "resolve":
@@ -155,7 +161,7 @@ public enum RequestDecoder {
             if ids != nil && consumer != nil {
                 throw ProtocolError(.invalidRequest, "'stats' takes 'probes' (a list of ids) or 'consumer', not both")
             }
-            return .stats(ids: ids, versions: versions, consumer: consumer)
+            return .stats(ids: ids, versions: versions, consumer: consumer, buckets: buckets)
         case "watch":
             var interval = 1000
             if let v = obj["interval_ms"] {
@@ -165,7 +171,7 @@ public enum RequestDecoder {
                 }
                 interval = Int(i)
             }
-            return .watch(intervalMs: interval, ids: try optionalIDs(obj))
+            return .watch(intervalMs: interval, ids: try optionalIDs(obj), buckets: buckets)
         default:
             return .status
         }

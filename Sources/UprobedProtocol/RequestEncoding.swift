@@ -17,13 +17,15 @@ extension Request {
             consumer(c)
         case .list(let c):
             consumer(c)
-        case .stats(let list, let versions, let c):
+        case .stats(let list, let versions, let c, let buckets):
             ids(list)
             if versions { o["versions"] = .bool(true) }
             consumer(c)
-        case .watch(let interval, let list):
+            if buckets { o["buckets"] = .bool(true) }
+        case .watch(let interval, let list, let buckets):
             o["interval_ms"] = .int(Int64(interval))
             ids(list)
+            if buckets { o["buckets"] = .bool(true) }
         case .status:
             break
         }

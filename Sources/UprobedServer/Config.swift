@@ -47,6 +47,9 @@ public struct DaemonConfig: Sendable, Equatable {
     public var maxLinksPerGroup = 8
     /// Counter slots, i.e. the most probe sites attached at once.
     public var slotCapacity: UInt32 = 65_536
+    /// Latency probe sites at once: each has a histogram row of 2.7 KB of kernel memory,
+    /// allocated for all of them when the first latency probe is registered.
+    public var latencyCapacity: UInt32 = 16_384
     /// Least `interval_ms` a `watch` may ask for.
     public var minWatchIntervalMs = 100
     /// trace, debug, info, notice, warning, error, critical.

@@ -38,6 +38,7 @@ struct ConfigKey: Sendable {
         int("compaction_delay_ms", \.compactionDelayMs, 0...3_600_000),
         int("max_links_per_group", \.maxLinksPerGroup, 1...100_000),
         field("slot_capacity", \.slotCapacity) { v throws(BadValue) in UInt32(try integer("slot_capacity", v, 16...16_777_216)) },
+        field("latency_capacity", \.latencyCapacity) { v throws(BadValue) in UInt32(try integer("latency_capacity", v, 1...1_048_576)) },
         int("min_watch_interval_ms", \.minWatchIntervalMs, 1...3_600_000),
         int("follow_check_ms", \.followCheckMs, 10...3_600_000),
         int("follow_settle_ms", \.followSettleMs, 0...60_000),

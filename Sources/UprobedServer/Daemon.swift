@@ -43,7 +43,7 @@ public final class UprobedService: Service, Sendable {
         }
         let kernel: BPFKernelBackend
         do {
-            kernel = try BPFKernelBackend(capacity: config.slotCapacity)
+            kernel = try BPFKernelBackend(capacity: config.slotCapacity, latencyCapacity: config.latencyCapacity)
         } catch {
             logger.critical("kernel support missing", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
             throw ServerError(message: "cannot start: \(error.message) [\(error.code)]")

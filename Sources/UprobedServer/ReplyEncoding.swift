@@ -4,6 +4,7 @@ import NIOCore
 import Synchronization
 import UprobeCore
 import UprobeELF
+import UprobeKernel
 import UprobedProtocol
 
 /// How replies are written: sites, registrations, stats rows and the status object.
@@ -68,8 +69,10 @@ extension RequestHandler {
     /// state if not active, and the per-file breakdown when asked for or when there is more
     /// than one file (an upgrade in progress) — a 10,000-probe reply stays small. A plain row
     /// (see `StatsTable`) is written from its id number without touching its record.
-    static func writeStats(_ table: StatsTable, versions: Bool, into w: inout JSONWriter,
-                           rate: (Int) -> Double) {
+    /// A latency probe's entry carries `latency` (`latency(i)`: the totals, or a `watch`
+    /// interval's), with its non-empty buckets when `buckets`.
+    static func writeStats(_ table: StatsTable, versions: Bool, buckets: Bool = false, into w: inout JSONWriter,
+                           rate: (Int) -> Double, latency: (Int) -> LatencyHistogram? = { _ in nil }) {
         w.key("stats")
         w.beginArray()
         for i in 0..<table.count {
@@ -96,6 +99,7 @@ extension RequestHandler {
                 w.field("state", d.record.state.name)
                 w.field("reason", reason)
             }
+            if let h = latency(i) { writeLatency(h, buckets: buckets, into: &w) }
             if let breakdown = d.versions, versions || breakdown.count > 1 {
                 w.objects("versions", breakdown) { w, v in
                     w.field("path", v.version.path)
@@ -180,6 +184,57 @@ extension ProbeSpec {
     /// The wire form of a resolver spec (the inverse of `RequestHandler.input`).
     init(_ s: ProbeSpecInput) {
         self.init(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
-                  retprobe: s.retprobe, force: s.force, follow: s.follow)
+                  retprobe: s.retprobe, force: s.force, follow: s.follow, latency: s.latency)
+    }
+}
+
+extension RequestHandler {
+    /// The `latency` member of a `stats` entry: exact counts, the sum, min and max, and
+    /// percentiles (the middle of the bucket holding them: within 1/16 of the true value, see
+    /// `LatencyHistogram`; null while no call has returned); with `buckets`, the non-empty
+    /// buckets as [lower_ns, upper_ns, count] (upper null for the overflow bucket, >= 2^42 ns).
+    static func writeLatency(_ h: LatencyHistogram, buckets: Bool, into w: inout JSONWriter) {
+        w.key("latency")
+        w.beginObject()
+        w.field("calls", h.calls)
+        w.field("returns", h.returns)
+        w.field("in_flight", h.inFlight)
+        w.field("unobserved", h.unobserved)
+        w.field("sum_ns", h.sumNanoseconds)
+        for (name, value) in [("min_ns", h.returns > 0 ? h.minNanoseconds : nil), ("max_ns", h.returns > 0 ? h.maxNanoseconds : nil)] as [(StaticString, UInt64?)] {
+            w.key(name)
+            if let value { w.uint(value) } else { w.null() }
+        }
+        for (name, q) in Self.latencyQuantiles {
+            w.key(name)
+            if let v = h.quantile(q) { w.uint(v) } else { w.null() }
+        }
+        if buckets {
+            w.key("buckets")
+            w.beginArray()
+            for b in h.nonEmptyBuckets {
+                w.beginArray()
+                w.uint(b.lower)
+                if let upper = b.upper { w.uint(upper) } else { w.null() }
+                w.uint(b.count)
+                w.endArray()
+            }
+            w.endArray()
+        }
+        w.endObject()
+    }
+
+    static let latencyQuantiles: [(StaticString, Double)] = [("p50_ns", 0.5), ("p90_ns", 0.9), ("p99_ns", 0.99), ("p999_ns", 0.999)]
+}
+
+/// What a `watch` stream remembers of its previous event: each probe's hits (for rates over
+/// the interval) and latency probes' histograms (for the interval's calls).
+struct WatchMemory {
+    var hits: [String: UInt64] = [:]
+    var latency: [String: LatencyHistogram] = [:]
+    init() {}
+    init(_ table: StatsTable) {
+        hits = Dictionary(zip((0..<table.count).lazy.map(table.id), table.hits), uniquingKeysWith: { a, _ in a })
+        for i in 0..<table.count { if let h = table.detail(i)?.latency { latency[table.id(i)] = h } }
     }
 }

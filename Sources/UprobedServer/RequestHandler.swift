@@ -72,7 +72,7 @@ public struct RequestHandler: Sendable {
             case .list(let consumer): result = .success(list(consumer: consumer))
             case .stats, .status: result = readOnlyResult(env.request)  // the event loop answers most (`replyWithoutWaiting`)
             case .resolve(let specs): result = await resolveChecked(specs, who: who, policy: policy)
-            case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
+            case .watch(_, let ids, let buckets): result = stats(ids: ids, buckets: buckets)  // the server streams; see `watchEvent`
             }
         }
         return line(for: env, who: who, result)
@@ -94,8 +94,8 @@ public struct RequestHandler: Sendable {
     }
 
     private func readOnlyResult(_ request: Request) -> Result<ReplyBody, ProtocolError> {
-        if case .stats(let ids, let versions, let consumer) = request {
-            return stats(ids: ids, consumer: consumer, versions: versions)
+        if case .stats(let ids, let versions, let consumer, let buckets) = request {
+            return stats(ids: ids, consumer: consumer, versions: versions, buckets: buckets)
         }
         return .success(.members(status()))
     }
@@ -134,9 +134,9 @@ public struct RequestHandler: Sendable {
     /// One `watch` event: `stats` with `"event": "stats"`, each rate over the interval since the
     /// previous event (`previous`: hits then, updated here) instead of since registration.
     /// `failed`: the line is an error reply and the stream ends.
-    func watchEvent(_ env: RequestEnvelope, peer who: PeerIdentity, previous: inout [String: UInt64],
+    func watchEvent(_ env: RequestEnvelope, peer who: PeerIdentity, previous: inout WatchMemory,
                     seconds: Double) -> (line: ByteBuffer, failed: Bool) {
-        guard case .watch(_, let ids) = env.request else { return (ByteBuffer(), true) }
+        guard case .watch(_, let ids, let buckets) = env.request else { return (ByteBuffer(), true) }
         let result: Result<ReplyBody, ProtocolError>
         if let denial = AccessControl.check(who, has: AccessControl.requiredRole(env.request), for: env.request.op,
                                             policy: access.load()) {
@@ -146,13 +146,18 @@ public struct RequestHandler: Sendable {
             case .failure(let e): result = .failure(Self.protocolError(e))
             case .success(let table):
                 let before = previous
-                previous = Dictionary(zip((0..<table.count).lazy.map(table.id), table.hits), uniquingKeysWith: { a, _ in a })
+                previous = WatchMemory(table)
                 result = .success(.written(estimatedBytes: table.count * 48) { w in
                     w.field("event", "stats")
-                    Self.writeStats(table, versions: false, into: &w) { i in
-                        guard let was = before[table.id(i)], seconds > 0 else { return table.rates[i] }
+                    Self.writeStats(table, versions: false, buckets: buckets, into: &w, rate: { i in
+                        guard let was = before.hits[table.id(i)], seconds > 0 else { return table.rates[i] }
                         return Double(table.hits[i] &- was) / seconds
-                    }
+                    }, latency: { i in
+                        // The calls that returned in the interval (all of them on the first event).
+                        guard let now = table.detail(i)?.latency else { return nil }
+                        guard let was = before.latency[table.id(i)] else { return now }
+                        return now.since(was)
+                    })
                 })
             }
         }
@@ -183,7 +188,7 @@ public struct RequestHandler: Sendable {
 
     static func input(_ s: ProbeSpec) -> ProbeSpecInput {
         ProbeSpecInput(path: s.path, symbol: s.symbol, offset: s.offset, usdt: s.usdt, pid: s.pid,
-                       retprobe: s.retprobe, force: s.force, follow: s.follow)
+                       retprobe: s.retprobe, force: s.force, follow: s.follow, latency: s.latency)
     }
 
 
@@ -320,12 +325,13 @@ public struct RequestHandler: Sendable {
         }
     }
 
-    func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false) -> Result<ReplyBody, ProtocolError> {
+    func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false, buckets: Bool = false) -> Result<ReplyBody, ProtocolError> {
         switch engine.statsTable(ids: ids, consumer: consumer, allVersions: versions) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let table):
             return .success(.written(estimatedBytes: table.count * 48) { w in
-                Self.writeStats(table, versions: versions, into: &w) { table.rates[$0] }
+                Self.writeStats(table, versions: versions, buckets: buckets, into: &w, rate: { table.rates[$0] },
+                                latency: { table.detail($0)?.latency })
             })
         }
     }

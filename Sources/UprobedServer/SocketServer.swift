@@ -362,7 +362,7 @@ final class SocketServer: Sendable {
                     case .line(let buffer):
                         // (Blank keep-alive lines never arrive: `ImmediateReplies` drops them.)
                         let decoded = RequestDecoder.decode(Array(buffer.readableBytesView), limits: handler.limits)
-                        if case .success(let env) = decoded, case .watch(let interval, _) = env.request {
+                        if case .success(let env) = decoded, case .watch(let interval, _, _) = env.request {
                             gate?.watching.store(true, ordering: .relaxed)  // before the stream's first write; see `ImmediateReplies`
                             watch = startWatch(env, intervalMs: interval, peer: peer, outbound: outbound)
                             continue
@@ -387,7 +387,7 @@ final class SocketServer: Sendable {
                             outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>) -> Task<Void, Never> {
         let handler = self.handler
         return Task {
-            var previous: [String: UInt64] = [:]
+            var previous = WatchMemory()
             var last = ContinuousClock.now
             while !Task.isCancelled {
                 let now = ContinuousClock.now

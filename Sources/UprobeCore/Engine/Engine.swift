@@ -18,6 +18,8 @@ public struct ProbeStats: Sendable {
     /// carried over from before a daemon restart. Empty for a single-file probe unless asked
     /// for (`stats(ids:allVersions:)`).
     public var versions: [VersionStats] = []
+    /// A latency probe's calls, returns and histogram; nil for a counting probe.
+    public var latency: LatencyHistogram? = nil
 }
 
 /// Hits counted in one file version of a registration.
@@ -193,8 +195,9 @@ public final class Engine: Sendable {
         do throws(KernelError) { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch {
             return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
         }
+        let kernel = self.kernel
         return StatsTable.make(snap.probes, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions,
-                               now: MonotonicEpoch.seconds(.now))
+                               now: MonotonicEpoch.seconds(.now), latency: { kernel.readLatency(slot: $0) })
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for

@@ -202,7 +202,7 @@ struct StatsRow: Sendable, BitwiseCopyable {
     var baseHits: UInt64 = 0
     /// False for an empty place in a chunk.
     var present = false
-    /// One site, active, no retired versions: its hits are `baseHits + counts[slot]`, and
+    /// One site, active, no retired versions, not a latency probe: its hits are `baseHits + counts[slot]`, and
     /// nothing else of the record is needed unless a per-file breakdown is asked for.
     var plain = false
 
@@ -213,7 +213,7 @@ struct StatsRow: Sendable, BitwiseCopyable {
         countingSince = r.countingSince
         baseHits = r.baseHits
         present = true
-        if r.sites.count == 1, r.retired.isEmpty, case .active = r.state {
+        if r.sites.count == 1, r.retired.isEmpty, !r.spec.latency, case .active = r.state {
             plain = true
             slot = r.sites[0].slot
         }

@@ -1,4 +1,5 @@
 import UprobeELF
+import UprobeKernel
 
 /// Who made a request (from SO_PEERCRED), carried to the engine for ownership and limits.
 public struct Peer: Sendable, Hashable {
@@ -139,13 +140,18 @@ public final class ProbeRecord: Sendable {
     public let targets: [ResolvedProbe]
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public let retired: RetiredVersions
+    /// A latency probe's histogram from before this daemon process took over (the state
+    /// file) and of its retired sites, added to what its sites measure now.
+    public let baseLatency: LatencyHistogram?
 
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
     /// the caller has it (a batch computes it once for all its records).
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
                 registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
-                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = []) {
+                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = [],
+                baseLatency: LatencyHistogram? = nil) {
         self.retired = retired
+        self.baseLatency = baseLatency
         self.id = id
         self.number = ProbeID.number(id)
         self.consumer = consumer
@@ -162,11 +168,20 @@ public final class ProbeRecord: Sendable {
 
     /// A new version of this registration (same id, registration time and consumers' owner).
     func with(sites: [ProbeSite], state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe],
-              retired: RetiredVersions) -> ProbeRecord {
+              retired: RetiredVersions, baseLatency: LatencyHistogram?? = nil) -> ProbeRecord {
         ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
                     registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince, state: state,
                     baseHits: baseHits, targets: targets,
-                    retired: retired)
+                    retired: retired, baseLatency: baseLatency ?? self.baseLatency)
+    }
+
+    /// A latency probe's histogram: `baseLatency` plus what its sites' rows hold now
+    /// (`read`: the kernel's row of a slot); nil for a counting probe.
+    public func latency(_ read: (UInt32) -> LatencyHistogram?) -> LatencyHistogram? {
+        guard spec.latency else { return nil }
+        var h = baseLatency ?? LatencyHistogram()
+        for s in sites { if let live = read(s.slot) { h.add(live) } }
+        return h
     }
 
     /// Whether the daemon follows this registration's path through file replacements: asked
@@ -191,8 +206,12 @@ public struct RestoreItem: Sendable {
     /// It comes back `ended` with `degradedReason` as the reason: it was over before the
     /// restart, or its process stopped being its owner's while the daemon was down.
     public var ended: Bool
+    /// A latency probe's histogram up to the save.
+    public var baseLatency: LatencyHistogram?
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
-                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false) {
+                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false,
+                baseLatency: LatencyHistogram? = nil) {
+        self.baseLatency = baseLatency
         self.id = id
         self.consumer = consumer
         self.owner = owner

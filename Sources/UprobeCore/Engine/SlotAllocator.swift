@@ -10,8 +10,13 @@ struct SlotAllocator {
     private var freeBelowHighWater: [UInt32] = []  // sorted descending: popLast() is the lowest
     private(set) var highWater: UInt32 = 0
     private(set) var inUse: Int = 0
+    /// Told every released slot (the kernel frees what it kept per slot: latency rows).
+    private let released: ([UInt32]) -> Void
 
-    init(capacity: UInt32) { self.capacity = capacity }
+    init(capacity: UInt32, released: @escaping ([UInt32]) -> Void = { _ in }) {
+        self.capacity = capacity
+        self.released = released
+    }
 
     var available: Int { Int(capacity - highWater) + freeBelowHighWater.count }
 
@@ -28,6 +33,7 @@ struct SlotAllocator {
 
     mutating func release(_ slots: [UInt32]) {
         guard !slots.isEmpty else { return }
+        released(slots)
         inUse -= slots.count
         freeBelowHighWater.append(contentsOf: slots)
         freeBelowHighWater.sort(by: >)

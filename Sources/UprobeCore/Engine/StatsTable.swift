@@ -1,3 +1,5 @@
+import UprobeKernel
+
 /// `stats` of many probes as columns, row i being one registration with `hits[i]` and
 /// `rates[i]`.
 ///
@@ -21,6 +23,8 @@ public struct StatsTable: Sendable {
     public struct Detail: Sendable {
         public let record: ProbeRecord
         public let versions: [VersionStats]?
+        /// A latency probe's histogram (saved base plus its sites' rows); nil otherwise.
+        public let latency: LatencyHistogram?
     }
 
     public var count: Int { hits.count }
@@ -45,7 +49,7 @@ public struct StatsTable: Sendable {
             return ProbeStats(id: ProbeID.make(numbers[i]), hits: hits[i], ratePerSecond: rates[i], sites: 1, state: .active)
         }
         return ProbeStats(id: d.record.id, hits: hits[i], ratePerSecond: rates[i], sites: d.record.sites.count,
-                          state: d.record.state, versions: d.versions ?? [])
+                          state: d.record.state, versions: d.versions ?? [], latency: d.latency)
     }
 
     public var rows: [ProbeStats] { (0..<count).map(row) }
@@ -56,8 +60,9 @@ public struct StatsTable: Sendable {
     /// still belongs to it). `now`: seconds on `MonotonicEpoch`, for the rates.
     /// `allVersions`: a per-file breakdown for every row; otherwise only for rows that count
     /// in more than one file (an upgrade in progress).
+    /// `latency`: a latency slot's row (the kernel's), read for latency probes only.
     static func make(_ probes: ProbeMap, counts: [UInt64], ids: [String]?, consumer: String?, allVersions: Bool,
-                     now: Double) -> Result<StatsTable, EngineError> {
+                     now: Double, latency: (UInt32) -> LatencyHistogram? = { _ in nil }) -> Result<StatsTable, EngineError> {
         var table = StatsTable()
         if let ids {
             table.reserve(ids.count)
@@ -65,7 +70,7 @@ public struct StatsTable: Sendable {
                 guard let r = probes[id] else {
                     return .failure(EngineError(code: .probeNotFound, message: "no probe with id '\(id)'"))
                 }
-                counts.withUnsafeBufferPointer { table.add(r, counts: $0, allVersions: allVersions, now: now) }
+                counts.withUnsafeBufferPointer { table.add(r, counts: $0, allVersions: allVersions, now: now, latency: latency) }
             }
             return .success(table)
         }
@@ -80,7 +85,7 @@ public struct StatsTable: Sendable {
         counts.withUnsafeBufferPointer { counts in
             probes.forEachRow(consumer: key, wantsRecord: { allVersions || !$0.plain }) { number, row, record in
                 if let record {
-                    table.add(record, counts: counts, allVersions: allVersions, now: now)
+                    table.add(record, counts: counts, allVersions: allVersions, now: now, latency: latency)
                 } else if let number {
                     table.addPlain(number, row, counts: counts, now: now)
                 }
@@ -106,7 +111,8 @@ public struct StatsTable: Sendable {
         detailIndex.append(0)
     }
 
-    private mutating func add(_ r: ProbeRecord, counts: UnsafeBufferPointer<UInt64>, allVersions: Bool, now: Double) {
+    private mutating func add(_ r: ProbeRecord, counts: UnsafeBufferPointer<UInt64>, allVersions: Bool, now: Double,
+                              latency: (UInt32) -> LatencyHistogram?) {
         // One pass over the sites by index (no copy of each site's strings): the total, and
         // whether they all lie in one file. The per-file breakdown takes a second pass, only
         // when it is shown.
@@ -141,7 +147,7 @@ public struct StatsTable: Sendable {
         numbers.append(0)
         hits.append(r.baseHits &+ counted)
         rates.append(secs > 0 ? Double(counted &+ retiredHits) / secs : 0)
-        details.append(Detail(record: r, versions: versions))
+        details.append(Detail(record: r, versions: versions, latency: r.latency(latency)))
         detailIndex.append(UInt32(details.count))
     }
 }

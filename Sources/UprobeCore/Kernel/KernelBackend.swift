@@ -1,3 +1,4 @@
+import Synchronization
 import UprobeELF
 import UprobeKernel
 
@@ -18,6 +19,26 @@ public protocol KernelBackend: Sendable {
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64]
     /// Closes links so that they share grace periods; returns once none of them can fire.
     func closeAll(_ links: [any KernelLink])
+
+    // Latency probes (uprobe sessions). The defaults below refuse them: a backend without
+    // them answers `latency_unsupported`.
+    /// Creates one session link measuring each call of `sites` into their slots' rows.
+    func attachLatency(path: String, sites: [LinkSite], pid: Int32?) throws(KernelError) -> any KernelLink
+    /// The histogram of a latency slot; nil for a slot without one.
+    func readLatency(slot: UInt32) -> LatencyHistogram?
+    /// Slots given back to the allocator (no link can use them): their latency rows are free.
+    func releaseSlots(_ slots: [UInt32])
+    /// Closes links at once, without letting latency links drain (daemon shutdown).
+    func closeAllNow(_ links: [any KernelLink])
+}
+
+extension KernelBackend {
+    public func attachLatency(path: String, sites: [LinkSite], pid: Int32?) throws(KernelError) -> any KernelLink {
+        throw KernelError(code: .latencyUnsupported, message: "this kernel backend has no latency probes")
+    }
+    public func readLatency(slot: UInt32) -> LatencyHistogram? { nil }
+    public func releaseSlots(_ slots: [UInt32]) {}
+    public func closeAllNow(_ links: [any KernelLink]) { closeAll(links) }
 }
 
 /// One offset of a link and the counter slot its hits go to.
@@ -39,22 +60,65 @@ public protocol KernelLink: AnyObject, Sendable {
 }
 
 extension UprobeMultiLink: KernelLink {}
+extension LatencyLink: KernelLink {}
 
-/// The real kernel: one BPF counting program, uprobe_multi links.
+/// The real kernel: one BPF counting program, uprobe_multi links; and, made on the first
+/// latency probe, the latency program (uprobe session links).
 public final class BPFKernelBackend: KernelBackend {
     public let program: CounterProgram
+    /// Rows of the latency program (latency probe sites at once).
+    public let latencyCapacity: UInt32
+    /// Made on first use: its row map is `latencyCapacity` × 2.7 KB of kernel memory, which a
+    /// daemon without latency probes should not pay. Kept here, next to `program`, so every
+    /// kernel object of the daemon is made (and can be pinned) in one place.
+    private let latencyProgram = Mutex<Result<LatencyProgram, KernelError>?>(nil)
 
-    public init(capacity: UInt32) throws(KernelError) {
+    public init(capacity: UInt32, latencyCapacity: UInt32 = 16_384) throws(KernelError) {
         try KernelSupport.check()
         program = try CounterProgram(capacity: capacity)
+        self.latencyCapacity = latencyCapacity
     }
 
     public var capacity: UInt32 { program.capacity }
 
+    /// The latency program, made (or its failure remembered) on first call.
+    public func latency() throws(KernelError) -> LatencyProgram {
+        let result: Result<LatencyProgram, KernelError> = latencyProgram.withLock { slot in
+            if let made = slot { return made }
+            let made = Result { () throws(KernelError) in
+                try LatencyProgram(counter: program, rowCapacity: latencyCapacity)
+            }
+            slot = made
+            return made
+        }
+        return try result.get()
+    }
+
+    /// The latency program if it was made (reads never make it).
+    private var existingLatency: LatencyProgram? {
+        latencyProgram.withLock { slot in if case .success(let p)? = slot { return p } else { return nil } }
+    }
+
     public func attach(path: String, sites: [LinkSite], pid: Int32?, retprobe: Bool) throws(KernelError) -> any KernelLink {
-        let refs: [UInt64]? = sites.contains(where: { $0.refCtrOffset != nil }) ? sites.map { $0.refCtrOffset ?? 0 } : nil
-        return try program.attach(path: path, offsets: sites.map(\.offset), refCtrOffsets: refs,
-                                  slots: sites.map(\.slot), pid: pid, retprobe: retprobe)
+        try program.attach(path: path, offsets: sites.map(\.offset), refCtrOffsets: Self.refs(sites),
+                           slots: sites.map(\.slot), pid: pid, retprobe: retprobe)
+    }
+
+    public func attachLatency(path: String, sites: [LinkSite], pid: Int32?) throws(KernelError) -> any KernelLink {
+        try latency().attach(path: path, offsets: sites.map(\.offset), refCtrOffsets: Self.refs(sites),
+                             slots: sites.map(\.slot), pid: pid)
+    }
+
+    private static func refs(_ sites: [LinkSite]) -> [UInt64]? {
+        sites.contains(where: { $0.refCtrOffset != nil }) ? sites.map { $0.refCtrOffset ?? 0 } : nil
+    }
+
+    public func readLatency(slot: UInt32) -> LatencyHistogram? {
+        existingLatency?.read(slot: slot)
+    }
+
+    public func releaseSlots(_ slots: [UInt32]) {
+        existingLatency?.release(slots: slots)
     }
 
     public func setOverlap(_ on: Bool, slots: [UInt32]) throws(KernelError) {
@@ -63,6 +127,7 @@ public final class BPFKernelBackend: KernelBackend {
 
     public func sweepMarks(slots: Set<UInt32>) throws(KernelError) {
         try program.sweepMarks(slots: slots)
+        try existingLatency?.sweepMarks(slots: slots)
     }
 
     public func resetCounters(slots: [UInt32]) throws(KernelError) {
@@ -73,9 +138,19 @@ public final class BPFKernelBackend: KernelBackend {
         try program.readAllCounters(upTo: upTo)
     }
 
+    /// Closes links so that they share grace periods; a latency link first lets its calls
+    /// drain (see `LatencyLink.close`), on its own closer thread like every other link.
     public func closeAll(_ links: [any KernelLink]) {
-        let real = links.compactMap { $0 as? UprobeMultiLink }
-        LinkCloser.closeAll(real)
-        for l in links where !(l is UprobeMultiLink) { l.close() }
+        close(links, drain: true)
+    }
+
+    public func closeAllNow(_ links: [any KernelLink]) {
+        close(links, drain: false)
+    }
+
+    private func close(_ links: [any KernelLink], drain: Bool) {
+        LinkCloser.closeAll(links.compactMap { $0 as? UprobeMultiLink }, latency: links.compactMap { $0 as? LatencyLink },
+                            drain: drain)
+        for l in links where !(l is UprobeMultiLink) && !(l is LatencyLink) { l.close() }
     }
 }

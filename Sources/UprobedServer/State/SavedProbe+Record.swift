@@ -1,5 +1,6 @@
 import UprobeCore
 import UprobeELF
+import UprobeKernel
 
 /// What identified a registration when it was first saved: its first target's file and, with a
 /// `pid` filter, its process's start time. Later saves carry them unchanged, so that a restart
@@ -47,6 +48,7 @@ extension SavedProbe {
         self.init(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
                   hits: hits, targets: r.targets, stamp: stamps.file, pidStartTime: stamps.processStart,
                   degradedReason: degraded, endedReason: ended)
+        latency = r.latency { _ in nil }   // its saved base; the caller adds what the kernel holds
     }
 }
 
@@ -64,13 +66,34 @@ extension StatePersister {
         return SavedProbe(r, hits: hits, stamps: own)
     }
 
-    /// Every registration of `snapshot` as the snapshot file keeps it, with its hit total.
-    static func savedProbes(_ snapshot: RegistrySnapshot, counts: [UInt64],
+    /// Every registration of `snapshot` as the snapshot file keeps it, with its hit total
+    /// (and a latency probe's histogram).
+    static func savedProbes(_ snapshot: RegistrySnapshot, counts: KernelCounts,
                             stamps: inout [String: ProbeStamps]) -> [SavedProbe] {
         var files = FileStampCache()
+        let hits = counts.hits
         return snapshot.sortedProbes.map { r in
-            let hits = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < counts.count ? counts[Int(s.slot)] : 0) }
-            return saved(r, hits: hits, stamps: &stamps, files: &files)
+            let total = r.sites.reduce(r.baseHits) { acc, s in acc &+ (Int(s.slot) < hits.count ? hits[Int(s.slot)] : 0) }
+            var p = saved(r, hits: total, stamps: &stamps, files: &files)
+            p.latency = r.latency { counts.latency[$0] }
+            return p
         }
+    }
+}
+
+/// The kernel's counts as one save writes them: hits of every slot up to the high-water mark,
+/// and the histograms of latency probes' slots, read together.
+struct KernelCounts: Sendable {
+    var hits: [UInt64] = []
+    var latency: [UInt32: LatencyHistogram] = [:]
+
+    static func read(_ kernel: any KernelBackend, _ snapshot: RegistrySnapshot) throws(KernelError) -> KernelCounts {
+        var c = KernelCounts()
+        // Histograms first: a call counted in them has been counted in `hits` already.
+        for r in snapshot.probes.values where r.spec.latency {
+            for s in r.sites { c.latency[s.slot] = kernel.readLatency(slot: s.slot) }
+        }
+        c.hits = try kernel.readCounters(upTo: snapshot.slotHighWater)
+        return c
     }
 }

@@ -2,6 +2,7 @@ import Foundation
 import SystemPackage
 import UprobeCore
 import UprobeELF
+import UprobeKernel
 import UprobeSystem
 #if canImport(Glibc)
 import Glibc
@@ -64,6 +65,8 @@ public struct SavedProbe: Sendable, Equatable {
     /// Why it ended (its process exited or stopped being its owner's). Unlike a degraded
     /// registration, an ended one is never attached again: it comes back ended.
     public var endedReason: String? = nil
+    /// A latency probe's histogram up to the save (carried over as `baseLatency`).
+    public var latency: LatencyHistogram? = nil
 }
 
 /// The whole state file.

@@ -1,5 +1,6 @@
 import UprobeCore
 import UprobeELF
+import UprobeKernel
 import UprobedProtocol
 
 /// JSON encoding of the state file (format name + version; unknown versions are refused).
@@ -84,7 +85,8 @@ public enum StateCodec {
     /// semaphore, and a spec that is that target's plain symbol (a glob's probes have one
     /// target each and qualify). What a row cannot carry is written in full.
     static func isRow(_ p: SavedProbe) -> Bool {
-        guard p.targets.count == 1, let symbol = p.spec.symbol, p.spec.offset == nil, p.spec.usdt == nil else { return false }
+        guard p.targets.count == 1, let symbol = p.spec.symbol, p.spec.offset == nil, p.spec.usdt == nil,
+              p.latency == nil else { return false }
         let t = p.targets[0]
         return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
     }
@@ -99,6 +101,7 @@ public enum StateCodec {
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
             && a.endedReason == b.endedReason
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
+            && s.latency == z.latency
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
 
@@ -212,6 +215,7 @@ public enum StateCodec {
         if let st = p.pidStartTime { w.field("pid_start_time", u64(st)) }
         if let r = p.degradedReason { w.field("degraded_reason", r) }
         if let r = p.endedReason { w.field("ended_reason", r) }
+        if let h = p.latency { w.field("latency", latencyJSON(h)) }
         w.endObject()
     }
 
@@ -332,11 +336,49 @@ public enum StateCodec {
                   let mt = f["mtime_ns"]?.int64Value else { throw corrupt("probes[\(n)].file is incomplete") }
             stamp = FileStamp(device: d, inode: i, size: sz, mtimeNanos: mt)
         }
-        return SavedProbe(
+        var saved = SavedProbe(
             id: id, consumer: o["consumer"]?.stringValue,
             owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
             spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
             stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
             endedReason: o["ended_reason"]?.stringValue)
+        if let l = o["latency"] {
+            guard let h = latency(l) else { throw corrupt("probes[\(n)].latency is malformed") }
+            saved.latency = h
+        } else if spec.latency {
+            saved.latency = LatencyHistogram()
+        }
+        return saved
+    }
+
+    /// A latency probe's histogram in the state files: the counts, and the non-empty buckets
+    /// as [index, count] (`LatencyHistogram` fixes what an index means).
+    static func latencyJSON(_ h: LatencyHistogram) -> JSONValue {
+        var o = JSONObject()
+        o["calls"] = u64(h.calls)
+        o["returns"] = u64(h.returns)
+        o["unobserved"] = u64(h.unobserved)
+        o["sum_ns"] = u64(h.sumNanoseconds)
+        o["min_ns"] = u64(h.minNanoseconds)
+        o["max_ns"] = u64(h.maxNanoseconds)
+        o["buckets"] = .array(h.buckets.indices.compactMap { i in
+            h.buckets[i] == 0 ? nil : .array([.int(Int64(i)), u64(h.buckets[i])])
+        })
+        return .object(o)
+    }
+
+    static func latency(_ v: JSONValue) -> LatencyHistogram? {
+        guard let o = v.objectValue, let calls = readU64(o["calls"]), let returns = readU64(o["returns"]),
+              let unobserved = readU64(o["unobserved"]), let sum = readU64(o["sum_ns"]), let lo = readU64(o["min_ns"]),
+              let hi = readU64(o["max_ns"]), let list = o["buckets"]?.arrayValue else { return nil }
+        var h = LatencyHistogram()
+        (h.calls, h.returns, h.unobserved, h.sumNanoseconds, h.minNanoseconds, h.maxNanoseconds) = (calls, returns, unobserved, sum, lo, hi)
+        h.buckets = [UInt64](repeating: 0, count: LatencyHistogram.bucketCount)
+        for b in list {
+            guard let pair = b.arrayValue, pair.count == 2, let i = pair[0].int64Value, i >= 0,
+                  i < Int64(LatencyHistogram.bucketCount), let c = readU64(pair[1]) else { return nil }
+            h.buckets[Int(i)] = c
+        }
+        return h
     }
 }

@@ -291,7 +291,7 @@ public final class StatePersister: Sendable {
                 // failed sync the log may have lost lines, and an older format must not be
                 // appended to.
                 if m.snapshotInFlight { return nil }
-                let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
+                let counts = (try? KernelCounts.read(kernel, snapshot)) ?? KernelCounts()
                 do throws(StateError) { try writeSnapshot(&m, snapshot, counts: counts) } catch {
                     m.unsavedRemovals = removed
                     publishUnsaved(m)
@@ -324,7 +324,7 @@ public final class StatePersister: Sendable {
                 // The log has grown past the snapshot: a new one is written on `snapshotQueue`
                 // while batches go on. (Written here, a 10,000-probe registry would hold the
                 // writer 32-64 ms, and every request would wait.)
-                let counts = (try? kernel.readCounters(upTo: snapshot.slotHighWater)) ?? []
+                let counts = (try? KernelCounts.read(kernel, snapshot)) ?? KernelCounts()
                 do throws(StateError) {
                     let captured = try capture(&m, snapshot, counts: counts)
                     snapshotQueue.async { _ = self.writeCaptured(captured) }
@@ -344,7 +344,7 @@ public final class StatePersister: Sendable {
     /// What a snapshot written outside the memo lock needs, taken with it held (`capture`).
     private struct Captured: Sendable {
         let snapshot: RegistrySnapshot
-        let counts: [UInt64]
+        let counts: KernelCounts
         let stamps: [String: ProbeStamps]
         let unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])]
         /// The last log line the snapshot covers.
@@ -354,13 +354,17 @@ public final class StatePersister: Sendable {
         let unsavedRemovals: [String]
     }
 
-    static func hitSum(_ counts: [UInt64]) -> UInt64 { counts.reduce(0, &+) }
+    /// What changes whenever anything is counted: hits, and latency probes' returns (a call
+    /// may return without any new hit).
+    static func hitSum(_ counts: KernelCounts) -> UInt64 {
+        counts.latency.values.reduce(counts.hits.reduce(0, &+)) { $0 &+ $1.returns &+ $1.unobserved }
+    }
 
     /// With the memo lock held: takes the registry as of the last log line and moves the log
     /// aside (`StateStore.rotateLog`), so the new snapshot can drop it. Cheap: the snapshot and
     /// the stamps are shared copies. If the log cannot be moved aside (a `prev` left by a
     /// snapshot that failed), it stays: its lines are skipped by their seq after the snapshot.
-    private func capture(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) -> Captured {
+    private func capture(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: KernelCounts) throws(StateError) -> Captured {
         if try store.rotateLog() {
             m.logBytes = 0
             // Rotating fsynced the log: every line in it is on disk.
@@ -423,8 +427,8 @@ public final class StatePersister: Sendable {
     /// save), waiting for it; the writer is held only while it is taken. Skipped if the writer
     /// has already saved a newer registry.
     public func checkpoint(_ snapshot: RegistrySnapshot) throws(StateError) {
-        let counts: [UInt64]
-        do { counts = try kernel.readCounters(upTo: snapshot.slotHighWater) } catch {
+        let counts: KernelCounts
+        do { counts = try KernelCounts.read(kernel, snapshot) } catch {
             throw StateError(code: .stateIO, message: "cannot read hit counters: \(error.message)")
         }
         let hits = Self.hitSum(counts)
@@ -479,7 +483,7 @@ public final class StatePersister: Sendable {
     }
 
     /// Writes the whole registry as the new snapshot.
-    private func writeSnapshot(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: [UInt64]) throws(StateError) {
+    private func writeSnapshot(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: KernelCounts) throws(StateError) {
         let probes = Self.savedProbes(snapshot, counts: counts, stamps: &m.stamps)
         let live = Set(probes.map(\.id))
         var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)

@@ -57,7 +57,7 @@ final class BatchApplier {
         self.tuning = tuning
         self.logger = logger
         self.prepare = prepare
-        self.slots = SlotAllocator(capacity: kernel.capacity)
+        self.slots = SlotAllocator(capacity: kernel.capacity, released: { kernel.releaseSlots($0) })
         self.registry = RegistryWriter(tree: tree)
         let links = LinkTable(kernel: kernel)
         self.links = links
@@ -275,7 +275,8 @@ final class BatchApplier {
         ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
                     registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
                     countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
-                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target),
+                    baseLatency: restored?.baseLatency)
     }
 
     /// A batch's registration time, read once: every record of the batch carries it.

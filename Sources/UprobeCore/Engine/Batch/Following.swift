@@ -2,6 +2,7 @@
 // retired file version, an ended process), applied by the writer as one batch.
 
 import UprobeELF
+import UprobeKernel
 import UprobeTree
 
 extension BatchApplier {
@@ -133,8 +134,16 @@ extension BatchApplier {
                     }
                     registry.removeConsumers(of: r, sites: gone, into: &treeRemovals)
                     for site in gone { compactor.retire(site.slot) }
+                    // A latency probe keeps the histogram of the sites it drops, like their hits.
+                    var baseLatency = r.baseLatency
+                    if r.spec.latency {
+                        var h = baseLatency ?? LatencyHistogram()
+                        for site in gone { if let live = kernel.readLatency(slot: site.slot) { h.add(live) } }
+                        baseLatency = h
+                    }
                     registry.replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
-                                            baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired))
+                                            baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired,
+                                            baseLatency: baseLatency))
                     changed = true
                 }
             }

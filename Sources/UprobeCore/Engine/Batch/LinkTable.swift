@@ -11,6 +11,8 @@ struct LinkGroupKey: Hashable {
     var file: FileID
     var pid: Int32  // 0: every process
     var retprobe: Bool
+    /// A latency link (uprobe session): one more kind of link next to entry and return.
+    var latency: Bool = false
 }
 
 /// An attached link and the sites it covers. Owned by the writer.
@@ -105,10 +107,7 @@ final class LinkTable {
         @Sendable func create() -> [Result<any KernelLink, KernelError>] {
             work.map { job in
                 do throws(KernelError) {
-                    let path = try job.path.get()
-                    return .success(try kernel.attach(path: path, sites: job.request.sites,
-                                                      pid: job.request.key.pid == 0 ? nil : job.request.key.pid,
-                                                      retprobe: job.request.key.retprobe))
+                    return .success(try Self.attach(kernel, job.request.key, path: try job.path.get(), sites: job.request.sites))
                 } catch {
                     return .failure(error)
                 }
@@ -142,8 +141,7 @@ final class LinkTable {
     /// has turned the hand-off on for `sites` and closes the old links in a detach round). It
     /// is in hand-off until that round ends (`roundFinished`).
     func rebuild(_ group: LinkGroupKey, path: String, sites: [LinkSite]) throws(KernelError) -> LinkRecord {
-        let handle = try kernel.attach(path: try kernelPath(group, path: path), sites: sites,
-                                       pid: group.pid == 0 ? nil : group.pid, retprobe: group.retprobe)
+        let handle = try Self.attach(kernel, group, path: try kernelPath(group, path: path), sites: sites)
         let record = LinkRecord(group: group, path: path, sites: sites, handle: handle)
         adopt(record)
         inHandoff.insert(ObjectIdentifier(record))
@@ -171,10 +169,19 @@ final class LinkTable {
         closing -= closed
     }
 
-    /// Closes every link together and every pinned descriptor (daemon shutdown).
+    /// One link of `group`'s kind.
+    private static func attach(_ kernel: any KernelBackend, _ group: LinkGroupKey, path: String,
+                               sites: [LinkSite]) throws(KernelError) -> any KernelLink {
+        let pid = group.pid == 0 ? nil : group.pid
+        if group.latency { return try kernel.attachLatency(path: path, sites: sites, pid: pid) }
+        return try kernel.attach(path: path, sites: sites, pid: pid, retprobe: group.retprobe)
+    }
+
+    /// Closes every link together and every pinned descriptor (daemon shutdown: latency links
+    /// do not wait for their calls to return).
     func closeAll() {
         attacher.stop()
-        kernel.closeAll(links.values.map(\.handle))
+        kernel.closeAllNow(links.values.map(\.handle))
         links.removeAll()
         groupLinks.removeAll()
         slotLink.removeAll()

@@ -62,7 +62,7 @@ struct LinkGroups {
             for p in plan.probes {
                 for s in p.sites {
                     let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
-                                           pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
+                                           pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe, latency: p.spec.latency)
                     let g: Int
                     if let last, last.key == key {
                         g = last.group
