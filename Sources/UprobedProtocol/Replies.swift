@@ -97,8 +97,12 @@ public struct ProbeCount: Sendable, Equatable {
     public var rate: Double
     public var state: String?
     public var reason: String?
+    /// A latency probe's `latency` member.
+    public var latency: LatencySummary?
 
-    public init(id: String, hits: UInt64, rate: Double, state: String? = nil, reason: String? = nil) {
+    public init(id: String, hits: UInt64, rate: Double, state: String? = nil, reason: String? = nil,
+                latency: LatencySummary? = nil) {
+        self.latency = latency
         self.id = id
         self.hits = hits
         self.rate = rate
@@ -117,7 +121,8 @@ public struct ProbeCount: Sendable, Equatable {
         default: hits = 0
         }
         self.init(id: id, hits: hits, rate: o["rate"]?.doubleValue ?? 0,
-                  state: o["state"]?.stringValue, reason: o["reason"]?.stringValue)
+                  state: o["state"]?.stringValue, reason: o["reason"]?.stringValue,
+                  latency: o["latency"].flatMap(LatencySummary.init(json:)))
     }
 
     /// Reads a whole `stats` reply or `watch` event (successful or not).
@@ -150,5 +155,51 @@ public struct DaemonStatus: Sendable, Equatable {
         func int(_ k: String) -> Int { reply[k]?.int64Value.map { Int($0) } ?? 0 }
         self.init(version: reply["version"]?.stringValue ?? "?", uptimeSeconds: reply["uptime_s"]?.doubleValue ?? 0,
                   probes: int("probes"), uprobes: int("uprobes"), links: int("links"), degraded: int("degraded"))
+    }
+}
+
+/// The `latency` member of a `stats` entry or `watch` event (a latency probe): exact counts,
+/// the durations' sum, extremes and percentiles in ns (nil while no call has returned), and
+/// the non-empty buckets when they were asked for.
+public struct LatencySummary: Sendable, Equatable {
+    public struct Bucket: Sendable, Equatable {
+        public var lower: UInt64
+        /// nil: the overflow bucket (no upper bound).
+        public var upper: UInt64?
+        public var count: UInt64
+        public init(lower: UInt64, upper: UInt64?, count: UInt64) {
+            self.lower = lower
+            self.upper = upper
+            self.count = count
+        }
+    }
+    public var calls: UInt64 = 0
+    public var returns: UInt64 = 0
+    public var inFlight: UInt64 = 0
+    public var unobserved: UInt64 = 0
+    public var sumNs: UInt64 = 0
+    public var minNs: UInt64?
+    public var maxNs: UInt64?
+    public var p50Ns: UInt64?
+    public var p90Ns: UInt64?
+    public var p99Ns: UInt64?
+    public var p999Ns: UInt64?
+    public var buckets: [Bucket] = []
+
+    public init() {}
+
+    public init?(json: JSONValue) {
+        guard let o = json.objectValue else { return nil }
+        func u(_ k: String) -> UInt64? { o[k]?.int64Value.flatMap { $0 >= 0 ? UInt64($0) : nil } }
+        calls = u("calls") ?? 0
+        returns = u("returns") ?? 0
+        inFlight = u("in_flight") ?? 0
+        unobserved = u("unobserved") ?? 0
+        sumNs = u("sum_ns") ?? 0
+        (minNs, maxNs, p50Ns, p90Ns, p99Ns, p999Ns) = (u("min_ns"), u("max_ns"), u("p50_ns"), u("p90_ns"), u("p99_ns"), u("p999_ns"))
+        buckets = (o["buckets"]?.arrayValue ?? []).compactMap { b in
+            guard let a = b.arrayValue, a.count == 3, let lo = a[0].int64Value, let c = a[2].int64Value, lo >= 0, c >= 0 else { return nil }
+            return Bucket(lower: UInt64(lo), upper: a[1].int64Value.map { UInt64(max(0, $0)) }, count: UInt64(c))
+        }
     }
 }

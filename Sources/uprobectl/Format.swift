@@ -50,6 +50,19 @@ enum Human {
         return sign + String(n / p) + "." + String(repeating: "0", count: decimals - frac.count) + frac
     }
 
+    /// A call's duration: 850ns, 12.3µs, 1.2ms, 3.40s, 2m05s; three significant digits.
+    static func nanoseconds(_ ns: UInt64) -> String {
+        let v = Double(ns)
+        func three(_ x: Double, _ unit: String) -> String {
+            fixed(x, decimals: x < 9.995 ? 2 : (x < 99.95 ? 1 : 0)) + unit
+        }
+        if ns < 1000 { return "\(ns)ns" }
+        if v < 999_500 { return three(v / 1e3, "µs") }
+        if v < 999_500_000 { return three(v / 1e6, "ms") }
+        if v < 59.995e9 { return three(v / 1e9, "s") }
+        return duration(v / 1e9)
+    }
+
     /// 45s, 12m05s, 2h03m, 3d04h.
     static func duration(_ seconds: Double) -> String {
         let s = Int64(max(0, seconds))

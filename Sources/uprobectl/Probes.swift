@@ -23,6 +23,8 @@ struct ProbeRow {
     var meanRate: Double
     var state: String?
     var reason: String?
+    /// A latency probe's calls and durations.
+    var latency: LatencySummary? = nil
 
     /// What the SYMBOL column shows: the demangled name, marked when it counts returns.
     var name: String {
@@ -30,7 +32,7 @@ struct ProbeRow {
         return retprobe ? base + " (ret)" : base
     }
 
-    var kind: String { usdt ? "usdt" : (retprobe ? "uretprobe" : "uprobe") }
+    var kind: String { usdt ? "usdt" : (retprobe ? "uretprobe" : (latency != nil ? "latency" : "uprobe")) }
 
     /// `p123` → 123, for `--sort id` in registration order; other ids sort after.
     var idNumber: Int { id.hasPrefix("p") ? Int(id.dropFirst()) ?? Int.max : Int.max }
@@ -48,6 +50,15 @@ struct ProbeRow {
         if let consumer { o["consumer"] = .string(consumer) }
         o["state"] = .string(state ?? "active")
         if let reason { o["reason"] = .string(reason) }
+        if let l = latency {
+            var lo: JSONObject = ["calls": JSONValue(l.calls), "returns": JSONValue(l.returns), "in_flight": JSONValue(l.inFlight),
+                                  "unobserved": JSONValue(l.unobserved), "sum_ns": JSONValue(l.sumNs)]
+            for (k, v) in [("min_ns", l.minNs), ("max_ns", l.maxNs), ("p50_ns", l.p50Ns), ("p90_ns", l.p90Ns),
+                           ("p99_ns", l.p99Ns), ("p999_ns", l.p999Ns)] {
+                lo[k] = v.map { JSONValue($0) } ?? .null
+            }
+            o["latency"] = .object(lo)
+        }
         return .object(o)
     }
 }
@@ -96,7 +107,7 @@ final class Catalog {
         return ProbeRow(id: c.id, path: p?.path ?? "?", symbol: p?.symbol, demangled: p?.symbol.flatMap { demangled[$0] },
                         offset: p?.offset, retprobe: p?.spec?.retprobe ?? false, usdt: p?.spec?.usdt != nil,
                         pid: p?.spec?.pid, consumer: p?.consumer, hits: c.hits, rate: rate, meanRate: c.rate,
-                        state: c.state ?? p?.state, reason: c.reason ?? p?.reason)
+                        state: c.state ?? p?.state, reason: c.reason ?? p?.reason, latency: c.latency)
     }
 }
 
@@ -254,12 +265,28 @@ enum Rows {
     }
 
     /// `compact`: without PID and STATE, for a narrow screen (ID, HITS and RATE stay first).
+    /// When a row is a latency probe, CALLS, P50, P99 and MAX follow RATE (durations in human
+    /// units: 850ns, 12.3µs, 1.2ms; '-' for a counting probe or before any call returned).
     static func table(_ rows: [ProbeRow], raw: Bool, rateTitle: String = "RATE", compact: Bool = false) -> Table {
         var cols = columns
         cols[2].title = rateTitle
-        let keep = compact ? [0, 1, 2, 5, 6] : Array(cols.indices)
+        var keep = compact ? [0, 1, 2, 5, 6] : Array(cols.indices)
+        let latency = rows.contains { $0.latency != nil }
+        if latency {
+            cols += [Table.Column(title: "CALLS", rightAligned: true), Table.Column(title: "P50", rightAligned: true),
+                     Table.Column(title: "P99", rightAligned: true), Table.Column(title: "MAX", rightAligned: true)]
+            keep.insert(contentsOf: [7, 8, 9, 10], at: 3)
+        }
         var t = Table(keep.map { cols[$0] })
-        t.rows = rows.map { r in let c = cells(r, raw: raw); return keep.map { c[$0] } }
+        t.rows = rows.map { r in
+            var c = cells(r, raw: raw)
+            if latency {
+                let l = r.latency
+                func ns(_ v: UInt64?) -> String { v.map { raw ? String($0) : Human.nanoseconds($0) } ?? "-" }
+                c += [l.map { raw ? String($0.calls) : Human.count($0.calls) } ?? "-", ns(l?.p50Ns), ns(l?.p99Ns), ns(l?.maxNs)]
+            }
+            return keep.map { c[$0] }
+        }
         return t
     }
 

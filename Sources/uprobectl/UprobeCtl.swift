@@ -17,7 +17,7 @@ struct UprobeCtl: ParsableCommand {
             \(ExitStatus.helpText)
             """,
         version: UprobedVersion.current,
-        subcommands: [Add.self, Remove.self, List.self, Stats.self, Top.self, Watch.self, Status.self, Resolve.self])
+        subcommands: [Add.self, Remove.self, List.self, Stats.self, Hist.self, Top.self, Watch.self, Status.self, Resolve.self])
 
     @OptionGroup var global: GlobalOptions
 }

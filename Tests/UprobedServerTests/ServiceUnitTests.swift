@@ -143,12 +143,28 @@ struct StateFileTests {
         #expect(try StateCodec.replay(bigText, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == big)
     }
 
+    @Test("a latency probe's histogram round-trips through the snapshot and the log, and never rides in a run")
+    func latencyRoundTrip() throws {
+        var p = Self.rowProbe(1)
+        p.spec.latency = true
+        var h = LatencyHistogram()
+        h.calls = 10; h.returns = 7; h.unobserved = 1; h.sumNanoseconds = 1 << 40; h.minNanoseconds = 3; h.maxNanoseconds = UInt64.max - 1
+        h.buckets = [UInt64](repeating: 0, count: LatencyHistogram.bucketCount)
+        h.buckets[3] = 2; h.buckets[LatencyHistogram.overflowIndex] = 5
+        p.latency = h
+        let state = SavedState(bootID: "b", savedAt: 1, probes: [p, Self.rowProbe(2)])
+        #expect(try StateCodec.decode(StateCodec.encode(state)).probes == state.probes)
+        #expect(!StateCodec.isRow(p))
+        let log = StateCodec.encodeLogEntry(seq: 1, add: [p], remove: [])
+        #expect(try StateCodec.replay(log, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == [p])
+    }
+
     @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason"])
-        #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "latency"])
+        #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }
 

@@ -29,6 +29,9 @@ extension UprobeCtl {
         @Flag(name: .long, help: "Count function returns instead of entries.")
         var retprobe = false
 
+        @Flag(name: .long, help: "Measure each call's duration (entry to return): calls, returns, in flight and a histogram (uprobectl hist ID).")
+        var latency = false
+
         @Flag(name: .long, help: "Allow an offset that is not a function start, or a return probe on a Go binary.")
         var force = false
 
@@ -37,13 +40,14 @@ extension UprobeCtl {
 
         func validate() throws {
             if probes.isEmpty && file == nil { throw ValidationError("give probes to register, or -f FILE (-f - for stdin)") }
+            if latency && retprobe { throw ValidationError("--latency already measures returns: not with --retprobe") }
         }
 
         func run() throws {
             var spellings = probes
             if let file { spellings += try readItems(from: file) }
             guard !spellings.isEmpty else { throw CtlError.usage("no probe spellings in \(file ?? "the arguments")") }
-            let specs = try parseSpecs(spellings, pid: pid, retprobe: retprobe, force: force)
+            let specs = try parseSpecs(spellings, pid: pid, retprobe: retprobe, force: force, latency: latency)
             let daemon = try global.connect()
             var rows: [[String]] = []
             var registered: [String] = []

@@ -9,7 +9,8 @@ import Glibc
 let requestChunk = 10_000
 
 /// Command-line probe spellings to wire specs; a bad spelling is bad usage (exit status 2).
-func parseSpecs(_ spellings: [String], pid: Int32?, retprobe: Bool = false, force: Bool = false) throws(CtlError) -> [ProbeSpec] {
+func parseSpecs(_ spellings: [String], pid: Int32?, retprobe: Bool = false, force: Bool = false,
+                latency: Bool = false) throws(CtlError) -> [ProbeSpec] {
     var out: [ProbeSpec] = []
     out.reserveCapacity(spellings.count)
     for text in spellings {
@@ -19,6 +20,7 @@ func parseSpecs(_ spellings: [String], pid: Int32?, retprobe: Bool = false, forc
             if let pid { spec.pid = pid }
             if retprobe { spec.retprobe = true }
             if force { spec.force = true }
+            if latency { spec.latency = true }
             out.append(spec)
         } catch {
             throw .usage(error.message)

@@ -18,6 +18,7 @@ extension UprobeCtl {
                 let o = p.objectValue ?? JSONObject()
                 let spec = o["spec"]?.objectValue ?? JSONObject()
                 var kind = spec["retprobe"] == .bool(true) ? "uretprobe" : (spec["usdt"] != nil ? "usdt" : "uprobe")
+                if spec["latency"] == .bool(true) { kind = "latency" }
                 if let pid = spec["pid"] { kind += " pid=\(text(pid))" }
                 let state = o["state"]?.stringValue.map { "\($0): \(text(o["reason"]))" } ?? "active"
                 return [text(o["id"]), kind, text(o["path"]), hex(o["offset"]), text(o["symbol"]), text(o["consumer"]), state]
