@@ -5,6 +5,7 @@ import NIOPosix
 import Prometheus
 import Synchronization
 import UprobeCore
+import UprobeKernel
 import UprobeSystem
 #if canImport(Glibc)
 import Glibc
@@ -79,6 +80,8 @@ struct ProbeSample: Sendable, Equatable {
     var consumer: String
     var hits: UInt64
     var degraded: Bool
+    /// A latency probe's histogram (exported as `uprobed_probe_latency_seconds`).
+    var latency: LatencyHistogram? = nil
 }
 
 /// One consumer's series in `per_consumer` mode.
@@ -214,6 +217,7 @@ public enum MetricsRenderer {
     private static func render(engine: Engine, _ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
                                aggregator: inout ProbeSeriesAggregator, startTime: Double) -> [UInt8] {
         let registry = PrometheusCollectorRegistry()
+        var latencyProbes: [ProbeSample] = []
         if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
             var samples: [ProbeSample] = []
             samples.reserveCapacity(stats.count)
@@ -221,9 +225,12 @@ public enum MetricsRenderer {
                 guard let r = snap.probes[s.id] else { continue }
                 samples.append(ProbeSample(id: s.id, path: r.targets.first?.path ?? r.spec.path,
                                            symbol: r.targets.first?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? "",
-                                           consumer: r.consumer ?? "", hits: s.hits, degraded: s.state != .active))
+                                           consumer: r.consumer ?? "", hits: s.hits, degraded: s.state != .active,
+                                           latency: s.latency))
             }
-            emit(aggregator.apply(samples), into: registry)
+            let output = aggregator.apply(samples)
+            emit(output, into: registry)
+            latencyProbes = output.probes.filter { $0.latency != nil }
         } else {
             counters.counterReadFailures.add(1, ordering: .relaxed)
         }
@@ -266,6 +273,7 @@ public enum MetricsRenderer {
         registry.makeGauge(descriptor: desc("uprobed_build_info", "Always 1; the version label says which uprobed runs."), labels: [("version", RequestHandler.version)]).set(Double(1))
         var out: [UInt8] = []
         registry.emit(into: &out)
+        out += LatencySeries.text(latencyProbes)
         return out
     }
 
@@ -275,6 +283,7 @@ public enum MetricsRenderer {
         emit(output, into: registry)
         var out: [UInt8] = []
         registry.emit(into: &out)
+        out += LatencySeries.text(output.probes.filter { $0.latency != nil })
         return String(decoding: out, as: UTF8.self)
     }
 
@@ -397,5 +406,70 @@ private final class MetricsHTTPHandler: ChannelInboundHandler, RemovableChannelH
                 done.whenComplete { _ in ctx.value.close(promise: nil) }
             }
         }
+    }
+}
+
+/// Latency probes as Prometheus histograms, written as text (swift-prometheus' histograms
+/// only observe values; these are counts the kernel already bucketed).
+///
+/// `uprobed_probe_latency_seconds` (histogram: `_bucket{le}`, `_sum`, `_count` = calls that
+/// returned) with the labels of `uprobed_probe_hits_total`, plus `uprobed_probe_calls_in_flight`.
+/// The `le` bounds are fixed powers of two from 128 ns to 2^42 ns (about 73 minutes): 36
+/// series per probe whatever it measures, so series never appear or vanish with the data.
+/// They are edges of the daemon's own buckets (1/8 of a power of two), so each cumulative
+/// count is exact; `stats` gives percentiles 8 times finer.
+enum LatencySeries {
+    static let powers = 7...42
+    static let name = "uprobed_probe_latency_seconds"
+
+    static func text(_ probes: [ProbeSample]) -> [UInt8] {
+        guard !probes.isEmpty else { return [] }
+        var t = "# HELP \(name) Duration of the calls of a latency probe, from entry to return (calls that returned).\n"
+        t += "# TYPE \(name) histogram\n"
+        for p in probes {
+            guard let h = p.latency else { continue }
+            let labels = "id=\"\(escape(p.id))\",path=\"\(escape(p.path))\",symbol=\"\(escape(p.symbol))\",consumer=\"\(escape(p.consumer))\""
+            var cumulative: UInt64 = 0
+            var bucket = 0
+            for k in powers {
+                let edge = UInt64(1) << UInt64(k)
+                while bucket < h.buckets.count, LatencyHistogram.bounds(bucket).upper.map({ $0 <= edge }) ?? false {
+                    cumulative &+= h.buckets[bucket]
+                    bucket += 1
+                }
+                t += "\(name)_bucket{\(labels),le=\"\(seconds(edge))\"} \(cumulative)\n"
+            }
+            t += "\(name)_bucket{\(labels),le=\"+Inf\"} \(h.returns)\n"
+            t += "\(name)_sum{\(labels)} \(seconds(h.sumNanoseconds))\n"
+            t += "\(name)_count{\(labels)} \(h.returns)\n"
+        }
+        t += "# HELP uprobed_probe_calls_in_flight Calls of a latency probe entered and not returned yet (long calls, and calls that left by longjmp or thread exit).\n"
+        t += "# TYPE uprobed_probe_calls_in_flight gauge\n"
+        for p in probes { if let h = p.latency { t += "uprobed_probe_calls_in_flight{id=\"\(escape(p.id))\"} \(h.inFlight)\n" } }
+        return Array(t.utf8)
+    }
+
+    /// ns as seconds in plain decimal (exact for the powers of two used as bounds).
+    static func seconds(_ ns: UInt64) -> String {
+        let whole = ns / 1_000_000_000, frac = ns % 1_000_000_000
+        guard frac > 0 else { return String(whole) }
+        var f = String(frac)
+        f = String(repeating: "0", count: 9 - f.count) + f
+        while f.hasSuffix("0") { f.removeLast() }
+        return "\(whole).\(f)"
+    }
+
+    /// A label value: backslash, double quote and newline escaped (text format 0.0.4).
+    static func escape(_ s: String) -> String {
+        var out = ""
+        for c in s.unicodeScalars {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.unicodeScalars.append(c)
+            }
+        }
+        return out
     }
 }

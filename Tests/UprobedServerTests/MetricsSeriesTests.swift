@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import UprobeKernel
 @testable import UprobedServer
 
 /// `metrics_probe_series`: which series the renderer exports for the probes, and that its
@@ -102,6 +103,40 @@ struct MetricsSeriesTests {
         #expect(state.scrape { $0.apply([Self.sample("p2", 1), Self.sample("p3", 0)]) }.other == 0)
     }
 
+    static func histogram(_ durations: [UInt64], calls: UInt64) -> LatencyHistogram {
+        var h = LatencyHistogram()
+        h.buckets = [UInt64](repeating: 0, count: LatencyHistogram.bucketCount)
+        for d in durations {
+            h.buckets[LatencyHistogram.bucket(of: d)] += 1
+            h.sumNanoseconds += d
+        }
+        h.calls = calls
+        h.returns = UInt64(durations.count)
+        h.minNanoseconds = durations.min() ?? 0
+        h.maxNanoseconds = durations.max() ?? 0
+        return h
+    }
+
+    @Test("a latency probe is a Prometheus histogram: cumulative buckets at powers of two, +Inf and _count are the returns, _sum in seconds, in flight as a gauge")
+    func latencyHistogramSeries() {
+        var s = Self.sample("p9", 7, consumer: "c")
+        s.latency = Self.histogram([150, 3_000, 3_000, 1_000_000_000, 1 << 50], calls: 7)
+        let text = String(decoding: LatencySeries.text([s]), as: UTF8.self)
+        func value(_ series: String) -> String? {
+            text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.map { String($0.split(separator: " ").last ?? "") }
+        }
+        let labels = "id=\"p9\",path=\"/bin/t\",symbol=\"fn_p9\",consumer=\"c\""
+        #expect(value("uprobed_probe_latency_seconds_bucket{\(labels),le=\"0.000000128\"}") == "0")
+        #expect(value("uprobed_probe_latency_seconds_bucket{\(labels),le=\"0.000000256\"}") == "1")
+        #expect(value("uprobed_probe_latency_seconds_bucket{\(labels),le=\"0.000004096\"}") == "3")
+        #expect(value("uprobed_probe_latency_seconds_bucket{\(labels),le=\"1.073741824\"}") == "4")
+        #expect(value("uprobed_probe_latency_seconds_bucket{\(labels),le=\"4398.046511104\"}") == "4", "2^50 ns is beyond the last bound")
+        #expect(value("uprobed_probe_latency_seconds_bucket{\(labels),le=\"+Inf\"}") == "5")
+        #expect(value("uprobed_probe_latency_seconds_count{\(labels)}") == "5")
+        #expect(value("uprobed_probe_calls_in_flight{id=\"p9\"}") == "2")
+        #expect(text.components(separatedBy: "_bucket{").count - 1 == LatencySeries.powers.count + 1)
+    }
+
     @Test("promtool check metrics accepts the output of every mode")
     func promtoolEveryMode() throws {
         let promtool = "/usr/bin/promtool"
@@ -110,7 +145,9 @@ struct MetricsSeriesTests {
             #expect(!required, "promtool missing: apt-get install prometheus (make deps)")
             return
         }
-        let samples = [Self.sample("p1", 10, consumer: "svc \"q\""), Self.sample("p2", 5, consumer: "b", degraded: true), Self.sample("p3", 1)]
+        var latency = Self.sample("p4", 9, consumer: "svc \"q\"")
+        latency.latency = Self.histogram([150, 3_000, 3_000, 1_000_000_000, 1 << 50], calls: 9)
+        let samples = [Self.sample("p1", 10, consumer: "svc \"q\""), Self.sample("p2", 5, consumer: "b", degraded: true), Self.sample("p3", 1), latency]
         for mode in [MetricsProbeSeries.all, .perConsumer, .top(1)] {
             var agg = ProbeSeriesAggregator(mode: mode)
             let text = MetricsRenderer.text(of: agg.apply(samples))
