@@ -216,4 +216,41 @@ struct LatencyProbeTests {
         }
         #expect(seen == 12)
     }
+
+    @Test("uprobectl add --latency, stats with CALLS/P50/P99/MAX in human units, hist ID as bars, ls kind")
+    func cli() throws {
+        let daemon = try TestDaemon()
+        let fx = try Self.fixture(daemon)
+        let uprobectl = try Paths.product("uprobectl")
+        let add = try run([uprobectl, "add", "--socket", daemon.socket, "--latency", "\(fx):lat_sleep1", "\(fx):lat_busy"])
+        #expect(add.status == 0, "\(add.err)")
+        let ids = add.out.split(separator: "\n").dropFirst().compactMap { $0.split(separator: " ").first.map(String.init) }
+        #expect(ids.count == 2, "\(add.out)")
+        let plain = try daemon.register([spec(fx, symbol: "lat_plain")])
+        #expect(try run([fx, "--sleep1=10", "--busy=20", "--busy-ns=40000", "--plain=3"]).status == 0)
+        let stats = try run([uprobectl, "stats", "--socket", daemon.socket, "--interval", "0"])
+        #expect(stats.status == 0, "\(stats.err)")
+        let lines = stats.out.split(separator: "\n").map(String.init)
+        let header = lines.first?.split(separator: " ", omittingEmptySubsequences: true).map(String.init) ?? []
+        #expect(Array(header.prefix(7)) == ["ID", "HITS", "MEAN", "RATE", "CALLS", "P50", "P99"], "\(stats.out)")
+        func row(_ id: String) -> [String] {
+            lines.first { $0.hasPrefix(id + " ") }?.split(separator: " ", omittingEmptySubsequences: true).map(String.init) ?? []
+        }
+        let sleep = row(ids[0]), busy = row(ids[1]), counting = row(plain[0])
+        #expect(sleep.count > 6 && sleep[3] == "10" && sleep[4].hasSuffix("ms") && sleep[6].hasSuffix("ms"), "\(stats.out)")
+        #expect(busy.count > 6 && busy[3] == "20" && busy[4].hasSuffix("µs"), "\(stats.out)")
+        #expect(counting.count > 6 && counting[3] == "-" && counting[4] == "-", "\(stats.out)")
+        let hist = try run([uprobectl, "hist", "--socket", daemon.socket, ids[1]])
+        #expect(hist.status == 0, "\(hist.err)")
+        #expect(hist.out.hasPrefix("calls 20, returns 20, in flight 0"), "\(hist.out)")
+        let bars = hist.out.split(separator: "\n").filter { $0.hasPrefix("[") }
+        let total = bars.compactMap { $0.split(separator: "|").first?.split(separator: " ").last.flatMap { Int($0) } }.reduce(0, +)
+        #expect(total == 20 && bars.contains { $0.contains("µs") && $0.contains("@") }, "\(hist.out)")
+        let notLatency = try run([uprobectl, "hist", "--socket", daemon.socket, plain[0]])
+        #expect(notLatency.status != 0 && notLatency.err.contains("not a latency probe"), "\(notLatency.err)")
+        let ls = try run([uprobectl, "ls", "--socket", daemon.socket])
+        #expect(ls.out.contains("latency"), "\(ls.out)")
+        let both = try run([uprobectl, "add", "--socket", daemon.socket, "--latency", "--retprobe", "\(fx):lat_busy"])
+        #expect(both.status != 0)
+    }
 }
