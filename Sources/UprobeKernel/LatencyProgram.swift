@@ -453,6 +453,27 @@ public final class LatencyProgram: Sendable {
         table.withLock { t in t.newestTag[slot].map { $0 != tag } ?? false }
     }
 
+    /// A session link of a program that only returns 0 (no map, no kfunc): what any uprobe
+    /// session costs per call (entry trap, return hook, two program runs). The benchmark's
+    /// baseline for the latency program; nothing in the daemon uses it.
+    public static func attachBareSession(counter: CounterProgram, path: String, offsets: [UInt64]) throws(KernelError) -> UprobeMultiLink {
+        var a = BPFAssembler()
+        a.mov(.r0, imm: 0)
+        a.exit()
+        let program: FileDescriptor
+        switch BPFSyscall.progLoad(type: BPF_PROG_TYPE_KPROBE, expectedAttachType: CUPROBESYS_BPF_TRACE_UPROBE_SESSION,
+                                   instructions: a.finish(), license: "GPL", name: "uprobed_bare") {
+        case .success(let fd): program = fd
+        case .failure(let pf):
+            throw KernelError(code: .latencyUnsupported, message: "\(pf.failure.call) failed: \(pf.failure.errno)", errno: pf.failure.errno.rawValue)
+        }
+        // The link holds its own reference to the program.
+        defer { try? program.close() }
+        let fd = try counter.createLink(program: program, attachType: CUPROBESYS_BPF_TRACE_UPROBE_SESSION, path: path,
+                                        offsets: offsets, refCtrOffsets: nil, cookies: offsets.map { _ in 0 }, pid: nil, flags: 0)
+        return UprobeMultiLink(fd: fd, generation: 0, offsetCount: offsets.count)
+    }
+
     /// Deletes hand-off marks of `slots` (see `CounterProgram.sweepMarks`).
     public func sweepMarks(slots: Set<UInt32>) throws(KernelError) {
         try counter.sweep(marks, slots: slots)
