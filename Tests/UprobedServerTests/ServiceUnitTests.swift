@@ -157,6 +157,18 @@ struct StateFileTests {
         #expect(!StateCodec.isRow(p))
         let log = StateCodec.encodeLogEntry(seq: 1, add: [p], remove: [])
         #expect(try StateCodec.replay(log, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == [p])
+        // New latency probes (nothing measured yet) share a run, as counting probes do.
+        let fresh = (10...14).map { n -> SavedProbe in
+            var q = Self.rowProbe(n)
+            q.spec.latency = true
+            q.latency = LatencyHistogram()
+            return q
+        }
+        #expect(StateCodec.isRow(fresh[0]) && StateCodec.sameRowShape(fresh[0], fresh[1]))
+        #expect(!StateCodec.sameRowShape(fresh[0], Self.rowProbe(2)))
+        let runLog = StateCodec.encodeLogEntry(seq: 1, add: fresh + [Self.rowProbe(2)], remove: [])
+        #expect(String(decoding: runLog, as: UTF8.self).components(separatedBy: "\"rows\"").count - 1 == 1, "one run of the five")
+        #expect(try StateCodec.replay(runLog, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == fresh + [Self.rowProbe(2)])
     }
 
     @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")

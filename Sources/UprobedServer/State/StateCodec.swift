@@ -85,8 +85,10 @@ public enum StateCodec {
     /// semaphore, and a spec that is that target's plain symbol (a glob's probes have one
     /// target each and qualify). What a row cannot carry is written in full.
     static func isRow(_ p: SavedProbe) -> Bool {
+        // A latency probe that has measured nothing yet (a new registration) rides in a run:
+        // every row shares its empty histogram. One that has measured something is written in full.
         guard p.targets.count == 1, let symbol = p.spec.symbol, p.spec.offset == nil, p.spec.usdt == nil,
-              p.latency == nil else { return false }
+              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true else { return false }
         let t = p.targets[0]
         return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
     }
@@ -101,7 +103,7 @@ public enum StateCodec {
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
             && a.endedReason == b.endedReason
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
-            && s.latency == z.latency
+            && s.latency == z.latency && (a.latency == nil) == (b.latency == nil)
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
 
@@ -373,6 +375,7 @@ public enum StateCodec {
               let hi = readU64(o["max_ns"]), let list = o["buckets"]?.arrayValue else { return nil }
         var h = LatencyHistogram()
         (h.calls, h.returns, h.unobserved, h.sumNanoseconds, h.minNanoseconds, h.maxNanoseconds) = (calls, returns, unobserved, sum, lo, hi)
+        guard !list.isEmpty else { return h }   // nothing measured: no bucket array (as it was made)
         h.buckets = [UInt64](repeating: 0, count: LatencyHistogram.bucketCount)
         for b in list {
             guard let pair = b.arrayValue, pair.count == 2, let i = pair[0].int64Value, i >= 0,

@@ -2,12 +2,13 @@
 // the program itself with clock_gettime, so a test can compare uprobed's histogram with them.
 //   latency [--wait] [--threads=T] [--busy=N] [--busy-ns=NS] [--sleep1=N] [--sleep10=N]
 //           [--recurse=N] [--depth=D] [--exiters=E] [--plain=N] [--delay-us=US]
+//           [--long=N] [--long-ms=MS]
 // Each of T threads calls lat_busy N times (a busy loop of NS ns), lat_sleep1 and lat_sleep10
 // (nanosleep of 1 ms and 10 ms) the given numbers of times, lat_recurse N times at depth D (D nested calls),
 // and lat_plain N times (returns at once), sleeping US µs after each lat_plain call (to stretch
 // a run in time). E more threads each enter lat_exit_mid, which ends its thread from inside
 // (pthread_exit): that call never returns. With --wait the process reads one byte from stdin
-// before starting (so a test can attach first). At the end it prints, per function,
+// before starting; lat_sleep_long sleeps MS ms (default 1000), N times per thread (so a test can attach first). At the end it prints, per function,
 //   NAME calls INNER_P50_NS OUTER_P50_NS
 // INNER: measured inside the function's body; OUTER: around the call, by the caller. A probe
 // measures from its entry run to its return run, which lies between the two.
@@ -18,7 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static long busy_n, busy_ns = 20000, sleep1_n, sleep10_n, recurse_n, depth = 8, plain_n, delay_us;
+static long busy_n, busy_ns = 20000, sleep1_n, sleep10_n, recurse_n, depth = 8, plain_n, delay_us, long_n, long_ms = 1000;
 static int threads = 1, exiters;
 volatile long lat_sink;
 
@@ -65,6 +66,7 @@ static long sleep_ms(long ms) {
 
 __attribute__((noinline, used)) long lat_sleep1(void) { return sleep_ms(1); }
 __attribute__((noinline, used)) long lat_sleep10(void) { return sleep_ms(10); }
+__attribute__((noinline, used)) long lat_sleep_long(void) { return sleep_ms(long_ms); }
 
 __attribute__((noinline, used)) long lat_recurse(long d) {
     __asm__ volatile("");
@@ -88,6 +90,7 @@ static void *worker(void *arg) {
     for (long i = 0; i < busy_n; i++) TIMED(s_busy, lat_busy(busy_ns));
     for (long i = 0; i < sleep1_n; i++) TIMED(s_s1, lat_sleep1());
     for (long i = 0; i < sleep10_n; i++) TIMED(s_s10, lat_sleep10());
+    for (long i = 0; i < long_n; i++) lat_sleep_long();
     for (long i = 0; i < recurse_n; i++) { inner_last = 0; TIMED(s_rec, lat_recurse(depth)); }
     for (long i = 0; i < plain_n; i++) {
         inner_last = 0;
@@ -122,6 +125,8 @@ int main(int argc, char **argv) {
         else if (strncmp(argv[a], "--exiters=", 10) == 0) exiters = (int)x;
         else if (strncmp(argv[a], "--plain=", 8) == 0) plain_n = x;
         else if (strncmp(argv[a], "--delay-us=", 11) == 0) delay_us = x;
+        else if (strncmp(argv[a], "--long=", 7) == 0) long_n = x;
+        else if (strncmp(argv[a], "--long-ms=", 10) == 0) long_ms = x;
         else { fprintf(stderr, "unknown argument %s\n", argv[a]); return 2; }
     }
     if (threads < 1 || threads > 64 || exiters < 0 || exiters > 64) return 2;
