@@ -115,7 +115,9 @@ struct LatencyProbeTests {
 
     @Test("latency probes stay exact while neighbouring probes on the same binary are added and removed under load")
     func exactThroughNeighbourChurn() throws {
-        let daemon = try TestDaemon(config: "compaction_delay_ms = 5\n")
+        // One small link per binary and kind: each batch that adds a neighbour merges it with the
+        // watched probes' link, and each removal rebuilds that link without it (make-before-break).
+        let daemon = try TestDaemon(config: "compaction_delay_ms = 5\nmax_links_per_group = 1\n")
         let fx = try Self.fixture(daemon)
         let watched = try daemon.register([Self.latencySpec(fx, "lat_plain"), Self.latencySpec(fx, "lat_busy")])
         let counting = try daemon.register([spec(fx, symbol: "lat_plain")])
