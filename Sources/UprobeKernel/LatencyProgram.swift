@@ -368,6 +368,8 @@ public final class LatencyProgram: Sendable {
     }
 
     /// Rows of `slots`, giving a zeroed row (and its `rowOf` entry) to each slot that has none.
+    /// Rows are zero already: new ones from the kernel, freed ones from `release`, so a
+    /// registration does not pay for clearing them.
     private func assignRows(_ slots: [UInt32]) throws(KernelError) -> [UInt32] {
         let result: Result<(all: [UInt32], new: [(slot: UInt32, row: UInt32)]), KernelError> = table.withLock { t in
             var all: [UInt32] = [], new: [(UInt32, UInt32)] = []
@@ -387,7 +389,6 @@ public final class LatencyProgram: Sendable {
         }
         let assigned = try result.get()
         guard !assigned.new.isEmpty else { return assigned.all }
-        for (_, row) in assigned.new { mapping.zero(row: Int(row)) }
         do {
             try counter.updateBatch(rowOf, keys: assigned.new.map(\.slot), values: assigned.new.map { $0.row + 1 }, valueSize: 4)
         } catch {
@@ -397,12 +398,17 @@ public final class LatencyProgram: Sendable {
         return assigned.all
     }
 
-    /// Gives the rows of freed slots back (the engine calls it once no link can use them).
+    /// Gives the rows of freed slots back, zeroed (the engine calls it once no link can use
+    /// them and no reader can still look at them: a slot is released after its links were
+    /// closed and a grace period of the readers passed).
     public func release(slots: [UInt32]) {
         table.withLock { t in
             for s in slots {
                 t.newestTag[s] = nil
-                if let r = t.rowOfSlot.removeValue(forKey: s) { t.free.append(r) }
+                if let r = t.rowOfSlot.removeValue(forKey: s) {
+                    mapping.zero(row: Int(r))
+                    t.free.append(r)
+                }
             }
         }
     }
@@ -546,8 +552,10 @@ final class RowMapping: @unchecked Sendable {
         return (base + row * LatencyProgram.Layout.bytes + i * 8).assumingMemoryBound(to: Atomic<UInt64>.self)
     }
 
+    /// Clears a row no program and no reader uses any more (see `LatencyProgram.release`).
     func zero(row: Int) {
-        for i in 0..<LatencyProgram.Layout.words { word(row: row, i).pointee.store(0, ordering: .relaxed) }
+        precondition(row >= 0 && row < rows, "latency row out of range")
+        memset(base + row * LatencyProgram.Layout.bytes, 0, LatencyProgram.Layout.bytes)
     }
 
     func unmap() { munmap(base, length) }
