@@ -18,6 +18,18 @@ public protocol KernelBackend: Sendable {
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64]
     /// Closes links so that they share grace periods; returns once none of them can fire.
     func closeAll(_ links: [any KernelLink])
+    /// Lets go of links at shutdown: pinned ones stay attached (counting on for the next
+    /// daemon), others are closed as by `closeAll`.
+    func release(_ links: [any KernelLink])
+    /// The counter of one slot.
+    func readCounter(slot: UInt32) throws(KernelError) -> UInt64
+}
+
+extension KernelBackend {
+    public func release(_ links: [any KernelLink]) { closeAll(links) }
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        try readCounters(upTo: slot + 1).last ?? 0
+    }
 }
 
 /// One offset of a link and the counter slot its hits go to.
@@ -44,9 +56,11 @@ extension UprobeMultiLink: KernelLink {}
 public final class BPFKernelBackend: KernelBackend {
     public let program: CounterProgram
 
-    public init(capacity: UInt32) throws(KernelError) {
+    /// `pins`: pin the maps, the program and every link there (see `CounterProgram.init`).
+    /// `variant`: the test-only altered program.
+    public init(capacity: UInt32, pins: PinDirectory? = nil, variant: Bool = false) throws(KernelError) {
         try KernelSupport.check()
-        program = try CounterProgram(capacity: capacity)
+        program = try CounterProgram(capacity: capacity, pins: pins, variant: variant)
     }
 
     public var capacity: UInt32 { program.capacity }
@@ -77,5 +91,17 @@ public final class BPFKernelBackend: KernelBackend {
         let real = links.compactMap { $0 as? UprobeMultiLink }
         LinkCloser.closeAll(real)
         for l in links where !(l is UprobeMultiLink) { l.close() }
+    }
+
+    public func release(_ links: [any KernelLink]) {
+        // Pinned links only lose this process's fd (no grace period: the pin holds them);
+        // unpinned ones are detached together as before.
+        let real = links.compactMap { $0 as? UprobeMultiLink }
+        for l in real where l.pinPath != nil { l.release() }
+        closeAll(links.filter { ($0 as? UprobeMultiLink)?.pinPath == nil })
+    }
+
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        try program.readCounter(slot: slot)
     }
 }

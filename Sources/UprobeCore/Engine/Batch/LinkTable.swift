@@ -138,6 +138,14 @@ final class LinkTable {
         }
     }
 
+    /// Takes over links found pinned at start (`Adoption`): held like links this writer made.
+    func adopt(_ adopted: [AdoptedLink]) {
+        for a in adopted {
+            adopt(LinkRecord(group: LinkGroupKey(file: a.file, pid: a.pid, retprobe: a.retprobe), path: a.path,
+                             sites: a.sites, handle: a.handle))
+        }
+    }
+
     /// Creates the link that replaces some of a group's links (make-before-break: the caller
     /// has turned the hand-off on for `sites` and closes the old links in a detach round). It
     /// is in hand-off until that round ends (`roundFinished`).
@@ -171,10 +179,11 @@ final class LinkTable {
         closing -= closed
     }
 
-    /// Closes every link together and every pinned descriptor (daemon shutdown).
+    /// Lets go of every link (daemon shutdown: pinned links stay attached for the next
+    /// daemon, others are closed together) and closes every pinned descriptor.
     func closeAll() {
         attacher.stop()
-        kernel.closeAll(links.values.map(\.handle))
+        kernel.release(links.values.map(\.handle))
         links.removeAll()
         groupLinks.removeAll()
         slotLink.removeAll()
