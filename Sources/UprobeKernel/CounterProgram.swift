@@ -50,10 +50,20 @@ import Glibc
 /// Limits of the scheme, by construction:
 /// - If `marks` is full (more than `markCapacity` {thread, slot} pairs in hand-off at once) the
 ///   newer program cannot leave its mark and that hit is counted by both links.
-/// - Generations are 32-bit and start at 1 per `CounterProgram`; the order breaks after 2³²
-///   links created by one instance.
-/// - "close returns after the grace period" holds only if uprobed holds the only reference to
-///   the link (no pin, no fd passed on; a concurrent `bpftool link` walk briefly holds one).
+/// - Generations are 32-bit and start at 1 per `CounterProgram`, or above the newest link
+///   adopted from the pin directory (`continueGenerations`): the order holds across daemon
+///   lives, and breaks after 2³² links.
+/// - "close returns after the grace period" holds only if uprobed's fd is the last reference
+///   to the link (no fd passed on; a concurrent `bpftool link` walk briefly holds one). A
+///   pinned link is closed by removing its pin first (that reference is put from a workqueue,
+///   without waiting) and closing the fd second, which then is the last reference and waits.
+///
+/// ## Pinning (`pins`)
+/// The maps, the program and every link can be pinned under a `PinDirectory` so that they
+/// outlive the process: links keep counting with no daemon, and the next one adopts them
+/// (`pinnedLinks`, `KernelObjectName`). An exit may come in the middle of a rebuild, leaving two
+/// links on some slots with their hand-off on: the hand-off goes on exactly with no daemon, and
+/// the next start closes the older link of each pair (`endAllHandoffs` after it).
 /// - Both the entry and the return (uretprobe) consumers run newest first on Linux 6.18; the
 ///   tests rebuild links under load for both.
 public final class CounterProgram: Sendable {
