@@ -241,11 +241,15 @@ public final class UprobedService: Service, Sendable {
     static func openKernel(config: DaemonConfig, logger: Logger) throws(KernelError) -> BPFKernelBackend {
         // Test-only: a program with one more instruction, i.e. an upgrade's new program.
         let variant = ProcessInfo.processInfo.environment["UPROBED_TEST_PROGRAM_VARIANT"].map { !$0.isEmpty } ?? false
-        guard !config.pinDir.isEmpty else { return try BPFKernelBackend(capacity: config.slotCapacity, variant: variant) }
+        // Test-only: hold every link close (a make-before-break's old links) this long.
+        let closeDelay = (ProcessInfo.processInfo.environment["UPROBED_TEST_CLOSE_DELAY_MS"].flatMap { UInt32($0) } ?? 0) * 1000
+        guard !config.pinDir.isEmpty else {
+            return try BPFKernelBackend(capacity: config.slotCapacity, variant: variant, closeDelayMicros: closeDelay)
+        }
         var pins = try PinDirectory(path: config.pinDir)
         if let m = pins.mounted { logger.notice("mounted a bpf file system for the pins", metadata: ["path": "\(m)"]) }
         do throws(KernelError) {
-            return try BPFKernelBackend(capacity: config.slotCapacity, pins: pins, variant: variant)
+            return try BPFKernelBackend(capacity: config.slotCapacity, pins: pins, variant: variant, closeDelayMicros: closeDelay)
         } catch {
             guard PinnedObjects.Mismatch.matches(error) else { throw error }
             logger.error("pinned objects do not fit this configuration: removing every pin and attaching the saved registrations again (hits since the last state save are lost)",
@@ -254,7 +258,7 @@ public final class UprobedService: Service, Sendable {
             let removed = try PinDirectory.removeAll(at: path)
             logger.notice("removed pins", metadata: ["pins": "\(removed)"])
             pins = try PinDirectory(path: path)
-            return try BPFKernelBackend(capacity: config.slotCapacity, pins: pins, variant: variant)
+            return try BPFKernelBackend(capacity: config.slotCapacity, pins: pins, variant: variant, closeDelayMicros: closeDelay)
         }
     }
 

@@ -121,6 +121,32 @@ struct ServiceRestartTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("kill -9 in the middle of a make-before-break (new link attached, old one not yet closed): the hand-off counts exactly with no daemon, the start closes the older link, totals exact")
+    func killInHandoff() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try ServicePersistenceTests.target(in: dir)
+        // Compaction at once; every link close held 5 s (UPROBED_TEST_CLOSE_DELAY_MS).
+        var d = try ServiceDaemon(dir: dir, config: "compaction_delay_ms = 0\n", environment: ["UPROBED_TEST_CLOSE_DELAY_MS": "5000"])
+        let ids = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")])
+        let work = Workload(target: target, rounds: 120, a: 100, b: 7)
+        usleep(300_000)
+        // Dropping fn_b rebuilds the link with fn_a alone; the old link's close is held.
+        #expect(try d.call(["op": "unregister", "probes": [.string(ids[1])]])["removed"] == .int(1))
+        let deadline = Date().addingTimeInterval(30)
+        while Self.linkPins(d.pinDir).count < 2 && Date() < deadline { usleep(5_000) }
+        try #require(Self.linkPins(d.pinDir).count == 2, "new and old link both pinned: \(Self.linkPins(d.pinDir))")
+        d.kill9()
+        usleep(500_000)  // both links count, hand-off on, no daemon
+        d = try ServiceDaemon(dir: dir, config: "compaction_delay_ms = 0\n")
+        let pins = try Self.pins(d)
+        #expect(pins["handoffs_ended"] == .int(1) && pins["adopted_probes"] == .int(1) && pins["stale_links"] == .int(0), "\(pins)")
+        #expect(Self.linkPins(d.pinDir).count == 1)
+        #expect(work.wait() == 0)
+        #expect(try d.hits()[ids[0]] == 120 * 100, "not one hit lost or counted twice")
+        #expect(d.stop() == 0)
+    }
+
     @Test("a changed counting program (test knob) moves every pinned link to it make-before-break while a workload runs: totals exact")
     func programChange() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import UprobeELF
 import UprobeKernel
 
@@ -55,12 +58,16 @@ extension UprobeMultiLink: KernelLink {}
 /// The real kernel: one BPF counting program, uprobe_multi links.
 public final class BPFKernelBackend: KernelBackend {
     public let program: CounterProgram
+    /// Test-only: how long `closeAll` waits before closing links, so a test can kill the
+    /// daemon in the middle of a make-before-break (both links attached, hand-off on).
+    private let closeDelayMicros: UInt32
 
     /// `pins`: pin the maps, the program and every link there (see `CounterProgram.init`).
-    /// `variant`: the test-only altered program.
-    public init(capacity: UInt32, pins: PinDirectory? = nil, variant: Bool = false) throws(KernelError) {
+    /// `variant`: the test-only altered program; `closeDelayMicros`: the test-only close delay.
+    public init(capacity: UInt32, pins: PinDirectory? = nil, variant: Bool = false, closeDelayMicros: UInt32 = 0) throws(KernelError) {
         try KernelSupport.check()
         program = try CounterProgram(capacity: capacity, pins: pins, variant: variant)
+        self.closeDelayMicros = closeDelayMicros
     }
 
     public var capacity: UInt32 { program.capacity }
@@ -88,6 +95,7 @@ public final class BPFKernelBackend: KernelBackend {
     }
 
     public func closeAll(_ links: [any KernelLink]) {
+        if closeDelayMicros > 0 && !links.isEmpty { usleep(closeDelayMicros) }
         let real = links.compactMap { $0 as? UprobeMultiLink }
         LinkCloser.closeAll(real)
         for l in links where !(l is UprobeMultiLink) { l.close() }
