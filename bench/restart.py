@@ -108,7 +108,7 @@ def measure(exe, size, runs):
         else:
             binary, symbol = many_functions(work, int(size)), "f*"
         with open(config, "w") as f:
-            f.write("slot_capacity = 524288\nmax_glob_matches = 1000000\nmax_line_bytes = 268435456\n"
+            f.write("slot_capacity = 524288\nmax_glob_matches = 1000000\nmax_probes_per_request = 1000000\nmax_line_bytes = 268435456\n"
                     "state_checkpoint_s = 0\nlog_level = notice\n")
         d = Daemon(exe, work, pin_dir, config)
         empty = []
