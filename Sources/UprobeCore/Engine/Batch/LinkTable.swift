@@ -138,11 +138,14 @@ final class LinkTable {
         }
     }
 
-    /// Takes over links found pinned at start (`Adoption`): held like links this writer made.
+    /// Takes over links found pinned at start (`Adoption`): held like links this writer made
+    /// (not counted as created). Their binaries are opened now, while the path still names the
+    /// linked file, so a later rebuild reaches that file even if the path is replaced.
     func adopt(_ adopted: [AdoptedLink]) {
         for a in adopted {
-            adopt(LinkRecord(group: LinkGroupKey(file: a.file, pid: a.pid, retprobe: a.retprobe), path: a.path,
-                             sites: a.sites, handle: a.handle))
+            let key = LinkGroupKey(file: a.file, pid: a.pid, retprobe: a.retprobe)
+            _ = try? kernelPath(key, path: a.path)
+            enter(LinkRecord(group: key, path: a.path, sites: a.sites, handle: a.handle))
         }
     }
 
@@ -203,10 +206,14 @@ final class LinkTable {
     }
 
     private func adopt(_ record: LinkRecord) {
+        enter(record)
+        created += 1
+    }
+
+    private func enter(_ record: LinkRecord) {
         links[ObjectIdentifier(record)] = record
         groupLinks[record.group, default: []].insert(ObjectIdentifier(record))
         for s in record.sites { slotLink[s.slot] = record }
-        created += 1
     }
 
     private func forget(_ record: LinkRecord) {
