@@ -83,6 +83,11 @@ class Daemon:
             sys.exit("request failed: %s" % json.dumps(reply)[:500])
         return reply
 
+    def kill(self):
+        if getattr(self, "proc", None) and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         if self.proc.wait(600) != 0:
@@ -102,6 +107,7 @@ def measure(exe, size, runs):
     work = tempfile.mkdtemp(prefix="uprobed-restart-bench-")
     pin_dir = "/sys/fs/bpf/uprobed-bench-%d" % os.getpid()
     config = os.path.join(work, "uprobed.conf")
+    d = None
     try:
         if size == "frontend":
             binary, symbol = frontend_path(), "*"
@@ -140,6 +146,8 @@ def measure(exe, size, runs):
         return dict(size=size, probes=probes, links=links, register=register, empty=empty, adopt=adopt,
                     adopt_reconcile=adopt_us, again=again)
     finally:
+        if d:
+            d.kill()  # a failed request exits with the daemon still running
         try:
             remove_pins(exe, pin_dir, config)
         except Exception:
