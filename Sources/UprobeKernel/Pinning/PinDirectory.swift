@@ -45,10 +45,9 @@ public final class PinDirectory: Sendable {
             guard path == mount || path.hasPrefix(mount + "/") else {
                 throw KernelError(code: .pinFailed, message: "pin_dir \(path) is not on a bpf file system (mount one there, or use a directory under \(mount))")
             }
-            do { try Self.mountBPFFS(at: mount) } catch {
+            do { mountedAt = try Self.mountBPFFSOnce(at: mount) ? mount : nil } catch {
                 throw KernelError(code: .pinFailed, message: "\(mount) is not a bpf file system and mounting one failed: \(error)", errno: error.errno.rawValue)
             }
-            mountedAt = mount
         }
         for dir in [path, path + "/links"] {
             do { try Self.makeDirectories(dir) } catch {
@@ -147,9 +146,18 @@ public final class PinDirectory: Sendable {
         return p
     }
 
-    static func mountBPFFS(at mount: String) throws(SyscallError) {
+    /// Mounts bpffs at `mount` unless one is there by now. Two daemons starting at once must
+    /// not both mount: the second mount would cover the first, hiding its pins. They serialize
+    /// on an flock of the mount point's directory (the one underneath, which both open) and
+    /// check again holding it. True if this call mounted.
+    static func mountBPFFSOnce(at mount: String) throws(SyscallError) -> Bool {
         try makeDirectories(mount)
+        let fd = try Syscall.run("open", mount) { open(mount, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        defer { _ = close(fd) }
+        try Syscall.run("flock", mount) { flock(fd, LOCK_EX) }
+        if onBPFFS(mount) { return false }
         try Syscall.run("mount", mount) { CUprobeSys_mount_bpffs(mount, "mode=0700") }
+        return true
     }
 
     static func makeDirectories(_ path: String) throws(SyscallError) {
