@@ -164,6 +164,11 @@ extension RequestHandler {
         service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
         service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
         o["service"] = .object(service)
+        if let sets = probeSets {
+            var held: [ProbeSetMark: Int] = [:]
+            for r in s.probes.values { if let m = ProbeSetMark(r.probeSet) { held[m, default: 0] += 1 } }
+            o["probe_sets"] = sets.table.json(held: held)
+        }
         o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
                           "budget": JSONValue(resolver.cache.byteBudget)])
         return o

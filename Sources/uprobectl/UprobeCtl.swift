@@ -17,7 +17,8 @@ struct UprobeCtl: ParsableCommand {
             \(ExitStatus.helpText)
             """,
         version: UprobedVersion.current,
-        subcommands: [Add.self, Remove.self, List.self, Stats.self, Top.self, Watch.self, Status.self, Resolve.self])
+        subcommands: [Add.self, Remove.self, List.self, Stats.self, Top.self, Watch.self, Status.self, Resolve.self,
+                      Apply.self, Diff.self])
 
     @OptionGroup var global: GlobalOptions
 }

@@ -29,6 +29,9 @@ struct UprobedCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Directory for the state file (default /var/lib/uprobed).")
     var stateDir: String?
 
+    @Option(name: .long, help: "Directory of probe-set files (default /etc/uprobed/probes.d).")
+    var probesDir: String?
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
@@ -43,11 +46,13 @@ struct UprobedCommand: AsyncParsableCommand {
         }
         if let socket, !socket.hasPrefix("/") { throw ValidationError("--socket must be an absolute path") }
         if let stateDir, !stateDir.hasPrefix("/") { throw ValidationError("--state-dir must be an absolute path") }
+        if let probesDir, !probesDir.hasPrefix("/") { throw ValidationError("--probes-dir must be an absolute path") }
         // Flags override the file, at start and again after every reload (SIGHUP).
-        let (socket, stateDir, logLevel) = (self.socket, self.stateDir, self.logLevel)
+        let (socket, stateDir, logLevel, probesDir) = (self.socket, self.stateDir, self.logLevel, self.probesDir)
         let overrides: @Sendable (inout DaemonConfig) -> Void = { c in
             if let socket { c.socketPath = socket }
             if let stateDir { c.stateDir = stateDir }
+            if let probesDir { c.probesDir = probesDir }
             if let logLevel { c.logLevel = logLevel }
         }
         overrides(&cfg)

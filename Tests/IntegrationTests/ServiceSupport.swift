@@ -41,7 +41,10 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
         while FileManager.default.fileExists(atPath: log) { n += 1; log = dir + "/\(logName)-\(n).log" }
         logPath = log
         _ = FileManager.default.createFile(atPath: log, contents: nil)
-        let args = ["--socket", dir + "/uprobed.sock", "--state-dir", stateDir, "--config", configPath, "--log-level", "debug"] + extraArgs
+        // A probes directory of its own (absent unless a test makes it), unless the config names one.
+        let probes = config.contains("probes_dir") ? [] : ["--probes-dir", dir + "/probes.d"]
+        let args = ["--socket", dir + "/uprobed.sock", "--state-dir", stateDir, "--config", configPath, "--log-level", "debug"]
+            + probes + extraArgs
         process = Process()
         let exe = try Paths.product("uprobed")
         if launcher.isEmpty {

@@ -118,7 +118,8 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         socket = dir + "/uprobed.sock"
         stateDir = dir + "/state"
         logPath = dir + "/uprobed.log"
-        var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug"]
+        // A probes directory of its own (absent unless a test makes it): never the host's.
+        var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug", "--probes-dir", dir + "/probes.d"]
         if let config {
             let path = dir + "/uprobed.conf"
             try config.write(toFile: path, atomically: true, encoding: .utf8)

@@ -64,6 +64,9 @@ public struct SavedProbe: Sendable, Equatable {
     /// Why it ended (its process exited or stopped being its owner's). Unlike a degraded
     /// registration, an ended one is never attached again: it comes back ended.
     public var endedReason: String? = nil
+    /// The probe set that owns it (`ProbeRecord.probeSet`), so a restart knows which
+    /// registrations its reconcile may change and which came through the API.
+    public var probeSet: String? = nil
 }
 
 /// The whole state file.

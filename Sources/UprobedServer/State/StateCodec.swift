@@ -97,7 +97,7 @@ public enum StateCodec {
         let s = a.spec, z = b.spec, t = a.targets[0], u = b.targets[0]
         return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
-            && a.endedReason == b.endedReason
+            && a.endedReason == b.endedReason && a.probeSet == b.probeSet
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
@@ -212,6 +212,7 @@ public enum StateCodec {
         if let st = p.pidStartTime { w.field("pid_start_time", u64(st)) }
         if let r = p.degradedReason { w.field("degraded_reason", r) }
         if let r = p.endedReason { w.field("ended_reason", r) }
+        if let s = p.probeSet { w.field("set", s) }
         w.endObject()
     }
 
@@ -337,6 +338,6 @@ public enum StateCodec {
             owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
             spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
             stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
-            endedReason: o["ended_reason"]?.stringValue)
+            endedReason: o["ended_reason"]?.stringValue, probeSet: o["set"]?.stringValue)
     }
 }
