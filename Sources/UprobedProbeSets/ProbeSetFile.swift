@@ -215,4 +215,12 @@ public struct ProbeSetError: Error, Sendable, Equatable, CustomStringConvertible
     }
     /// `line 7: …` or the message alone.
     public var description: String { line.map { "line \($0): \(message)" } ?? message }
+
+    /// A daemon's message without its leading `probes[N]: `, for a report that names the line instead.
+    public static func withoutIndex(_ message: String) -> String {
+        guard message.hasPrefix("probes["), let close = message.firstIndex(of: "]"),
+              message[message.index(message.startIndex, offsetBy: 7)..<close].allSatisfy(\.isNumber),
+              message[close...].hasPrefix("]: ") else { return message }
+        return String(message[message.index(close, offsetBy: 3)...])
+    }
 }

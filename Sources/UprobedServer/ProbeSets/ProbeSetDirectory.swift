@@ -131,8 +131,9 @@ extension ProbeSets {
             switch await reconcile(ProbeSetMark(.file, name), desired: file.specs, owner: .daemon) {
             case .failure(let f):
                 outcome.refused += 1
-                refuse(name, file: loaded.file, code: f.error.code, message: f.error.message,
-                       line: f.index.flatMap { file.line(of: $0) })
+                let line = f.index.flatMap { file.line(of: $0) }
+                refuse(name, file: loaded.file, code: f.error.code,
+                       message: line == nil ? f.error.message : ProbeSetError.withoutIndex(f.error.message), line: line)
             case .success(let o):
                 let added = o.registered.reduce(0) { $0 + $1.count }
                 let removed = o.change.removed.reduce(0) { $0 + $1.ids.count }

@@ -86,7 +86,8 @@ private func sendApply(_ file: ProbeSetFile, dryRun: Bool, global: GlobalOptions
     if global.json { print(JSONSerializer.serialize(.object(reply))) }
     if let e = ReplyError(reply: reply) {
         if global.json { throw CtlError(message: "", status: ExitStatus.refused) }
-        throw .refused(options.located(e.probe.flatMap { file.line(of: $0) }, e.description))
+        let line = e.probe.flatMap { file.line(of: $0) }
+        throw .refused(options.located(line, line == nil ? e.description : ProbeSetError.withoutIndex(e.description)))
     }
     if let w = reply["warning"]?.stringValue { Stderr.warning(w) }
     return reply
@@ -118,8 +119,10 @@ private func printChanges(_ reply: JSONObject, file: ProbeSetFile, dryRun: Bool)
     t.rows = rows
     for line in t.render(header: false) { print(line) }
     let unchanged = reply["unchanged"]?.int64Value ?? 0
-    let verb = dryRun ? "would add" : "added"
-    let verb2 = dryRun ? "would remove" : "removed"
-    print("set \(file.name): \(verb) \(addedProbes) probe(s) from \(added.count) spelling(s), \(verb2) \(removedProbes) probe(s) of \(removed.count), \(unchanged) unchanged")
+    func probes(_ n: Int64) -> String { n == 1 ? "1 probe" : "\(n) probes" }
+    func lines(_ n: Int) -> String { n == 1 ? "1 line" : "\(n) lines" }
+    let (add, remove) = dryRun ? ("would add", "would remove") : ("added", "removed")
+    print("set \(file.name): \(add) \(probes(addedProbes)) (\(lines(added.count))), \(remove) \(probes(Int64(removedProbes))) "
+          + "(\(lines(removed.count))), \(lines(Int(unchanged))) unchanged")
     reportSkipped(reply)
 }
