@@ -141,7 +141,8 @@ public final class UprobedService: Service, Sendable {
         let series = MetricsSeriesState(config.metricsProbeSeries)
         let metrics = MetricsServer(logger: logger) {
             counters.metricsScrapes.add(1, ordering: .relaxed)
-            return MetricsRenderer.render(engine: engine, counters: counters, series: series, startTime: startTime)
+            return MetricsRenderer.render(engine: engine, counters: counters, series: series, startTime: startTime,
+                                          probeSets: probeSets)
         }
         let logger = self.logger
         let config = self.config

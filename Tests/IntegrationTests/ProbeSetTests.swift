@@ -139,7 +139,8 @@ struct ProbeSetTests {
         let probes = try ProbeDir(dir)
         try probes.write("good.yaml", ProbeDir.set(["\(target):fn_a"]))
         try probes.write("keep.yaml", ProbeDir.set(["\(target):fn_b"]))
-        let d = try ServiceDaemon(dir: dir)
+        let metricsPath = dir + "/metrics.sock"
+        let d = try ServiceDaemon(dir: dir, config: "metrics_listen = \(metricsPath)\n")
         let kept = try d.setProbes("keep")
         #expect(kept.count == 1)
 
@@ -168,6 +169,12 @@ struct ProbeSetTests {
         let keep = status["sets"]?.arrayValue?.compactMap(\.objectValue).first { $0["set"] == "keep" }
         #expect(keep?["state"] == "refused" && keep?["probes"] == .int(1))
         #expect(keep?["error"]?.objectValue?["line"] == .int(5))
+        let text = try ctl(["--socket", d.socket, "status"])
+        #expect(text.out.contains("  keep: file \(probes.path)/keep.yaml, 1 probes, refused at line 5: symbol 'fn_nosuch' not found")
+                && text.out.contains("[symbol_not_found]"), "\(text.out)")
+        let (_, body) = try httpGet(unixPath: metricsPath, path: "/metrics")
+        #expect(body.contains("uprobed_probe_sets{state=\"refused\"} 4") && body.contains("uprobed_probe_sets{state=\"applied\"} 1"), "\(body)")
+        #expect(body.contains("uprobed_probe_set_reconciles_total 2"), "\(body)")
 
         // The set still counts exactly, and a fixed file is taken at the next reload.
         try run([target, "3", "300"])

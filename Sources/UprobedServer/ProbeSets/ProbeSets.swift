@@ -160,6 +160,16 @@ final class ProbeSetTable: Sendable {
         }
     }
 
+    /// Sets whose last reconcile was applied and refused; `marks`: the set marks of the registry's
+    /// registrations (a set known only from them, e.g. applied before a restart, is applied).
+    func counts(marks: [ProbeSetMark]) -> (applied: Int, refused: Int) {
+        let known = entries.withLock { $0 }
+        var names = Set(known.keys)
+        for m in marks { names.insert(m.name) }
+        let refused = names.filter { known[$0]?.refused != nil }.count
+        return (names.count - refused, refused)
+    }
+
     /// `status`'s `probe_sets`: the reconcile count and every set known from the registry or
     /// from a reconcile, with its registrations (`held`: counted from the same registry).
     func json(held: [ProbeSetMark: Int]) -> JSONValue {
