@@ -187,6 +187,40 @@ struct ProbeSetTests {
     }
 }
 
+extension ProbeSetTests {
+    @Test("a directory laid out like a mounted ConfigMap (files linked through ..data to a hidden dir, swapped atomically by kubelet) is read through its links")
+    func configMapLayout() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = dir + "/target"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
+        let probes = try ProbeDir(dir)
+        let fm = FileManager.default
+        func version(_ name: String, _ sets: [String: [String]]) throws {
+            try fm.createDirectory(atPath: probes.path + "/" + name, withIntermediateDirectories: false)
+            for (key, spellings) in sets { try ProbeDir.set(spellings).write(toFile: probes.path + "/\(name)/\(key)", atomically: true, encoding: .utf8) }
+        }
+        try version("..2026_12_06_09_00_00.1", ["shell.yaml": ["\(target):fn_a"]])
+        try fm.createSymbolicLink(atPath: probes.path + "/..data", withDestinationPath: "..2026_12_06_09_00_00.1")
+        try fm.createSymbolicLink(atPath: probes.path + "/shell.yaml", withDestinationPath: "..data/shell.yaml")
+        let d = try ServiceDaemon(dir: dir)
+        let first = try d.setProbes("shell")
+        #expect(Set(first.keys) == ["fn_a"])
+        #expect(try d.probeSets()["sets"]?.arrayValue?.count == 1, "only shell: ..data and the hidden dir are no sets")
+        // kubelet's update: a new hidden dir, ..data renamed over to it.
+        try version("..2026_12_06_09_01_00.2", ["shell.yaml": ["\(target):fn_a", "\(target):fn_b"]])
+        try fm.createSymbolicLink(atPath: probes.path + "/..data_tmp", withDestinationPath: "..2026_12_06_09_01_00.2")
+        #expect(rename(probes.path + "/..data_tmp", probes.path + "/..data") == 0)
+        try d.reload(pid: d.pid)
+        let second = try d.setProbes("shell")
+        #expect(Set(second.keys) == ["fn_a", "fn_b"] && second["fn_a"] == first["fn_a"])
+        try run([target, "11", "13"])
+        let hits = try d.hits()
+        #expect(hits[second["fn_a"] ?? ""] == 11 && hits[second["fn_b"] ?? ""] == 13)
+        #expect(d.stop() == 0)
+    }
+}
+
 @Suite(.enabled(if: Kernel.enabled, "needs root and a kernel with uprobe_multi (set UPROBED_REQUIRE_KERNEL=1 to require)"))
 struct ProbeSetApplyTests {
     @Test("uprobectl diff shows + and - lines and exits 4 until apply makes the set match; apply changes only what changed; exact counts")
@@ -318,6 +352,9 @@ struct ProbeSetApplyTests {
         try d.reload(pid: d.process.processIdentifier)
         let conflict = try d.call(Request.apply(set: "owned", probes: [ProbeSpec(path: target, symbol: "fn_a")], dryRun: false).json())
         #expect(errorCode(conflict) == "set_conflict", "\(conflict)")
+        // A dry run of that name compares with the file's set: what a reload would change.
+        let dry = try d.call(Request.apply(set: "owned", probes: [ProbeSpec(path: target, symbol: "fn_a")], dryRun: true).json())
+        #expect(dry["ok"] == .bool(true) && dry["added"]?.arrayValue?.count == 1 && dry["unchanged"] == .int(0), "\(dry)")
         // And a file named like an applied set is refused in the log.
         #expect(try d.call(Request.apply(set: "applied", probes: [ProbeSpec(path: target, symbol: "fn_b")], dryRun: false).json())["ok"] == .bool(true))
         try probes.write("applied.yaml", ProbeDir.set(["\(target):fn_a"]))

@@ -10,7 +10,8 @@ extension ProbeSets {
     /// (`set_conflict`); an applied set is its applier's: only that uid or an admin may change
     /// it. A non-admin's set cannot gain probes, since a set has no `pid` filters and only
     /// admins register system-wide probes; it may empty (remove) its own set, and `diff` any
-    /// set over binaries it can read.
+    /// set over binaries it can read. A dry run of a name held by a file compares with the
+    /// file's set: what a reload with this content would change.
     func apply(_ name: String, specs: [ProbeSpec], dryRun: Bool, who: PeerIdentity,
                policy: AccessPolicy) async -> Result<SetOutcome, ProtocolError> {
         if let why = ProbeSetFile.nameProblem(name) { return .failure(ProtocolError(.invalidRequest, why)) }
@@ -24,18 +25,19 @@ extension ProbeSets {
             seen[spec] = n
         }
         return await gate.run {
-            if let file = self.filesByName[name] {
-                return .failure(ProtocolError(.setConflict,
-                    "set '\(name)' comes from \(file) in probes_dir; edit that file and reload uprobed (SIGHUP) instead"))
-            }
-            if self.marks()[ProbeSetMark(.file, name)] != nil {
+            let fileOwned = self.filesByName[name] != nil || self.marks()[ProbeSetMark(.file, name)] != nil
+            if fileOwned && !dryRun {
+                if let file = self.filesByName[name] {
+                    return .failure(ProtocolError(.setConflict,
+                        "set '\(name)' comes from \(file) in probes_dir; edit that file and reload uprobed (SIGHUP) instead"))
+                }
                 return .failure(ProtocolError(.setConflict,
                     "set '\(name)' belongs to probes_dir (its file is gone; the next reload removes its probes)"))
             }
-            let mark = ProbeSetMark(.api, name)
+            let mark = ProbeSetMark(fileOwned ? .file : .api, name)
             let isAdmin = policy.role(of: who) == .admin
             let uid = who.peer.uid
-            if !isAdmin {
+            if !isAdmin && !fileOwned {
                 let current = self.records(of: mark)
                 if let other = current.first(where: { $0.owner.uid != uid }) {
                     return .failure(ProtocolError(.permissionDenied,
