@@ -89,7 +89,7 @@ public final class UprobedService: Service, Sendable {
         let owners = OwnershipWatcher(engine: engine, access: access, logger: logger,
                                       checkEvery: .milliseconds(Int64(config.ownerCheckMs)),
                                       idleEvery: .milliseconds(Int64(config.followCheckMs)))
-        let probeSets = ProbeSets(engine: engine, logger: logger)
+        let probeSets = ProbeSets(engine: engine, logger: logger, store: store)
         let handler = RequestHandler(
             engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
@@ -110,6 +110,7 @@ public final class UprobedService: Service, Sendable {
         }
         // After the restore (the sets' registrations are back, so only changes are made) and
         // before serving: a client that connects finds the sets in place.
+        await probeSets.completeApplied()
         await probeSets.reconcileDirectory(config.probesDir)
 
         // After the restore: the watcher follows what is registered now.

@@ -363,6 +363,49 @@ struct ProbeSetApplyTests {
         #expect(d.log.split(separator: "\n").contains { $0.contains("probe set refused") && $0.contains("set_conflict") && $0.contains("applied.yaml") })
     }
 
+    @Test("an apply cut short between its steps is completed at the next start from probe-sets.json; a corrupt one is made again from the registrations")
+    func interruptedApplyCompleted() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try ServicePersistenceTests.target(in: dir)
+        let lists = dir + "/state/probe-sets.json"
+        let fnA = ProbeSpec(path: target, symbol: "fn_a"), fnB = ProbeSpec(path: target, symbol: "fn_b")
+        func writeLists(_ sets: [String: [ProbeSpec]]) throws {
+            var all = JSONObject()
+            for (name, specs) in sets { all[name] = .array(specs.map(\.json)) }
+            let o: JSONObject = ["format": "uprobed-probe-sets", "version": 1, "sets": .object(all)]
+            try JSONSerializer.serialize(.object(o)).write(toFile: lists, atomically: true, encoding: .utf8)
+        }
+        var d = try ServiceDaemon(dir: dir)
+        #expect(try d.call(Request.apply(set: "s", probes: [fnA, fnB], dryRun: false).json())["ok"] == .bool(true))
+        let s = try d.setProbes("s")
+        let saved = try String(contentsOfFile: lists, encoding: .utf8)
+        #expect(saved.contains("\"s\":[") && saved.contains("fn_b"), "\(saved)")
+        #expect(d.stop() == 0)
+
+        // As if stopped after saving the new list [fn_a] and before removing fn_b.
+        try writeLists(["s": [fnA]])
+        d = try ServiceDaemon(dir: dir)
+        #expect(try d.setProbes("s") == ["fn_a": s["fn_a"] ?? "?"])
+        #expect(d.log.contains("applied probe set completed") && d.log.contains("removed=1"), "\(d.log)")
+        #expect(try d.call(Request.apply(set: "t", probes: [fnB], dryRun: false).json())["ok"] == .bool(true))
+        #expect(d.stop() == 0)
+
+        // A corrupt list: nothing is removed, the lists are made again from the registrations.
+        try "{not json".write(toFile: lists, atomically: true, encoding: .utf8)
+        d = try ServiceDaemon(dir: dir)
+        #expect(try d.setProbes("s").count == 1 && d.setProbes("t").count == 1)
+        #expect(d.log.contains("cannot be read; made again from their registrations"))
+        #expect(try AppliedSetsFile.sets(lists) == ["s": ["fn_a"], "t": ["fn_b"]])
+        #expect(d.stop() == 0)
+
+        // As if stopped after registering a new set "t" before its list was saved: it was never answered.
+        try writeLists(["s": [fnA]])
+        d = try ServiceDaemon(dir: dir)
+        #expect(try d.setProbes("t").isEmpty && d.setProbes("s").count == 1)
+        #expect(d.stop() == 0)
+    }
+
     @Test("apply's access: a non-admin diffs readable binaries, cannot add system-wide probes, cannot change another uid's set; a uid with no role may not diff")
     func applyAccess() throws {
         let dir = try ServiceDaemon.makeDir()
@@ -394,5 +437,17 @@ struct ProbeSetApplyTests {
         #expect(errorCode(nobody[0]) == "permission_denied")
         #expect(try d.setProbes("roots").count == 1 && d.setProbes("mine").isEmpty)
         #expect(d.stop() == 0)
+    }
+}
+
+/// Reads probe-sets.json: each set's symbols.
+enum AppliedSetsFile {
+    static func sets(_ path: String) throws -> [String: [String]] {
+        let o = try #require(try JSONParser.parse(String(contentsOfFile: path, encoding: .utf8)).objectValue)
+        var out: [String: [String]] = [:]
+        for m in o["sets"]?.objectValue?.pairs ?? [] {
+            out[m.key] = (m.value.arrayValue ?? []).compactMap { $0.objectValue?["symbol"]?.stringValue }
+        }
+        return out
     }
 }

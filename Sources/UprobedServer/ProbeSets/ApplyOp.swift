@@ -43,17 +43,29 @@ extension ProbeSets {
                     return .failure(ProtocolError(.permissionDenied,
                         "set '\(name)' was applied by uid \(other.owner.uid); only that uid or an admin may change it"))
                 }
-                let change = SetChange(desired: specs, records: current)
-                if !dryRun, !change.added.isEmpty,
-                   let denied = AccessControl.checkSpecs(who, specs: change.added.map { RequestHandler.input($0.spec) },
-                                                         systemWideOK: false, policy: policy) {
+                // Checked before anything is resolved, as for register: a set has no pid filters,
+                // and only admins register system-wide probes.
+                if !dryRun, !SetChange(desired: specs, records: current).added.isEmpty {
                     return .failure(ProtocolError(.permissionDenied,
-                        "a probe set has no pid filters, and \(denied.message.drop(while: { $0 != ":" }).dropFirst(2)) (set '\(name)')"))
+                        "uid \(uid) may not add probes to set '\(name)': a probe set has no pid filters, and only admins register system-wide probes (admin_uids/admin_groups)"))
                 }
             }
-            let result = await self.reconcile(mark, desired: specs, owner: who.peer, dryRun: dryRun) { items in
-                isAdmin ? nil : AccessControl.checkTargets(who, items: items, held: nil, policy: policy)
+            // The set's list is saved between the additions and the removals (`AppliedSets`).
+            let saveList: () -> ProtocolError? = {
+                let current = self.applied.withLock { $0 }
+                var next = current
+                next.sets[name] = specs.isEmpty ? nil : specs
+                guard next != current else { return nil }
+                if let e = self.saveApplied(next) {
+                    return ProtocolError(.stateWriteFailed, "the set's probe list could not be saved (\(e.message)); the set was not changed")
+                }
+                self.applied.withLock { $0 = next }
+                return nil
             }
+            let result = await self.reconcile(mark, desired: specs, owner: who.peer, dryRun: dryRun,
+                                              authorize: { items in
+                                                  isAdmin ? nil : AccessControl.checkTargets(who, items: items, held: nil, policy: policy)
+                                              }, between: fileOwned ? nil : saveList)
             switch result {
             case .failure(let f): return .failure(f.error)
             case .success(let o):

@@ -29,10 +29,14 @@ public final class ProbeSets: Sendable {
     /// The set names that have a file in the probes directory, from the last scan (a set name
     /// held by a file cannot be applied through the API, even while the file is refused).
     private let fileNames = Mutex<[String: String]>([:])
+    /// Where the applied sets' lists are kept (`AppliedSets`), and those lists.
+    let store: StateStore
+    let applied = Mutex(AppliedSets())
 
-    public init(engine: Engine, logger: Logger) {
+    public init(engine: Engine, logger: Logger, store: StateStore) {
         self.engine = engine
         self.logger = logger
+        self.store = store
     }
 
     /// How specs are resolved: the request handler's way (its thread pool, its limits).
@@ -61,9 +65,12 @@ public final class ProbeSets: Sendable {
 
     /// Makes `mark`'s set hold exactly `desired` (see the type's comment). `authorize`: asked with
     /// the added specs' resolutions before anything is registered (an `apply`'s access checks).
-    /// `dryRun`: resolves and reports, changes nothing.
+    /// `dryRun`: resolves and reports, changes nothing. `between`: runs after the additions are
+    /// registered and before the removals; an error from it takes the additions back out and
+    /// fails the reconcile (an applied set saves its list there).
     func reconcile(_ mark: ProbeSetMark, desired: [ProbeSpec], owner: Peer, dryRun: Bool = false,
-                   authorize: ([RegisterItem]) -> ProtocolError? = { _ in nil }) async -> Result<SetOutcome, SetFailure> {
+                   authorize: ([RegisterItem]) -> ProtocolError? = { _ in nil },
+                   between: (() -> ProtocolError?)? = nil) async -> Result<SetOutcome, SetFailure> {
         let change = SetChange(desired: desired, records: records(of: mark))
         var outcome = SetOutcome(change: change)
         if !change.added.isEmpty {
@@ -95,6 +102,15 @@ public final class ProbeSets: Sendable {
                     }
                 }
             }
+        }
+        if !dryRun, let between, let failed = between() {
+            let added = outcome.registered.flatMap { $0.map(\.id) }
+            if !added.isEmpty, case .failure(let e) = await engine.unregister(ids: added, consumer: nil, peer: owner) {
+                logger.error("a refused probe-set change could not take its new registrations back out", metadata: [
+                    "set": "\(mark.name)", "probe_id": "\(added.first ?? "")", "count": "\(added.count)",
+                    "error_code": "\(e.code)", "error": "\(e.message)"])
+            }
+            return .failure(SetFailure(error: failed, index: nil))
         }
         if !change.removed.isEmpty && !dryRun {
             let ids = change.removed.flatMap(\.ids)
