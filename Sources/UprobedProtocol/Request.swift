@@ -132,17 +132,7 @@ public enum RequestDecoder {
                 throw ProtocolError(.tooManyProbes,
                                     "\(list.count) probes in one request; the limit is \(limits.maxProbesPerRequest) (max_probes_per_request)")
             }
-            var specs: [ProbeSpec] = []
-            specs.reserveCapacity(list.count)
-            for (n, item) in list.enumerated() {
-                do {
-                    specs.append(try ProbeSpec(json: item, context: "probes[\(n)]"))
-                } catch {
-                    var e = error
-                    e.details["probe"] = .int(Int64(n))
-                    throw e
-                }
-            }
+            let specs = try decodeSpecs(list)
             return op == "register" ? .register(probes: specs, consumer: consumer) : .resolve(probes: specs)
         case "apply":
             guard let set = obj["set"]?.stringValue, !set.isEmpty else {
@@ -160,17 +150,7 @@ public enum RequestDecoder {
                 guard let b = v.boolValue else { throw ProtocolError(.invalidRequest, "'dry_run' must be a boolean") }
                 dryRun = b
             }
-            var specs: [ProbeSpec] = []
-            for (n, item) in list.enumerated() {
-                do {
-                    specs.append(try ProbeSpec(json: item, context: "probes[\(n)]"))
-                } catch {
-                    var e = error
-                    e.details["probe"] = .int(Int64(n))
-                    throw e
-                }
-            }
-            return .apply(set: set, probes: specs, dryRun: dryRun)
+            return .apply(set: set, probes: try decodeSpecs(list), dryRun: dryRun)
         case "unregister":
             let ids = try optionalIDs(obj)
             guard (ids == nil) != (consumer == nil) else {
@@ -203,6 +183,22 @@ public enum RequestDecoder {
         default:
             return .status
         }
+    }
+
+    /// A `probes` list of specs; an error names the spec (`probe`: its index).
+    private static func decodeSpecs(_ list: [JSONValue]) throws(ProtocolError) -> [ProbeSpec] {
+        var specs: [ProbeSpec] = []
+        specs.reserveCapacity(list.count)
+        for (n, item) in list.enumerated() {
+            do {
+                specs.append(try ProbeSpec(json: item, context: "probes[\(n)]"))
+            } catch {
+                var e = error
+                e.details["probe"] = .int(Int64(n))
+                throw e
+            }
+        }
+        return specs
     }
 
     private static func optionalString(_ obj: JSONObject, _ key: String) throws(ProtocolError) -> String? {

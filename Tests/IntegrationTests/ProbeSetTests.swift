@@ -41,21 +41,10 @@ extension DaemonClient {
         throw TestFailure("no probe-set reconcile within 30 s of SIGHUP")
     }
 
-    /// Every registration by id, from `list`.
-    func listed() throws -> [String: JSONObject] {
-        let r = try call(["op": "list"])
-        guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
-        var out: [String: JSONObject] = [:]
-        for p in r["probes"]?.arrayValue ?? [] {
-            if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
-        }
-        return out
-    }
-
     /// The ids of `set`'s probes, by "symbol" or "symbol (ret)".
     func setProbes(_ set: String) throws -> [String: String] {
         var out: [String: String] = [:]
-        for (id, o) in try listed() where o["set"]?.stringValue == set {
+        for (id, o) in try list() where o["set"]?.stringValue == set {
             let ret = o["spec"]?.objectValue?["retprobe"] == .bool(true)
             out[(o["symbol"]?.stringValue ?? "?") + (ret ? " (ret)" : "")] = id
         }
@@ -80,7 +69,7 @@ struct ProbeSetTests {
         #expect(Set(a.keys) == ["fn_a", "fn_b"])
         let b = try d.setProbes("b")
         #expect(b.keys.sorted() == ["fn_never"])
-        let listed = try d.listed()
+        let listed = try d.list()
         #expect(listed[a["fn_a"] ?? ""]?["consumer"]?.stringValue == "a")
         #expect(listed[a["fn_a"] ?? ""]?["set_source"]?.stringValue == "file")
         // An API probe under the set's consumer name: the set never touches it.
@@ -100,7 +89,7 @@ struct ProbeSetTests {
         #expect(try d.setProbes("b").isEmpty)
         let c = try d.setProbes("c")
         #expect(Set(c.keys) == ["fn_b"])
-        #expect(try d.listed()[api] != nil)
+        #expect(try d.list()[api] != nil)
         try run([target, "10", "20"])
         hits = try d.hits()
         #expect(hits[a2["fn_a"] ?? ""] == 1010 && hits[a2["fn_b (ret)"] ?? ""] == 20 && hits[c["fn_b"] ?? ""] == 20 && hits[api] == 1010)
@@ -234,13 +223,13 @@ struct ProbeSetApplyTests {
         #expect(r.status == 4, "\(r)")
         #expect(r.out.contains("+  uprobe:\(target):fn_a") && r.out.contains("+  uretprobe:\(target):fn_b"), "\(r.out)")
         #expect(r.out.contains("set web: would add 2 probes (2 lines), would remove 0 probes (0 lines), 0 lines unchanged"), "\(r.out)")
-        #expect(try d.listed().isEmpty, "diff changes nothing")
+        #expect(try d.list().isEmpty, "diff changes nothing")
 
         r = try ctl(["--socket", d.socket, "apply", "-f", file])
         #expect(r.status == 0, "\(r)")
         let first = try d.setProbes("web")
         #expect(Set(first.keys) == ["fn_a", "fn_b (ret)"])
-        #expect(try d.listed()[first["fn_a"] ?? ""]?["set_source"] == "api")
+        #expect(try d.list()[first["fn_a"] ?? ""]?["set_source"] == "api")
         r = try ctl(["--socket", d.socket, "diff", "-f", file])
         #expect(r.status == 0 && r.out.contains("would add 0 probes (0 lines), would remove 0 probes (0 lines), 2 lines unchanged"), "\(r)")
         try run([target, "100", "200"])
@@ -269,7 +258,7 @@ struct ProbeSetApplyTests {
         try setFile([])
         r = try ctl(["--socket", d.socket, "apply", "-f", file])
         #expect(r.status == 0 && r.out.contains("removed 2 probes (2 lines)"), "\(r)")
-        #expect(try d.listed().isEmpty)
+        #expect(try d.list().isEmpty)
     }
 
     @Test("uprobectl apply/diff refuse bad files and names before asking the daemon (exit 2, file:line), and relay the daemon's refusals (exit 1)")
@@ -313,7 +302,7 @@ struct ProbeSetApplyTests {
         let mine = try d.register([spec(target, symbol: "fn_b")])
         r = try ctl(["--socket", d.socket, "rm", "--all"])
         #expect(r.status == 0 && r.out.contains("removed 1") && r.err.contains("leaving 1 probe(s) of probe sets alone (fromstdin)"), "\(r)")
-        #expect(try d.listed().keys.sorted() == [id], "\(mine) removed, the set's kept")
+        #expect(try d.list().keys.sorted() == [id], "\(mine) removed, the set's kept")
     }
 
     @Test("the apply op refuses every bad request with a clear error and changes nothing")
@@ -344,7 +333,7 @@ struct ProbeSetApplyTests {
         }
         let blamed = try d.call(["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "nope")]])
         #expect(blamed["error"]?.objectValue?["probe"] == .int(1))
-        #expect(try d.listed().isEmpty)
+        #expect(try d.list().isEmpty)
 
         // A set name held by a file of probes_dir belongs to the file.
         let probes = try ProbeDir(d.dir)

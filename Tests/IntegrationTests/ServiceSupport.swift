@@ -82,16 +82,6 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
     var pid: Int32 { process.processIdentifier }
 
-    func list() throws -> [String: JSONObject] {
-        let r = try call(["op": "list"])
-        guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
-        var out: [String: JSONObject] = [:]
-        for p in r["probes"]?.arrayValue ?? [] {
-            if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
-        }
-        return out
-    }
-
     /// Waits for the process to exit (up to `seconds`); its exit status, or nil if still running.
     func waitExit(seconds: Double = 30) -> Int32? {
         let deadline = Date().addingTimeInterval(seconds)

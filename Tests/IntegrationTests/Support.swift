@@ -238,4 +238,15 @@ extension DaemonClient {
     }
 
     func status() throws -> JSONObject { try call(["op": "status"]) }
+
+    /// Every registration by id, from `list`.
+    func list() throws -> [String: JSONObject] {
+        let r = try call(["op": "list"])
+        guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
+        var out: [String: JSONObject] = [:]
+        for p in r["probes"]?.arrayValue ?? [] {
+            if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
+        }
+        return out
+    }
 }
