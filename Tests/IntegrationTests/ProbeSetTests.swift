@@ -129,7 +129,7 @@ struct ProbeSetTests {
         try probes.write("good.yaml", ProbeDir.set(["\(target):fn_a"]))
         try probes.write("keep.yaml", ProbeDir.set(["\(target):fn_b"]))
         let metricsPath = dir + "/metrics.sock"
-        let d = try ServiceDaemon(dir: dir, config: "metrics_listen = \(metricsPath)\n")
+        let d = try ServiceDaemon(dir: dir, config: "metrics_listen = \(metricsPath)\nmax_probes_per_request = 3\n")
         let kept = try d.setProbes("keep")
         #expect(kept.count == 1)
 
@@ -139,22 +139,24 @@ struct ProbeSetTests {
         try probes.write("broken.yaml", "probes:\n  - \(target):fn_a\n  - [unclosed\n")
         try probes.write("pid.yaml", "probes:\n  - probe: \(target):fn_a\n    pid: 1\n")
         try probes.write("nobinary.yaml", ProbeDir.set(["/nonexistent/bin:main"]))
+        try probes.write("big.yaml", ProbeDir.set(["\(target):fn_a", "\(target):fn_b", "\(target):fn_never", "uretprobe:\(target):fn_a"]))
         try d.reload(pid: d.pid)
         #expect(Set(try d.setProbes("good").keys) == ["fn_a", "fn_b"])
         #expect(try d.setProbes("keep") == kept)
-        #expect(try d.setProbes("broken").isEmpty && d.setProbes("pid").isEmpty && d.setProbes("nobinary").isEmpty)
+        #expect(try d.setProbes("broken").isEmpty && d.setProbes("pid").isEmpty && d.setProbes("nobinary").isEmpty && d.setProbes("big").isEmpty)
 
         let refusals = d.log.split(separator: "\n").filter { $0.contains("probe set refused") }
-        #expect(refusals.count == 4, "\(refusals)")
+        #expect(refusals.count == 5, "\(refusals)")
         func line(_ file: String) -> String { refusals.first { $0.contains(probes.path + "/" + file) }.map(String.init) ?? "" }
         #expect(line("keep.yaml").contains("line=5") && line("keep.yaml").contains("symbol_not_found")
                 && line("keep.yaml").contains("fn_nosuch"), "\(line("keep.yaml"))")
         #expect(line("broken.yaml").contains("line=") && line("broken.yaml").contains("set_invalid"), "\(line("broken.yaml"))")
         #expect(line("pid.yaml").contains("line=3") && line("pid.yaml").contains("not processes"), "\(line("pid.yaml"))")
         #expect(line("nobinary.yaml").contains("line=2") && line("nobinary.yaml").contains("file_not_found"), "\(line("nobinary.yaml"))")
+        #expect(line("big.yaml").contains("line=5") && line("big.yaml").contains("too_many_probes") && line("big.yaml").contains("at most 3"), "\(line("big.yaml"))")
 
         let status = try d.probeSets()
-        #expect(status["refused"] == .int(4))
+        #expect(status["refused"] == .int(5))
         let keep = status["sets"]?.arrayValue?.compactMap(\.objectValue).first { $0["set"] == "keep" }
         #expect(keep?["state"] == "refused" && keep?["probes"] == .int(1))
         #expect(keep?["error"]?.objectValue?["line"] == .int(5))
@@ -162,7 +164,7 @@ struct ProbeSetTests {
         #expect(text.out.contains("  keep: file \(probes.path)/keep.yaml, 1 probes, refused at line 5: symbol 'fn_nosuch' not found")
                 && text.out.contains("[symbol_not_found]"), "\(text.out)")
         let (_, body) = try httpGet(unixPath: metricsPath, path: "/metrics")
-        #expect(body.contains("uprobed_probe_sets{state=\"refused\"} 4") && body.contains("uprobed_probe_sets{state=\"applied\"} 1"), "\(body)")
+        #expect(body.contains("uprobed_probe_sets{state=\"refused\"} 5") && body.contains("uprobed_probe_sets{state=\"applied\"} 1"), "\(body)")
         #expect(body.contains("uprobed_probe_set_reconciles_total 2"), "\(body)")
 
         // The set still counts exactly, and a fixed file is taken at the next reload.

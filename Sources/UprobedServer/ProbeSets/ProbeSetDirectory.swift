@@ -121,6 +121,13 @@ extension ProbeSets {
                 continue
             case .success(let f): file = f
             }
+            let most = maxSpecs.load(ordering: .relaxed)
+            if file.entries.count > most {
+                outcome.refused += 1
+                refuse(name, file: loaded.file, code: .tooManyProbes, message: "\(file.entries.count) probes; a set has at most \(most) (max_probes_per_request)",
+                       line: file.line(of: most))
+                continue
+            }
             if apiNames.contains(name) {
                 outcome.refused += 1
                 refuse(name, file: loaded.file, code: .setConflict,

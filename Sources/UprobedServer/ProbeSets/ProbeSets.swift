@@ -39,9 +39,13 @@ public final class ProbeSets: Sendable {
         self.store = store
     }
 
+    /// Most lines one set may have: `max_probes_per_request`, as for an `apply` (set by `connect`).
+    let maxSpecs = Atomic<Int>(10_000)
+
     /// How specs are resolved: the request handler's way (its thread pool, its limits).
     func connect(_ handler: RequestHandler) {
         resolver.withLock { $0 = { specs in await handler.resolve(specs) } }
+        maxSpecs.store(handler.limits.maxProbesPerRequest, ordering: .relaxed)
     }
 
     /// The registrations `mark`'s set owns now, in id order.
