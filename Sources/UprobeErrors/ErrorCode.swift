@@ -122,8 +122,8 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     /// key, a `pid`, a bad spelling, a bad name. Its set keeps its previous probes.
     public static let setInvalid = ErrorCode("set_invalid")
     /// The set name is held by the other source: a file in `probes_dir` for an `apply`, or an
-    /// `apply` for a file of the same name (refused in the log); or a non-admin's `apply` of a
-    /// set another uid applied.
+    /// `apply` for a file of the same name (refused in the log). (A non-admin's `apply` of a set
+    /// another uid applied is `permission_denied`.)
     public static let setConflict = ErrorCode("set_conflict")
     /// An `unregister` named a probe a probe set owns: change the set instead.
     public static let probeInSet = ErrorCode("probe_in_set")

@@ -24,7 +24,9 @@ extension ProbeSets {
             }
             seen[spec] = n
         }
-        return await gate.run {
+        // A dry run changes nothing, so it does not wait in line: any reader may ask for one, and
+        // one naming a file on a hung mount must not hold up reloads and applies behind it.
+        let body: @Sendable () async -> Result<SetOutcome, ProtocolError> = {
             let fileOwned = self.filesByName[name] != nil || self.marks()[ProbeSetMark(.file, name)] != nil
             if fileOwned && !dryRun {
                 if let file = self.filesByName[name] {
@@ -82,6 +84,7 @@ extension ProbeSets {
                 return .success(o)
             }
         }
+        return dryRun ? await body() : await gate.run(body)
     }
 }
 
