@@ -28,6 +28,10 @@ extension Request {
             if buckets { o["buckets"] = .bool(true) }
         case .status:
             break
+        case .apply(let set, let probes, let dryRun):
+            o["set"] = .string(set)
+            o["probes"] = .array(probes.map(\.json))
+            if dryRun { o["dry_run"] = .bool(true) }
         }
         return o
     }

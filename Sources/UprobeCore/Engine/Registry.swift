@@ -140,6 +140,10 @@ public final class ProbeRecord: Sendable {
     public let targets: [ResolvedProbe]
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public let retired: RetiredVersions
+    /// The probe set that owns this registration (nil: registered through the API). Opaque to
+    /// the engine; the server's probe-set reconciler spells it (source and name) and is the
+    /// only one that adds or removes such registrations.
+    public let probeSet: String?
     /// A latency probe's histogram from before this daemon process took over (the state
     /// file) and of its retired sites, added to what its sites measure now.
     public let baseLatency: LatencyHistogram?
@@ -149,8 +153,9 @@ public final class ProbeRecord: Sendable {
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
                 registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
                 state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = [],
-                baseLatency: LatencyHistogram? = nil) {
+                probeSet: String? = nil, baseLatency: LatencyHistogram? = nil) {
         self.retired = retired
+        self.probeSet = probeSet
         self.baseLatency = baseLatency
         self.id = id
         self.number = ProbeID.number(id)
@@ -172,7 +177,7 @@ public final class ProbeRecord: Sendable {
         ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
                     registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince, state: state,
                     baseHits: baseHits, targets: targets,
-                    retired: retired, baseLatency: baseLatency ?? self.baseLatency)
+                    retired: retired, probeSet: probeSet, baseLatency: baseLatency ?? self.baseLatency)
     }
 
     /// A latency probe's histogram: `baseLatency` plus what its sites' rows hold now
@@ -206,11 +211,18 @@ public struct RestoreItem: Sendable {
     /// It comes back `ended` with `degradedReason` as the reason: it was over before the
     /// restart, or its process stopped being its owner's while the daemon was down.
     public var ended: Bool
+    /// The counter slot of each target in a link adopted from the pin directory (`Adoption`):
+    /// the registration keeps counting there, its counters are not reset and its sites are not
+    /// attached again. nil: attached afresh.
+    public var adoptedSlots: [UInt32]? = nil
+    /// The probe set that owns it (`ProbeRecord.probeSet`).
+    public var probeSet: String?
     /// A latency probe's histogram up to the save.
     public var baseLatency: LatencyHistogram?
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
                 baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false,
-                baseLatency: LatencyHistogram? = nil) {
+                probeSet: String? = nil, baseLatency: LatencyHistogram? = nil) {
+        self.probeSet = probeSet
         self.baseLatency = baseLatency
         self.id = id
         self.consumer = consumer

@@ -1,4 +1,7 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 import UprobeELF
 import UprobeKernel
 
@@ -19,6 +22,11 @@ public protocol KernelBackend: Sendable {
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64]
     /// Closes links so that they share grace periods; returns once none of them can fire.
     func closeAll(_ links: [any KernelLink])
+    /// Lets go of links at shutdown: pinned ones stay attached (counting on for the next
+    /// daemon), others are closed as by `closeAll` (latency links without draining).
+    func release(_ links: [any KernelLink])
+    /// The counter of one slot.
+    func readCounter(slot: UInt32) throws(KernelError) -> UInt64
 
     // Latency probes (uprobe sessions). The defaults below refuse them: a backend without
     // them answers `latency_unsupported`.
@@ -28,17 +36,18 @@ public protocol KernelBackend: Sendable {
     func readLatency(slot: UInt32) -> LatencyHistogram?
     /// Slots given back to the allocator (no link can use them): their latency rows are free.
     func releaseSlots(_ slots: [UInt32])
-    /// Closes links at once, without letting latency links drain (daemon shutdown).
-    func closeAllNow(_ links: [any KernelLink])
 }
 
 extension KernelBackend {
+    public func release(_ links: [any KernelLink]) { closeAll(links) }
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        try readCounters(upTo: slot + 1).last ?? 0
+    }
     public func attachLatency(path: String, sites: [LinkSite], pid: Int32?) throws(KernelError) -> any KernelLink {
         throw KernelError(code: .latencyUnsupported, message: "this kernel backend has no latency probes")
     }
     public func readLatency(slot: UInt32) -> LatencyHistogram? { nil }
     public func releaseSlots(_ slots: [UInt32]) {}
-    public func closeAllNow(_ links: [any KernelLink]) { closeAll(links) }
 }
 
 /// One offset of a link and the counter slot its hits go to.
@@ -66,16 +75,24 @@ extension LatencyLink: KernelLink {}
 /// latency probe, the latency program (uprobe session links).
 public final class BPFKernelBackend: KernelBackend {
     public let program: CounterProgram
+    /// Test-only: how long `closeAll` waits before closing links, so a test can kill the
+    /// daemon in the middle of a make-before-break (both links attached, hand-off on).
+    private let closeDelayMicros: UInt32
     /// Rows of the latency program (latency probe sites at once).
     public let latencyCapacity: UInt32
     /// Made on first use: its row map is `latencyCapacity` × 2.7 KB of kernel memory, which a
     /// daemon without latency probes should not pay. Kept here, next to `program`, so every
-    /// kernel object of the daemon is made (and can be pinned) in one place.
+    /// kernel object of the daemon is made in one place. Not pinned: latency links end with
+    /// the daemon (see docs/LATENCY.md).
     private let latencyProgram = Mutex<Result<LatencyProgram, KernelError>?>(nil)
 
-    public init(capacity: UInt32, latencyCapacity: UInt32 = 16_384) throws(KernelError) {
+    /// `pins`: pin the maps, the program and every link there (see `CounterProgram.init`).
+    /// `variant`: the test-only altered program; `closeDelayMicros`: the test-only close delay.
+    public init(capacity: UInt32, latencyCapacity: UInt32 = 16_384, pins: PinDirectory? = nil, variant: Bool = false,
+                closeDelayMicros: UInt32 = 0) throws(KernelError) {
         try KernelSupport.check()
-        program = try CounterProgram(capacity: capacity)
+        program = try CounterProgram(capacity: capacity, pins: pins, variant: variant)
+        self.closeDelayMicros = closeDelayMicros
         self.latencyCapacity = latencyCapacity
     }
 
@@ -141,16 +158,26 @@ public final class BPFKernelBackend: KernelBackend {
     /// Closes links so that they share grace periods; a latency link first lets its calls
     /// drain (see `LatencyLink.close`), on its own closer thread like every other link.
     public func closeAll(_ links: [any KernelLink]) {
+        if closeDelayMicros > 0 && !links.isEmpty { usleep(closeDelayMicros) }
         close(links, drain: true)
-    }
-
-    public func closeAllNow(_ links: [any KernelLink]) {
-        close(links, drain: false)
     }
 
     private func close(_ links: [any KernelLink], drain: Bool) {
         LinkCloser.closeAll(links.compactMap { $0 as? UprobeMultiLink }, latency: links.compactMap { $0 as? LatencyLink },
                             drain: drain)
         for l in links where !(l is UprobeMultiLink) && !(l is LatencyLink) { l.close() }
+    }
+
+    public func release(_ links: [any KernelLink]) {
+        // Pinned links only lose this process's fd (no grace period: the pin holds them);
+        // unpinned ones are detached together as before.
+        let real = links.compactMap { $0 as? UprobeMultiLink }
+        for l in real where l.pinPath != nil { l.release() }
+        // Latency links are never pinned; at shutdown they do not wait for their calls.
+        close(links.filter { ($0 as? UprobeMultiLink)?.pinPath == nil }, drain: false)
+    }
+
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        try program.readCounter(slot: slot)
     }
 }

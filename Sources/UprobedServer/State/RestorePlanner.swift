@@ -20,17 +20,17 @@ public enum RestorePlanner {
             if let why = p.endedReason {
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why, ended: true, baseLatency: p.latency)
+                                   degradedReason: why, ended: true, probeSet: p.probeSet, baseLatency: p.latency)
             }
             switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache, ownership: ownership) {
             case .success(let targets):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil,
-                                   baseLatency: p.latency)
+                                   probeSet: p.probeSet, baseLatency: p.latency)
             case .failure(let why):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why.reason, ended: why.ended, baseLatency: p.latency)
+                                   degradedReason: why.reason, ended: why.ended, probeSet: p.probeSet, baseLatency: p.latency)
             }
         }
     }
