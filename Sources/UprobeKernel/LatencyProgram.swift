@@ -98,16 +98,17 @@ public final class LatencyProgram: Sendable {
 
     /// Creates the maps and loads the program. Throws `latency_unsupported` when the kernel
     /// lacks uprobe sessions or their kfuncs, `map_create_failed`, `prog_load_failed`.
+    /// `btfPath`: where the kernel's BTF is read (tests point it elsewhere).
     public init(counter: CounterProgram, rowCapacity: UInt32, markCapacity: UInt32 = 65_536,
-                drainLimit: Duration = .seconds(1)) throws(KernelError) {
+                drainLimit: Duration = .seconds(1), btfPath: String = KernelBTF.vmlinuxPath) throws(KernelError) {
         guard rowCapacity > 0 else { throw KernelError(code: .invalidArgument, message: "rowCapacity must be > 0") }
         self.counter = counter
         self.rowCapacity = rowCapacity
         self.drainLimit = drainLimit
         let ids: [String: UInt32]
-        do { ids = try KernelBTF.functionIDs(named: Self.kfuncNames) } catch {
+        do { ids = try KernelBTF.functionIDs(named: Self.kfuncNames, path: btfPath) } catch {
             throw KernelError(code: .latencyUnsupported,
-                              message: "cannot read the kernel's BTF (\(KernelBTF.vmlinuxPath)): \(error); latency probes need CONFIG_DEBUG_INFO_BTF and Linux >= 6.13")
+                              message: "cannot read the kernel's BTF (\(btfPath)): \(error); latency probes need CONFIG_DEBUG_INFO_BTF and Linux >= 6.13")
         }
         guard let isReturn = ids["bpf_session_is_return"], let cookie = ids["bpf_session_cookie"] else {
             throw KernelError(code: .latencyUnsupported,

@@ -154,6 +154,19 @@ struct BatchDecisionTests {
         #expect(sizes == [1, 1, 3])
     }
 
+    @Test("a latency probe on a kernel without uprobe sessions fails alone with latency_unsupported; a counting probe on the same function in the same batch attaches")
+    func latencyUnsupported() throws {
+        let h = Harness()
+        var latency = item("/a", inode: 1, offsets: [0x10])
+        latency.spec.latency = true
+        let results = h.registerBatch([[latency], [item("/a", inode: 1, offsets: [0x10])]])
+        guard case .failure(let e) = results[0] else { Issue.record("the latency probe attached"); return }
+        #expect(e.code == .latencyUnsupported)
+        #expect((try? results[1].get())?.count == 1)
+        #expect(h.kernel.attachCount == 1, "the counting link only")
+        #expect(h.published.load().probes.count == 1)
+    }
+
     @Test("a large request's records are made before the attach and handed to prepare; they enter the registry only if it succeeds")
     func earlyRecords() throws {
         let prepared = Mutex<[[ProbeRecord]]>([])

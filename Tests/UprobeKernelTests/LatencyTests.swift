@@ -75,6 +75,25 @@ struct LatencyTests {
         #expect(ids.count == 2)
     }
 
+    /// Without the kernel's BTF (missing, or not BTF) the latency program refuses with
+    /// `latency_unsupported`, saying why; a BTF without the session kfuncs likewise.
+    @Test func missingBTFIsLatencyUnsupported() throws {
+        try KernelEnv.requireSupport()
+        let counter = try CounterProgram(capacity: 4)
+        for path in ["/nonexistent/vmlinux", "/etc/hostname"] {
+            do {
+                _ = try LatencyProgram(counter: counter, rowCapacity: 1, btfPath: path)
+                Issue.record("\(path) accepted")
+            } catch {
+                #expect(error.code == .latencyUnsupported && error.message.contains(path), "\(error)")
+            }
+        }
+        #expect(throws: KernelBTF.Failure.self) { try KernelBTF.functionIDs(named: ["x"], in: [0x9f, 0xeb, 1, 0, 24, 0, 0, 0] + [UInt8](repeating: 0xff, count: 16)) }
+        // The real BTF walks to the end with every kind known, and finds well-known functions.
+        let ids = try KernelBTF.functionIDs(named: ["bpf_session_cookie", "schedule", "no_such_function_here"])
+        #expect(ids["schedule"] != nil && ids["no_such_function_here"] == nil)
+    }
+
     /// Exact calls/returns/in-flight on threads, recursion and a thread exiting mid-call; each
     /// p50 between what the function body took and what its caller saw, within bucket precision.
     @Test func measuresKnownDurationsExactly() throws {
