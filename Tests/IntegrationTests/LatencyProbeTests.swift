@@ -193,6 +193,29 @@ struct LatencyProbeTests {
         #expect(try daemon.hits().isEmpty)
     }
 
+    @Test("latency_capacity bounds latency probe sites: beyond it capacity_exhausted, nothing half-registered; a removal frees its rows")
+    func latencyCapacity() throws {
+        let daemon = try TestDaemon(config: "latency_capacity = 2\ncompaction_delay_ms = 5\n")
+        let fx = try Self.fixture(daemon)
+        let r = try daemon.call(["op": "register", "probes": .array(["lat_busy", "lat_plain", "lat_sleep1"].map { Self.latencySpec(fx, $0) })])
+        #expect(errorCode(r) == "capacity_exhausted", "\(r)")
+        let message = r["error"]?.objectValue?["message"]?.stringValue ?? ""
+        #expect(message.contains("latency_capacity"), "\(message)")
+        #expect(try daemon.hits().isEmpty)
+        let two = try daemon.register([Self.latencySpec(fx, "lat_busy"), Self.latencySpec(fx, "lat_plain")])
+        let counting = try daemon.register([spec(fx, symbol: "lat_sleep1")])  // counting probes need no row
+        #expect(two.count == 2 && counting.count == 1)
+        #expect(try daemon.call(["op": "unregister", "probes": .array([.string(two[0])])])["ok"] == .bool(true))
+        // The freed row comes back once the link is rebuilt without it and its slot is free.
+        var again: JSONObject = [:]
+        for _ in 0..<100 {
+            again = try daemon.call(["op": "register", "probes": [Self.latencySpec(fx, "lat_sleep1")]])
+            if again["ok"] == .bool(true) { break }
+            usleep(50_000)
+        }
+        #expect(again["ok"] == .bool(true), "\(again)")
+    }
+
     @Test("watch events carry the calls that returned in each interval")
     func watchIntervals() throws {
         let daemon = try TestDaemon()
