@@ -327,12 +327,19 @@ struct ProbeSetApplyTests {
             (["op": "apply", "set": "s", "probes": [ok, spec("rel/x", symbol: "f")]], "invalid_request", "probes[1]: path 'rel/x' is relative"),
             (["op": "apply", "set": "s", "probes": [ok, ok]], "invalid_request", "probes[1] is the same probe as probes[0]"),
             (["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "nope")]], "symbol_not_found", "probes[1]"),
+            (["op": "apply", "set": "s", "probes": [ok, spec("/nonexistent/bin", symbol: "main")]], "file_not_found", "probes[1]"),
+            // A lock-prefixed first instruction: refused by the resolver, nothing is attached.
+            (["op": "apply", "set": "s", "probes": [ok, spec("libc", symbol: "pthread_spin_lock")]], "instruction_not_probeable", "probes[1]"),
+            (["op": "apply", "set": "", "probes": [ok]], "invalid_request", "needs 'set'"),
         ]
         for (req, code, words) in cases {
             let r = try d.call(req)
             #expect(errorCode(r) == code, "\(req): \(r)")
             #expect(r["error"]?.objectValue?["message"]?.stringValue?.contains(words) == true, "\(req): \(r)")
         }
+        let small = try TestDaemon(config: "max_probes_per_request = 2\n")
+        let many = try small.call(["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "fn_b"), spec(target, symbol: "fn_never")]])
+        #expect(errorCode(many) == "too_many_probes" && many["error"]?.objectValue?["message"]?.stringValue?.contains("the limit is 2") == true, "\(many)")
         let blamed = try d.call(["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "nope")]])
         #expect(blamed["error"]?.objectValue?["probe"] == .int(1))
         #expect(try d.list().isEmpty)
