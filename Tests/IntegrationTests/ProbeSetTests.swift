@@ -179,6 +179,32 @@ struct ProbeSetTests {
 }
 
 extension ProbeSetTests {
+    @Test("a reload whose config file is refused still reconciles the sets; a new probes_dir replaces the old one's sets")
+    func reloadWithConfig() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = dir + "/target"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
+        let first = try ProbeDir(dir)
+        try first.write("one.yaml", ProbeDir.set(["\(target):fn_a"]))
+        let d = try ServiceDaemon(dir: dir, config: "probes_dir = \(first.path)\n")
+        #expect(try d.setProbes("one").count == 1)
+        try "no_such_key = 1\n".write(toFile: d.configPath, atomically: true, encoding: .utf8)
+        try first.write("two.yaml", ProbeDir.set(["\(target):fn_b"]))
+        try d.reload(pid: d.pid)
+        #expect(try d.setProbes("two").count == 1)
+        #expect(try d.status()["service"]?.objectValue?["config_reload_failures"] == .int(1))
+        // Another directory: the sets of the first go, those of the second come.
+        let otherPath = dir + "/other.d"
+        try FileManager.default.createDirectory(atPath: otherPath, withIntermediateDirectories: false)
+        try ProbeDir.set(["\(target):fn_never"]).write(toFile: otherPath + "/three.yaml", atomically: true, encoding: .utf8)
+        try "probes_dir = \(otherPath)\n".write(toFile: d.configPath, atomically: true, encoding: .utf8)
+        try d.reload(pid: d.pid)
+        #expect(try d.setProbes("one").isEmpty && d.setProbes("two").isEmpty && d.setProbes("three").count == 1)
+        #expect(try d.probeSets()["sets"]?.arrayValue?.compactMap { $0.objectValue?["set"]?.stringValue } == ["three"])
+        #expect(d.stop() == 0)
+    }
+
     @Test("a directory laid out like a mounted ConfigMap (files linked through ..data to a hidden dir, swapped atomically by kubelet) is read through its links")
     func configMapLayout() throws {
         let dir = try ServiceDaemon.makeDir()
