@@ -199,6 +199,10 @@ public struct RestoreItem: Sendable {
     public var ended: Bool
     /// The probe set that owns it (`ProbeRecord.probeSet`).
     public var probeSet: String?
+    /// The counter slot of each target in a link adopted from the pin directory (`Adoption`):
+    /// the registration keeps counting there, its counters are not reset and its sites are not
+    /// attached again. nil: attached afresh.
+    public var adoptedSlots: [UInt32]? = nil
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
                 baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false,
                 probeSet: String? = nil) {
