@@ -64,9 +64,6 @@ public struct SavedProbe: Sendable, Equatable {
     /// Why it ended (its process exited or stopped being its owner's). Unlike a degraded
     /// registration, an ended one is never attached again: it comes back ended.
     public var endedReason: String? = nil
-    /// The probe set that owns it (`ProbeRecord.probeSet`), so a restart knows which
-    /// registrations its reconcile may change and which came through the API.
-    public var probeSet: String? = nil
     /// The counter slot of each target (the same order), while the registration counts in
     /// exactly those sites: a restart adopts the pinned links that count into them.
     public var slots: [UInt32]? = nil
@@ -74,6 +71,9 @@ public struct SavedProbe: Sendable, Equatable {
     /// A restart that adopts the slots' links reports `baseHits` + the counters, which went
     /// on counting while no daemon ran; one that attaches again starts from `hits`.
     public var baseHits: UInt64 = 0
+    /// The probe set that owns it (`ProbeRecord.probeSet`), so a restart knows which
+    /// registrations its reconcile may change and which came through the API.
+    public var probeSet: String? = nil
 }
 
 /// The whole state file.

@@ -222,7 +222,6 @@ public enum StateCodec {
         if let st = p.pidStartTime { w.field("pid_start_time", u64(st)) }
         if let r = p.degradedReason { w.field("degraded_reason", r) }
         if let r = p.endedReason { w.field("ended_reason", r) }
-        if let s = p.probeSet { w.field("set", s) }
         if let slots = p.slots {
             w.key("slots")
             w.beginArray()
@@ -230,6 +229,7 @@ public enum StateCodec {
             w.endArray()
             if p.baseHits != 0 { w.field("base_hits", u64(p.baseHits)) }
         }
+        if let s = p.probeSet { w.field("set", s) }
         w.endObject()
     }
 

@@ -9,10 +9,10 @@ struct PlannedProbe {
     var sites: [ProbeSite]
     var spec: ProbeSpecInput
     var restored: RestoreItem? = nil
-    /// `RegisterItem.probeSet` (or the restored registration's).
-    var probeSet: String? = nil
     /// Its sites are in links adopted from the pin directory: not attached again.
     var adopted = false
+    /// `RegisterItem.probeSet` (or the restored registration's).
+    var probeSet: String? = nil
 }
 
 /// One registration of a batch (a register request, one restored registration, or a follow
@@ -154,7 +154,7 @@ extension BatchApplier {
                     }
                     if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
                         plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
-                                                    spec: item.spec, restored: item, probeSet: item.probeSet, adopted: true)]
+                                                    spec: item.spec, restored: item, adopted: true, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
