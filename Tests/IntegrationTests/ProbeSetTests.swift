@@ -14,6 +14,13 @@ struct ProbeDir {
     func write(_ name: String, _ text: String) throws { try text.write(toFile: path + "/" + name, atomically: true, encoding: .utf8) }
     func remove(_ name: String) throws { try FileManager.default.removeItem(atPath: path + "/" + name) }
 
+    /// `dir`'s probes directory and a private copy of the target fixture in `dir`.
+    static func withTarget(in dir: String) throws -> (ProbeDir, String) {
+        let target = dir + "/target"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
+        return (try ProbeDir(dir), target)
+    }
+
     /// `probes:` followed by one entry per spelling.
     static func set(_ spellings: [String]) -> String {
         spellings.isEmpty ? "probes: []\n" : "probes:\n" + spellings.map { "  - \($0)\n" }.joined()
@@ -58,9 +65,7 @@ struct ProbeSetTests {
     func reconcileAtStartAndReload() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let probes = try ProbeDir(dir)
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
         try probes.write("a.yaml", ProbeDir.set(["\(target):fn_a", "\(target):fn_b"]))
         try probes.write("b.yml", ProbeDir.set(["uprobe:\(target):fn_never"]))
         try probes.write("README", "not a set")
@@ -123,9 +128,7 @@ struct ProbeSetTests {
     func badFileRefusedAlone() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let probes = try ProbeDir(dir)
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
         try probes.write("good.yaml", ProbeDir.set(["\(target):fn_a"]))
         try probes.write("keep.yaml", ProbeDir.set(["\(target):fn_b"]))
         let metricsPath = dir + "/metrics.sock"
@@ -183,9 +186,7 @@ extension ProbeSetTests {
     func reloadWithConfig() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let first = try ProbeDir(dir)
+        let (first, target) = try ProbeDir.withTarget(in: dir)
         try first.write("one.yaml", ProbeDir.set(["\(target):fn_a"]))
         let d = try ServiceDaemon(dir: dir, config: "probes_dir = \(first.path)\n")
         #expect(try d.setProbes("one").count == 1)
@@ -209,9 +210,7 @@ extension ProbeSetTests {
     func configMapLayout() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let probes = try ProbeDir(dir)
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
         let fm = FileManager.default
         func version(_ name: String, _ sets: [String: [String]]) throws {
             try fm.createDirectory(atPath: probes.path + "/" + name, withIntermediateDirectories: false)
