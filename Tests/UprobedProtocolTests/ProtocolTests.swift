@@ -265,7 +265,7 @@ struct RequestDecodingTests {
         let line = #"{"op":"register","id":"a","consumer":"me","probes":[{"path":"/bin/x","symbol":"f*","pid":42,"retprobe":true},{"path":"libc","offset":"0x10"},{"path":"/usr/bin/python3","usdt":"python:function__entry"}]}"#
         guard case .success(let env) = RequestDecoder.decode(Array(line.utf8)) else { Issue.record("failed"); return }
         #expect(env.id == "a")
-        guard case .register(let probes, let consumer) = env.request else { Issue.record("wrong op"); return }
+        guard case .register(let probes, let consumer, _) = env.request else { Issue.record("wrong op"); return }
         #expect(consumer == "me")
         #expect(probes[0] == ProbeSpec(path: "/bin/x", symbol: "f*", pid: 42, retprobe: true))
         #expect(probes[1].offset == 16)
@@ -298,7 +298,7 @@ struct RequestDecodingTests {
             let line = #"{"op":"register","probes":[{"path":"/x","symbol":"a"},"# + json + "]}"
             switch RequestDecoder.decode(Array(line.utf8)) {
             case .success(let env):
-                guard case .register(let probes, _) = env.request, probes.count == 2 else { return .failure(ProtocolError(.internalError, "not a register")) }
+                guard case .register(let probes, _, _) = env.request, probes.count == 2 else { return .failure(ProtocolError(.internalError, "not a register")) }
                 return .success(probes[1])
             case .failure(let f): return .failure(f.error)
             }

@@ -152,7 +152,7 @@ extension BatchApplier {
                                                 spec: item.spec, restored: item)]
                     registers.append(plan)
                 }
-            case .unregister(let ids, let consumer, _, let authorize, let reply):
+            case .unregister(let ids, let selection, _, let authorize, let reply):
                 let selected: [String]
                 if let ids {
                     if let missing = ids.first(where: { registry[$0] == nil || removedInBatch.contains($0) }) {
@@ -161,7 +161,8 @@ extension BatchApplier {
                     }
                     selected = Array(Set(ids))
                 } else {
-                    selected = registry.probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
+                    var matcher = (selection ?? ProbeSelection()).matcher()
+                    selected = registry.probes.selectIDs { matcher.matches($0) && !removedInBatch.contains($0.id) }
                 }
                 if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
                     reply(.failure(EngineError(code: .permissionDenied,
