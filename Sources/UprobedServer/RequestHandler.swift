@@ -370,10 +370,10 @@ public struct RequestHandler: Sendable {
     func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false,
                query: StatsQuery = StatsQuery()) -> Result<ReplyBody, ProtocolError> {
         let match = query.match.isEmpty ? nil : ProbeSelection(path: query.match.path, symbol: query.match.symbol)
-        switch engine.statsTable(ids: ids, consumer: consumer, allVersions: versions, match: match) {
+        let order = Self.order(query.effectiveSort)
+        switch engine.statsTable(ids: ids, consumer: consumer, allVersions: versions, match: match, order: order, top: query.top) {
         case .failure(let e): return .failure(Self.protocolError(e))
-        case .success(let all):
-            let table = query.isDefault ? all : all.ordered(by: Self.order(query.effectiveSort), top: query.top)
+        case .success(let table):
             return .success(.written(estimatedBytes: table.count * 48 + 32) { w in
                 Self.writeStats(table, versions: versions, into: &w) { table.rates[$0] }
                 if !query.isDefault { w.field("total", Int64(table.total)) }

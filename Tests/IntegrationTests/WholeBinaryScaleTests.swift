@@ -122,6 +122,13 @@ struct WholeBinaryScaleTests {
         let sym = try d.call(["op": "stats", "symbol": "fn_b"])
         #expect(sym["stats"]?.arrayValue?.map { $0.objectValue?["hits"] ?? .null } == [.int(7)] && sym["total"] == .int(1), "\(sym)")
         #expect(try d.call(["op": "stats", "path": "/elsewhere/target"])["total"] == .int(0))
+        let filteredTop = try d.call(["op": "stats", "symbol": "fn_[bn]*", "top": 1])
+        #expect(filteredTop["stats"]?.arrayValue?.map { $0.objectValue?["hits"] ?? .null } == [.int(7)] && filteredTop["total"] == .int(2),
+                "\(filteredTop)")
+        let idsTop = try d.call(["op": "stats", "probes": [.string(first), .string(last)], "top": 1])
+        #expect(idsTop["stats"]?.arrayValue?.count == 1 && idsTop["total"] == .int(2), "\(idsTop)")
+        let sortedAll = try d.call(["op": "stats", "sort": "hits"])
+        #expect(sortedAll["stats"]?.arrayValue?.map { $0.objectValue?["hits"] ?? .null } == [.int(30), .int(7), .int(0)], "\(sortedAll)")
         // Plain stats keeps its old shape (no total).
         #expect(try d.call(["op": "stats"])["total"] == nil)
 

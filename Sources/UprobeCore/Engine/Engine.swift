@@ -195,21 +195,26 @@ public final class Engine: Sendable {
 
     /// `stats` as a `StatsTable` (what the socket server writes from).
     /// `match`: only the registrations it selects (globs over path and symbol, an owner).
+    /// `order`, `top`: the rows in that order, only the first `top` (picked while the rows
+    /// are read when there are no `ids`).
     public func statsTable(ids: [String]?, consumer: String? = nil, allVersions: Bool = false,
-                           match: ProbeSelection? = nil) -> Result<StatsTable, EngineError> {
-        read { snap, _ in statsTable(of: snap, ids: ids, consumer: consumer, allVersions: allVersions, match: match) }
+                           match: ProbeSelection? = nil, order: StatsTable.Order = .id, top: Int? = nil) -> Result<StatsTable, EngineError> {
+        read { snap, _ in statsTable(of: snap, ids: ids, consumer: consumer, allVersions: allVersions, match: match, order: order, top: top) }
     }
 
     /// `statsTable` of a registry lent by `read` (for a reader that needs more than the table
     /// from the same version; read sections do not nest).
     public func statsTable(of snap: borrowing RegistrySnapshot, ids: [String]?, consumer: String? = nil,
-                           allVersions: Bool = false, match: ProbeSelection? = nil) -> Result<StatsTable, EngineError> {
+                           allVersions: Bool = false, match: ProbeSelection? = nil, order: StatsTable.Order = .id,
+                           top: Int? = nil) -> Result<StatsTable, EngineError> {
         let counts: [UInt64]
         do throws(KernelError) { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch {
             return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
         }
         return StatsTable.make(snap.probes, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions,
-                               now: MonotonicEpoch.seconds(.now), match: match)
+                               now: MonotonicEpoch.seconds(.now), match: match, order: order, top: ids == nil ? top : nil)
+            // Picked while reading (all rows with `top`); otherwise ordered and cut here.
+            .map { t in ids == nil && top != nil || order == .id && top == nil ? t : t.ordered(by: order, top: top) }
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for
