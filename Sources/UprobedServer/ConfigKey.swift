@@ -24,6 +24,13 @@ struct ConfigKey: Sendable {
             return m
         },
         path("state_dir", \.stateDir),
+        field("pin_dir", \.pinDir) { v throws(BadValue) in
+            guard v.isEmpty || (v.hasPrefix("/") && !v.split(separator: "/").contains("..")) else {
+                throw BadValue(message: "pin_dir must be empty (no pinning) or an absolute path without '..'")
+            }
+            return v
+        },
+        path("probes_dir", \.probesDir, reloadable: true),
         int("state_checkpoint_s", \.stateCheckpointSeconds, 0...86_400),
         int("max_line_bytes", \.maxLineBytes, 1024...(256 << 20)),
         int("max_probes_per_request", \.maxProbesPerRequest, 1...16_777_216),
@@ -103,8 +110,9 @@ struct ConfigKey: Sendable {
         return n
     }
 
-    static func path(_ name: String, _ keyPath: any WritableKeyPath<DaemonConfig, String> & Sendable) -> ConfigKey {
-        field(name, keyPath) { v throws(BadValue) in
+    static func path(_ name: String, _ keyPath: any WritableKeyPath<DaemonConfig, String> & Sendable,
+                     reloadable: Bool = false) -> ConfigKey {
+        field(name, keyPath, reloadable: reloadable) { v throws(BadValue) in
             guard v.hasPrefix("/") else { throw BadValue(message: "\(name) must be an absolute path") }
             return v
         }

@@ -203,16 +203,18 @@ public enum MetricsRenderer {
 
     /// One scrape, from one version of the registry (read through the uprobes tree).
     /// `startTime`: when the daemon started, in seconds since the Unix epoch.
-    public static func render(engine: Engine, counters: ServiceCounters, series: MetricsSeriesState, startTime: Double) -> [UInt8] {
+    public static func render(engine: Engine, counters: ServiceCounters, series: MetricsSeriesState, startTime: Double,
+                              probeSets: ProbeSets? = nil) -> [UInt8] {
         series.scrape { aggregator in
             engine.read { snap, uprobes in
-                render(engine: engine, snap, uprobes: uprobes, counters: counters, aggregator: &aggregator, startTime: startTime)
+                render(engine: engine, snap, uprobes: uprobes, counters: counters, aggregator: &aggregator, startTime: startTime,
+                       probeSets: probeSets)
             }
         }
     }
 
     private static func render(engine: Engine, _ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
-                               aggregator: inout ProbeSeriesAggregator, startTime: Double) -> [UInt8] {
+                               aggregator: inout ProbeSeriesAggregator, startTime: Double, probeSets: ProbeSets?) -> [UInt8] {
         let registry = PrometheusCollectorRegistry()
         if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
             var samples: [ProbeSample] = []
@@ -263,6 +265,15 @@ public enum MetricsRenderer {
         counter("uprobed_metrics_scrapes_total", "Scrapes of this endpoint.", counters.metricsScrapes.load(ordering: .relaxed))
         counter("uprobed_hits_read_failures_total", "Scrapes whose read of the kernel hit counters failed (they export no probe series).",
                 counters.counterReadFailures.load(ordering: .relaxed))
+        if let probeSets {
+            // Per state, not per set: an alert on any refused set needs no label per file.
+            let (applied, refused) = probeSets.table.counts(marks: snap.probes.values.compactMap { ProbeSetMark($0.probeSet) })
+            let sets = desc("uprobed_probe_sets", "Probe sets (probes_dir files and applied sets) by the state of their last reconcile.")
+            registry.makeGauge(descriptor: sets, labels: [("state", "applied")]).set(Double(applied))
+            registry.makeGauge(descriptor: sets, labels: [("state", "refused")]).set(Double(refused))
+            counter("uprobed_probe_set_reconciles_total", "Reconciles of probes_dir (at start and on each reload).",
+                    probeSets.table.directoryReconciles.load(ordering: .relaxed))
+        }
         registry.makeGauge(descriptor: desc("uprobed_build_info", "Always 1; the version label says which uprobed runs."), labels: [("version", RequestHandler.version)]).set(Double(1))
         var out: [UInt8] = []
         registry.emit(into: &out)

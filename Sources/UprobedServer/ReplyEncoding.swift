@@ -224,6 +224,25 @@ extension RequestHandler {
         service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
         service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
         o["service"] = .object(service)
+        if let p = counters.pins.withLock({ $0 }) {
+            var pins = JSONObject()
+            pins["dir"] = .string(p.directory)
+            pins["adopted_links"] = JSONValue(p.adoptedLinks)
+            pins["adopted_probes"] = JSONValue(p.adoptedProbes)
+            pins["rebuilt_probes"] = JSONValue(p.rebuiltProbes)
+            pins["stale_links"] = JSONValue(p.staleLinks)
+            pins["migrated_links"] = JSONValue(p.migratedLinks)
+            pins["handoffs_ended"] = JSONValue(p.handoffsEnded)
+            pins["objects_adopted"] = .array(p.objectsAdopted.map { .string($0) })
+            pins["objects_created"] = .array(p.objectsCreated.map { .string($0) })
+            pins["reconcile_us"] = .int(p.micros)
+            o["pins"] = .object(pins)
+        }
+        if let sets = probeSets {
+            var held: [ProbeSetMark: Int] = [:]
+            for r in s.probes.values { if let m = ProbeSetMark(r.probeSet) { held[m, default: 0] += 1 } }
+            o["probe_sets"] = sets.table.json(held: held)
+        }
         o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
                           "budget": JSONValue(resolver.cache.byteBudget)])
         return o

@@ -32,12 +32,15 @@ public struct RequestHandler: Sendable {
     let resolverPool: NIOThreadPool
     /// Told of every successful registration (the ownership watcher checks new `pid` filters).
     let registered: @Sendable ([ProbeRecord]) -> Void
+    /// The probe sets (`apply`, and `status`'s `probe_sets`); nil where none are served.
+    let probeSets: ProbeSets?
 
     public init(engine: Engine, resolver: UprobeELF.Resolver, limits: RequestDecoder.Limits, logger: Logger,
                 access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
                 counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global(),
                 resolverPool: NIOThreadPool = .singleton,
-                registered: @escaping @Sendable ([ProbeRecord]) -> Void = { _ in }) {
+                registered: @escaping @Sendable ([ProbeRecord]) -> Void = { _ in }, probeSets: ProbeSets? = nil) {
+        self.probeSets = probeSets
         self.aheadQueue = aheadQueue
         self.resolverPool = resolverPool
         self.registered = registered
@@ -73,6 +76,8 @@ public struct RequestHandler: Sendable {
             case .list(let consumer, let query): result = .success(list(consumer: consumer, query: query))
             case .stats, .status: result = readOnlyResult(env.request)  // the event loop answers most (`replyWithoutWaiting`)
             case .resolve(let specs): result = await resolveChecked(specs, who: who, policy: policy)
+            case .apply(let set, let specs, let dryRun):
+                result = await apply(set: set, specs: specs, dryRun: dryRun, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
         }
@@ -291,6 +296,7 @@ public struct RequestHandler: Sendable {
         let authorize: @Sendable (ProbeRecord) -> Bool = { r in isAdmin || r.owner.uid == peer.uid }
         let outcome: Result<Removal, EngineError>
         if let ids {
+            if let owned = setOwned(ids) { return .failure(owned) }
             outcome = await engine.unregister(ids: ids, consumer: nil, peer: peer, authorize: authorize)
         } else {
             var selection = ProbeSelection(consumer: consumer, path: match.path, symbol: match.symbol)
@@ -332,6 +338,10 @@ public struct RequestHandler: Sendable {
                 w.field("registered_at", r.registeredAt)
                 // Whether the probe follows its path through file replacements (see PathWatcher).
                 w.field("follow", r.follows)
+                if let mark = ProbeSetMark(r.probeSet) {
+                    w.field("set", mark.name)
+                    w.field("set_source", mark.source.rawValue)
+                }
                 w.endObject()
             }
             w.endArray()

@@ -106,6 +106,8 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
     let process: Process
     /// The daemon's stderr goes to a file: a pipe nobody drains would fill and block it.
     let logPath: String
+    /// Its pin directory, removed at the end (see `removePins`).
+    let pinDir: String
     private var stopped = false
 
     /// `launcher`: a command that execs the daemon in its own place (the same pid), e.g.
@@ -118,7 +120,10 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         socket = dir + "/uprobed.sock"
         stateDir = dir + "/state"
         logPath = dir + "/uprobed.log"
-        var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug"]
+        pinDir = testPinDir(for: dir)
+        // A probes directory of its own (absent unless a test makes it): never the host's.
+        var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug", "--probes-dir", dir + "/probes.d"]
+        if !extraArgs.contains("--pin-dir") { args += ["--pin-dir", pinDir] }
         if let config {
             let path = dir + "/uprobed.conf"
             try config.write(toFile: path, atomically: true, encoding: .utf8)
@@ -188,6 +193,7 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
 
     deinit {
         stop()
+        removePins(pinDir)
         try? FileManager.default.removeItem(atPath: dir)
     }
 }
@@ -237,4 +243,15 @@ extension DaemonClient {
     }
 
     func status() throws -> JSONObject { try call(["op": "status"]) }
+
+    /// Every registration by id, from `list`.
+    func list() throws -> [String: JSONObject] {
+        let r = try call(["op": "list"])
+        guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
+        var out: [String: JSONObject] = [:]
+        for p in r["probes"]?.arrayValue ?? [] {
+            if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
+        }
+        return out
+    }
 }

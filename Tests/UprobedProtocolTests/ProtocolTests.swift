@@ -383,6 +383,8 @@ struct RequestEncodingTests {
             .list(consumer: nil, query: ListQuery(ids: ["p1"], match: ProbeMatch(symbol: "x*"), offset: 10, limit: 5)),
             .stats(ids: nil, versions: false, consumer: nil, query: StatsQuery(match: ProbeMatch(path: "libc"), sort: .rate, top: 100)),
             .stats(ids: nil, versions: false, consumer: "c", query: StatsQuery(sort: .hits)),
+            .apply(set: "alloc", probes: [ProbeSpec(path: "libc", symbol: "malloc")], dryRun: false),
+            .apply(set: "alloc", probes: [], dryRun: true),
         ]
         for r in requests {
             let line = JSONSerializer.serializeLine(.object(r.json(id: .int(9))))

@@ -9,7 +9,7 @@ enum PendingOp: Sendable {
                   early: (@Sendable ([ProbeRecord]) -> Void)?,
                   reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
     /// Registrations from the state file, with their ids; each one is atomic on its own.
-    case restore(items: [RestoreItem], nextIDFloor: UInt64, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
+    case restore(items: [RestoreItem], nextIDFloor: UInt64, adoption: Adoption, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
     /// By ids (all must exist), or every registration `selection` matches. `authorize` is asked
     /// for each selected probe; one it refuses fails the request.
     case unregister(ids: [String]?, selection: ProbeSelection?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,

@@ -9,6 +9,10 @@ struct PlannedProbe {
     var sites: [ProbeSite]
     var spec: ProbeSpecInput
     var restored: RestoreItem? = nil
+    /// Its sites are in links adopted from the pin directory: not attached again.
+    var adopted = false
+    /// `RegisterItem.probeSet` (or the restored registration's).
+    var probeSet: String? = nil
 }
 
 /// One registration of a batch (a register request, one restored registration, or a follow
@@ -59,7 +63,7 @@ struct LinkGroups {
         var groupOf: [LinkGroupKey: Int] = [:]
         var last: (key: LinkGroupKey, group: Int)?  // consecutive sites are mostly in one group
         for (r, plan) in registers.enumerated() where plan.failure == nil {
-            for p in plan.probes {
+            for p in plan.probes where !p.adopted {
                 for s in p.sites {
                     let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
                                            pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
@@ -115,11 +119,12 @@ extension BatchApplier {
                     // per function.
                     if item.spec.usdt != nil {
                         let sites = item.targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
-                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
+                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec, probeSet: item.probeSet))
                     } else {
                         for t in item.targets {
                             guard let slot = next.next() else { break }  // never: `needed` slots were allocated
-                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec))
+                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec,
+                                                            probeSet: item.probeSet))
                         }
                     }
                 }
@@ -128,28 +133,41 @@ extension BatchApplier {
                     plan.earlyHook = early
                 }
                 registers.append(plan)
-            case .restore(let items, let floor, _):
+            case .restore(let items, let floor, let adoption, _):
                 registry.skipNumbers(below: floor)
+                if !adoption.links.isEmpty {
+                    // The adopted links' slots are held before anything is allocated; slots no
+                    // registration claims are retired (detached by the next compaction).
+                    slots.claim(adoption.links.flatMap { $0.sites.map(\.slot) })
+                    links.adopt(adoption.links)
+                    compactor.retire(adoption.deadSlots)
+                }
                 // Each restored registration is its own request, so one that cannot attach
                 // never takes the others down with it.
                 for item in items {
                     var plan = PlannedRegister(index: n, consumer: item.consumer, peer: item.owner)
                     plan.restoreID = item.id
                     if item.degradedReason != nil {
-                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item, probeSet: item.probeSet)]
+                        registers.append(plan)
+                        continue
+                    }
+                    if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
+                        plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
+                                                    spec: item.spec, restored: item, adopted: true)]
                         registers.append(plan)
                         continue
                     }
                     if slots.available < item.targets.count { compactor.reclaim(slots: &slots) }
                     guard let allocated = slots.allocate(item.targets.count) else {
                         plan.failure = EngineError(code: .capacityExhausted, message: "no counter slots left to restore \(item.id)")
-                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
                     newSlots += allocated
                     plan.probes = [PlannedProbe(sites: zip(item.targets, allocated).map { ProbeSite(target: $0, slot: $1) },
-                                                spec: item.spec, restored: item)]
+                                                spec: item.spec, restored: item, probeSet: item.probeSet)]
                     registers.append(plan)
                 }
             case .unregister(let ids, let selection, _, let authorize, let reply):
@@ -161,8 +179,13 @@ extension BatchApplier {
                     }
                     selected = Array(Set(ids))
                 } else {
+                    // A probe set's registrations share its name as consumer but are left to the
+                    // set (its file or `apply`): removing them here would only last until the
+                    // next reconcile brings them back. The same holds for a glob.
                     var matcher = (selection ?? ProbeSelection()).matcher()
-                    selected = registry.probes.selectIDs { matcher.matches($0) && !removedInBatch.contains($0.id) }
+                    selected = registry.probes.selectIDs {
+                        $0.probeSet == nil && matcher.matches($0) && !removedInBatch.contains($0.id)
+                    }
                 }
                 if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
                     reply(.failure(EngineError(code: .permissionDenied,
