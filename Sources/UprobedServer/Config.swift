@@ -54,8 +54,8 @@ public struct DaemonConfig: Sendable, Equatable {
     /// A binary (per pid filter and direction) with more small links than this gets them merged.
     public var maxLinksPerGroup = 8
     /// Counter slots, i.e. the most probe sites attached at once. The counters cost 12 bytes of
-    /// kernel memory per slot, allocated when the daemon starts (12 MiB for 2^20); the daemon's
-    /// own memory grows only with the slots in use.
+    /// kernel memory per slot, allocated when the daemon starts (12 MiB for 2^20); the count
+    /// map is mapped into the daemon, so its RSS shows 8 of them (RssFile), not its heap.
     public var slotCapacity: UInt32 = 1_048_576
     /// Least `interval_ms` a `watch` may ask for.
     public var minWatchIntervalMs = 100
