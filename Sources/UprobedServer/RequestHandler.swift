@@ -311,6 +311,14 @@ public struct RequestHandler: Sendable {
         case .success(let removal):
             logger.info("probes unregistered", metadata: ["count": "\(removal.count)", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
             var reply: JSONObject = ["removed": .int(Int64(removal.count))]
+            if !removal.leftInSets.isEmpty {
+                // Matched but not removed: a set's probes are changed through the set.
+                var left = JSONObject()
+                for (mark, n) in removal.leftInSets.sorted(by: { $0.key < $1.key }) {
+                    left[ProbeSetMark(mark)?.name ?? mark] = .int(Int64(n))
+                }
+                reply["left_in_sets"] = .object(left)
+            }
             if let why = removal.unsaved {
                 // Removed all the same: saying otherwise would have the client retry a removal
                 // that happened, or believe its probes still count.

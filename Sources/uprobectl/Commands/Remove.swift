@@ -81,6 +81,10 @@ extension UprobeCtl {
                 }
                 let reply = try daemon.quietCall(Request.unregister(ids: nil, consumer: consumer, match: glob).json())
                 let removed = reply["removed"]?.int64Value ?? 0
+                if let left = reply["left_in_sets"]?.objectValue, left.count > 0 {
+                    let n = left.pairs.reduce(Int64(0)) { $0 + ($1.value.int64Value ?? 0) }
+                    Stderr.write("uprobectl: leaving \(n) probe(s) of probe sets alone (\(left.keys.sorted().joined(separator: ", "))); change a set through its file or uprobectl apply\n")
+                }
                 report(removed: removed, requests: 1, warning: reply["warning"]?.stringValue, nothing: removed == 0)
                 return
             }

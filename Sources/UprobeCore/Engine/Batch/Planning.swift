@@ -154,7 +154,7 @@ extension BatchApplier {
                     }
                     if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
                         plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
-                                                    spec: item.spec, restored: item, adopted: true)]
+                                                    spec: item.spec, restored: item, adopted: true, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
@@ -170,7 +170,7 @@ extension BatchApplier {
                                                 spec: item.spec, restored: item, probeSet: item.probeSet)]
                     registers.append(plan)
                 }
-            case .unregister(let ids, let selection, _, let authorize, let reply):
+            case .unregister(let ids, let selection, _, let authorize, var reply):
                 let selected: [String]
                 if let ids {
                     if let missing = ids.first(where: { registry[$0] == nil || removedInBatch.contains($0) }) {
@@ -183,8 +183,15 @@ extension BatchApplier {
                     // set (its file or `apply`): removing them here would only last until the
                     // next reconcile brings them back. The same holds for a glob.
                     var matcher = (selection ?? ProbeSelection()).matcher()
-                    selected = registry.probes.selectIDs {
-                        $0.probeSet == nil && matcher.matches($0) && !removedInBatch.contains($0.id)
+                    var leftInSets: [String: Int] = [:]  // the reply says what was left alone
+                    selected = registry.probes.selectIDs { r in
+                        guard matcher.matches(r) && !removedInBatch.contains(r.id) else { return false }
+                        if let set = r.probeSet { leftInSets[set, default: 0] += 1; return false }
+                        return true
+                    }
+                    if !leftInSets.isEmpty {
+                        let left = leftInSets, told = reply
+                        reply = { result in told(result.map { var removal = $0; removal.leftInSets = left; return removal }) }
                     }
                 }
                 if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
