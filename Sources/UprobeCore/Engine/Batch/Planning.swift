@@ -154,7 +154,7 @@ extension BatchApplier {
                     }
                     if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
                         plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
-                                                    spec: item.spec, restored: item, adopted: true)]
+                                                    spec: item.spec, restored: item, adopted: true, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
