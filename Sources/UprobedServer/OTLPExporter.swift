@@ -32,7 +32,7 @@ final class OTLPExporter: Service, Sendable {
     /// The exporter's own `metrics_probe_series` aggregates: its pushes and the scrapes of the
     /// Prometheus endpoint each take the hits gained since their own previous read.
     let series: MetricsSeriesState
-    private let running: Mutex<Backend?>
+    private let running: Mutex<(backend: Backend?, stopped: Bool)>
     private let initial: OTLPSettings?
 
     private struct Backend: Sendable {
@@ -47,7 +47,7 @@ final class OTLPExporter: Service, Sendable {
         self.startTime = startTime
         self.logger = logger
         series = MetricsSeriesState(config.metricsProbeSeries)
-        running = Mutex(nil)
+        running = Mutex((nil, false))
         initial = OTLPSettings(config)
     }
 
@@ -62,17 +62,18 @@ final class OTLPExporter: Service, Sendable {
     /// Starts, moves or stops the exporter (start and reload). Unchanged settings keep the
     /// running backend and its series.
     func apply(_ settings: OTLPSettings?) {
-        let old: Backend? = running.withLock { current in
-            guard current?.settings != settings else { return nil }
-            let old = current
-            current = settings.map(start)
+        let old: Backend? = running.withLock { r in
+            guard !r.stopped, r.backend?.settings != settings else { return nil }
+            let old = r.backend
+            r.backend = settings.map(start)
             return old
         }
         if let old { Self.retire(old) }
     }
 
+    /// Ends the running backend and waits for it; a reload after this starts nothing.
     private func stop() async {
-        guard let old = running.withLock({ c in defer { c = nil }; return c }) else { return }
+        guard let old = running.withLock({ r in defer { r = (nil, true) }; return r.backend }) else { return }
         Self.retire(old)
         await old.task.value
     }

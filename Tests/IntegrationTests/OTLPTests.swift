@@ -69,7 +69,10 @@ struct OTLPTests {
 
         // More calls: the next pushes follow exactly. A removed probe's series ends.
         try run([target, "766", "0"])
-        _ = try receiver.waitFor("2,000 hits of \(a)", seconds: 15) { $0.hits(a) == 2000 }
+        let later = try receiver.waitFor("2,000 hits of \(a)", seconds: 15) { $0.hits(a) == 2000 }
+        // One cumulative series: the same start time in every push, before the points' times.
+        let laterA = try #require(later.metric("uprobed_probe_hits")?.points.first { $0.attributes["id"] as? String == a })
+        #expect(laterA.startNs == pa.startNs && pa.startNs > 0 && pa.startNs < pa.timeNs && pa.timeNs < laterA.timeNs)
         let removed = try d.call(["op": "unregister", "probes": [.string(b)]])
         #expect(removed["removed"]?.int64Value == 1)
         let after = try receiver.waitFor("a push without \(b)", seconds: 15) { $0.hits(b) == nil && $0.hits(a) != nil }
@@ -122,14 +125,20 @@ struct OTLPTests {
         try waitUntil("3 failed pushes", seconds: 15) { try failures() >= 3 }
         #expect(try d.hits([a])[a] == 500)
         #expect(try prometheusValue(port: metricsPort, "uprobed_otlp_exports_total") == 0)
+        let service = try d.status()["service"]?.objectValue
+        #expect(service?["otlp_exports"] == .int(0) && (service?["otlp_export_failures"]?.int64Value ?? 0) >= 3, "status: \(String(describing: service))")
 
         // Stuck: a listener that accepts and never answers. Each push gives up after
         // otlp_timeout_ms; requests are still answered.
+        func openFiles() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(d.process.processIdentifier)/fd").count) ?? -1 }
+        let filesBefore = openFiles()
         let stuck = try OTLPReceiver(port: port, out: dir + "/unused.jsonl", hang: true)
         let atStuck = try failures()
         try waitUntil("3 more failed pushes (timeouts)", seconds: 15) { try failures() >= atStuck + 3 }
         try run([target, "500", "0"])
         #expect(try d.hits([a])[a] == 1000)
+        // A push that timed out leaves no connection behind (the listener keeps its end open).
+        #expect(openFiles() <= filesBefore + 2, "open files: \(filesBefore) before the stuck collector, \(openFiles()) after")
         stuck.stop()
         #expect(d.log.components(separatedBy: "OTLP push failed").count - 1 == 1, "one warning per outage:\n\(d.log)")
 
@@ -236,7 +245,7 @@ final class OTLPReceiver: @unchecked Sendable {
 
     deinit { stop() }
 
-    struct Point { var attributes: [String: Any]; var value: Double; var timeNs: UInt64 }
+    struct Point { var attributes: [String: Any]; var value: Double; var startNs: UInt64; var timeNs: UInt64 }
     struct Metric {
         var name, description, unit, kind: String
         var monotonic: Bool?
@@ -266,7 +275,7 @@ final class OTLPReceiver: @unchecked Sendable {
                        monotonic: m["monotonic"] as? Bool, temporality: m["temporality"] as? Int,
                        points: ((m["points"] as? [[String: Any]]) ?? []).map {
                            Point(attributes: $0["attributes"] as? [String: Any] ?? [:], value: ($0["value"] as? NSNumber)?.doubleValue ?? .nan,
-                                 timeNs: ($0["time_ns"] as? NSNumber)?.uint64Value ?? 0)
+                                 startNs: ($0["start_ns"] as? NSNumber)?.uint64Value ?? 0, timeNs: ($0["time_ns"] as? NSNumber)?.uint64Value ?? 0)
                        })
             }
             return Push(headers: o["headers"] as? [String: String] ?? [:], resource: r["attributes"] as? [String: Any] ?? [:],
