@@ -30,7 +30,7 @@ shutil.copy(target, app)
 with open(work + "/uprobed.conf", "w") as f:
     f.write("slot_capacity = 20000\nfollow_check_ms = 250\n")
 log_path = work + "/uprobed.log"
-daemon = subprocess.Popen([daemon_bin, "--socket", sock, "--state-dir", work + "/state",
+daemon = subprocess.Popen([daemon_bin, "--socket", sock, "--state-dir", work + "/state", "--pin-dir", "",
                            "--config", work + "/uprobed.conf", "--log-level", "notice"],
                           stderr=open(log_path, "w"))
 failures = []

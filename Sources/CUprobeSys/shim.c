@@ -8,6 +8,8 @@
 #include <unistd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/vfs.h>
+#include <sys/mount.h>
 
 // Layout checks against the kernel UAPI (include/uapi/linux/bpf.h, Linux >= 6.6):
 // link_create.uprobe_multi starts right after the four u32 heads, i.e. where kprobe_multi
@@ -210,4 +212,81 @@ int CUprobeSys_set_thread_name(const char *name) {
 
 int CUprobeSys_memfd_create(const char *name) {
     return (int)syscall(SYS_memfd_create, name, 1u /* MFD_CLOEXEC */);
+}
+
+// struct bpf_link_info: the per-type union starts at 16 (after three u32 and padding to 8), so
+// uprobe_multi's fields are { path@16, offsets@24, ref_ctr_offsets@32, cookies@40,
+// path_size@48, count@52, flags@56, pid@60 } (include/uapi/linux/bpf.h, Linux >= 6.8).
+#define LI struct CUprobeSys_uprobe_multi_link_info
+_Static_assert(offsetof(struct bpf_link_info, raw_tracepoint) == 16, "link info union at 16");
+_Static_assert(offsetof(LI, prog_id) == offsetof(struct bpf_link_info, prog_id), "prog_id");
+_Static_assert(offsetof(LI, path) == 16, "path");
+_Static_assert(offsetof(LI, cookies) == 40, "cookies");
+_Static_assert(offsetof(LI, path_size) == 48, "path_size");
+_Static_assert(offsetof(LI, pid) == 60, "pid");
+_Static_assert(sizeof(LI) == 64, "uprobe_multi link info is 64 bytes");
+#undef LI
+
+int CUprobeSys_obj_pin(int fd, const char *path) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.pathname = ptr_to_u64(path);
+    attr.bpf_fd = (__u32)fd;
+    return CUprobeSys_bpf(BPF_OBJ_PIN, &attr, sizeof(attr));
+}
+
+int CUprobeSys_obj_get(const char *path) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.pathname = ptr_to_u64(path);
+    return CUprobeSys_bpf(BPF_OBJ_GET, &attr, sizeof(attr));
+}
+
+static int obj_info(int fd, void *info, uint32_t len) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.info.bpf_fd = (__u32)fd;
+    attr.info.info_len = len;
+    attr.info.info = ptr_to_u64(info);
+    return CUprobeSys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr));
+}
+
+int CUprobeSys_map_info(int map_fd, uint32_t *type, uint32_t *id, uint32_t *key_size, uint32_t *value_size,
+                        uint32_t *max_entries, uint32_t *map_flags) {
+    struct bpf_map_info info;
+    memset(&info, 0, sizeof(info));
+    int rc = obj_info(map_fd, &info, sizeof(info));
+    if (rc != 0) return rc;
+    *type = info.type;
+    *id = info.id;
+    *key_size = info.key_size;
+    *value_size = info.value_size;
+    *max_entries = info.max_entries;
+    *map_flags = info.map_flags;
+    return 0;
+}
+
+int CUprobeSys_prog_info(int prog_fd, uint32_t *id, uint8_t *tag) {
+    struct bpf_prog_info info;
+    memset(&info, 0, sizeof(info));
+    int rc = obj_info(prog_fd, &info, sizeof(info));
+    if (rc != 0) return rc;
+    *id = info.id;
+    memcpy(tag, info.tag, sizeof(info.tag));
+    return 0;
+}
+
+int CUprobeSys_link_info(int link_fd, struct CUprobeSys_uprobe_multi_link_info *info) {
+    return obj_info(link_fd, info, sizeof(*info));
+}
+
+int CUprobeSys_fs_type(const char *path, int64_t *type) {
+    struct statfs st;
+    int rc = statfs(path, &st);
+    if (rc == 0) *type = (int64_t)st.f_type;
+    return rc;
+}
+
+int CUprobeSys_mount_bpffs(const char *target, const char *options) {
+    return mount("bpf", target, "bpf", 0, options);
 }

@@ -95,6 +95,11 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     public static let fileChanged = ErrorCode("file_changed")
     /// No counter slot is free, even after reclaiming retired ones (`slot_capacity`).
     public static let capacityExhausted = ErrorCode("capacity_exhausted")
+    /// The bpf file system refused a pin (a link, map or program under `pin_dir`), or the pin
+    /// directory cannot be used (not on bpffs and cannot be mounted, or in use by another uprobed).
+    public static let pinFailed = ErrorCode("pin_failed")
+    /// (log) A pinned link no registration owns was detached at start.
+    public static let pinStale = ErrorCode("pin_stale")
 
     // MARK: state files
 
@@ -126,7 +131,7 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
         processNotFound,
         bpfUnavailable, uprobeMultiUnsupported, mapCreateFailed, mapOpFailed, progLoadFailed, linkCreateFailed,
         pathNotFound, offsetOutOfRange, invalidArgument, perfEventOpenFailed, perfPMUUnavailable,
-        execEventsUnavailable, fileChanged, capacityExhausted,
+        execEventsUnavailable, fileChanged, capacityExhausted, pinFailed, pinStale,
         stateWriteFailed, stateIO, stateCorrupt, stateIncomplete, stateDiskFull,
         configInvalid, probeDegraded,
     ]

@@ -50,10 +50,20 @@ import Glibc
 /// Limits of the scheme, by construction:
 /// - If `marks` is full (more than `markCapacity` {thread, slot} pairs in hand-off at once) the
 ///   newer program cannot leave its mark and that hit is counted by both links.
-/// - Generations are 32-bit and start at 1 per `CounterProgram`; the order breaks after 2³²
-///   links created by one instance.
-/// - "close returns after the grace period" holds only if uprobed holds the only reference to
-///   the link (no pin, no fd passed on; a concurrent `bpftool link` walk briefly holds one).
+/// - Generations are 32-bit and start at 1 per `CounterProgram`, or above the newest link
+///   adopted from the pin directory (`continueGenerations`): the order holds across daemon
+///   lives, and breaks after 2³² links.
+/// - "close returns after the grace period" holds only if uprobed's fd is the last reference
+///   to the link (no fd passed on; a concurrent `bpftool link` walk briefly holds one). A
+///   pinned link is closed by removing its pin first (that reference is put from a workqueue,
+///   without waiting) and closing the fd second, which then is the last reference and waits.
+///
+/// ## Pinning (`pins`)
+/// The maps, the program and every link can be pinned under a `PinDirectory` so that they
+/// outlive the process: links keep counting with no daemon, and the next one adopts them
+/// (`pinnedLinks`, `KernelObjectName`). An exit may come in the middle of a rebuild, leaving two
+/// links on some slots with their hand-off on: the hand-off goes on exactly with no daemon, and
+/// the next start closes the older link of each pair (`endAllHandoffs` after it).
 /// - Both the entry and the return (uretprobe) consumers run newest first on Linux 6.18; the
 ///   tests rebuild links under load for both.
 public final class CounterProgram: Sendable {
@@ -83,50 +93,69 @@ public final class CounterProgram: Sendable {
     static let helperGetCurrentPidTgid: Int32 = 14
     static let helperGetAttachCookie: Int32 = 174
 
+    /// Where the maps, the program and the links are pinned (nil: nothing is pinned, and
+    /// every link dies with the process).
+    public let pins: PinDirectory?
+    /// Which named objects this start adopted from `pins` and which it created.
+    public let objects: PinnedObjects
+    /// The id of the counting program links are made with; links running another program
+    /// (an older uprobed's) are moved to this one at start.
+    public let programID: UInt32
+    /// The pinned program this start replaced because its instructions differ (an upgrade).
+    public let replacedProgramID: UInt32?
+
     /// Creates the three maps (BPF_MAP_CREATE ×3) and loads the counting program
-    /// (BPF_PROG_LOAD). Errors: `bpf_unavailable` (EPERM/ENOSYS), `map_create_failed`,
+    /// (BPF_PROG_LOAD). With `pins`, each map pinned there with the same shape is adopted
+    /// instead (its counters carry on), the others are created and pinned, and the program
+    /// pinned there is used if it has the same instructions (else this one replaces its pin).
+    /// `variant` adds a no-op instruction: a test-only way to make a "new" program.
+    /// Errors: `bpf_unavailable` (EPERM/ENOSYS), `map_create_failed`,
     /// `uprobe_multi_unsupported` (the kernel rejects the attach type), `prog_load_failed`
-    /// (message carries the verifier log).
-    public init(capacity: UInt32, markCapacity: UInt32 = 65_536) throws(KernelError) {
+    /// (message carries the verifier log), `pin_failed`.
+    public init(capacity: UInt32, markCapacity: UInt32 = 65_536, pins: PinDirectory? = nil,
+                variant: Bool = false) throws(KernelError) {
         guard capacity > 0, markCapacity > 0 else {
             throw KernelError(code: .invalidArgument, message: "capacity and markCapacity must be > 0")
         }
         self.capacity = capacity
         self.markCapacity = markCapacity
+        self.pins = pins
+        var objects = PinnedObjects(directory: pins)
         var opened: [FileDescriptor] = []
-        func create(_ type: bpf_map_type, _ key: UInt32, _ value: UInt32, _ max: UInt32,
-                    _ name: String, flags: UInt32 = 0) throws(KernelError) -> FileDescriptor {
-            do {
-                let fd = try BPFSyscall.mapCreate(type: type, keySize: key, valueSize: value,
-                                                  maxEntries: max, flags: flags, name: name)
+        func make(_ type: bpf_map_type, _ key: UInt32, _ value: UInt32, _ max: UInt32,
+                  _ name: String, _ kernelName: String, flags: UInt32 = 0) throws(KernelError) -> FileDescriptor {
+            let shape = MapShape(type: type.rawValue, keySize: key, valueSize: value, maxEntries: max, flags: flags)
+            do throws(KernelError) {
+                let fd = try objects.map(name, shape) { () throws(KernelError) -> FileDescriptor in
+                    try Self.createMap(type, key, value, max, flags: flags, name: kernelName)
+                }
                 opened.append(fd)
                 return fd
             } catch {
                 for fd in opened { try? fd.close() }
-                if error.errno == .notPermitted || error.errno == .noFunction {
-                    throw KernelError(code: .bpfUnavailable, error, context: "map \(name)")
-                }
-                throw KernelError(code: .mapCreateFailed, error, context: "map \(name)")
+                throw error
             }
         }
-        counters = try create(BPF_MAP_TYPE_ARRAY, 4, 8, capacity, "uprobed_counts", flags: UInt32(BPF_F_MMAPABLE))
+        counters = try make(BPF_MAP_TYPE_ARRAY, 4, 8, capacity, KernelObjectName.counters, "uprobed_counts", flags: UInt32(BPF_F_MMAPABLE))
         do {
             counterMapping = try CounterMapping(fd: counters, count: Int(capacity))
         } catch {
             for fd in opened { try? fd.close() }
             throw KernelError(code: .mapCreateFailed, error, context: "mmap of uprobed_counts")
         }
-        overlap = try create(BPF_MAP_TYPE_ARRAY, 4, 4, capacity, "uprobed_overlap")
-        marks = try create(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, "uprobed_marks")
+        overlap = try make(BPF_MAP_TYPE_ARRAY, 4, 4, capacity, KernelObjectName.overlap, "uprobed_overlap")
+        marks = try make(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, KernelObjectName.marks, "uprobed_marks")
         let insns = Self.instructions(counters: counters.rawValue, overlap: overlap.rawValue,
-                                      marks: marks.rawValue)
+                                      marks: marks.rawValue, variant: variant)
+        let loaded: FileDescriptor
         switch BPFSyscall.progLoad(type: BPF_PROG_TYPE_KPROBE,
                                    expectedAttachType: CUPROBESYS_BPF_TRACE_UPROBE_MULTI,
                                    instructions: insns, license: "GPL", name: "uprobed_count") {
         case .success(let fd):
-            multiProgram = fd
+            loaded = fd
         case .failure(let pf):
             let failure = pf.failure, log = pf.log
+            counterMapping.unmap()
             for fd in opened { try? fd.close() }
             if failure.errno == .notPermitted {
                 throw KernelError(code: .bpfUnavailable, failure, context: "counting program")
@@ -142,7 +171,32 @@ public final class CounterProgram: Sendable {
                               message: "\(failure.call) failed: \(failure.errno); verifier log:\n\(log)",
                               errno: failure.errno.rawValue)
         }
+        do {
+            let chosen = try objects.program(KernelObjectName.countProgram, loaded: loaded)
+            multiProgram = chosen.fd
+            replacedProgramID = chosen.replaced
+            programID = try BPFSyscall.progInfo(chosen.fd).id
+        } catch {
+            counterMapping.unmap()
+            for fd in opened + [loaded] { try? fd.close() }
+            if let e = error as? KernelError { throw e }
+            throw KernelError(code: .pinFailed, message: "counting program: \(error)")
+        }
+        self.objects = objects
         perfProgramFD = Mutex(nil)
+    }
+
+    /// BPF_MAP_CREATE with the errors of `init`.
+    private static func createMap(_ type: bpf_map_type, _ key: UInt32, _ value: UInt32, _ max: UInt32,
+                                  flags: UInt32, name: String) throws(KernelError) -> FileDescriptor {
+        do throws(SyscallFailure) {
+            return try BPFSyscall.mapCreate(type: type, keySize: key, valueSize: value, maxEntries: max, flags: flags, name: name)
+        } catch {
+            if error.errno == .notPermitted || error.errno == .noFunction {
+                throw KernelError(code: .bpfUnavailable, error, context: "map \(name)")
+            }
+            throw KernelError(code: .mapCreateFailed, error, context: "map \(name)")
+        }
     }
 
     deinit {
@@ -155,8 +209,11 @@ public final class CounterProgram: Sendable {
     }
 
     /// The counting program (see the type's documentation), assembled.
-    static func instructions(counters: Int32, overlap: Int32, marks: Int32) -> [UInt64] {
+    static func instructions(counters: Int32, overlap: Int32, marks: Int32, variant: Bool = false) -> [UInt64] {
         var a = BPFAssembler()
+        // The test-only variant: one more instruction (r0 is overwritten by the call below), so
+        // the program's tag differs and a start sees an upgraded program.
+        if variant { a.mov(.r0, imm: 0) }
         let count = a.newLabel(), markAndCount = a.newLabel(), out = a.newLabel()
         // Stack: [r10-4] u32 slot key; [r10-16] mark key {tid, slot}; [r10-20] u32 generation.
         a.call(helperGetAttachCookie)          // r0 = cookie (r1 = ctx on entry)
@@ -240,6 +297,12 @@ public final class CounterProgram: Sendable {
         lastGeneration.add(1, ordering: .relaxed).newValue
     }
 
+    /// Makes every later link's generation greater than `generation` (links adopted from the
+    /// pin directory keep theirs: the hand-off order must hold across daemon lives).
+    public func continueGenerations(above generation: UInt32) {
+        _ = lastGeneration.max(generation, ordering: .relaxed)
+    }
+
     /// Creates one uprobe_multi link (BPF_LINK_CREATE, attach type BPF_TRACE_UPROBE_MULTI):
     /// probe `offsets[i]` of `path` counts into `slots[i]`, with the cookie
     /// `(generation << 32) | slots[i]` and a fresh generation. `refCtrOffsets` are USDT
@@ -282,12 +345,26 @@ public final class CounterProgram: Sendable {
         }
         let generation = nextGeneration()
         let cookies = slots.map { (UInt64(generation) << 32) | UInt64($0) }
+        let fd = try createLink(path: path, offsets: offsets, refCtrOffsets: refCtrOffsets, cookies: cookies,
+                                retprobe: retprobe, pid: pid)
+        guard let pins else { return UprobeMultiLink(fd: fd, generation: generation, offsetCount: offsets.count) }
+        // Pinned before anyone is told of it: a link the state files name is always pinned.
+        let pinPath = pins.linkPath(generation)
+        do { try BPFSyscall.objPin(fd, at: pinPath) } catch {
+            try? fd.close()
+            throw KernelError(code: .pinFailed, error, context: pinPath)
+        }
+        return UprobeMultiLink(fd: fd, generation: generation, offsetCount: offsets.count, pinPath: pinPath)
+    }
+
+    /// BPF_LINK_CREATE with the errors of `attach`.
+    private func createLink(path: String, offsets: [UInt64], refCtrOffsets: [UInt64]?, cookies: [UInt64],
+                            retprobe: Bool, pid: Int32?) throws(KernelError) -> FileDescriptor {
         do {
-            let fd = try BPFSyscall.linkCreateUprobeMulti(
+            return try BPFSyscall.linkCreateUprobeMulti(
                 program: multiProgram, path: path, offsets: offsets, refCtrOffsets: refCtrOffsets,
                 cookies: cookies, flags: retprobe ? CUPROBESYS_BPF_F_UPROBE_MULTI_RETURN : 0,
                 pid: pid.map { UInt32($0) } ?? 0)
-            return UprobeMultiLink(fd: fd, generation: generation, offsetCount: offsets.count)
         } catch {
             switch error.errno {
             case .noSuchFileOrDirectory:

@@ -9,17 +9,26 @@ import Glibc
 /// One uprobe_multi link (a BPF link fd). Closing it detaches all its uprobes; `close()`
 /// returns after the kernel's uprobe grace period, so no program of this link runs afterwards.
 /// Also closed on deinit.
+///
+/// A pinned link (`pinPath`) has two references, the pin and the fd. `close()` removes the pin
+/// first and closes the fd second, so the fd is the last reference and its close still detaches
+/// in this thread and waits for the grace period (the pin's reference, dropped by the unlink,
+/// is put from a workqueue without waiting). `release()` closes only the fd: the link stays
+/// attached, held by its pin, for the next daemon to adopt.
 public final class UprobeMultiLink: Sendable {
     /// The generation in this link's cookies (cookie = generation << 32 | slot).
     public let generation: UInt32
     /// Number of probes (offsets) of the link.
     public let offsetCount: Int
+    /// Where the link is pinned in bpffs, if it is.
+    public let pinPath: String?
     private let fd: Mutex<FileDescriptor?>
 
-    init(fd: FileDescriptor, generation: UInt32, offsetCount: Int) {
+    init(fd: FileDescriptor, generation: UInt32, offsetCount: Int, pinPath: String? = nil) {
         self.fd = Mutex(fd)
         self.generation = generation
         self.offsetCount = offsetCount
+        self.pinPath = pinPath
     }
 
     /// The link's fd while it is open (for debugging/bpftool-style introspection).
@@ -33,10 +42,25 @@ public final class UprobeMultiLink: Sendable {
             defer { slot = nil }
             return slot
         }
-        if let taken { try? taken.close() }
+        guard let taken else { return }
+        if let pinPath { PinDirectory.unpin(pinPath) }
+        try? taken.close()
     }
 
-    deinit { close() }
+    /// Closes the fd and leaves the pin: the link keeps counting after this process exits.
+    /// An unpinned link is closed (detached) as by `close()`. Idempotent.
+    public func release() {
+        let taken = fd.withLock { slot -> FileDescriptor? in
+            defer { slot = nil }
+            return slot
+        }
+        try? taken?.close()
+    }
+
+    /// Whether the link is still held open by this process.
+    public var isOpen: Bool { fd.withLock { $0 != nil } }
+
+    deinit { release() }
 }
 
 /// Closes many links so that their detach work shares grace periods.

@@ -11,6 +11,10 @@ public struct DaemonConfig: Sendable, Equatable {
     public var socketMode: UInt32 = 0o660
     /// Where the state file lives.
     public var stateDir = "/var/lib/uprobed"
+    /// Where the counting program, its maps and every link are pinned in bpffs, so counting
+    /// goes on while the daemon is down and a restart adopts them ("": nothing is pinned, and
+    /// every exit detaches every probe).
+    public var pinDir = "/sys/fs/bpf/uprobed"
     /// Seconds between saves of the hit totals when no batch saved them (0: only at batches
     /// and at stop). Bounds the hits a crash can lose from the carried-over totals.
     public var stateCheckpointSeconds = 60

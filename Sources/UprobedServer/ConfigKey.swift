@@ -24,6 +24,12 @@ struct ConfigKey: Sendable {
             return m
         },
         path("state_dir", \.stateDir),
+        field("pin_dir", \.pinDir) { v throws(BadValue) in
+            guard v.isEmpty || (v.hasPrefix("/") && !v.split(separator: "/").contains("..")) else {
+                throw BadValue(message: "pin_dir must be empty (no pinning) or an absolute path without '..'")
+            }
+            return v
+        },
         int("state_checkpoint_s", \.stateCheckpointSeconds, 0...86_400),
         int("max_line_bytes", \.maxLineBytes, 1024...(256 << 20)),
         int("max_probes_per_request", \.maxProbesPerRequest, 1...1_000_000),

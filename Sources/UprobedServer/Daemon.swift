@@ -1,5 +1,6 @@
 import CUprobeSys
 import Dispatch
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -43,7 +44,7 @@ public final class UprobedService: Service, Sendable {
         }
         let kernel: BPFKernelBackend
         do {
-            kernel = try BPFKernelBackend(capacity: config.slotCapacity)
+            kernel = try Self.openKernel(config: config, logger: logger)
         } catch {
             logger.critical("kernel support missing", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
             throw ServerError(message: "cannot start: \(error.message) [\(error.code)]")
@@ -71,8 +72,14 @@ public final class UprobedService: Service, Sendable {
                                         slotCapacity: config.slotCapacity,
                                         compactionDelay: .milliseconds(Int64(config.compactionDelayMs)),
                                         maxLinksPerGroup: config.maxLinksPerGroup)
+        // Test-only: hold large batches between their attach (links pinned) and their state
+        // write, so a test can kill the daemon there.
+        let persistDelay = ProcessInfo.processInfo.environment["UPROBED_TEST_PERSIST_DELAY_MS"].flatMap { UInt32($0) }
         let engine = Engine(config: engineConfig, kernel: kernel, logger: logger,
-                            persist: { snapshot in try persister.persist(snapshot) },
+                            persist: { snapshot in
+                                if let persistDelay, snapshot.batchAdded.count >= 1000 { usleep(persistDelay * 1000) }
+                                try persister.persist(snapshot)
+                            },
                             sync: { try persister.sync() },
                             prepare: { records in persister.prepare(records) })
         let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches),
@@ -101,11 +108,11 @@ public final class UprobedService: Service, Sendable {
                                                                      maxPerUID: config.maxConnectionsPerUID,
                                                                      adminReserved: config.adminReservedConnections))
 
-        if let saved {
-            // Also with no registrations left: the restore carries the id floor.
-            if !saved.probes.isEmpty { Systemd.notify("STATUS=restoring \(saved.probes.count) registrations") }
-            await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger)
-        }
+        if let saved, !saved.probes.isEmpty { Systemd.notify("STATUS=restoring \(saved.probes.count) registrations") }
+        // Also with no registrations left: the restore carries the id floor, and pins no
+        // registration owns are detached.
+        await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger,
+                           program: kernel.program, counters: counters)
 
         // After the restore: the watcher follows what is registered now.
         let watcher = PathWatcher(engine: engine, resolver: resolver, logger: logger,
@@ -242,12 +249,55 @@ public final class UprobedService: Service, Sendable {
         return saved
     }
 
-    /// Restores every saved registration in one engine batch; logs each degraded one.
-    static func restore(_ saved: SavedState, engine: Engine, resolver: UprobeELF.Resolver, policy: AccessPolicy,
-                        logger: Logger) async {
-        let items = RestorePlanner.plan(saved, resolver: resolver, bootID: currentBootID(),
-                                        ownership: RestorePlanner.ownershipCheck(policy: policy))
-        let results = await engine.restore(items, nextIDFloor: saved.nextID)
+    /// The kernel backend: the counting program and its maps, pinned under `pin_dir` unless it
+    /// is empty. Pinned objects that do not fit this configuration (`slot_capacity` changed)
+    /// are removed with every pin (their probes are attached again by the restore) and made anew.
+    static func openKernel(config: DaemonConfig, logger: Logger) throws(KernelError) -> BPFKernelBackend {
+        // Test-only: a program with one more instruction, i.e. an upgrade's new program.
+        let variant = ProcessInfo.processInfo.environment["UPROBED_TEST_PROGRAM_VARIANT"].map { !$0.isEmpty } ?? false
+        // Test-only: hold every link close (a make-before-break's old links) this long.
+        let closeDelay = (ProcessInfo.processInfo.environment["UPROBED_TEST_CLOSE_DELAY_MS"].flatMap { UInt32($0) } ?? 0) * 1000
+        guard !config.pinDir.isEmpty else {
+            return try BPFKernelBackend(capacity: config.slotCapacity, variant: variant, closeDelayMicros: closeDelay)
+        }
+        var pins = try PinDirectory(path: config.pinDir)
+        if let m = pins.mounted { logger.notice("mounted a bpf file system for the pins", metadata: ["path": "\(m)"]) }
+        do throws(KernelError) {
+            return try BPFKernelBackend(capacity: config.slotCapacity, pins: pins, variant: variant, closeDelayMicros: closeDelay)
+        } catch {
+            guard PinnedObjects.Mismatch.matches(error) else { throw error }
+            logger.error("pinned objects do not fit this configuration: removing every pin and attaching the saved registrations again (hits since the last state save are lost)",
+                         metadata: ["pin_dir": "\(config.pinDir)", "error_code": "\(error.code)", "error": "\(error.message)"])
+            let path = pins.path
+            let removed = try PinDirectory.removeAll(at: path)
+            logger.notice("removed pins", metadata: ["pins": "\(removed)"])
+            pins = try PinDirectory(path: path)
+            return try BPFKernelBackend(capacity: config.slotCapacity, pins: pins, variant: variant, closeDelayMicros: closeDelay)
+        }
+    }
+
+    /// Restores every saved registration in one engine batch, adopting the links pinned for
+    /// them (`PinReconciler`); logs each degraded one.
+    static func restore(_ saved: SavedState?, engine: Engine, resolver: UprobeELF.Resolver, policy: AccessPolicy,
+                        logger: Logger, program: CounterProgram? = nil, counters: ServiceCounters? = nil) async {
+        var items = saved.map { RestorePlanner.plan($0, resolver: resolver, bootID: currentBootID(),
+                                                     ownership: RestorePlanner.ownershipCheck(policy: policy)) } ?? []
+        var adoption = Adoption()
+        if let program, program.pins != nil {
+            let started = ContinuousClock.now
+            let result = PinReconciler.reconcile(program: program, items: &items, saved: saved, logger: logger)
+            adoption = result.adoption
+            var summary = result.summary
+            summary.micros = Int64((ContinuousClock.now - started).microseconds)
+            counters?.pins.withLock { $0 = summary }
+            logger.notice("pins reconciled", metadata: [
+                "pin_dir": "\(summary.directory)", "adopted_links": "\(summary.adoptedLinks)", "adopted_probes": "\(summary.adoptedProbes)",
+                "attached_again": "\(summary.rebuiltProbes)", "stale_links": "\(summary.staleLinks)",
+                "migrated_links": "\(summary.migratedLinks)", "handoffs_ended": "\(summary.handoffsEnded)",
+                "objects_adopted": "\(summary.objectsAdopted.joined(separator: ","))", "objects_created": "\(summary.objectsCreated.joined(separator: ","))"])
+        }
+        guard let saved else { return }
+        let results = await engine.restore(items, nextIDFloor: saved.nextID, adoption: adoption)
         var active = 0, degraded = 0, ended = 0
         let endedBefore = Set(saved.probes.filter { $0.endedReason != nil }.map(\.id))
         for (item, result) in zip(items, results) {

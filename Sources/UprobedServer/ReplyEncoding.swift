@@ -166,6 +166,20 @@ extension RequestHandler {
         service["otlp_exports"] = JSONValue(counters.otlpExports.load(ordering: .relaxed))
         service["otlp_export_failures"] = JSONValue(counters.otlpExportFailures.load(ordering: .relaxed))
         o["service"] = .object(service)
+        if let p = counters.pins.withLock({ $0 }) {
+            var pins = JSONObject()
+            pins["dir"] = .string(p.directory)
+            pins["adopted_links"] = JSONValue(p.adoptedLinks)
+            pins["adopted_probes"] = JSONValue(p.adoptedProbes)
+            pins["rebuilt_probes"] = JSONValue(p.rebuiltProbes)
+            pins["stale_links"] = JSONValue(p.staleLinks)
+            pins["migrated_links"] = JSONValue(p.migratedLinks)
+            pins["handoffs_ended"] = JSONValue(p.handoffsEnded)
+            pins["objects_adopted"] = .array(p.objectsAdopted.map { .string($0) })
+            pins["objects_created"] = .array(p.objectsCreated.map { .string($0) })
+            pins["reconcile_us"] = .int(p.micros)
+            o["pins"] = .object(pins)
+        }
         o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
                           "budget": JSONValue(resolver.cache.byteBudget)])
         return o

@@ -25,5 +25,7 @@ public final class ServiceCounters: Sendable {
     public let connectionsRefused = Atomic<UInt64>(0)
     /// `stats` and `status` requests answered by the event loop that read them (`ImmediateReplies`).
     public let repliesOnEventLoop = Atomic<UInt64>(0)
+    /// What this start adopted from the pin directory (nil: nothing is pinned).
+    public let pins = Mutex<PinSummary?>(nil)
     public init() {}
 }

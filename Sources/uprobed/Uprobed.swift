@@ -29,6 +29,12 @@ struct UprobedCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Directory for the state file (default /var/lib/uprobed).")
     var stateDir: String?
 
+    @Option(name: .long, help: "Directory in bpffs for the pinned program, maps and links (default /sys/fs/bpf/uprobed; \"\" pins nothing).")
+    var pinDir: String?
+
+    @Flag(name: .long, help: "Detach every probe by removing every pin under the pin directory, then exit (the daemon must be stopped; saved registrations stay and are attached again at the next start).")
+    var removePins = false
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
@@ -43,11 +49,13 @@ struct UprobedCommand: AsyncParsableCommand {
         }
         if let socket, !socket.hasPrefix("/") { throw ValidationError("--socket must be an absolute path") }
         if let stateDir, !stateDir.hasPrefix("/") { throw ValidationError("--state-dir must be an absolute path") }
+        if let pinDir, !pinDir.isEmpty, !pinDir.hasPrefix("/") { throw ValidationError("--pin-dir must be an absolute path or empty") }
         // Flags override the file, at start and again after every reload (SIGHUP).
-        let (socket, stateDir, logLevel) = (self.socket, self.stateDir, self.logLevel)
+        let (socket, stateDir, logLevel, pinDir) = (self.socket, self.stateDir, self.logLevel, self.pinDir)
         let overrides: @Sendable (inout DaemonConfig) -> Void = { c in
             if let socket { c.socketPath = socket }
             if let stateDir { c.stateDir = stateDir }
+            if let pinDir { c.pinDir = pinDir }
             if let logLevel { c.logLevel = logLevel }
         }
         overrides(&cfg)
@@ -63,6 +71,15 @@ struct UprobedCommand: AsyncParsableCommand {
             LoggingSystem.bootstrap { label in PriorityStderrLogHandler(label: label, levelCell: levelCell) }
         }
         let logger = Logger(label: "uprobed")
+        if removePins {
+            do {
+                let summary = try PinRemoval.run(config: cfg, logger: logger)
+                print(summary)
+                return
+            } catch {
+                throw ValidationError("\(error)")
+            }
+        }
         let service = UprobedService(config: cfg, logger: logger,
                                      options: StartOptions(configPath: config, overrides: overrides,
                                                            moveCorruptState: moveCorruptState, logLevel: levelCell))

@@ -14,6 +14,9 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
     let stateDir: String
     let configPath: String
     let logPath: String
+    /// Where this daemon pins its links (one per test dir, so a restart on the dir adopts them;
+    /// removed with the dir by `removeServiceDir`).
+    let pinDir: String
     let process: Process
     private var finished = false
 
@@ -41,7 +44,9 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
         while FileManager.default.fileExists(atPath: log) { n += 1; log = dir + "/\(logName)-\(n).log" }
         logPath = log
         _ = FileManager.default.createFile(atPath: log, contents: nil)
-        let args = ["--socket", dir + "/uprobed.sock", "--state-dir", stateDir, "--config", configPath, "--log-level", "debug"] + extraArgs
+        pinDir = testPinDir(for: dir)
+        let pinArgs = extraArgs.contains("--pin-dir") ? [] : ["--pin-dir", pinDir]
+        let args = ["--socket", dir + "/uprobed.sock", "--state-dir", stateDir, "--config", configPath, "--log-level", "debug"] + pinArgs + extraArgs
         process = Process()
         let exe = try Paths.product("uprobed")
         if launcher.isEmpty {
@@ -120,8 +125,23 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
     deinit { if !finished { kill9() } }
 }
 
-/// Removes a test directory (and everything in it) at the end of a test.
-func removeServiceDir(_ dir: String) { try? FileManager.default.removeItem(atPath: dir) }
+/// Removes a test directory (and everything in it) at the end of a test, and its pins: a pinned
+/// link stays attached after its daemon exits until its pin is removed.
+func removeServiceDir(_ dir: String) {
+    removePins(testPinDir(for: dir))
+    try? FileManager.default.removeItem(atPath: dir)
+}
+
+/// The pin directory of the daemons of the test dir `dir`.
+func testPinDir(for dir: String) -> String {
+    "/sys/fs/bpf/uprobed-test/" + (dir as NSString).lastPathComponent
+}
+
+/// Removes every pin under `path` (unlink on bpffs; links with no other reference detach).
+func removePins(_ path: String) {
+    guard path.hasPrefix("/sys/fs/bpf/uprobed-test/") else { return }
+    try? FileManager.default.removeItem(atPath: path)
+}
 
 /// A second, unprivileged uid for access-control tests: `uprobed-test`, created if missing
 /// (a system user without home or login shell; left in place for the next run).

@@ -167,7 +167,7 @@ if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi
 JP=$!
 for i in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done
 : > "$D/err"
-JOURNAL_STREAM=$(stat -c '%d:%i' "$D/err") "$U" --socket "$D/j.sock" --state-dir "$D/state" --config /dev/null 2>>"$D/err" </dev/null >/dev/null &
+JOURNAL_STREAM=$(stat -c '%d:%i' "$D/err") "$U" --socket "$D/j.sock" --state-dir "$D/state" --pin-dir "" --config /dev/null 2>>"$D/err" </dev/null >/dev/null &
 UP=$!
 trap 'kill $UP $JP 2>/dev/null' EXIT
 trap 'kill $UP $JP 2>/dev/null; exit 1' TERM INT

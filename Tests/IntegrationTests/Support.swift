@@ -106,6 +106,8 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
     let process: Process
     /// The daemon's stderr goes to a file: a pipe nobody drains would fill and block it.
     let logPath: String
+    /// Its pin directory, removed at the end (see `removePins`).
+    let pinDir: String
     private var stopped = false
 
     /// `launcher`: a command that execs the daemon in its own place (the same pid), e.g.
@@ -118,7 +120,9 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         socket = dir + "/uprobed.sock"
         stateDir = dir + "/state"
         logPath = dir + "/uprobed.log"
+        pinDir = testPinDir(for: dir)
         var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug"]
+        if !extraArgs.contains("--pin-dir") { args += ["--pin-dir", pinDir] }
         if let config {
             let path = dir + "/uprobed.conf"
             try config.write(toFile: path, atomically: true, encoding: .utf8)
@@ -188,6 +192,7 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
 
     deinit {
         stop()
+        removePins(pinDir)
         try? FileManager.default.removeItem(atPath: dir)
     }
 }

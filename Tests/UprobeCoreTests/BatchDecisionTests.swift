@@ -678,6 +678,38 @@ struct BatchDecisionTests {
         #expect(taken.withLock { $0 } == [1, 1])
     }
 
+    @Test("a restore with adopted links: adopted registrations keep their slots (no attach, no reset), slots no one claims are detached make-before-break by the next compaction, new slots avoid the claimed ones")
+    func restoreAdoption() throws {
+        let h = Harness()
+        let adoptedLink = FakeKernel.FakeLink(generation: 40, sites: [], owner: h.kernel)
+        let sites = [LinkSite(offset: 0x10, refCtrOffset: nil, slot: 5), LinkSite(offset: 0x20, refCtrOffset: nil, slot: 9),
+                     LinkSite(offset: 0x30, refCtrOffset: nil, slot: 2)]
+        let adoption = Adoption(links: [AdoptedLink(file: FileID(device: 1, inode: 1), pid: 0, retprobe: false, path: "/a",
+                                                    sites: sites, handle: adoptedLink)],
+                                deadSlots: [2])
+        var kept = RestoreItem(id: "p3", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f*"),
+                               registeredAt: 1, baseHits: 7, targets: [target("/a", inode: 1, offset: 0x10), target("/a", inode: 1, offset: 0x20)],
+                               degradedReason: nil)
+        kept.adoptedSlots = [5, 9]
+        let fresh = RestoreItem(id: "p4", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/b", symbol: "g"),
+                                registeredAt: 1, baseHits: 3, targets: [target("/b", inode: 2, offset: 0x40)], degradedReason: nil)
+        let box = Mutex<[Result<ProbeRecord, EngineError>]>([])
+        h.applier.apply([.restore(items: [kept, fresh], nextIDFloor: 10, adoption: adoption, reply: { r in box.withLock { $0 = r } })])
+        let results = box.withLock { $0 }.compactMap { try? $0.get() }
+        #expect(results.count == 2)
+        #expect(results.first { $0.id == "p3" }?.sites.map(\.slot) == [5, 9] && results.first { $0.id == "p3" }?.baseHits == 7)
+        #expect(h.kernel.attaches.map(\.path) == ["/b"], "only the registration without a pinned link is attached")
+        let freshSlot = try #require(results.first { $0.id == "p4" }?.sites.first?.slot)
+        #expect(![2, 5, 9].contains(freshSlot), "a new slot is never one an adopted link holds")
+        var snap = h.published.load()
+        #expect(snap.slotsInUse == 4 && snap.linksOpen == 2)
+        // The dead slot 2 goes at the next compaction: the adopted link is rebuilt with 5 and 9.
+        h.applier.compact(wait: true)
+        #expect(h.kernel.attaches.last?.sites.map(\.slot) == [5, 9])
+        snap = h.applier.makeSnapshot()
+        #expect(snap.slotsInUse == 3 && h.kernel.maxLinksPerSlot <= 2)
+    }
+
     @Test("slot allocator: lowest first, all-or-nothing, high water shrinks")
     func slotAllocator() {
         var a = SlotAllocator(capacity: 8)

@@ -143,11 +143,31 @@ struct StateFileTests {
         #expect(try StateCodec.replay(bigText, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == big)
     }
 
+    @Test("slots and base hits (pinned-link adoption) round-trip in full entries and in rows, mixed with rows that have none")
+    func slotsRoundTrip() throws {
+        var probes = (1...6).map(Self.rowProbe)
+        probes[0].slots = [0]
+        probes[1].slots = [7]; probes[1].hits = 12; probes[1].baseHits = 5
+        probes[2].slots = [UInt32.max]; probes[2].baseHits = UInt64(Int64.max) + 1
+        probes[4].hits = 3  // no slots: a row of four
+        var usdt = Self.rowProbe(50); usdt.targets.append(usdt.targets[0]); usdt.targets[1].fileOffset += 8
+        usdt.slots = [3, 4]; usdt.baseHits = 99
+        probes.append(usdt)
+        var state = SavedState(bootID: "b", savedAt: 1, probes: probes)
+        state.nextID = 100
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.contains(#"["p2","g2",4098,12,7,5]"#), "\(text)")
+        #expect(text.contains(#""slots":[3,4],"base_hits":99"#), "\(text)")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        let bad = #"{"format":"uprobed-state","version":3,"probes":[\#(String(text.split(separator: "[", maxSplits: 1)[1]).replacingOccurrences(of: #""slots":[3,4]"#, with: #""slots":[3]"#))"#
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(bad.utf8)) }
+    }
+
     @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }
@@ -162,7 +182,8 @@ struct StateFileTests {
             .dropFirst(#"{"seq":1,"add":["#.count).dropLast("]}\n".count)
         for run in [#"{"run":\#(probe),"rows":[]}"#, #"{"rows":[["p1","g1",4096]]}"#,
                     #"{"run":\#(probe),"rows":[["p1","g1"]]}"#, #"{"run":\#(probe),"rows":[["p1","",4096]]}"#,
-                    #"{"run":\#(probe),"rows":[["p1","g1",-1]]}"#, #"{"run":\#(probe),"rows":[["p1","g1",1,2,3]]}"#,
+                    #"{"run":\#(probe),"rows":[["p1","g1",-1]]}"#, #"{"run":\#(probe),"rows":[["p1","g1",1,2,3,4,5]]}"#,
+                    #"{"run":\#(probe),"rows":[["p1","g1",1,2,-3]]}"#,
                     #"{"run":\#(aliasText),"rows":[["p1","g1",4096]]}"#] {
             let text = #"{"format":"uprobed-state","version":2,"probes":[\#(run)]}"#
             do {
@@ -178,14 +199,14 @@ struct StateFileTests {
         #expect(decoded == [Self.rowProbe(1), second])
     }
 
-    @Test("format versions: 1 is read, 3 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
+    @Test("format versions: 1 is read, 4 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
     func formatVersions() throws {
         var v1 = String(decoding: StateCodec.encode(Self.sample), as: UTF8.self)
-        v1 = v1.replacingOccurrences(of: #""version":2"#, with: #""version":1"#)
+        v1 = v1.replacingOccurrences(of: #""version":3"#, with: #""version":1"#)
         let read = try StateCodec.decode(Array(v1.utf8))
         #expect(read.formatVersion == 1 && read.probes == Self.sample.probes)
-        let v3 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":3"#)
-        #expect(throws: StateError.self) { try StateCodec.decode(Array(v3.utf8)) }
+        let v4 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":4"#)
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(v4.utf8)) }
 
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -198,7 +219,7 @@ struct StateFileTests {
         try persister.persist(snap)
         try persister.sync()
         let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
-        #expect(onDisk.contains(#""version":2"#) && onDisk.contains(#""p20""#))
+        #expect(onDisk.contains(#""version":3"#) && onDisk.contains(#""p20""#))
         #expect(store.size(store.logPath) == 0, "nothing appended after a version 1 snapshot")
         #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
     }

@@ -146,7 +146,8 @@ func runBench() {
     try? daemonConfig.replacingOccurrences(of: ";", with: "\n").write(toFile: work + "/empty.conf", atomically: true, encoding: .utf8)
     let daemon = Process()
     daemon.executableURL = URL(fileURLWithPath: daemonPath)
-    daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--config", work + "/empty.conf", "--log-level", "warning"]
+    // No pins: the daemon's probes go with it (pinning costs one BPF_OBJ_PIN per link).
+    daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--pin-dir", "", "--config", work + "/empty.conf", "--log-level", "warning"]
     daemon.standardError = FileHandle.nullDevice
     do { try daemon.run() } catch { die("start uprobed: \(error)") }
     defer { daemon.terminate(); daemon.waitUntilExit() }

@@ -139,6 +139,52 @@ int CUprobeSys_set_thread_name(const char *name);
 /// regular file. An fd, or -1 with errno set.
 int CUprobeSys_memfd_create(const char *name);
 
+// MARK: - Pinning (bpffs) and object info
+
+/// BPF_OBJ_PIN: pins `fd` (map, program or link) at `path` in a bpf file system.
+int CUprobeSys_obj_pin(int fd, const char *path);
+
+/// BPF_OBJ_GET: a new fd (read-write) for the object pinned at `path`.
+int CUprobeSys_obj_get(const char *path);
+
+/// BPF_OBJ_GET_INFO_BY_FD of a map: the fields uprobed checks before it adopts a pinned map.
+int CUprobeSys_map_info(int map_fd, uint32_t *type, uint32_t *id, uint32_t *key_size, uint32_t *value_size,
+                        uint32_t *max_entries, uint32_t *map_flags);
+
+/// BPF_OBJ_GET_INFO_BY_FD of a program: its id and its tag (the kernel's hash of the
+/// instructions with map references left out, 8 bytes).
+int CUprobeSys_prog_info(int prog_fd, uint32_t *id, uint8_t *tag);
+
+/// statfs(2)'s f_type of `path` into `*type` (Glibc's Swift module lacks <sys/vfs.h>).
+int CUprobeSys_fs_type(const char *path, int64_t *type);
+
+/// mount(2) of a bpf file system at `target` with `options` (e.g. "mode=0700").
+int CUprobeSys_mount_bpffs(const char *target, const char *options);
+
+/// enum bpf_link_type value of uprobe_multi links (Linux >= 6.6).
+#define CUPROBESYS_BPF_LINK_TYPE_UPROBE_MULTI 12u
+
+/// struct bpf_link_info with its uprobe_multi member (Linux >= 6.8), which the 6.1 header
+/// lacks: the three u32 heads, then the union at offset 16.
+struct CUprobeSys_uprobe_multi_link_info {
+    __u32 type;
+    __u32 id;
+    __u32 prog_id;
+    __u32 pad;
+    __aligned_u64 path;
+    __aligned_u64 offsets;
+    __aligned_u64 ref_ctr_offsets;
+    __aligned_u64 cookies;
+    __u32 path_size;
+    __u32 count;
+    __u32 flags;
+    __u32 pid;
+};
+
+/// BPF_OBJ_GET_INFO_BY_FD of a link into `info` (the caller sets the buffers and their
+/// sizes; with no buffers the kernel fills in `count` and `path_size`).
+int CUprobeSys_link_info(int link_fd, struct CUprobeSys_uprobe_multi_link_info *info);
+
 #ifdef __cplusplus
 }
 #endif

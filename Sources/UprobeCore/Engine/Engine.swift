@@ -115,9 +115,11 @@ public final class Engine: Sendable {
     /// Brings back registrations from the state file in one batch, keeping their ids. Each item
     /// stands alone: one that cannot attach comes back degraded, never dropped. New ids start
     /// at `nextIDFloor` or above, so an id used before the restart is never handed out again.
-    public func restore(_ items: [RestoreItem], nextIDFloor: UInt64 = 1) async -> [Result<ProbeRecord, EngineError>] {
+    /// `adoption`: links found pinned that the items' `adoptedSlots` count in (see `Adoption`).
+    public func restore(_ items: [RestoreItem], nextIDFloor: UInt64 = 1,
+                        adoption: Adoption = Adoption()) async -> [Result<ProbeRecord, EngineError>] {
         return await withCheckedContinuation { (cont: CheckedContinuation<[Result<ProbeRecord, EngineError>], Never>) in
-            let accepted = queue.push(.restore(items: items, nextIDFloor: nextIDFloor, reply: { cont.resume(returning: $0) }))
+            let accepted = queue.push(.restore(items: items, nextIDFloor: nextIDFloor, adoption: adoption, reply: { cont.resume(returning: $0) }))
             if !accepted { cont.resume(returning: items.map { _ in .failure(Self.stopping) }) }
         }
     }

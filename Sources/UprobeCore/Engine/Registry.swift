@@ -191,6 +191,10 @@ public struct RestoreItem: Sendable {
     /// It comes back `ended` with `degradedReason` as the reason: it was over before the
     /// restart, or its process stopped being its owner's while the daemon was down.
     public var ended: Bool
+    /// The counter slot of each target in a link adopted from the pin directory (`Adoption`):
+    /// the registration keeps counting there, its counters are not reset and its sites are not
+    /// attached again. nil: attached afresh.
+    public var adoptedSlots: [UInt32]? = nil
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
                 baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false) {
         self.id = id

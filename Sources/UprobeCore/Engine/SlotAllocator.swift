@@ -26,6 +26,23 @@ struct SlotAllocator {
         return out
     }
 
+    /// Marks `slots` in use: links adopted at start count into them. Slots already in use
+    /// are ignored.
+    mutating func claim(_ slots: [UInt32]) {
+        var claimed = Set(slots)
+        guard !claimed.isEmpty else { return }
+        if let top = claimed.max(), top >= highWater {
+            // Slots between the old and the new high-water mark that nobody claims are free.
+            for s in highWater...top where !claimed.contains(s) { freeBelowHighWater.append(s) }
+            for s in highWater...top where claimed.contains(s) { inUse += 1; claimed.remove(s) }
+            highWater = top + 1
+        }
+        let before = freeBelowHighWater.count
+        freeBelowHighWater.removeAll { claimed.contains($0) }
+        inUse += before - freeBelowHighWater.count
+        freeBelowHighWater.sort(by: >)
+    }
+
     mutating func release(_ slots: [UInt32]) {
         guard !slots.isEmpty else { return }
         inUse -= slots.count

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import UprobeELF
 import UprobeKernel
 
@@ -18,6 +21,18 @@ public protocol KernelBackend: Sendable {
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64]
     /// Closes links so that they share grace periods; returns once none of them can fire.
     func closeAll(_ links: [any KernelLink])
+    /// Lets go of links at shutdown: pinned ones stay attached (counting on for the next
+    /// daemon), others are closed as by `closeAll`.
+    func release(_ links: [any KernelLink])
+    /// The counter of one slot.
+    func readCounter(slot: UInt32) throws(KernelError) -> UInt64
+}
+
+extension KernelBackend {
+    public func release(_ links: [any KernelLink]) { closeAll(links) }
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        try readCounters(upTo: slot + 1).last ?? 0
+    }
 }
 
 /// One offset of a link and the counter slot its hits go to.
@@ -43,10 +58,16 @@ extension UprobeMultiLink: KernelLink {}
 /// The real kernel: one BPF counting program, uprobe_multi links.
 public final class BPFKernelBackend: KernelBackend {
     public let program: CounterProgram
+    /// Test-only: how long `closeAll` waits before closing links, so a test can kill the
+    /// daemon in the middle of a make-before-break (both links attached, hand-off on).
+    private let closeDelayMicros: UInt32
 
-    public init(capacity: UInt32) throws(KernelError) {
+    /// `pins`: pin the maps, the program and every link there (see `CounterProgram.init`).
+    /// `variant`: the test-only altered program; `closeDelayMicros`: the test-only close delay.
+    public init(capacity: UInt32, pins: PinDirectory? = nil, variant: Bool = false, closeDelayMicros: UInt32 = 0) throws(KernelError) {
         try KernelSupport.check()
-        program = try CounterProgram(capacity: capacity)
+        program = try CounterProgram(capacity: capacity, pins: pins, variant: variant)
+        self.closeDelayMicros = closeDelayMicros
     }
 
     public var capacity: UInt32 { program.capacity }
@@ -74,8 +95,21 @@ public final class BPFKernelBackend: KernelBackend {
     }
 
     public func closeAll(_ links: [any KernelLink]) {
+        if closeDelayMicros > 0 && !links.isEmpty { usleep(closeDelayMicros) }
         let real = links.compactMap { $0 as? UprobeMultiLink }
         LinkCloser.closeAll(real)
         for l in links where !(l is UprobeMultiLink) { l.close() }
+    }
+
+    public func release(_ links: [any KernelLink]) {
+        // Pinned links only lose this process's fd (no grace period: the pin holds them);
+        // unpinned ones are detached together as before.
+        let real = links.compactMap { $0 as? UprobeMultiLink }
+        for l in real where l.pinPath != nil { l.release() }
+        closeAll(links.filter { ($0 as? UprobeMultiLink)?.pinPath == nil })
+    }
+
+    public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {
+        try program.readCounter(slot: slot)
     }
 }

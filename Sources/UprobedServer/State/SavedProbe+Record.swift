@@ -47,6 +47,22 @@ extension SavedProbe {
         self.init(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
                   hits: hits, targets: r.targets, stamp: stamps.file, pidStartTime: stamps.processStart,
                   degradedReason: degraded, endedReason: ended)
+        slots = Self.slots(of: r)
+        if slots != nil { baseHits = r.baseHits }
+    }
+
+    /// The slot of each of `r`'s targets, when its sites are exactly its targets (one site per
+    /// target, in order). A registration that also counts in older file versions (followed)
+    /// has no slots saved: a restart attaches it again rather than adopt part of its counts.
+    static func slots(of r: ProbeRecord) -> [UInt32]? {
+        guard !r.sites.isEmpty, r.sites.count == r.targets.count else { return nil }
+        var out: [UInt32] = []
+        out.reserveCapacity(r.sites.count)
+        for (s, t) in zip(r.sites, r.targets) {
+            guard s.target.device == t.device, s.target.inode == t.inode, s.target.fileOffset == t.fileOffset else { return nil }
+            out.append(s.slot)
+        }
+        return out
     }
 }
 

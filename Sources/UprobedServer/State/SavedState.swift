@@ -64,13 +64,22 @@ public struct SavedProbe: Sendable, Equatable {
     /// Why it ended (its process exited or stopped being its owner's). Unlike a degraded
     /// registration, an ended one is never attached again: it comes back ended.
     public var endedReason: String? = nil
+    /// The counter slot of each target (the same order), while the registration counts in
+    /// exactly those sites: a restart adopts the pinned links that count into them.
+    public var slots: [UInt32]? = nil
+    /// With `slots`: the hits not in those counters (earlier lives' counts, carried over).
+    /// A restart that adopts the slots' links reports `baseHits` + the counters, which went
+    /// on counting while no daemon ran; one that attaches again starts from `hits`.
+    public var baseHits: UInt64 = 0
 }
 
 /// The whole state file.
 public struct SavedState: Sendable, Equatable {
     public static let format = "uprobed-state"
-    /// 2: runs (`StateCodec.writeProbes`) in the snapshot and the log. Version 1 files are read.
-    public static let version: Int64 = 2
+    /// 2: runs (`StateCodec.writeProbes`) in the snapshot and the log. 3: counter slots and
+    /// base hits (`SavedProbe.slots`), in full entries and as row members 5 and 6. Versions 1
+    /// and 2 are read.
+    public static let version: Int64 = 3
     /// The format version of the file this state was read from (`version` when made here).
     public var formatVersion: Int64 = SavedState.version
     /// /proc/sys/kernel/random/boot_id when saved: pids and start times mean nothing across boots.

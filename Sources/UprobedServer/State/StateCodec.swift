@@ -129,7 +129,13 @@ public enum StateCodec {
                 w.string(p.id)
                 w.string(p.spec.symbol ?? "")
                 w.value(u64(p.targets[0].fileOffset))
-                if p.hits != 0 { w.value(u64(p.hits)) }
+                if let slot = p.slots?.first {
+                    w.value(u64(p.hits))
+                    w.value(u64(UInt64(slot)))
+                    if p.baseHits != 0 { w.value(u64(p.baseHits)) }
+                } else if p.hits != 0 {
+                    w.value(u64(p.hits))
+                }
                 w.endArray()
             }
             w.endArray()
@@ -157,14 +163,18 @@ public enum StateCodec {
             }
             out.reserveCapacity(out.count + rows.count)
             for (k, row) in rows.enumerated() {
-                guard let a = row.arrayValue, a.count == 3 || a.count == 4, let id = a[0].stringValue, !id.isEmpty,
+                guard let a = row.arrayValue, (3...6).contains(a.count), let id = a[0].stringValue, !id.isEmpty,
                       let symbol = a[1].stringValue, !symbol.isEmpty, let offset = readU64(a[2]),
-                      let hits = a.count == 4 ? readU64(a[3]) : 0 else {
-                    throw corrupt("probes[\(n)].rows[\(k)] is not [id, symbol, offset] or [id, symbol, offset, hits]")
+                      let hits = a.count >= 4 ? readU64(a[3]) : 0,
+                      let slot = a.count >= 5 ? readU64(a[4]).flatMap({ UInt32(exactly: $0) }) : 0,
+                      let base = a.count == 6 ? readU64(a[5]) : 0 else {
+                    throw corrupt("probes[\(n)].rows[\(k)] is not [id, symbol, offset], [id, symbol, offset, hits] or [id, symbol, offset, hits, slot(, base hits)]")
                 }
                 var p = template
                 p.id = id
                 p.hits = hits
+                p.slots = a.count >= 5 ? [slot] : nil
+                p.baseHits = base
                 p.spec.symbol = symbol
                 p.targets[0].symbol = symbol
                 p.targets[0].fileOffset = offset
@@ -212,6 +222,13 @@ public enum StateCodec {
         if let st = p.pidStartTime { w.field("pid_start_time", u64(st)) }
         if let r = p.degradedReason { w.field("degraded_reason", r) }
         if let r = p.endedReason { w.field("ended_reason", r) }
+        if let slots = p.slots {
+            w.key("slots")
+            w.beginArray()
+            for s in slots { w.value(u64(UInt64(s))) }
+            w.endArray()
+            if p.baseHits != 0 { w.field("base_hits", u64(p.baseHits)) }
+        }
         w.endObject()
     }
 
@@ -332,11 +349,24 @@ public enum StateCodec {
                   let mt = f["mtime_ns"]?.int64Value else { throw corrupt("probes[\(n)].file is incomplete") }
             stamp = FileStamp(device: d, inode: i, size: sz, mtimeNanos: mt)
         }
-        return SavedProbe(
+        var p = SavedProbe(
             id: id, consumer: o["consumer"]?.stringValue,
             owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
             spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
             stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
             endedReason: o["ended_reason"]?.stringValue)
+        if let list = o["slots"] {
+            guard let values = list.arrayValue, values.count == targets.count else {
+                throw corrupt("probes[\(n)].slots is not one slot per target")
+            }
+            var slots: [UInt32] = []
+            for v in values {
+                guard let s = readU64(v).flatMap({ UInt32(exactly: $0) }) else { throw corrupt("probes[\(n)].slots has a bad slot") }
+                slots.append(s)
+            }
+            p.slots = slots
+            p.baseHits = readU64(o["base_hits"]) ?? 0
+        }
+        return p
     }
 }

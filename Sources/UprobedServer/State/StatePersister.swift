@@ -301,7 +301,13 @@ public final class StatePersister: Sendable {
                 return .success(false)
             }
             var files = FileStampCache()
-            let adds = added.map { Self.saved($0, hits: $0.baseHits, stamps: &m.stamps, files: &files) }
+            // With their counters: a restored registration whose links were adopted has counted
+            // on while no daemon ran, and its entry must not take that back to `baseHits`.
+            let kernel = self.kernel
+            let adds = added.map { r in
+                let hits = r.sites.reduce(r.baseHits) { $0 &+ ((try? kernel.readCounter(slot: $1.slot)) ?? 0) }
+                return Self.saved(r, hits: hits, stamps: &m.stamps, files: &files)
+            }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
             // A line that removes registrations may use the space reserve: acknowledged
             // removals must not come back after a restart because the disk was full.

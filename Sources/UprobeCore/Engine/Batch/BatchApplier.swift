@@ -247,7 +247,7 @@ final class BatchApplier {
             }
         }
         for (n, op) in batch.enumerated() {
-            if case .restore(_, _, let reply) = op { replies.restores.append((reply, restored[n] ?? [])) }
+            if case .restore(_, _, _, let reply) = op { replies.restores.append((reply, restored[n] ?? [])) }
         }
         replies.removals = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
         commit.reply(replies, saved: persistError == nil, wroteAhead: wroteAhead, appends: appends)

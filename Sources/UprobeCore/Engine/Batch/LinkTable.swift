@@ -138,6 +138,17 @@ final class LinkTable {
         }
     }
 
+    /// Takes over links found pinned at start (`Adoption`): held like links this writer made
+    /// (not counted as created). Their binaries are opened now, while the path still names the
+    /// linked file, so a later rebuild reaches that file even if the path is replaced.
+    func adopt(_ adopted: [AdoptedLink]) {
+        for a in adopted {
+            let key = LinkGroupKey(file: a.file, pid: a.pid, retprobe: a.retprobe)
+            _ = try? kernelPath(key, path: a.path)
+            enter(LinkRecord(group: key, path: a.path, sites: a.sites, handle: a.handle))
+        }
+    }
+
     /// Creates the link that replaces some of a group's links (make-before-break: the caller
     /// has turned the hand-off on for `sites` and closes the old links in a detach round). It
     /// is in hand-off until that round ends (`roundFinished`).
@@ -171,10 +182,11 @@ final class LinkTable {
         closing -= closed
     }
 
-    /// Closes every link together and every pinned descriptor (daemon shutdown).
+    /// Lets go of every link (daemon shutdown: pinned links stay attached for the next
+    /// daemon, others are closed together) and closes every pinned descriptor.
     func closeAll() {
         attacher.stop()
-        kernel.closeAll(links.values.map(\.handle))
+        kernel.release(links.values.map(\.handle))
         links.removeAll()
         groupLinks.removeAll()
         slotLink.removeAll()
@@ -194,10 +206,14 @@ final class LinkTable {
     }
 
     private func adopt(_ record: LinkRecord) {
+        enter(record)
+        created += 1
+    }
+
+    private func enter(_ record: LinkRecord) {
         links[ObjectIdentifier(record)] = record
         groupLinks[record.group, default: []].insert(ObjectIdentifier(record))
         for s in record.sites { slotLink[s.slot] = record }
-        created += 1
     }
 
     private func forget(_ record: LinkRecord) {

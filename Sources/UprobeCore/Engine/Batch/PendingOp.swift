@@ -9,7 +9,7 @@ enum PendingOp: Sendable {
                   early: (@Sendable ([ProbeRecord]) -> Void)?,
                   reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
     /// Registrations from the state file, with their ids; each one is atomic on its own.
-    case restore(items: [RestoreItem], nextIDFloor: UInt64, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
+    case restore(items: [RestoreItem], nextIDFloor: UInt64, adoption: Adoption, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
     case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
                     reply: @Sendable (Result<Removal, EngineError>) -> Void)
     /// The path watcher's changes to existing registrations (see `FollowChange`).

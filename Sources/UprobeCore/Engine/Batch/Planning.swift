@@ -9,6 +9,8 @@ struct PlannedProbe {
     var sites: [ProbeSite]
     var spec: ProbeSpecInput
     var restored: RestoreItem? = nil
+    /// Its sites are in links adopted from the pin directory: not attached again.
+    var adopted = false
 }
 
 /// One registration of a batch (a register request, one restored registration, or a follow
@@ -59,7 +61,7 @@ struct LinkGroups {
         var groupOf: [LinkGroupKey: Int] = [:]
         var last: (key: LinkGroupKey, group: Int)?  // consecutive sites are mostly in one group
         for (r, plan) in registers.enumerated() where plan.failure == nil {
-            for p in plan.probes {
+            for p in plan.probes where !p.adopted {
                 for s in p.sites {
                     let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
                                            pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe)
@@ -128,8 +130,15 @@ extension BatchApplier {
                     plan.earlyHook = early
                 }
                 registers.append(plan)
-            case .restore(let items, let floor, _):
+            case .restore(let items, let floor, let adoption, _):
                 registry.skipNumbers(below: floor)
+                if !adoption.links.isEmpty {
+                    // The adopted links' slots are held before anything is allocated; slots no
+                    // registration claims are retired (detached by the next compaction).
+                    slots.claim(adoption.links.flatMap { $0.sites.map(\.slot) })
+                    links.adopt(adoption.links)
+                    compactor.retire(adoption.deadSlots)
+                }
                 // Each restored registration is its own request, so one that cannot attach
                 // never takes the others down with it.
                 for item in items {
@@ -137,6 +146,12 @@ extension BatchApplier {
                     plan.restoreID = item.id
                     if item.degradedReason != nil {
                         plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        registers.append(plan)
+                        continue
+                    }
+                    if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
+                        plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
+                                                    spec: item.spec, restored: item, adopted: true)]
                         registers.append(plan)
                         continue
                     }
