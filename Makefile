@@ -140,6 +140,9 @@ install: build
 	install -D -m 0644 systemd/uprobed.service $(DESTDIR)/etc/systemd/system/uprobed.service
 	install -D -m 0644 systemd/uprobed.socket $(DESTDIR)/etc/systemd/system/uprobed.socket
 	install -D -m 0644 config/uprobed.conf $(DESTDIR)/etc/uprobed/uprobed.conf
+	# probes_dir, empty: the example set is documentation to copy, not something to enable.
+	install -d -m 0755 $(DESTDIR)/etc/uprobed/probes.d
+	install -D -m 0644 config/probes.d/libc-alloc.yaml $(DESTDIR)$(PREFIX)/share/doc/uprobed/examples/probes.d/libc-alloc.yaml
 
 clean:
 	rm -rf .build .build-tsan .build-asan .build-k8s .build-otlp

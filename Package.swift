@@ -11,6 +11,7 @@
 //   UprobeTree                the uprobes tree and its epoch-based reclamation domain
 //   UprobeCore                slots, batcher and engine (the single writer)
 //   UprobedProtocol           JSON-lines wire types shared by daemon and CLI
+//   UprobedProbeSets          probe-set files (YAML, through Yams), read by daemon and CLI
 //   UprobedServer             socket, peer auth, systemd, config, persistence
 //   uprobed, uprobectl        the two executables, thin
 import PackageDescription
@@ -39,6 +40,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         // OTLP/HTTP only: the gRPC exporter (grpc-swift and its HTTP/2 transport) is not built.
         .package(url: "https://github.com/swift-otel/swift-otel.git", .upToNextMinor(from: "1.6.0"), traits: ["OTLPHTTP"]),
@@ -63,12 +65,15 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         .target(name: "UprobedProtocol", dependencies: ["UprobeErrors"], swiftSettings: strict),
+        .target(name: "UprobedProbeSets",
+                dependencies: ["UprobedProtocol", .product(name: "Yams", package: "Yams")],
+                swiftSettings: strict),
         .target(name: "CTerminal"),
         .target(name: "UprobedClient",
                 dependencies: ["UprobedProtocol", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
                 swiftSettings: strict),
         .target(name: "UprobedServer",
-                dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobeErrors", "UprobeSystem", "UprobeTree", "UprobedProtocol", "CSystemd", "CUprobeSys",
+                dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobeErrors", "UprobeSystem", "UprobeTree", "UprobedProtocol", "UprobedProbeSets", "CSystemd", "CUprobeSys",
                                .product(name: "NIOCore", package: "swift-nio"),
                                .product(name: "NIOPosix", package: "swift-nio"),
                                .product(name: "Logging", package: "swift-log"),
@@ -86,7 +91,7 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: strict),
         .executableTarget(name: "uprobectl",
-                          dependencies: ["UprobedProtocol", "UprobedClient", "CTerminal", "UprobeSystem",
+                          dependencies: ["UprobedProtocol", "UprobedProbeSets", "UprobedClient", "CTerminal", "UprobeSystem",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           swiftSettings: strict),
         .executableTarget(name: "bench-tree", dependencies: ["UprobeTree"], path: "bench/TreeBench",
@@ -105,6 +110,7 @@ let package = Package(
                     dependencies: ["UprobeCore", "UprobeELF", "UprobeKernel", "UprobeTree",
                                    .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "UprobedProtocolTests", dependencies: ["UprobedProtocol"]),
+        .testTarget(name: "UprobedProbeSetsTests", dependencies: ["UprobedProbeSets", "UprobedProtocol"]),
         .testTarget(name: "UprobedServerTests",
                     dependencies: ["UprobedServer", "UprobeCore", "UprobeKernel", "UprobeELF", "UprobedProtocol",
                                    .product(name: "Logging", package: "swift-log")]),

@@ -121,6 +121,18 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
     /// (log) A restored or followed probe is degraded (registered, not attached).
     public static let probeDegraded = ErrorCode("probe_degraded")
 
+    // MARK: probe sets
+
+    /// (log) A probe-set file in `probes_dir` was refused for its text: not YAML, an unknown
+    /// key, a `pid`, a bad spelling, a bad name. Its set keeps its previous probes.
+    public static let setInvalid = ErrorCode("set_invalid")
+    /// The set name is held by the other source: a file in `probes_dir` for an `apply`, or an
+    /// `apply` for a file of the same name (refused in the log). (A non-admin's `apply` of a set
+    /// another uid applied is `permission_denied`.)
+    public static let setConflict = ErrorCode("set_conflict")
+    /// An `unregister` named a probe a probe set owns: change the set instead.
+    public static let probeInSet = ErrorCode("probe_in_set")
+
     /// Every code, in the order README.md lists them.
     public static let all: [ErrorCode] = [
         invalidJSON, invalidRequest, unknownOp, lineTooLong, tooManyProbes, probeNotFound,
@@ -134,6 +146,7 @@ public struct ErrorCode: Hashable, Sendable, CustomStringConvertible {
         execEventsUnavailable, fileChanged, capacityExhausted, pinFailed, pinStale,
         stateWriteFailed, stateIO, stateCorrupt, stateIncomplete, stateDiskFull,
         configInvalid, probeDegraded,
+        setInvalid, setConflict, probeInSet,
     ]
 
     private static let byName: [String: ErrorCode] = Dictionary(all.map { ($0.rawValue, $0) }, uniquingKeysWith: { a, _ in a })

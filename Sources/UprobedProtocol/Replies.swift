@@ -47,6 +47,9 @@ public struct ListedProbe: Sendable, Equatable {
     /// `nil` when active; otherwise e.g. `degraded`, with `reason`.
     public var state: String?
     public var reason: String?
+    /// The probe set that owns it (nil: registered through the API); such a probe is changed
+    /// through its set, not removed by id.
+    public var probeSet: String? = nil
 
     public init(id: String, path: String, offset: UInt64? = nil, symbol: String? = nil, siteCount: Int = 1,
                 spec: ProbeSpec? = nil, consumer: String? = nil, ownerUID: Int64? = nil, registeredAt: Double? = nil,
@@ -79,6 +82,7 @@ public struct ListedProbe: Sendable, Equatable {
                   registeredAt: o["registered_at"]?.doubleValue,
                   state: o["state"]?.stringValue,
                   reason: o["reason"]?.stringValue)
+        probeSet = o["set"]?.stringValue
     }
 
     /// Reads a whole `list` reply (successful or not).

@@ -11,8 +11,12 @@ public enum Request: Sendable, Equatable {
     case status
     /// Dry run: resolve specs and report what would be probed, without attaching.
     case resolve(probes: [ProbeSpec])
+    /// Makes the probe set `set` hold exactly `probes` (registers the missing ones, unregisters
+    /// those no longer listed, keeps the rest with their ids and counts). `dryRun`: only say
+    /// what it would change (`uprobectl diff`).
+    case apply(set: String, probes: [ProbeSpec], dryRun: Bool)
 
-    public static let ops = ["register", "unregister", "list", "stats", "watch", "status", "resolve"]
+    public static let ops = ["register", "unregister", "list", "stats", "watch", "status", "resolve", "apply"]
 
     public var op: String {
         switch self {
@@ -23,6 +27,7 @@ public enum Request: Sendable, Equatable {
         case .watch: return "watch"
         case .status: return "status"
         case .resolve: return "resolve"
+        case .apply: return "apply"
         }
     }
 
@@ -30,6 +35,7 @@ public enum Request: Sendable, Equatable {
     public var isMutating: Bool {
         switch self {
         case .register, .unregister: return true
+        case .apply(_, _, let dryRun): return !dryRun
         default: return false
         }
     }
@@ -105,6 +111,7 @@ public enum RequestDecoder {
         case "stats": allowed = ["probes", "versions", "consumer"]
         case "watch": allowed = ["probes", "interval_ms"]
         case "status": allowed = []
+        case "apply": allowed = ["set", "probes", "dry_run"]
         default:
             throw ProtocolError(.unknownOp, "unknown op '\(op)' (known: \(Request.ops.joined(separator: ", ")))")
         }
@@ -125,18 +132,25 @@ public enum RequestDecoder {
                 throw ProtocolError(.tooManyProbes,
                                     "\(list.count) probes in one request; the limit is \(limits.maxProbesPerRequest) (max_probes_per_request)")
             }
-            var specs: [ProbeSpec] = []
-            specs.reserveCapacity(list.count)
-            for (n, item) in list.enumerated() {
-                do {
-                    specs.append(try ProbeSpec(json: item, context: "probes[\(n)]"))
-                } catch {
-                    var e = error
-                    e.details["probe"] = .int(Int64(n))
-                    throw e
-                }
-            }
+            let specs = try decodeSpecs(list)
             return op == "register" ? .register(probes: specs, consumer: consumer) : .resolve(probes: specs)
+        case "apply":
+            guard let set = obj["set"]?.stringValue, !set.isEmpty else {
+                throw ProtocolError(.invalidRequest, "'apply' needs 'set': the probe set's name")
+            }
+            guard let list = obj["probes"]?.arrayValue else {
+                throw ProtocolError(.invalidRequest, "'apply' needs 'probes': the set's probe specs (an empty list removes the set)")
+            }
+            guard list.count <= limits.maxProbesPerRequest else {
+                throw ProtocolError(.tooManyProbes,
+                                    "\(list.count) probes in one set; the limit is \(limits.maxProbesPerRequest) (max_probes_per_request)")
+            }
+            var dryRun = false
+            if let v = obj["dry_run"] {
+                guard let b = v.boolValue else { throw ProtocolError(.invalidRequest, "'dry_run' must be a boolean") }
+                dryRun = b
+            }
+            return .apply(set: set, probes: try decodeSpecs(list), dryRun: dryRun)
         case "unregister":
             let ids = try optionalIDs(obj)
             guard (ids == nil) != (consumer == nil) else {
@@ -169,6 +183,22 @@ public enum RequestDecoder {
         default:
             return .status
         }
+    }
+
+    /// A `probes` list of specs; an error names the spec (`probe`: its index).
+    private static func decodeSpecs(_ list: [JSONValue]) throws(ProtocolError) -> [ProbeSpec] {
+        var specs: [ProbeSpec] = []
+        specs.reserveCapacity(list.count)
+        for (n, item) in list.enumerated() {
+            do {
+                specs.append(try ProbeSpec(json: item, context: "probes[\(n)]"))
+            } catch {
+                var e = error
+                e.details["probe"] = .int(Int64(n))
+                throw e
+            }
+        }
+        return specs
     }
 
     private static func optionalString(_ obj: JSONObject, _ key: String) throws(ProtocolError) -> String? {

@@ -26,6 +26,10 @@ extension Request {
             ids(list)
         case .status:
             break
+        case .apply(let set, let probes, let dryRun):
+            o["set"] = .string(set)
+            o["probes"] = .array(probes.map(\.json))
+            if dryRun { o["dry_run"] = .bool(true) }
         }
         return o
     }

@@ -124,6 +124,7 @@ public enum AccessControl {
     public static func requiredRole(_ request: Request) -> AccessRole {
         switch request {
         case .register, .unregister: return .register
+        case .apply(_, _, let dryRun): return dryRun ? .read : .register
         case .list, .stats, .watch, .status, .resolve: return .read
         }
     }

@@ -15,6 +15,8 @@ public struct DaemonConfig: Sendable, Equatable {
     /// goes on while the daemon is down and a restart adopts them ("": nothing is pinned, and
     /// every exit detaches every probe).
     public var pinDir = "/sys/fs/bpf/uprobed"
+    /// The probe-set files (`*.yaml`, one set per file), reconciled at start and on each reload.
+    public var probesDir = "/etc/uprobed/probes.d"
     /// Seconds between saves of the hit totals when no batch saved them (0: only at batches
     /// and at stop). Bounds the hits a crash can lose from the carried-over totals.
     public var stateCheckpointSeconds = 60

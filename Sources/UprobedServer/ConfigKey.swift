@@ -30,6 +30,7 @@ struct ConfigKey: Sendable {
             }
             return v
         },
+        path("probes_dir", \.probesDir, reloadable: true),
         int("state_checkpoint_s", \.stateCheckpointSeconds, 0...86_400),
         int("max_line_bytes", \.maxLineBytes, 1024...(256 << 20)),
         int("max_probes_per_request", \.maxProbesPerRequest, 1...1_000_000),
@@ -118,8 +119,9 @@ struct ConfigKey: Sendable {
         return n
     }
 
-    static func path(_ name: String, _ keyPath: any WritableKeyPath<DaemonConfig, String> & Sendable) -> ConfigKey {
-        field(name, keyPath) { v throws(BadValue) in
+    static func path(_ name: String, _ keyPath: any WritableKeyPath<DaemonConfig, String> & Sendable,
+                     reloadable: Bool = false) -> ConfigKey {
+        field(name, keyPath, reloadable: reloadable) { v throws(BadValue) in
             guard v.hasPrefix("/") else { throw BadValue(message: "\(name) must be an absolute path") }
             return v
         }

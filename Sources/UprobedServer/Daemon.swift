@@ -96,12 +96,14 @@ public final class UprobedService: Service, Sendable {
         let owners = OwnershipWatcher(engine: engine, access: access, logger: logger,
                                       checkEvery: .milliseconds(Int64(config.ownerCheckMs)),
                                       idleEvery: .milliseconds(Int64(config.followCheckMs)))
+        let probeSets = ProbeSets(engine: engine, logger: logger, store: store)
         let handler = RequestHandler(
             engine: engine, resolver: resolver,
             limits: RequestDecoder.Limits(maxProbesPerRequest: config.maxProbesPerRequest,
                                           minWatchIntervalMs: config.minWatchIntervalMs),
             logger: logger, access: access, counters: counters, aheadQueue: aheadQueue,
-            resolverPool: resolverPool, registered: { records in owners.registered(records) })
+            resolverPool: resolverPool, registered: { records in owners.registered(records) }, probeSets: probeSets)
+        probeSets.connect(handler)
         let server = SocketServer(handler: handler, logger: logger, maxLineBytes: config.maxLineBytes,
                                   minWatchIntervalMs: config.minWatchIntervalMs, sendBufferBytes: config.sendBufferBytes,
                                   connectionLimits: ConnectionLimits(maxConnections: config.maxConnections,
@@ -113,6 +115,10 @@ public final class UprobedService: Service, Sendable {
         // registration owns are detached.
         await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger,
                            program: kernel.program, counters: counters)
+        // After the restore (the sets' registrations are back, so only changes are made) and
+        // before serving: a client that connects finds the sets in place.
+        await probeSets.completeApplied()
+        await probeSets.reconcileDirectory(config.probesDir)
 
         // After the restore: the watcher follows what is registered now.
         let watcher = PathWatcher(engine: engine, resolver: resolver, logger: logger,
@@ -143,13 +149,15 @@ public final class UprobedService: Service, Sendable {
         let series = MetricsSeriesState(config.metricsProbeSeries)
         let metrics = MetricsServer(logger: logger) {
             counters.metricsScrapes.add(1, ordering: .relaxed)
-            return MetricsRenderer.render(engine: engine, counters: counters, series: series, startTime: startTime)
+            return MetricsRenderer.render(engine: engine, counters: counters, series: series, startTime: startTime,
+                                          probeSets: probeSets)
         }
         let logger = self.logger
         let config = self.config
         // The OTLP exporter (built with the package trait OTLP) and what a reload tells it.
         #if OTLP
-        let otlp = OTLPExporter(config: config, engine: engine, counters: counters, startTime: startTime, logger: logger)
+        let otlp = OTLPExporter(config: config, engine: engine, counters: counters, startTime: startTime, probeSets: probeSets,
+                                logger: logger)
         let reloadExporters: @Sendable (DaemonConfig) -> Void = { c in
             otlp.series.set(c.metricsProbeSeries)
             otlp.apply(OTLPSettings(c))
@@ -160,7 +168,7 @@ public final class UprobedService: Service, Sendable {
         let where_ = { if case .activated(let fd) = endpoint { return "socket-activated fd \(fd)" } else { return config.socketPath } }()
         let reloader = Reloader(options: options, running: config, access: handler.access, counters: counters,
                                 metrics: metrics, series: series, group: group, logger: logger, serving: where_,
-                                reloadExporters: reloadExporters)
+                                probeSets: probeSets, reloadExporters: reloadExporters)
         do {
             do {
                 if let m = try MetricsEndpoint.parse(config.metricsListen) {

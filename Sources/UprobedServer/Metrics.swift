@@ -203,9 +203,11 @@ public enum MetricsRenderer {
 
     /// One scrape, from one version of the registry (read through the uprobes tree).
     /// `startTime`: when the daemon started, in seconds since the Unix epoch.
-    public static func render(engine: Engine, counters: ServiceCounters, series: MetricsSeriesState, startTime: Double) -> [UInt8] {
+    public static func render(engine: Engine, counters: ServiceCounters, series: MetricsSeriesState, startTime: Double,
+                              probeSets: ProbeSets? = nil) -> [UInt8] {
         let registry = PrometheusCollectorRegistry()
-        emit(series.scrape { points(engine: engine, counters: counters, aggregator: &$0, startTime: startTime) }, into: registry)
+        emit(series.scrape { points(engine: engine, counters: counters, aggregator: &$0, startTime: startTime, probeSets: probeSets) },
+             into: registry)
         var out: [UInt8] = []
         registry.emit(into: &out)
         return out
@@ -214,7 +216,8 @@ public enum MetricsRenderer {
     /// Every series one read exports, the Prometheus endpoint and the OTLP exporter alike: the
     /// probe series after `metrics_probe_series` (none if the bulk counter read failed, which
     /// `uprobed_hits_read_failures_total` counts), then the daemon's own metrics.
-    static func points(engine: Engine, counters: ServiceCounters, aggregator: inout ProbeSeriesAggregator, startTime: Double) -> [MetricPoint] {
+    static func points(engine: Engine, counters: ServiceCounters, aggregator: inout ProbeSeriesAggregator, startTime: Double,
+                       probeSets: ProbeSets?) -> [MetricPoint] {
         engine.read { snap, uprobes in
             var out: [MetricPoint] = []
             if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
@@ -230,14 +233,14 @@ public enum MetricsRenderer {
             } else {
                 counters.counterReadFailures.add(1, ordering: .relaxed)
             }
-            out += daemonPoints(snap, uprobes: uprobes, counters: counters, startTime: startTime)
+            out += daemonPoints(snap, uprobes: uprobes, counters: counters, startTime: startTime, probeSets: probeSets)
             return out
         }
     }
 
     /// The daemon's own gauges and counters (no labels but `uprobed_build_info`'s).
     private static func daemonPoints(_ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
-                                     startTime: Double) -> [MetricPoint] {
+                                     startTime: Double, probeSets: ProbeSets?) -> [MetricPoint] {
         var out: [MetricPoint] = []
         func gauge(_ name: String, _ help: String, _ v: Double) { out.append(MetricPoint(name, help, .gauge(v))) }
         func counter(_ name: String, _ help: String, _ v: UInt64) { out.append(MetricPoint(name, help, .counter(v))) }
@@ -276,6 +279,15 @@ public enum MetricsRenderer {
         counter("uprobed_otlp_exports_total", "OTLP pushes the collector accepted (otlp_endpoint).", counters.otlpExports.load(ordering: .relaxed))
         counter("uprobed_otlp_export_failures_total", "OTLP pushes that failed (collector down, slow or refusing; otlp_endpoint).",
                 counters.otlpExportFailures.load(ordering: .relaxed))
+        if let probeSets {
+            // Per state, not per set: an alert on any refused set needs no label per file.
+            let (applied, refused) = probeSets.table.counts(marks: snap.probes.values.compactMap { ProbeSetMark($0.probeSet) })
+            let help = "Probe sets (probes_dir files and applied sets) by the state of their last reconcile."
+            out.append(MetricPoint("uprobed_probe_sets", help, .gauge(Double(applied)), labels: [("state", "applied")]))
+            out.append(MetricPoint("uprobed_probe_sets", help, .gauge(Double(refused)), labels: [("state", "refused")]))
+            counter("uprobed_probe_set_reconciles_total", "Reconciles of probes_dir (at start and on each reload).",
+                    probeSets.table.directoryReconciles.load(ordering: .relaxed))
+        }
         out.append(MetricPoint("uprobed_build_info", "Always 1; the version label says which uprobed runs.", .gauge(1),
                                labels: [("version", RequestHandler.version)]))
         return out

@@ -28,6 +28,7 @@ final class OTLPExporter: Service, Sendable {
     private let engine: Engine
     private let counters: ServiceCounters
     private let startTime: Double
+    private let probeSets: ProbeSets?
     private let logger: Logger
     /// The exporter's own `metrics_probe_series` aggregates: its pushes and the scrapes of the
     /// Prometheus endpoint each take the hits gained since their own previous read.
@@ -41,8 +42,9 @@ final class OTLPExporter: Service, Sendable {
         let task: Task<Void, Never>
     }
 
-    init(config: DaemonConfig, engine: Engine, counters: ServiceCounters, startTime: Double, logger: Logger) {
+    init(config: DaemonConfig, engine: Engine, counters: ServiceCounters, startTime: Double, probeSets: ProbeSets?, logger: Logger) {
         self.engine = engine
+        self.probeSets = probeSets
         self.counters = counters
         self.startTime = startTime
         self.logger = logger
@@ -86,7 +88,7 @@ final class OTLPExporter: Service, Sendable {
     }
 
     private func start(_ s: OTLPSettings) -> Backend {
-        let (engine, counters, series, startTime) = (self.engine, self.counters, self.series, self.startTime)
+        let (engine, counters, series, startTime, probeSets) = (self.engine, self.counters, self.series, self.startTime, self.probeSets)
         let monitor = OTLPExportMonitor(endpoint: s.url, counters: counters, logger: logger)
         let logger = self.logger
         let task = Task {
@@ -94,7 +96,9 @@ final class OTLPExporter: Service, Sendable {
                 let backend = try OTel.makeMetricsBackend(configuration: Self.configuration(s, monitor: monitor))
                 let mirror = OTLPInstruments(factory: backend.factory)
                 monitor.onRead {
-                    mirror.update(series.scrape { MetricsRenderer.points(engine: engine, counters: counters, aggregator: &$0, startTime: startTime) })
+                    mirror.update(series.scrape {
+                        MetricsRenderer.points(engine: engine, counters: counters, aggregator: &$0, startTime: startTime, probeSets: probeSets)
+                    })
                 }
                 logger.notice("OTLP exporter pushing", metadata: ["endpoint": "\(s.url)", "interval_ms": "\(s.interval.milliseconds)",
                                                                   "timeout_ms": "\(s.timeout.milliseconds)"])

@@ -26,6 +26,7 @@ final class Reloader: Sendable {
     let group: MultiThreadedEventLoopGroup
     let logger: Logger
     let serving: String
+    let probeSets: ProbeSets
     /// Hands a reloaded config to the exporters other than the Prometheus listener (OTLP).
     let reloadExporters: @Sendable (DaemonConfig) -> Void
     /// The config in force (reloadable keys updated by each good reload). Reloads run one at a
@@ -34,7 +35,8 @@ final class Reloader: Sendable {
 
     init(options: StartOptions, running: DaemonConfig, access: PolicyCell, counters: ServiceCounters,
          metrics: MetricsServer, series: MetricsSeriesState, group: MultiThreadedEventLoopGroup, logger: Logger, serving: String,
-         reloadExporters: @escaping @Sendable (DaemonConfig) -> Void) {
+         probeSets: ProbeSets, reloadExporters: @escaping @Sendable (DaemonConfig) -> Void) {
+        self.probeSets = probeSets
         self.options = options
         self.access = access
         self.counters = counters
@@ -63,7 +65,9 @@ final class Reloader: Sendable {
             counters.configReloadFailures.add(1, ordering: .relaxed)
             logger.error("config reload refused; the previous configuration stays in force",
                          metadata: ["path": "\(path)", "error_code": "\(ErrorCode.configInvalid)", "error": "\(error)"])
-            Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reload refused: \(error)")
+            // The probe sets are files of their own: a bad config file does not hold them back.
+            let sets = reconcileProbeSets(current.withLock { $0.probesDir })
+            Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reload refused: \(error); \(sets)")
             return
         }
         let old = current.withLock { $0 }
@@ -96,6 +100,23 @@ final class Reloader: Sendable {
         }
         counters.configReloads.add(1, ordering: .relaxed)
         logger.notice("config reloaded", metadata: ["path": "\(path)", "log_level": "\(applied.logLevel)"])
-        Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reloaded")
+        let sets = reconcileProbeSets(applied.probesDir)
+        Systemd.notify("READY=1\nSTATUS=serving on \(serving); config reloaded; \(sets)")
+    }
+
+    /// Reconciles the probe sets of `dir` and waits for it, so that READY=1 (the end of
+    /// `systemctl reload`) comes once the sets are in place. Waiting blocks only this signal
+    /// queue: the reconcile runs on the engine's writer and the resolver threads.
+    private func reconcileProbeSets(_ dir: String) -> String {
+        let done = DispatchSemaphore(value: 0)
+        let summary = Mutex("")
+        let sets = probeSets
+        Task {
+            let o = await sets.reconcileDirectory(dir)
+            summary.withLock { $0 = "probe sets: \(o.sets), \(o.refused) refused" }
+            done.signal()
+        }
+        done.wait()
+        return summary.withLock { $0 }
     }
 }

@@ -180,6 +180,11 @@ extension RequestHandler {
             pins["reconcile_us"] = .int(p.micros)
             o["pins"] = .object(pins)
         }
+        if let sets = probeSets {
+            var held: [ProbeSetMark: Int] = [:]
+            for r in s.probes.values { if let m = ProbeSetMark(r.probeSet) { held[m, default: 0] += 1 } }
+            o["probe_sets"] = sets.table.json(held: held)
+        }
         o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
                           "budget": JSONValue(resolver.cache.byteBudget)])
         return o

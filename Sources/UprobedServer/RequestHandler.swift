@@ -32,12 +32,15 @@ public struct RequestHandler: Sendable {
     let resolverPool: NIOThreadPool
     /// Told of every successful registration (the ownership watcher checks new `pid` filters).
     let registered: @Sendable ([ProbeRecord]) -> Void
+    /// The probe sets (`apply`, and `status`'s `probe_sets`); nil where none are served.
+    let probeSets: ProbeSets?
 
     public init(engine: Engine, resolver: UprobeELF.Resolver, limits: RequestDecoder.Limits, logger: Logger,
                 access: PolicyCell = PolicyCell(AccessPolicy(config: DaemonConfig())),
                 counters: ServiceCounters = ServiceCounters(), aheadQueue: DispatchQueue = .global(),
                 resolverPool: NIOThreadPool = .singleton,
-                registered: @escaping @Sendable ([ProbeRecord]) -> Void = { _ in }) {
+                registered: @escaping @Sendable ([ProbeRecord]) -> Void = { _ in }, probeSets: ProbeSets? = nil) {
+        self.probeSets = probeSets
         self.aheadQueue = aheadQueue
         self.resolverPool = resolverPool
         self.registered = registered
@@ -72,6 +75,8 @@ public struct RequestHandler: Sendable {
             case .list(let consumer): result = .success(list(consumer: consumer))
             case .stats, .status: result = readOnlyResult(env.request)  // the event loop answers most (`replyWithoutWaiting`)
             case .resolve(let specs): result = await resolveChecked(specs, who: who, policy: policy)
+            case .apply(let set, let specs, let dryRun):
+                result = await apply(set: set, specs: specs, dryRun: dryRun, who: who, policy: policy)
             case .watch(_, let ids): result = stats(ids: ids)  // the server streams; see `watchEvent`
             }
         }
@@ -277,6 +282,7 @@ public struct RequestHandler: Sendable {
         let isAdmin = policy.role(of: who) == .admin
         // Non-admins may remove only their own probes; the engine asks for each selected probe.
         let authorize: @Sendable (ProbeRecord) -> Bool = { r in isAdmin || r.owner.uid == peer.uid }
+        if let ids, let owned = setOwned(ids) { return .failure(owned) }
         switch await engine.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let removal):
@@ -309,6 +315,10 @@ public struct RequestHandler: Sendable {
                 w.field("registered_at", r.registeredAt)
                 // Whether the probe follows its path through file replacements (see PathWatcher).
                 w.field("follow", r.follows)
+                if let mark = ProbeSetMark(r.probeSet) {
+                    w.field("set", mark.name)
+                    w.field("set_source", mark.source.rawValue)
+                }
                 w.endObject()
             }
             w.endArray()

@@ -13,6 +13,9 @@ enum ExitStatus {
     static let usage: Int32 = 2
     /// The daemon could not be reached, or the connection broke before the reply.
     static let unreachable: Int32 = 3
+    /// `diff`: the set file differs from the set the daemon holds (like kubectl diff's 1, which
+    /// here already means a refusal).
+    static let differs: Int32 = 4
 
     static let helpText = """
         EXIT STATUS:
@@ -21,6 +24,7 @@ enum ExitStatus {
           2  bad usage: unknown option, bad value or bad probe spelling
           3  the daemon is unreachable: not running, wrong socket, no permission,
              or the connection broke
+          4  diff: the set file differs from what the daemon holds
         """
 }
 

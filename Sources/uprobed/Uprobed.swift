@@ -35,6 +35,9 @@ struct UprobedCommand: AsyncParsableCommand {
     @Flag(name: .long, help: "Detach every probe by removing every pin under the pin directory, then exit (the daemon must be stopped; saved registrations stay and are attached again at the next start).")
     var removePins = false
 
+    @Option(name: .long, help: "Directory of probe-set files (default /etc/uprobed/probes.d).")
+    var probesDir: String?
+
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
@@ -50,12 +53,14 @@ struct UprobedCommand: AsyncParsableCommand {
         if let socket, !socket.hasPrefix("/") { throw ValidationError("--socket must be an absolute path") }
         if let stateDir, !stateDir.hasPrefix("/") { throw ValidationError("--state-dir must be an absolute path") }
         if let pinDir, !pinDir.isEmpty, !pinDir.hasPrefix("/") { throw ValidationError("--pin-dir must be an absolute path or empty") }
+        if let probesDir, !probesDir.hasPrefix("/") { throw ValidationError("--probes-dir must be an absolute path") }
         // Flags override the file, at start and again after every reload (SIGHUP).
-        let (socket, stateDir, logLevel, pinDir) = (self.socket, self.stateDir, self.logLevel, self.pinDir)
+        let (socket, stateDir, logLevel, pinDir, probesDir) = (self.socket, self.stateDir, self.logLevel, self.pinDir, self.probesDir)
         let overrides: @Sendable (inout DaemonConfig) -> Void = { c in
             if let socket { c.socketPath = socket }
             if let stateDir { c.stateDir = stateDir }
             if let pinDir { c.pinDir = pinDir }
+            if let probesDir { c.probesDir = probesDir }
             if let logLevel { c.logLevel = logLevel }
         }
         overrides(&cfg)

@@ -46,7 +46,10 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         pinDir = testPinDir(for: dir)
         let pinArgs = extraArgs.contains("--pin-dir") ? [] : ["--pin-dir", pinDir]
-        let args = ["--socket", dir + "/uprobed.sock", "--state-dir", stateDir, "--config", configPath, "--log-level", "debug"] + pinArgs + extraArgs
+        // A probes directory of its own (absent unless a test makes it), unless the config names one.
+        let probes = config.contains("probes_dir") ? [] : ["--probes-dir", dir + "/probes.d"]
+        let args = ["--socket", dir + "/uprobed.sock", "--state-dir", stateDir, "--config", configPath, "--log-level", "debug"]
+            + pinArgs + probes + extraArgs
         process = Process()
         let exe = try Paths.product("uprobed")
         if launcher.isEmpty {
@@ -83,16 +86,6 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
     var pid: Int32 { process.processIdentifier }
-
-    func list() throws -> [String: JSONObject] {
-        let r = try call(["op": "list"])
-        guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
-        var out: [String: JSONObject] = [:]
-        for p in r["probes"]?.arrayValue ?? [] {
-            if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
-        }
-        return out
-    }
 
     /// Waits for the process to exit (up to `seconds`); its exit status, or nil if still running.
     func waitExit(seconds: Double = 30) -> Int32? {

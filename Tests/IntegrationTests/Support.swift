@@ -121,7 +121,8 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         stateDir = dir + "/state"
         logPath = dir + "/uprobed.log"
         pinDir = testPinDir(for: dir)
-        var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug"]
+        // A probes directory of its own (absent unless a test makes it): never the host's.
+        var args = ["--socket", socket, "--state-dir", stateDir, "--log-level", "debug", "--probes-dir", dir + "/probes.d"]
         if !extraArgs.contains("--pin-dir") { args += ["--pin-dir", pinDir] }
         if let config {
             let path = dir + "/uprobed.conf"
@@ -242,4 +243,15 @@ extension DaemonClient {
     }
 
     func status() throws -> JSONObject { try call(["op": "status"]) }
+
+    /// Every registration by id, from `list`.
+    func list() throws -> [String: JSONObject] {
+        let r = try call(["op": "list"])
+        guard r["ok"] == .bool(true) else { throw TestFailure("list failed: \(JSONSerializer.serialize(.object(r)))") }
+        var out: [String: JSONObject] = [:]
+        for p in r["probes"]?.arrayValue ?? [] {
+            if let o = p.objectValue, let id = o["id"]?.stringValue { out[id] = o }
+        }
+        return out
+    }
 }

@@ -376,6 +376,8 @@ struct RequestEncodingTests {
             .resolve(probes: [spec]), .unregister(ids: ["p1", "p2"], consumer: nil), .unregister(ids: nil, consumer: "c"),
             .list(consumer: nil), .list(consumer: "c"), .stats(ids: nil, versions: true), .stats(ids: ["p3"], versions: false),
             .stats(ids: nil, versions: false, consumer: "c"), .watch(intervalMs: 250, ids: ["p1"]), .status,
+            .apply(set: "alloc", probes: [ProbeSpec(path: "libc", symbol: "malloc")], dryRun: false),
+            .apply(set: "alloc", probes: [], dryRun: true),
         ]
         for r in requests {
             let line = JSONSerializer.serializeLine(.object(r.json(id: .int(9))))

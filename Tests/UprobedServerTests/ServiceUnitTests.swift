@@ -167,7 +167,7 @@ struct StateFileTests {
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }

@@ -101,6 +101,39 @@ if m:
     [svc] = load("service.yaml")
     check([p["port"] for p in svc["spec"]["ports"] if p["targetPort"] == "metrics"] == [port], "the Service's metrics port != the proxy's port")
 
+# Probe sets: the ConfigMap is mounted where probes_dir looks, and each set in it (and the one
+# its comment shows) has the shape uprobed reads (docs/PROBE-SETS.md; the daemon's own parser
+# decides the rest, e.g. spellings: `uprobectl diff` checks a set against a node).
+check(conf.get("probes_dir", known["probes_dir"]) == mounts["probes"], "probes_dir is not where the probe-set ConfigMap is mounted")
+check(volumes["probes"]["configMap"]["name"] == "uprobed-probes", "the probes volume is not the uprobed-probes ConfigMap")
+
+
+def check_set(key, text):
+    check(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\.ya?ml", key) is not None,
+          f"probe set {key!r}: the key must be NAME.yaml or NAME.yml (NAME: letters, digits, . _ -)")
+    doc = yaml.safe_load(text)
+    if not (isinstance(doc, dict) and set(doc) == {"probes"} and isinstance(doc["probes"], (list, type(None)))):
+        check(False, f"probe set {key!r}: must be a mapping with only a 'probes:' list")
+        return
+    for entry in doc["probes"] or []:
+        if isinstance(entry, dict):
+            check(set(entry) <= {"probe", "follow", "force"} and "probe" in entry,
+                  f"probe set {key!r}: entry {entry!r} has keys other than probe, follow, force (no pid: a set names binaries)")
+        else:
+            check(isinstance(entry, str) and ":" in entry, f"probe set {key!r}: entry {entry!r} is not a probe spelling")
+
+
+with open(os.path.join(here, "configmap-probes.yaml")) as f:
+    header = [line[1:] for line in f.read().splitlines() if line.startswith("#")]
+start = next(i for i, line in enumerate(header) if line.strip() == "data:")
+example = yaml.safe_load("\n".join(line[2:] for line in header[start:] if line.startswith("  ") or not line.strip()).split("\n\n")[0])
+check(isinstance(example, dict) and example.get("data"), "configmap-probes.yaml's comment shows no example set")
+for key, text in (example or {}).get("data", {}).items():
+    check_set(key, text)
+[probes_cm] = load("configmap-probes.yaml")
+for key, text in (probes_cm.get("data") or {}).items():
+    check_set(key, text)
+
 # The kustomization lists every manifest of the directory.
 [kust] = load("kustomization.yaml")
 manifests = sorted(f for f in os.listdir(here) if f.endswith(".yaml") and f != "kustomization.yaml")
@@ -110,4 +143,4 @@ for e in errors:
     print(f"ERROR {e}")
 if errors:
     sys.exit(1)
-print(f"OK uprobed's capabilities are the unit's ({' '.join(unit_caps)}); config keys, mounts and the metrics port agree")
+print(f"OK uprobed's capabilities are the unit's ({' '.join(unit_caps)}); config keys, mounts, probe sets and the metrics port agree")

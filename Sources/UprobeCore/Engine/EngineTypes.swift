@@ -32,9 +32,12 @@ public struct EngineError: Error, Sendable, Equatable {
 public struct RegisterItem: Sendable {
     public var spec: ProbeSpecInput
     public var targets: [ResolvedProbe]
-    public init(spec: ProbeSpecInput, targets: [ResolvedProbe]) {
+    /// The probe set its registrations belong to (`ProbeRecord.probeSet`); nil for the API's.
+    public var probeSet: String?
+    public init(spec: ProbeSpecInput, targets: [ResolvedProbe], probeSet: String? = nil) {
         self.spec = spec
         self.targets = targets
+        self.probeSet = probeSet
     }
 }
 

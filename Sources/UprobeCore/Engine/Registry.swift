@@ -139,13 +139,19 @@ public final class ProbeRecord: Sendable {
     public let targets: [ResolvedProbe]
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public let retired: RetiredVersions
+    /// The probe set that owns this registration (nil: registered through the API). Opaque to
+    /// the engine; the server's probe-set reconciler spells it (source and name) and is the
+    /// only one that adds or removes such registrations.
+    public let probeSet: String?
 
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
     /// the caller has it (a batch computes it once for all its records).
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
                 registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
-                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = []) {
+                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = [],
+                probeSet: String? = nil) {
         self.retired = retired
+        self.probeSet = probeSet
         self.id = id
         self.number = ProbeID.number(id)
         self.consumer = consumer
@@ -166,7 +172,7 @@ public final class ProbeRecord: Sendable {
         ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
                     registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince, state: state,
                     baseHits: baseHits, targets: targets,
-                    retired: retired)
+                    retired: retired, probeSet: probeSet)
     }
 
     /// Whether the daemon follows this registration's path through file replacements: asked
@@ -195,8 +201,12 @@ public struct RestoreItem: Sendable {
     /// the registration keeps counting there, its counters are not reset and its sites are not
     /// attached again. nil: attached afresh.
     public var adoptedSlots: [UInt32]? = nil
+    /// The probe set that owns it (`ProbeRecord.probeSet`).
+    public var probeSet: String?
     public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
-                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false) {
+                baseHits: UInt64, targets: [ResolvedProbe], degradedReason: String?, ended: Bool = false,
+                probeSet: String? = nil) {
+        self.probeSet = probeSet
         self.id = id
         self.consumer = consumer
         self.owner = owner

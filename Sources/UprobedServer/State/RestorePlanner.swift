@@ -20,16 +20,17 @@ public enum RestorePlanner {
             if let why = p.endedReason {
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why, ended: true)
+                                   degradedReason: why, ended: true, probeSet: p.probeSet)
             }
             switch check(p, savedBoot: state.bootID, bootID: bootID, resolver: cache, ownership: ownership) {
             case .success(let targets):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
-                                   registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil)
+                                   registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil,
+                                   probeSet: p.probeSet)
             case .failure(let why):
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why.reason, ended: why.ended)
+                                   degradedReason: why.reason, ended: why.ended, probeSet: p.probeSet)
             }
         }
     }

@@ -46,7 +46,7 @@ extension SavedProbe {
         }
         self.init(id: r.id, consumer: r.consumer, owner: r.owner, spec: r.spec, registeredAt: r.registeredAt,
                   hits: hits, targets: r.targets, stamp: stamps.file, pidStartTime: stamps.processStart,
-                  degradedReason: degraded, endedReason: ended)
+                  degradedReason: degraded, endedReason: ended, probeSet: r.probeSet)
         slots = Self.slots(of: r)
         if slots != nil { baseHits = r.baseHits }
     }

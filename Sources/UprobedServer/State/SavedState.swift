@@ -71,6 +71,9 @@ public struct SavedProbe: Sendable, Equatable {
     /// A restart that adopts the slots' links reports `baseHits` + the counters, which went
     /// on counting while no daemon ran; one that attaches again starts from `hits`.
     public var baseHits: UInt64 = 0
+    /// The probe set that owns it (`ProbeRecord.probeSet`), so a restart knows which
+    /// registrations its reconcile may change and which came through the API.
+    public var probeSet: String? = nil
 }
 
 /// The whole state file.

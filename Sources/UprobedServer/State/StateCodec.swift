@@ -97,7 +97,7 @@ public enum StateCodec {
         let s = a.spec, z = b.spec, t = a.targets[0], u = b.targets[0]
         return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
-            && a.endedReason == b.endedReason
+            && a.endedReason == b.endedReason && a.probeSet == b.probeSet
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
@@ -229,6 +229,7 @@ public enum StateCodec {
             w.endArray()
             if p.baseHits != 0 { w.field("base_hits", u64(p.baseHits)) }
         }
+        if let s = p.probeSet { w.field("set", s) }
         w.endObject()
     }
 
@@ -354,7 +355,7 @@ public enum StateCodec {
             owner: Peer(pid: Int32(clamping: owner["pid"]?.int64Value ?? 0), uid: uid32, gid: gid32),
             spec: RequestHandler.input(spec), registeredAt: registeredAt, hits: hits, targets: targets,
             stamp: stamp, pidStartTime: readU64(o["pid_start_time"]), degradedReason: o["degraded_reason"]?.stringValue,
-            endedReason: o["ended_reason"]?.stringValue)
+            endedReason: o["ended_reason"]?.stringValue, probeSet: o["set"]?.stringValue)
         if let list = o["slots"] {
             guard let values = list.arrayValue, values.count == targets.count else {
                 throw corrupt("probes[\(n)].slots is not one slot per target")

@@ -302,6 +302,28 @@ public final class StateStore: Sendable {
         }
     }
 
+    /// Replaces `DIR/name` with `bytes` atomically and durably (temporary file, fsync, rename,
+    /// directory fsync), for the small files kept beside the state (`AppliedSets`).
+    public func replaceFile(_ name: String, with bytes: [UInt8]) throws(StateError) {
+        let target = dir + "/" + name, tmp = target + ".tmp"
+        do throws(SyscallError) {
+            let fd = try Syscall.run("open", tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            defer { close(fd) }
+            try Self.writeAll(fd, bytes, tmp)
+            try Syscall.run("fsync", tmp) { fsync(fd) }
+            try Syscall.run("rename", "\(tmp), \(target)") { rename(tmp, target) }
+        } catch {
+            unlink(tmp)
+            throw .io("cannot write \(target)", error)
+        }
+        try syncDirectory()
+    }
+
+    /// The whole of `DIR/name`, nil if it does not exist.
+    public func readFile(_ name: String) throws(StateError) -> [UInt8]? {
+        try Self.readIfExists(dir + "/" + name, dir + "/" + name)
+    }
+
     /// The whole of `path`, nil if it does not exist. A file over 1 GiB is refused (EFBIG):
     /// the daemon never writes one, and reading it would take that much memory.
     private static func readIfExists(_ path: String, _ what: String) throws(StateError) -> [UInt8]? {

@@ -40,6 +40,15 @@ func absolutePath(_ path: String) -> String {
 /// The words of a file or of stdin (`-`), one item per line; blank lines and `#` comments are
 /// skipped. For `add -f` (probe spellings) and `rm -f` (ids).
 func readItems(from file: String) throws(CtlError) -> [String] {
+    let data = try readAll(from: file)
+    return String(decoding: data, as: UTF8.self).split(separator: "\n").compactMap { line in
+        let item = line.trimmingBlanks()
+        return item.isEmpty || item.hasPrefix("#") ? nil : item
+    }
+}
+
+/// The bytes of a file or of stdin (`-`); a failure is bad usage, naming the file.
+func readAll(from file: String) throws(CtlError) -> [UInt8] {
     let fd: Int32 = file == "-" ? 0 : open(file, O_RDONLY | O_CLOEXEC)
     guard fd >= 0 else { throw .usage("cannot \(Syscall.lastError("read", file))") }
     defer { if fd != 0 { close(fd) } }
@@ -52,10 +61,7 @@ func readItems(from file: String) throws(CtlError) -> [String] {
         if n == 0 { break }
         data.append(contentsOf: chunk[0..<n])
     }
-    return String(decoding: data, as: UTF8.self).split(separator: "\n").compactMap { line in
-        let item = line.trimmingBlanks()
-        return item.isEmpty || item.hasPrefix("#") ? nil : item
-    }
+    return data
 }
 
 extension Substring {

@@ -36,13 +36,31 @@ extension UprobeCtl {
             guard !global.json else { return }
             for member in reply.pairs where member.key != "ok" && member.key != "id" {
                 let (k, v) = (member.key, member.value)
-                if let o = v.objectValue {
+                if k == "probe_sets", let o = v.objectValue {
+                    printProbeSets(o)
+                } else if let o = v.objectValue {
                     print("\(k):")
                     for m in o.pairs { print("  \(m.key): \(text(m.value))") }
                 } else {
                     print("\(k): \(text(v))")
                 }
             }
+        }
+    }
+
+    /// One line per set: where it comes from, its probes, and why its last reconcile was refused.
+    private static func printProbeSets(_ o: JSONObject) {
+        print("probe_sets:")
+        print("  reconciles: \(text(o["reconciles"]))")
+        for s in o["sets"]?.arrayValue ?? [] {
+            let e = s.objectValue ?? JSONObject()
+            var line = "  \(text(e["set"])): \(text(e["source"]))"
+            if let file = e["file"]?.stringValue { line += " \(file)" }
+            line += ", \(text(e["probes"])) probes, \(text(e["state"]))"
+            if let err = e["error"]?.objectValue {
+                line += (err["line"].map { " at line \(text($0))" } ?? "") + ": \(text(err["message"])) [\(text(err["code"]))]"
+            }
+            print(line)
         }
     }
 

@@ -69,9 +69,16 @@ extension UprobeCtl {
                 let catalog = Catalog(consumer: consumer)
                 try catalog.refresh(daemon)
                 let filter = ProbeFilter(consumer: consumer, path: path, match: match)
-                selected = catalog.probes.values
+                let matching = catalog.probes.values
+                    .filter { filter.matches(catalog.row(ProbeCount(id: $0.id, hits: 0, rate: 0), rate: nil)) }
+                // A probe set's probes are changed through the set (its file, or apply): left out.
+                let inSets = matching.filter { $0.probeSet != nil }
+                if !inSets.isEmpty {
+                    let names = Set(inSets.compactMap(\.probeSet)).sorted().joined(separator: ", ")
+                    Stderr.write("uprobectl: leaving \(inSets.count) probe(s) of probe sets alone (\(names)); change a set through its file or uprobectl apply\n")
+                }
+                selected = matching.filter { $0.probeSet == nil }
                     .map { catalog.row(ProbeCount(id: $0.id, hits: 0, rate: 0), rate: nil) }
-                    .filter(filter.matches)
                     .sorted { $0.idNumber < $1.idNumber }
                     .map(\.id)
             }

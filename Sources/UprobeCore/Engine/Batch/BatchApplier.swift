@@ -123,7 +123,8 @@ final class BatchApplier {
                     let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
                     let records = plan.probes.map { p in
                         Self.makeRecord(id: registry.nextID(), consumer: consumer, peer: peer,
-                                        spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
+                                        spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active,
+                                        probeSet: p.probeSet)
                     }
                     // The state entry first: the writer waits for it, the reply can wait longer.
                     prepare?(records)
@@ -158,7 +159,7 @@ final class BatchApplier {
                     // A restored registration that cannot attach stays registered, degraded:
                     // dropping it silently would lose an acknowledged registration.
                     let r = record(id: item.id, plan: plan, spec: item.spec, sites: [], now: now,
-                                   restored: item, state: .degraded(reason: failure.message))
+                                   restored: item, state: .degraded(reason: failure.message), probeSet: item.probeSet)
                     restored[plan.index, default: []].append(.success(r))
                 }
                 continue
@@ -180,7 +181,7 @@ final class BatchApplier {
                     state = .active
                 }
                 records.append(record(id: id, plan: plan, spec: p.spec, sites: p.sites, now: now,
-                                      restored: p.restored, state: state))
+                                      restored: p.restored, state: state, probeSet: p.probeSet))
             }
             if plan.restoreID != nil {
                 restored[plan.index, default: []] += records.map { .success($0) }
@@ -263,19 +264,19 @@ final class BatchApplier {
 
     /// Makes a registration and enters it (registry and, at the next publication, tree).
     func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
-                restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+                restored: RestoreItem?, state: ProbeState, probeSet: String?) -> ProbeRecord {
         let r = Self.makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
-                                restored: restored, state: state)
+                                restored: restored, state: state, probeSet: probeSet)
         registry.insert(r)
         return r
     }
 
     private static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
-                                   now: BatchClock, restored: RestoreItem?, state: ProbeState) -> ProbeRecord {
+                                   now: BatchClock, restored: RestoreItem?, state: ProbeState, probeSet: String?) -> ProbeRecord {
         ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
                     registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
                     countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
-                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target))
+                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target), probeSet: probeSet)
     }
 
     /// A batch's registration time, read once: every record of the batch carries it.

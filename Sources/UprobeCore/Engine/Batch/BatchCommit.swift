@@ -181,7 +181,8 @@ extension BatchApplier {
         for i in small {
             let plan = registers[i]
             registers[i].early = plan.probes.map { p in
-                record(id: registry.nextID(), plan: plan, spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active)
+                record(id: registry.nextID(), plan: plan, spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active,
+                       probeSet: p.probeSet)
             }
             added += registers[i].early
         }

@@ -11,6 +11,8 @@ struct PlannedProbe {
     var restored: RestoreItem? = nil
     /// Its sites are in links adopted from the pin directory: not attached again.
     var adopted = false
+    /// `RegisterItem.probeSet` (or the restored registration's).
+    var probeSet: String? = nil
 }
 
 /// One registration of a batch (a register request, one restored registration, or a follow
@@ -117,11 +119,12 @@ extension BatchApplier {
                     // per function.
                     if item.spec.usdt != nil {
                         let sites = item.targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
-                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec))
+                        plan.probes.append(PlannedProbe(sites: sites, spec: item.spec, probeSet: item.probeSet))
                     } else {
                         for t in item.targets {
                             guard let slot = next.next() else { break }  // never: `needed` slots were allocated
-                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec))
+                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec,
+                                                            probeSet: item.probeSet))
                         }
                     }
                 }
@@ -145,26 +148,26 @@ extension BatchApplier {
                     var plan = PlannedRegister(index: n, consumer: item.consumer, peer: item.owner)
                     plan.restoreID = item.id
                     if item.degradedReason != nil {
-                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
                     if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
                         plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
-                                                    spec: item.spec, restored: item, adopted: true)]
+                                                    spec: item.spec, restored: item, adopted: true, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
                     if slots.available < item.targets.count { compactor.reclaim(slots: &slots) }
                     guard let allocated = slots.allocate(item.targets.count) else {
                         plan.failure = EngineError(code: .capacityExhausted, message: "no counter slots left to restore \(item.id)")
-                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item)]
+                        plan.probes = [PlannedProbe(sites: [], spec: item.spec, restored: item, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
                     }
                     newSlots += allocated
                     plan.probes = [PlannedProbe(sites: zip(item.targets, allocated).map { ProbeSite(target: $0, slot: $1) },
-                                                spec: item.spec, restored: item)]
+                                                spec: item.spec, restored: item, probeSet: item.probeSet)]
                     registers.append(plan)
                 }
             case .unregister(let ids, let consumer, _, let authorize, let reply):
@@ -176,7 +179,12 @@ extension BatchApplier {
                     }
                     selected = Array(Set(ids))
                 } else {
-                    selected = registry.probes.values.filter { $0.consumer == consumer && !removedInBatch.contains($0.id) }.map(\.id)
+                    // A probe set's registrations share its name as consumer but are left to the
+                    // set (its file or `apply`): removing them here would only last until the
+                    // next reconcile brings them back.
+                    selected = registry.probes.values.filter {
+                        $0.consumer == consumer && $0.probeSet == nil && !removedInBatch.contains($0.id)
+                    }.map(\.id)
                 }
                 if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
                     reply(.failure(EngineError(code: .permissionDenied,
