@@ -24,7 +24,7 @@ K8S_DEBS   := python3 python3-venv
 SOCKET  ?= /run/uprobed/uprobed.sock
 ARGS    ?=
 
-.PHONY: deps deps-build build run test test-unit sanitize fuzz fuzz-ci bench bench-tree bench-batch bench-read bench-restart soak k8s-validate completions man install clean
+.PHONY: deps deps-build build run test test-unit sanitize fuzz fuzz-ci bench bench-tree bench-batch bench-read bench-whole bench-restart soak k8s-validate completions man install clean
 
 # $(call apt_install,PACKAGES): install those of PACKAGES that are missing (as root, apt-get).
 define apt_install
@@ -84,7 +84,7 @@ k8s-validate:
 	$(call apt_install,$(K8S_DEBS))
 	deploy/kubernetes/validate.sh
 
-bench: bench-tree bench-batch bench-read bench-restart
+bench: bench-tree bench-batch bench-read bench-whole bench-restart
 
 bench-tree: deps
 	$(SWIFT) run -c release bench-tree --repeats 5 --pace-spin
@@ -96,6 +96,11 @@ bench-read: deps
 bench-batch: deps
 	$(SWIFT) build -c release
 	$(SWIFT) run -c release bench-batch
+
+## A whole binary (issue 26): every function of swift-frontend through the socket, vs the kernel floor.
+bench-whole: deps
+	$(SWIFT) build -c release
+	$(SWIFT) run -c release bench-whole
 
 ## Restarts: exec to READY=1 adopting N pinned probes vs attaching them again (RESTART_SIZES:
 ## probe counts, or `frontend` for every function of swift-frontend, ~241,000: tens of minutes).

@@ -1,12 +1,15 @@
 /// The operations of protocol v1 (DESIGN.md, "Core of the wire protocol").
 public enum Request: Sendable, Equatable {
-    case register(probes: [ProbeSpec], consumer: String?)
-    case unregister(ids: [String]?, consumer: String?)
-    case list(consumer: String?)
+    /// `reply`: how the reply describes the new probes (one object each, or grouped by file).
+    case register(probes: [ProbeSpec], consumer: String?, reply: RegisterReplyForm = .auto)
+    /// By ids, or by a selection: consumer and/or `match` (globs over path and symbol).
+    case unregister(ids: [String]?, consumer: String?, match: ProbeMatch = ProbeMatch())
+    case list(consumer: String?, query: ListQuery = ListQuery())
     /// `versions`: always include the per-file breakdown (by default only probes that count in
     /// more than one file version, i.e. during an upgrade, carry it).
     /// `consumer`: only that consumer's probes (not together with `ids`).
-    case stats(ids: [String]?, versions: Bool, consumer: String? = nil)
+    /// `query`: filter, order and cut the rows on the daemon's side.
+    case stats(ids: [String]?, versions: Bool, consumer: String? = nil, query: StatsQuery = StatsQuery())
     case watch(intervalMs: Int, ids: [String]?)
     case status
     /// Dry run: resolve specs and report what would be probed, without attaching.
@@ -105,10 +108,11 @@ public enum RequestDecoder {
         }
         let allowed: Set<String>
         switch op {
-        case "register", "resolve": allowed = ["probes", "consumer"]
-        case "unregister": allowed = ["probes", "consumer"]
-        case "list": allowed = ["consumer"]
-        case "stats": allowed = ["probes", "versions", "consumer"]
+        case "register": allowed = ["probes", "consumer", "reply"]
+        case "resolve": allowed = ["probes", "consumer"]
+        case "unregister": allowed = ["probes", "consumer", "path", "symbol"]
+        case "list": allowed = ["consumer", "probes", "path", "symbol", "offset", "limit"]
+        case "stats": allowed = ["probes", "versions", "consumer", "path", "symbol", "sort", "top"]
         case "watch": allowed = ["probes", "interval_ms"]
         case "status": allowed = []
         case "apply": allowed = ["set", "probes", "dry_run"]
@@ -133,7 +137,15 @@ public enum RequestDecoder {
                                     "\(list.count) probes in one request; the limit is \(limits.maxProbesPerRequest) (max_probes_per_request)")
             }
             let specs = try decodeSpecs(list)
-            return op == "register" ? .register(probes: specs, consumer: consumer) : .resolve(probes: specs)
+            guard op == "register" else { return .resolve(probes: specs) }
+            var form = RegisterReplyForm.auto
+            if let v = obj["reply"], v != .null {
+                guard let name = v.stringValue, let f = RegisterReplyForm(rawValue: name) else {
+                    throw ProtocolError(.invalidRequest, "'reply' must be one of: \(RegisterReplyForm.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                form = f
+            }
+            return .register(probes: specs, consumer: consumer, reply: form)
         case "apply":
             guard let set = obj["set"]?.stringValue, !set.isEmpty else {
                 throw ProtocolError(.invalidRequest, "'apply' needs 'set': the probe set's name")
@@ -153,12 +165,18 @@ public enum RequestDecoder {
             return .apply(set: set, probes: try decodeSpecs(list), dryRun: dryRun)
         case "unregister":
             let ids = try optionalIDs(obj)
-            guard (ids == nil) != (consumer == nil) else {
-                throw ProtocolError(.invalidRequest, "'unregister' needs either 'probes' (a list of ids) or 'consumer', not both")
+            let match = try ProbeMatch.decode(obj)
+            let selects = consumer != nil || !match.isEmpty
+            guard (ids == nil) == selects else {
+                throw ProtocolError(.invalidRequest,
+                                    "'unregister' needs either 'probes' (a list of ids) or a selection ('consumer', 'path', 'symbol'), not both")
             }
-            return .unregister(ids: ids, consumer: consumer)
+            return .unregister(ids: ids, consumer: consumer, match: match)
         case "list":
-            return .list(consumer: consumer)
+            let ids = try optionalIDs(obj)
+            let offset = try optionalCount(obj, "offset", max: Int(Int32.max)) ?? 0
+            let limit = try optionalCount(obj, "limit", max: Int(Int32.max))
+            return .list(consumer: consumer, query: ListQuery(ids: ids, match: try ProbeMatch.decode(obj), offset: offset, limit: limit))
         case "stats":
             var versions = false
             if let v = obj["versions"] {
@@ -169,7 +187,16 @@ public enum RequestDecoder {
             if ids != nil && consumer != nil {
                 throw ProtocolError(.invalidRequest, "'stats' takes 'probes' (a list of ids) or 'consumer', not both")
             }
-            return .stats(ids: ids, versions: versions, consumer: consumer)
+            var query = StatsQuery(match: try ProbeMatch.decode(obj))
+            if let v = obj["sort"], v != .null {
+                guard let name = v.stringValue, let sort = StatsSort(rawValue: name) else {
+                    throw ProtocolError(.invalidRequest, "'sort' must be one of: \(StatsSort.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                query.sort = sort
+            }
+            query.top = try optionalCount(obj, "top", max: Int(Int32.max))
+            if query.top == 0 { throw ProtocolError(.invalidRequest, "'top' must be at least 1") }
+            return .stats(ids: ids, versions: versions, consumer: consumer, query: query)
         case "watch":
             var interval = 1000
             if let v = obj["interval_ms"] {
@@ -206,6 +233,18 @@ public enum RequestDecoder {
         case nil, .null?: return nil
         case .string(let s)?: return s
         case let other?: throw ProtocolError(.invalidRequest, "'\(key)' must be a string, got \(other.typeName)")
+        }
+    }
+
+    /// A non-negative integer member up to `max`, or nil when absent.
+    private static func optionalCount(_ obj: JSONObject, _ key: String, max: Int) throws(ProtocolError) -> Int? {
+        switch obj[key] {
+        case nil, .null?: return nil
+        case let v?:
+            guard let i = v.int64Value, i >= 0, i <= Int64(max) else {
+                throw ProtocolError(.invalidRequest, "'\(key)' must be an integer from 0 to \(max)")
+            }
+            return Int(i)
         }
     }
 

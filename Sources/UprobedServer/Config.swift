@@ -22,8 +22,10 @@ public struct DaemonConfig: Sendable, Equatable {
     public var stateCheckpointSeconds = 60
     /// Longest request line accepted, in bytes (a 10,000-probe request is about 0.6 MB).
     public var maxLineBytes = 4 * 1024 * 1024
-    /// Most probe specs in one register request.
-    public var maxProbesPerRequest = 10_000
+    /// Most probe specs in one register request, and (times 4) most sites its globs may expand
+    /// to. 2^20 is the kernel's most offsets in one uprobe_multi link: an admin may probe a
+    /// whole binary in one request (non-admins stay bound by `maxProbesPerUID`).
+    public var maxProbesPerRequest = 1_048_576
     /// SO_SNDBUF asked for on each client connection, in bytes (0: the kernel's default). The
     /// kernel caps it at net.core.wmem_max and doubles what it grants.
     public var sendBufferBytes = 1024 * 1024
@@ -37,8 +39,8 @@ public struct DaemonConfig: Sendable, Equatable {
     /// Of `max_connections`, this many are kept for admins: peers that are not admins are
     /// refused once only these are left, so root can always connect to repair things.
     public var adminReservedConnections = 16
-    /// Most functions one glob may expand to.
-    public var maxGlobMatches = 10_000
+    /// Most functions one glob may expand to (2^20: every function of the largest binaries).
+    public var maxGlobMatches = 1_048_576
     /// Memory the cache of parsed binaries may hold, in bytes (estimated from their symbols).
     /// A parse larger than this is used once and not kept.
     public var elfCacheBytes = ELFFileCache.defaultByteBudget
@@ -51,8 +53,10 @@ public struct DaemonConfig: Sendable, Equatable {
     public var compactionDelayMs = 250
     /// A binary (per pid filter and direction) with more small links than this gets them merged.
     public var maxLinksPerGroup = 8
-    /// Counter slots, i.e. the most probe sites attached at once.
-    public var slotCapacity: UInt32 = 65_536
+    /// Counter slots, i.e. the most probe sites attached at once. The counters cost 12 bytes of
+    /// kernel memory per slot, allocated when the daemon starts (12 MiB for 2^20); the count
+    /// map is mapped into the daemon, so its RSS shows 8 of them (RssFile), not its heap.
+    public var slotCapacity: UInt32 = 1_048_576
     /// Least `interval_ms` a `watch` may ask for.
     public var minWatchIntervalMs = 100
     /// trace, debug, info, notice, warning, error, critical.

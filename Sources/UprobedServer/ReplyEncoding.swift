@@ -64,6 +64,66 @@ extension RequestHandler {
         w.endArray()
     }
 
+    /// A register reply's compact members: `"reply": "compact"`, `count` (probes registered),
+    /// `files` (per file: what its probes share once — path, device, inode, build_id — their
+    /// number and sites, and their ids as ranges `{"first", "last"}` of consecutive numbers),
+    /// and `warnings` (`{"id", "warning"}`, only for probes that have one). 241,363 probes of
+    /// one glob are one file with one range, where the full form was 61 MB; the per-probe
+    /// detail is in `list` (filters and paging).
+    static func writeCompactRegistered(_ records: [ProbeRecord], into w: inout JSONWriter) {
+        struct FileKey: Hashable {
+            var path: String, device: UInt64, inode: UInt64, buildID: String?
+        }
+        struct Group {
+            var key: FileKey
+            var count = 0, sites = 0
+            var ranges: [(first: String, last: String, lastNumber: UInt64?)] = []
+        }
+        var groups: [Group] = []
+        var index: [FileKey: Int] = [:]
+        var warnings: [(String, String)] = []
+        for r in records {
+            let t = r.targets.first ?? r.sites.first?.target
+            let key = FileKey(path: t?.path ?? r.spec.path, device: t?.device ?? 0, inode: t?.inode ?? 0, buildID: t?.buildID)
+            // Records of one glob come in a row: the last group is almost always the one.
+            let g: Int
+            if let last = groups.indices.last, groups[last].key == key { g = last } else if let known = index[key] { g = known } else {
+                g = groups.count
+                groups.append(Group(key: key))
+                index[key] = g
+            }
+            groups[g].count += 1
+            groups[g].sites += max(r.sites.count, 1)
+            if let n = r.number, let i = groups[g].ranges.indices.last, groups[g].ranges[i].lastNumber.map({ $0 &+ 1 == n }) == true {
+                groups[g].ranges[i].last = r.id
+                groups[g].ranges[i].lastNumber = n
+            } else {
+                groups[g].ranges.append((r.id, r.id, r.number))
+            }
+            for t in r.targets { if let warning = t.warning { warnings.append((r.id, warning)) } }
+        }
+        w.field("reply", "compact")
+        w.field("count", Int64(records.count))
+        w.objects("files", groups) { w, g in
+            w.field("path", g.key.path)
+            w.field("device", g.key.device)
+            w.field("inode", g.key.inode)
+            if let b = g.key.buildID { w.field("build_id", b) }
+            w.field("count", Int64(g.count))
+            w.field("sites", Int64(g.sites))
+            w.objects("ids", g.ranges) { w, range in
+                w.field("first", range.first)
+                w.field("last", range.last)
+            }
+        }
+        if !warnings.isEmpty {
+            w.objects("warnings", warnings) { w, item in
+                w.field("id", item.0)
+                w.field("warning", item.1)
+            }
+        }
+    }
+
     /// The `stats` member: per probe its id, hits, rate (from `rate`, rounded to 1/1000), its
     /// state if not active, and the per-file breakdown when asked for or when there is more
     /// than one file (an upgrade in progress) — a 10,000-probe reply stays small. A plain row

@@ -69,10 +69,11 @@ public struct RequestHandler: Sendable {
             result = .failure(denial)
         } else {
             switch env.request {
-            case .register(let specs, let consumer): result = await register(specs, consumer: consumer, who: who, policy: policy)
-            case .unregister(let ids, let consumer):
-                result = await unregister(ids: ids, consumer: consumer, who: who, policy: policy).map { .members($0) }
-            case .list(let consumer): result = .success(list(consumer: consumer))
+            case .register(let specs, let consumer, let form):
+                result = await register(specs, consumer: consumer, form: form, who: who, policy: policy)
+            case .unregister(let ids, let consumer, let match):
+                result = await unregister(ids: ids, consumer: consumer, match: match, who: who, policy: policy).map { .members($0) }
+            case .list(let consumer, let query): result = .success(list(consumer: consumer, query: query))
             case .stats, .status: result = readOnlyResult(env.request)  // the event loop answers most (`replyWithoutWaiting`)
             case .resolve(let specs): result = await resolveChecked(specs, who: who, policy: policy)
             case .apply(let set, let specs, let dryRun):
@@ -99,8 +100,8 @@ public struct RequestHandler: Sendable {
     }
 
     private func readOnlyResult(_ request: Request) -> Result<ReplyBody, ProtocolError> {
-        if case .stats(let ids, let versions, let consumer) = request {
-            return stats(ids: ids, consumer: consumer, versions: versions)
+        if case .stats(let ids, let versions, let consumer, let query) = request {
+            return stats(ids: ids, consumer: consumer, versions: versions, query: query)
         }
         return .success(.members(status()))
     }
@@ -222,7 +223,8 @@ public struct RequestHandler: Sendable {
         return .success(out)
     }
 
-    func register(_ specs: [ProbeSpec], consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<ReplyBody, ProtocolError> {
+    func register(_ specs: [ProbeSpec], consumer: String?, form: RegisterReplyForm = .auto, who: PeerIdentity,
+                  policy: AccessPolicy) async -> Result<ReplyBody, ProtocolError> {
         let peer = who.peer
         let inputs = specs.map(Self.input)
         if let denial = AccessControl.checkSpecs(who, specs: inputs, systemWideOK: false, policy: policy) {
@@ -249,7 +251,10 @@ public struct RequestHandler: Sendable {
         defer { if !isAdmin { inFlight.add(uid: peer.uid, -adding) } }
         let ahead = PreparedReply()
         let queue = aheadQueue
-        switch await engine.register(items, consumer: consumer, peer: peer, early: { ahead.start($0, on: queue) }) {
+        // A compact reply is small and quick: nothing to write ahead of the attach.
+        let compact = form.isCompact(probes: adding)
+        let early: (@Sendable ([ProbeRecord]) -> Void)? = compact ? nil : { @Sendable records in ahead.start(records, on: queue) }
+        switch await engine.register(items, consumer: consumer, peer: peer, early: early) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let records):
             registered(records)
@@ -261,6 +266,12 @@ public struct RequestHandler: Sendable {
                 for r in records {
                     logger.debug("probe registered", metadata: ["probe_id": "\(r.id)", "path": "\(r.sites.first?.target.path ?? "")"])
                 }
+            }
+            if compact {
+                return .success(.written(estimatedBytes: 512 + skipped.count * 256) { w in
+                    Self.writeCompactRegistered(records, into: &w)
+                    Self.writeSkipped(skipped, into: &w)
+                })
             }
             if let text = ahead.take(for: records) {
                 return .success(.written(estimatedBytes: text.count + skipped.count * 256) { w in
@@ -277,17 +288,37 @@ public struct RequestHandler: Sendable {
         }
     }
 
-    func unregister(ids: [String]?, consumer: String?, who: PeerIdentity, policy: AccessPolicy) async -> Result<JSONObject, ProtocolError> {
+    func unregister(ids: [String]?, consumer: String?, match: ProbeMatch = ProbeMatch(), who: PeerIdentity,
+                    policy: AccessPolicy) async -> Result<JSONObject, ProtocolError> {
         let peer = who.peer
         let isAdmin = policy.role(of: who) == .admin
         // Non-admins may remove only their own probes; the engine asks for each selected probe.
         let authorize: @Sendable (ProbeRecord) -> Bool = { r in isAdmin || r.owner.uid == peer.uid }
-        if let ids, let owned = setOwned(ids) { return .failure(owned) }
-        switch await engine.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize) {
+        let outcome: Result<Removal, EngineError>
+        if let ids {
+            if let owned = setOwned(ids) { return .failure(owned) }
+            outcome = await engine.unregister(ids: ids, consumer: nil, peer: peer, authorize: authorize)
+        } else {
+            var selection = ProbeSelection(consumer: consumer, path: match.path, symbol: match.symbol)
+            // A glob of a non-admin selects its own probes only ("every probe in libc" must not
+            // fail because an admin probes libc too). A consumer alone names a group the peer
+            // claims as a whole: someone else's probe in it is refused, as it always was.
+            if !isAdmin && !match.isEmpty { selection.ownerUID = peer.uid }
+            outcome = await engine.unregister(matching: selection, peer: peer, authorize: authorize)
+        }
+        switch outcome {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let removal):
             logger.info("probes unregistered", metadata: ["count": "\(removal.count)", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
             var reply: JSONObject = ["removed": .int(Int64(removal.count))]
+            if !removal.leftInSets.isEmpty {
+                // Matched but not removed: a set's probes are changed through the set.
+                var left = JSONObject()
+                for (mark, n) in removal.leftInSets.sorted(by: { $0.key < $1.key }) {
+                    left[ProbeSetMark(mark)?.name ?? mark] = .int(Int64(n))
+                }
+                reply["left_in_sets"] = .object(left)
+            }
             if let why = removal.unsaved {
                 // Removed all the same: saying otherwise would have the client retry a removal
                 // that happened, or believe its probes still count.
@@ -300,12 +331,12 @@ public struct RequestHandler: Sendable {
 
     /// Written inside the read section: the records are read where the tree lends them, not
     /// retained one by one into a list first.
-    func list(consumer: String?) -> ReplyBody {
-        let text = engine.read { snap, _ -> [UInt8] in
-            let probes = snap.probes.sorted(where: { consumer == nil || $0.consumer == consumer })
-            var w = JSONWriter(reservingCapacity: probes.count * 256)
+    func list(consumer: String?, query: ListQuery = ListQuery()) -> ReplyBody {
+        let (text, total) = engine.read { snap, _ -> ([UInt8], Int) in
+            let probes = Self.listed(snap.probes, consumer: consumer, query: query)
+            var w = JSONWriter(reservingCapacity: probes.page.count * 256)
             w.beginArray()
-            for r in probes {
+            for r in probes.page {
                 w.beginObject()
                 Self.writeRecord(r, into: &w)
                 w.key("spec")
@@ -322,21 +353,58 @@ public struct RequestHandler: Sendable {
                 w.endObject()
             }
             w.endArray()
-            return w.bytes
+            return (w.bytes, probes.total)
         }
-        return .written(estimatedBytes: text.count) { w in
+        return .written(estimatedBytes: text.count + 32) { w in
             w.key("probes")
             text.withUnsafeBufferPointer { w.rawValue($0) }
+            if !query.isDefault { w.field("total", Int64(total)) }
         }
     }
 
-    func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false) -> Result<ReplyBody, ProtocolError> {
-        switch engine.statsTable(ids: ids, consumer: consumer, allVersions: versions) {
+    /// The registrations a `list` shows, in id order, and how many matched before paging.
+    /// Unknown ids in `query.ids` are left out (a list reads what is there).
+    static func listed(_ probes: ProbeMap, consumer: String?, query: ListQuery) -> (page: [ProbeRecord], total: Int) {
+        var matcher = ProbeSelection(consumer: consumer, path: query.match.path, symbol: query.match.symbol).matcher()
+        var page: [ProbeRecord] = []
+        var total = 0
+        let limit = query.limit ?? .max
+        func consider(_ r: ProbeRecord) {
+            guard matcher.matches(r) else { return }
+            if total >= query.offset && page.count < limit { page.append(r) }
+            total += 1
+        }
+        if let ids = query.ids {
+            var seen = Set<String>()
+            for id in ids where seen.insert(id).inserted {
+                if let r = probes[id] { consider(r) }
+            }
+        } else {
+            probes.forEach(consider)
+        }
+        return (page, total)
+    }
+
+    func stats(ids: [String]?, consumer: String? = nil, versions: Bool = false,
+               query: StatsQuery = StatsQuery()) -> Result<ReplyBody, ProtocolError> {
+        let match = query.match.isEmpty ? nil : ProbeSelection(path: query.match.path, symbol: query.match.symbol)
+        let order = Self.order(query.effectiveSort)
+        switch engine.statsTable(ids: ids, consumer: consumer, allVersions: versions, match: match, order: order, top: query.top) {
         case .failure(let e): return .failure(Self.protocolError(e))
         case .success(let table):
-            return .success(.written(estimatedBytes: table.count * 48) { w in
+            return .success(.written(estimatedBytes: table.count * 48 + 32) { w in
                 Self.writeStats(table, versions: versions, into: &w) { table.rates[$0] }
+                if !query.isDefault { w.field("total", Int64(table.total)) }
             })
+        }
+    }
+
+    /// The engine's order for a wire sort key (issue 27 maps its latency keys here).
+    static func order(_ sort: StatsSort) -> StatsTable.Order {
+        switch sort {
+        case .id: return .id
+        case .hits: return .hits
+        case .rate: return .rate
         }
     }
 }

@@ -140,6 +140,24 @@ final class Daemon {
         do { return try ProbeCount.fromStats(reply) } catch { throw .refused(error.description) }
     }
 
+    /// `stats` filtered, sorted and cut by the daemon; `total`: how many matched before the cut.
+    func stats(consumer: String?, query: StatsQuery) throws(CtlError) -> (counts: [ProbeCount], total: Int) {
+        let reply = try quietCall(Request.stats(ids: nil, versions: false, consumer: consumer, query: query).json())
+        do {
+            let counts = try ProbeCount.fromStats(reply)
+            return (counts, reply["total"]?.int64Value.map { Int($0) } ?? counts.count)
+        } catch { throw .refused(error.description) }
+    }
+
+    /// `list` filtered and paged by the daemon; `total`: how many matched before paging.
+    func list(consumer: String?, query: ListQuery) throws(CtlError) -> (probes: [ListedProbe], total: Int) {
+        let reply = try quietCall(Request.list(consumer: consumer, query: query).json())
+        do {
+            let probes = try ListedProbe.fromList(reply)
+            return (probes, reply["total"]?.int64Value.map { Int($0) } ?? probes.count)
+        } catch { throw .refused(error.description) }
+    }
+
     func status() throws(CtlError) -> DaemonStatus {
         let reply = try quietCall(Request.status.json())
         do { return try DaemonStatus(reply: reply) } catch { throw .refused(error.description) }

@@ -67,6 +67,19 @@ final class Catalog {
         listedAt = Clock.monotonic()
         let listed = try daemon.list(consumer: consumer)
         probes = Dictionary(listed.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
+        demangle(listed)
+    }
+
+    /// Lists only these ids (the rows a daemon-side `top` chose), not every registration.
+    func refresh(_ daemon: Daemon, ids: [String]) throws(CtlError) {
+        guard !ids.isEmpty else { return }
+        listedAt = Clock.monotonic()
+        let listed = try daemon.list(consumer: nil, query: ListQuery(ids: ids)).probes
+        for p in listed { probes[p.id] = p }
+        demangle(listed)
+    }
+
+    private func demangle(_ listed: [ListedProbe]) {
         let fresh = Set(listed.compactMap(\.symbol)).subtracting(demangledNames)
         if !fresh.isEmpty {
             demangled.merge(Demangler.demangle(fresh)) { a, _ in a }

@@ -14,6 +14,13 @@ struct ProbeDir {
     func write(_ name: String, _ text: String) throws { try text.write(toFile: path + "/" + name, atomically: true, encoding: .utf8) }
     func remove(_ name: String) throws { try FileManager.default.removeItem(atPath: path + "/" + name) }
 
+    /// `dir`'s probes directory and a private copy of the target fixture in `dir`.
+    static func withTarget(in dir: String) throws -> (ProbeDir, String) {
+        let target = dir + "/target"
+        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
+        return (try ProbeDir(dir), target)
+    }
+
     /// `probes:` followed by one entry per spelling.
     static func set(_ spellings: [String]) -> String {
         spellings.isEmpty ? "probes: []\n" : "probes:\n" + spellings.map { "  - \($0)\n" }.joined()
@@ -58,9 +65,7 @@ struct ProbeSetTests {
     func reconcileAtStartAndReload() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let probes = try ProbeDir(dir)
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
         try probes.write("a.yaml", ProbeDir.set(["\(target):fn_a", "\(target):fn_b"]))
         try probes.write("b.yml", ProbeDir.set(["uprobe:\(target):fn_never"]))
         try probes.write("README", "not a set")
@@ -123,9 +128,7 @@ struct ProbeSetTests {
     func badFileRefusedAlone() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let probes = try ProbeDir(dir)
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
         try probes.write("good.yaml", ProbeDir.set(["\(target):fn_a"]))
         try probes.write("keep.yaml", ProbeDir.set(["\(target):fn_b"]))
         let metricsPath = dir + "/metrics.sock"
@@ -179,13 +182,35 @@ struct ProbeSetTests {
 }
 
 extension ProbeSetTests {
+    @Test("a reload whose config file is refused still reconciles the sets; a new probes_dir replaces the old one's sets")
+    func reloadWithConfig() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let (first, target) = try ProbeDir.withTarget(in: dir)
+        try first.write("one.yaml", ProbeDir.set(["\(target):fn_a"]))
+        let d = try ServiceDaemon(dir: dir, config: "probes_dir = \(first.path)\n")
+        #expect(try d.setProbes("one").count == 1)
+        try "no_such_key = 1\n".write(toFile: d.configPath, atomically: true, encoding: .utf8)
+        try first.write("two.yaml", ProbeDir.set(["\(target):fn_b"]))
+        try d.reload(pid: d.pid)
+        #expect(try d.setProbes("two").count == 1)
+        #expect(try d.status()["service"]?.objectValue?["config_reload_failures"] == .int(1))
+        // Another directory: the sets of the first go, those of the second come.
+        let otherPath = dir + "/other.d"
+        try FileManager.default.createDirectory(atPath: otherPath, withIntermediateDirectories: false)
+        try ProbeDir.set(["\(target):fn_never"]).write(toFile: otherPath + "/three.yaml", atomically: true, encoding: .utf8)
+        try "probes_dir = \(otherPath)\n".write(toFile: d.configPath, atomically: true, encoding: .utf8)
+        try d.reload(pid: d.pid)
+        #expect(try d.setProbes("one").isEmpty && d.setProbes("two").isEmpty && d.setProbes("three").count == 1)
+        #expect(try d.probeSets()["sets"]?.arrayValue?.compactMap { $0.objectValue?["set"]?.stringValue } == ["three"])
+        #expect(d.stop() == 0)
+    }
+
     @Test("a directory laid out like a mounted ConfigMap (files linked through ..data to a hidden dir, swapped atomically by kubelet) is read through its links")
     func configMapLayout() throws {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let target = dir + "/target"
-        try FileManager.default.copyItem(atPath: try Fixtures.target, toPath: target)
-        let probes = try ProbeDir(dir)
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
         let fm = FileManager.default
         func version(_ name: String, _ sets: [String: [String]]) throws {
             try fm.createDirectory(atPath: probes.path + "/" + name, withIntermediateDirectories: false)
@@ -327,12 +352,19 @@ struct ProbeSetApplyTests {
             (["op": "apply", "set": "s", "probes": [ok, spec("rel/x", symbol: "f")]], "invalid_request", "probes[1]: path 'rel/x' is relative"),
             (["op": "apply", "set": "s", "probes": [ok, ok]], "invalid_request", "probes[1] is the same probe as probes[0]"),
             (["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "nope")]], "symbol_not_found", "probes[1]"),
+            (["op": "apply", "set": "s", "probes": [ok, spec("/nonexistent/bin", symbol: "main")]], "file_not_found", "probes[1]"),
+            // A lock-prefixed first instruction: refused by the resolver, nothing is attached.
+            (["op": "apply", "set": "s", "probes": [ok, spec("libc", symbol: "pthread_spin_lock")]], "instruction_not_probeable", "probes[1]"),
+            (["op": "apply", "set": "", "probes": [ok]], "invalid_request", "needs 'set'"),
         ]
         for (req, code, words) in cases {
             let r = try d.call(req)
             #expect(errorCode(r) == code, "\(req): \(r)")
             #expect(r["error"]?.objectValue?["message"]?.stringValue?.contains(words) == true, "\(req): \(r)")
         }
+        let small = try TestDaemon(config: "max_probes_per_request = 2\n")
+        let many = try small.call(["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "fn_b"), spec(target, symbol: "fn_never")]])
+        #expect(errorCode(many) == "too_many_probes" && many["error"]?.objectValue?["message"]?.stringValue?.contains("the limit is 2") == true, "\(many)")
         let blamed = try d.call(["op": "apply", "set": "s", "probes": [ok, spec(target, symbol: "nope")]])
         #expect(blamed["error"]?.objectValue?["probe"] == .int(1))
         #expect(try d.list().isEmpty)

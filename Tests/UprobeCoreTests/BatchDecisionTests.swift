@@ -132,7 +132,7 @@ final class Harness {
 
     func unregister(_ ids: [String]) -> Result<Removal, EngineError>? {
         let box = Mutex<Result<Removal, EngineError>?>(nil)
-        applier.apply([.unregister(ids: ids, consumer: nil, peer: .daemon, authorize: { _ in true },
+        applier.apply([.unregister(ids: ids, selection: nil, peer: .daemon, authorize: { _ in true },
                                    reply: { r in box.withLock { $0 = r } })])
         return box.withLock { $0 }
     }
@@ -505,7 +505,7 @@ struct BatchDecisionTests {
         let registered = try #require(id.withLock { $0 })
         failing.withLock { $0 = true }
         let removal = Mutex<Result<Removal, EngineError>?>(nil)
-        g.applier.apply([.unregister(ids: [registered], consumer: nil, peer: .daemon, authorize: { _ in true },
+        g.applier.apply([.unregister(ids: [registered], selection: nil, peer: .daemon, authorize: { _ in true },
                                      reply: { r in removal.withLock { $0 = r } })])
         gate.signal()
         g.applier.waitForCommits()

@@ -265,7 +265,7 @@ struct RequestDecodingTests {
         let line = #"{"op":"register","id":"a","consumer":"me","probes":[{"path":"/bin/x","symbol":"f*","pid":42,"retprobe":true},{"path":"libc","offset":"0x10"},{"path":"/usr/bin/python3","usdt":"python:function__entry"}]}"#
         guard case .success(let env) = RequestDecoder.decode(Array(line.utf8)) else { Issue.record("failed"); return }
         #expect(env.id == "a")
-        guard case .register(let probes, let consumer) = env.request else { Issue.record("wrong op"); return }
+        guard case .register(let probes, let consumer, _) = env.request else { Issue.record("wrong op"); return }
         #expect(consumer == "me")
         #expect(probes[0] == ProbeSpec(path: "/bin/x", symbol: "f*", pid: 42, retprobe: true))
         #expect(probes[1].offset == 16)
@@ -298,7 +298,7 @@ struct RequestDecodingTests {
             let line = #"{"op":"register","probes":[{"path":"/x","symbol":"a"},"# + json + "]}"
             switch RequestDecoder.decode(Array(line.utf8)) {
             case .success(let env):
-                guard case .register(let probes, _) = env.request, probes.count == 2 else { return .failure(ProtocolError(.internalError, "not a register")) }
+                guard case .register(let probes, _, _) = env.request, probes.count == 2 else { return .failure(ProtocolError(.internalError, "not a register")) }
                 return .success(probes[1])
             case .failure(let f): return .failure(f.error)
             }
@@ -376,6 +376,13 @@ struct RequestEncodingTests {
             .resolve(probes: [spec]), .unregister(ids: ["p1", "p2"], consumer: nil), .unregister(ids: nil, consumer: "c"),
             .list(consumer: nil), .list(consumer: "c"), .stats(ids: nil, versions: true), .stats(ids: ["p3"], versions: false),
             .stats(ids: nil, versions: false, consumer: "c"), .watch(intervalMs: 250, ids: ["p1"]), .status,
+            // Issue 26: reply forms, selections, paging, top.
+            .register(probes: [spec], consumer: nil, reply: .compact), .register(probes: [spec], consumer: "c", reply: .full),
+            .unregister(ids: nil, consumer: nil, match: ProbeMatch(path: "/usr/bin/*")),
+            .unregister(ids: nil, consumer: "c", match: ProbeMatch(path: "bash", symbol: "read*")),
+            .list(consumer: nil, query: ListQuery(ids: ["p1"], match: ProbeMatch(symbol: "x*"), offset: 10, limit: 5)),
+            .stats(ids: nil, versions: false, consumer: nil, query: StatsQuery(match: ProbeMatch(path: "libc"), sort: .rate, top: 100)),
+            .stats(ids: nil, versions: false, consumer: "c", query: StatsQuery(sort: .hits)),
             .apply(set: "alloc", probes: [ProbeSpec(path: "libc", symbol: "malloc")], dryRun: false),
             .apply(set: "alloc", probes: [], dryRun: true),
         ]
@@ -387,6 +394,42 @@ struct RequestEncodingTests {
             }
             #expect(env.request == r && env.id == .int(9))
         }
+    }
+}
+
+struct ProbeQueryDecodingTests {
+    @Test("selections, paging, top and reply forms: bad values are refused with invalid_request and name the member")
+    func badValues() throws {
+        let cases: [(String, String)] = [
+            (#"{"op":"unregister"}"#, "selection"),
+            (#"{"op":"unregister","probes":["p1"],"symbol":"f*"}"#, "not both"),
+            (#"{"op":"unregister","path":""}"#, "'path'"),
+            (#"{"op":"unregister","symbol":7}"#, "'symbol'"),
+            (#"{"op":"stats","sort":"latency"}"#, "'sort'"),
+            (#"{"op":"stats","top":0}"#, "'top'"),
+            (#"{"op":"stats","top":1.5}"#, "'top'"),
+            (#"{"op":"list","offset":-1}"#, "'offset'"),
+            (#"{"op":"list","limit":"all"}"#, "'limit'"),
+            (#"{"op":"list","sort":"hits"}"#, "no field 'sort'"),
+            (#"{"op":"register","probes":[{"path":"/bin/sh","symbol":"main"}],"reply":"short"}"#, "'reply'"),
+        ]
+        for (line, mentions) in cases {
+            guard case .failure(let f) = RequestDecoder.decode(Array(line.utf8)) else {
+                Issue.record("\(line) decoded")
+                continue
+            }
+            #expect(f.error.code == .invalidRequest, "\(line)")
+            #expect(f.error.message.contains(mentions), "\(line): \(f.error.message)")
+        }
+    }
+
+    @Test("auto replies are full up to 10,000 probes and compact above; explicit forms win")
+    func replyForms() {
+        #expect(!RegisterReplyForm.auto.isCompact(probes: 10_000))
+        #expect(RegisterReplyForm.auto.isCompact(probes: 10_001))
+        #expect(RegisterReplyForm.compact.isCompact(probes: 1))
+        #expect(!RegisterReplyForm.full.isCompact(probes: 241_363))
+        #expect(StatsQuery(top: 5).effectiveSort == .hits && StatsQuery().effectiveSort == .id)
     }
 }
 

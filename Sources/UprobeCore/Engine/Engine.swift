@@ -105,8 +105,21 @@ public final class Engine: Sendable {
     /// Unregisters by ids (all must exist) or by consumer name. `authorize` is asked for each probe.
     public func unregister(ids: [String]?, consumer: String?, peer: Peer,
                            authorize: @escaping @Sendable (ProbeRecord) -> Bool = { _ in true }) async -> Result<Removal, EngineError> {
+        await unregister(ids: ids, selection: ids == nil ? ProbeSelection(consumer: consumer) : nil, peer: peer, authorize: authorize)
+    }
+
+    /// Unregisters every registration `selection` matches (in one batch: one link rebuild
+    /// round, one grace period). `authorize` is asked for each selected probe; one it refuses
+    /// fails the request (a selection with `ownerUID` never selects another user's).
+    public func unregister(matching selection: ProbeSelection, peer: Peer,
+                           authorize: @escaping @Sendable (ProbeRecord) -> Bool = { _ in true }) async -> Result<Removal, EngineError> {
+        await unregister(ids: nil, selection: selection, peer: peer, authorize: authorize)
+    }
+
+    private func unregister(ids: [String]?, selection: ProbeSelection?, peer: Peer,
+                            authorize: @escaping @Sendable (ProbeRecord) -> Bool) async -> Result<Removal, EngineError> {
         await withCheckedContinuation { (cont: CheckedContinuation<Result<Removal, EngineError>, Never>) in
-            let accepted = queue.push(.unregister(ids: ids, consumer: consumer, peer: peer, authorize: authorize,
+            let accepted = queue.push(.unregister(ids: ids, selection: selection, peer: peer, authorize: authorize,
                                                   reply: { cont.resume(returning: $0) }))
             if !accepted { cont.resume(returning: .failure(Self.stopping)) }
         }
@@ -183,20 +196,27 @@ public final class Engine: Sendable {
     }
 
     /// `stats` as a `StatsTable` (what the socket server writes from).
-    public func statsTable(ids: [String]?, consumer: String? = nil, allVersions: Bool = false) -> Result<StatsTable, EngineError> {
-        read { snap, _ in statsTable(of: snap, ids: ids, consumer: consumer, allVersions: allVersions) }
+    /// `match`: only the registrations it selects (globs over path and symbol, an owner).
+    /// `order`, `top`: the rows in that order, only the first `top` (picked while the rows
+    /// are read when there are no `ids`).
+    public func statsTable(ids: [String]?, consumer: String? = nil, allVersions: Bool = false,
+                           match: ProbeSelection? = nil, order: StatsTable.Order = .id, top: Int? = nil) -> Result<StatsTable, EngineError> {
+        read { snap, _ in statsTable(of: snap, ids: ids, consumer: consumer, allVersions: allVersions, match: match, order: order, top: top) }
     }
 
     /// `statsTable` of a registry lent by `read` (for a reader that needs more than the table
     /// from the same version; read sections do not nest).
     public func statsTable(of snap: borrowing RegistrySnapshot, ids: [String]?, consumer: String? = nil,
-                           allVersions: Bool = false) -> Result<StatsTable, EngineError> {
+                           allVersions: Bool = false, match: ProbeSelection? = nil, order: StatsTable.Order = .id,
+                           top: Int? = nil) -> Result<StatsTable, EngineError> {
         let counts: [UInt64]
         do throws(KernelError) { counts = try kernel.readCounters(upTo: snap.slotHighWater) } catch {
             return .failure(EngineError(code: error.code, message: "reading counters failed: \(error.message)"))
         }
         return StatsTable.make(snap.probes, counts: counts, ids: ids, consumer: consumer, allVersions: allVersions,
-                               now: MonotonicEpoch.seconds(.now))
+                               now: MonotonicEpoch.seconds(.now), match: match, order: order, top: ids == nil ? top : nil)
+            // Picked while reading (all rows with `top`); otherwise ordered and cut here.
+            .map { t in ids == nil && top != nil || order == .id && top == nil ? t : t.ordered(by: order, top: top) }
     }
 
     /// Stops taking requests, answers those already queued, detaches everything and waits for

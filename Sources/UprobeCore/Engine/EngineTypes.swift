@@ -9,6 +9,9 @@ public struct Removal: Sendable, Equatable {
     /// next successful save (the next change's, a checkpoint's or the final one) would bring
     /// these registrations back.
     public var unsaved: String?
+    /// Registrations a selection matched but left to their probe set (its file or `apply`
+    /// changes it), by the set's mark.
+    public var leftInSets: [String: Int] = [:]
     public init(count: Int, unsaved: String? = nil) {
         self.count = count
         self.unsaved = unsaved

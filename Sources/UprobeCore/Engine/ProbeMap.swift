@@ -167,6 +167,22 @@ public struct ProbeMap: Sendable {
         return out
     }
 
+    /// The ids of the registrations `include` accepts, in id order.
+    func selectIDs(_ include: (ProbeRecord) -> Bool) -> [String] {
+        var out: [String] = []
+        forEach { r in if include(r) { out.append(r.id) } }
+        return out
+    }
+
+    /// Calls `body` with each registration in id order, without collecting them first.
+    public func forEach(_ body: (ProbeRecord) -> Void) {
+        for ci in chunks.keys.sorted() {
+            guard let c = chunks[ci] else { continue }
+            for case let r? in c.records { body(r) }
+        }
+        for r in others.values.sorted(by: { $0.id < $1.id }) { body(r) }
+    }
+
     /// Each registration in id order — only those of consumer number `consumer` if given —
     /// as its id number and row. `body` gets the record too when `wantsRecord(row)` says so;
     /// otherwise the record object is not touched. Ids not of the form `p<N>` come last with

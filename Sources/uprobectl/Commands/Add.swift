@@ -59,6 +59,20 @@ extension UprobeCtl {
                     throw e
                 }
                 if !global.json { reportSkipped(reply) }
+                // A large glob's reply is compact (README, "Compact register replies"): one row
+                // per file and id range; `uprobectl list --path` shows each probe.
+                for f in reply["files"]?.arrayValue ?? [] {
+                    let o = f.objectValue ?? JSONObject()
+                    for r in o["ids"]?.arrayValue ?? [] {
+                        let first = text(r.objectValue?["first"]), last = text(r.objectValue?["last"])
+                        registered += [first, last]
+                        rows.append([first == last ? first : "\(first)…\(last)", text(o["path"]), "-",
+                                     "(\(text(o["count"])) probes in this file)"])
+                    }
+                }
+                for w in reply["warnings"]?.arrayValue ?? [] {
+                    Stderr.warning("\(text(w.objectValue?["id"])): \(text(w.objectValue?["warning"]))")
+                }
                 for p in reply["probes"]?.arrayValue ?? [] {
                     let o = p.objectValue ?? JSONObject()
                     var sym = text(o["symbol"])

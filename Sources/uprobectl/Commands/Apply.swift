@@ -105,7 +105,7 @@ private func printChanges(_ reply: JSONObject, file: ProbeSetFile, dryRun: Bool)
         let count = o["count"]?.int64Value ?? 0
         addedProbes += count
         let ids = o["ids"]?.arrayValue?.compactMap(\.stringValue) ?? []
-        let what = dryRun ? "\(count) probe\(count == 1 ? "" : "s")" : ids.joined(separator: " ")
+        let what = dryRun ? "\(count) probe\(count == 1 ? "" : "s")" : idList(ids)
         rows.append(["+", spec?.spelling ?? "?", what])
     }
     for r in removed {
@@ -113,7 +113,7 @@ private func printChanges(_ reply: JSONObject, file: ProbeSetFile, dryRun: Bool)
         let spec = o["spec"].flatMap { try? ProbeSpec(json: $0, context: "spec") }
         let ids = o["ids"]?.arrayValue?.compactMap(\.stringValue) ?? []
         removedProbes += ids.count
-        rows.append(["-", spec?.spelling ?? "?", ids.joined(separator: " ")])
+        rows.append(["-", spec?.spelling ?? "?", idList(ids)])
     }
     var t = Table([Table.Column(title: ""), Table.Column(title: "PROBE"), Table.Column(title: dryRun ? "PROBES" : "IDS")])
     t.rows = rows
@@ -125,4 +125,11 @@ private func printChanges(_ reply: JSONObject, file: ProbeSetFile, dryRun: Bool)
     print("set \(file.name): \(add) \(probes(addedProbes)) (\(lines(added.count))), \(remove) \(probes(Int64(removedProbes))) "
           + "(\(lines(removed.count))), \(lines(Int(unchanged))) unchanged")
     reportSkipped(reply)
+}
+
+/// Ids of one line: all of a few, the first and last of many (a glob line can hold thousands;
+/// `--json` has them all).
+func idList(_ ids: [String]) -> String {
+    guard ids.count > 4, let first = ids.first, let last = ids.last else { return ids.joined(separator: " ") }
+    return "\(first) … \(last) (\(ids.count) ids)"
 }

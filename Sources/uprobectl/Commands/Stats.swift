@@ -11,6 +11,10 @@ extension UprobeCtl {
                 it takes that long. --interval 0 answers at once and shows the mean rate since \
                 registration instead (column MEAN RATE).
 
+                With --top N (no ids, no --match) the daemon picks the N rows: by hits, or with \
+                --sort rate by mean rate since registration; their current rate is then measured \
+                over --interval. Cheap at any number of probes.
+
                 SYMBOL is demangled (C++, Rust, Swift) when c++filt or swift-demangle is \
                 installed; '(ret)' marks a return probe. On a terminal, long symbols and paths \
                 are cut to fit (--wide: never); in a pipe or a file they are whole.
@@ -32,13 +36,40 @@ extension UprobeCtl {
         @Flag(name: .long, help: "Never cut symbols or paths to the terminal's width.")
         var wide = false
 
+        /// The daemon's own `top`, when it can choose the rows: a cut, no ids, no --match (it
+        /// also matches demangled names, which only this side knows), by hits or rate.
+        var daemonTop: StatsQuery? {
+            guard let top = presentation.top, selection.ids.isEmpty, selection.match == nil else { return nil }
+            switch presentation.sort ?? .hits {
+            case .hits: return StatsQuery(match: ProbeMatch(path: selection.path), sort: .hits, top: top)
+            case .rate: return StatsQuery(match: ProbeMatch(path: selection.path), sort: .rate, top: top)
+            case .name, .id: return nil
+            }
+        }
+
         func run() throws {
             let daemon = try global.connect()
-            let ids = selection.ids.isEmpty ? nil : selection.ids
+            var ids = selection.ids.isEmpty ? nil : selection.ids
             let catalog = Catalog(consumer: selection.consumer)
             var counts: [ProbeCount]
             var rates: [String: Double]? = nil
-            if interval.milliseconds > 0 {
+            if let query = daemonTop {
+                // At 241,000 probes: the daemon picks the rows (by hits, or by mean rate since
+                // registration), and only they are listed and sampled again for the rate.
+                counts = try daemon.stats(consumer: selection.consumer, query: query).counts
+                ids = counts.map(\.id)
+                try catalog.refresh(daemon, ids: counts.map(\.id))
+                if interval.milliseconds > 0, let ids, !ids.isEmpty {
+                    var meter = RateMeter()
+                    let t0 = Clock.monotonic()
+                    _ = meter.update(counts, at: t0)
+                    Clock.sleep(until: t0 + interval.seconds)
+                    let t1 = Clock.monotonic()
+                    // A probe removed meanwhile would fail the whole call: sample again without it.
+                    counts = (try? daemon.stats(ids: ids)) ?? counts
+                    rates = meter.update(counts, at: t1)
+                }
+            } else if interval.milliseconds > 0 {
                 var meter = RateMeter()
                 let t0 = Clock.monotonic()
                 _ = meter.update(try daemon.stats(ids: ids, consumer: selection.consumer), at: t0)
@@ -54,7 +85,8 @@ extension UprobeCtl {
             }
             try catalog.refreshIfNeeded(for: counts, daemon)
             let all = counts.map { c in catalog.row(c, rate: rates.map { $0[c.id] ?? 0 }) }
-            let rows = Rows.ordered(all.filter(selection.filter.matches), by: presentation.sort ?? .hits, top: presentation.top)
+            let chosen = daemonTop != nil ? all : all.filter(selection.filter.matches)  // the daemon filtered already
+            let rows = Rows.ordered(chosen, by: presentation.sort ?? .hits, top: presentation.top)
 
             if global.json {
                 var o: JSONObject = ["ok": true, "interval_s": .double(interval.seconds)]

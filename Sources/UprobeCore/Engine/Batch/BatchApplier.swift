@@ -39,6 +39,8 @@ final class BatchApplier {
     let compactor: Compactor
     /// Appends each batch's state entry and sends its replies once it is durable.
     let commit: BatchCommit
+    /// Gives the heap back to the kernel after bulk registrations and removals.
+    let trimmer = MemoryTrimmer()
     /// The batch counters; the link table, compactor and committer count their own work.
     private var counters = EngineCounters()
     private var generation: UInt64 = 0
@@ -61,7 +63,8 @@ final class BatchApplier {
         self.registry = RegistryWriter(tree: tree)
         let links = LinkTable(kernel: kernel)
         self.links = links
-        self.compactor = Compactor(kernel: kernel, links: links, tree: tree, tuning: tuning, logger: logger, wake: wake)
+        self.compactor = Compactor(kernel: kernel, links: links, tree: tree, tuning: tuning, logger: logger, wake: wake,
+                                   trimmer: trimmer)
         self.commit = BatchCommit(persist: persist, sync: sync, requeue: requeue, logger: logger)
     }
 
@@ -204,6 +207,8 @@ final class BatchApplier {
         }
         compactor.retire(orphanSlots)
         slots.release(unattachedSlots)
+        // Whole-binary work: once its transient buffers are gone, return the heap (see MemoryTrimmer).
+        if removedIDs.count + created.values.reduce(0, { $0 + $1.count }) >= MemoryTrimmer.bulk { trimmer.request() }
 
         // New consumers are staged now and published with the registry below, in one version
         // with the removals (`publish`).

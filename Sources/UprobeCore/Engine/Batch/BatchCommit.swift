@@ -75,7 +75,7 @@ final class BatchCommit {
             // One removal per id: an unregister by ids fails whole if one is already gone
             // (another client may have removed it by consumer meanwhile).
             for id in undo {
-                requeue(.unregister(ids: [id], consumer: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
+                requeue(.unregister(ids: [id], selection: nil, peer: .daemon, authorize: { _ in true }, reply: { _ in }))
             }
         }, needsSync: appends))
     }

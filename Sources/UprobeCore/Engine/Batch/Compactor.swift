@@ -43,8 +43,12 @@ final class Compactor {
 
     /// `wake` is called from the detach worker when a round finishes, so that the writer
     /// collects it.
+    /// Told when a round freed a bulk of slots (nil in tests that build a compactor alone).
+    let trimmer: MemoryTrimmer?
+
     init(kernel: any KernelBackend, links: LinkTable, tree: UprobeTree, tuning: EngineConfig, logger: Logger,
-         wake: @escaping @Sendable () -> Void) {
+         wake: @escaping @Sendable () -> Void, trimmer: MemoryTrimmer? = nil) {
+        self.trimmer = trimmer
         self.kernel = kernel
         self.links = links
         self.tuning = tuning
@@ -220,6 +224,8 @@ final class Compactor {
             stalled = false
             slots.release(round.freeSlots)
             linksClosed += UInt64(round.closing.count)
+            // The records of a bulk removal are freed by now (their tree grace period passed).
+            if round.freeSlots.count >= MemoryTrimmer.bulk { trimmer?.request() }
         }
         schedule()
     }

@@ -10,7 +10,9 @@ enum PendingOp: Sendable {
                   reply: @Sendable (Result<[ProbeRecord], EngineError>) -> Void)
     /// Registrations from the state file, with their ids; each one is atomic on its own.
     case restore(items: [RestoreItem], nextIDFloor: UInt64, adoption: Adoption, reply: @Sendable ([Result<ProbeRecord, EngineError>]) -> Void)
-    case unregister(ids: [String]?, consumer: String?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
+    /// By ids (all must exist), or every registration `selection` matches. `authorize` is asked
+    /// for each selected probe; one it refuses fails the request.
+    case unregister(ids: [String]?, selection: ProbeSelection?, peer: Peer, authorize: @Sendable (ProbeRecord) -> Bool,
                     reply: @Sendable (Result<Removal, EngineError>) -> Void)
     /// The path watcher's changes to existing registrations (see `FollowChange`).
     case follow(changes: [FollowChange], reply: @Sendable () -> Void)

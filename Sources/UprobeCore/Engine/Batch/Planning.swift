@@ -170,7 +170,7 @@ extension BatchApplier {
                                                 spec: item.spec, restored: item, probeSet: item.probeSet)]
                     registers.append(plan)
                 }
-            case .unregister(let ids, let consumer, _, let authorize, let reply):
+            case .unregister(let ids, let selection, _, let authorize, var reply):
                 let selected: [String]
                 if let ids {
                     if let missing = ids.first(where: { registry[$0] == nil || removedInBatch.contains($0) }) {
@@ -181,10 +181,18 @@ extension BatchApplier {
                 } else {
                     // A probe set's registrations share its name as consumer but are left to the
                     // set (its file or `apply`): removing them here would only last until the
-                    // next reconcile brings them back.
-                    selected = registry.probes.values.filter {
-                        $0.consumer == consumer && $0.probeSet == nil && !removedInBatch.contains($0.id)
-                    }.map(\.id)
+                    // next reconcile brings them back. The same holds for a glob.
+                    var matcher = (selection ?? ProbeSelection()).matcher()
+                    var leftInSets: [String: Int] = [:]  // the reply says what was left alone
+                    selected = registry.probes.selectIDs { r in
+                        guard matcher.matches(r) && !removedInBatch.contains(r.id) else { return false }
+                        if let set = r.probeSet { leftInSets[set, default: 0] += 1; return false }
+                        return true
+                    }
+                    if !leftInSets.isEmpty {
+                        let left = leftInSets, told = reply
+                        reply = { result in told(result.map { var removal = $0; removal.leftInSets = left; return removal }) }
+                    }
                 }
                 if let denied = selected.first(where: { id in registry[id].map { !authorize($0) } ?? false }) {
                     reply(.failure(EngineError(code: .permissionDenied,
