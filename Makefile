@@ -14,7 +14,9 @@ BUILD_DEBS := libsystemd-dev pkg-config libc6-dev gcc binutils libsqlite3-0
 # (passwd), setpriv/unshare/prlimit (util-linux), ss (iproute2), setcap (libcap2-bin), tmux (the
 # uprobectl top tests drive a terminal); and the
 # tools the benchmarks are compared with or traced by (bpftrace, bpftool, linux-perf).
-TEST_DEBS  := systemd systemtap-sdt-dev python3 sqlite3 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin tmux
+# python3-venv: the OTLP tests' receiver runs in a venv with opentelemetry-proto from PyPI
+# (Tests/OTLPReceiver/venv.sh, pinned, into .build-otlp/venv).
+TEST_DEBS  := systemd systemtap-sdt-dev python3 python3-venv sqlite3 bpftrace bpftool linux-perf prometheus passwd util-linux iproute2 libcap2-bin tmux
 DEBS       := $(BUILD_DEBS) $(TEST_DEBS)
 # What `make k8s-validate` needs: python3 with venv (deploy/kubernetes/validate.sh pip-installs
 # a pinned kubernetes-validate into .build-k8s/venv).
@@ -51,15 +53,18 @@ run: build
 
 ## The test suite: unit tests plus integration tests against the real kernel.
 test: deps
+	Tests/OTLPReceiver/venv.sh
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 
 ## The tree and epoch tests under ThreadSanitizer and AddressSanitizer. The ASan run skips the
 ## XCTest runner, which itself leaks a few hundred bytes at exit (LeakSanitizer would fail it);
-## the Swift Testing run is leak-checked.
+## the Swift Testing run is leak-checked. Without the package trait OTLP (--disable-default-traits):
+## these tests do not touch the OTLP exporter, and swift-otel with swift-protobuf and
+## async-http-client would add several minutes to each of the two builds.
 sanitize: deps
-	$(SWIFT) test --sanitize=thread --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
-	$(SWIFT) test --sanitize=address --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=thread --disable-default-traits --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=address --disable-default-traits --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 
 ## libFuzzer on the JSON parser (with a differential check against Foundation) and the ELF
 ## reader, FUZZ_SECONDS each (default 30; CI runs the default). fuzz/README.md: the long run.
@@ -148,4 +153,4 @@ install: build
 	install -D -m 0644 config/probes.d/libc-alloc.yaml $(DESTDIR)$(PREFIX)/share/doc/uprobed/examples/probes.d/libc-alloc.yaml
 
 clean:
-	rm -rf .build .build-tsan .build-asan .build-k8s
+	rm -rf .build .build-tsan .build-asan .build-k8s .build-otlp

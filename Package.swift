@@ -1,4 +1,4 @@
-// swift-tools-version:6.0
+// swift-tools-version:6.1
 // uprobed — a daemon that owns every user-space probe on a host.
 //
 // Module layout follows the data flow (see ../shared/DESIGN.md and README.md):
@@ -25,6 +25,14 @@ let package = Package(
         .executable(name: "uprobed", targets: ["uprobed"]),
         .executable(name: "uprobectl", targets: ["uprobectl"]),
     ],
+    // OTLP: the OpenTelemetry metrics exporter (config `otlp_endpoint`). On by default; swift-otel
+    // brings swift-protobuf and async-http-client, several minutes of a first build, so the
+    // sanitizer builds (`make sanitize`), which do not test it, turn it off with
+    // --disable-default-traits. A build without it refuses a config that sets `otlp_endpoint`.
+    traits: [
+        .trait(name: "OTLP", description: "The OTLP/HTTP metrics exporter (swift-otel)"),
+        .default(enabledTraits: ["OTLP"]),
+    ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
@@ -33,6 +41,9 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        // OTLP/HTTP only: the gRPC exporter (grpc-swift and its HTTP/2 transport) is not built.
+        .package(url: "https://github.com/swift-otel/swift-otel.git", .upToNextMinor(from: "1.6.0"), traits: ["OTLPHTTP"]),
     ],
     targets: [
         .target(name: "CUprobeSys"),
@@ -69,7 +80,9 @@ let package = Package(
                                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                                .product(name: "SystemPackage", package: "swift-system"),
                                .product(name: "Prometheus", package: "swift-prometheus"),
-                               .product(name: "NIOHTTP1", package: "swift-nio")],
+                               .product(name: "NIOHTTP1", package: "swift-nio"),
+                               .product(name: "OTel", package: "swift-otel", condition: .when(traits: ["OTLP"])),
+                               .product(name: "Metrics", package: "swift-metrics", condition: .when(traits: ["OTLP"]))],
                 swiftSettings: strict),
         .executableTarget(name: "uprobed",
                           dependencies: ["UprobedServer", "UprobedProtocol",

@@ -101,6 +101,15 @@ public struct DaemonConfig: Sendable, Equatable {
     /// Which per-probe series the metrics carry: every probe, one per consumer, or the top N
     /// plus an aggregate (bounds the series at large probe counts).
     public var metricsProbeSeries = MetricsProbeSeries.all
+    /// Where to push the same metrics over OTLP/HTTP (an OpenTelemetry collector): empty (off),
+    /// or an http:// or https:// URL (`/v1/metrics` is added when it has no path).
+    public var otlpEndpoint = ""
+    /// Milliseconds between OTLP pushes.
+    public var otlpIntervalMs = 60_000
+    /// Most milliseconds one push may take, retries included (capped at the interval).
+    public var otlpTimeoutMs = 10_000
+    /// Extra HTTP headers of every push (`name=value,name2=value2`), e.g. an auth token.
+    public var otlpHeaders: [OTLPHeader] = []
 
     public init() {}
 

@@ -67,6 +67,15 @@ struct ConfigKey: Sendable {
             }
             return mode
         },
+        field("otlp_endpoint", \.otlpEndpoint, reloadable: true) { v throws(BadValue) in
+            do throws(OTLPEndpoint.ParseError) { _ = try OTLPEndpoint.parse(v) } catch { throw BadValue(message: error.message) }
+            return v
+        },
+        int("otlp_interval_ms", \.otlpIntervalMs, 100...86_400_000, reloadable: true),
+        int("otlp_timeout_ms", \.otlpTimeoutMs, 100...600_000, reloadable: true),
+        field("otlp_headers", \.otlpHeaders, reloadable: true) { v throws(BadValue) in
+            do throws(OTLPEndpoint.ParseError) { return try OTLPHeader.parseList(v) } catch { throw BadValue(message: error.message) }
+        },
         field("log_level", \.logLevel, reloadable: true) { v throws(BadValue) in
             let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
             guard levels.contains(v) else { throw BadValue(message: "log_level must be one of \(levels.joined(separator: ", "))") }

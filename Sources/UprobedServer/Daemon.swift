@@ -154,10 +154,21 @@ public final class UprobedService: Service, Sendable {
         }
         let logger = self.logger
         let config = self.config
+        // The OTLP exporter (built with the package trait OTLP) and what a reload tells it.
+        #if OTLP
+        let otlp = OTLPExporter(config: config, engine: engine, counters: counters, startTime: startTime, probeSets: probeSets,
+                                logger: logger)
+        let reloadExporters: @Sendable (DaemonConfig) -> Void = { c in
+            otlp.series.set(c.metricsProbeSeries)
+            otlp.apply(OTLPSettings(c))
+        }
+        #else
+        let reloadExporters: @Sendable (DaemonConfig) -> Void = { _ in }
+        #endif
         let where_ = { if case .activated(let fd) = endpoint { return "socket-activated fd \(fd)" } else { return config.socketPath } }()
         let reloader = Reloader(options: options, running: config, access: handler.access, counters: counters,
                                 metrics: metrics, series: series, group: group, logger: logger, serving: where_,
-                                probeSets: probeSets)
+                                probeSets: probeSets, reloadExporters: reloadExporters)
         do {
             do {
                 if let m = try MetricsEndpoint.parse(config.metricsListen) {
@@ -184,6 +195,9 @@ public final class UprobedService: Service, Sendable {
                                                             every: .seconds(config.stateCheckpointSeconds), logger: logger)
                         tasks.addTask { try await checkpoints.run() }
                     }
+                    #if OTLP
+                    tasks.addTask { try await otlp.run() }
+                    #endif
                     if Systemd.notifySocketSet {
                         let status = SystemdStatusService(engine: engine, watchdog: Systemd.watchdogInterval())
                         tasks.addTask { try await status.run() }

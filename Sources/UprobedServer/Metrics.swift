@@ -208,38 +208,60 @@ public enum MetricsRenderer {
     /// `startTime`: when the daemon started, in seconds since the Unix epoch.
     public static func render(engine: Engine, counters: ServiceCounters, series: MetricsSeriesState, startTime: Double,
                               probeSets: ProbeSets? = nil) -> [UInt8] {
-        series.scrape { aggregator in
-            engine.read { snap, uprobes in
-                render(engine: engine, snap, uprobes: uprobes, counters: counters, aggregator: &aggregator, startTime: startTime,
-                       probeSets: probeSets)
+        let registry = PrometheusCollectorRegistry()
+        var latency: [ProbeSample] = []
+        emit(series.scrape { points(engine: engine, counters: counters, aggregator: &$0, startTime: startTime, probeSets: probeSets,
+                                    latency: &latency) },
+             into: registry)
+        var out: [UInt8] = []
+        registry.emit(into: &out)
+        out += LatencySeries.text(latency)
+        return out
+    }
+
+    /// Every series one read exports, the Prometheus endpoint and the OTLP exporter alike: the
+    /// probe series after `metrics_probe_series` (none if the bulk counter read failed, which
+    /// `uprobed_hits_read_failures_total` counts), then the daemon's own metrics.
+    /// (The OTLP exporter does not carry latency histograms yet: they are Prometheus text only.)
+    static func points(engine: Engine, counters: ServiceCounters, aggregator: inout ProbeSeriesAggregator, startTime: Double,
+                       probeSets: ProbeSets?) -> [MetricPoint] {
+        var ignored: [ProbeSample] = []
+        return points(engine: engine, counters: counters, aggregator: &aggregator, startTime: startTime, probeSets: probeSets,
+                      latency: &ignored)
+    }
+
+    /// `points`, and the exported probes that are latency probes (`LatencySeries`).
+    static func points(engine: Engine, counters: ServiceCounters, aggregator: inout ProbeSeriesAggregator, startTime: Double,
+                       probeSets: ProbeSets?, latency: inout [ProbeSample]) -> [MetricPoint] {
+        engine.read { snap, uprobes in
+            var out: [MetricPoint] = []
+            if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
+                var samples: [ProbeSample] = []
+                samples.reserveCapacity(stats.count)
+                for s in stats {
+                    guard let r = snap.probes[s.id] else { continue }
+                    samples.append(ProbeSample(id: s.id, path: r.targets.first?.path ?? r.spec.path,
+                                               symbol: r.targets.first?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? "",
+                                               consumer: r.consumer ?? "", hits: s.hits, degraded: s.state != .active,
+                                               latency: s.latency))
+                }
+                let output = aggregator.apply(samples)
+                latency = output.probes.filter { $0.latency != nil }
+                out = points(of: output)
+            } else {
+                counters.counterReadFailures.add(1, ordering: .relaxed)
             }
+            out += daemonPoints(snap, uprobes: uprobes, counters: counters, startTime: startTime, probeSets: probeSets)
+            return out
         }
     }
 
-    private static func render(engine: Engine, _ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
-                               aggregator: inout ProbeSeriesAggregator, startTime: Double, probeSets: ProbeSets?) -> [UInt8] {
-        let registry = PrometheusCollectorRegistry()
-        var latencyProbes: [ProbeSample] = []
-        if case .success(let stats) = engine.statsTable(of: snap, ids: nil).map(\.rows) {
-            var samples: [ProbeSample] = []
-            samples.reserveCapacity(stats.count)
-            for s in stats {
-                guard let r = snap.probes[s.id] else { continue }
-                samples.append(ProbeSample(id: s.id, path: r.targets.first?.path ?? r.spec.path,
-                                           symbol: r.targets.first?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? "",
-                                           consumer: r.consumer ?? "", hits: s.hits, degraded: s.state != .active,
-                                           latency: s.latency))
-            }
-            let output = aggregator.apply(samples)
-            emit(output, into: registry)
-            latencyProbes = output.probes.filter { $0.latency != nil }
-        } else {
-            counters.counterReadFailures.add(1, ordering: .relaxed)
-        }
-        func gauge(_ name: String, _ help: String, _ v: Double) { registry.makeGauge(descriptor: desc(name, help)).set(v) }
-        func counter(_ name: String, _ help: String, _ v: UInt64) {
-            registry.makeCounter(descriptor: desc(name, help)).increment(by: Int64(clamping: v))
-        }
+    /// The daemon's own gauges and counters (no labels but `uprobed_build_info`'s).
+    private static func daemonPoints(_ snap: borrowing RegistrySnapshot, uprobes: Int, counters: ServiceCounters,
+                                     startTime: Double, probeSets: ProbeSets?) -> [MetricPoint] {
+        var out: [MetricPoint] = []
+        func gauge(_ name: String, _ help: String, _ v: Double) { out.append(MetricPoint(name, help, .gauge(v))) }
+        func counter(_ name: String, _ help: String, _ v: UInt64) { out.append(MetricPoint(name, help, .counter(v))) }
         let c = snap.counters
         gauge("uprobed_probes", "Registered probes.", Double(snap.probes.count))
         gauge("uprobed_probes_degraded", "Registered probes that are not attached.",
@@ -269,61 +291,97 @@ public enum MetricsRenderer {
         counter("uprobed_config_reloads_total", "Config reloads applied (SIGHUP).", counters.configReloads.load(ordering: .relaxed))
         counter("uprobed_config_reload_failures_total", "Config reloads refused (bad config; the old one stayed).",
                 counters.configReloadFailures.load(ordering: .relaxed))
-        counter("uprobed_metrics_scrapes_total", "Scrapes of this endpoint.", counters.metricsScrapes.load(ordering: .relaxed))
-        counter("uprobed_hits_read_failures_total", "Scrapes whose read of the kernel hit counters failed (they export no probe series).",
+        counter("uprobed_metrics_scrapes_total", "Scrapes of the Prometheus endpoint.", counters.metricsScrapes.load(ordering: .relaxed))
+        counter("uprobed_hits_read_failures_total", "Scrapes and OTLP pushes whose read of the kernel hit counters failed (they export no probe series).",
                 counters.counterReadFailures.load(ordering: .relaxed))
+        counter("uprobed_otlp_exports_total", "OTLP pushes the collector accepted (otlp_endpoint).", counters.otlpExports.load(ordering: .relaxed))
+        counter("uprobed_otlp_export_failures_total", "OTLP pushes that failed (collector down, slow or refusing; otlp_endpoint).",
+                counters.otlpExportFailures.load(ordering: .relaxed))
         if let probeSets {
             // Per state, not per set: an alert on any refused set needs no label per file.
             let (applied, refused) = probeSets.table.counts(marks: snap.probes.values.compactMap { ProbeSetMark($0.probeSet) })
-            let sets = desc("uprobed_probe_sets", "Probe sets (probes_dir files and applied sets) by the state of their last reconcile.")
-            registry.makeGauge(descriptor: sets, labels: [("state", "applied")]).set(Double(applied))
-            registry.makeGauge(descriptor: sets, labels: [("state", "refused")]).set(Double(refused))
+            let help = "Probe sets (probes_dir files and applied sets) by the state of their last reconcile."
+            out.append(MetricPoint("uprobed_probe_sets", help, .gauge(Double(applied)), labels: [("state", "applied")]))
+            out.append(MetricPoint("uprobed_probe_sets", help, .gauge(Double(refused)), labels: [("state", "refused")]))
             counter("uprobed_probe_set_reconciles_total", "Reconciles of probes_dir (at start and on each reload).",
                     probeSets.table.directoryReconciles.load(ordering: .relaxed))
         }
-        registry.makeGauge(descriptor: desc("uprobed_build_info", "Always 1; the version label says which uprobed runs."), labels: [("version", RequestHandler.version)]).set(Double(1))
-        var out: [UInt8] = []
-        registry.emit(into: &out)
-        out += LatencySeries.text(latencyProbes)
+        out.append(MetricPoint("uprobed_build_info", "Always 1; the version label says which uprobed runs.", .gauge(1),
+                               labels: [("version", RequestHandler.version)]))
         return out
     }
 
     /// The probe series alone, as text (the unit tests check each mode's output with promtool).
     static func text(of output: ProbeSeriesOutput) -> String {
         let registry = PrometheusCollectorRegistry()
-        emit(output, into: registry)
+        emit(points(of: output), into: registry)
         var out: [UInt8] = []
         registry.emit(into: &out)
         out += LatencySeries.text(output.probes.filter { $0.latency != nil })
         return String(decoding: out, as: UTF8.self)
     }
 
-    /// The probe series of one scrape. Every `uprobed_probe_hits_total` series has the same four
+    /// The probe series of one read. Every `uprobed_probe_hits_total` series has the same four
     /// labels (the `other` one with empty path, symbol and consumer), so `sum()` over them and
     /// joins on `id` behave the same in `all` and `top:N`.
-    static func emit(_ output: ProbeSeriesOutput, into registry: PrometheusCollectorRegistry) {
-        let hits = desc("uprobed_probe_hits_total", hitsHelp)
+    static func points(of output: ProbeSeriesOutput) -> [MetricPoint] {
+        var out: [MetricPoint] = []
+        out.reserveCapacity(2 * output.probes.count + 3 * output.consumers.count + 2)
         for p in output.probes {
-            registry.makeCounter(descriptor: hits, labels: [("id", p.id), ("path", p.path), ("symbol", p.symbol), ("consumer", p.consumer)])
-                .increment(by: Int64(clamping: p.hits))
-            registry.makeGauge(descriptor: desc("uprobed_probe_degraded", degradedHelp), labels: [("id", p.id)])
-                .set(Double(p.degraded ? 1 : 0))
+            out.append(MetricPoint("uprobed_probe_hits_total", hitsHelp, .counter(p.hits),
+                                   labels: [("id", p.id), ("path", p.path), ("symbol", p.symbol), ("consumer", p.consumer)]))
+            out.append(MetricPoint("uprobed_probe_degraded", degradedHelp, .gauge(p.degraded ? 1 : 0), labels: [("id", p.id)]))
         }
         if let other = output.other {
-            registry.makeCounter(descriptor: hits, labels: [("id", "other"), ("path", ""), ("symbol", ""), ("consumer", "")])
-                .increment(by: Int64(clamping: other))
-            registry.makeGauge(descriptor: desc("uprobed_probes_other", "Probes whose hits are in uprobed_probe_hits_total{id=\"other\"} (metrics_probe_series = top:N)."))
-                .set(Double(output.otherProbes))
+            out.append(MetricPoint("uprobed_probe_hits_total", hitsHelp, .counter(other),
+                                   labels: [("id", "other"), ("path", ""), ("symbol", ""), ("consumer", "")]))
+            out.append(MetricPoint("uprobed_probes_other", "Probes whose hits are in uprobed_probe_hits_total{id=\"other\"} (metrics_probe_series = top:N).",
+                                   .gauge(Double(output.otherProbes))))
         }
         for c in output.consumers {
             let labels = [("consumer", c.consumer)]
-            registry.makeCounter(descriptor: desc("uprobed_consumer_hits_total", "Hits of one consumer's probes (metrics_probe_series = per_consumer); the hits of its removed probes stay counted."), labels: labels)
-                .increment(by: Int64(clamping: c.hits))
-            registry.makeGauge(descriptor: desc("uprobed_consumer_probes", "Probes registered by one consumer (metrics_probe_series = per_consumer)."), labels: labels)
-                .set(Double(c.probes))
-            registry.makeGauge(descriptor: desc("uprobed_consumer_probes_degraded", "Probes of one consumer that are not attached (metrics_probe_series = per_consumer)."), labels: labels)
-                .set(Double(c.degraded))
+            out.append(MetricPoint("uprobed_consumer_hits_total", "Hits of one consumer's probes (metrics_probe_series = per_consumer); the hits of its removed probes stay counted.",
+                                   .counter(c.hits), labels: labels))
+            out.append(MetricPoint("uprobed_consumer_probes", "Probes registered by one consumer (metrics_probe_series = per_consumer).",
+                                   .gauge(Double(c.probes)), labels: labels))
+            out.append(MetricPoint("uprobed_consumer_probes_degraded", "Probes of one consumer that are not attached (metrics_probe_series = per_consumer).",
+                                   .gauge(Double(c.degraded)), labels: labels))
         }
+        return out
+    }
+
+    /// Writes points into a fresh swift-prometheus registry (one per scrape, so probes that are
+    /// gone leave no stale series).
+    static func emit(_ points: [MetricPoint], into registry: PrometheusCollectorRegistry) {
+        for p in points {
+            switch p.value {
+            case .counter(let v):
+                registry.makeCounter(descriptor: desc(p.name, p.help), labels: p.labels).increment(by: Int64(clamping: v))
+            case .gauge(let v):
+                registry.makeGauge(descriptor: desc(p.name, p.help), labels: p.labels).set(v)
+            }
+        }
+    }
+}
+
+/// One series as both exporters take it: its Prometheus name (counters end in `_total`), help
+/// text, labels and value. Counters carry the running total; the OTLP side turns it into
+/// increments of a cumulative sum.
+struct MetricPoint: Sendable {
+    enum Value: Sendable, Equatable {
+        case counter(UInt64)
+        case gauge(Double)
+    }
+    var name: String
+    var help: String
+    var value: Value
+    var labels: [(String, String)]
+
+    init(_ name: String, _ help: String, _ value: Value, labels: [(String, String)] = []) {
+        self.name = name
+        self.help = help
+        self.value = value
+        self.labels = labels
     }
 }
 

@@ -14,7 +14,7 @@ import Glibc
 #endif
 
 /// SIGHUP: re-reads the config file and applies what can change while running (log level,
-/// access policy, per-uid limit, metrics listener and series). A bad file is refused with a log line and
+/// access policy, per-uid limit, metrics listener and series, OTLP exporter). A bad file is refused with a log line and
 /// the old config stays in force; keys that need a restart are named in a warning and keep
 /// their running value. Tells systemd RELOADING=1 ... READY=1 around it.
 final class Reloader: Sendable {
@@ -27,13 +27,15 @@ final class Reloader: Sendable {
     let logger: Logger
     let serving: String
     let probeSets: ProbeSets
+    /// Hands a reloaded config to the exporters other than the Prometheus listener (OTLP).
+    let reloadExporters: @Sendable (DaemonConfig) -> Void
     /// The config in force (reloadable keys updated by each good reload). Reloads run one at a
     /// time on the signal source's serial queue.
     private let current: Mutex<DaemonConfig>
 
     init(options: StartOptions, running: DaemonConfig, access: PolicyCell, counters: ServiceCounters,
          metrics: MetricsServer, series: MetricsSeriesState, group: MultiThreadedEventLoopGroup, logger: Logger, serving: String,
-         probeSets: ProbeSets) {
+         probeSets: ProbeSets, reloadExporters: @escaping @Sendable (DaemonConfig) -> Void) {
         self.probeSets = probeSets
         self.options = options
         self.access = access
@@ -43,6 +45,7 @@ final class Reloader: Sendable {
         self.group = group
         self.logger = logger
         self.serving = serving
+        self.reloadExporters = reloadExporters
         self.current = Mutex(running)
     }
 
@@ -80,6 +83,7 @@ final class Reloader: Sendable {
         access.store(policy)
         current.withLock { $0 = applied }
         series.set(applied.metricsProbeSeries)
+        reloadExporters(applied)
         if old.metricsListen != applied.metricsListen {
             // Rebinding waits on the event loop: never block the signal queue on it.
             let metrics = self.metrics, group = self.group, logger = self.logger, mode = applied.socketMode

@@ -227,6 +227,8 @@ extension RequestHandler {
         service["state_reserve_bytes"] = JSONValue(counters.stateReserveBytes.load(ordering: .relaxed))
         service["config_reloads"] = JSONValue(counters.configReloads.load(ordering: .relaxed))
         service["config_reload_failures"] = JSONValue(counters.configReloadFailures.load(ordering: .relaxed))
+        service["otlp_exports"] = JSONValue(counters.otlpExports.load(ordering: .relaxed))
+        service["otlp_export_failures"] = JSONValue(counters.otlpExportFailures.load(ordering: .relaxed))
         o["service"] = .object(service)
         if let p = counters.pins.withLock({ $0 }) {
             var pins = JSONObject()

@@ -16,6 +16,9 @@ public final class ServiceCounters: Sendable {
     public let metricsScrapes = Atomic<UInt64>(0)
     /// Scrapes whose bulk read of the kernel counters failed (they carry no probe series).
     public let counterReadFailures = Atomic<UInt64>(0)
+    /// OTLP pushes the collector accepted, and pushes that failed (`otlp_endpoint`).
+    public let otlpExports = Atomic<UInt64>(0)
+    public let otlpExportFailures = Atomic<UInt64>(0)
     /// Client connections being served now.
     public let connectionsOpen = Atomic<Int>(0)
     /// Connections turned away because `max_connections` were open.

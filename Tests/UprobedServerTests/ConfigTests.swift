@@ -19,6 +19,8 @@ struct ConfigTests {
         scrambled.registerGroups = ["x"]; scrambled.readUsers = ["x"]; scrambled.readGroups = ["x"]
         scrambled.maxProbesPerUID = 7; scrambled.metricsListen = "/z"; scrambled.metricsProbeSeries = .top(3); scrambled.stateCheckpointSeconds = 1
         scrambled.followCheckMs = 11; scrambled.followSettleMs = 3; scrambled.ownerCheckMs = 12
+        scrambled.otlpEndpoint = "http://x"; scrambled.otlpIntervalMs = 5; scrambled.otlpTimeoutMs = 5
+        scrambled.otlpHeaders = [OTLPHeader(name: "a", value: "b")]
         let parsed = try DaemonConfig.parse(text, base: scrambled)
         #expect(parsed == DaemonConfig())
     }
