@@ -47,9 +47,9 @@ public struct ProbeSetFile: Sendable, Equatable {
     /// Largest file read (a ConfigMap holds at most 1 MiB in all).
     public static let maxBytes = 1 << 20
 
-    /// Keys an entry written as a mapping may have. `latency` is reserved for latency
-    /// histograms and refused until the daemon measures them.
-    static let entryKeys = ["probe", "follow", "force"]
+    /// Keys an entry written as a mapping may have (the options of a wire spec that a set may
+    /// carry; `pid` is refused with its own reason).
+    static let entryKeys = ["probe", "follow", "force", "latency"]
 
     /// The set name of a file in the probes directory, nil if the file is not a probe set (no
     /// `.yaml`/`.yml` ending, or hidden: Kubernetes' `..data` and editors' `.swp` files).
@@ -127,6 +127,7 @@ public struct ProbeSetFile: Sendable, Equatable {
             var probe: String?
             var follow: Bool?
             var force: Bool?
+            var latency: Bool?
             for (key, value) in m {
                 let kline = key.mark?.line ?? line
                 guard let k = key.scalar?.string else { throw ProbeSetError(line: kline, "keys must be plain strings") }
@@ -134,13 +135,15 @@ public struct ProbeSetFile: Sendable, Equatable {
                 case "probe":
                     guard case .scalar(let s) = value else { throw ProbeSetError(line: kline, "'probe' must be a probe spelling") }
                     probe = s.string
-                case "follow", "force":
+                case "follow", "force", "latency":
                     guard let b = value.bool else { throw ProbeSetError(line: kline, "'\(k)' must be true or false") }
-                    if k == "follow" { follow = b } else { force = b }
+                    switch k {
+                    case "follow": follow = b
+                    case "force": force = b
+                    default: latency = b
+                    }
                 case "pid":
                     throw ProbeSetError(line: kline, pidRefusal)
-                case "latency":
-                    throw ProbeSetError(line: kline, "'latency' is not supported by this uprobed yet")
                 default:
                     throw ProbeSetError(line: kline, "unknown key '\(k)' in a probe (known: \(entryKeys.joined(separator: ", ")))")
                 }
@@ -149,6 +152,16 @@ public struct ProbeSetFile: Sendable, Equatable {
             var spec = try spelling(probe, line: line)
             if let follow { spec.follow = follow }
             if let force { spec.force = force }
+            if let latency, latency {
+                // The wire spec's rules (ProbeSpec's JSON decoding), here at the entry's line.
+                if spec.retprobe {
+                    throw ProbeSetError(line: line, "'latency' on a uretprobe: a latency probe already sees each call's return (use uprobe:)")
+                }
+                if spec.usdt != nil {
+                    throw ProbeSetError(line: line, "'latency' on a USDT probe: a USDT note is a point, not a function with a return")
+                }
+                spec.latency = true
+            }
             return spec
         default:
             throw ProbeSetError(line: line, "a probe is a spelling (libc:malloc) or a mapping with 'probe:', not \(kind(item))")

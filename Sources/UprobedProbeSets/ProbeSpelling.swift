@@ -13,6 +13,7 @@ extension ProbeSpec {
         var options: [String] = []
         if !follow { options.append("follow: false") }
         if force { options.append("force: true") }
+        if latency { options.append("latency: true") }
         if let pid { options.append("pid: \(pid)") }
         if !options.isEmpty { s += " (" + options.joined(separator: ", ") + ")" }
         return s

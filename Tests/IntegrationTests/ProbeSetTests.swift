@@ -124,6 +124,24 @@ struct ProbeSetTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("a set's line with 'latency: true' registers a latency probe: calls and returns exact, next to a plain line")
+    func latencyLine() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let (probes, target) = try ProbeDir.withTarget(in: dir)
+        try probes.write("lat.yaml", "probes:\n  - probe: \(target):fn_a\n    latency: true\n  - \(target):fn_b\n")
+        let d = try ServiceDaemon(dir: dir)
+        let ids = try d.setProbes("lat")
+        let a = try #require(ids["fn_a"]), b = try #require(ids["fn_b"])
+        #expect(try d.list()[a]?["spec"]?.objectValue?["latency"] == .bool(true))
+        try run([target, "300", "40"])
+        let entries = try LatencyProbeTests.entries(d, [a, b])
+        let l = entries[a]?["latency"]?.objectValue
+        #expect(LatencyProbeTests.u(l, "calls") == 300 && LatencyProbeTests.u(l, "returns") == 300 && LatencyProbeTests.u(l, "in_flight") == 0)
+        #expect(entries[b]?["hits"] == .int(40) && entries[b]?["latency"] == nil)
+        #expect(d.stop() == 0)
+    }
+
     @Test("a bad file is refused alone: one log line with file, line and reason; its set keeps its probes; the others go ahead")
     func badFileRefusedAlone() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -26,6 +26,8 @@ struct ProbeSetFileTests {
                 follow: false
               - probe: /bin/true:0x10
                 force: true
+              - probe: libc:free
+                latency: true
             """, name: "web")
         #expect(f.name == "web")
         #expect(f.specs == [
@@ -35,9 +37,10 @@ struct ProbeSetFileTests {
             ProbeSpec(path: "/bin/true", offset: 0x1a2b),
             ProbeSpec(path: "/usr/sbin/nginx", symbol: "ngx_*", follow: false),
             ProbeSpec(path: "/bin/true", offset: 0x10, force: true),
+            ProbeSpec(path: "libc", symbol: "free", latency: true),
         ])
-        #expect(f.entries.map(\.line) == [3, 4, 5, 6, 7, 9])
-        #expect(f.line(of: 4) == 7 && f.line(of: 6) == nil)
+        #expect(f.entries.map(\.line) == [3, 4, 5, 6, 7, 9, 11])
+        #expect(f.line(of: 4) == 7 && f.line(of: 6) == 11 && f.line(of: 7) == nil)
     }
 
     @Test("the spelling printed by diff reads back as the same spec")
@@ -49,6 +52,7 @@ struct ProbeSetFileTests {
             #expect(try ProbeSpec(cliSpelling: spec.spelling) == spec)
         }
         #expect(ProbeSpec(path: "/x", symbol: "f", follow: false).spelling == "uprobe:/x:f (follow: false)")
+        #expect(ProbeSpec(path: "/x", symbol: "f", latency: true).spelling == "uprobe:/x:f (latency: true)")
     }
 
     @Test("an empty list, and 'probes:' with nothing after it, are an empty set")
@@ -85,7 +89,9 @@ struct ProbeSetFileTests {
             ("probes:\n  - follow: false\n", 2, "needs 'probe: SPELLING'"),
             ("probes:\n  - probe: libc:malloc\n    follow: maybe\n", 3, "'follow' must be true or false"),
             ("probes:\n  - probe: libc:malloc\n    retprobe: true\n", 3, "unknown key 'retprobe' in a probe"),
-            ("probes:\n  - probe: libc:malloc\n    latency: true\n", 3, "'latency' is not supported"),
+            ("probes:\n  - probe: libc:malloc\n    latency: maybe\n", 3, "'latency' must be true or false"),
+            ("probes:\n  - probe: uretprobe:libc:malloc\n    latency: true\n", 2, "'latency' on a uretprobe"),
+            ("probes:\n  - probe: usdt:/x:p:n\n    latency: true\n", 2, "'latency' on a USDT probe"),
             ("probes:\n  - probe: [a, b]\n", 2, "'probe' must be a probe spelling"),
             ("probes:\n  - [libc:malloc]\n", 2, "not a list"),
             ("probes:\n  - libc: malloc\n", 2, "unknown key 'libc' in a probe"),
