@@ -158,7 +158,7 @@ let socket = work + "/uprobed.sock"
 try? "latency_capacity = \(probes + 64)\nslot_capacity = \(max(65_536, probes * 2))\n".write(toFile: work + "/uprobed.conf", atomically: true, encoding: .utf8)
 let daemon = Process()
 daemon.executableURL = URL(fileURLWithPath: daemonPath)
-daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--config", work + "/uprobed.conf", "--log-level", "warning"]
+daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--pin-dir", "", "--config", work + "/uprobed.conf", "--log-level", "warning"]
 daemon.standardError = FileHandle.nullDevice
 do { try daemon.run() } catch { die("start uprobed: \(error)") }
 var ready = false

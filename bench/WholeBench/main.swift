@@ -106,7 +106,7 @@ func runBench() {
     try? daemonConfig.replacingOccurrences(of: ";", with: "\n").write(toFile: work + "/bench.conf", atomically: true, encoding: .utf8)
     let daemon = Process()
     daemon.executableURL = URL(fileURLWithPath: daemonPath)
-    daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--config", work + "/bench.conf", "--log-level", "warning"]
+    daemon.arguments = ["--socket", socket, "--state-dir", work + "/state", "--pin-dir", "", "--config", work + "/bench.conf", "--log-level", "warning"]
     daemon.standardError = FileHandle.nullDevice
     do { try daemon.run() } catch { die("start uprobed: \(error)") }
     defer { daemon.terminate(); daemon.waitUntilExit() }
