@@ -10,6 +10,20 @@ struct WholeBinaryScaleTests {
     /// Open descriptors of a process.
     static func fds(_ pid: Int32) -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1 }
 
+    /// The daemon's open descriptors once they are down to `limit`, or after 10 s. A removal
+    /// is followed by state writes on their own task (a snapshot's temporary file is open for a
+    /// moment), so one look right after the removal can see one more descriptor than at rest;
+    /// a leaked link's descriptor stays open and still fails the check.
+    static func fdsAtRest(_ pid: Int32, limit: Int) -> Int {
+        let deadline = Date().addingTimeInterval(10)
+        var n = fds(pid)
+        while n > limit && Date() < deadline {
+            usleep(50_000)
+            n = fds(pid)
+        }
+        return n
+    }
+
     /// Waits until the daemon reports `probes` registrations, `links` links, `slots` slots in
     /// use and no pending removal.
     static func settle(_ d: TestDaemon, probes: Int, links: Int, slots: Int) throws -> JSONObject {
@@ -79,7 +93,7 @@ struct WholeBinaryScaleTests {
         let after = try Self.settle(d, probes: 1, links: 1, slots: 1)
         #expect(after["probes"] == .int(1) && after["links"] == .int(1) && after["slots_in_use"] == .int(1), "\(after)")
         #expect(after["uprobes"] == baseline["uprobes"], "\(after)")
-        #expect(Self.fds(d.process.processIdentifier) <= fdsBefore, "every link's descriptor closed")
+        #expect(Self.fdsAtRest(d.process.processIdentifier, limit: fdsBefore) <= fdsBefore, "every link's descriptor closed")
         try run([target, "4", "0"])
         #expect(try d.hits(keep)[keep[0]] == 4)
         // Nothing matches any more: a second removal removes nothing and fails nothing.
@@ -89,6 +103,10 @@ struct WholeBinaryScaleTests {
     @Test("110,000 probes removed by consumer: nothing left behind (links, slots, fds)")
     func removeByConsumer() throws {
         let d = try TestDaemon()
+        // One batch first, so the descriptors a daemon opens on its first change (the state
+        // log's, kept for appends) are in the baseline, as in removeByGlob.
+        let warm = try d.register([spec(try d.privateTarget(), symbol: "fn_a")])
+        _ = try d.call(["op": "unregister", "probes": .array(warm.map { .string($0) })])
         _ = try Self.settle(d, probes: 0, links: 0, slots: 0)
         let fdsBefore = Self.fds(d.process.processIdentifier)
         let (_, count) = try Self.registerMany(d, consumer: "bulk")
@@ -97,7 +115,7 @@ struct WholeBinaryScaleTests {
         #expect(removed["removed"] == .int(110_000), "\(removed)")
         let after = try Self.settle(d, probes: 0, links: 0, slots: 0)
         #expect(after["links"] == .int(0) && after["slots_in_use"] == .int(0) && after["uprobes"] == .int(0), "\(after)")
-        #expect(Self.fds(d.process.processIdentifier) <= fdsBefore, "every link's descriptor closed")
+        #expect(Self.fdsAtRest(d.process.processIdentifier, limit: fdsBefore) <= fdsBefore, "every link's descriptor closed")
     }
 
     @Test("stats top/sort/filters and list paging on the daemon; unregister by symbol glob; reply forms")
