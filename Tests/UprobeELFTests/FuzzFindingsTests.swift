@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import UprobeELF
 
-/// The fuzzers' findings (fuzz/README.md), each kept as a reproducer under fuzz/repro/elf: a
+/// The ELF regression inputs (fuzz/README.md, "Regression inputs"), kept under fuzz/repro/elf: a
 /// crafted file gets an error or a sane parse, never a trap, a blow-up or a wrong name.
 struct FuzzFindingsTests {
     static let repro = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
