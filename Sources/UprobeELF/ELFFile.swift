@@ -122,17 +122,19 @@ public struct ELFFile: Sendable {
     public let fileSize: UInt64
     public let programHeaders: [ELFProgramHeader]
     public let sections: [ELFSection]
-    /// Defined function symbols from `.symtab`, then `.dynsym`, then an attached debug file.
-    public private(set) var functionSymbols: [ELFFunctionSymbol]
+    /// Defined function symbols from `.symtab`, then `.dynsym`, then an attached debug file,
+    /// stored compactly (`ELFSymbolTable`).
+    public private(set) var symbols = ELFSymbolTable()
+    /// The symbols as values (made on demand: the table keeps no `String` per symbol).
+    public var functionSymbols: [ELFFunctionSymbol] { (0..<symbols.count).map { symbols.symbol($0) } }
     /// Indices into `functionSymbols` by base name.
-    public private(set) var symbolsByName: [String: [Int]] = [:]
+    public var symbolsByName: ELFNameIndex { ELFNameIndex(table: symbols) }
     /// Indices into `functionSymbols` by address.
-    public private(set) var symbolsByAddress: [UInt64: [Int]] = [:]
+    public var symbolsByAddress: ELFAddressIndex { ELFAddressIndex(table: symbols) }
     /// File offsets of the plain names the common case asks for: a name defined once, alone at
-    /// its address, not an IFUNC, in an executable segment. One lookup instead of the four
-    /// (name, symbol, address, segment) that a 10,000-symbol request paid per name, mostly
-    /// in cache misses.
-    public private(set) var uniqueFunctionOffsets: [String: UInt64] = [:]
+    /// its address, not an IFUNC, in an executable segment, and probeable. One lookup instead
+    /// of the four (name, symbol, address, segment) of the general path.
+    public var uniqueFunctionOffsets: ELFUniqueOffsets { ELFUniqueOffsets(elf: self) }
     /// The function starts (file offsets) whose first instruction x86 uprobes cannot probe, and
     /// why (`ProbeableInstruction`); filled by `checkInstructions`. Such names are left out of
     /// `uniqueFunctionOffsets`, so the resolver's general path refuses or skips them.
@@ -247,20 +249,20 @@ public struct ELFFile: Sendable {
         sections = secs
 
         // --- symbols -----------------------------------------------------------------------
-        var syms: [ELFFunctionSymbol] = []
+        var syms = ELFSymbolTable()
         var sawSymtab = false, sawDynsym = false
         // Only the first table of each kind: the gABI allows one, and a crafted file with many
         // section headers over the same bytes would otherwise multiply the symbols it yields
         // (a 59 KB file made 420,000 of them).
         if let idx = secs.firstIndex(where: { $0.type == ELFSection.symtab }) {
             sawSymtab = true
-            syms += try Self.readSymbols(io: io, sections: secs, index: idx, table: .symtab, path: path)
+            try Self.readSymbols(io: io, sections: secs, index: idx, table: .symtab, path: path, into: &syms)
         }
         if let idx = secs.firstIndex(where: { $0.type == ELFSection.dynsym }) {
             sawDynsym = true
-            syms += try Self.readSymbols(io: io, sections: secs, index: idx, table: .dynsym, path: path)
+            try Self.readSymbols(io: io, sections: secs, index: idx, table: .dynsym, path: path, into: &syms)
         }
-        functionSymbols = syms
+        symbols = syms
         hasSymtab = sawSymtab
         hasDynsym = sawDynsym
 
@@ -316,21 +318,13 @@ public struct ELFFile: Sendable {
 
     private mutating func checkInstructions(io: FileIO) throws(ResolveError) {
         var offsets: [UInt64] = []
-        offsets.reserveCapacity(symbolsByAddress.count)
-        for address in symbolsByAddress.keys {
+        offsets.reserveCapacity(symbols.distinctAddresses)
+        for address in symbols.distinctAddressList {
             if let off = fileOffset(ofVirtualAddress: address, executable: true) { offsets.append(off) }
         }
         let before = unprobeableSites.count
+        // `uniqueFunctionOffsets` consults this too: the fast path never hands out a refused site.
         unprobeableSites = try ProbeableInstruction.refusals(at: offsets, io: io)
-        // The fast path must not hand out a site the resolver would refuse. Its names are taken
-        // out one by one: a rebuild or a filter of the index costs as much as the parse's
-        // indexing of every symbol, for the few functions (one in swift-frontend) refused.
-        for off in unprobeableSites.keys {
-            guard let address = virtualAddress(ofExecutableFileOffset: off) else { continue }
-            for i in symbolsByAddress[address] ?? [] where uniqueFunctionOffsets[functionSymbols[i].name] == off {
-                uniqueFunctionOffsets.removeValue(forKey: functionSymbols[i].name)
-            }
-        }
         estimatedBytes += (unprobeableSites.count - before) * Self.refusalBytes
     }
 
@@ -340,64 +334,37 @@ public struct ELFFile: Sendable {
     @discardableResult
     public mutating func attachDebugSymbols(_ debug: ELFFile, path: String) -> Bool {
         guard let bid = buildID, debug.buildID == bid else { return false }
-        functionSymbols += debug.functionSymbols.map { var s = $0; s.table = .debugFile; return s }
+        symbols.append(contentsOf: debug.symbols, as: .debugFile)
         debugFilePath = path
         rebuildIndex()
         return true
     }
 
     private mutating func rebuildIndex() {
-        var byName: [String: [Int]] = [:], byAddr: [UInt64: [Int]] = [:]
-        for (i, s) in functionSymbols.enumerated() {
-            byName[s.name, default: []].append(i)
-            byAddr[s.address, default: []].append(i)
-        }
-        var unique: [String: UInt64] = [:]
-        for (name, indices) in byName where indices.count == 1 {
-            let sym = functionSymbols[indices[0]]
-            if !sym.isIFunc, byAddr[sym.address]?.count == 1,
-               let off = fileOffset(ofVirtualAddress: sym.address, executable: true), unprobeableSites[off] == nil {
-                unique[name] = off
-            }
-        }
-        symbolsByName = byName
-        symbolsByAddress = byAddr
-        uniqueFunctionOffsets = unique
-        estimatedBytes = Self.estimateBytes(functionSymbols, names: byName.count, addresses: byAddr.count, unique: unique.count)
-            + unprobeableSites.count * Self.refusalBytes
+        symbols.index()
+        estimatedBytes = symbols.estimatedBytes + unprobeableSites.count * Self.refusalBytes
     }
 
     /// About what one `unprobeableSites` entry holds: its key, the refusal, its byte array and
     /// its reason text (about 150 bytes), and the dictionary's free buckets.
     static let refusalBytes = 8 + MemoryLayout<InstructionRefusal>.stride + 32 + 16 + 32 + 160
 
-    /// See `estimatedBytes`. A String holds up to 15 UTF-8 bytes inline and puts longer text in
-    /// a heap buffer (32-byte header); the name indices share those buffers with the symbols. A
-    /// dictionary entry costs its key and value and about a third more for free buckets; an
-    /// index's `[Int]` value is a heap array of its own.
-    static func estimateBytes(_ symbols: [ELFFunctionSymbol], names: Int, addresses: Int, unique: Int) -> Int {
-        var text = 0
-        for s in symbols {
-            let n = s.name.utf8.count
-            if n > 15 { text += 32 + n }
-            if let v = s.version?.utf8.count, v > 15 { text += 32 + v }
-        }
-        let array = 32 + 8  // header and one index
-        let symbolsBytes = symbols.count * MemoryLayout<ELFFunctionSymbol>.stride
-        let byName = names * (MemoryLayout<String>.stride + 8 + array) * 4 / 3
-        let byAddress = addresses * (8 + 8 + array) * 4 / 3
-        let uniqueBytes = unique * (MemoryLayout<String>.stride + 8) * 4 / 3
-        return symbolsBytes + text + byName + byAddress + uniqueBytes
+    /// `uniqueFunctionOffsets[name]`.
+    func uniqueFunctionOffset(_ name: String) -> UInt64? {
+        guard let (i, only) = symbols.first(named: name), only, !symbols.isIFunc(i), symbols.isAloneAtAddress(i),
+              let off = fileOffset(ofVirtualAddress: symbols.address(i), executable: true), unprobeableSites[off] == nil
+        else { return nil }
+        return off
     }
 
     /// Symbols named `name` (base name, any version).
     public func symbols(named name: String) -> [ELFFunctionSymbol] {
-        (symbolsByName[name] ?? []).map { functionSymbols[$0] }
+        symbols.indices(named: name).map { symbols.symbol($0) }
     }
 
     /// Symbols whose address is `address`.
     public func symbols(at address: UInt64) -> [ELFFunctionSymbol] {
-        (symbolsByAddress[address] ?? []).map { functionSymbols[$0] }
+        symbols.indices(at: address).map { symbols.symbol($0) }
     }
 
     /// Opens `path` read-only and parses it.
@@ -433,10 +400,10 @@ public struct ELFFile: Sendable {
     // MARK: parsing helpers
 
     private static func readSymbols(io: FileIO, sections: [ELFSection], index: Int, table: ELFFunctionSymbol.Table,
-                                    path: String) throws(ResolveError) -> [ELFFunctionSymbol] {
+                                    path: String, into out: inout ELFSymbolTable) throws(ResolveError) {
         let s = sections[index]
         let tname = table == .symtab ? ".symtab" : ".dynsym"
-        guard s.type != ELFSection.nobits, s.size > 0 else { return [] }
+        guard s.type != ELFSection.nobits, s.size > 0 else { return }
         guard Int(s.link) < sections.count, s.link != 0 else {
             throw .malformed("\(path): \(tname) links to missing string table \(s.link)")
         }
@@ -458,8 +425,7 @@ public struct ELFFile: Sendable {
             }
         }
 
-        var out: [ELFFunctionSymbol] = []
-        out.reserveCapacity(count / 2)
+        let bytes = strs.bytes
         for i in 0..<count {
             let b = i * 24
             let info = try data.u8(b + 4)
@@ -469,17 +435,24 @@ public struct ELFFile: Sendable {
             guard shndx != 0 else { continue }                           // undefined: an import
             let value = try data.u64(b + 8)
             guard value != 0 else { continue }
-            var name = try strs.cString(Int(try data.u32(b)))
-            guard !name.isEmpty, !name.hasPrefix("@") else { continue }  // no base name: nothing to ask for
+            // The name's bytes in place (no String per symbol); the same checks as `cString`.
+            let start = Int(try data.u32(b))
+            guard start < bytes.count else {
+                throw .malformed("\(strs.what): string offset \(start) is outside its \(bytes.count) bytes")
+            }
+            guard let end = bytes[start...].firstIndex(of: 0) else {
+                throw .malformed("\(strs.what): unterminated string at \(start)")
+            }
+            guard end > start, bytes[start] != UInt8(ascii: "@") else { continue }  // no base name: nothing to ask for
+            var nameEnd = end
             var version: String?
             var isDefault = false
-            if let at = name.firstIndex(of: "@") {
+            if let at = bytes[start..<end].firstIndex(of: UInt8(ascii: "@")) {
                 // .symtab spells versions into the name ("foo@VER_1", "foo@@VER_2").
-                let rest = name[name.index(after: at)...]
-                isDefault = rest.hasPrefix("@")
-                let v = String(isDefault ? rest.dropFirst() : rest)
+                isDefault = at + 1 < end && bytes[at + 1] == UInt8(ascii: "@")
+                let v = String(decoding: bytes[(isDefault ? at + 2 : at + 1)..<end], as: UTF8.self)
                 version = v.isEmpty ? nil : v
-                name = String(name[..<at])
+                nameEnd = at
             } else if let versym, let vidx = try? versym.u16(i * 2) {
                 let idx = vidx & 0x7fff
                 if idx >= 2, let v = verNames[idx] {
@@ -487,12 +460,23 @@ public struct ELFFile: Sendable {
                     isDefault = vidx & 0x8000 == 0
                 }
             }
-            out.append(ELFFunctionSymbol(name: name, version: version, isDefaultVersion: isDefault, address: value,
-                                         size: try data.u64(b + 16),
-                                         binding: ELFFunctionSymbol.Binding(rawValue: info >> 4) ?? .other,
-                                         isIFunc: stype == 10, table: table))
+            let size = try data.u64(b + 16)
+            let binding = ELFFunctionSymbol.Binding(rawValue: info >> 4) ?? .other
+            let raw = bytes[start..<nameEnd]
+            if raw.allSatisfy({ $0 < 0x80 }) {
+                raw.withUnsafeBufferPointer {
+                    out.append(name: $0, version: version, isDefaultVersion: isDefault, address: value, size: size,
+                               binding: binding, isIFunc: stype == 10, table: table)
+                }
+            } else {
+                // Invalid UTF-8 is repaired, as `cString` does: names are looked up as Strings.
+                var repaired = String(decoding: raw, as: UTF8.self)
+                repaired.withUTF8 {
+                    out.append(name: $0, version: version, isDefaultVersion: isDefault, address: value, size: size,
+                               binding: binding, isIFunc: stype == 10, table: table)
+                }
+            }
         }
-        return out
     }
 
     /// Version index -> name, from `.gnu.version_d` (skips the file's own base version).

@@ -42,38 +42,127 @@ public struct ProbeSpecInput: Sendable, Hashable {
 }
 
 /// One probe site ready for the kernel: (dev, inode, file offset) plus what to tell the user.
+///
+/// Compact on purpose: a whole binary is 241,000 of these, kept for as long as they are
+/// registered. What every site of one file shares (path, device, inode, build-id) is one
+/// `ResolvedFile` object that the resolver makes once per file and all its sites reference;
+/// what few sites have (aliases, a USDT semaphore, a warning) sits behind one optional
+/// reference. 40 bytes instead of 112.
 public struct ResolvedProbe: Sendable, Hashable {
-    /// Absolute path the kernel must open (under `/proc/PID/root/` when the target process
-    /// lives in another mount namespace/root).
-    public var path: String
-    /// `st_dev` of the opened file.
-    public var device: UInt64
-    /// `st_ino` of the opened file.
-    public var inode: UInt64
-    /// Hex of `NT_GNU_BUILD_ID`, if present.
-    public var buildID: String?
+    /// The file: path, device, inode, build-id (shared by the sites of one resolution).
+    public var file: ResolvedFile
     /// File offset for `uprobe_multi`'s `offsets`.
     public var fileOffset: UInt64
     /// Primary name (global/default-versioned preferred); `provider:name` for USDT; nil for a bare offset.
     public var symbol: String?
-    /// Other names at the same address.
-    public var aliases: [String]
-    /// USDT semaphore as a file offset (uprobe `ref_ctr_offset`), nil if none.
-    public var refCtrOffset: UInt64?
-    /// Something the user should know (IFUNC resolver, forced mid-function offset).
-    public var warning: String?
+    /// `aliases`, `refCtrOffset` and `warning`: nil when all are empty (the common case).
+    private var details: ResolvedDetails?
+
+    public init(file: ResolvedFile, fileOffset: UInt64, symbol: String?, aliases: [String] = [],
+                refCtrOffset: UInt64? = nil, warning: String? = nil) {
+        self.file = file
+        self.fileOffset = fileOffset
+        self.symbol = symbol
+        self.details = ResolvedDetails.make(aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
+    }
 
     public init(path: String, device: UInt64, inode: UInt64, buildID: String?, fileOffset: UInt64,
                 symbol: String?, aliases: [String] = [], refCtrOffset: UInt64? = nil, warning: String? = nil) {
+        self.init(file: ResolvedFile(path: path, device: device, inode: inode, buildID: buildID), fileOffset: fileOffset,
+                  symbol: symbol, aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
+    }
+
+    /// Absolute path the kernel must open (under `/proc/PID/root/` when the target process
+    /// lives in another mount namespace/root).
+    public var path: String {
+        get { file.path }
+        set { file = ResolvedFile(path: newValue, device: file.device, inode: file.inode, buildID: file.buildID) }
+    }
+    /// `st_dev` of the opened file.
+    public var device: UInt64 {
+        get { file.device }
+        set { file = ResolvedFile(path: file.path, device: newValue, inode: file.inode, buildID: file.buildID) }
+    }
+    /// `st_ino` of the opened file.
+    public var inode: UInt64 {
+        get { file.inode }
+        set { file = ResolvedFile(path: file.path, device: file.device, inode: newValue, buildID: file.buildID) }
+    }
+    /// Hex of `NT_GNU_BUILD_ID`, if present.
+    public var buildID: String? {
+        get { file.buildID }
+        set { file = ResolvedFile(path: file.path, device: file.device, inode: file.inode, buildID: newValue) }
+    }
+    /// Other names at the same address.
+    public var aliases: [String] {
+        get { details?.aliases ?? [] }
+        set { details = ResolvedDetails.make(aliases: newValue, refCtrOffset: refCtrOffset, warning: warning) }
+    }
+    /// USDT semaphore as a file offset (uprobe `ref_ctr_offset`), nil if none.
+    public var refCtrOffset: UInt64? {
+        get { details?.refCtrOffset }
+        set { details = ResolvedDetails.make(aliases: aliases, refCtrOffset: newValue, warning: warning) }
+    }
+    /// Something the user should know (IFUNC resolver, forced mid-function offset).
+    public var warning: String? {
+        get { details?.warning }
+        set { details = ResolvedDetails.make(aliases: aliases, refCtrOffset: refCtrOffset, warning: newValue) }
+    }
+}
+
+/// The file a `ResolvedProbe` is in. Immutable; compared and hashed by value, so two equal
+/// files made apart are equal (a state file's targets are read one by one).
+public final class ResolvedFile: Sendable, Hashable {
+    public let path: String
+    public let device: UInt64
+    public let inode: UInt64
+    public let buildID: String?
+
+    public init(path: String, device: UInt64, inode: UInt64, buildID: String?) {
         self.path = path
         self.device = device
         self.inode = inode
         self.buildID = buildID
-        self.fileOffset = fileOffset
-        self.symbol = symbol
+    }
+
+    public static func == (a: ResolvedFile, b: ResolvedFile) -> Bool {
+        a === b || (a.device == b.device && a.inode == b.inode && a.path == b.path && a.buildID == b.buildID)
+    }
+
+    public func hash(into h: inout Hasher) {
+        h.combine(device)
+        h.combine(inode)
+        h.combine(path)
+        h.combine(buildID)
+    }
+}
+
+/// The rarely present parts of a `ResolvedProbe`, compared by value.
+private final class ResolvedDetails: Sendable, Hashable {
+    let aliases: [String]
+    let refCtrOffset: UInt64?
+    let warning: String?
+
+    private init(aliases: [String], refCtrOffset: UInt64?, warning: String?) {
         self.aliases = aliases
         self.refCtrOffset = refCtrOffset
         self.warning = warning
+    }
+
+    /// Nil when there is nothing to keep.
+    static func make(aliases: [String], refCtrOffset: UInt64?, warning: String?) -> ResolvedDetails? {
+        aliases.isEmpty && refCtrOffset == nil && warning == nil
+            ? nil : ResolvedDetails(aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
+    }
+
+    static func == (a: ResolvedDetails, b: ResolvedDetails) -> Bool {
+        a === b || (a.aliases == b.aliases && a.refCtrOffset == b.refCtrOffset && a.warning == b.warning)
+    }
+
+    func hash(into h: inout Hasher) {
+        h.combine(aliases)
+        h.combine(refCtrOffset)
+        h.combine(warning)
     }
 }
 
@@ -277,9 +366,11 @@ public struct Resolver: Sendable {
         } else {
             sites = []
         }
-        let probes = (sites.count < 2 ? sites : sites.sorted { $0.offset < $1.offset }).map {
-            ResolvedProbe(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID,
-                          fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,
+        // One file object for all the sites: a whole binary's 241,000 probes share it.
+        let file = ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
+        let inOrder = zip(sites, sites.dropFirst()).allSatisfy({ $0.offset < $1.offset }) ? sites : sites.sorted { $0.offset < $1.offset }
+        let probes = inOrder.map {
+            ResolvedProbe(file: file, fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,
                           refCtrOffset: $0.refCtr, warning: $0.warning)
         }
         return Resolution(probes: probes, skipped: skipped.map {
@@ -403,7 +494,7 @@ public struct Resolver: Sendable {
     /// instruction cannot be probed (a plain or versioned name is refused instead).
     func resolveSymbol(_ request: String, elf: ELFFile, path: String) throws(ResolveError) -> ([Site], [SkippedSite]) {
         if let site = uniqueSymbolSite(request, elf: elf) { return ([site], []) }
-        let syms = elf.functionSymbols
+        let syms = elf.symbols
         let tables = [elf.hasSymtab ? ".symtab" : nil, elf.hasDynsym ? ".dynsym" : nil, elf.debugFilePath].compactMap { $0 }
         guard !syms.isEmpty else {
             let what = tables.isEmpty ? "has no symbol tables" : "has no defined function symbols in \(tables.joined(separator: " or "))"
@@ -422,26 +513,33 @@ public struct Resolver: Sendable {
         }
         let isGlob = request.contains { $0 == "*" || $0 == "?" || $0 == "[" }
 
-        var matched: [ELFFunctionSymbol]
+        // Indices into `syms`: a whole binary's glob matches 246,000 symbols, and copying each
+        // (with its strings) was a visible part of resolving it.
+        var matched: [Int]
         if isGlob {
             if version != nil {
-                matched = syms.filter { fnmatch(request, $0.versionedName, 0) == 0 }
+                matched = request.withCString { pattern in
+                    (0..<syms.count).filter { fnmatch(pattern, syms.symbol($0).versionedName, 0) == 0 }
+                }
+            } else if Self.matchesEveryName(request) {
+                matched = Array(0..<syms.count)
             } else {
                 // Match each distinct name once, then expand to its symbols.
-                matched = elf.symbolsByName.keys.filter { fnmatch(request, $0, 0) == 0 }.flatMap { elf.symbols(named: $0) }
+                // On the names in place (NUL-terminated in the table's buffer): no String per name.
+                matched = request.withCString { pattern in syms.indicesOfNames { fnmatch(pattern, $0, 0) == 0 } }
             }
         } else {
-            matched = elf.symbols(named: base).filter {
-                version == nil || ($0.version == version && (!defaultOnly || $0.isDefaultVersion))
+            matched = syms.indices(named: base).filter {
+                version == nil || (syms.symbol($0).version == version && (!defaultOnly || syms.symbol($0).isDefaultVersion))
             }
             // A plain name with several definitions: the default version, then unversioned
             // non-local definitions, win (that is what the dynamic linker would bind).
-            if version == nil, Set(matched.map(\.address)).count > 1 {
-                let defaults = matched.filter { $0.isDefaultVersion }
+            if version == nil, Set(matched.map { syms.address($0) }).count > 1 {
+                let defaults = matched.filter { syms.symbol($0).isDefaultVersion }
                 if !defaults.isEmpty {
                     matched = defaults
                 } else {
-                    let nonLocal = matched.filter { $0.binding != .local && $0.version == nil }
+                    let nonLocal = matched.filter { syms.symbol($0).binding != .local && syms.symbol($0).version == nil }
                     if !nonLocal.isEmpty { matched = nonLocal }
                 }
             }
@@ -452,21 +550,52 @@ public struct Resolver: Sendable {
             if isGlob { msg += "; no function name matches that pattern" }
             throw .symbolNotFound(msg)
         }
-        let addresses = Set(matched.map(\.address)).sorted()
+        // The matched symbols in address order (for every name, the table's own order).
+        if matched.count == syms.count {
+            matched = syms.addressOrder.map { Int($0) }
+        } else {
+            matched.sort { syms.address($0) != syms.address($1) ? syms.address($0) < syms.address($1) : $0 < $1 }
+        }
+        let addresses = Self.uniqued(sorted: matched.map { syms.address($0) })
         guard addresses.count <= limits.maxMatchesPerSpec else {
             throw .tooMany("'\(request)' matches \(addresses.count) functions in \(path), more than the limit of "
                 + "\(limits.maxMatchesPerSpec); narrow the pattern")
         }
-        let matchedNames = Set(matched.map(\.name))
+        // Whether a name is among those matched (it ranks first among the names at an address).
+        // Asked only where an address has several names: a set of every matched name cost as
+        // much as the rest of a whole binary's glob.
+        lazy var versionedMatches = Set(matched.map { syms.name($0) })
+        func isMatched(_ name: String) -> Bool {
+            if !isGlob { return name == base }
+            if version != nil { return versionedMatches.contains(name) }
+            return fnmatch(request, name, 0) == 0
+        }
         var sites: [Site] = []
+        sites.reserveCapacity(addresses.count)
         var skipped: [SkippedSite] = []
+        var next = 0  // into `matched`, in address order
         for addr in addresses {
-            let here = elf.symbols(at: addr)
+            let first = matched[next]
+            while next < matched.count, syms.address(matched[next]) == addr { next += 1 }
             guard let off = elf.fileOffset(ofVirtualAddress: addr, executable: true) else {
                 if isGlob { continue }
                 throw .notExecutable("symbol '\(request)' in \(path) has address 0x\(hex(addr)), which is not in an executable segment")
             }
-            let ranked = here.sorted { before($0, $1, matchedNames) }
+            if syms.isAloneAtAddress(first) {
+                // Most functions have one name: no ranking, no aliases.
+                let name = syms.name(first)
+                if let refusal = elf.unprobeableSites[off] {
+                    guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
+                    skipped.append(SkippedSite(path: "", fileOffset: off, symbol: name, refusal: refusal))
+                    continue
+                }
+                let warning = syms.isIFunc(first) ? ifuncWarning(name, ifuncs: [syms.symbol(first)], syms: syms) : nil
+                sites.append(Site(offset: off, symbol: name, aliases: [], refCtr: nil, warning: warning))
+                continue
+            }
+            let here = syms.indices(at: addr).map { syms.symbol($0) }
+            let matchedHere = Set(here.map(\.name).filter(isMatched))
+            let ranked = here.sorted { before($0, $1, matchedHere) }
             guard let primary = ranked.first else { continue }
             if let refusal = elf.unprobeableSites[off] {
                 guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
@@ -500,7 +629,7 @@ public struct Resolver: Sendable {
     /// alone at its address, not an IFUNC, in an executable segment
     /// (`ELFFile.uniqueFunctionOffsets`). Nil: take the general path.
     private func uniqueSymbolSite(_ request: String, elf: ELFFile) -> Site? {
-        guard let off = elf.uniqueFunctionOffsets[request],
+        guard let off = elf.uniqueFunctionOffset(request),
               !request.containsUTF8(where: { $0 == UInt8(ascii: "@") || $0 == UInt8(ascii: "*")
                                                  || $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "[") })
         else { return nil }
@@ -509,7 +638,7 @@ public struct Resolver: Sendable {
 
     /// Sort key for choosing the primary name at an address: strong/global first, then the
     /// name the user asked for, then default-versioned, then public-looking, shorter names.
-    private func rank(_ s: ELFFunctionSymbol, _ matched: Set<String>) -> [Int] {
+    private func rank(_ s: ELFFunctionSymbol, _ matched: Set<String>) -> (Int, Int, Int, Int, Int) {
         let bind: Int
         switch s.binding {
         case .global, .unique: bind = 0
@@ -518,26 +647,40 @@ public struct Resolver: Sendable {
         case .other: bind = 3
         }
         let ver = s.isDefaultVersion ? 0 : (s.version == nil ? 1 : 2)
-        let underscores = s.name.prefix { $0 == "_" }.count
-        return [bind, matched.contains(s.name) ? 0 : 1, ver, underscores, s.name.utf8.count]
+        let underscores = s.name.utf8.prefix { $0 == UInt8(ascii: "_") }.count
+        return (bind, matched.contains(s.name) ? 0 : 1, ver, underscores, s.name.utf8.count)
     }
 
     /// Total order on candidate names: `rank`, then the name itself (deterministic output).
     private func before(_ a: ELFFunctionSymbol, _ b: ELFFunctionSymbol, _ matched: Set<String>) -> Bool {
         let ra = rank(a, matched), rb = rank(b, matched)
-        if ra != rb { return ra.lexicographicallyPrecedes(rb) }
+        if ra != rb { return ra < rb }
         return a.name < b.name
     }
 
-    private func ifuncWarning(_ name: String, ifuncs: [ELFFunctionSymbol], syms: [ELFFunctionSymbol]) -> String {
+    /// Whether `fnmatch(pattern, name, 0)` accepts every name: only stars (`*`, `**`).
+    static func matchesEveryName(_ pattern: String) -> Bool {
+        !pattern.isEmpty && pattern.utf8.allSatisfy { $0 == UInt8(ascii: "*") }
+    }
+
+    /// `sorted` without repeated elements.
+    static func uniqued(sorted: [UInt64]) -> [UInt64] {
+        var out: [UInt64] = []
+        out.reserveCapacity(sorted.count)
+        for v in sorted where out.last != v { out.append(v) }
+        return out
+    }
+
+    private func ifuncWarning(_ name: String, ifuncs: [ELFFunctionSymbol], syms: ELFSymbolTable) -> String {
         // glibc names implementations __<name>_<variant> (__memcpy_avx_unaligned_erms); the
         // fortified __<name>_chk_* family belongs to a different IFUNC.
         let bases = Set(ifuncs.map { String($0.name.drop { $0 == "_" }) })
         let resolverAddresses = Set(ifuncs.map(\.address))
         var impls = Set<String>()
-        for s in syms where !s.isIFunc && !resolverAddresses.contains(s.address) {
-            for b in bases where s.name.hasPrefix("__" + b + "_") && !s.name.hasPrefix("__" + b + "_chk") {
-                impls.insert(s.name)
+        for i in 0..<syms.count where !syms.isIFunc(i) && !resolverAddresses.contains(syms.address(i)) {
+            let name = syms.name(i)
+            for b in bases where name.hasPrefix("__" + b + "_") && !name.hasPrefix("__" + b + "_chk") {
+                impls.insert(name)
             }
         }
         var msg = "\(name) is an IFUNC; this probes its resolver, which runs once (at load/bind time), not the function itself."
@@ -583,7 +726,7 @@ public struct Resolver: Sendable {
                 .map { "0x\(hex($0.offset))..<0x\(hex($0.offset &+ $0.fileSize))" }.joined(separator: ", ")
             throw .notExecutable("offset 0x\(hex(offset)) is not inside executable code of \(path) (executable file ranges: \(ranges.isEmpty ? "none" : ranges))")
         }
-        let syms = elf.functionSymbols
+        let syms = elf.symbols
         let here = elf.symbols(at: vaddr)
         if let primary = here.sorted(by: { before($0, $1, []) }).first {
             var seen: Set<String> = [primary.name]
@@ -591,7 +734,8 @@ public struct Resolver: Sendable {
             let warning = here.contains { $0.isIFunc } ? ifuncWarning(primary.name, ifuncs: here.filter(\.isIFunc), syms: syms) : nil
             return Site(offset: offset, symbol: primary.name, aliases: aliases, refCtr: nil, warning: warning)
         }
-        let containing = syms.first { $0.size > 0 && vaddr > $0.address && vaddr - $0.address < $0.size }
+        let containing = (0..<syms.count).first { syms.size($0) > 0 && vaddr > syms.address($0) && vaddr - syms.address($0) < syms.size($0) }
+            .map { syms.symbol($0) }
         let location = containing.map { "inside \($0.name)+0x\(hex(vaddr - $0.address))" } ?? "not at any known function start"
         if !force {
             throw .notFunctionStart("offset 0x\(hex(offset)) in \(path) is \(location); probing mid-instruction corrupts the "

@@ -240,8 +240,8 @@ public enum MetricsRenderer {
                 samples.reserveCapacity(stats.count)
                 for s in stats {
                     guard let r = snap.probes[s.id] else { continue }
-                    samples.append(ProbeSample(id: s.id, path: r.targets.first?.path ?? r.spec.path,
-                                               symbol: r.targets.first?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? "",
+                    samples.append(ProbeSample(id: s.id, path: r.firstTarget?.path ?? r.spec.path,
+                                               symbol: r.firstTarget?.symbol ?? r.spec.symbol ?? r.spec.usdt ?? "",
                                                consumer: r.consumer ?? "", hits: s.hits, degraded: s.state != .active,
                                                latency: s.latency))
                 }

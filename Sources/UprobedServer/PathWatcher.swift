@@ -176,7 +176,7 @@ public final class PathWatcher: Sendable {
                 }
                 continue
             }
-            guard r.follows, let cur = r.targets.first else { continue }
+            guard r.follows, let cur = r.firstTarget else { continue }
             let path = cur.path
             let now: FileIdentity?
             if let previous, previous.path == path { now = previous.identity } else {
@@ -226,7 +226,7 @@ public final class PathWatcher: Sendable {
                             cache: inout [ProbeSpecInput: Result<Resolution, ResolveError>]) -> FollowChange? {
         var spec = r.spec
         spec.path = path
-        let what = r.spec.usdt.map { "USDT probe \($0)" } ?? "symbol \(r.targets.first?.symbol ?? r.spec.symbol ?? "?")"
+        let what = r.spec.usdt.map { "USDT probe \($0)" } ?? "symbol \(r.firstTarget?.symbol ?? r.spec.symbol ?? "?")"
         let result: Result<Resolution, ResolveError>
         if let known = cache[spec] { result = known } else {
             do throws(ResolveError) { result = .success(try resolver.resolution(spec)) } catch { result = .failure(error) }
@@ -242,7 +242,7 @@ public final class PathWatcher: Sendable {
         // A glob registration is one record per matched function: keep that function only.
         let picked: [ResolvedProbe]
         if r.spec.usdt == nil, let s = r.spec.symbol, s.contains(where: { "*?[".contains($0) }) {
-            let name = r.targets.first?.symbol
+            let name = r.firstTarget?.symbol
             picked = targets.filter { $0.symbol == name }
             // The function is there, but the glob skipped it: its first instruction changed.
             if picked.isEmpty, let skipped = resolution.skipped.first(where: { $0.symbol == name }) {

@@ -44,8 +44,8 @@ extension RequestHandler {
     /// several, its state if it is not active. The object is left open for more members.
     static func writeRecord(_ r: ProbeRecord, into w: inout JSONWriter) {
         w.field("id", r.id)
-        if let first = r.targets.first { writeTarget(first, into: &w) }
-        if r.targets.count > 1 {
+        if let first = r.firstTarget { writeTarget(first, into: &w) }
+        if r.targetCount > 1 {
             w.objects("sites", r.targets) { w, t in writeTarget(t, into: &w) }
         }
         if let reason = r.state.reason {
@@ -84,7 +84,7 @@ extension RequestHandler {
         var index: [FileKey: Int] = [:]
         var warnings: [(String, String)] = []
         for r in records {
-            let t = r.targets.first ?? r.sites.first?.target
+            let t = r.firstTarget ?? r.sites.first?.target
             let key = FileKey(path: t?.path ?? r.spec.path, device: t?.device ?? 0, inode: t?.inode ?? 0, buildID: t?.buildID)
             // Records of one glob come in a row: the last group is almost always the one.
             let g: Int
@@ -101,7 +101,11 @@ extension RequestHandler {
             } else {
                 groups[g].ranges.append((r.id, r.id, r.number))
             }
-            for t in r.targets { if let warning = t.warning { warnings.append((r.id, warning)) } }
+            if r.targetCount == 1 {  // without making a targets array per record
+                if let warning = r.firstTarget?.warning { warnings.append((r.id, warning)) }
+            } else {
+                for t in r.targets { if let warning = t.warning { warnings.append((r.id, warning)) } }
+            }
         }
         w.field("reply", "compact")
         w.field("count", Int64(records.count))

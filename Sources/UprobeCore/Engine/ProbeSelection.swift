@@ -48,7 +48,7 @@ public struct ProbeSelection: Sendable, Hashable {
             let s = selection
             if let uid = s.ownerUID, r.owner.uid != uid { return false }
             if let c = s.consumer, r.consumer != c { return false }
-            let target = r.targets.first ?? r.sites.first?.target
+            let target = r.firstTarget ?? r.sites.first?.target
             if let pattern = s.path, !pathIsAny {
                 let path = target?.path ?? r.spec.path
                 if path != lastPath {

@@ -112,72 +112,95 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 ///
 /// Immutable and a class: snapshots and readers pass records around by one reference
 /// (one retain) instead of copying a struct full of strings and arrays (many).
+///
+/// Compact, because a whole binary is 241,000 of them: what every record of one request
+/// shares (consumer, owner, spec, registration time, probe set) is one `RequestTerms` object,
+/// and `targets` is kept only where it differs from the sites' targets (a degraded or
+/// followed registration), so a plain probe holds its target once.
 public final class ProbeRecord: Sendable {
     public let id: String
     /// N of an id `p<N>` (`ProbeID.number`), nil for any other id: parsed once here, because
     /// the registry and the tree key by it.
     public let number: UInt64?
-    public let consumer: String?
-    public let owner: Peer
-    public let spec: ProbeSpecInput
+    /// What the records of one request share.
+    let terms: RequestTerms
     /// Attached sites: empty when degraded after a restart or ended. A registration that
     /// follows its path holds the sites of every file version still mapped by some process
     /// (the current file's plus older ones), so old processes keep being counted.
     public let sites: [ProbeSite]
-    /// Seconds since the Unix epoch when the registration was first acknowledged.
-    public let registeredAt: Double
-    /// Monotonic time this daemon started counting it, for rates.
-    public let registeredAtMonotonic: ContinuousClock.Instant
-    /// The same as seconds after `MonotonicEpoch.start`: `stats` computes 10,000 rates per
-    /// call, and Duration arithmetic (128-bit) per record was a visible part of it.
-    let countingSince: Double
     public let state: ProbeState
     /// Hits counted before this daemon process took over (carried over from the state file).
     public let baseHits: UInt64
-    /// Where the probe was resolved when it was registered (kept for degraded probes, whose
-    /// `sites` are empty, so `list` still shows what was asked and where it was).
-    /// For a registration that follows its path, `targets` are those of the newest good file.
-    public let targets: [ResolvedProbe]
+    /// `targets` when they are not the sites' targets; nil when they are.
+    private let ownTargets: [ResolvedProbe]?
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public let retired: RetiredVersions
-    /// The probe set that owns this registration (nil: registered through the API). Opaque to
-    /// the engine; the server's probe-set reconciler spells it (source and name) and is the
-    /// only one that adds or removes such registrations.
-    public let probeSet: String?
     /// A latency probe's histogram from before this daemon process took over (the state
     /// file) and of its retired sites, added to what its sites measure now.
     public let baseLatency: LatencyHistogram?
 
+    public var consumer: String? { terms.consumer }
+    public var owner: Peer { terms.owner }
+    public var spec: ProbeSpecInput { terms.spec }
+    /// Seconds since the Unix epoch when the registration was first acknowledged.
+    public var registeredAt: Double { terms.registeredAt }
+    /// Monotonic time this daemon started counting it, for rates.
+    public var registeredAtMonotonic: ContinuousClock.Instant { terms.registeredAtMonotonic }
+    /// The same as seconds after `MonotonicEpoch.start`: `stats` computes 10,000 rates per
+    /// call, and Duration arithmetic (128-bit) per record was a visible part of it.
+    var countingSince: Double { terms.countingSince }
+    /// The probe set that owns this registration (nil: registered through the API). Opaque to
+    /// the engine; the server's probe-set reconciler spells it (source and name) and is the
+    /// only one that adds or removes such registrations.
+    public var probeSet: String? { terms.probeSet }
+
+    /// Where the probe was resolved when it was registered (kept for degraded probes, whose
+    /// `sites` are empty, so `list` still shows what was asked and where it was).
+    /// For a registration that follows its path, `targets` are those of the newest good file.
+    public var targets: [ResolvedProbe] { ownTargets ?? sites.map(\.target) }
+    /// `targets.count`, without making the array.
+    public var targetCount: Int { ownTargets?.count ?? sites.count }
+    /// `targets.first`, without making the array.
+    public var firstTarget: ResolvedProbe? { ownTargets.map { $0.first } ?? sites.first?.target }
+
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
     /// the caller has it (a batch computes it once for all its records).
-    public init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
-                registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
-                state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = [],
-                probeSet: String? = nil, baseLatency: LatencyHistogram? = nil) {
-        self.retired = retired
-        self.probeSet = probeSet
-        self.baseLatency = baseLatency
+    public convenience init(id: String, consumer: String?, owner: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
+                            registeredAt: Double, registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil,
+                            state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe], retired: RetiredVersions = [],
+                            probeSet: String? = nil, baseLatency: LatencyHistogram? = nil) {
+        self.init(id: id, terms: RequestTerms(consumer: consumer, owner: owner, spec: spec, registeredAt: registeredAt,
+                                              registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince,
+                                              probeSet: probeSet),
+                  sites: sites, state: state, baseHits: baseHits, targets: targets, retired: retired, baseLatency: baseLatency)
+    }
+
+    /// `targets` nil: the sites' targets.
+    init(id: String, terms: RequestTerms, sites: [ProbeSite], state: ProbeState, baseHits: UInt64,
+         targets: [ResolvedProbe]?, retired: RetiredVersions = [], baseLatency: LatencyHistogram? = nil) {
         self.id = id
         self.number = ProbeID.number(id)
-        self.consumer = consumer
-        self.owner = owner
-        self.spec = spec
+        self.terms = terms
         self.sites = sites
-        self.registeredAt = registeredAt
-        self.registeredAtMonotonic = registeredAtMonotonic
-        self.countingSince = countingSince ?? MonotonicEpoch.seconds(registeredAtMonotonic)
         self.state = state
         self.baseHits = baseHits
-        self.targets = targets
+        self.ownTargets = targets.flatMap { Self.same($0, as: sites) ? nil : $0 }
+        self.retired = retired
+        self.baseLatency = baseLatency
+    }
+
+    /// Whether `targets` are exactly the targets of `sites` (then they are not kept twice).
+    private static func same(_ targets: [ResolvedProbe], as sites: [ProbeSite]) -> Bool {
+        guard targets.count == sites.count else { return false }
+        for (t, s) in zip(targets, sites) where t != s.target { return false }
+        return true
     }
 
     /// A new version of this registration (same id, registration time and consumers' owner).
     func with(sites: [ProbeSite], state: ProbeState, baseHits: UInt64, targets: [ResolvedProbe],
               retired: RetiredVersions, baseLatency: LatencyHistogram?? = nil) -> ProbeRecord {
-        ProbeRecord(id: id, consumer: consumer, owner: owner, spec: spec, sites: sites, registeredAt: registeredAt,
-                    registeredAtMonotonic: registeredAtMonotonic, countingSince: countingSince, state: state,
-                    baseHits: baseHits, targets: targets,
-                    retired: retired, probeSet: probeSet, baseLatency: baseLatency ?? self.baseLatency)
+        ProbeRecord(id: id, terms: terms, sites: sites, state: state, baseHits: baseHits, targets: targets,
+                    retired: retired, baseLatency: baseLatency ?? self.baseLatency)
     }
 
     /// A latency probe's histogram: `baseLatency` plus what its sites' rows hold now
@@ -194,6 +217,28 @@ public final class ProbeRecord: Sendable {
     /// registration ends with it), and not a raw file offset (an offset means nothing in
     /// another build).
     public var follows: Bool { spec.follow && spec.pid == nil && spec.offset == nil }
+}
+
+/// What every registration a request makes shares: one object for a glob's 241,000 records.
+final class RequestTerms: Sendable {
+    let consumer: String?
+    let owner: Peer
+    let spec: ProbeSpecInput
+    let registeredAt: Double
+    let registeredAtMonotonic: ContinuousClock.Instant
+    let countingSince: Double
+    let probeSet: String?
+
+    init(consumer: String?, owner: Peer, spec: ProbeSpecInput, registeredAt: Double,
+         registeredAtMonotonic: ContinuousClock.Instant, countingSince: Double? = nil, probeSet: String?) {
+        self.consumer = consumer
+        self.owner = owner
+        self.spec = spec
+        self.registeredAt = registeredAt
+        self.registeredAtMonotonic = registeredAtMonotonic
+        self.countingSince = countingSince ?? MonotonicEpoch.seconds(registeredAtMonotonic)
+        self.probeSet = probeSet
+    }
 }
 
 /// A registration to bring back after a restart, with its original id.

@@ -296,7 +296,7 @@ public struct StatsTable: Sendable {
                 if let i = breakdown.firstIndex(where: { $0.version.sameFile(site.target) }) {
                     breakdown[i].hits &+= c
                 } else {
-                    let current = r.targets.first.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
+                    let current = r.firstTarget.map { $0.device == site.target.device && $0.inode == site.target.inode } ?? false
                     breakdown.append(VersionStats(version: FileVersion(site.target), hits: c, current: current, retired: false))
                 }
             }

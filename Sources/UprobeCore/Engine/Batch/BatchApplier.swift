@@ -44,6 +44,8 @@ final class BatchApplier {
     /// The batch counters; the link table, compactor and committer count their own work.
     private var counters = EngineCounters()
     private var generation: UInt64 = 0
+    /// The terms of the record `record` made last (see `makeRecord`).
+    private var lastTerms: RequestTerms?
 
     /// `wake` is called from the detach worker when a round finishes; the engine turns it into
     /// a `.detachFinished` op so the writer collects the round. `sync`, if given, makes what
@@ -124,10 +126,11 @@ final class BatchApplier {
             attachPlanned(&registers) {
                 for (index, plan) in large {
                     let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
+                    var shared: RequestTerms?
                     let records = plan.probes.map { p in
                         Self.makeRecord(id: registry.nextID(), consumer: consumer, peer: peer,
                                         spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active,
-                                        probeSet: p.probeSet)
+                                        probeSet: p.probeSet, shared: &shared)
                     }
                     // The state entry first: the writer waits for it, the reply can wait longer.
                     prepare?(records)
@@ -271,18 +274,28 @@ final class BatchApplier {
     func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
                 restored: RestoreItem?, state: ProbeState, probeSet: String?) -> ProbeRecord {
         let r = Self.makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
-                                restored: restored, state: state, probeSet: probeSet)
+                                restored: restored, state: state, probeSet: probeSet, shared: &lastTerms)
         registry.insert(r)
         return r
     }
 
+    /// - Parameter shared: the terms of the record made before; used again when this one's
+    ///   are the same (the records of one request), so a glob's records share one object.
     private static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
-                                   now: BatchClock, restored: RestoreItem?, state: ProbeState, probeSet: String?) -> ProbeRecord {
-        ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
-                    registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
-                    countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
-                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target), probeSet: probeSet,
-                    baseLatency: restored?.baseLatency)
+                                   now: BatchClock, restored: RestoreItem?, state: ProbeState, probeSet: String?,
+                                   shared: inout RequestTerms?) -> ProbeRecord {
+        let registeredAt = restored?.registeredAt ?? now.realtime
+        let terms: RequestTerms
+        if let last = shared, last.registeredAtMonotonic == now.monotonic, last.registeredAt == registeredAt,
+           last.owner == peer, last.consumer == consumer, last.probeSet == probeSet, last.spec == spec {
+            terms = last
+        } else {
+            terms = RequestTerms(consumer: consumer, owner: peer, spec: spec, registeredAt: registeredAt,
+                                 registeredAtMonotonic: now.monotonic, countingSince: now.countingSince, probeSet: probeSet)
+            shared = terms
+        }
+        return ProbeRecord(id: id, terms: terms, sites: sites, state: state, baseHits: restored?.baseHits ?? 0,
+                           targets: sites.isEmpty ? (restored?.targets ?? []) : nil, baseLatency: restored?.baseLatency)
     }
 
     /// A batch's registration time, read once: every record of the batch carries it.

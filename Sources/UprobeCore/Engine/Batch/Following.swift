@@ -39,11 +39,11 @@ extension BatchApplier {
                 registry.replace(r.with(sites: r.sites, state: .degraded(reason: reason), baseHits: r.baseHits, targets: r.targets,
                                         retired: r.retired))
                 changed = true
-                log.note(.init(event: .degraded, path: r.targets.first?.path ?? r.spec.path, inode: 0,
+                log.note(.init(event: .degraded, path: r.firstTarget?.path ?? r.spec.path, inode: 0,
                                errorCode: "probe_degraded", reason: reason), id: r.id)
             case .retire(let device, let inode):
                 // Never the current file: new processes still get it.
-                if let t = r.targets.first, t.device == device, t.inode == inode, r.state == .active { continue }
+                if let t = r.firstTarget, t.device == device, t.inode == inode, r.state == .active { continue }
                 let gone = r.sites.filter { $0.target.device == device && $0.target.inode == inode }
                 guard !gone.isEmpty else { continue }
                 retiring.append((r.id, gone, gone.first.map { FileVersion($0.target) }))
@@ -55,7 +55,7 @@ extension BatchApplier {
                 registry.replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
                                         retired: r.retired))
                 changed = true
-                log.note(.init(event: .ended, path: r.targets.first?.path ?? r.spec.path, inode: 0, reason: reason), id: r.id)
+                log.note(.init(event: .ended, path: r.firstTarget?.path ?? r.spec.path, inode: 0, reason: reason), id: r.id)
             }
         }
 
