@@ -1,4 +1,5 @@
 import CUprobeSys
+import Dispatch
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -15,7 +16,10 @@ import Glibc
 /// can make the daemon parse files of its choosing, and one parse of a 300,000-symbol binary
 /// holds about 80 MB. A parse larger than the whole budget is used once and not kept. Memory
 /// freed by an eviction is handed back to the kernel (malloc_trim), or a burst of large parses
-/// would leave the daemon's RSS at its peak. Thread-safe; parsing happens outside the lock.
+/// would leave the daemon's RSS at its peak. A parse not used for `idleLifetime` is dropped
+/// too: a whole binary's parse (35 MB for 246,000 symbols) is worth keeping while requests
+/// for that file come, not for the rest of the daemon's life. Thread-safe; parsing happens
+/// outside the lock.
 public final class ELFFileCache: Sendable {
     struct Key: Hashable {
         var dev: UInt64, ino: UInt64, size: Int64
@@ -25,6 +29,9 @@ public final class ELFFileCache: Sendable {
 
     private struct State {
         var entries: [Key: ELFFile] = [:]
+        /// When each entry was last handed out.
+        var lastUsed: [Key: ContinuousClock.Instant] = [:]
+        var sweepScheduled = false
         var order: [Key] = []            // least recently inserted first
         /// The version last cached for each path (only versions still cached).
         var newestAt: [String: Key] = [:]
@@ -33,6 +40,7 @@ public final class ELFFileCache: Sendable {
 
         mutating func remove(_ key: Key) {
             if let gone = entries.removeValue(forKey: key) { bytes -= gone.estimatedBytes }
+            lastUsed.removeValue(forKey: key)
             order.removeAll { $0 == key }
             newestAt = newestAt.filter { $0.value != key }
         }
@@ -44,11 +52,15 @@ public final class ELFFileCache: Sendable {
     public let byteBudget: Int
     private let state = Mutex(State())
 
+    /// A parse unused this long is dropped.
+    public let idleLifetime: Duration
+
     public static let defaultByteBudget = 256 << 20
 
-    public init(capacity: Int = 64, byteBudget: Int = ELFFileCache.defaultByteBudget) {
+    public init(capacity: Int = 64, byteBudget: Int = ELFFileCache.defaultByteBudget, idleLifetime: Duration = .seconds(10)) {
         self.capacity = max(0, capacity)
         self.byteBudget = max(0, byteBudget)
+        self.idleLifetime = idleLifetime
     }
 
     /// The parsed file open on `fd`, from the cache when the file has not changed.
@@ -60,11 +72,16 @@ public final class ELFFileCache: Sendable {
         let key = Key(dev: UInt64(st.st_dev), ino: UInt64(st.st_ino), size: Int64(st.st_size),
                       mtime: st.st_mtim.tv_sec, mtimeNs: st.st_mtim.tv_nsec,
                       ctime: st.st_ctim.tv_sec, ctimeNs: st.st_ctim.tv_nsec, debugDirectories: debugDirectories)
-        if let hit = state.withLock({ $0.entries[key] }) { return hit }
+        if let hit = state.withLock({ s -> ELFFile? in
+            guard let hit = s.entries[key] else { return nil }
+            s.lastUsed[key] = .now
+            return hit
+        }) { return hit }
         let parsed = try Self.parse(fd: fd, path: path, debugDirectories: debugDirectories)
         guard capacity > 0, parsed.estimatedBytes <= byteBudget else { return parsed }
-        let evicted = state.withLock { s -> Int in
+        let (evicted, sweep) = state.withLock { s -> (Int, Bool) in
             let before = s.bytes
+            s.lastUsed[key] = .now
             if let older = s.newestAt[path], older != key { s.remove(older) }
             s.newestAt[path] = key
             if let replaced = s.entries.updateValue(parsed, forKey: key) {
@@ -76,11 +93,36 @@ public final class ELFFileCache: Sendable {
             while s.order.count > capacity || s.bytes > byteBudget, let oldest = s.order.first {
                 s.remove(oldest)
             }
-            return before + parsed.estimatedBytes - s.bytes
+            let sweep = !s.sweepScheduled && !s.entries.isEmpty
+            if sweep { s.sweepScheduled = true }
+            return (before + parsed.estimatedBytes - s.bytes, sweep)
         }
         // Only after a real eviction (a few MB): a trim walks the heap.
         if evicted >= Self.trimThreshold { _ = malloc_trim(0) }
+        if sweep { scheduleSweep(after: idleLifetime) }
         return parsed
+    }
+
+    /// Drops the parses unused for `idleLifetime`, and checks again while any are left.
+    private func scheduleSweep(after delay: Duration) {
+        let nanos = Int(min(delay.components.seconds, 86_400)) * 1_000_000_000 + Int(delay.components.attoseconds / 1_000_000_000)
+        DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .nanoseconds(max(nanos, 1_000_000))) { [weak self] in
+            self?.sweep()
+        }
+    }
+
+    private func sweep() {
+        let now = ContinuousClock.now
+        let (evicted, next) = state.withLock { s -> (Int, Duration?) in
+            let before = s.bytes
+            for (key, used) in s.lastUsed where now - used >= idleLifetime { s.remove(key) }
+            // The next check: when the oldest remaining entry reaches its lifetime.
+            let oldest = s.lastUsed.values.min()
+            s.sweepScheduled = oldest != nil
+            return (before - s.bytes, oldest.map { idleLifetime - (now - $0) })
+        }
+        if evicted >= Self.trimThreshold { _ = malloc_trim(0) }
+        if let next { scheduleSweep(after: max(next, .milliseconds(10))) }
     }
 
     static let trimThreshold = 4 << 20

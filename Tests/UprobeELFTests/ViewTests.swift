@@ -75,6 +75,27 @@ struct ViewTests {
         #expect(cache.count == 2)
     }
 
+    @Test("a parse unused for the cache's idle lifetime is dropped; one in use stays")
+    func cacheIdleLifetime() throws {
+        let fx = try Fixtures.get()
+        let cache = ELFFileCache(capacity: 4, idleLifetime: .milliseconds(300))
+        let r = Resolver(limits: .init(), locator: .init(), debugDirectories: [], cache: cache)
+        _ = try r.resolve(ProbeSpecInput(path: fx.lib, symbol: "vfunc"))
+        _ = try r.resolve(ProbeSpecInput(path: fx.pie, symbol: "fix_add"))
+        #expect(cache.count == 2 && cache.bytes > 0)
+        // fx.pie is used every 50 ms for 1.5 s: it stays; fx.lib, unused, goes.
+        let until = ContinuousClock.now + .milliseconds(1500)
+        while ContinuousClock.now < until {
+            _ = try r.resolve(ProbeSpecInput(path: fx.pie, symbol: "fix_add"))
+            usleep(50_000)
+        }
+        #expect(cache.count == 1)
+        // Then nothing is used: the cache empties (polled; the sweep runs on a utility queue).
+        var waited = 0
+        while cache.count > 0 && waited < 100 { usleep(50_000); waited += 1 }
+        #expect(cache.count == 0 && cache.bytes == 0)
+    }
+
     @Test("symlinks inside a process root resolve against that root, not the host's")
     func resolveInRoot() throws {
         let fx = try Fixtures.get()

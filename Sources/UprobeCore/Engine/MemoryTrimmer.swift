@@ -21,14 +21,39 @@ public final class MemoryTrimmer: Sendable {
 
     public init(delay: DispatchTimeInterval = .milliseconds(500)) { self.delay = delay }
 
-    /// Trims once, `delay` from now, unless a trim is already scheduled.
+    /// Free heap (mallinfo2's `fordblks`) above which a follow-up check trims again.
+    static let followUpFreeBytes = 32 << 20
+    /// Follow-up checks after a trim, `delay` apart.
+    static let followUps = 8
+
+    /// Trims once, `delay` from now, unless a trim is already scheduled; then checks
+    /// `followUps` times, `delay` apart, whether much of the heap was freed since, and trims
+    /// again if so. A bulk batch's memory is not all freed by the time of the first trim: the
+    /// registry version readers may still hold goes after a grace period, its links' detach
+    /// round and the state file's rewrite finish later. Measured after removing 241,000
+    /// probes: 170 MB freed but resident until a later trim.
     public func request() {
         guard scheduled.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
         DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + delay) { [self] in
             scheduled.store(false, ordering: .releasing)
-            _ = malloc_trim(0)
-            trims.add(1, ordering: .relaxed)
+            trim()
+            followUp(Self.followUps)
         }
+    }
+
+    private func followUp(_ left: Int) {
+        guard left > 0 else { return }
+        DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + delay) { [self] in
+            // A newer request runs its own checks.
+            guard !scheduled.load(ordering: .acquiring) else { return }
+            if mallinfo2().fordblks > Self.followUpFreeBytes { trim() }
+            followUp(left - 1)
+        }
+    }
+
+    private func trim() {
+        _ = malloc_trim(0)
+        trims.add(1, ordering: .relaxed)
     }
 
     /// Trims done so far.

@@ -139,9 +139,11 @@ public final class ProbeRecord: Sendable {
     /// file) and of its retired sites, added to what its sites measure now.
     public let baseLatency: LatencyHistogram?
 
-    public var consumer: String? { terms.consumer }
+    // Borrowed, not copied (`_read`): `r.spec.pid` over 241,000 records must not copy and
+    // release a spec with three strings for each.
+    public var consumer: String? { _read { yield terms.consumer } }
     public var owner: Peer { terms.owner }
-    public var spec: ProbeSpecInput { terms.spec }
+    public var spec: ProbeSpecInput { _read { yield terms.spec } }
     /// Seconds since the Unix epoch when the registration was first acknowledged.
     public var registeredAt: Double { terms.registeredAt }
     /// Monotonic time this daemon started counting it, for rates.
@@ -152,7 +154,7 @@ public final class ProbeRecord: Sendable {
     /// The probe set that owns this registration (nil: registered through the API). Opaque to
     /// the engine; the server's probe-set reconciler spells it (source and name) and is the
     /// only one that adds or removes such registrations.
-    public var probeSet: String? { terms.probeSet }
+    public var probeSet: String? { _read { yield terms.probeSet } }
 
     /// Where the probe was resolved when it was registered (kept for degraded probes, whose
     /// `sites` are empty, so `list` still shows what was asked and where it was).

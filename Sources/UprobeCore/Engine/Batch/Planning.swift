@@ -6,13 +6,38 @@ import UprobeELF
 import UprobeKernel
 
 struct PlannedProbe {
+    /// What the probes of one spec share: a glob's 241,000 planned probes hold one of these
+    /// instead of a copy each of the spec and of an (absent) restored registration, which
+    /// made the plan of a whole binary 88 MB.
+    final class Origin {
+        let spec: ProbeSpecInput
+        let restored: RestoreItem?
+        /// `RegisterItem.probeSet` (or the restored registration's).
+        let probeSet: String?
+        init(spec: ProbeSpecInput, restored: RestoreItem? = nil, probeSet: String? = nil) {
+            self.spec = spec
+            self.restored = restored
+            self.probeSet = probeSet
+        }
+    }
     var sites: [ProbeSite]
-    var spec: ProbeSpecInput
-    var restored: RestoreItem? = nil
+    let origin: Origin
     /// Its sites are in links adopted from the pin directory: not attached again.
     var adopted = false
-    /// `RegisterItem.probeSet` (or the restored registration's).
-    var probeSet: String? = nil
+
+    init(sites: [ProbeSite], origin: Origin, adopted: Bool = false) {
+        self.sites = sites
+        self.origin = origin
+        self.adopted = adopted
+    }
+
+    init(sites: [ProbeSite], spec: ProbeSpecInput, restored: RestoreItem? = nil, adopted: Bool = false, probeSet: String? = nil) {
+        self.init(sites: sites, origin: Origin(spec: spec, restored: restored, probeSet: probeSet), adopted: adopted)
+    }
+
+    var spec: ProbeSpecInput { _read { yield origin.spec } }
+    var restored: RestoreItem? { origin.restored }
+    var probeSet: String? { origin.probeSet }
 }
 
 /// One registration of a batch (a register request, one restored registration, or a follow
@@ -121,10 +146,10 @@ extension BatchApplier {
                         let sites = item.targets.compactMap { t in next.next().map { ProbeSite(target: t, slot: $0) } }
                         plan.probes.append(PlannedProbe(sites: sites, spec: item.spec, probeSet: item.probeSet))
                     } else {
+                        let origin = PlannedProbe.Origin(spec: item.spec, probeSet: item.probeSet)
                         for t in item.targets {
                             guard let slot = next.next() else { break }  // never: `needed` slots were allocated
-                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], spec: item.spec,
-                                                            probeSet: item.probeSet))
+                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], origin: origin))
                         }
                     }
                 }
