@@ -209,9 +209,8 @@ int CUprobeSys_ringbuf_drain(uint64_t *consumer, const uint64_t *producer, const
     return n;
 }
 
-int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold, int arena_max) {
-    return mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold)
-        && (arena_max <= 0 || mallopt(M_ARENA_MAX, arena_max));
+int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold) {
+    return mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold);
 }
 
 int CUprobeSys_set_thread_name(const char *name) {

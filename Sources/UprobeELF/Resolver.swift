@@ -317,12 +317,14 @@ public struct Resolver: Sendable {
         -> [Result<Resolution, ResolveError>] {
         var out: [Result<Resolution, ResolveError>] = []
         out.reserveCapacity(run.count)
+        // One file object for the whole run: a 10,000-name request is 10,000 probes of one file.
+        let file = ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         for spec in run {
             do throws(ResolveError) {
                 // The run's one path was checked already: its file was opened for a spec of the
                 // run that passed `validate`.
                 try validate(spec, pathChecked: true)
-                out.append(.success(try resolve(spec, in: target, elf: elf)))
+                out.append(.success(try resolve(spec, in: target, elf: elf, file: file)))
             } catch {
                 out.append(.failure(error))
             }
@@ -349,7 +351,9 @@ public struct Resolver: Sendable {
         if spec.retprobe && spec.latency { throw .invalidSpec("a probe cannot be both a retprobe and a latency probe") }
     }
 
-    private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> Resolution {
+    /// - Parameter file: the target as a `ResolvedFile`, if the caller made one for several specs.
+    private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile,
+                         file: ResolvedFile? = nil) throws(ResolveError) -> Resolution {
         if (spec.retprobe || spec.latency) && elf.isGoBinary && !spec.force {
             // A latency probe hooks each call's return the same way a uretprobe does.
             throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe (or latency probe) can corrupt "
@@ -367,7 +371,7 @@ public struct Resolver: Sendable {
             sites = []
         }
         // One file object for all the sites: a whole binary's 241,000 probes share it.
-        let file = ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
+        let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         let inOrder = zip(sites, sites.dropFirst()).allSatisfy({ $0.offset < $1.offset }) ? sites : sites.sorted { $0.offset < $1.offset }
         let probes = inOrder.map {
             ResolvedProbe(file: file, fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,

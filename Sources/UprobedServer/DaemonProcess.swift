@@ -45,15 +45,9 @@ public enum DaemonProcess {
     /// and unregister, measured; encoding that register's state-log line took 14 ms instead
     /// of 9. Blocks up to 32 MiB now come from the heap, and up to 64 MiB of freed heap stays
     /// mapped for the next request (that much resident memory is the price).
-    ///
-    /// One malloc arena: glibc gives threads arenas of their own, and neither free(3) (with
-    /// that trim threshold) nor malloc_trim(3) ever shrinks the top of a thread's arena, so
-    /// after a whole binary (241,000 probes) was registered and removed, ~140 MB of freed
-    /// memory stayed resident in seven thread arenas. In the one main arena `MemoryTrimmer`'s
-    /// malloc_trim returns it.
     /// Returns false if glibc refused the settings (the daemon runs anyway, slower on big requests).
     @discardableResult
     public static func keepFreedMemory() -> Bool {
-        CUprobeSys_keep_freed_memory(32 << 20, 64 << 20, 1) != 0
+        CUprobeSys_keep_freed_memory(32 << 20, 64 << 20) != 0
     }
 }

@@ -135,8 +135,8 @@ int CUprobeSys_ringbuf_drain(uint64_t *consumer, const uint64_t *producer, const
 /// mallopt(3) M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (Glibc's Swift module does not export
 /// mallopt): blocks up to `mmap_threshold` bytes come from the heap instead of their own
 /// mmap, and up to `trim_threshold` bytes of freed heap stay mapped. 0 on failure (errno is
-/// not set by glibc). `arena_max` > 0 also sets M_ARENA_MAX.
-int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold, int arena_max);
+/// not set by glibc).
+int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold);
 
 /// prctl(2) PR_SET_NAME: names the calling thread as `top -H`, `ps -L` and `perf` show it
 /// (truncated to 15 bytes). 0 on success, -1 with errno set.
