@@ -16,8 +16,8 @@ import Glibc
 /// can make the daemon parse files of its choosing, and one parse of a 300,000-symbol binary
 /// holds about 80 MB. A parse larger than the whole budget is used once and not kept. Memory
 /// freed by an eviction is handed back to the kernel (malloc_trim), or a burst of large parses
-/// would leave the daemon's RSS at its peak. A parse not used for `idleLifetime` is dropped
-/// too: a whole binary's parse (35 MB for 246,000 symbols) is worth keeping while requests
+/// would leave the daemon's RSS at its peak. A parse not used for one to two `idleLifetime`s
+/// is dropped too: a whole binary's parse (35 MB for 246,000 symbols) is worth keeping while requests
 /// for that file come, not for the rest of the daemon's life. Thread-safe; parsing happens
 /// outside the lock.
 public final class ELFFileCache: Sendable {
@@ -27,10 +27,16 @@ public final class ELFFileCache: Sendable {
         var debugDirectories: [String]
     }
 
+    /// A parse, and whether it was handed out since the last sweep: a flag, not a time, so a
+    /// hit reads no clock (clock_gettime is a system call in some VMs: 10,000 of them made a
+    /// 10,000-name resolve measurably slower).
+    private struct Cached {
+        var file: ELFFile
+        var used = true
+    }
+
     private struct State {
-        var entries: [Key: ELFFile] = [:]
-        /// When each entry was last handed out.
-        var lastUsed: [Key: ContinuousClock.Instant] = [:]
+        var entries: [Key: Cached] = [:]
         var sweepScheduled = false
         var order: [Key] = []            // least recently inserted first
         /// The version last cached for each path (only versions still cached).
@@ -39,8 +45,7 @@ public final class ELFFileCache: Sendable {
         var bytes = 0
 
         mutating func remove(_ key: Key) {
-            if let gone = entries.removeValue(forKey: key) { bytes -= gone.estimatedBytes }
-            lastUsed.removeValue(forKey: key)
+            if let gone = entries.removeValue(forKey: key) { bytes -= gone.file.estimatedBytes }
             order.removeAll { $0 == key }
             newestAt = newestAt.filter { $0.value != key }
         }
@@ -52,12 +57,12 @@ public final class ELFFileCache: Sendable {
     public let byteBudget: Int
     private let state = Mutex(State())
 
-    /// A parse unused this long is dropped.
+    /// A parse unused for one to two of these is dropped.
     public let idleLifetime: Duration
 
     public static let defaultByteBudget = 256 << 20
 
-    public init(capacity: Int = 64, byteBudget: Int = ELFFileCache.defaultByteBudget, idleLifetime: Duration = .seconds(10)) {
+    public init(capacity: Int = 64, byteBudget: Int = ELFFileCache.defaultByteBudget, idleLifetime: Duration = .seconds(5)) {
         self.capacity = max(0, capacity)
         self.byteBudget = max(0, byteBudget)
         self.idleLifetime = idleLifetime
@@ -73,19 +78,18 @@ public final class ELFFileCache: Sendable {
                       mtime: st.st_mtim.tv_sec, mtimeNs: st.st_mtim.tv_nsec,
                       ctime: st.st_ctim.tv_sec, ctimeNs: st.st_ctim.tv_nsec, debugDirectories: debugDirectories)
         if let hit = state.withLock({ s -> ELFFile? in
-            guard let hit = s.entries[key] else { return nil }
-            s.lastUsed[key] = .now
-            return hit
+            guard let at = s.entries.index(forKey: key) else { return nil }
+            s.entries.values[at].used = true
+            return s.entries.values[at].file
         }) { return hit }
         let parsed = try Self.parse(fd: fd, path: path, debugDirectories: debugDirectories)
         guard capacity > 0, parsed.estimatedBytes <= byteBudget else { return parsed }
         let (evicted, sweep) = state.withLock { s -> (Int, Bool) in
             let before = s.bytes
-            s.lastUsed[key] = .now
             if let older = s.newestAt[path], older != key { s.remove(older) }
             s.newestAt[path] = key
-            if let replaced = s.entries.updateValue(parsed, forKey: key) {
-                s.bytes -= replaced.estimatedBytes
+            if let replaced = s.entries.updateValue(Cached(file: parsed), forKey: key) {
+                s.bytes -= replaced.file.estimatedBytes
             } else {
                 s.order.append(key)
             }
@@ -103,7 +107,8 @@ public final class ELFFileCache: Sendable {
         return parsed
     }
 
-    /// Drops the parses unused for `idleLifetime`, and checks again while any are left.
+    /// Every `idleLifetime` while parses are kept: drops those not handed out since the sweep
+    /// before (so an unused parse goes after one to two lifetimes).
     private func scheduleSweep(after delay: Duration) {
         let nanos = Int(min(delay.components.seconds, 86_400)) * 1_000_000_000 + Int(delay.components.attoseconds / 1_000_000_000)
         DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .nanoseconds(max(nanos, 1_000_000))) { [weak self] in
@@ -112,17 +117,15 @@ public final class ELFFileCache: Sendable {
     }
 
     private func sweep() {
-        let now = ContinuousClock.now
-        let (evicted, next) = state.withLock { s -> (Int, Duration?) in
+        let (evicted, again) = state.withLock { s -> (Int, Bool) in
             let before = s.bytes
-            for (key, used) in s.lastUsed where now - used >= idleLifetime { s.remove(key) }
-            // The next check: when the oldest remaining entry reaches its lifetime.
-            let oldest = s.lastUsed.values.min()
-            s.sweepScheduled = oldest != nil
-            return (before - s.bytes, oldest.map { idleLifetime - (now - $0) })
+            for (key, entry) in s.entries where !entry.used { s.remove(key) }
+            for i in s.entries.indices { s.entries.values[i].used = false }
+            s.sweepScheduled = !s.entries.isEmpty
+            return (before - s.bytes, s.sweepScheduled)
         }
         if evicted >= Self.trimThreshold { _ = malloc_trim(0) }
-        if let next { scheduleSweep(after: max(next, .milliseconds(10))) }
+        if again { scheduleSweep(after: idleLifetime) }
     }
 
     static let trimThreshold = 4 << 20

@@ -190,7 +190,7 @@ func runBench() {
         register.append(b - a); unregisterAck.append(d - c); unregisterGone.append(e - c)
     }
     let afterFDs = openFDs(pid)
-    // Once idle: the parse cache drops a file unused for 10 s, the trimmer's follow-ups return
+    // Once idle: the parse cache drops a file unused for 5-10 s, the trimmer's follow-ups return
     // what the last frees left; the RSS a daemon settles at, not the one right after the work.
     let idleSeconds = Int(env["BENCH_IDLE_SECONDS"] ?? "") ?? 12
     sleep(UInt32(max(0, idleSeconds)))
