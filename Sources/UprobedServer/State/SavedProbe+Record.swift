@@ -6,7 +6,7 @@ import UprobeKernel
 /// `pid` filter, its process's start time. Later saves carry them unchanged, so that a restart
 /// compares the binary and the process with those of the registration (`RestorePlanner`), not
 /// with whatever was there at the last save.
-struct ProbeStamps: Sendable {
+struct ProbeStamps: Sendable, Hashable {
     var file: FileStamp?
     var processStart: UInt64?
 }
@@ -72,21 +72,22 @@ extension SavedProbe {
 extension StatePersister {
     /// `r` as saved, stamped from `stamps` (the registration's first stamps, entered there
     /// when it has none yet).
-    static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout [String: ProbeStamps],
+    static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout StampBook,
                       files: inout FileStampCache) -> SavedProbe {
-        var own = stamps[r.id] ?? ProbeStamps(firstSave: r, files: &files)
+        let known = stamps[r.id]
+        var own = known ?? ProbeStamps(firstSave: r, files: &files)
         // A registration that followed its path to a new file is stamped with that file.
         if let t = r.targets.first, let was = own.file, was.device != t.device || was.inode != t.inode {
             own.file = files.stamp(of: t)
         }
-        stamps[r.id] = own
+        if own != known { stamps[r.id] = own }
         return SavedProbe(r, hits: hits, stamps: own)
     }
 
     /// Every registration of `snapshot` as the snapshot file keeps it, with its hit total
     /// (and a latency probe's histogram).
     static func savedProbes(_ snapshot: RegistrySnapshot, counts: KernelCounts,
-                            stamps: inout [String: ProbeStamps]) -> [SavedProbe] {
+                            stamps: inout StampBook) -> [SavedProbe] {
         var files = FileStampCache()
         let hits = counts.hits
         return snapshot.sortedProbes.map { r in
