@@ -524,8 +524,9 @@ struct StateFileTests {
             generation += 1
             let added = Self.records(next..<next + 500, path: binary)
             next += 500
-            // Remove a tenth of what is there, so the log carries removals too.
-            let removed = snap.sortedProbes.enumerated().filter { $0.offset % 10 == 3 }.map(\.element.id)
+            // Remove half of what is there: the log carries removals, and soon holds more dead
+            // entries than half the live ones, which makes a snapshot due (`compactionDue`).
+            let removed = snap.sortedProbes.enumerated().filter { $0.offset % 2 == 1 }.map(\.element.id)
             for id in removed { _ = snap.probes.remove(id) }
             snap.add(added, generation: generation)
             snap.batchRemoved = removed
@@ -566,6 +567,38 @@ struct StateFileTests {
         try persister.checkpoint(snap)
         #expect(try onDisk() == snap.sortedProbes.map(\.id))
         #expect(!FileManager.default.fileExists(atPath: store.logPath) && !FileManager.default.fileExists(atPath: store.previousLogPath))
+    }
+
+    @Test("compaction on thresholds: a log of one large registration is not rewritten as a snapshot, nor a log of live registrations in a few lines; removing most of them makes one due")
+    func compactionThresholds() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = try Self.stampableFile(in: dir)
+        let store = try Self.preparedStore(in: dir)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil)
+        var snap = RegistrySnapshot()
+        var generation: UInt64 = 0
+        func commit(_ add: [ProbeRecord], remove: [String] = []) throws {
+            generation += 1
+            for id in remove { _ = snap.probes.remove(id) }
+            snap.add(add, generation: generation)
+            snap.batchRemoved = remove
+            try persister.persist(snap)
+            try persister.sync()
+            persister.waitForSnapshotWrite()
+        }
+        // Records that differ in every shared field (alternating files and consumers) are written
+        // in full: 40,000 of them are several MiB, far past the compaction floor.
+        let big = Self.records(1..<40_001, path: binary)
+        try commit(big)
+        #expect(store.size(store.logPath) > 4 << 20 && !FileManager.default.fileExists(atPath: store.path),
+                "one large line: no snapshot rewrite (log \(store.size(store.logPath)) bytes)")
+        try commit(Self.records(40_001..<40_003, path: binary))
+        #expect(!FileManager.default.fileExists(atPath: store.path), "two lines of live registrations: none either")
+        // Most removed: the files hold mostly dead entries, and a snapshot replaces the log.
+        try commit([], remove: big.prefix(30_000).map(\.id))
+        #expect(FileManager.default.fileExists(atPath: store.path) && store.size(store.logPath) == 0, "compacted")
+        #expect(try StateStore(dir: dir + "/state").load()?.probes.map(\.id) == snap.sortedProbes.map(\.id))
     }
 
     /// A state store at DIR/state, its directory made.

@@ -65,9 +65,10 @@ public enum StateCodec {
         return parts
     }
 
-    /// A log line's removed ids: `p<N>` ids as ranges of N (`"remove_ids": [[first, last], …]`:
-    /// removing every registration of a 241,362-probe glob is a few bytes, not 2.4 MB), any
-    /// other id listed (`"remove": ["…", …]`).
+    /// A log line's removed ids: `p<N>` ids by N, a lone one as a number and consecutive ones
+    /// as a range (`"remove_ids": [n, [first, last], …]`: removing every registration of a
+    /// 241,362-probe glob is a few bytes, not 2.4 MB, and scattered ids take 8 bytes each
+    /// rather than 11), any other id listed (`"remove": ["…", …]`).
     static func writeRemovals(_ ids: [String], into w: inout JSONWriter) {
         guard !ids.isEmpty else { return }
         var numbers: [UInt64] = []
@@ -85,10 +86,14 @@ public enum StateCodec {
         while i < numbers.count {
             var end = i + 1
             while end < numbers.count, numbers[end] <= numbers[end - 1] &+ 1 { end += 1 }
-            w.beginArray()
-            writeU64(numbers[i], into: &w)
-            writeU64(numbers[end - 1], into: &w)
-            w.endArray()
+            if numbers[end - 1] == numbers[i] {
+                writeU64(numbers[i], into: &w)
+            } else {
+                w.beginArray()
+                writeU64(numbers[i], into: &w)
+                writeU64(numbers[end - 1], into: &w)
+                w.endArray()
+            }
             i = end
         }
         w.endArray()
@@ -100,8 +105,12 @@ public enum StateCodec {
         guard let ranges = o["remove_ids"] else { return ids }
         guard let list = ranges.arrayValue else { throw StateError(code: .stateCorrupt, message: "remove_ids is not a list") }
         for r in list {
+            if let n = readU64(r) {
+                ids.append(ProbeID.make(n))
+                continue
+            }
             guard let pair = r.arrayValue, pair.count == 2, let a = readU64(pair[0]), let b = readU64(pair[1]), a <= b,
-                  b - a < 1 << 24 else { throw StateError(code: .stateCorrupt, message: "remove_ids has a bad range") }
+                  b - a < 1 << 24 else { throw StateError(code: .stateCorrupt, message: "remove_ids has a bad entry") }
             for n in a...b { ids.append(ProbeID.make(n)) }
         }
         return ids
