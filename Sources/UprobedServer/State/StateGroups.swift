@@ -51,10 +51,12 @@ extension StateCodec {
     static let bytesPerMember = 40
 
     /// An estimate of the encoded size of `probes` (groups and full entries).
-    static func estimatedSize(_ probes: some Collection<SavedProbe>) -> Int {
-        probes.reduce(1024) { n, p in
-            n + (isGroupMember(p) ? bytesPerMember + (p.targets[0].symbol?.utf8.count ?? 0) : bytesPerProbe)
+    static func estimatedSize(_ probes: [SavedProbe]) -> Int {
+        var n = 1024
+        for i in probes.indices {
+            n += probes[i].targets.count == 1 ? bytesPerMember + (probes[i].targets[0].symbol?.utf8.count ?? 0) : bytesPerProbe
         }
+        return n
     }
 
     static func writeU64(_ v: UInt64, into w: inout JSONWriter) {
@@ -68,7 +70,10 @@ extension StateCodec {
         w.key("group")
         writeProbe(first, into: &w)
         if eachSymbol(first) { w.field("each_symbol", true) }
-        let numbers = probes.map { ProbeID.number($0.id) }
+        // Members are read in place (`probes[i].field`) rather than as loop values: a loop
+        // value is a copy of the whole registration, retains and releases included, and
+        // copying 10,000 of them per column took as long as writing the columns.
+        let numbers = probes.indices.map { ProbeID.number(probes[$0].id) }
         if numbers.allSatisfy({ $0 != nil }) {
             w.key("ids")
             w.beginArray()
@@ -87,16 +92,16 @@ extension StateCodec {
         } else {
             w.key("id_list")
             w.beginArray()
-            for p in probes { w.string(p.id) }
+            for i in probes.indices { w.string(probes[i].id) }
             w.endArray()
         }
         w.key("symbols")
         w.beginArray()
-        for p in probes { w.string(p.targets[0].symbol ?? "") }
+        for i in probes.indices { w.string(probes[i].targets[0].symbol ?? "") }
         w.endArray()
         w.key("offsets")
         w.beginArray()
-        for p in probes { writeU64(p.targets[0].fileOffset, into: &w) }
+        for i in probes.indices { writeU64(probes[i].targets[0].fileOffset, into: &w) }
         w.endArray()
         if first.slots != nil {
             // Runs of consecutive slots: a fresh request's slots are mostly one run.
@@ -115,31 +120,31 @@ extension StateCodec {
             }
             w.endArray()
         }
-        if probes.contains(where: { $0.hits != 0 }) {
+        if probes.indices.contains(where: { probes[$0].hits != 0 }) {
             w.key("hits")
             w.beginArray()
-            for p in probes { writeU64(p.hits, into: &w) }
+            for i in probes.indices { writeU64(probes[i].hits, into: &w) }
             w.endArray()
         }
-        writeSparse("base_hits", probes, where: { $0.baseHits != 0 }, into: &w) { p, w in writeU64(p.baseHits, into: &w) }
-        writeSparse("aliases", probes, where: { !$0.targets[0].aliases.isEmpty }, into: &w) { p, w in
+        writeSparse("base_hits", probes, where: { probes[$0].baseHits != 0 }, into: &w) { i, w in writeU64(probes[i].baseHits, into: &w) }
+        writeSparse("aliases", probes, where: { !probes[$0].targets[0].aliases.isEmpty }, into: &w) { i, w in
             w.beginArray()
-            for a in p.targets[0].aliases { w.string(a) }
+            for a in probes[i].targets[0].aliases { w.string(a) }
             w.endArray()
         }
         w.endObject()
     }
 
     /// A sparse column: `[[index, value], …]` for the members where `has` holds; nothing if none.
-    static func writeSparse(_ key: StaticString, _ probes: ArraySlice<SavedProbe>, where has: (SavedProbe) -> Bool,
-                            into w: inout JSONWriter, _ value: (SavedProbe, inout JSONWriter) -> Void) {
-        guard probes.contains(where: has) else { return }
+    static func writeSparse(_ key: StaticString, _ probes: ArraySlice<SavedProbe>, where has: (Int) -> Bool,
+                            into w: inout JSONWriter, _ value: (Int, inout JSONWriter) -> Void) {
+        guard probes.indices.contains(where: has) else { return }
         w.key(key)
         w.beginArray()
-        for (i, p) in zip(0..., probes) where has(p) {
+        for i in probes.indices where has(i) {
             w.beginArray()
-            w.uint(UInt64(i))
-            value(p, &w)
+            w.uint(UInt64(i - probes.startIndex))
+            value(i, &w)
             w.endArray()
         }
         w.endArray()
