@@ -64,24 +64,25 @@ extension StateCodec {
     }
 
     /// Writes `probes` (members of one group, at least two) as one group element.
-    static func writeGroup(_ probes: ArraySlice<SavedProbe>, into w: inout JSONWriter) {
+    static func writeGroup(_ probes: UnsafeBufferPointer<SavedProbe>, into w: inout JSONWriter) {
         guard let first = probes.first else { return }
         w.beginObject()
         w.key("group")
         writeProbe(first, into: &w)
         if eachSymbol(first) { w.field("each_symbol", true) }
-        // Members are read in place (`probes[i].field`) rather than as loop values: a loop
-        // value is a copy of the whole registration, retains and releases included, and
-        // copying 10,000 of them per column took as long as writing the columns.
+        // Members are read in place (`probes[i].field`, through the buffer) rather than as loop
+        // values or through an array: either copies the whole registration, retains and
+        // releases included, and copying 10,000 of them per column took as long as writing
+        // the columns.
         let numbers = probes.indices.map { ProbeID.number(probes[$0].id) }
         if numbers.allSatisfy({ $0 != nil }) {
             w.key("ids")
             w.beginArray()
             var i = probes.startIndex
             while i < probes.endIndex {
-                let start = numbers[i - probes.startIndex] ?? 0
+                let start = numbers[i] ?? 0
                 var end = i + 1
-                while end < probes.endIndex, numbers[end - probes.startIndex] == start &+ UInt64(end - i) { end += 1 }
+                while end < probes.endIndex, numbers[end] == start &+ UInt64(end - i) { end += 1 }
                 w.beginArray()
                 writeU64(start, into: &w)
                 writeU64(start &+ UInt64(end - i - 1), into: &w)
@@ -136,14 +137,14 @@ extension StateCodec {
     }
 
     /// A sparse column: `[[index, value], …]` for the members where `has` holds; nothing if none.
-    static func writeSparse(_ key: StaticString, _ probes: ArraySlice<SavedProbe>, where has: (Int) -> Bool,
+    static func writeSparse(_ key: StaticString, _ probes: UnsafeBufferPointer<SavedProbe>, where has: (Int) -> Bool,
                             into w: inout JSONWriter, _ value: (Int, inout JSONWriter) -> Void) {
         guard probes.indices.contains(where: has) else { return }
         w.key(key)
         w.beginArray()
         for i in probes.indices where has(i) {
             w.beginArray()
-            w.uint(UInt64(i - probes.startIndex))
+            w.uint(UInt64(i))
             value(i, &w)
             w.endArray()
         }
