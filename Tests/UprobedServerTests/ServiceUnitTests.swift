@@ -697,6 +697,39 @@ struct StateFileTests {
         }
     }
 
+    @Test("new records encoded ahead as groups straight from the records are the same bytes as their saved forms encoded: globs, plain symbols, aliases, slots or none, hits, other ids, shapes that differ, and runs with a latency or degraded record")
+    func recordGroupsMatchSavedForm() throws {
+        func record(_ n: UInt64, id: String? = nil, symbol: String = "*", consumer: String? = "c", path: String = "/bin/m",
+                    aliases: [String] = [], slotMatches: Bool = true, baseHits: UInt64 = 0, latency: Bool = false,
+                    state: ProbeState = .active, pid: Int32? = nil) -> ProbeRecord {
+            let target = ResolvedProbe(path: path, device: 3, inode: 4, buildID: "beef", fileOffset: 0x1000 + n,
+                                       symbol: "f\(n)", aliases: aliases, refCtrOffset: nil)
+            var site = target
+            if !slotMatches { site.fileOffset += 1 }
+            return ProbeRecord(id: id ?? ProbeID.make(n), consumer: consumer, owner: Peer(pid: 5, uid: 0, gid: 0),
+                               spec: ProbeSpecInput(path: path, symbol: symbol == "own" ? "f\(n)" : symbol, pid: pid, latency: latency),
+                               sites: [ProbeSite(target: site, slot: UInt32(n))], registeredAt: 7.5, registeredAtMonotonic: .now,
+                               state: state, baseHits: baseHits, targets: [target])
+        }
+        let stamp = ProbeStamps(file: FileStamp(device: 3, inode: 4, size: 1, mtimeNanos: 2), processStart: nil)
+        var mixed = (1...5).map { record($0) }                                   // a glob
+        mixed += [record(6, aliases: ["a6", "b6"]), record(7, baseHits: 9), record(9), record(10, slotMatches: false)]
+        mixed += (20...23).map { record($0, symbol: "own") }                      // plain symbols
+        mixed += [record(24, id: "custom", symbol: "own"), record(25, consumer: nil), record(26, consumer: nil),
+                  record(27, path: "/bin/n"), record(28, pid: 44), record(29, pid: 44)]
+        let cases: [[ProbeRecord]] = [mixed, mixed + [record(40, latency: true)], [record(50, state: .degraded(reason: "x")), record(51)],
+                                      [record(60)], (1...3).map { record($0 + 70, symbol: "g*") }]
+        for records in cases {
+            var stamps = records.map { _ in stamp }
+            if records.count > 20 { stamps[records.count - 1].processStart = 99 }
+            let direct = StateCodec.encodeElements(records: records, stamps: stamps)
+            let saved = StateCodec.encodeElements(zip(records, stamps).map { SavedProbe($0, hits: $0.baseHits, stamps: $1) })
+            #expect(direct == saved, "\(String(decoding: direct, as: UTF8.self))\n\(String(decoding: saved, as: UTF8.self))")
+        }
+        #expect(String(decoding: StateCodec.encodeElements(records: mixed, stamps: mixed.map { _ in stamp }), as: UTF8.self)
+            .components(separatedBy: "\"group\"").count - 1 >= 3)
+    }
+
     @Test("a register reply written ahead is the same text as one written after, and only for the records it was written for")
     func preparedReply() throws {
         let records = Self.records(1..<1201, path: "/bin/x")

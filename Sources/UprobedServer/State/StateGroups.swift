@@ -66,6 +66,11 @@ extension StateCodec {
     /// Writes `probes` (members of one group, at least two) as one group element.
     static func writeGroup(_ probes: UnsafeBufferPointer<SavedProbe>, into w: inout JSONWriter) {
         guard let first = probes.first else { return }
+        writeGroup(first: first, SavedColumns(probes: probes), into: &w)
+    }
+
+    /// Writes a group element: `first` in full, then each member's columns.
+    static func writeGroup(first: SavedProbe, _ probes: some GroupColumns, into w: inout JSONWriter) {
         w.beginObject()
         w.key("group")
         writeProbe(first, into: &w)
@@ -74,7 +79,7 @@ extension StateCodec {
         // values or through an array: either copies the whole registration, retains and
         // releases included, and copying 10,000 of them per column took as long as writing
         // the columns.
-        let numbers = probes.indices.map { ProbeID.number(probes[$0].id) }
+        let numbers = probes.indices.map { probes.idNumber($0) }
         if numbers.allSatisfy({ $0 != nil }) {
             w.key("ids")
             w.beginArray()
@@ -93,16 +98,16 @@ extension StateCodec {
         } else {
             w.key("id_list")
             w.beginArray()
-            for i in probes.indices { w.string(probes[i].id) }
+            for i in probes.indices { w.string(probes.id(i)) }
             w.endArray()
         }
         w.key("symbols")
         w.beginArray()
-        for i in probes.indices { w.string(probes[i].targets[0].symbol ?? "") }
+        for i in probes.indices { w.string(probes.symbol(i) ?? "") }
         w.endArray()
         w.key("offsets")
         w.beginArray()
-        for i in probes.indices { writeU64(probes[i].targets[0].fileOffset, into: &w) }
+        for i in probes.indices { writeU64(probes.offset(i), into: &w) }
         w.endArray()
         if first.slots != nil {
             // Runs of consecutive slots: a fresh request's slots are mostly one run.
@@ -110,9 +115,9 @@ extension StateCodec {
             w.beginArray()
             var i = probes.startIndex
             while i < probes.endIndex {
-                let start = probes[i].slots?.first ?? 0
+                let start = probes.slot(i) ?? 0
                 var end = i + 1
-                while end < probes.endIndex, probes[end].slots?.first == start &+ UInt32(truncatingIfNeeded: end - i) { end += 1 }
+                while end < probes.endIndex, probes.slot(end) == start &+ UInt32(truncatingIfNeeded: end - i) { end += 1 }
                 w.beginArray()
                 w.uint(UInt64(start))
                 w.uint(UInt64(end - i))
@@ -121,28 +126,28 @@ extension StateCodec {
             }
             w.endArray()
         }
-        if probes.indices.contains(where: { probes[$0].hits != 0 }) {
+        if probes.indices.contains(where: { probes.hits($0) != 0 }) {
             w.key("hits")
             w.beginArray()
-            for i in probes.indices { writeU64(probes[i].hits, into: &w) }
+            for i in probes.indices { writeU64(probes.hits(i), into: &w) }
             w.endArray()
         }
-        writeSparse("base_hits", probes, where: { probes[$0].baseHits != 0 }, into: &w) { i, w in writeU64(probes[i].baseHits, into: &w) }
-        writeSparse("aliases", probes, where: { !probes[$0].targets[0].aliases.isEmpty }, into: &w) { i, w in
+        writeSparse("base_hits", probes.indices, where: { probes.baseHits($0) != 0 }, into: &w) { i, w in writeU64(probes.baseHits(i), into: &w) }
+        writeSparse("aliases", probes.indices, where: { !probes.aliases($0).isEmpty }, into: &w) { i, w in
             w.beginArray()
-            for a in probes[i].targets[0].aliases { w.string(a) }
+            for a in probes.aliases(i) { w.string(a) }
             w.endArray()
         }
         w.endObject()
     }
 
     /// A sparse column: `[[index, value], …]` for the members where `has` holds; nothing if none.
-    static func writeSparse(_ key: StaticString, _ probes: UnsafeBufferPointer<SavedProbe>, where has: (Int) -> Bool,
+    static func writeSparse(_ key: StaticString, _ indices: Range<Int>, where has: (Int) -> Bool,
                             into w: inout JSONWriter, _ value: (Int, inout JSONWriter) -> Void) {
-        guard probes.indices.contains(where: has) else { return }
+        guard indices.contains(where: has) else { return }
         w.key(key)
         w.beginArray()
-        for i in probes.indices where has(i) {
+        for i in indices where has(i) {
             w.beginArray()
             w.uint(UInt64(i))
             value(i, &w)
@@ -243,4 +248,37 @@ extension StateCodec {
         }
         return out
     }
+}
+
+/// What a group's columns read from each of its members (`StateCodec.writeGroup`), indexed
+/// from 0: saved registrations, or the records of a request written ahead of its attach.
+protocol GroupColumns {
+    var indices: Range<Int> { get }
+    func id(_ i: Int) -> String
+    func idNumber(_ i: Int) -> UInt64?
+    func symbol(_ i: Int) -> String?
+    func offset(_ i: Int) -> UInt64
+    func slot(_ i: Int) -> UInt32?
+    func hits(_ i: Int) -> UInt64
+    func baseHits(_ i: Int) -> UInt64
+    func aliases(_ i: Int) -> [String]
+}
+
+extension GroupColumns {
+    var startIndex: Int { 0 }
+    var endIndex: Int { indices.upperBound }
+}
+
+/// Saved registrations as a group's columns, read in place through their buffer.
+struct SavedColumns: GroupColumns {
+    let probes: UnsafeBufferPointer<SavedProbe>
+    var indices: Range<Int> { 0..<probes.count }
+    func id(_ i: Int) -> String { probes[i].id }
+    func idNumber(_ i: Int) -> UInt64? { ProbeID.number(probes[i].id) }
+    func symbol(_ i: Int) -> String? { probes[i].targets[0].symbol }
+    func offset(_ i: Int) -> UInt64 { probes[i].targets[0].fileOffset }
+    func slot(_ i: Int) -> UInt32? { probes[i].slots?.first }
+    func hits(_ i: Int) -> UInt64 { probes[i].hits }
+    func baseHits(_ i: Int) -> UInt64 { probes[i].baseHits }
+    func aliases(_ i: Int) -> [String] { probes[i].targets[0].aliases }
 }

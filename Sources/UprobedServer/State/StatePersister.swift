@@ -136,14 +136,8 @@ public final class StatePersister: Sendable {
 
         func fill() {
             var files = FileStampCache()
-            var stamps: [ProbeStamps] = []
-            stamps.reserveCapacity(records.count)
-            let saved = records.map { r -> SavedProbe in
-                let first = ProbeStamps(firstSave: r, files: &files)
-                stamps.append(first)
-                return SavedProbe(r, hits: r.baseHits, stamps: first)
-            }
-            let text = StateCodec.encodeElements(saved)
+            let stamps = records.map { ProbeStamps(firstSave: $0, files: &files) }
+            let text = StateCodec.encodeElements(records: records, stamps: stamps)
             result.withLock { $0 = Encoded(text: text, stamps: stamps) }
             done.signal()
         }
