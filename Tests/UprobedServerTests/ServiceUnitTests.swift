@@ -195,7 +195,7 @@ struct StateFileTests {
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }

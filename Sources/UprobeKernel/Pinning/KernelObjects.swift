@@ -14,15 +14,21 @@ import Glibc
 /// uprobed loads; otherwise the new program is pinned in its place and the links still running
 /// the old one are moved to it make-before-break (`programID` tells them apart).
 ///
-/// More programs and maps (e.g. latency histograms) are added by giving them a name here and
-/// opening them through `PinnedObjects` like the counting ones.
+/// The latency program's maps and program have names of their own (`latency`): they are made
+/// on the first latency probe, so a directory may hold the counting objects alone.
 public enum KernelObjectName {
     public static let counters = "counters"
     public static let overlap = "overlap"
     public static let marks = "marks"
     public static let countProgram = "prog_count"
-    /// Every name uprobed pins (besides `links/`).
-    public static let all = [counters, overlap, marks, countProgram]
+    public static let latencyRows = "lat_rows"
+    public static let latencyRowOf = "lat_row_of"
+    public static let latencyMarks = "lat_marks"
+    public static let latencyProgram = "prog_latency"
+    /// The latency program's objects.
+    public static let latency = [latencyRows, latencyRowOf, latencyMarks, latencyProgram]
+    /// Every name uprobed pins (besides `links/` and `latency/`).
+    public static let all = [counters, overlap, marks, countProgram] + latency
 }
 
 /// Opens the named objects of one daemon start: adopts pinned ones that fit, creates and pins

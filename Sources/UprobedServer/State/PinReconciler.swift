@@ -21,6 +21,11 @@ public struct PinSummary: Sendable {
     public var handoffsEnded = 0
     /// Adopted links moved to this uprobed's program (it differs from the pinned one).
     public var migratedLinks = 0
+    /// Of `adoptedLinks`, the latency (uprobe session) links.
+    public var adoptedLatencyLinks = 0
+    /// Latency pins removed at start: left without any latency link, or not fitting this
+    /// configuration (`latency_capacity` changed); their probes are attached again.
+    public var latencyPinsRemoved = 0
     /// Named objects (maps, program) adopted and created.
     public var objectsAdopted: [String] = []
     public var objectsCreated: [String] = []
@@ -30,48 +35,71 @@ public struct PinSummary: Sendable {
     public var micros: Int64 = 0
 }
 
-/// Reconciles the pin directory with the restored registrations before the engine takes over:
+/// Reconciles the pin directory with the restored registrations before the engine takes over.
+/// Counting links (`links/`) and latency links (`latency/`) are reconciled alike, each kind
+/// with its own program; a registration is only ever matched with links of its own kind.
 ///
 /// 1. the older link of every pair a make-before-break left attached (the exit came between
-///    the new link's attach and the old one's close) is closed, then every hand-off is ended;
+///    the new link's attach and the old one's close) is closed (a latency link once the calls
+///    that entered through it have returned, as in any rebuild), then every hand-off is ended;
 /// 2. each restored registration whose saved slots are counted by pinned links of the same
-///    file (device, inode), pid filter, direction, offset and USDT semaphore is adopted: its
-///    counters carry on from `baseHits`, nothing is attached or reset for it;
-/// 3. pinned links no adopted registration counts in are stale: detached and logged;
-///    slots of adopted links that no registration claims are handed to the engine as dead
-///    (detached by its next compaction, make-before-break);
+///    kind, file (device, inode), pid filter, direction, offset and USDT semaphore is adopted:
+///    its counters (and a latency probe's rows) carry on from `baseHits` (and its saved
+///    latency base), nothing is attached or reset for it;
+/// 3. pinned links no adopted registration counts in are stale: detached and logged (a
+///    latency link's rows freed); slots of adopted links that no registration claims are
+///    handed to the engine as dead (detached by its next compaction, make-before-break);
 /// 4. adopted links running another program than this uprobed's are moved to it
 ///    make-before-break (an upgrade), so counts stay exact through the move;
 /// 5. later links get generations above every adopted one.
 public enum PinReconciler {
-    public static func reconcile(program: CounterProgram, items: inout [RestoreItem], saved: SavedState?,
-                                 logger: Logger) -> (adoption: Adoption, summary: PinSummary) {
+    /// A pinned link of either kind.
+    struct Found {
+        var handle: any KernelLink
+        var info: UprobeMultiLinkInfo
+        var latency: Bool
+        var generation: UInt32
+        var file: FileID?
+        var slots: [UInt32] { info.cookies.map { UInt32(truncatingIfNeeded: $0) } }
+    }
+
+    /// `latency`: the latency program, when the start found latency links pinned
+    /// (`BPFKernelBackend.openPinnedLatency`).
+    public static func reconcile(program: CounterProgram, latency: LatencyProgram? = nil, items: inout [RestoreItem],
+                                 saved: SavedState?, logger: Logger) -> (adoption: Adoption, summary: PinSummary) {
         var summary = PinSummary(directory: program.pins?.path ?? "")
-        summary.objectsAdopted = program.objects.adopted
-        summary.objectsCreated = program.objects.created
+        summary.objectsAdopted = program.objects.adopted + (latency?.objects.adopted ?? [])
+        summary.objectsCreated = program.objects.created + (latency?.objects.created ?? [])
         summary.mounted = program.pins?.mounted
-        let found = program.pinnedLinks()
-        for u in found.unusable {
+        let counting = program.pinnedLinks()
+        let measuring: (links: [PinnedLatencyLink], unusable: [UnusablePin]) = latency?.pinnedLinks() ?? ([], [])
+        for u in counting.unusable + measuring.unusable {
             logger.warning("unusable pin in the pin directory", metadata: ["path": "\(u.path)", "reason": "\(u.reason)",
                                                                              "error_code": "\(ErrorCode.pinStale)"])
         }
-        var links = found.links
-        if let top = links.map(\.link.generation).max() { program.continueGenerations(above: top) }
+        var links = counting.links.map { Found(handle: $0.link, info: $0.info, latency: false, generation: $0.link.generation,
+                                               file: fileID($0.info.path)) }
+            + measuring.links.map { Found(handle: $0.link, info: $0.info, latency: true, generation: $0.link.generation,
+                                          file: fileID($0.info.path)) }
+        if let top = links.map(\.generation).max() { program.continueGenerations(above: top) }
 
         // 1. Interrupted hand-offs: close the older link of every slot held twice.
         var newestBySlot: [UInt32: UInt32] = [:]
-        for l in links { for s in l.slots { newestBySlot[s] = max(newestBySlot[s] ?? 0, l.link.generation) } }
-        let superseded = links.filter { l in l.slots.contains { newestBySlot[$0] != l.link.generation } }
+        for l in links { for s in l.slots { newestBySlot[s] = max(newestBySlot[s] ?? 0, l.generation) } }
+        let superseded = links.filter { l in l.slots.contains { newestBySlot[$0] != l.generation } }
         if !superseded.isEmpty {
-            LinkCloser.closeAll(superseded.map(\.link))
+            closeLinks(superseded.map(\.handle))
             summary.handoffsEnded = superseded.count
-            let gone = Set(superseded.map(\.link.generation))
-            links.removeAll { gone.contains($0.link.generation) }
+            let gone = Set(superseded.map(\.generation))
+            links.removeAll { gone.contains($0.generation) }
             logger.notice("ended make-before-break hand-offs interrupted by the last exit",
                           metadata: ["older_links_closed": "\(superseded.count)"])
         }
         if !links.isEmpty {
-            do { try program.endAllHandoffs(slots: links.flatMap(\.slots)) } catch {
+            do throws(KernelError) {
+                try program.endAllHandoffs(slots: links.flatMap(\.slots))
+                try latency?.endAllHandoffs()
+            } catch {
                 logger.error("clearing hand-off state failed", metadata: ["error": "\(error.message)"])
             }
         }
@@ -79,9 +107,7 @@ public enum PinReconciler {
         // 2. Match registrations to pinned sites, slot by slot.
         struct Site { var link: Int; var offset: UInt64; var refCtr: UInt64 }
         var siteOfSlot: [UInt32: Site] = [:]
-        var fileOfLink: [FileID?] = []
         for (i, l) in links.enumerated() {
-            fileOfLink.append(fileID(l.info.path))
             for (k, slot) in l.slots.enumerated() {
                 siteOfSlot[slot] = Site(link: i, offset: l.info.offsets[k], refCtr: l.info.refCtrOffsets[k])
             }
@@ -97,10 +123,11 @@ public enum PinReconciler {
             }
             let item = items[i]
             let matches = zip(item.targets, slots).allSatisfy { t, slot in
-                guard !claimed.contains(slot), let site = siteOfSlot[slot], let file = fileOfLink[site.link] else { return false }
-                let l = links[site.link].info
-                return file == FileID(device: t.device, inode: t.inode) && l.pid == (item.spec.pid ?? 0)
-                    && l.retprobe == item.spec.retprobe && site.offset == t.fileOffset && site.refCtr == (t.refCtrOffset ?? 0)
+                guard !claimed.contains(slot), let site = siteOfSlot[slot], let file = links[site.link].file else { return false }
+                let l = links[site.link]
+                return l.latency == item.spec.latency && file == FileID(device: t.device, inode: t.inode)
+                    && l.info.pid == (item.spec.pid ?? 0) && l.info.retprobe == item.spec.retprobe
+                    && site.offset == t.fileOffset && site.refCtr == (t.refCtrOffset ?? 0)
             }
             guard matches else {
                 summary.rebuiltProbes += 1
@@ -112,6 +139,8 @@ public enum PinReconciler {
             }
             items[i].adoptedSlots = slots
             items[i].baseHits = p.baseHits
+            // The rows kept measuring what came after the base (calls while down included).
+            if item.spec.latency { items[i].baseLatency = p.latencyBase }
             summary.adoptedProbes += 1
         }
 
@@ -119,18 +148,22 @@ public enum PinReconciler {
         let stale = links.indices.filter { !linkUsed[$0] }
         for i in stale {
             logger.warning("detaching a pinned link no registration owns", metadata: [
-                "pin": "\(links[i].link.pinPath ?? "")", "path": "\(links[i].info.path)", "probes": "\(links[i].info.offsets.count)",
-                "error_code": "\(ErrorCode.pinStale)"])
+                "pin": "\((links[i].handle as? UprobeMultiLink)?.pinPath ?? (links[i].handle as? LatencyLink)?.pinPath ?? "")", "path": "\(links[i].info.path)", "probes": "\(links[i].info.offsets.count)",
+                "latency": "\(links[i].latency)", "error_code": "\(ErrorCode.pinStale)"])
         }
-        LinkCloser.closeAll(stale.map { links[$0].link })
+        closeLinks(stale.map { links[$0].handle })
+        // Their rows are free again (zeroed): no link measures into them now.
+        latency?.release(slots: stale.filter { links[$0].latency }.flatMap { links[$0].slots })
         summary.staleLinks = stale.count
 
         // 4. Adopted links on another program move to this one, make-before-break.
-        var kept = links.indices.filter { linkUsed[$0] }.map { (link: links[$0].link, info: links[$0].info, file: fileOfLink[$0]) }
-        let old = kept.indices.filter { kept[$0].info.programID != program.programID }
+        var kept = links.indices.filter { linkUsed[$0] }.map { links[$0] }
+        let old = kept.indices.filter { i in
+            kept[i].latency ? kept[i].info.programID != latency?.programID : kept[i].info.programID != program.programID
+        }
         if !old.isEmpty {
-            let slots = old.flatMap { kept[$0].info.cookies.map { UInt32(truncatingIfNeeded: $0) } }
-            var moved: [UprobeMultiLink] = []
+            let slots = old.flatMap { kept[$0].slots }
+            var moved: [any KernelLink] = []
             do {
                 try program.setOverlap(true, slots: slots)
                 for i in old {
@@ -139,43 +172,58 @@ public enum PinReconciler {
                         guard let file = l.file, let pinned = try PinnedBinary.open(l.info.path, expecting: file) else {
                             throw KernelError(code: .fileChanged, message: "\(l.info.path) cannot be opened as the linked file")
                         }
-                        let fresh = try program.attach(path: pinned.kernelPath, offsets: l.info.offsets,
-                                                       refCtrOffsets: l.info.refCtrOffsets.contains { $0 != 0 } ? l.info.refCtrOffsets : nil,
-                                                       slots: l.info.cookies.map { UInt32(truncatingIfNeeded: $0) },
-                                                       pid: l.info.pid == 0 ? nil : l.info.pid, retprobe: l.info.retprobe)
-                        moved.append(l.link)
-                        kept[i].link = fresh
+                        let refs = l.info.refCtrOffsets.contains { $0 != 0 } ? l.info.refCtrOffsets : nil
+                        let fresh: any KernelLink
+                        if l.latency, let latency {
+                            fresh = try latency.attach(path: pinned.kernelPath, offsets: l.info.offsets, refCtrOffsets: refs,
+                                                       slots: l.slots, pid: l.info.pid == 0 ? nil : l.info.pid)
+                        } else {
+                            fresh = try program.attach(path: pinned.kernelPath, offsets: l.info.offsets, refCtrOffsets: refs,
+                                                       slots: l.slots, pid: l.info.pid == 0 ? nil : l.info.pid, retprobe: l.info.retprobe)
+                        }
+                        moved.append(l.handle)
+                        kept[i].handle = fresh
                     } catch {
-                        logger.error("moving a pinned link to the new counting program failed; it keeps the old one",
+                        logger.error("moving a pinned link to the new \(l.latency ? "latency" : "counting") program failed; it keeps the old one",
                                      metadata: ["path": "\(l.info.path)", "error": "\(error)"])
                     }
                 }
-                // The old links are older than their replacements: closing them keeps the invariant.
-                LinkCloser.closeAll(moved)
+                // The old links are older than their replacements: closing them keeps the
+                // invariant (a latency link first lets the calls that entered through it return).
+                closeLinks(moved)
                 try program.endAllHandoffs(slots: slots)
+                try latency?.endAllHandoffs()
             } catch {
-                logger.error("moving pinned links to the new counting program failed", metadata: ["error": "\(error)"])
+                logger.error("moving pinned links to the new program failed", metadata: ["error": "\(error)"])
             }
             summary.migratedLinks = moved.count
-            logger.notice("counting program changed: moved pinned links to it make-before-break",
-                          metadata: ["links": "\(moved.count)", "old_program_id": "\(program.replacedProgramID.map(String.init) ?? "")",
-                                     "program_id": "\(program.programID)"])
+            logger.notice("program changed: moved pinned links to it make-before-break", metadata: [
+                "links": "\(moved.count)",
+                "old_program_id": "\(program.replacedProgramID.map(String.init) ?? "")",
+                "program_id": "\(program.programID)",
+                "old_latency_program_id": "\(latency?.replacedProgramID.map(String.init) ?? "")",
+                "latency_program_id": "\(latency.map { String($0.programID) } ?? "")"])
         }
 
         // 5. Hand the adopted links to the engine.
         var adoption = Adoption()
         for l in kept {
             guard let file = l.file else { continue }
-            let slots = l.info.cookies.map { UInt32(truncatingIfNeeded: $0) }
-            let sites = zip(l.info.offsets, zip(l.info.refCtrOffsets, slots)).map { off, rs in
+            let sites = zip(l.info.offsets, zip(l.info.refCtrOffsets, l.slots)).map { off, rs in
                 LinkSite(offset: off, refCtrOffset: rs.0 == 0 ? nil : rs.0, slot: rs.1)
             }
             adoption.links.append(AdoptedLink(file: file, pid: l.info.pid, retprobe: l.info.retprobe, path: l.info.path,
-                                              sites: sites, handle: l.link))
-            adoption.deadSlots += slots.filter { !claimed.contains($0) }
+                                              sites: sites, handle: l.handle, latency: l.latency))
+            adoption.deadSlots += l.slots.filter { !claimed.contains($0) }
         }
         summary.adoptedLinks = adoption.links.count
+        summary.adoptedLatencyLinks = adoption.links.filter(\.latency).count
         return (adoption, summary)
+    }
+
+    /// Closes links of both kinds so that they share grace periods (latency links drain first).
+    static func closeLinks(_ links: [any KernelLink]) {
+        LinkCloser.closeAll(links.compactMap { $0 as? UprobeMultiLink }, latency: links.compactMap { $0 as? LatencyLink })
     }
 
     /// The (device, inode) of the file a link's path names now; nil when it was deleted (the

@@ -50,15 +50,18 @@ extension SavedProbe {
                   degradedReason: degraded, endedReason: ended, probeSet: r.probeSet)
         latency = r.latency { _ in nil }   // its saved base; the caller adds what the kernel holds
         slots = Self.slots(of: r)
-        if slots != nil { baseHits = r.baseHits }
+        if slots != nil {
+            baseHits = r.baseHits
+            if r.spec.latency, let base = r.baseLatency, base.calls != 0 { latencyBase = base }
+        }
     }
 
     /// The slot of each of `r`'s targets, when its sites are exactly its targets (one site per
     /// target, in order). A registration that also counts in older file versions (followed)
     /// has no slots saved: a restart attaches it again rather than adopt part of its counts.
-    /// Nor has a latency probe: its links are not pinned (they end with the daemon).
+    /// A latency probe's slots name its rows too (the pinned `lat_row_of` map keeps which).
     static func slots(of r: ProbeRecord) -> [UInt32]? {
-        guard !r.sites.isEmpty, r.sites.count == r.targets.count, !r.spec.latency else { return nil }
+        guard !r.sites.isEmpty, r.sites.count == r.targets.count else { return nil }
         var out: [UInt32] = []
         out.reserveCapacity(r.sites.count)
         for (s, t) in zip(r.sites, r.targets) {

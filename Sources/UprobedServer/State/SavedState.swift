@@ -77,6 +77,11 @@ public struct SavedProbe: Sendable, Equatable {
     public var probeSet: String? = nil
     /// A latency probe's histogram up to the save (carried over as `baseLatency`).
     public var latency: LatencyHistogram? = nil
+    /// With `slots`, for a latency probe: the part of `latency` its rows do not hold (earlier
+    /// lives' measurements; nil when the rows hold it all). A restart that adopts its pinned
+    /// links reports this plus the rows, which measured on while no daemon ran; one that
+    /// attaches again starts from `latency`.
+    public var latencyBase: LatencyHistogram? = nil
 }
 
 /// The whole state file.

@@ -88,7 +88,8 @@ public enum StateCodec {
         // A latency probe that has measured nothing yet (a new registration) rides in a run:
         // every row shares its empty histogram. One that has measured something is written in full.
         guard p.targets.count == 1, let symbol = p.spec.symbol, p.spec.offset == nil, p.spec.usdt == nil,
-              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true else { return false }
+              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
+              p.latencyBase == nil else { return false }
         let t = p.targets[0]
         return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
     }
@@ -103,7 +104,7 @@ public enum StateCodec {
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
             && a.endedReason == b.endedReason && a.probeSet == b.probeSet
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
-            && s.latency == z.latency && (a.latency == nil) == (b.latency == nil)
+            && s.latency == z.latency && (a.latency == nil) == (b.latency == nil) && a.latencyBase == b.latencyBase
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
 
@@ -236,6 +237,7 @@ public enum StateCodec {
         }
         if let s = p.probeSet { w.field("set", s) }
         if let h = p.latency { w.field("latency", latencyJSON(h)) }
+        if let h = p.latencyBase { w.field("latency_base", latencyJSON(h)) }
         w.endObject()
     }
 
@@ -379,6 +381,10 @@ public enum StateCodec {
             p.latency = h
         } else if spec.latency {
             p.latency = LatencyHistogram()
+        }
+        if let l = o["latency_base"] {
+            guard let h = latency(l), p.slots != nil else { throw corrupt("probes[\(n)].latency_base is malformed or without slots") }
+            p.latencyBase = h
         }
         return p
     }
