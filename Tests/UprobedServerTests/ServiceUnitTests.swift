@@ -191,6 +191,38 @@ struct StateFileTests {
         #expect(throws: StateError.self) { try StateCodec.decode(Array(bad.utf8)) }
     }
 
+    @Test("a latency probe's slots and latency base round-trip; latency_base without slots or malformed is state_corrupt; new latency probes with slots still share a run")
+    func latencyBaseRoundTrip() throws {
+        var measured = Self.rowProbe(1)
+        measured.spec.latency = true
+        var total = LatencyHistogram(), base = LatencyHistogram()
+        base.calls = 3; base.returns = 3; base.sumNanoseconds = 30; base.minNanoseconds = 9; base.maxNanoseconds = 11
+        base.buckets = [UInt64](repeating: 0, count: LatencyHistogram.bucketCount); base.buckets[9] = 3
+        total = base; total.calls = 5; total.returns = 5; total.buckets[9] = 5
+        measured.latency = total
+        measured.slots = [4]; measured.hits = 5; measured.baseHits = 3; measured.latencyBase = base
+        #expect(!StateCodec.isRow(measured))
+        let fresh = (2...3).map { n -> SavedProbe in
+            var q = Self.rowProbe(n)
+            q.spec.latency = true
+            q.latency = LatencyHistogram()
+            q.slots = [UInt32(n)]
+            return q
+        }
+        var state = SavedState(bootID: "b", savedAt: 1, probes: [measured] + fresh)
+        state.nextID = 10
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.contains(#""latency_base":{"#), "\(text)")
+        #expect(text.components(separatedBy: "\"rows\"").count - 1 == 1, "the two new ones are one run: \(text)")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        let orphan = text.replacingOccurrences(of: #""slots":[4],"base_hits":3,"#, with: "")
+        #expect(orphan != text)
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(orphan.utf8)) }
+        let malformed = text.replacingOccurrences(of: #""latency_base":{"#, with: #""latency_base":{"x":1,"#)
+            .replacingOccurrences(of: #","calls":3"#, with: "")
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(malformed.utf8)) }
+    }
+
     @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
