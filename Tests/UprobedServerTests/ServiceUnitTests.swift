@@ -223,11 +223,38 @@ struct StateFileTests {
         #expect(throws: StateError.self) { try StateCodec.decode(Array(malformed.utf8)) }
     }
 
+    @Test("a followed registration's older sites and retired versions round-trip; they keep it out of runs; bad ones are state_corrupt")
+    func followedRoundTrip() throws {
+        var p = Self.rowProbe(1)
+        p.slots = [9]; p.hits = 40; p.baseHits = 12
+        var old = p.targets[0]
+        old.inode = 77; old.buildID = "cafe"
+        p.olderSites = [SavedSite(target: old, slot: 3)]
+        p.retired = RetiredVersions(recent: (1...9).map { RetiredVersion(version: FileVersion(device: 3, inode: UInt64(100 + $0), buildID: nil, path: "/bin/m"), hits: UInt64($0)) },
+                                    olderCount: 2, olderHits: 5)
+        #expect(p.retired.recent.count == RetiredVersions.keptApart && p.retired.count == 10)
+        #expect(!StateCodec.isRow(p))
+        var onlyRetired = Self.rowProbe(2)
+        onlyRetired.retired = [RetiredVersion(version: FileVersion(device: 3, inode: 5, buildID: "ab", path: "/bin/m"), hits: 4)]
+        #expect(!StateCodec.isRow(onlyRetired))
+        var state = SavedState(bootID: "b", savedAt: 1, probes: [p, onlyRetired, Self.rowProbe(3), Self.rowProbe(4)])
+        state.nextID = 10
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.contains(#""older_sites":[{"#) && text.contains(#""older_count":2,"older_hits":5"#), "\(text)")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        for bad in [text.replacingOccurrences(of: #""slot":3"#, with: #""slot":-3"#),
+                    text.replacingOccurrences(of: #""older_count":2"#, with: #""older_count":-2"#),
+                    text.replacingOccurrences(of: #""slots":[9],"base_hits":12,"#, with: "")] {
+            #expect(bad != text)
+            #expect(throws: StateError.self) { try StateCodec.decode(Array(bad.utf8)) }
+        }
+    }
+
     @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase", "olderSites", "retired"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"])
         #expect(fields(p.targets[0]) == ["path", "device", "inode", "buildID", "fileOffset", "symbol", "aliases", "refCtrOffset", "warning"])
     }

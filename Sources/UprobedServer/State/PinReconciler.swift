@@ -59,8 +59,16 @@ public enum PinReconciler {
         var info: UprobeMultiLinkInfo
         var latency: Bool
         var generation: UInt32
+        /// The (device, inode) its path names now; for a file unlinked since (an older
+        /// version of a followed binary, replaced by rename), the one of the saved site that
+        /// claims it (`deletedPath`).
         var file: FileID?
         var slots: [UInt32] { info.cookies.map { UInt32(truncatingIfNeeded: $0) } }
+        /// The path the file had, when the kernel reports it unlinked (" (deleted)").
+        var deletedPath: String? {
+            info.path.hasSuffix(Self.deleted) ? String(info.path.dropLast(Self.deleted.count)) : nil
+        }
+        static let deleted = " (deleted)"
     }
 
     /// `latency`: the latency program, when the start found latency links pinned
@@ -122,10 +130,22 @@ public enum PinReconciler {
                 continue
             }
             let item = items[i]
-            let matches = zip(item.targets, slots).allSatisfy { t, slot in
-                guard !claimed.contains(slot), let site = siteOfSlot[slot], let file = links[site.link].file else { return false }
+            let older = p.olderSites ?? []
+            // Every site must match, those in older file versions included (else it is attached
+            // again at its current file, as a registration that was never followed).
+            var files: [Int: FileID] = [:]  // links of unlinked files, claimed here
+            let matches = (zip(item.targets, slots).map { ($0, $1) } + older.map { ($0.target, $0.slot) }).allSatisfy { t, slot in
+                guard !claimed.contains(slot), let site = siteOfSlot[slot] else { return false }
                 let l = links[site.link]
-                return l.latency == item.spec.latency && file == FileID(device: t.device, inode: t.inode)
+                let want = FileID(device: t.device, inode: t.inode)
+                if let file = l.file ?? files[site.link] {
+                    guard file == want else { return false }
+                } else {
+                    // An unlinked file: the saved site's path, and not the file at that path now.
+                    guard let was = l.deletedPath, was == t.path, fileID(t.path) != want else { return false }
+                    files[site.link] = want
+                }
+                return l.latency == item.spec.latency
                     && l.info.pid == (item.spec.pid ?? 0) && l.info.retprobe == item.spec.retprobe
                     && site.offset == t.fileOffset && site.refCtr == (t.refCtrOffset ?? 0)
             }
@@ -133,11 +153,13 @@ public enum PinReconciler {
                 summary.rebuiltProbes += 1
                 continue
             }
-            for s in slots {
+            for (link, file) in files { links[link].file = file }
+            for s in slots + older.map(\.slot) {
                 claimed.insert(s)
                 if let site = siteOfSlot[s] { linkUsed[site.link] = true }
             }
             items[i].adoptedSlots = slots
+            items[i].adoptedOlderSites = older.map { ProbeSite(target: $0.target, slot: $0.slot) }
             items[i].baseHits = p.baseHits
             // The rows kept measuring what came after the base (calls while down included).
             if item.spec.latency { items[i].baseLatency = p.latencyBase }

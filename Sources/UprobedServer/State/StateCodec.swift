@@ -89,7 +89,7 @@ public enum StateCodec {
         // every row shares its empty histogram. One that has measured something is written in full.
         guard p.targets.count == 1, let symbol = p.spec.symbol, p.spec.offset == nil, p.spec.usdt == nil,
               p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
-              p.latencyBase == nil else { return false }
+              p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
         let t = p.targets[0]
         return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
     }
@@ -104,7 +104,7 @@ public enum StateCodec {
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
             && a.endedReason == b.endedReason && a.probeSet == b.probeSet
             && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
-            && s.latency == z.latency && (a.latency == nil) == (b.latency == nil) && a.latencyBase == b.latencyBase
+            && s.latency == z.latency && (a.latency == nil) == (b.latency == nil) && a.latencyBase == b.latencyBase && a.olderSites == b.olderSites && a.retired == b.retired
             && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
     }
 
@@ -238,6 +238,7 @@ public enum StateCodec {
         if let s = p.probeSet { w.field("set", s) }
         if let h = p.latency { w.field("latency", latencyJSON(h)) }
         if let h = p.latencyBase { w.field("latency_base", latencyJSON(h)) }
+        writeFollowed(p, into: &w)
         w.endObject()
     }
 
@@ -386,6 +387,7 @@ public enum StateCodec {
             guard let h = latency(l), p.slots != nil else { throw corrupt("probes[\(n)].latency_base is malformed or without slots") }
             p.latencyBase = h
         }
+        try decodeFollowed(o, into: &p, n)
         return p
     }
 

@@ -279,8 +279,9 @@ public final class StatePersister: Sendable {
             }
             // An ended registration is written again (a log entry's add replaces an earlier one
             // of the same id): a crash must not bring it back as it was.
+            // So is a followed one whose file versions changed (see `batchFollowed`).
             let addedIDs = Set(added.map(\.id))
-            added += snapshot.batchEnded.filter { !addedIDs.contains($0.id) }
+            added += (snapshot.batchEnded + snapshot.batchFollowed).filter { !addedIDs.contains($0.id) }
             let removed = (m.unsavedRemovals + snapshot.batchRemoved).filter { m.written.contains($0) }
             if added.isEmpty && spliced.isEmpty && removed.isEmpty {
                 m.lastGeneration = snapshot.generation

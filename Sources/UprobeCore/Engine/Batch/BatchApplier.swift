@@ -281,8 +281,9 @@ final class BatchApplier {
         ProbeRecord(id: id, consumer: consumer, owner: peer, spec: spec, sites: sites,
                     registeredAt: restored?.registeredAt ?? now.realtime, registeredAtMonotonic: now.monotonic,
                     countingSince: now.countingSince, state: state, baseHits: restored?.baseHits ?? 0,
-                    targets: sites.isEmpty ? (restored?.targets ?? []) : sites.map(\.target), probeSet: probeSet,
-                    baseLatency: restored?.baseLatency)
+                    // An adopted followed registration also has sites in older file versions.
+                    targets: sites.isEmpty || restored?.adoptedSlots != nil ? (restored?.targets ?? []) : sites.map(\.target),
+                    retired: restored?.retired ?? [], probeSet: probeSet, baseLatency: restored?.baseLatency)
     }
 
     /// A batch's registration time, read once: every record of the batch carries it.
