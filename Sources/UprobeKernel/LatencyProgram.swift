@@ -181,7 +181,11 @@ public final class LatencyProgram: Sendable {
                               errno: pf.failure.errno.rawValue)
         }
         let chosen: (fd: FileDescriptor, replaced: UInt32?)
-        do { chosen = try objects.program(KernelObjectName.latencyProgram, loaded: loaded) } catch {
+        // It also uses the counter's `counters` and `overlap`: new ones there make it new too.
+        let shared = [KernelObjectName.counters, KernelObjectName.overlap]
+        let mapsAdopted = !objects.created.contains { KernelObjectName.latency.contains($0) }
+            && !counter.objects.created.contains { shared.contains($0) }
+        do { chosen = try objects.program(KernelObjectName.latencyProgram, loaded: loaded, mapsAdopted: mapsAdopted) } catch {
             mapping.unmap()
             for fd in opened + [loaded] { try? fd.close() }
             throw error

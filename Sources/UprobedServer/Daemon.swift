@@ -258,8 +258,9 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// The kernel backend: the counting program and its maps, pinned under `pin_dir` unless it
-    /// is empty. Pinned objects that do not fit this configuration (`slot_capacity` changed)
-    /// are removed with every pin (their probes are attached again by the restore) and made anew.
+    /// is empty. Counter maps of another `slot_capacity` are replaced and their links moved by
+    /// the restore (`PinReconciler`); pinned objects that do not fit otherwise are removed
+    /// with every pin (their probes are attached again by the restore) and made anew.
     static func openKernel(config: DaemonConfig, logger: Logger) throws(KernelError) -> BPFKernelBackend {
         // Test-only: a program with one more instruction, i.e. an upgrade's new program.
         let variant = ProcessInfo.processInfo.environment["UPROBED_TEST_PROGRAM_VARIANT"].map { !$0.isEmpty } ?? false

@@ -26,6 +26,8 @@ public struct PinSummary: Sendable {
     /// Latency pins removed at start: left without any latency link, or not fitting this
     /// configuration (`latency_capacity` changed); their probes are attached again.
     public var latencyPinsRemoved = 0
+    /// The previous `slot_capacity`, when this start resized the pinned counters.
+    public var resizedFrom: UInt32?
     /// Named objects (maps, program) adopted and created.
     public var objectsAdopted: [String] = []
     public var objectsCreated: [String] = []
@@ -225,6 +227,29 @@ public enum PinReconciler {
                 "program_id": "\(program.programID)",
                 "old_latency_program_id": "\(latency?.replacedProgramID.map(String.init) ?? "")",
                 "latency_program_id": "\(latency.map { String($0.programID) } ?? "")"])
+        }
+
+        // 4b. `slot_capacity` changed: the adopted links were moved to counters of the new size
+        // (step 4: the program that uses them is new). What each slot counted in the old map,
+        // read now that no link counts there, joins its registration's base; so does a
+        // registration attached again (a slot beyond a smaller capacity), whose total is then
+        // exact up to this start instead of up to the last save.
+        if let from = program.resizedFrom {
+            summary.resizedFrom = from
+            let stillOld = kept.filter { !$0.latency && $0.info.programID != program.programID }
+            if !stillOld.isEmpty {
+                logger.error("links still count into the counters of the previous slot_capacity; their hits from now on are lost",
+                             metadata: ["links": "\(stillOld.count)"])
+            }
+            for i in items.indices {
+                guard let p = savedByID[items[i].id], let slots = p.slots, !items[i].ended else { continue }
+                let counts = (slots + (p.olderSites ?? []).map(\.slot)).map { program.resizedCount(slot: $0) }
+                guard counts.allSatisfy({ $0 != nil }) else { continue }
+                items[i].baseHits = counts.reduce(p.baseHits) { $0 &+ ($1 ?? 0) }
+            }
+            program.dropResizedMaps()
+            logger.notice("slot_capacity changed: pinned links moved to counters of the new size, their counts carried over",
+                          metadata: ["from": "\(from)", "to": "\(program.capacity)", "links": "\(summary.migratedLinks)"])
         }
 
         // 5. Hand the adopted links to the engine.
