@@ -44,7 +44,9 @@ struct FollowRestartTests {
         let whileDown = try WaitingProcess([app, "300", "0", "wait"])
         let afterStart = try WaitingProcess([app, "40", "0", "wait"])
         var d = try ServiceDaemon(dir: dir, config: Self.config)
-        let id = try d.register([spec(app, symbol: "fn_a")])[0]
+        // Two probes in one request: one link per file holds both.
+        let both = try d.register([spec(app, symbol: "fn_a"), spec(app, symbol: "fn_b")])
+        let id = both[0]
         #expect(try IntegrationTests.run([app, "5", "0"]).status == 0)
 
         let rebuilt = try Fixtures.build("target-follow-v2", relative: "target/target.c", flags: ["-DREBUILT=2", "-O0"])
@@ -62,12 +64,20 @@ struct FollowRestartTests {
 
         d = try ServiceDaemon(dir: dir, config: Self.config)
         let pins = try ServiceRestartTests.pins(d)
-        #expect(pins["adopted_links"] == .int(2) && pins["adopted_probes"] == .int(1) && pins["rebuilt_probes"] == .int(0)
+        #expect(pins["adopted_links"] == .int(2) && pins["adopted_probes"] == .int(2) && pins["rebuilt_probes"] == .int(0)
                     && pins["stale_links"] == .int(0), "\(name): \(pins)")
         var v = try versions(d, id)
         #expect(v[oldInode]?["hits"]?.int64Value == 305 && v[newInode]?["hits"]?.int64Value == 50, "\(name): \(v)")
         #expect(v[newInode]?["current"] == .bool(true) && v[oldInode]?["retired"] != .bool(true), "\(name): \(v)")
-        try afterStart.release()  // the old file, counted by its adopted link
+        // Removing fn_b rebuilds the old file's adopted link with fn_a alone: its file is
+        // unlinked, and reached through the process that still maps it.
+        #expect(try d.call(["op": "unregister", "probes": [.string(both[1])]])["removed"] == .int(1))
+        try waitFor("\(name): both links rebuilt without fn_b") {
+            let st = try d.status()["batching"]?.objectValue
+            return (st?["link_rebuilds"]?.int64Value ?? 0) >= 2 || d.log.contains("link rebuild failed")
+        }
+        #expect(!d.log.contains("link rebuild failed"), "\(name): \(d.log)")
+        try afterStart.release()  // the old file, counted by its rebuilt link
         #expect(try d.hits([id])[id] == 5 + 20 + 300 + 30 + 40, "\(name)")
 
         // No process maps the old file now: it retires with its exact count, and that survives a restart.

@@ -71,6 +71,10 @@ public enum PinReconciler {
             info.path.hasSuffix(Self.deleted) ? String(info.path.dropLast(Self.deleted.count)) : nil
         }
         static let deleted = " (deleted)"
+        /// A path that opens the linked file: its path, or for an unlinked file a process's
+        /// `/proc/PID/map_files/…` link to it (found after matching), so that a move to a new
+        /// program or a later rebuild of the link can reach the old inode.
+        var openPath: String?
     }
 
     /// `latency`: the latency program, when the start found latency links pinned
@@ -168,6 +172,13 @@ public enum PinReconciler {
             summary.adoptedProbes += 1
         }
 
+        // Unlinked files of adopted links are reached through a process that maps them.
+        let unlinked = links.indices.filter { linkUsed[$0] && links[$0].deletedPath != nil }
+        if !unlinked.isEmpty {
+            let found = mappedFiles(unlinked.compactMap { links[$0].file })
+            for i in unlinked { links[i].openPath = links[i].file.flatMap { found[$0] } }
+        }
+
         // 3. Stale links: no adopted registration counts in them.
         let stale = links.indices.filter { !linkUsed[$0] }
         for i in stale {
@@ -193,7 +204,7 @@ public enum PinReconciler {
                 for i in old {
                     let l = kept[i]
                     do {
-                        guard let file = l.file, let pinned = try PinnedBinary.open(l.info.path, expecting: file) else {
+                        guard let file = l.file, let pinned = try PinnedBinary.open(l.openPath ?? l.info.path, expecting: file) else {
                             throw KernelError(code: .fileChanged, message: "\(l.info.path) cannot be opened as the linked file")
                         }
                         let refs = l.info.refCtrOffsets.contains { $0 != 0 } ? l.info.refCtrOffsets : nil
@@ -259,7 +270,7 @@ public enum PinReconciler {
             let sites = zip(l.info.offsets, zip(l.info.refCtrOffsets, l.slots)).map { off, rs in
                 LinkSite(offset: off, refCtrOffset: rs.0 == 0 ? nil : rs.0, slot: rs.1)
             }
-            adoption.links.append(AdoptedLink(file: file, pid: l.info.pid, retprobe: l.info.retprobe, path: l.info.path,
+            adoption.links.append(AdoptedLink(file: file, pid: l.info.pid, retprobe: l.info.retprobe, path: l.openPath ?? l.info.path,
                                               sites: sites, handle: l.handle, latency: l.latency))
             adoption.deadSlots += l.slots.filter { !claimed.contains($0) }
         }
@@ -271,6 +282,32 @@ public enum PinReconciler {
     /// Closes links of both kinds so that they share grace periods (latency links drain first).
     static func closeLinks(_ links: [any KernelLink]) {
         LinkCloser.closeAll(links.compactMap { $0 as? UprobeMultiLink }, latency: links.compactMap { $0 as? LatencyLink })
+    }
+
+    /// For each of `files`, a `/proc/PID/map_files/START-END` link of a process that maps it
+    /// (opening it reaches that inode even once it is unlinked); files no process maps are left out.
+    static func mappedFiles(_ files: [FileID]) -> [FileID: String] {
+        var wanted: [String: FileID] = [:]
+        for f in files { wanted[PathWatcher.mapsKey(device: f.device, inode: f.inode)] = f }
+        var out: [FileID: String] = [:]
+        guard let dir = opendir("/proc") else { return out }
+        defer { closedir(dir) }
+        while out.count < wanted.count, let entry = readdir(dir) {
+            let pid = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            guard let first = pid.utf8.first, first >= 0x30 && first <= 0x39,
+                  let bytes = readWholeFile("/proc/\(pid)/maps", limit: 64 << 20) else { continue }
+            for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+                // address perms offset dev inode [path]
+                let fields = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+                let dev = fields.count >= 5 ? fields[3].split(separator: ":") : []
+                guard dev.count == 2, let major = UInt64(dev[0], radix: 16), let minor = UInt64(dev[1], radix: 16),
+                      let file = wanted["\(String(major, radix: 16)):\(String(minor, radix: 16)):\(fields[4])"], out[file] == nil else { continue }
+                out[file] = "/proc/\(pid)/map_files/\(fields[0])"
+            }
+        }
+        return out
     }
 
     /// The (device, inode) of the file a link's path names now; nil when it was deleted (the
