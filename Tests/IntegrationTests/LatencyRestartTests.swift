@@ -179,6 +179,33 @@ struct LatencyRestartTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("a changed latency_capacity removes the latency pins and attaches latency probes again from their saved histograms; counting probes are adopted as usual")
+    func latencyCapacityChange() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let fx = try Self.fixture(in: dir)
+        var d = try ServiceDaemon(dir: dir, config: "latency_capacity = 8\n")
+        let ids = try d.register([LatencyProbeTests.latencySpec(fx, "lat_sleep10"), spec(fx, symbol: "lat_sleep10")])
+        #expect(try run([fx, "--sleep10=3"]).status == 0)
+        let before = try Self.latency(d, ids[0])
+        #expect(d.stop() == 0)
+        d = try ServiceDaemon(dir: dir, config: "latency_capacity = 16\n")
+        let pins = try ServiceRestartTests.pins(d)
+        #expect(pins["latency_pins_removed"] == .int(5) && pins["rebuilt_probes"] == .int(1) && pins["adopted_probes"] == .int(1),
+                "four latency objects and one latency link: \(pins)")
+        #expect(d.log.contains("pinned latency objects cannot be used"), "\(d.log)")
+        #expect(try Self.latency(d, ids[0]) == before, "the saved histogram is back")
+        #expect(try run([fx, "--sleep10=2"]).status == 0)
+        let after = try Self.latency(d, ids[0])
+        #expect(Self.u(after, "calls") == 5 && Self.u(after, "returns") == 5 && Self.buckets(after).count == 5, "\(after)")
+        #expect(try d.hits()[ids[1]] == 5)
+        #expect(d.stop() == 0)
+        d = try ServiceDaemon(dir: dir, config: "latency_capacity = 16\n")
+        #expect(try ServiceRestartTests.pins(d)["adopted_latency_links"] == .int(1), "pinned again on the new maps")
+        #expect(try Self.latency(d, ids[0]) == after)
+        #expect(d.stop() == 0)
+    }
+
     @Test("a pinned latency link no registration owns is detached at start and its row freed; latency objects left without links are unpinned")
     func staleLatencyPins() throws {
         let dir = try ServiceDaemon.makeDir()
