@@ -140,7 +140,7 @@ public enum PinReconciler {
             // Every site must match, those in older file versions included (else it is attached
             // again at its current file, as a registration that was never followed).
             var files: [Int: FileID] = [:]  // links of unlinked files, claimed here
-            let matches = (zip(item.targets, slots).map { ($0, $1) } + older.map { ($0.target, $0.slot) }).allSatisfy { t, slot in
+            func match(_ t: ResolvedProbe, _ slot: UInt32) -> Bool {
                 guard !claimed.contains(slot), let site = siteOfSlot[slot] else { return false }
                 let l = links[site.link]
                 let want = FileID(device: t.device, inode: t.inode)
@@ -155,6 +155,7 @@ public enum PinReconciler {
                     && l.info.pid == (item.spec.pid ?? 0) && l.info.retprobe == item.spec.retprobe
                     && site.offset == t.fileOffset && site.refCtr == (t.refCtrOffset ?? 0)
             }
+            let matches = zip(item.targets, slots).allSatisfy(match) && older.allSatisfy { match($0.target, $0.slot) }
             guard matches else {
                 summary.rebuiltProbes += 1
                 continue
