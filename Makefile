@@ -103,8 +103,9 @@ bench-whole: deps
 	$(SWIFT) run -c release bench-whole
 
 ## Restarts: exec to READY=1 adopting N pinned probes vs attaching them again (RESTART_SIZES:
-## probe counts, or `frontend` for every function of swift-frontend, ~241,000: tens of minutes).
-RESTART_SIZES ?= 10000
+## probe counts, `latencyN` for N latency probes, or `frontend` for every function of
+## swift-frontend, ~241,000: tens of minutes).
+RESTART_SIZES ?= 10000 latency10000
 bench-restart: deps
 	$(SWIFT) build -c release --product uprobed
 	/usr/bin/python3 bench/restart.py $(RESTART_SIZES)

@@ -5,10 +5,11 @@ daemon's start (the floor every start pays: process, config, state files, socket
 
     bench/restart.py [--runs 3] [--uprobed .build/release/uprobed] [N ...]
 
-N is a number of probes: 10000 probes one function each of a generated C binary; "frontend"
-(or any N above 200000) globs every function of the Swift toolchain's swift-frontend
-(~241,000 sites) with the limits raised in the daemon's config. Root, Linux >= 6.8 with
-uprobe_multi. Prints one table; each cell is the median of the runs and their min-max.
+N is a number of probes: 10000 probes one function each of a generated C binary; "latency10000"
+the same as latency probes (uprobe session links, a histogram row each); "frontend" (or any N
+above 200000) globs every function of the Swift toolchain's swift-frontend (~241,000 sites)
+with the limits raised in the daemon's config. Root, Linux >= 6.8 with uprobe_multi (6.13 for
+latency). Prints one table; each cell is the median of the runs and their min-max.
 """
 import argparse
 import json
@@ -109,10 +110,11 @@ def measure(exe, size, runs):
     config = os.path.join(work, "uprobed.conf")
     d = None
     try:
+        latency = size.startswith("latency")
         if size == "frontend":
             binary, symbol = frontend_path(), "*"
         else:
-            binary, symbol = many_functions(work, int(size)), "f*"
+            binary, symbol = many_functions(work, int(size[len("latency"):] if latency else size)), "f*"
         with open(config, "w") as f:
             f.write("slot_capacity = 524288\nmax_glob_matches = 1000000\nmax_probes_per_request = 1000000\nmax_line_bytes = 268435456\n"
                     "state_checkpoint_s = 0\nlog_level = notice\n")
@@ -123,9 +125,12 @@ def measure(exe, size, runs):
             d.stop()
         d.start()
         t0 = time.monotonic()
-        reply = d.call({"op": "register", "probes": [{"path": binary, "symbol": symbol}]})
+        spec = {"path": binary, "symbol": symbol}
+        if latency:
+            spec["latency"] = True
+        reply = d.call({"op": "register", "probes": [spec]})
         register = time.monotonic() - t0
-        probes = len(reply["probes"])
+        probes = reply["count"] if reply.get("reply") == "compact" else len(reply["probes"])
         links = d.call({"op": "status"})["links"]
         d.stop()
         adopt, adopt_us, again = [], [], []
@@ -143,7 +148,7 @@ def measure(exe, size, runs):
             if pins["rebuilt_probes"] != probes:
                 sys.exit("not attached again: %s" % pins)
             d.stop()
-        return dict(size=size, probes=probes, links=links, register=register, empty=empty, adopt=adopt,
+        return dict(size=size, latency=latency, probes=probes, links=links, register=register, empty=empty, adopt=adopt,
                     adopt_reconcile=adopt_us, again=again)
     finally:
         if d:
@@ -169,8 +174,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         adopt, again, floor = statistics.median(r["adopt"]), statistics.median(r["again"]), statistics.median(r["empty"])
-        print("| %d | %d | %s | %s | %s | %.1fx | %.1fx | %.3f s | %.3f s |" % (
-            r["probes"], r["links"], cell(r["empty"]), cell(r["adopt"]), cell(r["again"]), again / adopt,
+        print("| %s | %d | %s | %s | %s | %.1fx | %.1fx | %.3f s | %.3f s |" % (
+            "{:,}".format(r["probes"]) + (" latency" if r["latency"] else ""), r["links"], cell(r["empty"]), cell(r["adopt"]), cell(r["again"]), again / adopt,
             adopt / floor, statistics.median(r["adopt_reconcile"]), r["register"]))
 
 

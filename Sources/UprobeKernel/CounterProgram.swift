@@ -103,6 +103,9 @@ public final class CounterProgram: Sendable {
     public let programID: UInt32
     /// The pinned program this start replaced because its instructions differ (an upgrade).
     public let replacedProgramID: UInt32?
+    /// The pinned `counters` and `overlap` maps of another size (`slot_capacity` changed),
+    /// held until the links still using them are moved to the new maps (`ResizedCounters`).
+    let previous: Mutex<ResizedCounters?>
 
     /// Creates the three maps (BPF_MAP_CREATE ×3) and loads the counting program
     /// (BPF_PROG_LOAD). With `pins`, each map pinned there with the same shape is adopted
@@ -122,28 +125,35 @@ public final class CounterProgram: Sendable {
         self.pins = pins
         var objects = PinnedObjects(directory: pins)
         var opened: [FileDescriptor] = []
+        var resized: [String: (fd: FileDescriptor, entries: UInt32)] = [:]
         func make(_ type: bpf_map_type, _ key: UInt32, _ value: UInt32, _ max: UInt32,
-                  _ name: String, _ kernelName: String, flags: UInt32 = 0) throws(KernelError) -> FileDescriptor {
+                  _ name: String, _ kernelName: String, flags: UInt32 = 0, resizable: Bool = false) throws(KernelError) -> FileDescriptor {
             let shape = MapShape(type: type.rawValue, keySize: key, valueSize: value, maxEntries: max, flags: flags)
             do throws(KernelError) {
-                let fd = try objects.map(name, shape) { () throws(KernelError) -> FileDescriptor in
+                let made = try objects.map(name, shape, resizable: resizable) { () throws(KernelError) -> FileDescriptor in
                     try Self.createMap(type, key, value, max, flags: flags, name: kernelName)
                 }
-                opened.append(fd)
-                return fd
+                opened.append(made.fd)
+                if let old = made.previous {
+                    opened.append(old.fd)
+                    resized[name] = old
+                }
+                return made.fd
             } catch {
                 for fd in opened { try? fd.close() }
                 throw error
             }
         }
-        counters = try make(BPF_MAP_TYPE_ARRAY, 4, 8, capacity, KernelObjectName.counters, "uprobed_counts", flags: UInt32(BPF_F_MMAPABLE))
+        // Sized by `slot_capacity`: pinned ones of another size are replaced (and kept open).
+        counters = try make(BPF_MAP_TYPE_ARRAY, 4, 8, capacity, KernelObjectName.counters, "uprobed_counts",
+                            flags: UInt32(BPF_F_MMAPABLE), resizable: true)
         do {
             counterMapping = try CounterMapping(fd: counters, count: Int(capacity))
         } catch {
             for fd in opened { try? fd.close() }
             throw KernelError(code: .mapCreateFailed, error, context: "mmap of uprobed_counts")
         }
-        overlap = try make(BPF_MAP_TYPE_ARRAY, 4, 4, capacity, KernelObjectName.overlap, "uprobed_overlap")
+        overlap = try make(BPF_MAP_TYPE_ARRAY, 4, 4, capacity, KernelObjectName.overlap, "uprobed_overlap", resizable: true)
         marks = try make(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, KernelObjectName.marks, "uprobed_marks")
         let insns = Self.instructions(counters: counters.rawValue, overlap: overlap.rawValue,
                                       marks: marks.rawValue, variant: variant)
@@ -184,6 +194,7 @@ public final class CounterProgram: Sendable {
         }
         self.objects = objects
         perfProgramFD = Mutex(nil)
+        previous = Mutex(ResizedCounters(counters: resized[KernelObjectName.counters], overlap: resized[KernelObjectName.overlap]))
     }
 
     /// BPF_MAP_CREATE with the errors of `init`.
@@ -200,6 +211,7 @@ public final class CounterProgram: Sendable {
     }
 
     deinit {
+        dropResizedMaps()
         if let fd = perfProgramFD.withLock({ $0 }) { try? fd.close() }
         try? multiProgram.close()
         try? marks.close()
@@ -405,6 +417,7 @@ public final class CounterProgram: Sendable {
         } catch {
             throw KernelError(code: .mapOpFailed, error, context: "overlap (\(slots.count) slots)")
         }
+        try setResizedOverlap(on, slots: slots)
     }
 
     func updateBatch<V>(_ map: FileDescriptor, keys: [UInt32], values: [V], valueSize: Int) throws(SyscallFailure) {

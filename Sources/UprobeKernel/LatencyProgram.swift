@@ -9,7 +9,9 @@ import Glibc
 /// The latency program: a BPF_TRACE_UPROBE_SESSION program (Linux >= 6.13) that measures each
 /// call of a probed function from entry to return, and its maps. One instance per daemon,
 /// made by `BPFKernelBackend` next to the `CounterProgram` whose `counters` and `overlap`
-/// maps it shares (so pinning, issue 29, finds every kernel object in one place).
+/// maps it shares. With the counter's pin directory, its maps, its program and its links are
+/// pinned there too (`KernelObjectName.latency`, `latency/<generation>`), so latency probes
+/// measure on while no daemon runs and a start adopts them (`PinnedLatencyLinks.swift`).
 ///
 /// A session link runs one program at a function's entry and, unless that run returned
 /// non-zero, again at that call's return; `bpf_session_cookie()` is a u64 of that one call
@@ -81,8 +83,15 @@ public final class LatencyProgram: Sendable {
     let rowOf: FileDescriptor
     let marks: FileDescriptor
     let program: FileDescriptor
-    private let mapping: RowMapping
-    private let table: Mutex<RowTable>
+    let mapping: RowMapping
+    let table: Mutex<RowTable>
+    /// Which named objects this instance adopted from the pin directory and which it created.
+    public let objects: PinnedObjects
+    /// The id of the program new links run; adopted links running another one (an older
+    /// uprobed's) are moved to it at start.
+    public let programID: UInt32
+    /// The pinned program this instance replaced because its instructions differ.
+    public let replacedProgramID: UInt32?
 
     /// Which row each slot uses and which tag its newest link has; free rows.
     struct RowTable {
@@ -98,9 +107,13 @@ public final class LatencyProgram: Sendable {
 
     /// Creates the maps and loads the program. Throws `latency_unsupported` when the kernel
     /// lacks uprobe sessions or their kfuncs, `map_create_failed`, `prog_load_failed`.
-    /// `btfPath`: where the kernel's BTF is read (tests point it elsewhere).
+    /// `btfPath`: where the kernel's BTF is read (tests point it elsewhere). With the
+    /// counter's pin directory, maps pinned there with the same shape and a program with the
+    /// same tag are adopted (as `CounterProgram.init` does; a map of another shape is
+    /// `PinnedObjects.Mismatch`). `variant`: the test-only altered program (one leading no-op).
     public init(counter: CounterProgram, rowCapacity: UInt32, markCapacity: UInt32 = 65_536,
-                drainLimit: Duration = .seconds(1), btfPath: String = KernelBTF.vmlinuxPath) throws(KernelError) {
+                drainLimit: Duration = .seconds(1), btfPath: String = KernelBTF.vmlinuxPath,
+                variant: Bool = false) throws(KernelError) {
         guard rowCapacity > 0 else { throw KernelError(code: .invalidArgument, message: "rowCapacity must be > 0") }
         self.counter = counter
         self.rowCapacity = rowCapacity
@@ -115,35 +128,46 @@ public final class LatencyProgram: Sendable {
                               message: "the kernel has no bpf_session_cookie/bpf_session_is_return kfuncs (uprobe sessions need Linux >= 6.13)")
         }
         var opened: [FileDescriptor] = []
+        var objects = PinnedObjects(directory: counter.pins)
         func create(_ type: bpf_map_type, _ key: UInt32, _ value: UInt32, _ max: UInt32,
-                    _ name: String, flags: UInt32 = 0) throws(KernelError) -> FileDescriptor {
-            do {
-                let fd = try BPFSyscall.mapCreate(type: type, keySize: key, valueSize: value,
-                                                  maxEntries: max, flags: flags, name: name)
+                    _ name: String, pin: String, flags: UInt32 = 0) throws(KernelError) -> FileDescriptor {
+            let shape = MapShape(type: type.rawValue, keySize: key, valueSize: value, maxEntries: max, flags: flags)
+            do throws(KernelError) {
+                let fd = try objects.map(pin, shape) { () throws(KernelError) -> FileDescriptor in
+                    do throws(SyscallFailure) {
+                        return try BPFSyscall.mapCreate(type: type, keySize: key, valueSize: value,
+                                                        maxEntries: max, flags: flags, name: name)
+                    } catch {
+                        throw KernelError(code: .mapCreateFailed, error, context: "map \(name)")
+                    }
+                }
                 opened.append(fd)
                 return fd
             } catch {
                 for fd in opened { try? fd.close() }
-                throw KernelError(code: .mapCreateFailed, error, context: "map \(name)")
+                throw error
             }
         }
         rows = try create(BPF_MAP_TYPE_ARRAY, 4, UInt32(Layout.bytes), rowCapacity, "uprobed_lat",
-                          flags: UInt32(BPF_F_MMAPABLE))
+                          pin: KernelObjectName.latencyRows, flags: UInt32(BPF_F_MMAPABLE))
         do {
             mapping = try RowMapping(fd: rows, rows: Int(rowCapacity))
         } catch {
             for fd in opened { try? fd.close() }
             throw KernelError(code: .mapCreateFailed, error, context: "mmap of uprobed_lat")
         }
-        rowOf = try create(BPF_MAP_TYPE_ARRAY, 4, 4, counter.capacity, "uprobed_lat_row")
-        marks = try create(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, "uprobed_lat_mark")
-        let insns = Self.instructions(isReturn: isReturn, cookie: cookie, rows: rows.rawValue,
+        rowOf = try create(BPF_MAP_TYPE_ARRAY, 4, 4, counter.capacity, "uprobed_lat_row", pin: KernelObjectName.latencyRowOf)
+        marks = try create(BPF_MAP_TYPE_HASH, 8, 4, markCapacity, "uprobed_lat_mark", pin: KernelObjectName.latencyMarks)
+        // The variant's leading no-op (r0 is set before it is read) changes the tag only:
+        // jumps are relative, so nothing after it moves.
+        let insns = (variant ? Self.leadingNoOp : []) + Self.instructions(isReturn: isReturn, cookie: cookie, rows: rows.rawValue,
                                       rowOf: rowOf.rawValue, marks: marks.rawValue,
                                       overlap: counter.overlap.rawValue, counters: counter.counters.rawValue)
+        let loaded: FileDescriptor
         switch BPFSyscall.progLoad(type: BPF_PROG_TYPE_KPROBE, expectedAttachType: CUPROBESYS_BPF_TRACE_UPROBE_SESSION,
                                    instructions: insns, license: "GPL", name: "uprobed_latency") {
         case .success(let fd):
-            program = fd
+            loaded = fd
         case .failure(let pf):
             mapping.unmap()
             for fd in opened { try? fd.close() }
@@ -156,7 +180,32 @@ public final class LatencyProgram: Sendable {
                               message: "\(pf.failure.call) failed: \(pf.failure.errno); verifier log:\n\(pf.log)",
                               errno: pf.failure.errno.rawValue)
         }
+        let chosen: (fd: FileDescriptor, replaced: UInt32?)
+        // It also uses the counter's `counters` and `overlap`: new ones there make it new too.
+        let shared = [KernelObjectName.counters, KernelObjectName.overlap]
+        let mapsAdopted = !objects.created.contains { KernelObjectName.latency.contains($0) }
+            && !counter.objects.created.contains { shared.contains($0) }
+        do { chosen = try objects.program(KernelObjectName.latencyProgram, loaded: loaded, mapsAdopted: mapsAdopted) } catch {
+            mapping.unmap()
+            for fd in opened + [loaded] { try? fd.close() }
+            throw error
+        }
+        do { programID = try BPFSyscall.progInfo(chosen.fd).id } catch {
+            mapping.unmap()
+            for fd in opened + [chosen.fd] { try? fd.close() }
+            throw KernelError(code: .pinFailed, error, context: "latency program")
+        }
+        program = chosen.fd
+        replacedProgramID = chosen.replaced
+        self.objects = objects
         table = Mutex(RowTable())
+    }
+
+    /// `mov r0, 0`: the test-only variant's first instruction.
+    static var leadingNoOp: [UInt64] {
+        var a = BPFAssembler()
+        a.mov(.r0, imm: 0)
+        return a.finish()
     }
 
     deinit {
@@ -363,9 +412,17 @@ public final class LatencyProgram: Sendable {
         let cookies = zip(tags, slots).map { (UInt64($0) << 32) | UInt64($1) }
         let fd = try counter.createLink(program: program, attachType: CUPROBESYS_BPF_TRACE_UPROBE_SESSION, path: path,
                                         offsets: offsets, refCtrOffsets: refCtrOffsets, cookies: cookies, pid: pid, flags: 0)
+        // Pinned before anyone is told of it, as counting links are (`CounterProgram.attach`).
+        let pinPath = counter.pins?.latencyLinkPath(generation)
+        if let pinPath {
+            do { try BPFSyscall.objPin(fd, at: pinPath) } catch {
+                try? fd.close()
+                throw KernelError(code: .pinFailed, error, context: pinPath)
+            }
+        }
         table.withLock { t in for (s, tag) in zip(slots, tags) { t.newestTag[s] = tag } }
         let sites = (0..<slots.count).map { LatencyLink.Site(slot: slots[$0], row: rowsOfSlots[$0], tag: tags[$0]) }
-        return LatencyLink(fd: fd, generation: generation, sites: sites, program: self)
+        return LatencyLink(fd: fd, generation: generation, sites: sites, program: self, pinPath: pinPath)
     }
 
     /// Rows of `slots`, giving a zeroed row (and its `rowOf` entry) to each slot that has none.
@@ -499,14 +556,26 @@ public final class LatencyLink: Sendable {
     private let program: LatencyProgram
     private let closed = Atomic<Bool>(false)
 
-    init(fd: FileDescriptor, generation: UInt32, sites: [Site], program: LatencyProgram) {
-        self.link = UprobeMultiLink(fd: fd, generation: generation, offsetCount: sites.count)
+    init(fd: FileDescriptor, generation: UInt32, sites: [Site], program: LatencyProgram, pinPath: String? = nil) {
+        self.link = UprobeMultiLink(fd: fd, generation: generation, offsetCount: sites.count, pinPath: pinPath)
         self.generation = generation
         self.sites = sites
         self.program = program
     }
 
     public var rawDescriptor: Int32? { link.rawDescriptor }
+
+    /// Where the link is pinned, if it is.
+    public var pinPath: String? { link.pinPath }
+
+    /// Closes the fd and leaves the pin (daemon exit): the link keeps measuring, its calls in
+    /// flight included, for the next daemon to adopt. Nothing is settled. An unpinned link is
+    /// closed as by `close(drain: false)`.
+    public func release() {
+        guard link.pinPath != nil else { close(drain: false); return }
+        guard closed.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        link.release()
+    }
 
     /// Drains (bounded), closes, settles. Idempotent.
     public func close() { close(drain: true) }
@@ -528,7 +597,7 @@ public final class LatencyLink: Sendable {
         for s in sites { program.settle(row: s.row, phase: s.tag) }
     }
 
-    deinit { close(drain: false) }
+    deinit { if link.pinPath != nil { release() } else { close(drain: false) } }
 }
 
 /// The `rows` map's values, mmapped shared (see `CounterMapping`, whose soundness argument

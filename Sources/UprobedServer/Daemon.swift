@@ -114,7 +114,7 @@ public final class UprobedService: Service, Sendable {
         // Also with no registrations left: the restore carries the id floor, and pins no
         // registration owns are detached.
         await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger,
-                           program: kernel.program, counters: counters)
+                           kernel: kernel, counters: counters)
         // After the restore (the sets' registrations are back, so only changes are made) and
         // before serving: a client that connects finds the sets in place.
         await probeSets.completeApplied()
@@ -258,8 +258,9 @@ public final class UprobedService: Service, Sendable {
     }
 
     /// The kernel backend: the counting program and its maps, pinned under `pin_dir` unless it
-    /// is empty. Pinned objects that do not fit this configuration (`slot_capacity` changed)
-    /// are removed with every pin (their probes are attached again by the restore) and made anew.
+    /// is empty. Counter maps of another `slot_capacity` are replaced and their links moved by
+    /// the restore (`PinReconciler`); pinned objects that do not fit otherwise are removed
+    /// with every pin (their probes are attached again by the restore) and made anew.
     static func openKernel(config: DaemonConfig, logger: Logger) throws(KernelError) -> BPFKernelBackend {
         // Test-only: a program with one more instruction, i.e. an upgrade's new program.
         let variant = ProcessInfo.processInfo.environment["UPROBED_TEST_PROGRAM_VARIANT"].map { !$0.isEmpty } ?? false
@@ -287,19 +288,33 @@ public final class UprobedService: Service, Sendable {
     /// Restores every saved registration in one engine batch, adopting the links pinned for
     /// them (`PinReconciler`); logs each degraded one.
     static func restore(_ saved: SavedState?, engine: Engine, resolver: UprobeELF.Resolver, policy: AccessPolicy,
-                        logger: Logger, program: CounterProgram? = nil, counters: ServiceCounters? = nil) async {
+                        logger: Logger, kernel: BPFKernelBackend? = nil, counters: ServiceCounters? = nil) async {
         var items = saved.map { RestorePlanner.plan($0, resolver: resolver, bootID: currentBootID(),
                                                      ownership: RestorePlanner.ownershipCheck(policy: policy)) } ?? []
         var adoption = Adoption()
-        if let program, program.pins != nil {
+        if let kernel, kernel.program.pins != nil {
             let started = ContinuousClock.now
-            let result = PinReconciler.reconcile(program: program, items: &items, saved: saved, logger: logger)
+            var latency: LatencyProgram? = nil
+            var latencyPinsRemoved = 0
+            switch kernel.openPinnedLatency() {
+            case .none(let removed):
+                latencyPinsRemoved = removed
+            case .opened(let program):
+                latency = program
+            case .discarded(let error, let removed):
+                latencyPinsRemoved = removed
+                logger.error("pinned latency objects cannot be used: removed every latency pin; latency probes are attached again (calls since the last state save are lost)",
+                             metadata: ["removed_pins": "\(removed)", "error_code": "\(error.code)", "error": "\(error.message)"])
+            }
+            let result = PinReconciler.reconcile(program: kernel.program, latency: latency, items: &items, saved: saved, logger: logger)
             adoption = result.adoption
             var summary = result.summary
+            summary.latencyPinsRemoved = latencyPinsRemoved
             summary.micros = Int64((ContinuousClock.now - started).microseconds)
             counters?.pins.withLock { $0 = summary }
             logger.notice("pins reconciled", metadata: [
                 "pin_dir": "\(summary.directory)", "adopted_links": "\(summary.adoptedLinks)", "adopted_probes": "\(summary.adoptedProbes)",
+                "adopted_latency_links": "\(summary.adoptedLatencyLinks)", "latency_pins_removed": "\(summary.latencyPinsRemoved)",
                 "attached_again": "\(summary.rebuiltProbes)", "stale_links": "\(summary.staleLinks)",
                 "migrated_links": "\(summary.migratedLinks)", "handoffs_ended": "\(summary.handoffsEnded)",
                 "objects_adopted": "\(summary.objectsAdopted.joined(separator: ","))", "objects_created": "\(summary.objectsCreated.joined(separator: ","))"])

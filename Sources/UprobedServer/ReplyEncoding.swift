@@ -242,6 +242,9 @@ extension RequestHandler {
             pins["rebuilt_probes"] = JSONValue(p.rebuiltProbes)
             pins["stale_links"] = JSONValue(p.staleLinks)
             pins["migrated_links"] = JSONValue(p.migratedLinks)
+            pins["adopted_latency_links"] = JSONValue(p.adoptedLatencyLinks)
+            pins["latency_pins_removed"] = JSONValue(p.latencyPinsRemoved)
+            if let from = p.resizedFrom { pins["resized_from"] = .int(Int64(from)) }
             pins["handoffs_ended"] = JSONValue(p.handoffsEnded)
             pins["objects_adopted"] = .array(p.objectsAdopted.map { .string($0) })
             pins["objects_created"] = .array(p.objectsCreated.map { .string($0) })

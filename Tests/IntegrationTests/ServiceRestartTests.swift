@@ -174,6 +174,49 @@ struct ServiceRestartTests {
         #expect(d.stop() == 0)
     }
 
+    @Test("a changed slot_capacity moves every pinned link to counters of the new size make-before-break under a steady workload, totals exact; a smaller one attaches again only the registrations whose slots no longer fit, totals exact")
+    func slotCapacityChange() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let target = try ServicePersistenceTests.target(in: dir)
+        var d = try ServiceDaemon(dir: dir, config: "slot_capacity = 64\n")
+        let a = try d.register([spec(target, symbol: "fn_a")], consumer: "a")
+        let b = try d.register([spec(target, symbol: "fn_b")], consumer: "b")
+        let filler = try d.register(Array(repeating: spec(target, symbol: "fn_a"), count: 30), consumer: "filler")
+        let x = try d.register([spec(target, symbol: "fn_b")], consumer: "x")
+        let all = a + b + filler + x
+        let work = Workload(target: target, rounds: 80, a: 20, b: 3)
+        usleep(300_000)
+        d.kill9()
+        d = try ServiceDaemon(dir: dir, config: "slot_capacity = 128\n")
+        var pins = try Self.pins(d)
+        #expect(pins["resized_from"] == .int(64) && pins["adopted_probes"] == .int(33) && pins["rebuilt_probes"] == .int(0)
+                    && pins["migrated_links"]?.int64Value ?? 0 >= 1, "\(pins)")
+        #expect(Set(pins["objects_created"]?.arrayValue?.compactMap(\.stringValue) ?? []) == ["counters", "overlap", "prog_count"], "\(pins)")
+        #expect(try d.status()["slot_capacity"] == .int(128))
+        #expect(work.wait() == 0)
+        var hits = try d.hits()
+        #expect(all.allSatisfy { hits[$0] == (b.contains($0) || x.contains($0) ? 80 * 3 : 80 * 20) }, "\(hits)")
+
+        // Smaller: the registrations whose slots lie beyond it (the last ones) are attached
+        // again, the others moved; no calls while no daemon runs here. 20 fillers go first,
+        // so that all that is left fits.
+        let gone = Array(filler.prefix(20)), kept = all.filter { !gone.contains($0) }
+        #expect(try d.call(["op": "unregister", "probes": .array(gone.map { .string($0) })])["removed"] == .int(20))
+        #expect(d.stop() == 0)
+        d = try ServiceDaemon(dir: dir, config: "slot_capacity = 24\n")
+        pins = try Self.pins(d)
+        let adopted = pins["adopted_probes"]?.int64Value ?? 0, rebuilt = pins["rebuilt_probes"]?.int64Value ?? 0
+        #expect(pins["resized_from"] == .int(128) && adopted >= 2 && rebuilt >= 1 && adopted + rebuilt == 13, "\(pins)")
+        try run([target, "2", "1"])
+        hits = try d.hits()
+        #expect(Set(hits.keys) == Set(kept))
+        #expect(kept.allSatisfy { hits[$0] == (b.contains($0) || x.contains($0) ? 80 * 3 + 1 : 80 * 20 + 2) },
+                "\(kept.map { hits[$0] ?? 0 })")
+        #expect(!d.log.contains("probe_degraded"), "everything fits: \(d.log)")
+        #expect(d.stop() == 0)
+    }
+
     @Test("a pin no registration owns (its state gone) is detached at start and logged; --remove-pins detaches everything and is refused while a daemon runs")
     func stalePinsAndRemoval() throws {
         let dir = try ServiceDaemon.makeDir()

@@ -27,6 +27,8 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
         guard mkdtemp(&buf) != nil else { throw TestFailure("mkdtemp failed") }
         let dir = String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
         chmod(dir, 0o755)
+        StaleTestPins.markOwner(dir)
+        _ = StaleTestPins.sweptOnce
         return dir
     }
 

@@ -117,6 +117,8 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         var buf = Array(template.utf8CString)
         guard mkdtemp(&buf) != nil else { throw TestFailure("mkdtemp failed") }
         dir = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        StaleTestPins.markOwner(dir)
+        _ = StaleTestPins.sweptOnce
         socket = dir + "/uprobed.sock"
         stateDir = dir + "/state"
         logPath = dir + "/uprobed.log"

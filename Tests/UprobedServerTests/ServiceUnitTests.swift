@@ -192,6 +192,65 @@ struct StateFileTests {
         #expect(throws: StateError.self) { try StateCodec.decode(Array(bad.utf8)) }
     }
 
+    @Test("a latency probe's slots and latency base round-trip; latency_base without slots or malformed is state_corrupt; new latency probes with slots still share a group")
+    func latencyBaseRoundTrip() throws {
+        var measured = Self.rowProbe(1)
+        measured.spec.latency = true
+        var total = LatencyHistogram(), base = LatencyHistogram()
+        base.calls = 3; base.returns = 3; base.sumNanoseconds = 30; base.minNanoseconds = 9; base.maxNanoseconds = 11
+        base.buckets = [UInt64](repeating: 0, count: LatencyHistogram.bucketCount); base.buckets[9] = 3
+        total = base; total.calls = 5; total.returns = 5; total.buckets[9] = 5
+        measured.latency = total
+        measured.slots = [4]; measured.hits = 5; measured.baseHits = 3; measured.latencyBase = base
+        #expect(!StateCodec.isGroupMember(measured))
+        let fresh = (2...3).map { n -> SavedProbe in
+            var q = Self.rowProbe(n)
+            q.spec.latency = true
+            q.latency = LatencyHistogram()
+            q.slots = [UInt32(n)]
+            return q
+        }
+        var state = SavedState(bootID: "b", savedAt: 1, probes: [measured] + fresh)
+        state.nextID = 10
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.contains(#""latency_base":{"#), "\(text)")
+        #expect(text.components(separatedBy: "\"group\"").count - 1 == 1, "the two new ones are one group: \(text)")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        let orphan = text.replacingOccurrences(of: #""slots":[4],"base_hits":3,"#, with: "")
+        #expect(orphan != text)
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(orphan.utf8)) }
+        let malformed = text.replacingOccurrences(of: #""latency_base":{"#, with: #""latency_base":{"x":1,"#)
+            .replacingOccurrences(of: #","calls":3"#, with: "")
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(malformed.utf8)) }
+    }
+
+    @Test("a followed registration's older sites and retired versions round-trip; they keep it out of groups; bad ones are state_corrupt")
+    func followedRoundTrip() throws {
+        var p = Self.rowProbe(1)
+        p.slots = [9]; p.hits = 40; p.baseHits = 12
+        var old = p.targets[0]
+        old.inode = 77; old.buildID = "cafe"
+        p.olderSites = [SavedSite(target: old, slot: 3)]
+        p.retired = RetiredVersions(recent: (1...9).map { RetiredVersion(version: FileVersion(device: 3, inode: UInt64(100 + $0), buildID: nil, path: "/bin/m"), hits: UInt64($0)) },
+                                    olderCount: 2, olderHits: 5)
+        #expect(p.retired.recent.count == RetiredVersions.keptApart && p.retired.count == 10)
+        #expect(!StateCodec.isGroupMember(p))
+        var onlyRetired = Self.rowProbe(2)
+        onlyRetired.retired = [RetiredVersion(version: FileVersion(device: 3, inode: 5, buildID: "ab", path: "/bin/m"), hits: 4)]
+        #expect(!StateCodec.isGroupMember(onlyRetired))
+        var state = SavedState(bootID: "b", savedAt: 1, probes: [p, onlyRetired, Self.rowProbe(3), Self.rowProbe(4)])
+        state.nextID = 10
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.contains(#""older_sites":[{"#) && text.contains(#""older_count":2,"older_hits":5"#), "\(text)")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        for bad in [text.replacingOccurrences(of: #""slot":3"#, with: #""slot":-3"#),
+                    text.replacingOccurrences(of: #""older_count":2"#, with: #""older_count":-2"#),
+                    text.replacingOccurrences(of: #""slots":[9],"base_hits":12,"#, with: "")] {
+            #expect(bad != text)
+            #expect(throws: StateError.self) { try StateCodec.decode(Array(bad.utf8)) }
+        }
+    }
+
     @Test("a glob's registrations are one group (the spec's symbol once, each target's symbol in a column), aliases sparse, ids as ranges; a glob and plain symbols do not share a group")
     func globGroups() throws {
         let glob = (1...6).map { n -> SavedProbe in
@@ -282,7 +341,7 @@ struct StateFileTests {
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase", "olderSites", "retired"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"])
         // A target keeps its file (path, device, inode, build-id) and its rare parts (aliases,
         // semaphore, warning) behind references.

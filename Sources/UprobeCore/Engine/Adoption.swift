@@ -9,7 +9,11 @@ public struct AdoptedLink: Sendable {
     public var path: String
     public var sites: [LinkSite]
     public var handle: any KernelLink
-    public init(file: FileID, pid: Int32, retprobe: Bool, path: String, sites: [LinkSite], handle: any KernelLink) {
+    /// A latency (uprobe session) link: its group is the latency group of the file.
+    public var latency: Bool
+    public init(file: FileID, pid: Int32, retprobe: Bool, path: String, sites: [LinkSite], handle: any KernelLink,
+                latency: Bool = false) {
+        self.latency = latency
         self.file = file
         self.pid = pid
         self.retprobe = retprobe

@@ -18,6 +18,10 @@ public struct Peer: Sendable, Hashable {
 public struct ProbeSite: Sendable, Equatable {
     public var target: ResolvedProbe
     public var slot: UInt32
+    public init(target: ResolvedProbe, slot: UInt32) {
+        self.target = target
+        self.slot = slot
+    }
 }
 
 /// Whether a registration is counting.
@@ -72,6 +76,10 @@ public struct FileVersion: Sendable, Hashable {
 public struct RetiredVersion: Sendable, Hashable {
     public var version: FileVersion
     public var hits: UInt64
+    public init(version: FileVersion, hits: UInt64) {
+        self.version = version
+        self.hits = hits
+    }
 }
 
 /// A registration's retired file versions: the newest `keptApart` each with its own hits, the
@@ -89,6 +97,12 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 
     public init() {}
     public init(arrayLiteral elements: RetiredVersion...) { for e in elements { append(e) } }
+    /// As saved (the state files keep a followed registration's retired versions).
+    public init(recent: [RetiredVersion], olderCount: Int, olderHits: UInt64) {
+        self.recent = Array(recent.suffix(Self.keptApart))
+        self.olderCount = olderCount
+        self.olderHits = olderHits
+    }
 
     public var isEmpty: Bool { recent.isEmpty }
     /// Hits of every retired version, folded ones included.
@@ -262,6 +276,11 @@ public struct RestoreItem: Sendable {
     /// the registration keeps counting there, its counters are not reset and its sites are not
     /// attached again. nil: attached afresh.
     public var adoptedSlots: [UInt32]? = nil
+    /// With `adoptedSlots`, for a followed registration: its sites in older file versions that
+    /// processes still ran at the exit, adopted with their pinned links like the others.
+    public var adoptedOlderSites: [ProbeSite] = []
+    /// A followed registration's retired file versions (their hits are in `baseHits`).
+    public var retired: RetiredVersions = []
     /// The probe set that owns it (`ProbeRecord.probeSet`).
     public var probeSet: String?
     /// A latency probe's histogram up to the save.
@@ -331,6 +350,11 @@ public struct RegistrySnapshot: Sendable {
     /// On the snapshot handed to the persist hook: registrations its batch ended (saved again
     /// at once, so an ended probe stays ended after a crash).
     public var batchEnded: [ProbeRecord] = []
+    /// On the snapshot handed to the persist hook: registrations whose file versions its
+    /// follow round changed (a new file's sites added, an old file's sites retired and their
+    /// count folded in), saved again at once: a start after a crash then knows every site
+    /// whose pinned link it adopts.
+    public var batchFollowed: [ProbeRecord] = []
 
     /// Probes sorted by their numeric id, for stable listings.
     public var sortedProbes: [ProbeRecord] { probes.sorted }

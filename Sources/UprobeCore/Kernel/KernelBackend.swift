@@ -81,10 +81,12 @@ public final class BPFKernelBackend: KernelBackend {
     /// Rows of the latency program (latency probe sites at once).
     public let latencyCapacity: UInt32
     /// Made on first use: its row map is `latencyCapacity` × 2.7 KB of kernel memory, which a
-    /// daemon without latency probes should not pay. Kept here, next to `program`, so every
-    /// kernel object of the daemon is made in one place. Not pinned: latency links end with
-    /// the daemon (see docs/LATENCY.md).
+    /// daemon without latency probes should not pay; or at start, when latency links were
+    /// found pinned (`openPinnedLatency`). Kept here, next to `program`, so every kernel object
+    /// of the daemon is made in one place; pinned in `program`'s pin directory like it.
     private let latencyProgram = Mutex<Result<LatencyProgram, KernelError>?>(nil)
+    /// The test-only altered programs (see `CounterProgram.init`).
+    private let variant: Bool
 
     /// `pins`: pin the maps, the program and every link there (see `CounterProgram.init`).
     /// `variant`: the test-only altered program; `closeDelayMicros`: the test-only close delay.
@@ -92,6 +94,7 @@ public final class BPFKernelBackend: KernelBackend {
                 closeDelayMicros: UInt32 = 0) throws(KernelError) {
         try KernelSupport.check()
         program = try CounterProgram(capacity: capacity, pins: pins, variant: variant)
+        self.variant = variant
         self.closeDelayMicros = closeDelayMicros
         self.latencyCapacity = latencyCapacity
     }
@@ -103,12 +106,39 @@ public final class BPFKernelBackend: KernelBackend {
         let result: Result<LatencyProgram, KernelError> = latencyProgram.withLock { slot in
             if let made = slot { return made }
             let made = Result { () throws(KernelError) in
-                try LatencyProgram(counter: program, rowCapacity: latencyCapacity)
+                try LatencyProgram(counter: program, rowCapacity: latencyCapacity, variant: variant)
             }
             slot = made
             return made
         }
         return try result.get()
+    }
+
+    /// What a start found of the latency program's pins.
+    public enum PinnedLatency: Sendable {
+        /// No latency link is pinned. Latency objects pinned without one were unpinned (their
+        /// rows belong to no link; the first latency probe makes fresh ones): `removed` pins.
+        case none(removed: Int)
+        /// Latency links are pinned: the latency program is made now, adopting the pinned maps
+        /// (rows included) and program, so the restore can adopt the links.
+        case opened(LatencyProgram)
+        /// Latency links are pinned but the program cannot be made on them (`latency_capacity`
+        /// changed, or no uprobe sessions any more): every latency pin was removed, which
+        /// detaches those links; their probes are attached again from their saved totals.
+        case discarded(KernelError, removed: Int)
+    }
+
+    /// At start, before the restore: opens the latency program if latency links are pinned.
+    public func openPinnedLatency() -> PinnedLatency {
+        guard let pins = program.pins else { return .none(removed: 0) }
+        let generations = pins.pinnedLinkGenerations(in: pins.latencyLinksPath).generations
+        let objects = KernelObjectName.latency.map(pins.objectPath)
+        guard !generations.isEmpty else { return .none(removed: objects.filter { PinDirectory.unpin($0) }.count) }
+        do { return .opened(try latency()) } catch {
+            latencyProgram.withLock { $0 = nil }  // the first latency probe tries again, on fresh objects
+            let removed = (generations.map(pins.latencyLinkPath) + objects).filter { PinDirectory.unpin($0) }.count
+            return .discarded(error, removed: removed)
+        }
     }
 
     /// The latency program if it was made (reads never make it).
@@ -173,8 +203,10 @@ public final class BPFKernelBackend: KernelBackend {
         // unpinned ones are detached together as before.
         let real = links.compactMap { $0 as? UprobeMultiLink }
         for l in real where l.pinPath != nil { l.release() }
-        // Latency links are never pinned; at shutdown they do not wait for their calls.
-        close(links.filter { ($0 as? UprobeMultiLink)?.pinPath == nil }, drain: false)
+        let sessions = links.compactMap { $0 as? LatencyLink }
+        for l in sessions where l.pinPath != nil { l.release() }
+        // Unpinned latency links do not wait for their calls at shutdown.
+        close(links.filter { ($0 as? UprobeMultiLink)?.pinPath == nil && ($0 as? LatencyLink)?.pinPath == nil }, drain: false)
     }
 
     public func readCounter(slot: UInt32) throws(KernelError) -> UInt64 {

@@ -6,9 +6,10 @@ import UprobeSystem
 import Glibc
 #endif
 
-/// uprobed's directory in a bpf file system: the counting program, its maps (by name, see
-/// `KernelObjects`) and every link (`links/<generation>`) are pinned here, so they outlive the
-/// process and a restarted daemon adopts them.
+/// uprobed's directory in a bpf file system: the counting and latency programs, their maps (by
+/// name, see `KernelObjects`), every counting link (`links/<generation>`) and every latency
+/// link (`latency/<generation>`) are pinned here, so they outlive the process and a restarted
+/// daemon adopts them.
 ///
 /// One daemon per directory: `open` takes an exclusive flock(2) on it (held for the process's
 /// life, released by the kernel at any exit), so a second daemon cannot treat the first one's
@@ -22,11 +23,18 @@ public final class PinDirectory: Sendable {
     /// Where links are pinned.
     public var linksPath: String { path + "/links" }
 
+    /// Where latency (uprobe session) links are pinned: apart from counting links, because a
+    /// start must know which program's links it opens before it reads their cookies.
+    public var latencyLinksPath: String { path + "/latency" }
+
     /// The pin of an object named `name` (see `KernelObjects`).
     public func objectPath(_ name: String) -> String { path + "/" + name }
 
     /// The pin of the link of `generation`.
     public func linkPath(_ generation: UInt32) -> String { linksPath + "/\(generation)" }
+
+    /// The pin of the latency link of `generation`.
+    public func latencyLinkPath(_ generation: UInt32) -> String { latencyLinksPath + "/\(generation)" }
 
     /// The default bpf file system mount point, mounted by `open` when missing.
     public static let defaultMount = "/sys/fs/bpf"
@@ -49,7 +57,7 @@ public final class PinDirectory: Sendable {
                 throw KernelError(code: .pinFailed, message: "\(mount) is not a bpf file system and mounting one failed: \(error)", errno: error.errno.rawValue)
             }
         }
-        for dir in [path, path + "/links"] {
+        for dir in [path, path + "/links", path + "/latency"] {
             do { try Self.makeDirectories(dir) } catch {
                 throw KernelError(code: .pinFailed, message: "cannot create \(dir): \(error)", errno: error.errno.rawValue)
             }
@@ -73,10 +81,10 @@ public final class PinDirectory: Sendable {
 
     deinit { _ = close(lock) }
 
-    /// The generations of the links pinned under `links/`, ascending; names that are not a
-    /// generation are returned apart (they are no pin of ours and are left alone).
-    public func pinnedLinkGenerations() -> (generations: [UInt32], foreign: [String]) {
-        guard let dir = opendir(linksPath) else { return ([], []) }
+    /// The generations of the links pinned under `links/` (or `directory`), ascending; names
+    /// that are not a generation are returned apart (they are no pin of ours and are left alone).
+    public func pinnedLinkGenerations(in directory: String? = nil) -> (generations: [UInt32], foreign: [String]) {
+        guard let dir = opendir(directory ?? linksPath) else { return ([], []) }
         defer { closedir(dir) }
         var gens: [UInt32] = [], foreign: [String] = []
         while let entry = readdir(dir) {

@@ -61,10 +61,15 @@ extension CounterProgram {
     /// rebuild is closed).
     public func endAllHandoffs(slots: [UInt32]) throws(KernelError) {
         try setOverlap(false, slots: slots)
+        try Self.deleteAll(marks)
+    }
+
+    /// Deletes every entry of a hand-off marks map ({u32 tid; u32 slot} keys), from the first
+    /// key on until none is left: no program adds marks now (with one link per slot a program
+    /// never leaves one for another link).
+    static func deleteAll(_ marks: FileDescriptor) throws(KernelError) {
         var key: UInt64 = 0
         do {
-            // Delete from the first key on until none is left: no program adds marks now
-            // (with one link per slot the program never leaves one for another link).
             while try BPFSyscall.mapNextKey(marks, key: nil, next: &key) {
                 try BPFSyscall.mapDelete(marks, key: &key)
             }

@@ -16,7 +16,7 @@ public enum RestorePlanner {
         // One resolution per distinct spec: a glob registered once is saved as one record per
         // function, and each must not resolve the glob again.
         let cache = ResolutionCache(resolver: resolver)
-        return state.probes.map { p in
+        func item(_ p: SavedProbe) -> RestoreItem {
             if let why = p.endedReason {
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
@@ -32,6 +32,11 @@ public enum RestorePlanner {
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
                                    degradedReason: why.reason, ended: why.ended, probeSet: p.probeSet, baseLatency: p.latency)
             }
+        }
+        return state.probes.map { p in
+            var restored = item(p)
+            restored.retired = p.retired  // history: kept whether or not the registration is adopted
+            return restored
         }
     }
 

@@ -50,23 +50,47 @@ extension SavedProbe {
                   hits: hits, targets: r.targets, stamp: stamps.file, pidStartTime: stamps.processStart,
                   degradedReason: degraded, endedReason: ended, probeSet: r.probeSet)
         latency = r.latency { _ in nil }   // its saved base; the caller adds what the kernel holds
-        slots = Self.slots(of: r)
-        if slots != nil { baseHits = r.baseHits }
+        retired = r.retired
+        if let split = Self.slots(of: r) {
+            slots = split.slots
+            if !split.older.isEmpty { olderSites = split.older }
+        }
+        if slots != nil {
+            baseHits = r.baseHits
+            if r.spec.latency, let base = r.baseLatency, base.calls != 0 { latencyBase = base }
+        }
     }
 
-    /// The slot of each of `r`'s targets, when its sites are exactly its targets (one site per
-    /// target, in order). A registration that also counts in older file versions (followed)
-    /// has no slots saved: a restart attaches it again rather than adopt part of its counts.
-    /// Nor has a latency probe: its links are not pinned (they end with the daemon).
-    static func slots(of r: ProbeRecord) -> [UInt32]? {
-        guard !r.sites.isEmpty, r.sites.count == r.targetCount, !r.spec.latency else { return nil }
-        var out: [UInt32] = []
-        out.reserveCapacity(r.sites.count)
-        for (s, t) in zip(r.sites, r.targets) {
-            guard s.target.device == t.device, s.target.inode == t.inode, s.target.fileOffset == t.fileOffset else { return nil }
-            out.append(s.slot)
+    /// The slot of each of `r`'s targets (one site per target), and its other sites: those of a
+    /// followed registration in older file versions. nil when some target has no site (a
+    /// degraded or ended registration): a restart attaches it again, if at all.
+    /// A latency probe's slots name its rows too (the pinned `lat_row_of` map keeps which).
+    static func slots(of r: ProbeRecord) -> (slots: [UInt32], older: [SavedSite])? {
+        guard !r.sites.isEmpty else { return nil }
+        if r.sites.count == r.targetCount {
+            // The common case: sites are the targets, in order.
+            var out: [UInt32] = []
+            out.reserveCapacity(r.sites.count)
+            for (s, t) in zip(r.sites, r.targets) {
+                guard s.target.device == t.device, s.target.inode == t.inode, s.target.fileOffset == t.fileOffset else { break }
+                out.append(s.slot)
+            }
+            if out.count == r.sites.count { return (out, []) }
         }
-        return out
+        struct Key: Hashable { var device: UInt64; var inode: UInt64; var offset: UInt64 }
+        var current: [Key: Int] = [:]
+        for (i, t) in r.targets.enumerated() { current[Key(device: t.device, inode: t.inode, offset: t.fileOffset)] = i }
+        var slots = [UInt32?](repeating: nil, count: r.targets.count)
+        var older: [SavedSite] = []
+        for s in r.sites {
+            if let i = current[Key(device: s.target.device, inode: s.target.inode, offset: s.target.fileOffset)], slots[i] == nil {
+                slots[i] = s.slot
+            } else {
+                older.append(SavedSite(target: s.target, slot: s.slot))
+            }
+        }
+        let found = slots.compactMap { $0 }
+        return found.count == r.targets.count ? (found, older) : nil
     }
 }
 
@@ -174,7 +198,7 @@ extension StateCodec {
 
     /// `SavedProbe.slots(of:)` of a one-target record, without making the array.
     static func slot(of r: ProbeRecord) -> UInt32? {
-        guard r.sites.count == 1, r.targetCount == 1, let t = r.firstTarget, !r.spec.latency else { return nil }
+        guard r.sites.count == 1, r.targetCount == 1, let t = r.firstTarget else { return nil }
         let s = r.sites[0].target
         return s.device == t.device && s.inode == t.inode && s.fileOffset == t.fileOffset ? r.sites[0].slot : nil
     }

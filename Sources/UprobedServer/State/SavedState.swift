@@ -77,6 +77,23 @@ public struct SavedProbe: Sendable, Equatable {
     public var probeSet: String? = nil
     /// A latency probe's histogram up to the save (carried over as `baseLatency`).
     public var latency: LatencyHistogram? = nil
+    /// With `slots`, for a latency probe: the part of `latency` its rows do not hold (earlier
+    /// lives' measurements; nil when the rows hold it all). A restart that adopts its pinned
+    /// links reports this plus the rows, which measured on while no daemon ran; one that
+    /// attaches again starts from `latency`.
+    public var latencyBase: LatencyHistogram? = nil
+    /// With `slots`, for a followed registration whose binary was replaced: its sites in older
+    /// file versions still mapped by some process (each with its slot), so a restart adopts
+    /// their pinned links too and old processes stay counted. nil when it has none.
+    public var olderSites: [SavedSite]? = nil
+    /// A followed registration's retired file versions (`ProbeRecord.retired`).
+    public var retired: RetiredVersions = []
+}
+
+/// A site of a followed registration in an older file version.
+public struct SavedSite: Sendable, Equatable {
+    public var target: ResolvedProbe
+    public var slot: UInt32
 }
 
 /// The whole state file.

@@ -134,7 +134,8 @@ public enum StateCodec {
         // A latency probe that has measured nothing yet (a new registration) rides in a run:
         // every row shares its empty histogram. One that has measured something is written in full.
         guard p.targets.count == 1, let symbol = p.spec.symbol, p.spec.offset == nil, p.spec.usdt == nil,
-              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true else { return false }
+              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
+              p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
         let t = p.targets[0]
         return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
     }
@@ -152,6 +153,7 @@ public enum StateCodec {
             && a.spec.path == b.spec.path && a.spec.pid == b.spec.pid && a.spec.retprobe == b.spec.retprobe
             && a.spec.force == b.spec.force && a.spec.follow == b.spec.follow
             && a.spec.latency == b.spec.latency && (a.latency == nil) == (b.latency == nil)
+            && a.latencyBase == b.latencyBase && a.olderSites == b.olderSites && a.retired == b.retired
             && a.targets[0].path == b.targets[0].path && a.targets[0].device == b.targets[0].device
             && a.targets[0].inode == b.targets[0].inode && a.targets[0].buildID == b.targets[0].buildID
     }
@@ -268,6 +270,8 @@ public enum StateCodec {
         }
         if let s = p.probeSet { w.field("set", s) }
         if let h = p.latency { w.field("latency", latencyJSON(h)) }
+        if let h = p.latencyBase { w.field("latency_base", latencyJSON(h)) }
+        writeFollowed(p, into: &w)
         w.endObject()
     }
 
@@ -416,6 +420,11 @@ public enum StateCodec {
         } else if spec.latency {
             p.latency = LatencyHistogram()
         }
+        if let l = o["latency_base"] {
+            guard let h = latency(l), p.slots != nil else { throw corrupt("probes[\(n)].latency_base is malformed or without slots") }
+            p.latencyBase = h
+        }
+        try decodeFollowed(o, into: &p, n)
         return p
     }
 

@@ -27,11 +27,13 @@ import UprobedProtocol
 /// none of its registrations could be a row of a format 3 run.
 extension StateCodec {
     /// Whether `p` can be a member of a group: one target, not USDT, a symbol spec (plain or a
-    /// glob), and no latency measured yet (a histogram is written in full).
+    /// glob), no latency measured yet (a histogram is written in full), and no file versions of
+    /// a followed binary (`older_sites`, `retired`: written in full).
     static func isGroupMember(_ p: SavedProbe) -> Bool {
         guard p.targets.count == 1, p.spec.symbol != nil, p.spec.offset == nil, p.spec.usdt == nil,
               p.targets[0].refCtrOffset == nil,
-              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true else { return false }
+              p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
+              p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
         return p.slots.map { $0.count == 1 } ?? true
     }
 

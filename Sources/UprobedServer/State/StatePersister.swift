@@ -297,8 +297,9 @@ public final class StatePersister: Sendable {
             }
             // An ended registration is written again (a log entry's add replaces an earlier one
             // of the same id): a crash must not bring it back as it was.
+            // So is a followed one whose file versions changed (see `batchFollowed`).
             let addedIDs = Set(added.map(\.id))
-            added += snapshot.batchEnded.filter { !addedIDs.contains($0.id) }
+            added += (snapshot.batchEnded + snapshot.batchFollowed).filter { !addedIDs.contains($0.id) }
             let removed = (m.unsavedRemovals + snapshot.batchRemoved).filter { m.written.contains($0) }
             if added.isEmpty && spliced.isEmpty && removed.isEmpty {
                 m.lastGeneration = snapshot.generation
@@ -323,8 +324,12 @@ public final class StatePersister: Sendable {
             // on while no daemon ran, and its entry must not take that back to `baseHits`.
             let kernel = self.kernel
             let adds = added.map { r in
+                // A latency probe's rows likewise (read first: a call in them is in the counter).
+                let measured = r.latency { kernel.readLatency(slot: $0) }
                 let hits = r.sites.reduce(r.baseHits) { $0 &+ ((try? kernel.readCounter(slot: $1.slot)) ?? 0) }
-                return Self.saved(r, hits: hits, stamps: &m.stamps, files: &files)
+                var p = Self.saved(r, hits: hits, stamps: &m.stamps, files: &files)
+                if let measured { p.latency = measured }
+                return p
             }
             let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
             // A line that removes registrations may use the space reserve: acknowledged

@@ -295,7 +295,12 @@ final class BatchApplier {
             shared = terms
         }
         return ProbeRecord(id: id, terms: terms, sites: sites, state: state, baseHits: restored?.baseHits ?? 0,
-                           targets: sites.isEmpty ? (restored?.targets ?? []) : nil, baseLatency: restored?.baseLatency)
+                           // An adopted followed registration also has sites in older file
+                           // versions (placed before its targets' sites): its targets are then
+                           // not its sites' targets.
+                           targets: sites.isEmpty || (restored?.adoptedSlots != nil && sites.count != restored?.targets.count)
+                               ? (restored?.targets ?? []) : nil,
+                           retired: restored?.retired ?? [], baseLatency: restored?.baseLatency)
     }
 
     /// A batch's registration time, read once: every record of the batch carries it.

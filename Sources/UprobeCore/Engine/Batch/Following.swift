@@ -18,6 +18,7 @@ extension BatchApplier {
         var changed = false
         var retiring: [(id: String, sites: [ProbeSite], version: FileVersion?)] = []
         var endedIDs: [String] = []
+        var followedIDs: [String] = []
         var log = FollowLog()
         defer { log.emit(to: logger) }
         for change in changes {
@@ -29,6 +30,7 @@ extension BatchApplier {
                 let known = r.sites.filter { $0.target.device == first.device && $0.target.inode == first.inode }
                 if !known.isEmpty {
                     registry.replace(r.with(sites: r.sites, state: .active, baseHits: r.baseHits, targets: known.map(\.target), retired: r.retired))
+                    followedIDs.append(r.id)
                     changed = true
                     log.note(.init(event: .followedBack, path: first.path, inode: first.inode), id: r.id)
                 } else {
@@ -108,6 +110,7 @@ extension BatchApplier {
                     registry.addConsumers(of: r, sites: newSites)
                     registry.replace(r.with(sites: r.sites + newSites, state: .active, baseHits: r.baseHits,
                                             targets: newSites.map(\.target), retired: r.retired))
+                    followedIDs.append(id)
                     log.note(.init(event: .followed, path: newSites.first?.target.path ?? "", inode: newSites.first?.target.inode ?? 0,
                                    buildID: newSites.first?.target.buildID ?? ""), id: r.id)
                 }
@@ -144,6 +147,7 @@ extension BatchApplier {
                     registry.replace(r.with(sites: r.sites.filter { !goneSlots.contains($0.slot) }, state: r.state,
                                             baseHits: r.baseHits &+ hits, targets: r.targets, retired: retired,
                                             baseLatency: baseLatency))
+                    followedIDs.append(id)
                     changed = true
                 }
             }
@@ -153,6 +157,8 @@ extension BatchApplier {
         var snapshot = makeSnapshot()
         // The ended records as they are now, their final counts folded in.
         snapshot.batchEnded = endedIDs.compactMap { registry[$0] }
+        let ended = Set(endedIDs)
+        snapshot.batchFollowed = Set(followedIDs).subtracting(ended).sorted().compactMap { registry[$0] }
         commit.saveAndWait(snapshot)
         publish(snapshot, removing: treeRemovals)
         compactor.schedule()

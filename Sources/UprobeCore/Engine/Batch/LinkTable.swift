@@ -142,7 +142,7 @@ final class LinkTable {
     /// linked file, so a later rebuild reaches that file even if the path is replaced.
     func adopt(_ adopted: [AdoptedLink]) {
         for a in adopted {
-            let key = LinkGroupKey(file: a.file, pid: a.pid, retprobe: a.retprobe)
+            let key = LinkGroupKey(file: a.file, pid: a.pid, retprobe: a.retprobe, latency: a.latency)
             _ = try? kernelPath(key, path: a.path)
             enter(LinkRecord(group: key, path: a.path, sites: a.sites, handle: a.handle))
         }

@@ -179,7 +179,7 @@ extension BatchApplier {
                         continue
                     }
                     if let adopted = item.adoptedSlots, adopted.count == item.targets.count {
-                        plan.probes = [PlannedProbe(sites: zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
+                        plan.probes = [PlannedProbe(sites: item.adoptedOlderSites + zip(item.targets, adopted).map { ProbeSite(target: $0, slot: $1) },
                                                     spec: item.spec, restored: item, adopted: true, probeSet: item.probeSet)]
                         registers.append(plan)
                         continue
