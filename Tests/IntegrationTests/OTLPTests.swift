@@ -12,18 +12,10 @@ import UprobedProtocol
 struct OTLPTests {
     @Test("Pushes carry the exact hits with the Prometheus endpoint's metrics, labels as attributes, and the resource; a reload moves them")
     func pushedToReceiver() throws {
-        try #require(OTLPReceiver.installed, "the OTLP receiver's venv is missing: run Tests/OTLPReceiver/venv.sh (make test does)")
-        let (port, metricsPort) = (try freeLoopbackPort(), try freeLoopbackPort())
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let receiver = try OTLPReceiver(port: port, out: dir + "/otlp.jsonl")
+        let (d, receiver, port, metricsPort) = try Self.pushing(dir: dir, config: "otlp_headers = x-test-token=abc%20def")
         defer { receiver.stop() }
-        let d = try TestDaemon(config: """
-            otlp_endpoint = http://127.0.0.1:\(port)
-            otlp_interval_ms = 250
-            otlp_headers = x-test-token=abc%20def
-            metrics_listen = 127.0.0.1:\(metricsPort)
-            """)
         let target = try d.privateTarget()
         let ids = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")], consumer: "otlp-test")
         try #require(ids.count == 2)
@@ -56,13 +48,7 @@ struct OTLPTests {
 
         // The same metrics as the Prometheus endpoint: every name there is here (counters
         // without `_total`), and nothing else.
-        let (_, text) = try httpGet(port: metricsPort, path: "/metrics")
-        var prometheus = Set<String>()
-        for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
-            let f = line.split(separator: " ")
-            guard f.count == 4 else { continue }
-            prometheus.insert(f[3] == "counter" && f[2].hasSuffix("_total") ? String(f[2].dropLast(6)) : String(f[2]))
-        }
+        let prometheus = try Self.prometheusNames(port: metricsPort)
         #expect(!prometheus.isEmpty && Set(push.metrics.map(\.name)) == prometheus,
                 "only in Prometheus: \(prometheus.subtracting(push.metrics.map(\.name))); only in OTLP: \(Set(push.metrics.map(\.name)).subtracting(prometheus))")
 
@@ -157,17 +143,10 @@ struct OTLPTests {
 
     @Test("Latency probes are OTLP histograms with the Prometheus name, labels and le bounds: count, sum, min, max and every bucket exactly as stats says; calls in flight as a gauge")
     func latencyHistograms() throws {
-        try #require(OTLPReceiver.installed, "the OTLP receiver's venv is missing: run Tests/OTLPReceiver/venv.sh (make test does)")
-        let (port, metricsPort) = (try freeLoopbackPort(), try freeLoopbackPort())
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let receiver = try OTLPReceiver(port: port, out: dir + "/otlp.jsonl")
+        let (d, receiver, _, metricsPort) = try Self.pushing(dir: dir)
         defer { receiver.stop() }
-        let d = try TestDaemon(config: """
-            otlp_endpoint = http://127.0.0.1:\(port)
-            otlp_interval_ms = 250
-            metrics_listen = 127.0.0.1:\(metricsPort)
-            """)
         let fx = try LatencyProbeTests.fixture(d)
         let names = ["lat_busy", "lat_sleep1", "lat_exit_mid"]
         let ids = try d.register(names.map { LatencyProbeTests.latencySpec(fx, $0) }, consumer: "otlp-latency")
@@ -231,13 +210,7 @@ struct OTLPTests {
         try check(push, stats)
 
         // The same names as the Prometheus endpoint, the histogram included.
-        let (_, text) = try httpGet(port: metricsPort, path: "/metrics")
-        var prometheus = Set<String>()
-        for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
-            let f = line.split(separator: " ")
-            guard f.count == 4 else { continue }
-            prometheus.insert(f[3] == "counter" && f[2].hasSuffix("_total") ? String(f[2].dropLast(6)) : String(f[2]))
-        }
+        let prometheus = try Self.prometheusNames(port: metricsPort)
         #expect(prometheus.contains("uprobed_probe_latency_seconds") && Set(push.metrics.map(\.name)) == prometheus,
                 "only in Prometheus: \(prometheus.subtracting(push.metrics.map(\.name))); only in OTLP: \(Set(push.metrics.map(\.name)).subtracting(prometheus))")
 
@@ -251,6 +224,34 @@ struct OTLPTests {
         #expect(later.latency(ids[0])?.startNs == push.latency(ids[0])?.startNs)
         #expect(!d.log.contains("OTLP push failed"), "\(d.log)")
         #expect(d.stop() == 0)
+    }
+
+    /// A receiver on a free port in `dir` and a daemon pushing to it every 250 ms (plus the
+    /// `config` lines), with a Prometheus endpoint on another port.
+    static func pushing(dir: String, config: String = "") throws -> (TestDaemon, OTLPReceiver, port: UInt16, metricsPort: UInt16) {
+        try #require(OTLPReceiver.installed, "the OTLP receiver's venv is missing: run Tests/OTLPReceiver/venv.sh (make test does)")
+        let (port, metricsPort) = (try freeLoopbackPort(), try freeLoopbackPort())
+        let receiver = try OTLPReceiver(port: port, out: dir + "/otlp.jsonl")
+        let d = try TestDaemon(config: """
+            otlp_endpoint = http://127.0.0.1:\(port)
+            otlp_interval_ms = 250
+            metrics_listen = 127.0.0.1:\(metricsPort)
+            \(config)
+            """)
+        return (d, receiver, port, metricsPort)
+    }
+
+    /// The metric names a scrape of the Prometheus endpoint has, as OTLP names them (counters
+    /// without `_total`).
+    static func prometheusNames(port: UInt16) throws -> Set<String> {
+        let (_, text) = try httpGet(port: port, path: "/metrics")
+        var names = Set<String>()
+        for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
+            let f = line.split(separator: " ")
+            guard f.count == 4 else { continue }
+            names.insert(f[3] == "counter" && f[2].hasSuffix("_total") ? String(f[2].dropLast(6)) : String(f[2]))
+        }
+        return names
     }
 
     @Test("A bad otlp_endpoint stops the start with the key and line named")
