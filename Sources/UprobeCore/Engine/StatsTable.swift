@@ -142,8 +142,7 @@ public struct StatsTable: Sendable {
                     c = Candidate(seq: seen, key: key, number: number, row: row, record: allVersions ? record : nil)
                 } else if let record {
                     let t = totals(record, counts: counts, now: now)
-                    // The histogram only for a latency order: summing a probe's 321 buckets
-                    // costs nothing next to reading its kernel row, which only then is read.
+                    // The histogram (its kernel row read, its buckets summed) only for a latency order.
                     let h = order.isLatency ? record.latency(latency) : nil
                     let key = Order.Key(hits: t.hits, rate: t.rate, latency: h.flatMap(order.latencyValue), isLatency: record.spec.latency)
                     c = Candidate(seq: seen, key: key, number: number, row: row, record: record)
@@ -252,13 +251,14 @@ public struct StatsTable: Sendable {
             guard limit < n else { return self }
             return picking(Array(0..<limit))
         }
-        // Each row's key once (a percentile sums the histogram's buckets), not per comparison.
-        let keys = (0..<n).map { i in
-            let h = order.isLatency ? detail(i)?.latency : nil
-            return Order.Key(hits: hits[i], rate: rates[i], latency: h.flatMap(order.latencyValue), isLatency: h != nil)
+        // A latency order's values once per row (a percentile sums the histogram's buckets),
+        // not per comparison.
+        let latencyValues: [UInt64?]? = order.isLatency ? (0..<n).map { detail($0)?.latency.flatMap(order.latencyValue) } : nil
+        func key(_ i: Int) -> Order.Key {
+            Order.Key(hits: hits[i], rate: rates[i], latency: latencyValues?[i], isLatency: latencyValues != nil && detail(i)?.latency != nil)
         }
         func beats(_ a: Int, _ b: Int) -> Bool {  // a ranks before b
-            order.ranks(keys[a], before: keys[b]) ?? (a < b)
+            order.ranks(key(a), before: key(b)) ?? (a < b)
         }
         if limit == n { return picking((0..<n).sorted(by: beats)) }
         var best: [Int] = []  // ranked, at most `limit`
