@@ -12,6 +12,11 @@ import UprobeKernel
 /// durations always exist (the real ones are one choice). Work is done at export time only,
 /// one `record` per call returned since the previous export; nothing on the probe's path.
 ///
+/// An export records at most `budget` calls: a backlog larger than that (a probe's first
+/// export after a restart brings back its saved calls) is recorded over several exports, the
+/// same share of every bucket each time, the rest of the sum kept for the calls still to come,
+/// so the instrument catches up exactly instead of one export taking minutes.
+///
 /// The kernel updates a bucket and the sum of a call with separate atomic adds, so a read
 /// while calls return can see one without the other: what does not fit this time (a sum ahead
 /// of its buckets) is carried into the next export.
@@ -23,21 +28,22 @@ struct LatencyReplay: Sendable {
     private(set) var minNanoseconds: UInt64?
     private(set) var maxNanoseconds: UInt64?
 
-    /// Records (`record(duration_ns, times)`) what `h` holds beyond what was recorded before.
-    /// False, recording nothing, when `h` holds less in some bucket than was recorded (not the
-    /// same histogram any more): the caller starts a new instrument and a new replay.
-    mutating func advance(to h: LatencyHistogram, record: (UInt64, UInt64) -> Void) -> Bool {
+    /// Records (`record(duration_ns, times)`) what `h` holds beyond what was recorded before,
+    /// at most `budget` calls; returns how many it recorded. Nil, recording nothing, when `h`
+    /// holds less in some bucket than was recorded (not the same histogram any more): the
+    /// caller starts a new instrument and a new replay.
+    mutating func advance(to h: LatencyHistogram, budget: UInt64 = .max, record: (UInt64, UInt64) -> Void) -> UInt64? {
         let n = LatencyHistogram.bucketCount
+        if buckets.isEmpty { buckets = [UInt64](repeating: 0, count: n) }
         var delta = [UInt64](repeating: 0, count: n)
-        var any = false
+        var total: UInt64 = 0
         for i in 0..<n {
             let now = i < h.buckets.count ? h.buckets[i] : 0
-            let was = i < buckets.count ? buckets[i] : 0
-            guard now >= was else { return false }
-            delta[i] = now - was
-            any = any || now > was
+            guard now >= buckets[i] else { return nil }
+            delta[i] = now - buckets[i]
+            total &+= delta[i]
         }
-        guard any else { return true }
+        guard total > 0, budget > 0 else { return 0 }
 
         // Durations a returned call can have: its bucket's, within the probe's min and max (a
         // read racing with returns may show a min or max the buckets do not hold yet: then the
@@ -48,11 +54,13 @@ struct LatencyReplay: Sendable {
             let lo = Swift.max(lower, h.minNanoseconds), hi = Swift.min(upper, h.maxNanoseconds)
             return lo <= hi ? (lo, hi) : (lower, upper)
         }
-        var recorded: UInt64 = 0
-        func put(_ v: UInt64, _ times: UInt64) {
+        var recorded: UInt64 = 0, count: UInt64 = 0
+        func put(_ v: UInt64, _ times: UInt64, bucket i: Int) {
             guard times > 0 else { return }
             record(v, times)
             recorded &+= v &* times
+            count &+= times
+            buckets[i] &+= times
             minNanoseconds = Swift.min(minNanoseconds ?? v, v)
             maxNanoseconds = Swift.max(maxNanoseconds ?? v, v)
         }
@@ -63,14 +71,16 @@ struct LatencyReplay: Sendable {
             if h.maxNanoseconds > (maxNanoseconds ?? 0), !(fixed.first == h.maxNanoseconds) { fixed.append(h.maxNanoseconds) }
         }
         var fixedSum: UInt64 = 0
-        for v in fixed {
+        for v in fixed where count < budget {
             let i = LatencyHistogram.bucket(of: v)
             guard delta[i] > 0 else { continue }
             delta[i] -= 1
+            total -= 1
             fixedSum &+= v
-            put(v, 1)
+            put(v, 1, bucket: i)
         }
-        // The rest: each at its range's low end, then raised in order until the sum is reached.
+        // The rest: a plan for every new call, each at its range's low end, then raised in order
+        // until the sum is reached; of each bucket's planned calls, the budget's share.
         var low: UInt64 = 0, room: UInt64 = 0
         for i in 0..<n where delta[i] > 0 {
             let r = range(i)
@@ -79,16 +89,25 @@ struct LatencyReplay: Sendable {
         }
         let target = h.sumNanoseconds > sumNanoseconds ? h.sumNanoseconds - sumNanoseconds : 0
         var raise = target > fixedSum &+ low ? Swift.min(target - fixedSum - low, room) : 0
+        let left = budget - count
+        // Of `c` planned calls, the share recorded now: all when the budget allows, else the
+        // budget's fraction (at least one, so that every export makes progress) while it lasts.
+        func share(_ c: UInt64) -> UInt64 {
+            guard total > left else { return c }
+            let fraction = UInt64((Double(c) * Double(left) / Double(total)).rounded(.down))
+            return Swift.min(Swift.max(fraction, 1), c, budget - count)
+        }
         for i in 0..<n where delta[i] > 0 {
             let r = range(i), c = delta[i]
             let here = Swift.min(raise, c &* (r.hi - r.lo))
             raise -= here
             let (q, extra) = here.quotientAndRemainder(dividingBy: c)
-            put(r.lo + q + 1, extra)
-            put(r.lo + q, c - extra)
+            // Planned: `extra` calls at lo + q + 1, the others at lo + q.
+            let take = share(c)
+            put(r.lo + q + 1, Swift.min(take, extra), bucket: i)
+            put(r.lo + q, take - Swift.min(take, extra), bucket: i)
         }
         sumNanoseconds &+= recorded
-        buckets = h.buckets
-        return true
+        return count
     }
 }

@@ -166,7 +166,11 @@ final class OTLPInstruments: Sendable {
         var recorder: Recorder
         var replay = LatencyReplay()
     }
-    private let histograms = Mutex<[String: HistogramSeries]>([:])
+    private struct Histograms {
+        var series: [String: HistogramSeries] = [:]
+        var rotation = 0
+    }
+    private let histograms = Mutex(Histograms())
 
     init(factory: any MetricsFactory) { self.factory = factory }
 
@@ -174,28 +178,39 @@ final class OTLPInstruments: Sendable {
         prometheusName.hasSuffix("_total") ? String(prometheusName.dropLast(6)) : prometheusName
     }
 
+    /// The most calls one export records into the latency histograms, all probes together
+    /// (`LatencyReplay`): a larger backlog is caught up over the next exports.
+    static let replayBudget: UInt64 = 2_000_000
+
     /// The instruments of these points and latency probes; those of series not among them end.
     func update(_ points: [MetricPoint], latency: [ProbeSample]) {
         update(points)
-        histograms.withLock { old in
+        histograms.withLock { state in
             var next: [String: HistogramSeries] = [:]
-            for p in latency {
+            var budget = Self.replayBudget
+            // Each export starts the budget at another probe, so a backlog of one cannot keep
+            // the others waiting export after export.
+            let start = latency.isEmpty ? 0 : state.rotation % latency.count
+            state.rotation &+= 1
+            for p in latency[start...] + latency[..<start] {
                 guard let h = p.latency else { continue }
                 let labels = LatencySeries.labels(p)
                 let key = labels.map(\.1).joined(separator: "\u{1F}")
-                var s = old.removeValue(forKey: key) ?? HistogramSeries(recorder: makeRecorder(labels))
+                var s = state.series.removeValue(forKey: key) ?? HistogramSeries(recorder: makeRecorder(labels))
                 let recorder = s.recorder
-                if !s.replay.advance(to: h, record: { ns, times in Self.record(ns, times, into: recorder) }) {
+                var done = s.replay.advance(to: h, budget: budget) { ns, times in Self.record(ns, times, into: recorder) }
+                if done == nil {
                     // Fewer calls than already exported: not the same histogram, a new series.
                     recorder.destroy()
                     s = HistogramSeries(recorder: makeRecorder(labels))
                     let fresh = s.recorder
-                    _ = s.replay.advance(to: h, record: { ns, times in Self.record(ns, times, into: fresh) })
+                    done = s.replay.advance(to: h, budget: budget) { ns, times in Self.record(ns, times, into: fresh) }
                 }
+                budget -= Swift.min(budget, done ?? 0)
                 next[key] = s
             }
-            for gone in old.values { gone.recorder.destroy() }
-            old = next
+            for gone in state.series.values { gone.recorder.destroy() }
+            state.series = next
         }
     }
 
