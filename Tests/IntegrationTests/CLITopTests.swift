@@ -75,26 +75,15 @@ struct CLITopTests {
         let started = Date()
         try p.run()
         defer { p.terminate(); p.waitUntilExit() }
-        let fd = out.fileHandleForReading.fileDescriptor
-        var text = ""
+        let reader = PipeText(out)
         // A frame ends with a blank line. Two frames: the second proves frames are flushed as
         // they come, not only the first one or at exit.
         func waitForFrames(_ n: Int, within seconds: Double) -> Bool {
-            let deadline = started.addingTimeInterval(seconds)
-            while text.components(separatedBy: "\n\n").count - 1 < n {
-                let left = deadline.timeIntervalSinceNow
-                guard left > 0 else { return false }
-                var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                guard poll(&pfd, 1, Int32(left * 1000)) > 0 else { return false }
-                var buf = [UInt8](repeating: 0, count: 65536)
-                let got = read(fd, &buf, buf.count)
-                guard got > 0 else { return false }
-                text += String(decoding: buf[0..<got], as: UTF8.self)
-            }
-            return true
+            reader.readUntil(started.addingTimeInterval(seconds)) { _ in reader.frames.count >= n }
         }
-        #expect(waitForFrames(1, within: 2.0), "no frame within two intervals: \(text)")
-        #expect(waitForFrames(2, within: 4.0), "no second frame within two more intervals: \(text)")
+        #expect(waitForFrames(1, within: 2.0), "no frame within two intervals: \(reader.text)")
+        #expect(waitForFrames(2, within: 4.0), "no second frame within two more intervals: \(reader.text)")
+        let text = reader.text
         let header = text.split(separator: "\n").first.map(String.init) ?? ""
         #expect(header.range(of: #"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] 1 probes"#, options: .regularExpression) != nil, "\(header)")
         #expect(text.contains("fn_a"), "\(text)")
@@ -161,25 +150,11 @@ struct CLITopTests {
         p.standardError = FileHandle.nullDevice
         try p.run()
         defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
-        let fd = out.fileHandleForReading.fileDescriptor
-        var text = ""
-        /// Reads until `condition` holds for the frames so far, or `seconds` pass.
+        let reader = PipeText(out)
         func readUntil(seconds: Double, _ condition: ([String]) -> Bool) -> Bool {
-            let deadline = Date().addingTimeInterval(seconds)
-            while true {
-                let parts: [String] = text.components(separatedBy: "\n\n")
-                if condition(Array(parts.dropLast())) { return true }
-                let left = deadline.timeIntervalSinceNow
-                guard left > 0 else { return false }
-                var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                guard poll(&pfd, 1, Int32(left * 1000)) > 0 else { return false }
-                var buf = [UInt8](repeating: 0, count: 65536)
-                let got = read(fd, &buf, buf.count)
-                guard got > 0 else { return false }
-                text += String(decoding: buf[0..<got], as: UTF8.self)
-            }
+            reader.readUntil(Date().addingTimeInterval(seconds)) { _ in condition(reader.frames) }
         }
-        #expect(readUntil(seconds: 10) { !$0.isEmpty }, "no first frame: \(text)")
+        #expect(readUntil(seconds: 10) { !$0.isEmpty }, "no first frame: \(reader.text)")
         // 10 calls of 1 ms and 20 of 40 µs while the frames run.
         #expect(try run([fx, "--sleep1=10", "--busy=20", "--busy-ns=40000"]).status == 0)
         /// Per symbol, the calls of every frame's row, and the P50 (raw ns) of rows with calls.
@@ -189,9 +164,8 @@ struct CLITopTests {
         }
         func calls(_ frames: [String], _ symbol: String) -> Int { rows(frames, symbol).compactMap { Int($0[3]) }.reduce(0, +) }
         let complete = readUntil(seconds: 10) { calls($0, "lat_sleep1") >= 10 && calls($0, "lat_busy") >= 20 }
-        let parts: [String] = text.components(separatedBy: "\n\n")
-        let frames = Array(parts.dropLast())
-        #expect(complete && calls(frames, "lat_sleep1") == 10 && calls(frames, "lat_busy") == 20, "\(text)")
+        let frames = reader.frames
+        #expect(complete && calls(frames, "lat_sleep1") == 10 && calls(frames, "lat_busy") == 20, "\(reader.text)")
         #expect(frames.first?.contains("CALLS") == true, "\(frames.first ?? "")")
         for r in rows(frames, "lat_sleep1") where Int(r[3]) ?? 0 > 0 {
             #expect((Int(r[4]) ?? 0) >= 1_000_000, "a 1 ms sleep's P50 in ns: \(r)")
