@@ -97,8 +97,8 @@ struct StateFileTests {
                    stamp: FileStamp(device: 3, inode: 4, size: 99, mtimeNanos: 42), pidStartTime: nil, degradedReason: nil)
     }
 
-    @Test("runs: probes that differ only in id, symbol, offset and hits share one entry; any other difference starts a new one; all decode back exactly")
-    func runs() throws {
+    @Test("groups: probes that differ only in id, symbol, offset, hits, slot and aliases share one entry; any other difference starts a new one; all decode back exactly")
+    func groups() throws {
         // Each variant differs from rowProbe in one field a row does not carry.
         let variants: [(String, (inout SavedProbe) -> Void)] = [
             ("consumer", { $0.consumer = "other" }), ("no consumer", { $0.consumer = nil }),
@@ -122,8 +122,9 @@ struct StateFileTests {
             probes += [a, b]  // a run of two of their own
             n += 2
         }
-        // Not rows: aliases, a semaphore, a glob spec, two targets, an offset spec; and a lone row.
-        var alias = Self.rowProbe(200); alias.targets[0].aliases = ["h"]
+        // Not in a group: a semaphore, two targets, an offset spec; and lone members (an
+        // alias, a glob).
+        var alias = Self.rowProbe(200); alias.targets[0].aliases = ["h"]; alias.targets[0].buildID = "cafe"
         var usdt = Self.rowProbe(201); usdt.targets[0].refCtrOffset = 16
         var glob = Self.rowProbe(202); glob.spec.symbol = "g*"
         var two = Self.rowProbe(203); two.targets.append(two.targets[0])
@@ -133,13 +134,13 @@ struct StateFileTests {
         var state = SavedState(bootID: "b", savedAt: 1, probes: probes)
         state.nextID = 300
         let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
-        #expect(text.components(separatedBy: "\"rows\"").count - 1 == 1 + variants.count, "one run of five, one per variant")
+        #expect(text.components(separatedBy: "\"group\"").count - 1 == 1 + variants.count, "one group of five, one per variant")
         #expect(try StateCodec.decode(Array(text.utf8)) == state)
         let log = StateCodec.encodeLogEntry(seq: 1, add: probes, remove: [])
         #expect(try StateCodec.replay(log, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == probes)
         let big = (1...10_000).map(Self.rowProbe)
         let bigText = StateCodec.encodeLogEntry(seq: 1, add: big, remove: [])
-        #expect(bigText.count < 40 * big.count, "\(bigText.count) bytes for \(big.count) probes")
+        #expect(bigText.count < 16 * big.count, "\(bigText.count) bytes for \(big.count) probes")
         #expect(try StateCodec.replay(bigText, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == big)
     }
 
@@ -154,7 +155,7 @@ struct StateFileTests {
         p.latency = h
         let state = SavedState(bootID: "b", savedAt: 1, probes: [p, Self.rowProbe(2)])
         #expect(try StateCodec.decode(StateCodec.encode(state)).probes == state.probes)
-        #expect(!StateCodec.isRow(p))
+        #expect(!StateCodec.isGroupMember(p))
         let log = StateCodec.encodeLogEntry(seq: 1, add: [p], remove: [])
         #expect(try StateCodec.replay(log, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == [p])
         // New latency probes (nothing measured yet) share a run, as counting probes do.
@@ -164,10 +165,10 @@ struct StateFileTests {
             q.latency = LatencyHistogram()
             return q
         }
-        #expect(StateCodec.isRow(fresh[0]) && StateCodec.sameRowShape(fresh[0], fresh[1]))
-        #expect(!StateCodec.sameRowShape(fresh[0], Self.rowProbe(2)))
+        #expect(StateCodec.isGroupMember(fresh[0]) && StateCodec.sameGroupShape(fresh[0], fresh[1]))
+        #expect(!StateCodec.sameGroupShape(fresh[0], Self.rowProbe(2)))
         let runLog = StateCodec.encodeLogEntry(seq: 1, add: fresh + [Self.rowProbe(2)], remove: [])
-        #expect(String(decoding: runLog, as: UTF8.self).components(separatedBy: "\"rows\"").count - 1 == 1, "one run of the five")
+        #expect(String(decoding: runLog, as: UTF8.self).components(separatedBy: "\"group\"").count - 1 == 1, "one group of the five")
         #expect(try StateCodec.replay(runLog, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == fresh + [Self.rowProbe(2)])
     }
 
@@ -184,11 +185,97 @@ struct StateFileTests {
         var state = SavedState(bootID: "b", savedAt: 1, probes: probes)
         state.nextID = 100
         let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
-        #expect(text.contains(#"["p2","g2",4098,12,7,5]"#), "\(text)")
+        #expect(text.contains(#""slots":[[0,1],[7,1],[4294967295,1]]"#) && text.contains(#""base_hits":[[1,5],[2,"9223372036854775808"]]"#), "\(text)")
         #expect(text.contains(#""slots":[3,4],"base_hits":99"#), "\(text)")
         #expect(try StateCodec.decode(Array(text.utf8)) == state)
         let bad = #"{"format":"uprobed-state","version":3,"probes":[\#(String(text.split(separator: "[", maxSplits: 1)[1]).replacingOccurrences(of: #""slots":[3,4]"#, with: #""slots":[3]"#))"#
         #expect(throws: StateError.self) { try StateCodec.decode(Array(bad.utf8)) }
+    }
+
+    @Test("a glob's registrations are one group (the spec's symbol once, each target's symbol in a column), aliases sparse, ids as ranges; a glob and plain symbols do not share a group")
+    func globGroups() throws {
+        let glob = (1...6).map { n -> SavedProbe in
+            var p = Self.rowProbe(n)
+            p.spec.symbol = "g*"
+            p.slots = [UInt32(100 + n)]
+            return p
+        }
+        var probes = glob
+        probes[2].targets[0].aliases = ["g3_alias", "g3_other"]
+        probes[4].id = "p50"        // a hole in the ids: two ranges
+        probes[5].slots = [7]       // and in the slots
+        probes += [Self.rowProbe(60), Self.rowProbe(61)]   // plain symbols: a group of their own
+        var state = SavedState(bootID: "b", savedAt: 1, probes: probes)
+        state.nextID = 62
+        let text = String(decoding: StateCodec.encode(state), as: UTF8.self)
+        #expect(text.components(separatedBy: "\"group\"").count - 1 == 2, "\(text)")
+        #expect(text.contains(#""ids":[[1,4],[50,50],[6,6]]"#) && text.contains(#""slots":[[101,5],[7,1]]"#), "\(text)")
+        #expect(text.contains(#""aliases":[[2,["g3_alias","g3_other"]]]"#) && text.contains(#""each_symbol":true"#), "\(text)")
+        #expect(!text.contains(#""hits":["#), "no hits column when every count is zero")
+        #expect(try StateCodec.decode(Array(text.utf8)) == state)
+        let log = StateCodec.encodeLogEntry(seq: 1, add: probes, remove: ["p70"])
+        #expect(try StateCodec.replay(log, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == probes)
+        // 10,000 registrations of a glob: a column entry each (the symbol and offset), not an entry.
+        let big = (1...10_000).map { n -> SavedProbe in
+            var p = Self.rowProbe(n)
+            p.spec.symbol = "*"
+            p.slots = [UInt32(n)]
+            return p
+        }
+        let bigText = StateCodec.encodeLogEntry(seq: 1, add: big, remove: [])
+        #expect(bigText.count < 16 * big.count, "\(bigText.count) bytes for \(big.count) probes")
+        #expect(try StateCodec.replay(bigText, onto: SavedState(bootID: nil, savedAt: 0, probes: [])).probes == big)
+    }
+
+    @Test("bad groups are state_corrupt: columns of other lengths, bad ranges, a first registration that cannot be a member, a sparse index out of range")
+    func corruptGroups() throws {
+        var a = Self.rowProbe(1), b = Self.rowProbe(2)
+        a.slots = [1]; b.slots = [2]
+        let line = String(decoding: StateCodec.encodeLogEntry(seq: 1, add: [a, b], remove: []), as: UTF8.self)
+        let good = #"{"format":"uprobed-state","version":4,"probes":\#(line.dropFirst(#"{"seq":1,"add":"#.count).dropLast("}\n".count))}"#
+        #expect(try StateCodec.decode(Array(good.utf8)).probes == [a, b])
+        let breaks = [(#""ids":[[1,2]]"#, #""ids":[[1,3]]"#), (#""ids":[[1,2]]"#, #""ids":[[2,1]]"#),
+                      (#""ids":[[1,2]]"#, #""id_list":["p1"]"#), (#""slots":[[1,2]]"#, #""slots":[[1,1]]"#),
+                      (#""slots":[[1,2]]"#, #""slots":[[4294967295,2]]"#), (#""offsets":[4097,4098]"#, #""offsets":[4097]"#),
+                      (#""symbols":["g1","g2"]"#, #""symbols":["g1",""]"#), (#""offsets":[4097,4098]"#, #""offsets":[4097,-1]"#),
+                      (#""each_symbol":true"#, #""each_symbol":true,"aliases":[[2,["x"]]]"#),
+                      (#""each_symbol":true"#, #""each_symbol":true,"hits":[1]"#),
+                      (#""spec":{"#, #""spec":{"usdt":"a:b","#)]
+        for (from, to) in breaks {
+            #expect(good.contains(from), "\(from) in \(good)")
+            let bad = good.replacingOccurrences(of: from, with: to)
+            do {
+                _ = try StateCodec.decode(Array(bad.utf8))
+                Issue.record("accepted: \(to)")
+            } catch {
+                #expect(error.code.rawValue == "state_corrupt", "\(to)")
+            }
+        }
+    }
+
+    @Test("a version 3 state (full entries and runs of rows with slots) loads, and the first change rewrites it as version 4 with the same registrations")
+    func migrateVersion3() throws {
+        // As uprobed wrote version 3: a run's rows are [id, symbol, offset, hits, slot(, base hits)].
+        let first = String(decoding: StateCodec.encodeLogEntry(seq: 1, add: [Self.rowProbe(1)], remove: []), as: UTF8.self)
+        let probe = String(first.dropFirst(#"{"seq":1,"add":["#.count).dropLast("]}\n".count))
+        let v3 = #"{"format":"uprobed-state","version":3,"seq":4,"next_id":9,"probes":[\#(probe.replacingOccurrences(of: #""id":"p1""#, with: #""id":"p8""#)),{"run":\#(probe),"rows":[["p1","g1",4097,0,3],["p2","g2",4098,5,4,2]]}]}"#
+        var p1 = Self.rowProbe(1); p1.slots = [3]
+        var p2 = Self.rowProbe(2); p2.slots = [4]; p2.hits = 5; p2.baseHits = 2
+        var p8 = Self.rowProbe(1); p8.id = "p8"
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = StateStore(dir: dir)
+        try Data(v3.utf8).write(to: URL(fileURLWithPath: store.path))
+        let restored = try #require(try store.load())
+        #expect(restored.formatVersion == 3 && restored.probes == [p8, p1, p2] && restored.nextID == 9)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: restored)
+        var snap = RegistrySnapshot()
+        snap.add(Self.records(20..<22, path: dir), generation: 1)
+        try persister.persist(snap)
+        try persister.sync()
+        let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
+        #expect(onDisk.contains(#""version":4"#) && !onDisk.contains(#""rows""#))
+        #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
     }
 
     @Test("the types a run shares are the ones sameRowShape compares: a new field must be taught to it (this test lists them)")
@@ -227,14 +314,14 @@ struct StateFileTests {
         #expect(decoded == [Self.rowProbe(1), second])
     }
 
-    @Test("format versions: 1 is read, 4 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
+    @Test("format versions: 1 is read, 5 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
     func formatVersions() throws {
         var v1 = String(decoding: StateCodec.encode(Self.sample), as: UTF8.self)
-        v1 = v1.replacingOccurrences(of: #""version":3"#, with: #""version":1"#)
+        v1 = v1.replacingOccurrences(of: #""version":4"#, with: #""version":1"#)
         let read = try StateCodec.decode(Array(v1.utf8))
         #expect(read.formatVersion == 1 && read.probes == Self.sample.probes)
-        let v4 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":4"#)
-        #expect(throws: StateError.self) { try StateCodec.decode(Array(v4.utf8)) }
+        let v5 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":5"#)
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(v5.utf8)) }
 
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -247,7 +334,7 @@ struct StateFileTests {
         try persister.persist(snap)
         try persister.sync()
         let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
-        #expect(onDisk.contains(#""version":3"#) && onDisk.contains(#""p20""#))
+        #expect(onDisk.contains(#""version":4"#) && onDisk.contains(#""p20""#))
         #expect(store.size(store.logPath) == 0, "nothing appended after a version 1 snapshot")
         #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
     }
@@ -437,8 +524,9 @@ struct StateFileTests {
             generation += 1
             let added = Self.records(next..<next + 500, path: binary)
             next += 500
-            // Remove a tenth of what is there, so the log carries removals too.
-            let removed = snap.sortedProbes.enumerated().filter { $0.offset % 10 == 3 }.map(\.element.id)
+            // Remove half of what is there: the log carries removals, and soon holds more dead
+            // entries than half the live ones, which makes a snapshot due (`compactionDue`).
+            let removed = snap.sortedProbes.enumerated().filter { $0.offset % 2 == 1 }.map(\.element.id)
             for id in removed { _ = snap.probes.remove(id) }
             snap.add(added, generation: generation)
             snap.batchRemoved = removed
@@ -479,6 +567,38 @@ struct StateFileTests {
         try persister.checkpoint(snap)
         #expect(try onDisk() == snap.sortedProbes.map(\.id))
         #expect(!FileManager.default.fileExists(atPath: store.logPath) && !FileManager.default.fileExists(atPath: store.previousLogPath))
+    }
+
+    @Test("compaction on thresholds: a log of one large registration is not rewritten as a snapshot, nor a log of live registrations in a few lines; removing most of them makes one due")
+    func compactionThresholds() throws {
+        let dir = try Self.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let binary = try Self.stampableFile(in: dir)
+        let store = try Self.preparedStore(in: dir)
+        let persister = StatePersister(store: store, kernel: ZeroKernel(), counters: ServiceCounters(), restored: nil)
+        var snap = RegistrySnapshot()
+        var generation: UInt64 = 0
+        func commit(_ add: [ProbeRecord], remove: [String] = []) throws {
+            generation += 1
+            for id in remove { _ = snap.probes.remove(id) }
+            snap.add(add, generation: generation)
+            snap.batchRemoved = remove
+            try persister.persist(snap)
+            try persister.sync()
+            persister.waitForSnapshotWrite()
+        }
+        // Records that differ in every shared field (alternating files and consumers) are written
+        // in full: 40,000 of them are several MiB, far past the compaction floor.
+        let big = Self.records(1..<40_001, path: binary)
+        try commit(big)
+        #expect(store.size(store.logPath) > 4 << 20 && !FileManager.default.fileExists(atPath: store.path),
+                "one large line: no snapshot rewrite (log \(store.size(store.logPath)) bytes)")
+        try commit(Self.records(40_001..<40_003, path: binary))
+        #expect(!FileManager.default.fileExists(atPath: store.path), "two lines of live registrations: none either")
+        // Most removed: the files hold mostly dead entries, and a snapshot replaces the log.
+        try commit([], remove: big.prefix(30_000).map(\.id))
+        #expect(FileManager.default.fileExists(atPath: store.path) && store.size(store.logPath) == 0, "compacted")
+        #expect(try StateStore(dir: dir + "/state").load()?.probes.map(\.id) == snap.sortedProbes.map(\.id))
     }
 
     /// A state store at DIR/state, its directory made.
@@ -575,6 +695,39 @@ struct StateFileTests {
                                registeredAt: 1_700_000_000.25, registeredAtMonotonic: .now, state: .active, baseHits: 0,
                                targets: [target])
         }
+    }
+
+    @Test("new records encoded ahead as groups straight from the records are the same bytes as their saved forms encoded: globs, plain symbols, aliases, slots or none, hits, other ids, shapes that differ, and runs with a latency or degraded record")
+    func recordGroupsMatchSavedForm() throws {
+        func record(_ n: UInt64, id: String? = nil, symbol: String = "*", consumer: String? = "c", path: String = "/bin/m",
+                    aliases: [String] = [], slotMatches: Bool = true, baseHits: UInt64 = 0, latency: Bool = false,
+                    state: ProbeState = .active, pid: Int32? = nil) -> ProbeRecord {
+            let target = ResolvedProbe(path: path, device: 3, inode: 4, buildID: "beef", fileOffset: 0x1000 + n,
+                                       symbol: "f\(n)", aliases: aliases, refCtrOffset: nil)
+            var site = target
+            if !slotMatches { site.fileOffset += 1 }
+            return ProbeRecord(id: id ?? ProbeID.make(n), consumer: consumer, owner: Peer(pid: 5, uid: 0, gid: 0),
+                               spec: ProbeSpecInput(path: path, symbol: symbol == "own" ? "f\(n)" : symbol, pid: pid, latency: latency),
+                               sites: [ProbeSite(target: site, slot: UInt32(n))], registeredAt: 7.5, registeredAtMonotonic: .now,
+                               state: state, baseHits: baseHits, targets: [target])
+        }
+        let stamp = ProbeStamps(file: FileStamp(device: 3, inode: 4, size: 1, mtimeNanos: 2), processStart: nil)
+        var mixed = (1...5).map { record($0) }                                   // a glob
+        mixed += [record(6, aliases: ["a6", "b6"]), record(7, baseHits: 9), record(9), record(10, slotMatches: false)]
+        mixed += (20...23).map { record($0, symbol: "own") }                      // plain symbols
+        mixed += [record(24, id: "custom", symbol: "own"), record(25, consumer: nil), record(26, consumer: nil),
+                  record(27, path: "/bin/n"), record(28, pid: 44), record(29, pid: 44)]
+        let cases: [[ProbeRecord]] = [mixed, mixed + [record(40, latency: true)], [record(50, state: .degraded(reason: "x")), record(51)],
+                                      [record(60)], (1...3).map { record($0 + 70, symbol: "g*") }]
+        for records in cases {
+            var stamps = records.map { _ in stamp }
+            if records.count > 20 { stamps[records.count - 1].processStart = 99 }
+            let direct = StateCodec.encodeElements(records: records, stamps: stamps)
+            let saved = StateCodec.encodeElements(zip(records, stamps).map { SavedProbe($0, hits: $0.baseHits, stamps: $1) })
+            #expect(direct == saved, "\(String(decoding: direct, as: UTF8.self))\n\(String(decoding: saved, as: UTF8.self))")
+        }
+        #expect(String(decoding: StateCodec.encodeElements(records: mixed, stamps: mixed.map { _ in stamp }), as: UTF8.self)
+            .components(separatedBy: "\"group\"").count - 1 >= 3)
     }
 
     @Test("a register reply written ahead is the same text as one written after, and only for the records it was written for")

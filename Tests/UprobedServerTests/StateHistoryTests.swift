@@ -195,3 +195,34 @@ struct StateHistoryTests {
         #expect(try StateStore(dir: store.dir).load()?.probes.map(\.id) == ["p1", "p2", "p3"])
     }
 }
+
+/// The persister's memo: ids as ranges of their numbers, stamps kept once per distinct value.
+struct PersisterMemoTests {
+    @Test("ProbeIDSet: p<N> ids and other ids, inserted, removed from the middle of a range, counted")
+    func idSet() {
+        var s = ProbeIDSet((1...1000).map { ProbeID.make(UInt64($0)) } + ["custom", "p007"])
+        #expect(s.count == 1002 && s.contains("p1") && s.contains("p1000") && s.contains("custom") && s.contains("p007"))
+        #expect(!s.contains("p0") && !s.contains("p1001") && !s.contains("p7x"))
+        s.subtract(["p500", "p1", "custom", "p99999"])
+        #expect(s.count == 999 && !s.contains("p500") && s.contains("p499") && s.contains("p501") && !s.contains("custom"))
+        s.insert("p500")
+        #expect(s.count == 1000 && s.contains("p500"))
+        s.formUnion(["p18446744073709551615"])   // beyond Int: kept as a string
+        #expect(s.contains("p18446744073709551615") && s.count == 1001)
+    }
+
+    @Test("StampBook: each id's stamps read back, shared values stored once, removal, keeping only live ids")
+    func stampBook() {
+        let a = ProbeStamps(file: FileStamp(device: 1, inode: 2, size: 3, mtimeNanos: 4), processStart: nil)
+        let b = ProbeStamps(file: nil, processStart: 77)
+        var book = StampBook()
+        for n in 1...100 { book[ProbeID.make(UInt64(n))] = n % 10 == 0 ? b : a }
+        book["custom"] = b
+        #expect(book.count == 101 && book["p3"] == a && book["p10"] == b && book["custom"] == b && book["p101"] == nil)
+        book.remove("p3")
+        book["p4"] = nil
+        #expect(book["p3"] == nil && book["p4"] == nil && book.count == 99)
+        let kept = book.keeping(ProbeIDSet(["p10", "p11", "custom", "p3"]))
+        #expect(kept.count == 3 && kept["p10"] == b && kept["p11"] == a && kept["custom"] == b && kept["p12"] == nil)
+    }
+}

@@ -6,12 +6,18 @@ import Testing
 /// A full disk under the state directory: the space reserve keeps removals durable, and what is
 /// not on disk is known (`status`, the log line of a failed final save).
 struct StateSpaceTests {
-    @Test("reserve sizing: the removal line of a 10,000-id unregister, measured, fits nine times in the reserve")
+    @Test("reserve sizing: the removal line of a 10,000-id unregister, measured, fits nine times in the reserve (scattered ids, the longest line; consecutive ones are one range)")
     func reserveSize() {
-        let ids = (1_000_000..<1_010_000).map { ProbeID.make(UInt64($0)) }
+        let ids = stride(from: 1_000_000, to: 1_020_000, by: 2).map { ProbeID.make(UInt64($0)) }
         let line = StateCodec.encodeLogEntry(seq: 1_234_567, add: [], remove: ids)
-        #expect(line.count == 110_027, "a removal costs ~11 bytes per 7-digit id; update SpaceReserve.defaultBytes' comment")
+        #expect(line.count == 80_031, "a scattered removal costs 8 bytes per 7-digit id; update SpaceReserve.defaultBytes' comment")
         #expect(line.count * 9 <= SpaceReserve.defaultBytes)
+        let consecutive = (1_000_000..<1_010_000).map { ProbeID.make(UInt64($0)) }
+        #expect(StateCodec.encodeLogEntry(seq: 1_234_567, add: [], remove: consecutive).count < 64)
+        let back = try? StateCodec.replay(StateCodec.encodeLogEntry(seq: 1, add: [], remove: ids + consecutive + ["custom"]),
+                                          onto: SavedState(bootID: nil, savedAt: 0, probes: (ids + consecutive + ["custom", "p1"]).map {
+                                              var p = StateFileTests.rowProbe(1); p.id = $0; return p }))
+        #expect(back?.probes.map(\.id) == ["p1"], "every removed id, ranges, lone ids and others, is removed")
     }
 
     /// A tmpfs of `size` on a fresh directory; the caller unmounts it (`unmount`).
@@ -66,7 +72,7 @@ struct StateSpaceTests {
         // Each line needs pages of its own (more than 4 KiB).
         #expect(Self.isDiskFull { try store.append(StateCodec.encodeLogEntry(seq: 2, add: probes(200..<240), remove: [])) })
         #expect(store.reserve.heldBytes == SpaceReserve.defaultBytes, "an add-only line does not take the reserve")
-        let removal = StateCodec.encodeLogEntry(seq: 2, add: [], remove: probes(100..<140).map(\.id) + (1000..<2000).map { "p\($0)" })
+        let removal = StateCodec.encodeLogEntry(seq: 2, add: [], remove: probes(100..<140).map(\.id) + stride(from: 1000, to: 3000, by: 2).map { "p\($0)" })
         #expect(removal.count > 4096)
         try store.append(removal, useReserve: true)
         #expect(store.reserve.heldBytes == 0 && access(store.reserve.path, F_OK) != 0)

@@ -37,7 +37,7 @@ public struct StateError: Error, Sendable, CustomStringConvertible {
 
 /// What identified a probed binary when it was registered, to tell after a restart whether it
 /// is still the same file.
-public struct FileStamp: Sendable, Equatable {
+public struct FileStamp: Sendable, Hashable {
     public var device: UInt64
     public var inode: UInt64
     public var size: Int64
@@ -83,9 +83,10 @@ public struct SavedProbe: Sendable, Equatable {
 public struct SavedState: Sendable, Equatable {
     public static let format = "uprobed-state"
     /// 2: runs (`StateCodec.writeProbes`) in the snapshot and the log. 3: counter slots and
-    /// base hits (`SavedProbe.slots`), in full entries and as row members 5 and 6. Versions 1
-    /// and 2 are read.
-    public static let version: Int64 = 3
+    /// base hits (`SavedProbe.slots`), in full entries and as row members 5 and 6. 4: groups
+    /// instead of runs (`StateCodec.writeGroup`: a glob's registrations too, per-registration
+    /// data in columns). Versions 1 to 3 are read.
+    public static let version: Int64 = 4
     /// The format version of the file this state was read from (`version` when made here).
     public var formatVersion: Int64 = SavedState.version
     /// /proc/sys/kernel/random/boot_id when saved: pids and start times mean nothing across boots.

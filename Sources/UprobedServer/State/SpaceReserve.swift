@@ -19,10 +19,10 @@ import UprobeErrors
 /// Once the reserve is gone, each later state write checks the free space (statvfs(2)) and
 /// re-creates it when twice its size is free, so that making it does not fill the disk again.
 public final class SpaceReserve: Sendable {
-    /// A removal line costs about 11 bytes per id (`"p1234567",`): 10,000 ids (the most one
-    /// request names) take 110,027 bytes with 7-digit ids (`StateSpaceTests.reserveSize`).
-    /// 1 MiB holds the line of a batch removing ~95,000 such ids at once, more than the
-    /// default `slot_capacity` (65,536) can register, or nine 10,000-id requests in a row.
+    /// A removal line costs at most 8 bytes per id (`1234567,`, for scattered ids; consecutive
+    /// ones are one range): 10,000 scattered 7-digit ids take 80,031 bytes
+    /// (`StateSpaceTests.reserveSize`). 1 MiB holds the line of a batch removing ~130,000 such
+    /// ids at once, or thirteen 10,000-id requests in a row.
     public static let defaultBytes = 1 << 20
 
     public let path: String

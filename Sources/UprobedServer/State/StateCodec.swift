@@ -15,7 +15,7 @@ public enum StateCodec {
     }
 
     public static func encode(_ state: SavedState) -> [UInt8] {
-        var w = JSONWriter(reservingCapacity: 256 + state.probes.count * bytesPerProbe)
+        var w = JSONWriter(reservingCapacity: 256 + estimatedSize(state.probes))
         w.beginObject()
         w.field("format", SavedState.format)
         w.field("version", SavedState.version)
@@ -45,7 +45,7 @@ public enum StateCodec {
     public static func logEntryParts(seq: UInt64, add: [SavedProbe], encoded: [[UInt8]] = [], remove: [String]) -> [[UInt8]] {
         let runs = encoded.filter { !$0.isEmpty }
         var parts: [[UInt8]] = []
-        var w = JSONWriter(reservingCapacity: 64 + add.count * bytesPerProbe + remove.count * 12)
+        var w = JSONWriter(reservingCapacity: 64 + (add.isEmpty ? 0 : estimatedSize(add)) + remove.count * 12)
         w.beginObject()
         w.field("seq", u64(seq))
         if !add.isEmpty || !runs.isEmpty {
@@ -59,31 +59,77 @@ public enum StateCodec {
             }
             w.endArray()
         }
-        if !remove.isEmpty { w.field("remove", strings: remove) }
+        writeRemovals(remove, into: &w)
         w.endObject()
         parts.append(w.line())
         return parts
     }
 
+    /// A log line's removed ids: `p<N>` ids by N, a lone one as a number and consecutive ones
+    /// as a range (`"remove_ids": [n, [first, last], …]`: removing every registration of a
+    /// 241,362-probe glob is a few bytes, not 2.4 MB, and scattered ids take 8 bytes each
+    /// rather than 11), any other id listed (`"remove": ["…", …]`).
+    static func writeRemovals(_ ids: [String], into w: inout JSONWriter) {
+        guard !ids.isEmpty else { return }
+        var numbers: [UInt64] = []
+        var others: [String] = []
+        numbers.reserveCapacity(ids.count)
+        for id in ids {
+            if let n = ProbeID.number(id) { numbers.append(n) } else { others.append(id) }
+        }
+        if !others.isEmpty { w.field("remove", strings: others) }
+        guard !numbers.isEmpty else { return }
+        numbers.sort()
+        w.key("remove_ids")
+        w.beginArray()
+        var i = 0
+        while i < numbers.count {
+            var end = i + 1
+            while end < numbers.count, numbers[end] <= numbers[end - 1] &+ 1 { end += 1 }
+            if numbers[end - 1] == numbers[i] {
+                writeU64(numbers[i], into: &w)
+            } else {
+                w.beginArray()
+                writeU64(numbers[i], into: &w)
+                writeU64(numbers[end - 1], into: &w)
+                w.endArray()
+            }
+            i = end
+        }
+        w.endArray()
+    }
+
+    /// The ids a log line removes (`writeRemovals`).
+    static func removals(_ o: JSONObject) throws(StateError) -> [String] {
+        var ids = o["remove"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        guard let ranges = o["remove_ids"] else { return ids }
+        guard let list = ranges.arrayValue else { throw StateError(code: .stateCorrupt, message: "remove_ids is not a list") }
+        for r in list {
+            if let n = readU64(r) {
+                ids.append(ProbeID.make(n))
+                continue
+            }
+            guard let pair = r.arrayValue, pair.count == 2, let a = readU64(pair[0]), let b = readU64(pair[1]), a <= b,
+                  b - a < 1 << 24 else { throw StateError(code: .stateCorrupt, message: "remove_ids has a bad entry") }
+            for n in a...b { ids.append(ProbeID.make(n)) }
+        }
+        return ids
+    }
+
     /// Registrations as array elements, `{…},{…}`, for `encodeLogEntry(encoded:)`.
     static func encodeElements(_ probes: [SavedProbe]) -> [UInt8] {
-        // Probes that cannot be rows (aliases, USDT) are written in full: reserve for that.
-        let each = probes.first.map(isRow) == true ? bytesPerRow : bytesPerProbe
-        var w = JSONWriter(reservingCapacity: 2 + probes.count * each + 1024)
+        var w = JSONWriter(reservingCapacity: estimatedSize(probes))
         w.beginArray()  // for the commas between elements; its bracket is dropped
         _ = w.flush()
         writeProbes(probes, into: &w)
         return w.flush()  // the elements, without the closing bracket
     }
 
-    /// A saved probe written in full takes ~350 bytes, as a row of a run ~30; reserving enough
-    /// up front spares copying a large line when the buffer would otherwise double.
+    /// A saved probe written in full takes ~350 bytes (`estimatedSize`).
     static let bytesPerProbe = 400
-    static let bytesPerRow = 40
 
-    /// Whether `p` can be a row of a run (see `writeProbes`): one target, no aliases, no USDT
-    /// semaphore, and a spec that is that target's plain symbol (a glob's probes have one
-    /// target each and qualify). What a row cannot carry is written in full.
+    /// Whether `p` can be a row of a format 2 or 3 run (read, no longer written): one target,
+    /// no aliases, no USDT semaphore, and a spec that is that target's plain symbol.
     static func isRow(_ p: SavedProbe) -> Bool {
         // A latency probe that has measured nothing yet (a new registration) rides in a run:
         // every row shares its empty histogram. One that has measured something is written in full.
@@ -98,63 +144,49 @@ public enum StateCodec {
     /// cleared costs 7 ms for 10,000 probes. `StateFileTests.rowFields` fails when one of these
     /// types gains a field, so a new field cannot be silently dropped from runs.
     static func sameRowShape(_ a: SavedProbe, _ b: SavedProbe) -> Bool {
-        let s = a.spec, z = b.spec, t = a.targets[0], u = b.targets[0]
-        return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
+        // Fields read in place: copying the spec and the target first (their strings retained
+        // and released) took half the comparison's time over 241,000 registrations.
+        a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.stamp == b.stamp && a.pidStartTime == b.pidStartTime && a.degradedReason == b.degradedReason
             && a.endedReason == b.endedReason && a.probeSet == b.probeSet
-            && s.path == z.path && s.pid == z.pid && s.retprobe == z.retprobe && s.force == z.force && s.follow == z.follow
-            && s.latency == z.latency && (a.latency == nil) == (b.latency == nil)
-            && t.path == u.path && t.device == u.device && t.inode == u.inode && t.buildID == u.buildID
+            && a.spec.path == b.spec.path && a.spec.pid == b.spec.pid && a.spec.retprobe == b.spec.retprobe
+            && a.spec.force == b.spec.force && a.spec.follow == b.spec.follow
+            && a.spec.latency == b.spec.latency && (a.latency == nil) == (b.latency == nil)
+            && a.targets[0].path == b.targets[0].path && a.targets[0].device == b.targets[0].device
+            && a.targets[0].inode == b.targets[0].inode && a.targets[0].buildID == b.targets[0].buildID
     }
 
     /// Writes `probes` as array elements into an open array. Consecutive registrations of one
-    /// shape (`sameRowShape`: a large request's probes on one binary) share one element, a run:
-    /// `{"run": <the first, in full>, "rows": [[id, symbol, offset], …]}`, with hits as a
-    /// fourth member of a row when they are not zero. The log entry of a 10,000-probe request
-    /// on one binary is 4.1 MB written one object per probe, 0.24 MB as a run.
+    /// shape (`sameGroupShape`: a large request's probes on one binary, a glob's included)
+    /// share one element, a group (`writeGroup`); any other is written in full.
     static func writeProbes(_ probes: [SavedProbe], into w: inout JSONWriter) {
-        var i = probes.startIndex
-        while i < probes.endIndex {
-            var end = i + 1
-            if isRow(probes[i]) {
-                while end < probes.endIndex, isRow(probes[end]), sameRowShape(probes[i], probes[end]) { end += 1 }
-            }
-            guard end - i > 1 else {
-                writeProbe(probes[i], into: &w)
-                i = end
-                continue
-            }
-            w.beginObject()
-            w.key("run")
-            writeProbe(probes[i], into: &w)
-            w.key("rows")
-            w.beginArray()
-            for p in probes[i..<end] {
-                w.beginArray()
-                w.string(p.id)
-                w.string(p.spec.symbol ?? "")
-                w.value(u64(p.targets[0].fileOffset))
-                if let slot = p.slots?.first {
-                    w.value(u64(p.hits))
-                    w.value(u64(UInt64(slot)))
-                    if p.baseHits != 0 { w.value(u64(p.baseHits)) }
-                } else if p.hits != 0 {
-                    w.value(u64(p.hits))
+        // Compared through the buffer: its elements are passed by reference, where an array's
+        // would be copied for each call (10,000 copies of a registration cost ~2 ms).
+        probes.withUnsafeBufferPointer { buf in
+            var i = 0
+            while i < buf.count {
+                var end = i + 1
+                if isGroupMember(buf[i]) {
+                    while end < buf.count, isGroupMember(buf[end]), sameGroupShape(buf[i], buf[end]) { end += 1 }
                 }
-                w.endArray()
+                if end - i > 1 { writeGroup(UnsafeBufferPointer(rebasing: buf[i..<end]), into: &w) } else { writeProbe(buf[i], into: &w) }
+                i = end
             }
-            w.endArray()
-            w.endObject()
-            i = end
         }
     }
 
-    /// The registrations of a `probes` or `add` list, runs expanded (see `writeProbes`).
+    /// The registrations of a `probes` or `add` list, groups (format 4) and runs (formats 2
+    /// and 3: `{"run": <the first, in full>, "rows": [[id, symbol, offset(, hits(, slot(,
+    /// base hits)))], …]}`) expanded.
     static func decodeProbes(_ list: [JSONValue]) throws(StateError) -> [SavedProbe] {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var out: [SavedProbe] = []
         out.reserveCapacity(list.count)
         for (n, v) in list.enumerated() {
+            if let o = v.objectValue, o["group"] != nil {
+                try decodeGroup(o, n, into: &out)
+                continue
+            }
             guard let o = v.objectValue, let rowsValue = o["rows"] else {
                 out.append(try decodeProbe(v, n))
                 continue
@@ -303,7 +335,11 @@ public enum StateCodec {
                                  message: "log line \(n + 1) is change \(seq), but the last change before it is \(state.seq): changes \(state.seq + 1) to \(seq - 1) are in no file",
                                  missingChanges: state.seq + 1...seq - 1)
             }
-            for id in o["remove"]?.arrayValue?.compactMap(\.stringValue) ?? [] {
+            let gone: [String]
+            do throws(StateError) { gone = try removals(o) } catch {
+                throw corrupt("log line \(n + 1): \(error.message)")
+            }
+            for id in gone {
                 if index.removeValue(forKey: id) != nil { removed.insert(id) }
             }
             let added: [SavedProbe]

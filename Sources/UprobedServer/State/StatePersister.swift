@@ -19,21 +19,28 @@ public final class StatePersister: Sendable {
     let counters: ServiceCounters
     private struct Memo {
         /// File and process identity taken when each probe was first saved.
-        var stamps: [String: ProbeStamps] = [:]
+        var stamps = StampBook()
         /// Registry generation of the newest registry saved: a save of an older one (a
         /// checkpoint overtaken by the writer) is skipped.
         var lastGeneration: UInt64 = 0
         /// Ids the files on disk hold (snapshot plus log). A registration whose batch could not
         /// be saved is never added: the engine answers `state_write_failed` and rolls it back,
         /// so no later snapshot carries it and a restart cannot bring it back.
-        var written: Set<String> = []
+        var written = ProbeIDSet()
         /// Sequence number of the last change on disk.
         var seq: UInt64 = 0
         /// Lowest probe number not in any file written so far (see `SavedState.nextID`).
         var nextID: UInt64 = 1
-        /// Sizes on disk: once the log outgrows the snapshot, a new snapshot replaces both.
+        /// Sizes on disk: once the log outgrows the snapshot and holds mostly dead entries or
+        /// many lines (`compactionDue`), a new snapshot replaces both.
         var snapshotBytes = 0
         var logBytes = 0
+        /// Registrations written in the snapshot, in the log since it, and the log's lines: a
+        /// log of live registrations (one large request's) is as good as a snapshot, and
+        /// rewriting it would cost a second write of the same megabytes.
+        var snapshotEntries = 0
+        var logEntries = 0
+        var logLines = 0
         /// The snapshot on disk is an older format version: the first change rewrites it rather
         /// than appending lines an older uprobed, finding the old version, would misread.
         var olderSnapshot = false
@@ -62,6 +69,19 @@ public final class StatePersister: Sendable {
         /// taken with. A checkpoint that finds both unchanged (an idle daemon) writes nothing:
         /// counters only grow while a generation lasts (a slot is reused only in a new one).
         var savedMark: (generation: UInt64, hits: UInt64)?
+
+        /// Registrations live in the files (`written` and those still to settle).
+        var liveEntries: Int { written.count + unsettled.reduce(0) { $0 + $1.records.count } }
+
+        /// Whether the log should be folded into a new snapshot: it is larger than the snapshot
+        /// (and than `compactionFloor`), and more of what the files hold is dead (removed or
+        /// written again) than half of what is live, or it has many lines to replay. A large
+        /// registration alone never is: its log line is as compact as its snapshot would be.
+        var compactionDue: Bool {
+            guard logBytes > max(StatePersister.compactionFloor, snapshotBytes) else { return false }
+            let dead = max(0, snapshotEntries + logEntries - liveEntries)
+            return dead * 2 > liveEntries || logLines >= StatePersister.compactionLines
+        }
 
         mutating func settle() {
             for run in unsettled {
@@ -116,14 +136,8 @@ public final class StatePersister: Sendable {
 
         func fill() {
             var files = FileStampCache()
-            var stamps: [ProbeStamps] = []
-            stamps.reserveCapacity(records.count)
-            let saved = records.map { r -> SavedProbe in
-                let first = ProbeStamps(firstSave: r, files: &files)
-                stamps.append(first)
-                return SavedProbe(r, hits: r.baseHits, stamps: first)
-            }
-            let text = StateCodec.encodeElements(saved)
+            let stamps = records.map { ProbeStamps(firstSave: $0, files: &files) }
+            let text = StateCodec.encodeElements(records: records, stamps: stamps)
             result.withLock { $0 = Encoded(text: text, stamps: stamps) }
             done.signal()
         }
@@ -202,11 +216,15 @@ public final class StatePersister: Sendable {
         self.bootID = currentBootID()
         var m = Memo()
         for p in restored?.probes ?? [] { m.stamps[p.id] = ProbeStamps(file: p.stamp, processStart: p.pidStartTime) }
-        m.written = Set(restored?.probes.map(\.id) ?? [])
+        m.written = ProbeIDSet(restored?.probes.map(\.id) ?? [])
         m.seq = restored?.seq ?? 0
         m.nextID = restored?.nextID ?? 1
         m.snapshotBytes = store.size(store.path)
         m.logBytes = store.size(store.logPath) + store.size(store.previousLogPath)
+        // What the files hold beside the live registrations is not known here: a log that has
+        // outgrown its snapshot is compacted at the first change, as before.
+        m.snapshotEntries = restored?.probes.count ?? 0
+        m.logLines = m.logBytes > max(Self.compactionFloor, m.snapshotBytes) ? Self.compactionLines : 0
         m.olderSnapshot = (restored?.formatVersion ?? SavedState.version) < SavedState.version
         var st = stat()
         if stat(store.path, &st) == 0 { m.snapshotAt = Double(st.st_mtim.tv_sec) }
@@ -321,15 +339,17 @@ public final class StatePersister: Sendable {
             if !removed.isEmpty { m.unsyncedRemovals.append((m.seq, removed)) }
             publishUnsaved(m)
             m.logBytes += parts.reduce(0) { $0 + $1.count }
+            m.logLines += 1
+            m.logEntries += added.count + spliced.reduce(0) { $0 + $1.run.records.count }
             m.written.subtract(removed)
-            for id in removed { m.stamps.removeValue(forKey: id) }
+            for id in removed { m.stamps.remove(id) }
             m.noteWritten(added.map(\.id))
             m.unsettled += spliced.map { ($0.run.records, $0.encoded.stamps) }
             m.lastGeneration = snapshot.generation
-            if m.logBytes > max(1 << 20, m.snapshotBytes) && !m.snapshotInFlight {
-                // The log has grown past the snapshot: a new one is written on `snapshotQueue`
-                // while batches go on. (Written here, a 10,000-probe registry would hold the
-                // writer 32-64 ms, and every request would wait.)
+            if m.compactionDue && !m.snapshotInFlight {
+                // A new snapshot is written on `snapshotQueue` while batches go on. (Written
+                // here, a 10,000-probe registry would hold the writer 32-64 ms, and every
+                // request would wait.)
                 let counts = (try? KernelCounts.read(kernel, snapshot)) ?? KernelCounts()
                 do throws(StateError) {
                     let captured = try capture(&m, snapshot, counts: counts)
@@ -343,6 +363,11 @@ public final class StatePersister: Sendable {
         }
     }
 
+    /// The log's size below which it is never compacted, and its line count at which it is
+    /// (see `Memo.compactionDue`).
+    static let compactionFloor = 1 << 20
+    static let compactionLines = 1024
+
     /// Waits until a snapshot being written outside the memo lock is in place (tests; a stop
     /// waits through `checkpoint`).
     func waitForSnapshotWrite() { snapshotQueue.sync {} }
@@ -351,7 +376,7 @@ public final class StatePersister: Sendable {
     private struct Captured: Sendable {
         let snapshot: RegistrySnapshot
         let counts: KernelCounts
-        let stamps: [String: ProbeStamps]
+        let stamps: StampBook
         let unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])]
         /// The last log line the snapshot covers.
         let seq: UInt64
@@ -373,6 +398,9 @@ public final class StatePersister: Sendable {
     private func capture(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: KernelCounts) throws(StateError) -> Captured {
         if try store.rotateLog() {
             m.logBytes = 0
+            m.logLines = 0
+            // Their entries move to the snapshot being written (counted when it is in place).
+            m.logEntries = 0
             // Rotating fsynced the log: every line in it is on disk.
             m.unsyncedRemovals.removeAll()
             publishUnsaved(m)
@@ -408,6 +436,7 @@ public final class StatePersister: Sendable {
             m.snapshotInFlight = false
             if case .success = result {
                 m.snapshotBytes = store.size(store.path)
+                m.snapshotEntries = probes.count
                 m.olderSnapshot = false
                 m.savedMark = mark
                 m.snapshotAt = state.savedAt
@@ -491,7 +520,7 @@ public final class StatePersister: Sendable {
     /// Writes the whole registry as the new snapshot.
     private func writeSnapshot(_ m: inout Memo, _ snapshot: RegistrySnapshot, counts: KernelCounts) throws(StateError) {
         let probes = Self.savedProbes(snapshot, counts: counts, stamps: &m.stamps)
-        let live = Set(probes.map(\.id))
+        let live = ProbeIDSet(probes.map(\.id))
         var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)
         state.seq = m.seq + 1
         m.nextID = max(m.nextID, StateCodec.nextID(after: probes.map(\.id)))
@@ -499,9 +528,12 @@ public final class StatePersister: Sendable {
         try store.write(state)
         m.seq += 1
         m.written = live
-        m.stamps = m.stamps.filter { live.contains($0.key) }
+        m.stamps = m.stamps.keeping(live)
         m.snapshotBytes = store.size(store.path)
+        m.snapshotEntries = probes.count
         m.logBytes = 0
+        m.logEntries = 0
+        m.logLines = 0
         m.olderSnapshot = false
         m.unsavedRemovals.removeAll()
         m.unsyncedRemovals.removeAll()
