@@ -226,46 +226,14 @@ public final class CounterProgram: Sendable {
         // The test-only variant: one more instruction (r0 is overwritten by the call below), so
         // the program's tag differs and a start sees an upgraded program.
         if variant { a.mov(.r0, imm: 0) }
-        let count = a.newLabel(), markAndCount = a.newLabel(), out = a.newLabel()
+        let count = a.newLabel(), out = a.newLabel()
         // Stack: [r10-4] u32 slot key; [r10-16] mark key {tid, slot}; [r10-20] u32 generation.
         a.call(helperGetAttachCookie)          // r0 = cookie (r1 = ctx on entry)
         a.mov32(.r8, .r0)                      // r8 = slot = cookie & 0xffffffff
         a.mov(.r7, .r0)
         a.rsh(.r7, imm: 32)                    // r7 = generation = cookie >> 32
         a.storeW(.r10, off: -4, .r8)
-        a.loadMap(.r1, fd: overlap)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -4)
-        a.call(helperMapLookup)                // r0 = &overlap[slot] or NULL
-        a.jumpIfZero(.r0, count)
-        a.loadW(.r1, .r0, off: 0)
-        a.jumpIfZero(.r1, count)               // fast path: no rebuild in progress
-        a.call(helperGetCurrentPidTgid)        // lower 32 bits = thread id
-        a.storeW(.r10, off: -16, .r0)
-        a.storeW(.r10, off: -12, .r8)
-        a.loadMap(.r1, fd: marks)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -16)
-        a.call(helperMapLookup)
-        a.jumpIfZero(.r0, markAndCount)
-        a.loadW(.r1, .r0, off: 0)              // mark generation
-        a.jumpIfLessOrEqual(.r1, .r7, markAndCount)
-        // A newer link's program already counted this hit in this thread: consume its mark.
-        // Only this thread reads or writes this key, so no ordering against other CPUs matters.
-        a.loadMap(.r1, fd: marks)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -16)
-        a.call(helperMapDelete)
-        a.jump(out)
-        a.bind(markAndCount)
-        a.storeW(.r10, off: -20, .r7)
-        a.loadMap(.r1, fd: marks)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -16)
-        a.mov(.r3, .r10)
-        a.add(.r3, imm: -20)
-        a.mov(.r4, imm: 0)                     // BPF_ANY
-        a.call(helperMapUpdate)
+        a.entryHandOff(overlap: overlap, marks: marks, count: count, consumed: out)
         a.bind(count)
         a.storeW(.r10, off: -4, .r8)
         a.loadMap(.r1, fd: counters)

@@ -221,7 +221,7 @@ public final class LatencyProgram: Sendable {
     static func instructions(isReturn: UInt32, cookie: UInt32, rows: Int32, rowOf: Int32, marks: Int32,
                              overlap: Int32, counters: Int32) -> [UInt64] {
         var a = BPFAssembler()
-        let skip = a.newLabel(), ret = a.newLabel(), count = a.newLabel(), markAndCount = a.newLabel()
+        let skip = a.newLabel(), ret = a.newLabel(), count = a.newLabel()
         let stamp = a.newLabel(), done = a.newLabel()
         // Stack: [r10-4] u32 slot; [r10-8] u32 row; [r10-16] mark key {tid, slot}; [r10-20] u32 tag.
         a.mov(.r6, .r1)
@@ -250,39 +250,9 @@ public final class LatencyProgram: Sendable {
         a.mov(.r6, .r0)                                    // r6 = row
         a.jumpIfNotZero(.r9, ret)
 
-        // Entry run.
-        a.loadMap(.r1, fd: overlap)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -4)
-        a.call(CounterProgram.helperMapLookup)
-        a.jumpIfZero(.r0, count)
-        a.loadW(.r1, .r0, off: 0)
-        a.jumpIfZero(.r1, count)                           // fast path: no rebuild in progress
-        a.call(CounterProgram.helperGetCurrentPidTgid)
-        a.storeW(.r10, off: -16, .r0)
-        a.storeW(.r10, off: -12, .r8)
-        a.loadMap(.r1, fd: marks)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -16)
-        a.call(CounterProgram.helperMapLookup)
-        a.jumpIfZero(.r0, markAndCount)
-        a.loadW(.r1, .r0, off: 0)
-        a.jumpIfLessOrEqual(.r1, .r7, markAndCount)
-        // The newer link counted this call and owns its return: consume its mark, skip ours.
-        a.loadMap(.r1, fd: marks)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -16)
-        a.call(CounterProgram.helperMapDelete)
-        a.jump(skip)
-        a.bind(markAndCount)
-        a.storeW(.r10, off: -20, .r7)
-        a.loadMap(.r1, fd: marks)
-        a.mov(.r2, .r10)
-        a.add(.r2, imm: -16)
-        a.mov(.r3, .r10)
-        a.add(.r3, imm: -20)
-        a.mov(.r4, imm: 0)
-        a.call(CounterProgram.helperMapUpdate)
+        // Entry run: the hand-off between a slot's two links during a rebuild; a call the
+        // newer link counted (it owns the return too) is skipped here.
+        a.entryHandOff(overlap: overlap, marks: marks, count: count, consumed: skip)
         a.bind(count)
         a.mov(.r1, .r7)
         a.and(.r1, imm: 1)

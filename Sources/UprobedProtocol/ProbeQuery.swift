@@ -37,9 +37,12 @@ public struct ProbeMatch: Sendable, Hashable {
 }
 
 /// How `stats` orders its rows. `id` is registration order (the default); the others are
-/// descending. Issue 27 adds latency keys here.
+/// descending. The latency keys rank latency probes by calls entered, median and 99th
+/// percentile duration, and longest call; rows without that value (no call returned yet,
+/// counting probes) come last.
 public enum StatsSort: String, Sendable, CaseIterable {
     case id, hits, rate
+    case calls, p50, p99, max
 }
 
 /// The ordering, cut and filter of a `stats` request.

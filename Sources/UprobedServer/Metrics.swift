@@ -221,16 +221,8 @@ public enum MetricsRenderer {
 
     /// Every series one read exports, the Prometheus endpoint and the OTLP exporter alike: the
     /// probe series after `metrics_probe_series` (none if the bulk counter read failed, which
-    /// `uprobed_hits_read_failures_total` counts), then the daemon's own metrics.
-    /// (The OTLP exporter does not carry latency histograms yet: they are Prometheus text only.)
-    static func points(engine: Engine, counters: ServiceCounters, aggregator: inout ProbeSeriesAggregator, startTime: Double,
-                       probeSets: ProbeSets?) -> [MetricPoint] {
-        var ignored: [ProbeSample] = []
-        return points(engine: engine, counters: counters, aggregator: &aggregator, startTime: startTime, probeSets: probeSets,
-                      latency: &ignored)
-    }
-
-    /// `points`, and the exported probes that are latency probes (`LatencySeries`).
+    /// `uprobed_hits_read_failures_total` counts), then the daemon's own metrics. `latency`:
+    /// the exported probes that are latency probes (`LatencySeries`).
     static func points(engine: Engine, counters: ServiceCounters, aggregator: inout ProbeSeriesAggregator, startTime: Double,
                        probeSets: ProbeSets?, latency: inout [ProbeSample]) -> [MetricPoint] {
         engine.read { snap, uprobes in
@@ -491,13 +483,32 @@ enum LatencySeries {
     static let powers = 7...42
     static let name = "uprobed_probe_latency_seconds"
 
+    static let help = "Duration of the calls of a latency probe, from entry to return (calls that returned)."
+    static let inFlightName = "uprobed_probe_calls_in_flight"
+    static let inFlightHelp = "Calls of a latency probe entered and not returned yet (long calls, and calls that left by longjmp or thread exit)."
+
+    /// The histogram's labels: those of `uprobed_probe_hits_total`.
+    static func labels(_ p: ProbeSample) -> [(String, String)] {
+        [("id", p.id), ("path", p.path), ("symbol", p.symbol), ("consumer", p.consumer)]
+    }
+
+    /// The bound 2^k ns in seconds (exact in decimal; the OTLP exporter's explicit bounds).
+    static func boundSeconds(_ k: Int) -> Double { Double(UInt64(1) << UInt64(k)) / 1e9 }
+
+    /// `uprobed_probe_calls_in_flight` as points (the OTLP exporter's gauges).
+    static func inFlightPoints(_ probes: [ProbeSample]) -> [MetricPoint] {
+        probes.compactMap { p in
+            p.latency.map { MetricPoint(inFlightName, inFlightHelp, .gauge(Double($0.inFlight)), labels: [("id", p.id)]) }
+        }
+    }
+
     static func text(_ probes: [ProbeSample]) -> [UInt8] {
         guard !probes.isEmpty else { return [] }
-        var t = "# HELP \(name) Duration of the calls of a latency probe, from entry to return (calls that returned).\n"
+        var t = "# HELP \(name) \(help)\n"
         t += "# TYPE \(name) histogram\n"
         for p in probes {
             guard let h = p.latency else { continue }
-            let labels = "id=\"\(escape(p.id))\",path=\"\(escape(p.path))\",symbol=\"\(escape(p.symbol))\",consumer=\"\(escape(p.consumer))\""
+            let labels = Self.labels(p).map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",")
             var cumulative: UInt64 = 0
             var bucket = 0
             for k in powers {
@@ -512,9 +523,9 @@ enum LatencySeries {
             t += "\(name)_sum{\(labels)} \(seconds(h.sumNanoseconds))\n"
             t += "\(name)_count{\(labels)} \(h.returns)\n"
         }
-        t += "# HELP uprobed_probe_calls_in_flight Calls of a latency probe entered and not returned yet (long calls, and calls that left by longjmp or thread exit).\n"
-        t += "# TYPE uprobed_probe_calls_in_flight gauge\n"
-        for p in probes { if let h = p.latency { t += "uprobed_probe_calls_in_flight{id=\"\(escape(p.id))\"} \(h.inFlight)\n" } }
+        t += "# HELP \(inFlightName) \(inFlightHelp)\n"
+        t += "# TYPE \(inFlightName) gauge\n"
+        for p in probes { if let h = p.latency { t += "\(inFlightName){id=\"\(escape(p.id))\"} \(h.inFlight)\n" } }
         return Array(t.utf8)
     }
 

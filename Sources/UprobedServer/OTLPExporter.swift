@@ -96,9 +96,13 @@ final class OTLPExporter: Service, Sendable {
                 let backend = try OTel.makeMetricsBackend(configuration: Self.configuration(s, monitor: monitor))
                 let mirror = OTLPInstruments(factory: backend.factory)
                 monitor.onRead {
-                    mirror.update(series.scrape {
-                        MetricsRenderer.points(engine: engine, counters: counters, aggregator: &$0, startTime: startTime, probeSets: probeSets)
-                    })
+                    let (points, latency) = series.scrape { aggregator in
+                        var latency: [ProbeSample] = []
+                        let points = MetricsRenderer.points(engine: engine, counters: counters, aggregator: &aggregator,
+                                                            startTime: startTime, probeSets: probeSets, latency: &latency)
+                        return (points, latency)
+                    }
+                    mirror.update(points + LatencySeries.inFlightPoints(latency), latency: latency)
                 }
                 logger.notice("OTLP exporter pushing", metadata: ["endpoint": "\(s.url)", "interval_ms": "\(s.interval.milliseconds)",
                                                                   "timeout_ms": "\(s.timeout.milliseconds)"])
@@ -130,6 +134,9 @@ final class OTLPExporter: Service, Sendable {
         c.metrics.otlpExporter.timeout = s.timeout
         c.metrics.otlpExporter.headers = s.headers.map { ($0.name, $0.value) }
         c.metrics.otlpExporter.protocol = .httpProtobuf
+        // The latency histograms' bounds: the `le` edges of the Prometheus endpoint.
+        c.metrics.histogramTypes[LatencySeries.name] = .explicitBucket
+        c.metrics.valueHistogramBuckets[LatencySeries.name] = LatencySeries.powers.map { LatencySeries.boundSeconds($0) }
         c.diagnosticLogger = .custom(Logger(label: "uprobed.otlp") { _ in OTLPDiagnosticHandler(monitor: monitor) })
         return c
     }
@@ -143,6 +150,10 @@ final class OTLPExporter: Service, Sendable {
 /// OTLP names are the Prometheus names without `_total` (a collector's Prometheus exporter
 /// adds it back to monotonic sums, so the names come back the same); the help text is the
 /// description; `_seconds` metrics have unit `s`.
+///
+/// Latency probes are OTLP histograms `uprobed_probe_latency_seconds` (cumulative, explicit
+/// bounds at the Prometheus endpoint's `le` edges, the attributes of its labels), carried over
+/// by `LatencyReplay`: counts, sum, min and max equal the daemon's.
 final class OTLPInstruments: Sendable {
     private let factory: any MetricsFactory
     private struct Series {
@@ -151,11 +162,70 @@ final class OTLPInstruments: Sendable {
         var total: UInt64
     }
     private let series = Mutex<[String: Series]>([:])
+    private struct HistogramSeries {
+        var recorder: Recorder
+        var replay = LatencyReplay()
+    }
+    private struct Histograms {
+        var series: [String: HistogramSeries] = [:]
+        var rotation = 0
+    }
+    private let histograms = Mutex(Histograms())
 
     init(factory: any MetricsFactory) { self.factory = factory }
 
     static func otlpName(_ prometheusName: String) -> String {
         prometheusName.hasSuffix("_total") ? String(prometheusName.dropLast(6)) : prometheusName
+    }
+
+    /// The most calls one export records into the latency histograms, all probes together
+    /// (`LatencyReplay`): a larger backlog is caught up over the next exports.
+    static let replayBudget: UInt64 = 2_000_000
+
+    /// The instruments of these points and latency probes; those of series not among them end.
+    func update(_ points: [MetricPoint], latency: [ProbeSample]) {
+        update(points)
+        histograms.withLock { state in
+            var next: [String: HistogramSeries] = [:]
+            var budget = Self.replayBudget
+            // Each export starts the budget at another probe, so a backlog of one cannot keep
+            // the others waiting export after export.
+            let start = latency.isEmpty ? 0 : state.rotation % latency.count
+            state.rotation &+= 1
+            for p in latency[start...] + latency[..<start] {
+                guard let h = p.latency else { continue }
+                let labels = LatencySeries.labels(p)
+                let key = labels.map(\.1).joined(separator: "\u{1F}")
+                var s = state.series.removeValue(forKey: key) ?? HistogramSeries(recorder: makeRecorder(labels))
+                let recorder = s.recorder
+                var done = s.replay.advance(to: h, budget: budget) { ns, times in Self.record(ns, times, into: recorder) }
+                if done == nil {
+                    // Fewer calls than already exported: not the same histogram, a new series.
+                    recorder.destroy()
+                    s = HistogramSeries(recorder: makeRecorder(labels))
+                    let fresh = s.recorder
+                    done = s.replay.advance(to: h, budget: budget) { ns, times in Self.record(ns, times, into: fresh) }
+                }
+                budget -= Swift.min(budget, done ?? 0)
+                next[key] = s
+            }
+            for gone in state.series.values { gone.recorder.destroy() }
+            state.series = next
+        }
+    }
+
+    private func makeRecorder(_ labels: [(String, String)]) -> Recorder {
+        Recorder(label: LatencySeries.name, dimensions: [("description", LatencySeries.help), ("unit", "s")] + labels,
+                 aggregate: true, factory: factory)
+    }
+
+    /// A duration of whole nanoseconds in seconds, in the OTLP bucket the Prometheus endpoint
+    /// counts it in: there `le` = 2^k ns counts the durations below 2^k ns, an OTLP bucket ends
+    /// at its bound inclusive, so a duration of exactly 2^k ns is recorded a hair above it.
+    static func record(_ ns: UInt64, _ times: UInt64, into recorder: Recorder) {
+        var v = Double(ns) / 1e9
+        if ns.nonzeroBitCount == 1, LatencySeries.powers.contains(ns.trailingZeroBitCount) { v = v.nextUp }
+        for _ in 0..<times { recorder.record(v) }
     }
 
     func update(_ points: [MetricPoint]) {

@@ -405,12 +405,16 @@ public struct RequestHandler: Sendable {
         }
     }
 
-    /// The engine's order for a wire sort key (issue 27 maps its latency keys here).
+    /// The engine's order for a wire sort key.
     static func order(_ sort: StatsSort) -> StatsTable.Order {
         switch sort {
         case .id: return .id
         case .hits: return .hits
         case .rate: return .rate
+        case .calls: return .calls
+        case .p50: return .p50
+        case .p99: return .p99
+        case .max: return .max
         }
     }
 }

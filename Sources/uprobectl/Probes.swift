@@ -151,8 +151,37 @@ struct RateMeter {
     mutating func reset() { previous = [:]; at = nil }
 }
 
+/// How rows are ordered. The latency keys rank latency probes by the CALLS, P50, P99 and MAX
+/// columns (most first); rows without that value (no call returned yet, counting probes) last.
 enum SortKey: String, CaseIterable, ExpressibleByArgument {
     case hits, rate, name, id
+    case calls, p50, p99, max
+
+    /// The daemon's key for the same order; nil for `name` (symbols are demangled here).
+    var wire: StatsSort? {
+        switch self {
+        case .hits: return .hits
+        case .rate: return .rate
+        case .name: return nil
+        case .id: return .id
+        case .calls: return .calls
+        case .p50: return .p50
+        case .p99: return .p99
+        case .max: return .max
+        }
+    }
+
+    /// A latency key's value of a row; nil for a counting probe or a duration no call has yet.
+    func latencyValue(_ r: ProbeRow) -> UInt64? {
+        guard let l = r.latency else { return nil }
+        switch self {
+        case .hits, .rate, .name, .id: return nil
+        case .calls: return l.calls
+        case .p50: return l.p50Ns
+        case .p99: return l.p99Ns
+        case .max: return l.maxNs
+        }
+    }
 
     var next: SortKey {
         let all = Self.allCases
@@ -218,7 +247,7 @@ struct ProbeFilter {
 
 /// How rows are ordered, cut and printed: shared by `stats`, `watch` and `top`.
 struct Presentation: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Order rows by hits, rate (current hits/s), name (symbol) or id (default: hits; rate in top).",
+    @Option(name: .long, help: ArgumentHelp("Order rows by hits, rate (current hits/s), name (symbol), id, or a latency column: calls, p50, p99, max (default: hits; rate in top).",
                                             valueName: "key"))
     var sort: SortKey?
 
@@ -249,6 +278,13 @@ enum Rows {
                 if a.path != b.path { return a.path < b.path }
             case .id:
                 break
+            case .calls, .p50, .p99, .max:
+                switch (key.latencyValue(a), key.latencyValue(b)) {
+                case let (x?, y?): if x != y { return x > y }
+                case (_?, nil): return true
+                case (nil, _?): return false
+                case (nil, nil): if (a.latency != nil) != (b.latency != nil) { return a.latency != nil }
+                }
             }
             return a.idNumber != b.idNumber ? a.idNumber < b.idNumber : a.id < b.id
         }

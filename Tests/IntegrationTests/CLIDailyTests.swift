@@ -212,7 +212,7 @@ struct CLIDailyTests {
         }
         #expect(try complete(["uprobectl", "st"]) == ["stats", "status"])
         #expect(try complete(["uprobectl", "--socket", "/s", "to"]) == ["top"])
-        #expect(try complete(["uprobectl", "stats", "--sort", ""]) == ["hits", "rate", "name", "id"])
+        #expect(try complete(["uprobectl", "stats", "--sort", ""]) == ["hits", "rate", "name", "id", "calls", "p50", "p99", "max"])
         #expect(try complete(["uprobectl", "rm", "--d"]) == ["--dry-run"])
         let zsh = try ctl(["--generate-completion-script", "zsh"])
         #expect(zsh.status == 0 && zsh.out.hasPrefix("#compdef uprobectl"), "\(zsh.out.prefix(200))")

@@ -105,3 +105,32 @@ final class Tmux {
 func topRow(_ screen: String, symbol: String) -> [String]? {
     screen.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }.first { $0.contains(symbol) && $0.first?.hasPrefix("p") == true }
 }
+
+/// What a child process writes into a pipe, read as it comes (`watch` and `top` into a pipe).
+final class PipeText {
+    private let fd: Int32
+    private(set) var text = ""
+    init(_ pipe: Pipe) { fd = pipe.fileHandleForReading.fileDescriptor }
+
+    /// Reads until `done(text)` holds or `deadline` passes; whether it holds.
+    func readUntil(_ deadline: Date, _ done: (String) -> Bool) -> Bool {
+        while !done(text) {
+            let left = deadline.timeIntervalSinceNow
+            guard left > 0 else { return false }
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&pfd, 1, Int32(left * 1000)) > 0 else { return false }
+            var buf = [UInt8](repeating: 0, count: 65536)
+            let got = read(fd, &buf, buf.count)
+            guard got > 0 else { return false }
+            text += String(decoding: buf[0..<got], as: UTF8.self)
+        }
+        return true
+    }
+
+    /// The frames read so far: blocks that end with a blank line.
+    var frames: [String] {
+        let parts: [String] = text.components(separatedBy: "\n\n")
+        return Array(parts.dropLast())
+    }
+}
+

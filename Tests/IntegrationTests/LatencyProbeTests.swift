@@ -278,4 +278,69 @@ struct LatencyProbeTests {
         let both = try run([uprobectl, "add", "--socket", daemon.socket, "--latency", "--retprobe", "\(fx):lat_busy"])
         #expect(both.status != 0)
     }
+
+    @Test("stats sorted by calls, p50, p99 and max ranks latency probes of known durations; no value, then counting probes, last; top, the CLI, a bad key")
+    func sortByLatency() throws {
+        let daemon = try TestDaemon()
+        let fx = try Self.fixture(daemon)
+        // The counting probe comes first in id order and has the most hits: it must still rank last.
+        let counting = try daemon.register([spec(fx, symbol: "lat_plain")])
+        let names = ["lat_plain", "lat_busy", "lat_sleep1", "lat_sleep10", "lat_never"]
+        let ids = try daemon.register(names.map { Self.latencySpec(fx, $0) })
+        let id = Dictionary(uniqueKeysWithValues: zip(names, ids))
+        // Calls: 300, 40, 10, 4, 0. Durations: ~1 µs, 50 µs of busy loop, 1 ms and 10 ms of sleep.
+        #expect(try run([fx, "--plain=300", "--busy=40", "--busy-ns=50000", "--sleep1=10", "--sleep10=4"]).status == 0)
+        func sorted(_ key: String, top: Int? = nil) throws -> (ids: [String], entries: [JSONObject], total: Int64?) {
+            var req: JSONObject = ["op": "stats", "sort": .string(key)]
+            if let top { req["top"] = .int(Int64(top)) }
+            let r = try daemon.call(req)
+            #expect(r["ok"] == .bool(true), "\(r)")
+            let entries = (r["stats"]?.arrayValue ?? []).compactMap(\.objectValue)
+            return (entries.compactMap { $0["id"]?.stringValue }, entries, r["total"]?.int64Value)
+        }
+        let tail = [id["lat_never"]!, counting[0]]
+        let calls = try sorted("calls")
+        #expect(calls.ids == ["lat_plain", "lat_busy", "lat_sleep1", "lat_sleep10"].map { id[$0]! } + tail)
+        #expect(calls.entries.map { Self.u($0["latency"]?.objectValue, "calls") } == [300, 40, 10, 4, 0, nil])
+        // Medians lie far apart (each within 1/16 of the true duration): their order is known.
+        let p50 = try sorted("p50")
+        #expect(p50.ids == ["lat_sleep10", "lat_sleep1", "lat_busy", "lat_plain"].map { id[$0]! } + tail,
+                "\(p50.entries.map { Self.u($0["latency"]?.objectValue, "p50_ns") })")
+        // A tail or a maximum can be stretched by preemption on a loaded machine, so the order is
+        // checked against the values of the same reply; 10 ms sleeps stay above 1 µs calls.
+        for key in ["p99", "max"] {
+            let r = try sorted(key)
+            let values = r.entries.map { Self.u($0["latency"]?.objectValue, key + "_ns") }
+            #expect(Array(r.ids.suffix(2)) == tail, "\(key): \(r.ids)")
+            let measured = values.prefix(4).compactMap { $0 }
+            #expect(measured.count == 4 && measured == measured.sorted(by: >), "\(key): \(values)")
+            let rank = { (name: String) in r.ids.firstIndex(of: id[name]!) ?? -1 }
+            #expect(rank("lat_sleep10") < rank("lat_plain"), "\(key): \(r.ids) \(values)")
+        }
+        // top: the first rows of the same order, picked by the daemon; total counts every row.
+        let top2 = try sorted("p50", top: 2)
+        #expect(top2.ids == [id["lat_sleep10"]!, id["lat_sleep1"]!] && top2.total == 6, "\(top2.ids)")
+        let cut = try sorted("calls", top: 5)
+        #expect(cut.ids == Array(calls.ids.prefix(5)))
+        // The CLI: the daemon's top by p50, and a client-side sort by calls (ids named).
+        let uprobectl = try Paths.product("uprobectl")
+        let cliTop = try run([uprobectl, "stats", "--socket", daemon.socket, "--interval", "0", "--sort", "p50", "--top", "3"])
+        #expect(cliTop.status == 0, "\(cliTop.err)")
+        let shown = cliTop.out.split(separator: "\n").dropFirst().compactMap { $0.split(separator: " ").first.map(String.init) }
+        #expect(shown == ["lat_sleep10", "lat_sleep1", "lat_busy"].map { id[$0]! }, "\(cliTop.out)")
+        let cliCalls = try run([uprobectl, "stats", "--socket", daemon.socket, "--interval", "0", "--sort", "calls"] + ids + counting)
+        #expect(cliCalls.status == 0, "\(cliCalls.err)")
+        let all = cliCalls.out.split(separator: "\n").dropFirst().compactMap { $0.split(separator: " ").first.map(String.init) }
+        #expect(all == calls.ids, "\(cliCalls.out)")
+        // A key that does not exist: a clear error naming the keys; the connection stays usable.
+        let c = try daemon.client()
+        let bad = try c.call(["op": "stats", "sort": "p95"]).objectValue
+        #expect(bad.flatMap(errorCode) == "invalid_request")
+        let message = bad?["error"]?.objectValue?["message"]?.stringValue ?? ""
+        #expect(message.contains("p99") && message.contains("calls") && message.contains("max"), "\(message)")
+        #expect(try c.call(["op": "stats", "sort": 99]).objectValue.flatMap(errorCode) == "invalid_request")
+        #expect(try c.call(["op": "status"]).objectValue?["ok"] == .bool(true))
+        let cliBad = try run([uprobectl, "stats", "--socket", daemon.socket, "--sort", "p95"])
+        #expect(cliBad.status == 2 && cliBad.err.contains("p99"), "\(cliBad.err)")
+    }
 }

@@ -12,18 +12,10 @@ import UprobedProtocol
 struct OTLPTests {
     @Test("Pushes carry the exact hits with the Prometheus endpoint's metrics, labels as attributes, and the resource; a reload moves them")
     func pushedToReceiver() throws {
-        try #require(OTLPReceiver.installed, "the OTLP receiver's venv is missing: run Tests/OTLPReceiver/venv.sh (make test does)")
-        let (port, metricsPort) = (try freeLoopbackPort(), try freeLoopbackPort())
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
-        let receiver = try OTLPReceiver(port: port, out: dir + "/otlp.jsonl")
+        let (d, receiver, port, metricsPort) = try Self.pushing(dir: dir, config: "otlp_headers = x-test-token=abc%20def")
         defer { receiver.stop() }
-        let d = try TestDaemon(config: """
-            otlp_endpoint = http://127.0.0.1:\(port)
-            otlp_interval_ms = 250
-            otlp_headers = x-test-token=abc%20def
-            metrics_listen = 127.0.0.1:\(metricsPort)
-            """)
         let target = try d.privateTarget()
         let ids = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")], consumer: "otlp-test")
         try #require(ids.count == 2)
@@ -56,13 +48,7 @@ struct OTLPTests {
 
         // The same metrics as the Prometheus endpoint: every name there is here (counters
         // without `_total`), and nothing else.
-        let (_, text) = try httpGet(port: metricsPort, path: "/metrics")
-        var prometheus = Set<String>()
-        for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
-            let f = line.split(separator: " ")
-            guard f.count == 4 else { continue }
-            prometheus.insert(f[3] == "counter" && f[2].hasSuffix("_total") ? String(f[2].dropLast(6)) : String(f[2]))
-        }
+        let prometheus = try Self.prometheusNames(port: metricsPort)
         #expect(!prometheus.isEmpty && Set(push.metrics.map(\.name)) == prometheus,
                 "only in Prometheus: \(prometheus.subtracting(push.metrics.map(\.name))); only in OTLP: \(Set(push.metrics.map(\.name)).subtracting(prometheus))")
 
@@ -153,6 +139,119 @@ struct OTLPTests {
         #expect(failed >= 6, "the recovery names the failed pushes: \(recovery)")
         #expect(d.log.components(separatedBy: "OTLP push failed").count - 1 == 1, "\(d.log)")
         #expect(d.stop() == 0)
+    }
+
+    @Test("Latency probes are OTLP histograms with the Prometheus name, labels and le bounds: count, sum, min, max and every bucket exactly as stats says; calls in flight as a gauge")
+    func latencyHistograms() throws {
+        let dir = try ServiceDaemon.makeDir()
+        defer { removeServiceDir(dir) }
+        let (d, receiver, _, metricsPort) = try Self.pushing(dir: dir)
+        defer { receiver.stop() }
+        let fx = try LatencyProbeTests.fixture(d)
+        let names = ["lat_busy", "lat_sleep1", "lat_exit_mid"]
+        let ids = try d.register(names.map { LatencyProbeTests.latencySpec(fx, $0) }, consumer: "otlp-latency")
+        let plain = try d.register([spec(fx, symbol: "lat_plain")])
+        try #require(ids.count == 3 && plain.count == 1)
+        // Durations from ~µs to ms, spread over several power-of-two bounds; two calls that never
+        // return (their threads exit inside).
+        #expect(try run([fx, "--busy=40", "--busy-ns=3000", "--sleep1=6", "--recurse=0", "--exiters=2", "--plain=5"]).status == 0)
+
+        /// Checks one push against `stats` read after the workload: every latency probe's point.
+        func check(_ push: OTLPReceiver.Push, _ stats: [String: JSONObject]) throws {
+            let metric = try #require(push.metric("uprobed_probe_latency_seconds"))
+            #expect(metric.kind == "histogram" && metric.temporality == 2 && metric.unit == "s", "\(metric)")
+            #expect(metric.description.hasPrefix("Duration of the calls of a latency probe"))
+            #expect(metric.points.count == 3, "one series per latency probe, none for the counting one")
+            for (name, id) in zip(names, ids) {
+                let l = try #require(stats[id]?["latency"]?.objectValue)
+                let p = try #require(push.latency(id), "\(name)")
+                #expect(p.attributes["path"] as? String == fx && p.attributes["symbol"] as? String == name
+                        && p.attributes["consumer"] as? String == "otlp-latency" && p.attributes.count == 4, "\(p.attributes)")
+                // The bounds: 2^7 … 2^42 ns, the Prometheus endpoint's le edges.
+                #expect(p.explicitBounds == (7...42).map { Double(UInt64(1) << UInt64($0)) / 1e9 }, "\(p.explicitBounds)")
+                let returns = try #require(LatencyProbeTests.u(l, "returns"))
+                #expect(p.count == returns, "\(name): count \(String(describing: p.count)), returns \(returns)")
+                // Per OTLP bucket, the calls of the daemon's buckets below its bound and at or above the previous one.
+                var expected = [UInt64](repeating: 0, count: 37)
+                for b in l["buckets"]?.arrayValue ?? [] {
+                    let f = b.arrayValue ?? []
+                    let count = UInt64(f[2].int64Value ?? 0)
+                    guard let upper = f[1].int64Value else { expected[36] += count; continue }
+                    let bound: UInt64 = UInt64(upper)
+                    let k: Int? = (7...42).first { (k: Int) -> Bool in bound <= (UInt64(1) << UInt64(k)) }
+                    let j: Int = k.map { $0 - 7 } ?? 36
+                    expected[j] += count
+                }
+                #expect(p.bucketCounts == expected, "\(name): \(p.bucketCounts) vs \(expected)")
+                guard returns > 0 else {
+                    #expect(p.min == nil && p.max == nil && (p.sum ?? 0) == 0, "\(name): no call returned")
+                    continue
+                }
+                let sum = Double(try #require(LatencyProbeTests.u(l, "sum_ns"))) / 1e9
+                let (minS, maxS) = (Double(try #require(LatencyProbeTests.u(l, "min_ns"))) / 1e9, Double(try #require(LatencyProbeTests.u(l, "max_ns"))) / 1e9)
+                // Sums of doubles: exact up to rounding (far below a nanosecond).
+                #expect(abs((p.sum ?? -1) - sum) <= sum * 1e-12, "\(name): sum \(String(describing: p.sum)) vs \(sum)")
+                #expect(abs((p.min ?? -1) - minS) <= minS * 1e-15 && abs((p.max ?? -1) - maxS) <= maxS * 1e-15,
+                        "\(name): min \(String(describing: p.min)) vs \(minS), max \(String(describing: p.max)) vs \(maxS)")
+            }
+            let inFlight = try #require(push.metric("uprobed_probe_calls_in_flight"))
+            #expect(inFlight.kind == "gauge" && inFlight.points.count == 3)
+            for id in ids {
+                let point = inFlight.points.first { $0.attributes["id"] as? String == id }
+                #expect(point?.value == Double(LatencyProbeTests.u(stats[id]?["latency"]?.objectValue, "in_flight") ?? 99), "\(id)")
+            }
+        }
+        let stats = try LatencyProbeTests.entries(d, ids, buckets: true)
+        #expect(LatencyProbeTests.u(stats[ids[2]]?["latency"]?.objectValue, "in_flight") == 2)
+        let ended = Date()
+        let push = try receiver.waitFor("a push read after the workload", seconds: 15) { p in
+            p.latency(ids[0]).map { Double($0.timeNs) / 1e9 > ended.timeIntervalSince1970 } == true
+        }
+        try check(push, stats)
+
+        // The same names as the Prometheus endpoint, the histogram included.
+        let prometheus = try Self.prometheusNames(port: metricsPort)
+        #expect(prometheus.contains("uprobed_probe_latency_seconds") && Set(push.metrics.map(\.name)) == prometheus,
+                "only in Prometheus: \(prometheus.subtracting(push.metrics.map(\.name))); only in OTLP: \(Set(push.metrics.map(\.name)).subtracting(prometheus))")
+
+        // More calls: the next pushes carry the new totals in the same cumulative series.
+        #expect(try run([fx, "--busy=25", "--busy-ns=200000", "--sleep1=3", "--recurse=0"]).status == 0)
+        let stats2 = try LatencyProbeTests.entries(d, ids, buckets: true)
+        let returns2 = LatencyProbeTests.u(stats2[ids[0]]?["latency"]?.objectValue, "returns")
+        #expect(returns2 == 65)
+        let later = try receiver.waitFor("\(ids[0]) with 65 returned calls", seconds: 15) { $0.latency(ids[0])?.count == 65 }
+        try check(later, stats2)
+        #expect(later.latency(ids[0])?.startNs == push.latency(ids[0])?.startNs)
+        #expect(!d.log.contains("OTLP push failed"), "\(d.log)")
+        #expect(d.stop() == 0)
+    }
+
+    /// A receiver on a free port in `dir` and a daemon pushing to it every 250 ms (plus the
+    /// `config` lines), with a Prometheus endpoint on another port.
+    static func pushing(dir: String, config: String = "") throws -> (TestDaemon, OTLPReceiver, port: UInt16, metricsPort: UInt16) {
+        try #require(OTLPReceiver.installed, "the OTLP receiver's venv is missing: run Tests/OTLPReceiver/venv.sh (make test does)")
+        let (port, metricsPort) = (try freeLoopbackPort(), try freeLoopbackPort())
+        let receiver = try OTLPReceiver(port: port, out: dir + "/otlp.jsonl")
+        let d = try TestDaemon(config: """
+            otlp_endpoint = http://127.0.0.1:\(port)
+            otlp_interval_ms = 250
+            metrics_listen = 127.0.0.1:\(metricsPort)
+            \(config)
+            """)
+        return (d, receiver, port, metricsPort)
+    }
+
+    /// The metric names a scrape of the Prometheus endpoint has, as OTLP names them (counters
+    /// without `_total`).
+    static func prometheusNames(port: UInt16) throws -> Set<String> {
+        let (_, text) = try httpGet(port: port, path: "/metrics")
+        var names = Set<String>()
+        for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
+            let f = line.split(separator: " ")
+            guard f.count == 4 else { continue }
+            names.insert(f[3] == "counter" && f[2].hasSuffix("_total") ? String(f[2].dropLast(6)) : String(f[2]))
+        }
+        return names
     }
 
     @Test("A bad otlp_endpoint stops the start with the key and line named")
@@ -246,7 +345,19 @@ final class OTLPReceiver: @unchecked Sendable {
 
     deinit { stop() }
 
-    struct Point { var attributes: [String: Any]; var value: Double; var startNs: UInt64; var timeNs: UInt64 }
+    struct Point {
+        var attributes: [String: Any]
+        var value: Double
+        var startNs: UInt64
+        var timeNs: UInt64
+        /// A histogram's point: count, sum, min, max, per-bucket counts and bounds.
+        var count: UInt64? = nil
+        var sum: Double? = nil
+        var min: Double? = nil
+        var max: Double? = nil
+        var bucketCounts: [UInt64] = []
+        var explicitBounds: [Double] = []
+    }
     struct Metric {
         var name, description, unit, kind: String
         var monotonic: Bool?
@@ -262,6 +373,10 @@ final class OTLPReceiver: @unchecked Sendable {
         func hits(_ id: String) -> UInt64? {
             metric("uprobed_probe_hits")?.points.first { $0.attributes["id"] as? String == id }.map { UInt64($0.value) }
         }
+        /// The point of `uprobed_probe_latency_seconds{id}` in this push, if it has that series.
+        func latency(_ id: String) -> Point? {
+            metric("uprobed_probe_latency_seconds")?.points.first { $0.attributes["id"] as? String == id }
+        }
     }
 
     /// Every push received so far, oldest first (one resource and scope each, as uprobed sends).
@@ -276,7 +391,11 @@ final class OTLPReceiver: @unchecked Sendable {
                        monotonic: m["monotonic"] as? Bool, temporality: m["temporality"] as? Int,
                        points: ((m["points"] as? [[String: Any]]) ?? []).map {
                            Point(attributes: $0["attributes"] as? [String: Any] ?? [:], value: ($0["value"] as? NSNumber)?.doubleValue ?? .nan,
-                                 startNs: ($0["start_ns"] as? NSNumber)?.uint64Value ?? 0, timeNs: ($0["time_ns"] as? NSNumber)?.uint64Value ?? 0)
+                                 startNs: ($0["start_ns"] as? NSNumber)?.uint64Value ?? 0, timeNs: ($0["time_ns"] as? NSNumber)?.uint64Value ?? 0,
+                                 count: ($0["count"] as? NSNumber)?.uint64Value, sum: ($0["sum"] as? NSNumber)?.doubleValue,
+                                 min: ($0["min"] as? NSNumber)?.doubleValue, max: ($0["max"] as? NSNumber)?.doubleValue,
+                                 bucketCounts: (($0["bucket_counts"] as? [NSNumber]) ?? []).map(\.uint64Value),
+                                 explicitBounds: (($0["explicit_bounds"] as? [NSNumber]) ?? []).map(\.doubleValue))
                        })
             }
             return Push(headers: o["headers"] as? [String: String] ?? [:], resource: r["attributes"] as? [String: Any] ?? [:],

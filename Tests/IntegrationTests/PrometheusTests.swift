@@ -61,24 +61,28 @@ struct PrometheusTests {
         #expect(reached, "Prometheus has \(last) hits for \(a), the workload made \(total)")
 
         // rate() over 5 s, evaluated 0.3 s before the last burst ended, so the whole window
-        // lies inside the steady part. The rate the workload really ran at in that window comes
-        // from its own log. rate() is not an exact count: it takes the increase between the
+        // lies inside the workload. The rate the workload really ran at in that window comes
+        // from its own log (on a loaded machine it falls behind its 5,000/s; what is compared
+        // is what it did). rate() is not an exact count: it takes the increase between the
         // first and last samples inside the window and extrapolates it to the window's edges.
-        // With samples 1 s apart the error has two parts: the bursts make the counter a
-        // staircase (a sample may land just before or after a burst: ±1 burst at each end,
-        // ±1,000 over the ~4 s between the first and last samples, ±5%), and a scrape that is
-        // late or missed on a loaded machine makes Prometheus extrapolate by only half an
-        // interval at that edge (up to -10% over 5 s). Hence a tolerance of 20%.
+        // The error has two parts, each taken from this run: the bursts make the counter a
+        // staircase (a sample may land just before or after a burst: ±1 burst at each end over
+        // the span between the first and last samples, (samples - 1) scrape intervals of 1 s),
+        // and a scrape that is late or missed makes Prometheus extrapolate by only half an
+        // interval at an edge (up to -10% over 5 s); plus 5% for the workload's own clock.
         let at = end.addingTimeInterval(-0.3)
         let windowStart = at.addingTimeInterval(-5)
         let ran = Double(finished.filter { $0 > windowStart && $0 <= at }.count * burst) / 5
-        #expect(abs(ran - 5000) / 5000 < 0.1, "the workload itself did not keep its pace: \(ran) calls/s in the window")
+        #expect(ran >= 1000, "the workload ran \(ran) calls/s in the window: too few bursts to measure a rate")
+        let samples = try prom.query("count_over_time(uprobed_probe_hits_total{id=\"\(a)\"}[5s])", at: at).first?.value ?? 0
+        #expect(samples >= 2, "rate() needs two samples in the window, Prometheus has \(samples)")
+        let tolerance = 2 * Double(burst) / (ran * max(1, samples - 1)) + 0.1 + 0.05
         let rate = try prom.query("rate(uprobed_probe_hits_total{id=\"\(a)\"}[5s])", at: at).first?.value
-        #expect(rate.map { abs($0 - ran) / ran <= 0.2 } == true,
-                "rate() says \(rate.map { "\($0)" } ?? "nothing"), the workload ran \(ran) calls/s in that window")
+        #expect(rate.map { abs($0 - ran) / ran <= tolerance } == true,
+                "rate() says \(rate.map { "\($0)" } ?? "nothing"), the workload ran \(ran) calls/s in that window (tolerance \(tolerance), \(samples) samples)")
         // fn_b was not called: its rate is exactly 0.
         #expect(try prom.query("rate(uprobed_probe_hits_total{id=\"\(b)\"}[5s])", at: at).first?.value == 0)
-        print("prometheus: hits \(Int(total)) exact; rate(5s) \(rate.map { String(format: "%.0f", $0) } ?? "-")/s vs \(ran)/s run")
+        print("prometheus: hits \(Int(total)) exact; rate(5s) \(rate.map { String(format: "%.0f", $0) } ?? "-")/s vs \(ran)/s run, \(samples) samples, tolerance \(tolerance)")
         #expect(d.stop() == 0)
     }
 }

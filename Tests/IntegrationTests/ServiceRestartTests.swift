@@ -126,14 +126,16 @@ struct ServiceRestartTests {
         let dir = try ServiceDaemon.makeDir()
         defer { removeServiceDir(dir) }
         let target = try ServicePersistenceTests.target(in: dir)
-        // Compaction at once; every link close held 5 s (UPROBED_TEST_CLOSE_DELAY_MS).
-        var d = try ServiceDaemon(dir: dir, config: "compaction_delay_ms = 0\n", environment: ["UPROBED_TEST_CLOSE_DELAY_MS": "5000"])
+        // Compaction at once; every link close held for 10 minutes (UPROBED_TEST_CLOSE_DELAY_MS),
+        // so both links stay pinned until the kill below however late this thread sees them
+        // (a hold of a few seconds could end unseen on a loaded machine).
+        var d = try ServiceDaemon(dir: dir, config: "compaction_delay_ms = 0\n", environment: ["UPROBED_TEST_CLOSE_DELAY_MS": "600000"])
         let ids = try d.register([spec(target, symbol: "fn_a"), spec(target, symbol: "fn_b")])
         let work = Workload(target: target, rounds: 120, a: 100, b: 7)
         usleep(300_000)
         // Dropping fn_b rebuilds the link with fn_a alone; the old link's close is held.
         #expect(try d.call(["op": "unregister", "probes": [.string(ids[1])]])["removed"] == .int(1))
-        let deadline = Date().addingTimeInterval(30)
+        let deadline = Date().addingTimeInterval(120)
         while Self.linkPins(d.pinDir).count < 2 && Date() < deadline { usleep(5_000) }
         try #require(Self.linkPins(d.pinDir).count == 2, "new and old link both pinned: \(Self.linkPins(d.pinDir))")
         d.kill9()

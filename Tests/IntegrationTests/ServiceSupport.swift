@@ -74,7 +74,10 @@ final class ServiceDaemon: DaemonClient, @unchecked Sendable {
         if waitServing { try waitUntilServing() }
     }
 
-    func waitUntilServing(seconds: Double = 30) throws {
+    /// Until the socket accepts; fails at once if the daemon exits first. The deadline only
+    /// bounds a daemon that runs and never serves: a start that adopts pins and attaches again
+    /// takes well under a second alone, and far longer on a 2-core machine under a full build.
+    func waitUntilServing(seconds: Double = 120) throws {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
             if !process.isRunning {

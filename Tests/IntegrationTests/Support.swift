@@ -153,8 +153,10 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
         try waitUntilServing()
     }
 
+    /// Until the socket accepts; fails at once if the daemon exits first (see
+    /// `ServiceDaemon.waitUntilServing` for the deadline).
     private func waitUntilServing() throws {
-        let deadline = Date().addingTimeInterval(20)
+        let deadline = Date().addingTimeInterval(120)
         while Date() < deadline {
             if !process.isRunning {
                 let err = log
@@ -163,7 +165,7 @@ final class TestDaemon: DaemonClient, @unchecked Sendable {
             if (try? LineClient(socketPath: socket, timeoutSeconds: 2)) != nil { return }
             usleep(20_000)
         }
-        throw TestFailure("uprobed did not serve \(socket) within 20 s")
+        throw TestFailure("uprobed did not serve \(socket) within 120 s:\n\(log)")
     }
 
     /// A private copy of the target fixture (its own inode), so unfiltered probes of parallel

@@ -10,6 +10,9 @@ Listens on 127.0.0.1:PORT. Each ExportMetricsServiceRequest is decoded with open
         {"name", "description", "unit", "kind": "sum"|"gauge", "monotonic", "temporality",
          "points": [{"attributes": {...}, "value": ..., "start_ns": ..., "time_ns": ...}]}]}]}]}
 
+A histogram ("kind": "histogram", "temporality") has points with "count", "sum", "min", "max",
+"bucket_counts" and "explicit_bounds" instead of "value".
+
 and answered 200 with an empty ExportMetricsServiceResponse. Anything else is 400/404/415.
 With --hang it accepts connections and never answers (a collector that is stuck).
 """
@@ -42,6 +45,13 @@ def point(p):
             "start_ns": p.start_time_unix_nano, "time_ns": p.time_unix_nano}
 
 
+def histogram_point(p):
+    return {"attributes": attributes(p.attributes), "count": p.count,
+            "sum": p.sum if p.HasField("sum") else None, "min": p.min if p.HasField("min") else None,
+            "max": p.max if p.HasField("max") else None, "bucket_counts": list(p.bucket_counts),
+            "explicit_bounds": list(p.explicit_bounds), "start_ns": p.start_time_unix_nano, "time_ns": p.time_unix_nano}
+
+
 def metric(m):
     kind = m.WhichOneof("data")
     out = {"name": m.name, "description": m.description, "unit": m.unit, "kind": kind}
@@ -50,6 +60,9 @@ def metric(m):
                    points=[point(p) for p in m.sum.data_points])
     elif kind == "gauge":
         out["points"] = [point(p) for p in m.gauge.data_points]
+    elif kind == "histogram":
+        out.update(temporality=m.histogram.aggregation_temporality,
+                   points=[histogram_point(p) for p in m.histogram.data_points])
     else:
         out["points"] = []
     return out

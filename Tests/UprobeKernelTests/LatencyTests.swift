@@ -37,6 +37,17 @@ struct LatencyTests {
         return out
     }
 
+    /// The fixture's sleep after each of `calls` calls (µs, at least `minimum`) that makes a
+    /// thread's run last 20 times what `rebuild` (a link attached, replaced once and closed,
+    /// before any call) takes on this machine now: a close waits for a grace period, which
+    /// grows with load, and a fixed workload could end before enough rebuilds landed in it.
+    static func delayFor(calls: Int, minimum: Int, rebuild: () throws -> Void) throws -> Int {
+        let t0 = Date()
+        for _ in 0..<3 { try rebuild() }
+        let perRebuild = Date().timeIntervalSince(t0) / 3
+        return max(minimum, Int(20 * perRebuild / Double(calls) * 1e6))
+    }
+
     func setup() throws -> (Fixture, CounterProgram, LatencyProgram) {
         try KernelEnv.requireSupport()
         let fx = try Self.latency.get()
@@ -146,18 +157,29 @@ struct LatencyTests {
         var current: LatencyLink?
         var rebuilds = 0
         let threads = 4
-        let measured = try Self.run(fx, ["--threads=\(threads)", "--plain=2500", "--delay-us=500", "--busy=100", "--busy-ns=3000"],
+        func rebuild() throws {
+            try counter.setOverlap(true, slots: slots)
+            let next = try latency.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: slots, pid: nil)
+            usleep(2_000)
+            current?.close()
+            current = next
+            try counter.setOverlap(false, slots: slots)
+            try latency.sweepMarks(slots: Set(slots))
+        }
+        // The workload lasts 20 rebuilds as measured now, before any call (see
+        // `Self.delayFor`), so that enough of them land in it on a loaded machine.
+        let delay = try Self.delayFor(calls: 2500, minimum: 500) {
+            current = try latency.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: slots, pid: nil)
+            try rebuild()
+            current?.close()
+            current = nil
+        }
+        let measured = try Self.run(fx, ["--threads=\(threads)", "--plain=2500", "--delay-us=\(delay)", "--busy=100", "--busy-ns=3000"],
                                     whileRunning: { pid in
             while kill(pid, 0) == 0 && rebuilds < 200 {
                 var st: Int32 = 0
                 if waitpid(pid, &st, WNOHANG) != 0 { break }
-                try counter.setOverlap(true, slots: slots)
-                let next = try latency.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: slots, pid: nil)
-                usleep(2_000)
-                current?.close()
-                current = next
-                try counter.setOverlap(false, slots: slots)
-                try latency.sweepMarks(slots: Set(slots))
+                try rebuild()
                 rebuilds += 1
             }
         }, attached: {
@@ -183,14 +205,23 @@ struct LatencyTests {
         let offsets = [try fx.offset("lat_plain")]
         var current: LatencyLink?
         var rebuilds = 0
-        let measured = try Self.run(fx, ["--threads=2", "--plain=800", "--delay-us=300"], whileRunning: { pid in
+        func rebuild() throws {
+            let next = try latency.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: [30], pid: nil)
+            usleep(3_000)
+            current?.close()
+            current = next
+        }
+        let delay = try Self.delayFor(calls: 800, minimum: 300) {
+            current = try latency.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: [30], pid: nil)
+            try rebuild()
+            current?.close()
+            current = nil
+        }
+        let measured = try Self.run(fx, ["--threads=2", "--plain=800", "--delay-us=\(delay)"], whileRunning: { pid in
             while rebuilds < 100 {
                 var st: Int32 = 0
                 if waitpid(pid, &st, WNOHANG) != 0 { break }
-                let next = try latency.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: [30], pid: nil)
-                usleep(3_000)
-                current?.close()
-                current = next
+                try rebuild()
                 rebuilds += 1
             }
         }, attached: {

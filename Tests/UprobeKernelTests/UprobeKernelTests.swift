@@ -92,11 +92,7 @@ struct UprobeKernelTests {
         let slots: [UInt32] = [slot, 8]
         var current = try program.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: slots,
                                          pid: nil, retprobe: retprobe)
-        // 4 threads × 6,000 = 24,000 hits, stretched over ~1 s so that ~20 rebuilds land in it.
-        let threads = 4, iterations = 6_000
-        let workload = try fx.start(iterations: iterations, threads: threads, delayMicroseconds: 100)
-        var rebuilds = 0
-        while workload.process.isRunning {
+        func rebuild() throws {
             if handOff { try program.setOverlap(true, slots: [slot]) }
             let next = try program.attach(path: fx.binary, offsets: offsets, refCtrOffsets: nil, slots: slots,
                                           pid: nil, retprobe: retprobe)
@@ -107,6 +103,21 @@ struct UprobeKernelTests {
                 try program.setOverlap(false, slots: [slot])
                 try program.sweepMarks(slots: [slot])
             }
+        }
+        // What a rebuild costs on this machine now (a close waits for a grace period, far longer
+        // under load), measured before any hit: the workload is stretched to last 40 of them,
+        // and at least ~1 s, so that enough rebuilds land in it however busy the machine is
+        // (load that grows after the measurement makes rebuilds slower: 9 of 20 were seen).
+        let t0 = Date()
+        for _ in 0..<3 { try rebuild() }
+        let perRebuild = Date().timeIntervalSince(t0) / 3
+        // 4 threads × 6,000 = 24,000 hits, each thread sleeping `delay` after every call.
+        let threads = 4, iterations = 6_000
+        let delay = max(100, Int(40 * perRebuild / Double(iterations) * 1e6))
+        let workload = try fx.start(iterations: iterations, threads: threads, delayMicroseconds: delay)
+        var rebuilds = 0
+        while workload.process.isRunning {
+            try rebuild()
             rebuilds += 1
         }
         try workload.finish()

@@ -118,19 +118,13 @@ public struct StatsTable: Sendable {
                                 latency: (UInt32) -> LatencyHistogram?) -> StatsTable {
         struct Candidate {
             var seq: Int
-            var hits: UInt64
-            var rate: Double
+            var key: Order.Key
             var number: UInt64?
             var row: StatsRow
             var record: ProbeRecord?
         }
         func beats(_ a: Candidate, _ b: Candidate) -> Bool {
-            switch order {
-            case .hits: if a.hits != b.hits { return a.hits > b.hits }
-            case .rate: if a.rate != b.rate { return a.rate > b.rate }
-            case .id: break
-            }
-            return a.seq < b.seq
+            order.ranks(a.key, before: b.key) ?? (a.seq < b.seq)
         }
         var best: [Candidate] = []
         best.reserveCapacity(top + 1)
@@ -144,11 +138,14 @@ public struct StatsTable: Sendable {
                     let slot = Int(row.slot)
                     let counted = slot < counts.count ? counts[slot] : 0
                     let secs = now - row.countingSince
-                    c = Candidate(seq: seen, hits: row.baseHits &+ counted, rate: secs > 0 ? Double(counted) / secs : 0,
-                                  number: number, row: row, record: allVersions ? record : nil)
+                    let key = Order.Key(hits: row.baseHits &+ counted, rate: secs > 0 ? Double(counted) / secs : 0)
+                    c = Candidate(seq: seen, key: key, number: number, row: row, record: allVersions ? record : nil)
                 } else if let record {
                     let t = totals(record, counts: counts, now: now)
-                    c = Candidate(seq: seen, hits: t.hits, rate: t.rate, number: number, row: row, record: record)
+                    // The histogram (its kernel row read, its buckets summed) only for a latency order.
+                    let h = order.isLatency ? record.latency(latency) : nil
+                    let key = Order.Key(hits: t.hits, rate: t.rate, latency: h.flatMap(order.latencyValue), isLatency: record.spec.latency)
+                    c = Candidate(seq: seen, key: key, number: number, row: row, record: record)
                 } else {
                     return
                 }
@@ -190,8 +187,58 @@ public struct StatsTable: Sendable {
     }
 
     /// What rows are ordered by (descending; ties in id order).
-    public enum Order: Sendable {
+    ///
+    /// The latency orders rank latency probes by what `stats` shows of them: `calls` entered,
+    /// the median and 99th percentile of the returned calls' durations, and the longest one.
+    /// Rows without that value come after every row with one: latency probes none of whose
+    /// calls returned yet (for the durations), then counting probes; each group in id order.
+    public enum Order: Sendable, CaseIterable {
         case id, hits, rate
+        case calls, p50, p99, max
+
+        public var isLatency: Bool {
+            switch self {
+            case .id, .hits, .rate: return false
+            case .calls, .p50, .p99, .max: return true
+            }
+        }
+
+        /// A latency probe's value in this order; nil when it has none (no call returned).
+        func latencyValue(_ h: LatencyHistogram) -> UInt64? {
+            switch self {
+            case .id, .hits, .rate: return nil
+            case .calls: return h.calls
+            case .p50: return h.quantile(0.5)
+            case .p99: return h.quantile(0.99)
+            case .max: return h.returns > 0 ? h.maxNanoseconds : nil
+            }
+        }
+
+        /// What a row is ranked by (only the fields of the order in force are read).
+        struct Key {
+            var hits: UInt64 = 0
+            var rate: Double = 0
+            /// `latencyValue` of a latency probe's histogram.
+            var latency: UInt64? = nil
+            var isLatency = false
+        }
+
+        /// Whether `a` ranks before `b` (true) or after (false); nil when they tie, which the
+        /// caller breaks by id.
+        func ranks(_ a: Key, before b: Key) -> Bool? {
+            switch self {
+            case .id: return nil
+            case .hits: return a.hits != b.hits ? a.hits > b.hits : nil
+            case .rate: return a.rate != b.rate ? a.rate > b.rate : nil
+            case .calls, .p50, .p99, .max:
+                switch (a.latency, b.latency) {
+                case let (x?, y?): return x != y ? x > y : nil
+                case (_?, nil): return true
+                case (nil, _?): return false
+                case (nil, nil): return a.isLatency != b.isLatency ? a.isLatency : nil
+                }
+            }
+        }
     }
 
     /// The rows in `order`, cut to the first `top` if given; `total` stays the count before
@@ -204,12 +251,14 @@ public struct StatsTable: Sendable {
             guard limit < n else { return self }
             return picking(Array(0..<limit))
         }
+        // A latency order's values once per row (a percentile sums the histogram's buckets),
+        // not per comparison.
+        let latencyValues: [UInt64?]? = order.isLatency ? (0..<n).map { detail($0)?.latency.flatMap(order.latencyValue) } : nil
+        func key(_ i: Int) -> Order.Key {
+            Order.Key(hits: hits[i], rate: rates[i], latency: latencyValues?[i], isLatency: latencyValues != nil && detail(i)?.latency != nil)
+        }
         func beats(_ a: Int, _ b: Int) -> Bool {  // a ranks before b
-            switch order {
-            case .hits: return hits[a] != hits[b] ? hits[a] > hits[b] : a < b
-            case .rate: return rates[a] != rates[b] ? rates[a] > rates[b] : a < b
-            case .id: return a < b
-            }
+            order.ranks(key(a), before: key(b)) ?? (a < b)
         }
         if limit == n { return picking((0..<n).sorted(by: beats)) }
         var best: [Int] = []  // ranked, at most `limit`

@@ -11,9 +11,14 @@ extension UprobeCtl {
                 it takes that long. --interval 0 answers at once and shows the mean rate since \
                 registration instead (column MEAN RATE).
 
-                With --top N (no ids, no --match) the daemon picks the N rows: by hits, or with \
-                --sort rate by mean rate since registration; their current rate is then measured \
-                over --interval. Cheap at any number of probes.
+                With --top N (no ids, no --match) the daemon picks the N rows: by hits, with \
+                --sort rate by mean rate since registration, or by a latency column; their \
+                current rate is then measured over --interval. Cheap at any number of probes.
+
+                Latency probes add CALLS, P50, P99 and MAX; --sort calls|p50|p99|max orders by \
+                one of them, most first (--sort p99 --top 10: the ten slowest functions by \
+                their 99th percentile). Rows without that value come last: latency probes none \
+                of whose calls returned yet, then counting probes.
 
                 SYMBOL is demangled (C++, Rust, Swift) when c++filt or swift-demangle is \
                 installed; '(ret)' marks a return probe. On a terminal, long symbols and paths \
@@ -40,11 +45,9 @@ extension UprobeCtl {
         /// also matches demangled names, which only this side knows), by hits or rate.
         var daemonTop: StatsQuery? {
             guard let top = presentation.top, selection.ids.isEmpty, selection.match == nil else { return nil }
-            switch presentation.sort ?? .hits {
-            case .hits: return StatsQuery(match: ProbeMatch(path: selection.path), sort: .hits, top: top)
-            case .rate: return StatsQuery(match: ProbeMatch(path: selection.path), sort: .rate, top: top)
-            case .name, .id: return nil
-            }
+            let key = presentation.sort ?? .hits
+            guard key != .id, let sort = key.wire else { return nil }
+            return StatsQuery(match: ProbeMatch(path: selection.path), sort: sort, top: top)
         }
 
         func run() throws {

@@ -14,7 +14,9 @@ extension UprobeCtl {
                 uptime, probes, links and the total rate of the probes shown by the filters.
 
                 Keys: q quit · p or space pause/resume · s next sort key · h/r/n/i sort by \
-                hits/rate/name/id · ? help. Ctrl-C quits too; the terminal is restored either way.
+                hits/rate/name/id · l sort by P99 (latency probes) · ? help. Ctrl-C quits too; \
+                the terminal is restored either way. The s cycle goes on through the latency \
+                columns calls, p50, p99 and max.
 
                 When stdout is not a terminal, top prints plain frames instead (like 'watch', \
                 --top rows, default 20), one per interval, until interrupted or -n frames.
@@ -147,6 +149,7 @@ struct TopView {
                     case UInt8(ascii: "r"): sort = .rate
                     case UInt8(ascii: "n"): sort = .name
                     case UInt8(ascii: "i"): sort = .id
+                    case UInt8(ascii: "l"): sort = .p99
                     case UInt8(ascii: "?"): showHelp.toggle()
                     default: continue
                     }
@@ -196,7 +199,7 @@ struct TopView {
         if paused { mode += "  PAUSED" }
         lines.append((mode + "   q quit  p pause  s sort  ? help").truncatedRight(to: width))
         if showHelp {
-            lines.append("keys: q quit · p/space pause · s next sort · h hits · r rate · n name · i id · ? hide help"
+            lines.append("keys: q quit · p/space pause · s next sort · h hits · r rate · n name · i id · l p99 · ? hide help"
                 .truncatedRight(to: width))
         }
         lines.append("")
