@@ -11,15 +11,6 @@ import UprobedProtocol
 struct FollowRestartTests {
     static let config = "follow_check_ms = 100\ncompaction_delay_ms = 50\n"
 
-    func waitFor(_ what: String, seconds: Double = 15, _ condition: () throws -> Bool) throws {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try condition() { return }
-            usleep(20_000)
-        }
-        throw TestFailure("timed out waiting for: \(what)")
-    }
-
     func inode(_ path: String) -> UInt64 {
         var st = stat()
         return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0

@@ -3,22 +3,12 @@ import Testing
 import UprobedClient
 import UprobedProtocol
 
-/// Issue 7: probes follow their path through replacements of the file (upgrade by rename),
+/// Probes follow their path through replacements of the file (upgrade by rename),
 /// report a degraded state when the new file cannot be probed, can be pinned with
 /// `"follow": false`, and pid-filtered probes end with their process. Real kernel, exact counts.
 @Suite(.enabled(if: Kernel.enabled, "needs root and a kernel with uprobe_multi (set UPROBED_REQUIRE_KERNEL=1 to require)"))
 struct FollowTests {
     static let config = "follow_check_ms = 100\ncompaction_delay_ms = 50\n"
-
-    /// Polls `condition` every 20 ms for up to `seconds`; fails with `what` if it never holds.
-    func waitFor(_ what: String, seconds: Double = 15, _ condition: () throws -> Bool) throws {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try condition() { return }
-            usleep(20_000)
-        }
-        throw TestFailure("timed out waiting for: \(what)")
-    }
 
     /// A daemon with `config` (plus `extraConfig`) and a private copy of the target binary at
     /// DIR/app, the path the follow tests replace.

@@ -207,6 +207,16 @@ func spec(_ path: String, symbol: String? = nil, offset: UInt64? = nil, usdt: St
     ProbeSpec(path: path, symbol: symbol, offset: offset, usdt: usdt, pid: pid, retprobe: retprobe, follow: follow).json
 }
 
+/// Polls `condition` every 20 ms for up to `seconds`; fails with `what` if it never holds.
+func waitFor(_ what: String, seconds: Double = 15, _ condition: () throws -> Bool) throws {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if try condition() { return }
+        usleep(20_000)
+    }
+    throw TestFailure("timed out waiting for: \(what)")
+}
+
 func errorCode(_ reply: JSONObject) -> String? { reply["error"]?.objectValue?["code"]?.stringValue }
 
 /// Request helpers shared by the test harnesses that run a daemon (TestDaemon, ServiceDaemon).

@@ -97,6 +97,43 @@ public final class PinDirectory: Sendable {
         return (gens.sorted(), foreign)
     }
 
+    /// A link pin opened at start, with what the kernel says the link probes.
+    struct OpenedLinkPin {
+        let generation: UInt32
+        let path: String
+        let fd: FileDescriptor
+        let info: UprobeMultiLinkInfo
+    }
+
+    /// Opens every link pinned in `directory` (BPF_OBJ_GET, then BPF_OBJ_GET_INFO_BY_FD: path,
+    /// offsets, cookies, pid, direction; Linux >= 6.8), oldest generation first, for the
+    /// caller to check its cookies. Names that are not a generation are reported and left
+    /// alone; a pin that cannot be opened or is no uprobe_multi link is unpinned and reported.
+    func openLinkPins(in directory: String, pinPath: (UInt32) -> String) -> (opened: [OpenedLinkPin], unusable: [UnusablePin]) {
+        let found = pinnedLinkGenerations(in: directory)
+        var opened: [OpenedLinkPin] = [], unusable: [UnusablePin] = []
+        for name in found.foreign {
+            unusable.append(UnusablePin(path: directory + "/" + name, reason: "not named by a link generation; left alone"))
+        }
+        for g in found.generations {
+            let path = pinPath(g)
+            let fd: FileDescriptor
+            do { fd = try BPFSyscall.objGet(path) } catch {
+                Self.unpin(path)
+                unusable.append(UnusablePin(path: path, reason: "cannot be opened (\(error)); removed"))
+                continue
+            }
+            do {
+                opened.append(OpenedLinkPin(generation: g, path: path, fd: fd, info: try BPFSyscall.uprobeMultiLinkInfo(fd)))
+            } catch {
+                try? fd.close()
+                Self.unpin(path)
+                unusable.append(UnusablePin(path: path, reason: "not a uprobe_multi link this kernel describes (\(error)); removed"))
+            }
+        }
+        return (opened, unusable)
+    }
+
     /// Removes a pin (unlink(2)); true if it was there.
     @discardableResult
     public static func unpin(_ path: String) -> Bool { unlink(path) == 0 }

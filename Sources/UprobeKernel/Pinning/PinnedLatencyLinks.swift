@@ -26,26 +26,11 @@ extension LatencyProgram {
     /// Only valid at start, before any latency link is attached by this process.
     public func pinnedLinks() -> (links: [PinnedLatencyLink], unusable: [UnusablePin]) {
         guard let pins = counter.pins else { return ([], []) }
-        let found = pins.pinnedLinkGenerations(in: pins.latencyLinksPath)
-        var links: [PinnedLatencyLink] = [], unusable: [UnusablePin] = []
-        for name in found.foreign {
-            unusable.append(UnusablePin(path: pins.latencyLinksPath + "/" + name, reason: "not named by a link generation; left alone"))
-        }
-        for g in found.generations {
-            let path = pins.latencyLinkPath(g)
-            let fd: FileDescriptor
-            do { fd = try BPFSyscall.objGet(path) } catch {
-                PinDirectory.unpin(path)
-                unusable.append(UnusablePin(path: path, reason: "cannot be opened (\(error)); removed"))
-                continue
-            }
-            let info: UprobeMultiLinkInfo
-            do { info = try BPFSyscall.uprobeMultiLinkInfo(fd) } catch {
-                try? fd.close()
-                PinDirectory.unpin(path)
-                unusable.append(UnusablePin(path: path, reason: "not a uprobe_multi link this kernel describes (\(error)); removed"))
-                continue
-            }
+        let found = pins.openLinkPins(in: pins.latencyLinksPath, pinPath: pins.latencyLinkPath)
+        var unusable = found.unusable
+        var links: [PinnedLatencyLink] = []
+        for pin in found.opened {
+            let (g, path, fd, info) = (pin.generation, pin.path, pin.fd, pin.info)
             // Cookie: (tag << 32) | slot, tag = generation << 1 | phase.
             let tags = info.cookies.map { UInt32($0 >> 32) }
             let slots = info.cookies.map { UInt32(truncatingIfNeeded: $0) }

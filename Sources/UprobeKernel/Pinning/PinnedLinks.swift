@@ -22,26 +22,11 @@ extension CounterProgram {
     /// Pins that are no link of ours are unpinned and reported. Oldest generation first.
     public func pinnedLinks() -> (links: [PinnedLink], unusable: [UnusablePin]) {
         guard let pins else { return ([], []) }
-        let found = pins.pinnedLinkGenerations()
-        var links: [PinnedLink] = [], unusable: [UnusablePin] = []
-        for name in found.foreign {
-            unusable.append(UnusablePin(path: pins.linksPath + "/" + name, reason: "not named by a link generation; left alone"))
-        }
-        for g in found.generations {
-            let path = pins.linkPath(g)
-            let fd: FileDescriptor
-            do { fd = try BPFSyscall.objGet(path) } catch {
-                PinDirectory.unpin(path)
-                unusable.append(UnusablePin(path: path, reason: "cannot be opened (\(error)); removed"))
-                continue
-            }
-            let info: UprobeMultiLinkInfo
-            do { info = try BPFSyscall.uprobeMultiLinkInfo(fd) } catch {
-                try? fd.close()
-                PinDirectory.unpin(path)
-                unusable.append(UnusablePin(path: path, reason: "not a uprobe_multi link this kernel describes (\(error)); removed"))
-                continue
-            }
+        let found = pins.openLinkPins(in: pins.linksPath, pinPath: pins.linkPath)
+        var unusable = found.unusable
+        var links: [PinnedLink] = []
+        for pin in found.opened {
+            let (g, path, fd, info) = (pin.generation, pin.path, pin.fd, pin.info)
             guard !info.cookies.isEmpty, info.cookies.allSatisfy({ UInt32($0 >> 32) == g }),
                   info.cookies.allSatisfy({ UInt32(truncatingIfNeeded: $0) < capacity }) else {
                 let link = UprobeMultiLink(fd: fd, generation: g, offsetCount: info.offsets.count, pinPath: path)
