@@ -8,8 +8,12 @@ daemon's start (the floor every start pays: process, config, state files, socket
 N is a number of probes: 10000 probes one function each of a generated C binary; "latency10000"
 the same as latency probes (uprobe session links, a histogram row each); "frontend" (or any N
 above 200000) globs every function of the Swift toolchain's swift-frontend (~241,000 sites)
-with the limits raised in the daemon's config. Root, Linux >= 6.8 with uprobe_multi (6.13 for
-latency). Prints one table; each cell is the median of the runs and their min-max.
+with the limits raised in the daemon's config (a private copy of the file: probing the
+toolchain's own file would trap every compiler on the machine). A "-mapped" suffix
+("frontend-mapped") keeps processes (`--mappers`, 1) mapping the binary executable during the
+starts, as running programs do: attaching must then write every breakpoint into it, adopting writes
+none. Root, Linux >= 6.8 with uprobe_multi (6.13 for latency). Prints one table; each cell is
+the median of the runs and their min-max.
 """
 import argparse
 import json
@@ -104,17 +108,27 @@ def cell(xs):
     return "%.3f s (%.3f-%.3f)" % (statistics.median(xs), min(xs), max(xs))
 
 
-def measure(exe, size, runs):
+def measure(exe, size, runs, mappers):
     work = tempfile.mkdtemp(prefix="uprobed-restart-bench-")
     pin_dir = "/sys/fs/bpf/uprobed-bench-%d" % os.getpid()
     config = os.path.join(work, "uprobed.conf")
     d = None
+    mapper = None
     try:
-        latency = size.startswith("latency")
-        if size == "frontend":
-            binary, symbol = frontend_path(), "*"
+        mapped = size.endswith("-mapped")
+        base = size[:-len("-mapped")] if mapped else size
+        latency = base.startswith("latency")
+        if base == "frontend":
+            binary, symbol = os.path.join(work, "swift-frontend"), "*"
+            shutil.copy(frontend_path(), binary)
         else:
-            binary, symbol = many_functions(work, int(size[len("latency"):] if latency else size)), "f*"
+            binary, symbol = many_functions(work, int(base[len("latency"):] if latency else base)), "f*"
+        if mapped:
+            # An executable mapping is what uprobes install breakpoints into (a process running it).
+            mapper = [subprocess.Popen([sys.executable, "-c", "import mmap,sys,time\n"
+                                       "f = open(sys.argv[1], 'rb')\n"
+                                       "m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_EXEC)\n"
+                                       "time.sleep(86400)", binary]) for _ in range(mappers)]
         with open(config, "w") as f:
             f.write("slot_capacity = 524288\nmax_glob_matches = 1000000\nmax_probes_per_request = 1000000\nmax_line_bytes = 268435456\n"
                     "state_checkpoint_s = 0\nlog_level = notice\n")
@@ -148,9 +162,12 @@ def measure(exe, size, runs):
             if pins["rebuilt_probes"] != probes:
                 sys.exit("not attached again: %s" % pins)
             d.stop()
-        return dict(size=size, latency=latency, probes=probes, links=links, register=register, empty=empty, adopt=adopt,
+        return dict(size=size, latency=latency, mapped=mappers if mapped else 0, probes=probes, links=links, register=register, empty=empty, adopt=adopt,
                     adopt_reconcile=adopt_us, again=again)
     finally:
+        for m in mapper or []:
+            m.kill()
+            m.wait()
         if d:
             d.kill()  # a failed request exits with the daemon still running
         try:
@@ -164,18 +181,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--uprobed", default=os.path.join(REPO, ".build/release/uprobed"))
+    ap.add_argument("--mappers", type=int, default=1, help="processes mapping the binary for -mapped sizes")
     ap.add_argument("sizes", nargs="*", default=["10000", "frontend"])
     args = ap.parse_args()
     if not os.access(args.uprobed, os.X_OK):
         sys.exit("%s not built (swift build -c release --product uprobed)" % args.uprobed)
-    rows = [measure(args.uprobed, s if not s.isdigit() or int(s) <= 200000 else "frontend", args.runs) for s in args.sizes]
+    rows = [measure(args.uprobed, s if not s.isdigit() or int(s) <= 200000 else "frontend", args.runs, args.mappers) for s in args.sizes]
     print("uprobed restart, exec to READY=1 (%d runs each: median (min-max)); %s" % (args.runs, os.path.basename(args.uprobed)))
     print("| probes | links | empty daemon (floor) | adopt pinned | attach again | attach again / adopt | adopt / floor | adopt's reconcile | first register |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         adopt, again, floor = statistics.median(r["adopt"]), statistics.median(r["again"]), statistics.median(r["empty"])
         print("| %s | %d | %s | %s | %s | %.1fx | %.1fx | %.3f s | %.3f s |" % (
-            "{:,}".format(r["probes"]) + (" latency" if r["latency"] else ""), r["links"], cell(r["empty"]), cell(r["adopt"]), cell(r["again"]), again / adopt,
+            "{:,}".format(r["probes"]) + (" latency" if r["latency"] else "") + (", mapped by %d" % r["mapped"] if r["mapped"] else ""), r["links"], cell(r["empty"]), cell(r["adopt"]), cell(r["again"]), again / adopt,
             adopt / floor, statistics.median(r["adopt_reconcile"]), r["register"]))
 
 
