@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/prctl.h>
@@ -209,8 +210,38 @@ int CUprobeSys_ringbuf_drain(uint64_t *consumer, const uint64_t *producer, const
     return n;
 }
 
+// The trim threshold outside heap-release windows, and the windows open; both under
+// `heap_release_lock`, so a window's end never restores over a later window's begin.
+static pthread_mutex_t heap_release_lock = PTHREAD_MUTEX_INITIALIZER;
+static size_t kept_trim_threshold = 128 * 1024;  // glibc's default until a process sets its own
+static int heap_release_windows = 0;
+
 int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold) {
-    return mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold);
+    pthread_mutex_lock(&heap_release_lock);
+    kept_trim_threshold = trim_threshold;
+    int ok = mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold)
+        && (heap_release_windows > 0 || mallopt(M_TRIM_THRESHOLD, (int)trim_threshold));
+    pthread_mutex_unlock(&heap_release_lock);
+    return ok;
+}
+
+void CUprobeSys_heap_release_begin(void) {
+    pthread_mutex_lock(&heap_release_lock);
+    if (heap_release_windows++ == 0) mallopt(M_TRIM_THRESHOLD, 128 * 1024);
+    pthread_mutex_unlock(&heap_release_lock);
+}
+
+void CUprobeSys_heap_release_end(void) {
+    pthread_mutex_lock(&heap_release_lock);
+    if (heap_release_windows > 0 && --heap_release_windows == 0) mallopt(M_TRIM_THRESHOLD, (int)kept_trim_threshold);
+    pthread_mutex_unlock(&heap_release_lock);
+}
+
+int CUprobeSys_heap_release_windows(void) {
+    pthread_mutex_lock(&heap_release_lock);
+    int n = heap_release_windows;
+    pthread_mutex_unlock(&heap_release_lock);
+    return n;
 }
 
 int CUprobeSys_set_thread_name(const char *name) {

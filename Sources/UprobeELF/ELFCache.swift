@@ -117,14 +117,25 @@ public final class ELFFileCache: Sendable {
     }
 
     private func sweep() {
-        let (evicted, again) = state.withLock { s -> (Int, Bool) in
-            let before = s.bytes
-            for (key, entry) in s.entries where !entry.used { s.remove(key) }
+        var (dropped, again) = state.withLock { s -> ([ELFFile], Bool) in
+            var dropped: [ELFFile] = []
+            for (key, entry) in s.entries where !entry.used {
+                dropped.append(entry.file)
+                s.remove(key)
+            }
             for i in s.entries.indices { s.entries.values[i].used = false }
             s.sweepScheduled = !s.entries.isEmpty
-            return (before - s.bytes, s.sweepScheduled)
+            return (dropped, s.sweepScheduled)
         }
-        if evicted >= Self.trimThreshold { _ = malloc_trim(0) }
+        if dropped.reduce(0, { $0 + $1.estimatedBytes }) >= Self.trimThreshold {
+            // Freed here, outside the lock, in a heap-release window: the frees hand the top of
+            // the arena the parse was made in back too, which malloc_trim cannot (see
+            // `CUprobeSys_heap_release_begin`; a whole binary's parse lay in such a top).
+            CUprobeSys_heap_release_begin()
+            dropped.removeAll()
+            _ = malloc_trim(0)
+            CUprobeSys_heap_release_end()
+        }
         if again { scheduleSweep(after: idleLifetime) }
     }
 

@@ -25,6 +25,8 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
     var nextGeneration: UInt32 = 1
     /// When set, `closeAll` blocks until it is signalled (a grace period that takes its time).
     var closeGate: DispatchSemaphore?
+    /// When set, signalled by each `closeAll` as it begins (before `closeGate`).
+    var closeEntered: DispatchSemaphore?
     /// When set, `attach` signals `attachEntered` and then blocks until `attachGate` is
     /// signalled: the writer held in the middle of a batch.
     var attachGate: DispatchSemaphore?
@@ -70,6 +72,7 @@ final class FakeKernel: KernelBackend, @unchecked Sendable {
     func resetCounters(slots: [UInt32]) throws(KernelError) {}
     func readCounters(upTo: UInt32) throws(KernelError) -> [UInt64] { Array(repeating: 0, count: Int(upTo)) }
     func closeAll(_ links: [any KernelLink]) {
+        lock.withLock { closeEntered }?.signal()
         if let gate = lock.withLock({ closeGate }) { gate.wait() }
         lock.lock(); defer { lock.unlock() }
         closeRounds += 1

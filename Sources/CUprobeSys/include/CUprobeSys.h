@@ -136,7 +136,19 @@ int CUprobeSys_ringbuf_drain(uint64_t *consumer, const uint64_t *producer, const
 /// mallopt): blocks up to `mmap_threshold` bytes come from the heap instead of their own
 /// mmap, and up to `trim_threshold` bytes of freed heap stay mapped. 0 on failure (errno is
 /// not set by glibc).
+/// The trim threshold set here is the one `CUprobeSys_heap_release_end` restores.
 int CUprobeSys_keep_freed_memory(size_t mmap_threshold, size_t trim_threshold);
+
+/// Opens a heap-release window: until the matching `CUprobeSys_heap_release_end`, the
+/// M_TRIM_THRESHOLD is glibc's default (128 KiB), so a free that leaves an arena's top chunk
+/// above it hands the top back to the kernel. malloc_trim(3) cannot do that for the arenas of
+/// threads other than the main one: it returns the free pages *inside* their heaps, never
+/// their top chunk, which only a free trims, and only above M_TRIM_THRESHOLD. Windows nest
+/// (any number of callers, any threads); the last one to close restores the kept threshold.
+void CUprobeSys_heap_release_begin(void);
+void CUprobeSys_heap_release_end(void);
+/// Heap-release windows open now (for tests).
+int CUprobeSys_heap_release_windows(void);
 
 /// prctl(2) PR_SET_NAME: names the calling thread as `top -H`, `ps -L` and `perf` show it
 /// (truncated to 15 bytes). 0 on success, -1 with errno set.

@@ -2,7 +2,8 @@ import CUprobeSys
 import Dispatch
 import Synchronization
 
-/// Hands freed heap memory back to the kernel after bulk work (malloc_trim(3)).
+/// Hands freed heap memory back to the kernel after bulk work (malloc_trim(3), and a
+/// heap-release window while the bulk's memory is freed).
 ///
 /// glibc keeps what a process frees for later reuse. After 241,000 probes were registered and
 /// removed, the daemon held on to ~650 MB although the registry was empty again: the records,
@@ -11,6 +12,15 @@ import Synchronization
 /// it runs on a utility queue, after a delay that lets the batch's transient buffers (its
 /// reply, its state entry, records a reader may still hold for a grace period) go first, and
 /// several requests within the delay share one trim.
+///
+/// malloc_trim alone left 60 MB of a whole binary's removal resident (malloc_info and
+/// /proc/PID/smaps 12 s after it: 24 MB live, the rest free): it returns the free pages inside
+/// every arena, but the top chunk of a thread's arena only shrinks when a free leaves it above
+/// M_TRIM_THRESHOLD, which the daemon raises to 64 MiB (`DaemonProcess.keepFreedMemory`) so
+/// that 10,000-probe requests reuse their pages. So from the first request until the last
+/// follow-up, a heap-release window (`CUprobeSys_heap_release_begin`) puts glibc's default
+/// threshold back: the bulk's frees hand the arenas' tops back as they happen, and the kept
+/// threshold returns with the window's end.
 public final class MemoryTrimmer: Sendable {
     /// Probes added or removed by one batch, or slots freed by one detach round, that make a
     /// trim worth its walk. Well above 10,000: what a 10,000-probe request frees (~20 MB) the
@@ -19,38 +29,71 @@ public final class MemoryTrimmer: Sendable {
     /// each cycle, 36-38 ms without).
     public static let bulk = 50_000
     private let delay: DispatchTimeInterval
-    private let scheduled = Atomic<Bool>(false)
+    private struct State {
+        /// Bumped by every request: a follow-up chain of an older one stops.
+        var generation: UInt64 = 0
+        /// A first trim is pending (requests meanwhile share it).
+        var scheduled = false
+        /// This trimmer holds a heap-release window open.
+        var windowOpen = false
+    }
+    private let state = Mutex(State())
     private let trims = Atomic<UInt64>(0)
 
     public init(delay: DispatchTimeInterval = .milliseconds(500)) { self.delay = delay }
+
+    deinit {
+        if state.withLock({ $0.windowOpen }) { CUprobeSys_heap_release_end() }
+    }
 
     /// Free heap (mallinfo2's `fordblks`) above which a follow-up check trims again.
     static let followUpFreeBytes = 32 << 20
     /// Follow-up checks after a trim, `delay` apart.
     static let followUps = 8
 
-    /// Trims once, `delay` from now, unless a trim is already scheduled; then checks
-    /// `followUps` times, `delay` apart, whether much of the heap was freed since, and trims
-    /// again if so. A bulk batch's memory is not all freed by the time of the first trim: the
-    /// registry version readers may still hold goes after a grace period, its links' detach
-    /// round and the state file's rewrite finish later. Measured after removing 241,000
+    /// Opens the heap-release window (if this trimmer has none open) and trims once, `delay`
+    /// from now, unless a trim is already scheduled; then checks `followUps` times, `delay`
+    /// apart, whether much of the heap was freed since, and trims again if so; the last check
+    /// closes the window. A bulk batch's memory is not all freed by the time of the first
+    /// trim: the registry version readers may still hold goes after a grace period, its links'
+    /// detach round and the state file's rewrite finish later. Measured after removing 241,000
     /// probes: 170 MB freed but resident until a later trim.
     public func request() {
-        guard scheduled.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        let (generation, schedule) = state.withLock { s -> (UInt64, Bool) in
+            s.generation += 1
+            if !s.windowOpen {
+                s.windowOpen = true
+                CUprobeSys_heap_release_begin()
+            }
+            let schedule = !s.scheduled
+            s.scheduled = true
+            return (s.generation, schedule)
+        }
+        guard schedule else { return }
         DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + delay) { [self] in
-            scheduled.store(false, ordering: .releasing)
+            let current = state.withLock { s -> UInt64 in
+                s.scheduled = false
+                return s.generation
+            }
             trim()
-            followUp(Self.followUps)
+            followUp(Self.followUps, generation: max(generation, current))
         }
     }
 
-    private func followUp(_ left: Int) {
-        guard left > 0 else { return }
+    private func followUp(_ left: Int, generation: UInt64) {
         DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + delay) { [self] in
-            // A newer request runs its own checks.
-            guard !scheduled.load(ordering: .acquiring) else { return }
+            // A newer request runs its own checks (and closes the window after them).
+            guard state.withLock({ $0.generation == generation && !$0.scheduled }) else { return }
             if mallinfo2().fordblks > Self.followUpFreeBytes { trim() }
-            followUp(left - 1)
+            if left > 1 {
+                followUp(left - 1, generation: generation)
+                return
+            }
+            state.withLock { s in
+                guard s.generation == generation, !s.scheduled, s.windowOpen else { return }
+                s.windowOpen = false
+                CUprobeSys_heap_release_end()
+            }
         }
     }
 
@@ -61,4 +104,7 @@ public final class MemoryTrimmer: Sendable {
 
     /// Trims done so far.
     public var count: UInt64 { trims.load(ordering: .relaxed) }
+
+    /// Whether this trimmer holds a heap-release window open (tests).
+    public var releasing: Bool { state.withLock { $0.windowOpen } }
 }

@@ -61,7 +61,27 @@ struct SlotAllocator {
         while top < freeBelowHighWater.count, freeBelowHighWater[top] == highWater - 1 - UInt32(top) { top += 1 }
         freeBelowHighWater.removeFirst(top)
         highWater -= UInt32(top)
+        freeBelowHighWater.shrinkIfSparse()
     }
+
+    /// Bytes the free list holds (tests: a bulk's list goes with its slots).
+    var freeListCapacity: Int { freeBelowHighWater.capacity }
+}
+
+extension Array {
+    /// Gives back the storage of an array that has shrunk to a quarter of its capacity, once
+    /// the capacity is large: a whole binary's 241,000 slots left their tables allocated at
+    /// that size after every probe was gone. Small arrays keep theirs (a batch refills them).
+    /// Over a run of shrinking calls, each element is copied O(1) times.
+    mutating func shrinkIfSparse() {
+        guard capacity > Self.keptCapacity, count < capacity / 4 else { return }
+        var smaller: [Element] = []
+        smaller.reserveCapacity(Swift.max(count * 2, Self.keptCapacity / 4))
+        smaller.append(contentsOf: self)
+        self = smaller
+    }
+
+    private static var keptCapacity: Int { 4096 }
 }
 
 /// Slots as a bitmap. Slots are small and dense (handed out lowest first), so membership is a
@@ -130,8 +150,17 @@ struct SlotTable<Value: AnyObject> {
                 values += repeatElement(nil, count: i + 1 - values.count)
             }
             values[i] = newValue
+            if newValue == nil && i == values.count - 1 {
+                // The table ends at the highest slot set: reads stay short, and a bulk's table
+                // goes with its slots (see `shrinkIfSparse`).
+                while let last = values.last, last == nil { values.removeLast() }
+                values.shrinkIfSparse()
+            }
         }
     }
 
     mutating func removeAll() { values.removeAll() }
+
+    /// Entries the table has room for (tests).
+    var capacity: Int { values.capacity }
 }

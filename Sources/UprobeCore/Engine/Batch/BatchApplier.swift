@@ -103,6 +103,15 @@ final class BatchApplier {
         var registers = planned.registers
         let removals = planned.removals
 
+        // The removed registrations' slots die now, and a bulk removal's links start closing
+        // on the detach worker at once, while this writer takes the registrations out of the
+        // registry and the tree and writes the state entry. After those, the close of a whole
+        // binary's link began ~250 ms after its unregister arrived (the kernel's close itself
+        // takes ~140 ms). Its slots are freed only after a grace period that starts once the
+        // registry without them is published (`Compactor.published`).
+        for removal in removals { compactor.retire(removal.slots) }
+        compactor.startBulkDetach(slots: &slots)
+
         // The small registrations' state entry goes to the log now, and its sync runs while
         // the kernel attaches them.
         let wroteAhead = writeAhead(&registers, now: now)
@@ -201,10 +210,9 @@ final class BatchApplier {
         for removal in removals {
             var n = 0
             for id in removal.ids {
-                guard let r = registry.remove(id, treeEdits: &treeRemovals) else { continue }
+                guard registry.remove(id, treeEdits: &treeRemovals) != nil else { continue }
                 n += 1
                 removedIDs.append(id)
-                for s in r.sites { compactor.retire(s.slot) }
             }
             removedCount.append(n)
         }
@@ -244,6 +252,7 @@ final class BatchApplier {
             snapshot = makeSnapshot()
         }
         publish(snapshot, removing: treeRemovals)
+        compactor.published()
         // Replies: at once if the state write failed or is already durable; otherwise once the
         // committer has synced the log (`persist` only appended to it).
         var replies = BatchReplies(unsavedRemoval: unsavedRemoval)

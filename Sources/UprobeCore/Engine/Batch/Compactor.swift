@@ -24,6 +24,10 @@ final class Compactor {
     private let detacher: DetachWorker
     /// Slots whose probe is gone but which are still attached (waiting for detach work).
     private var deadSlots = SlotSet()
+    /// Slots freed by a round that ran before the batch removing their registrations was
+    /// published (`startBulkDetach`): a reader may still find them in the registry, so the
+    /// grace period that lets them be reused must start after that publication (`published`).
+    private var awaitingPublication: [UInt32] = []
     /// Detach rounds handed to `detacher` and not yet finished, by id.
     private var rounds: [UInt64: DetachRound] = [:]
     private var nextRoundID: UInt64 = 1
@@ -62,7 +66,9 @@ final class Compactor {
     func retire<S: Sequence<UInt32>>(_ slots: S) { deadSlots.formUnion(slots) }
 
     /// Removals not yet physically gone: dead sites waiting for compaction or for their round.
-    var pendingRemovals: Int { deadSlots.count + rounds.values.reduce(0) { $0 + $1.freeSlots.count } }
+    var pendingRemovals: Int {
+        deadSlots.count + awaitingPublication.count + rounds.values.reduce(0) { $0 + $1.freeSlots.count }
+    }
 
     /// This compactor's `status` counters, into `counters`.
     func count(into counters: inout EngineCounters) {
@@ -92,6 +98,29 @@ final class Compactor {
         if let due, ContinuousClock.now >= due { compact(slots: &slots) }
     }
 
+    /// Compacts now if the dead sites retired so far are due at once (a bulk removal, too
+    /// many links), before the batch that retired them is published: the kernel closes their
+    /// links while the writer finishes the batch. The slots this frees wait for `published`.
+    func startBulkDetach(slots: inout SlotAllocator) {
+        guard !deadSlots.isEmpty else { return }
+        schedule()
+        if let due, ContinuousClock.now >= due { compact(slots: &slots, unpublished: true) }
+    }
+
+    /// The batch is published: the slots freed before that (`startBulkDetach`) go to the
+    /// detach worker as a round of their own, whose grace period starts now. Queued behind
+    /// the round closing their links, it finishes after it.
+    func published() {
+        guard !awaitingPublication.isEmpty else { return }
+        var round = DetachRound()
+        round.freeSlots = awaitingPublication
+        awaitingPublication = []
+        let id = nextRoundID
+        nextRoundID += 1
+        rounds[id] = round
+        detacher.submit(id: id, links: [])
+    }
+
     /// Replaces every link of each group that holds dead sites or has too many links by one
     /// link of the group's live sites (make-before-break, with the BPF hand-off on so no hit is
     /// lost or doubled during the overlap), and closes groups whose sites all died.
@@ -103,7 +132,9 @@ final class Compactor {
     /// later compaction. `compact(wait: true)` first lets running rounds finish (so nothing is
     /// in hand-off) and returns only once its own round has finished: every dead site is then
     /// detached and its slot free.
-    func compact(wait: Bool = false, slots: inout SlotAllocator) {
+    /// `unpublished`: the registrations of the dead sites are still in the published registry
+    /// (`startBulkDetach`): the slots freed are held for `published`.
+    func compact(wait: Bool = false, slots: inout SlotAllocator, unpublished: Bool = false) {
         if wait { finish(slots: &slots) }
         defer { if wait { finish(slots: &slots) } }
         // Per group, the links to replace: every link holding a dead site, plus all its small
@@ -169,6 +200,12 @@ final class Compactor {
             round.freeSlots += links.close(l, dead: deadSlots.contains)
         }
         deadSlots.subtract(round.freeSlots)
+        // No progress: nothing to close or free (also when every rebuild failed).
+        stalled = round.closing.isEmpty && round.freeSlots.isEmpty
+        if unpublished {
+            awaitingPublication += round.freeSlots
+            round.freeSlots = []
+        }
         if !round.closing.isEmpty || !round.freeSlots.isEmpty {
             let id = nextRoundID
             nextRoundID += 1
@@ -176,8 +213,6 @@ final class Compactor {
             if !round.closing.isEmpty { gracePeriods += 1 }
             detacher.submit(id: id, links: round.closing.map(\.handle))
         }
-        // No progress: nothing to close or free (also when every rebuild failed).
-        stalled = round.closing.isEmpty && round.freeSlots.isEmpty
         compactions += 1
         due = nil
         schedule()

@@ -85,6 +85,9 @@ final class LinkTable {
         (groupLinks[group] ?? []).lazy.compactMap { self.links[$0] }
     }
 
+    /// Entries the slot-to-link table has room for (tests: a bulk's table goes with its links).
+    var slotTableCapacity: Int { slotLink.capacity }
+
     /// The newest link holding `slot`, if any link does.
     func link(holding slot: UInt32) -> LinkRecord? { slotLink[slot] }
 

@@ -63,7 +63,9 @@ struct PlannedRegister {
 
 /// What phase A decided for a batch's requests.
 struct BatchPlan {
-    typealias Unregister = (ids: [String], reply: @Sendable (Result<Removal, EngineError>) -> Void)
+    /// `slots`: the counter slots of the registrations `ids` names (taken in the pass that
+    /// selects them: a lookup per id afterwards was the cost).
+    typealias Unregister = (ids: [String], slots: [UInt32], reply: @Sendable (Result<Removal, EngineError>) -> Void)
     /// Registrations, with their slots allocated and reset (or their failure).
     var registers: [PlannedRegister]
     /// Unregisters that may go ahead, with the ids each removes; those refused were answered.
@@ -198,6 +200,7 @@ extension BatchApplier {
                 }
             case .unregister(let ids, let selection, _, let authorize, var reply):
                 let selected: [String]
+                var removedSlots: [UInt32] = []
                 if let ids {
                     if let missing = ids.first(where: { registry[$0] == nil || removedInBatch.contains($0) }) {
                         reply(.failure(EngineError(code: .probeNotFound, message: "no probe with id '\(missing)'")))
@@ -217,6 +220,7 @@ extension BatchApplier {
                         guard matcher.matches(r) && (removedInBatch.isEmpty || !removedInBatch.contains(r.id)) else { return false }
                         if let set = r.probeSet { leftInSets[set, default: 0] += 1; return false }
                         if denied == nil && !authorize(r) { denied = r.id }
+                        for site in r.sites { removedSlots.append(site.slot) }
                         return true
                     }
                     if let denied {
@@ -237,7 +241,8 @@ extension BatchApplier {
                 // Only a later unregister of this batch asks (hashing a whole binary's 241,000 ids
                 // was 3% of a register/unregister cycle's samples).
                 if n < lastUnregister { removedInBatch.formUnion(selected) }
-                removals.append((selected, reply))
+                if ids != nil { removedSlots = selected.flatMap { registry[$0]?.sites.map(\.slot) ?? [] } }
+                removals.append((selected, removedSlots, reply))
             case .follow, .detachFinished:
                 continue  // split off by `apply`
             }

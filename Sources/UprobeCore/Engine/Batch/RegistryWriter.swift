@@ -80,8 +80,16 @@ final class RegistryWriter {
     func stageInserts() {
         guard !pendingTreeInserts.isEmpty else { return }
         tree.stage(pendingTreeInserts)
-        pendingTreeInserts.removeAll(keepingCapacity: true)
+        pendingTreeInserts.removeAll(keepingCapacity: pendingTreeInserts.capacity <= Self.keptInserts)
     }
+
+    /// Staged inserts whose buffer is kept for the next batch. A whole binary's (241,000
+    /// consumers, 14.7 MB) stayed allocated after its probes were removed; a buffer for
+    /// 10,000-probe requests is kept (0.9 MB).
+    static let keptInserts = 16_384
+
+    /// The staged-inserts buffer's capacity (tests: nothing of a bulk stays allocated).
+    var insertBufferCapacity: Int { pendingTreeInserts.capacity }
 }
 
 extension ProbeSite {
