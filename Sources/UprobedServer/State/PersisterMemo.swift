@@ -6,8 +6,8 @@ import UprobeCore
 /// (5-7 MB, and a copy of it at every snapshot). Other ids (none are made today; a state file
 /// may hold them) go into a plain set.
 struct ProbeIDSet: Sendable {
-    private var numbers = IndexSet()
-    private var others: Set<String> = []
+    fileprivate private(set) var numbers = IndexSet()
+    fileprivate private(set) var others: Set<String> = []
 
     init() {}
     init(_ ids: some Sequence<String>) { formUnion(ids) }
@@ -26,13 +26,35 @@ struct ProbeIDSet: Sendable {
     }
 
     mutating func formUnion(_ ids: some Sequence<String>) {
-        for id in ids { insert(id) }
+        Self.runs(of: ids, numbers: { numbers.insert(integersIn: $0) }, other: { others.insert($0) })
     }
 
     mutating func subtract(_ ids: some Sequence<String>) {
+        Self.runs(of: ids, numbers: { numbers.remove(integersIn: $0) }, other: { others.remove($0) })
+    }
+
+    mutating func subtract(_ other: ProbeIDSet) {
+        numbers.subtract(other.numbers)
+        others.subtract(other.others)
+    }
+
+    /// Whether every number in `range` is in the set.
+    fileprivate func containsNumbers(_ range: ClosedRange<Int>) -> Bool { numbers.contains(integersIn: range) }
+
+    /// Hands `ids` on as runs of consecutive numbers (a request's ids are one run) and the
+    /// other ids one by one: an IndexSet call per id was most of removing a whole binary's ids.
+    private static func runs(of ids: some Sequence<String>, numbers: (Range<Int>) -> Void, other: (String) -> Void) {
+        var run: Range<Int>? = nil
         for id in ids {
-            if let n = Self.number(id) { numbers.remove(n) } else { others.remove(id) }
+            guard let n = number(id) else { other(id); continue }
+            if let r = run, r.upperBound == n {
+                run = r.lowerBound..<(n + 1)
+                continue
+            }
+            if let r = run { numbers(r) }
+            run = n..<(n + 1)
         }
+        if let run { numbers(run) }
     }
 }
 
@@ -73,7 +95,11 @@ struct StampBook: Sendable {
     }
 
     mutating func remove(_ id: String) {
-        self[id] = nil
+        if let n = ProbeID.number(id) { remove(number: n) } else { byOther[id] = nil }
+    }
+
+    private mutating func remove(number n: UInt64) {
+        byNumber[n] = nil
         // A dictionary keeps its capacity when emptied: the whole binary's 241,000 entries
         // (6.4 MB) stayed allocated after every probe was removed. Rebuilt smaller once it is
         // a quarter full: each entry is copied O(1) times over a run of removals.
@@ -82,6 +108,18 @@ struct StampBook: Sendable {
             for (n, i) in byNumber { smaller[n] = i }
             byNumber = smaller
         }
+    }
+
+    /// Drops the stamps of `gone`. When it covers every id kept (a whole binary's removal, one
+    /// range of ids), the table goes in one step instead of 241,000 removals.
+    mutating func remove(_ gone: ProbeIDSet) {
+        for id in gone.others { byOther[id] = nil }
+        if let low = byNumber.keys.min(), let high = byNumber.keys.max(),
+           let lo = Int(exactly: low), let hi = Int(exactly: high), gone.containsNumbers(lo...hi) {
+            byNumber = [:]
+            return
+        }
+        for n in gone.numbers { remove(number: UInt64(n)) }
     }
 
     /// Entries the id table has room for (tests: a bulk's room goes with its entries).

@@ -346,8 +346,9 @@ public final class StatePersister: Sendable {
             m.logBytes += parts.reduce(0) { $0 + $1.count }
             m.logLines += 1
             m.logEntries += added.count + spliced.reduce(0) { $0 + $1.run.records.count }
-            m.written.subtract(removed)
-            for id in removed { m.stamps.remove(id) }
+            let gone = ProbeIDSet(removed)
+            m.written.subtract(gone)
+            m.stamps.remove(gone)
             m.noteWritten(added.map(\.id))
             m.unsettled += spliced.map { ($0.run.records, $0.encoded.stamps) }
             m.lastGeneration = snapshot.generation

@@ -207,6 +207,7 @@ final class BatchApplier {
         var removedCount: [Int] = []
         var removedIDs: [String] = []
         var treeRemovals: [TreeEdit] = []
+        treeRemovals.reserveCapacity(removals.reduce(0) { $0 + $1.slots.count })
         for removal in removals {
             var n = 0
             for id in removal.ids {

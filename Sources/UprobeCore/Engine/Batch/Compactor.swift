@@ -98,13 +98,14 @@ final class Compactor {
         if let due, ContinuousClock.now >= due { compact(slots: &slots) }
     }
 
-    /// Compacts now if the dead sites retired so far are due at once (a bulk removal, too
-    /// many links), before the batch that retired them is published: the kernel closes their
-    /// links while the writer finishes the batch. The slots this frees wait for `published`.
+    /// Compacts now if the dead sites retired so far are a bulk removal (`bulkDetachSites`),
+    /// before the batch that retired them is published: the kernel closes their links while
+    /// the writer finishes the batch. The slots this frees wait for `published`. Other work
+    /// (a few removals, too many links) waits for the end of the batch as before: one round
+    /// there frees its slots in the same grace period.
     func startBulkDetach(slots: inout SlotAllocator) {
-        guard !deadSlots.isEmpty else { return }
-        schedule()
-        if let due, ContinuousClock.now >= due { compact(slots: &slots, unpublished: true) }
+        guard !stalled, deadSlots.count >= tuning.bulkDetachSites else { return }
+        compact(slots: &slots, unpublished: true)
     }
 
     /// The batch is published: the slots freed before that (`startBulkDetach`) go to the
