@@ -44,7 +44,9 @@ public enum DaemonProcess {
     /// request faulted in fresh zeroed pages: ~4,000 faults (16 MB) per 10,000-probe register
     /// and unregister, measured; encoding that register's state-log line took 14 ms instead
     /// of 9. Blocks up to 32 MiB now come from the heap, and up to 64 MiB of freed heap stays
-    /// mapped for the next request (that much resident memory is the price).
+    /// mapped for the next request (that much resident memory is the price), per arena: after
+    /// bulk work (a whole binary registered or removed) a heap-release window puts glibc's
+    /// default trim threshold back for a few seconds (`MemoryTrimmer`).
     /// Returns false if glibc refused the settings (the daemon runs anyway, slower on big requests).
     @discardableResult
     public static func keepFreedMemory() -> Bool {
