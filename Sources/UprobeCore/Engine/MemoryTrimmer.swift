@@ -34,6 +34,8 @@ public final class MemoryTrimmer: Sendable {
         var generation: UInt64 = 0
         /// A first trim is pending (requests meanwhile share it).
         var scheduled = false
+        /// When the pending trim is due: `delay` after the last request.
+        var due = DispatchTime.now()
         /// This trimmer holds a heap-release window open.
         var windowOpen = false
     }
@@ -52,40 +54,55 @@ public final class MemoryTrimmer: Sendable {
     static let followUps = 8
 
     /// Opens the heap-release window (if this trimmer has none open) and trims once, `delay`
-    /// from now, unless a trim is already scheduled, closing the window; then checks
-    /// `followUps` times, `delay` apart, whether much of the heap was freed since, and trims
-    /// again if so. A bulk batch's memory is not all freed by the time of the first
+    /// after the last of a run of requests (each one moves the trim later), closing the window;
+    /// then checks `followUps` times, `delay` apart, whether much of the heap was freed since,
+    /// and trims again if so. A bulk batch's memory is not all freed by the time of the first
     /// trim: the registry version readers may still hold goes after a grace period, its links'
     /// detach round and the state file's rewrite finish later. Measured after removing 241,000
-    /// probes: 170 MB freed but resident until a later trim.
-    public func request() {
-        let (generation, schedule) = state.withLock { s -> (UInt64, Bool) in
+    /// probes: 170 MB freed but resident until a later trim. A removal asks at the start of its
+    /// batch and again, `within` 200 ms, when its detach round is collected (its records are
+    /// freed right after, by the writer's reclaim): opened only at the start, the window closed
+    /// before those frees (RSS 0.5 s after the links were gone: 231-253 MB), and with the
+    /// default delay from the collect the trim came after that look (239-271 MB).
+    /// `within`: the trim's delay from this request, if not `delay` (the last request sets it).
+    public func request(within: DispatchTimeInterval? = nil) {
+        let wait = within ?? delay
+        let schedule = state.withLock { s -> Bool in
             s.generation += 1
+            s.due = .now() + wait
             if !s.windowOpen {
                 s.windowOpen = true
                 CUprobeSys_heap_release_begin()
             }
             let schedule = !s.scheduled
             s.scheduled = true
-            return (s.generation, schedule)
+            return schedule
         }
-        guard schedule else { return }
-        DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + delay) { [self] in
-            let current = state.withLock { s -> UInt64 in
+        if schedule { trim(at: .now() + wait) }
+    }
+
+    private func trim(at deadline: DispatchTime) {
+        DispatchQueue.global(qos: .utility).asyncAfter(deadline: deadline) { [self] in
+            let (later, generation) = state.withLock { s -> (DispatchTime?, UInt64) in
+                // A request meanwhile moved the trim later.
+                if DispatchTime.now() < s.due { return (s.due, s.generation) }
                 s.scheduled = false
-                return s.generation
+                return (nil, s.generation)
+            }
+            if let later {
+                trim(at: later)
+                return
             }
             trim()
-            // The window ends with the first trim: the bulk's own frees are done by then, and
-            // a window left open for the follow-ups made the next whole-binary register, 0.8 s
-            // after a removal, run in it (its transient buffers handed back and faulted in
-            // again: 1.0-1.1 s against 0.72-0.77 s).
+            // The window ends with the trim: the bulk's own frees are done by then, and a
+            // window left open for the follow-ups made the next whole-binary register, 0.8 s
+            // after a removal, run in it (handing back buffers it took again).
             state.withLock { s in
-                guard s.generation == current, !s.scheduled, s.windowOpen else { return }
+                guard s.generation == generation, !s.scheduled, s.windowOpen else { return }
                 s.windowOpen = false
                 CUprobeSys_heap_release_end()
             }
-            followUp(Self.followUps, generation: max(generation, current))
+            followUp(Self.followUps, generation: generation)
         }
     }
 

@@ -111,6 +111,10 @@ final class BatchApplier {
         // registry without them is published (`Compactor.published`).
         for removal in removals { compactor.retire(removal.slots) }
         compactor.startBulkDetach(slots: &slots)
+        // A whole binary's removal frees much in this batch already (the persister's tables,
+        // the registry's): its heap-release window opens now (see MemoryTrimmer).
+        let removing = removals.reduce(0) { $0 + $1.ids.count }
+        if removing >= MemoryTrimmer.bulk { trimmer.request() }
 
         // The small registrations' state entry goes to the log now, and its sync runs while
         // the kernel attaches them.
@@ -219,8 +223,6 @@ final class BatchApplier {
         }
         compactor.retire(orphanSlots)
         slots.release(unattachedSlots)
-        // Whole-binary work: once its transient buffers are gone, return the heap (see MemoryTrimmer).
-        if removedIDs.count + created.values.reduce(0, { $0 + $1.count }) >= MemoryTrimmer.bulk { trimmer.request() }
 
         // New consumers are staged now and published with the registry below, in one version
         // with the removals (`publish`).
@@ -278,6 +280,13 @@ final class BatchApplier {
         counters.lastBatchMicros = (ContinuousClock.now - started).microseconds
         counters.busyMicros += counters.lastBatchMicros
         publish(makeSnapshot())
+        // A whole binary's registration: once its transient buffers are gone, return the heap
+        // (see MemoryTrimmer). Asked last: a heap-release window open during the rest of the
+        // batch (its state write, the tree's 241,000 inserts) would hand back buffers the batch
+        // itself takes again.
+        if removing < MemoryTrimmer.bulk && removing + created.values.reduce(0, { $0 + $1.count }) >= MemoryTrimmer.bulk {
+            trimmer.request()
+        }
     }
 
     /// Makes a registration and enters it (registry and, at the next publication, tree).

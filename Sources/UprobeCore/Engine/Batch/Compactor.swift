@@ -260,8 +260,9 @@ final class Compactor {
             stalled = false
             slots.release(round.freeSlots)
             linksClosed += UInt64(round.closing.count)
-            // The records of a bulk removal are freed by now (their tree grace period passed).
-            if round.freeSlots.count >= MemoryTrimmer.bulk { trimmer?.request() }
+            // The records of a bulk removal go right after this (the writer's reclaim: their
+            // tree grace period has passed): trim soon after (see MemoryTrimmer.request).
+            if round.freeSlots.count >= MemoryTrimmer.bulk { trimmer?.request(within: .milliseconds(200)) }
         }
         schedule()
     }
