@@ -46,7 +46,7 @@ public enum DaemonProcess {
     /// of 9. Blocks up to 32 MiB now come from the heap, and up to 64 MiB of freed heap stays
     /// mapped for the next request (that much resident memory is the price), per arena: after
     /// bulk work (a whole binary registered or removed) a heap-release window puts glibc's
-    /// default trim threshold back for a few seconds (`MemoryTrimmer`).
+    /// default trim threshold back until the trim that follows it (`MemoryTrimmer`).
     /// Returns false if glibc refused the settings (the daemon runs anyway, slower on big requests).
     @discardableResult
     public static func keepFreedMemory() -> Bool {
