@@ -14,7 +14,10 @@ public enum StateCodec {
         }
     }
 
-    public static func encode(_ state: SavedState) -> [UInt8] {
+    public static func encode(_ state: SavedState) -> [UInt8] { encode(state, names: nil) }
+
+    /// `encode`; with `names`, glob groups' names go to names files (`NameFiles`).
+    static func encode(_ state: SavedState, names: NameRefs?) -> [UInt8] {
         var w = JSONWriter(reservingCapacity: 256 + estimatedSize(state.probes))
         w.beginObject()
         w.field("format", SavedState.format)
@@ -25,7 +28,7 @@ public enum StateCodec {
         w.field("next_id", u64(state.nextID))
         w.key("probes")
         w.beginArray()
-        writeProbes(state.probes, into: &w)
+        writeProbes(state.probes, names: names, into: &w)
         w.endArray()
         w.endObject()
         return w.line()
@@ -161,7 +164,7 @@ public enum StateCodec {
     /// Writes `probes` as array elements into an open array. Consecutive registrations of one
     /// shape (`sameGroupShape`: a large request's probes on one binary, a glob's included)
     /// share one element, a group (`writeGroup`); any other is written in full.
-    static func writeProbes(_ probes: [SavedProbe], into w: inout JSONWriter) {
+    static func writeProbes(_ probes: [SavedProbe], names: NameRefs? = nil, into w: inout JSONWriter) {
         // Compared through the buffer: its elements are passed by reference, where an array's
         // would be copied for each call (10,000 copies of a registration cost ~2 ms).
         probes.withUnsafeBufferPointer { buf in
@@ -171,7 +174,7 @@ public enum StateCodec {
                 if isGroupMember(buf[i]) {
                     while end < buf.count, isGroupMember(buf[end]), sameGroupShape(buf[i], buf[end]) { end += 1 }
                 }
-                if end - i > 1 { writeGroup(UnsafeBufferPointer(rebasing: buf[i..<end]), into: &w) } else { writeProbe(buf[i], into: &w) }
+                if end - i > 1 { writeGroup(UnsafeBufferPointer(rebasing: buf[i..<end]), names: names, into: &w) } else { writeProbe(buf[i], into: &w) }
                 i = end
             }
         }

@@ -30,7 +30,7 @@ extension StateCodec {
     /// glob), no latency measured yet (a histogram is written in full), and no file versions of
     /// a followed binary (`older_sites`, `retired`: written in full).
     static func isGroupMember(_ p: SavedProbe) -> Bool {
-        guard p.targets.count == 1, p.spec.symbol != nil, p.spec.offset == nil, p.spec.usdt == nil,
+        guard p.targets.count == 1, p.spec.symbol != nil, p.targets[0].symbol != nil, p.spec.offset == nil, p.spec.usdt == nil,
               p.targets[0].refCtrOffset == nil,
               p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
               p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
@@ -66,13 +66,35 @@ extension StateCodec {
     }
 
     /// Writes `probes` (members of one group, at least two) as one group element.
-    static func writeGroup(_ probes: UnsafeBufferPointer<SavedProbe>, into w: inout JSONWriter) {
+    static func writeGroup(_ probes: UnsafeBufferPointer<SavedProbe>, names: NameRefs?, into w: inout JSONWriter) {
         guard let first = probes.first else { return }
-        writeGroup(first: first, SavedColumns(probes: probes), into: &w)
+        writeGroup(first: first, SavedColumns(probes: probes), names: names, into: &w)
     }
 
-    /// Writes a group element: `first` in full, then each member's columns.
-    static func writeGroup(first: SavedProbe, _ probes: some GroupColumns, into w: inout JSONWriter) {
+    /// The names of a glob group's members as their names file holds them (`NameTable`); nil
+    /// if the group keeps its names inline: each member's spec symbol is its own (a request
+    /// that named its functions: the names are the request), the binary has no stamp to check
+    /// it by at restore, or a member has no name.
+    static func nameTable(first: SavedProbe, _ probes: some GroupColumns) -> NameTable? {
+        guard !eachSymbol(first), let identity = NameIdentity(first) else { return nil }
+        var t = NameTable(identity: identity)
+        t.offsets.reserveCapacity(probes.indices.count)
+        t.symbols.reserveCapacity(probes.indices.count)
+        for i in probes.indices {
+            guard let s = probes.symbol(i), !s.isEmpty else { return nil }
+            t.offsets.append(probes.offset(i))
+            t.symbols.append(s)
+            let a = probes.aliases(i)
+            if !a.isEmpty { t.aliases[i] = a }
+        }
+        return t
+    }
+
+    /// Writes a group element: `first` in full, then each member's columns. With `names`, a
+    /// glob group's names go to a names file (written and synced first) that the element
+    /// names instead of its `symbols` and `aliases` columns.
+    static func writeGroup(first: SavedProbe, _ probes: some GroupColumns, names: NameRefs?, into w: inout JSONWriter) {
+        let nameFile = names.flatMap { refs in nameTable(first: first, probes).flatMap { refs.store($0) } }
         w.beginObject()
         w.key("group")
         writeProbe(first, into: &w)
@@ -103,10 +125,14 @@ extension StateCodec {
             for i in probes.indices { w.string(probes.id(i)) }
             w.endArray()
         }
-        w.key("symbols")
-        w.beginArray()
-        for i in probes.indices { w.string(probes.symbol(i) ?? "") }
-        w.endArray()
+        if let nameFile {
+            w.field("names", nameFile)
+        } else {
+            w.key("symbols")
+            w.beginArray()
+            for i in probes.indices { w.string(probes.symbol(i) ?? "") }
+            w.endArray()
+        }
         w.key("offsets")
         w.beginArray()
         for i in probes.indices { writeU64(probes.offset(i), into: &w) }
@@ -135,12 +161,16 @@ extension StateCodec {
             w.endArray()
         }
         writeSparse("base_hits", probes.indices, where: { probes.baseHits($0) != 0 }, into: &w) { i, w in writeU64(probes.baseHits(i), into: &w) }
+        if nameFile == nil { writeAliases(probes, into: &w) }
+        w.endObject()
+    }
+
+    static func writeAliases(_ probes: some GroupColumns, into w: inout JSONWriter) {
         writeSparse("aliases", probes.indices, where: { !probes.aliases($0).isEmpty }, into: &w) { i, w in
             w.beginArray()
             for a in probes.aliases(i) { w.string(a) }
             w.endArray()
         }
-        w.endObject()
     }
 
     /// A sparse column: `[[index, value], …]` for the members where `has` holds; nothing if none.
@@ -165,7 +195,15 @@ extension StateCodec {
         let template = try decodeProbe(first, n)
         guard isGroupMember(template) else { throw corrupt("a group of registrations that cannot share one entry") }
         let each = o["each_symbol"]?.boolValue ?? false
-        guard let symbols = o["symbols"]?.arrayValue, let offsets = o["offsets"]?.arrayValue else {
+        // Format 5: a glob group's names in a names file (`NameFiles.fill` reads them).
+        var nameFile: String? = nil
+        if let v = o["names"] {
+            guard let name = v.stringValue, !name.isEmpty, !each, o["symbols"] == nil, o["aliases"] == nil else {
+                throw corrupt("a group's names file is not a name, or comes with its own symbols")
+            }
+            nameFile = name
+        }
+        guard let offsets = o["offsets"]?.arrayValue, let symbols = nameFile == nil ? o["symbols"]?.arrayValue : offsets else {
             throw corrupt("a group without symbols or offsets")
         }
         let count = symbols.count
@@ -221,7 +259,8 @@ extension StateCodec {
         }
         out.reserveCapacity(out.count + count)
         for i in 0..<count {
-            guard let symbol = symbols[i].stringValue, !symbol.isEmpty, let offset = readU64(offsets[i]) else {
+            guard let symbol = nameFile == nil ? symbols[i].stringValue : "", nameFile != nil || !symbol.isEmpty,
+                  let offset = readU64(offsets[i]) else {
                 throw corrupt("member \(i) of a group has no symbol or a bad offset")
             }
             var p = template
@@ -230,9 +269,10 @@ extension StateCodec {
             p.slots = slots.map { [$0[i]] }
             p.baseHits = baseHits[i] ?? 0
             if each { p.spec.symbol = symbol }
-            p.targets[0].symbol = symbol
+            p.targets[0].symbol = nameFile == nil ? symbol : nil
             p.targets[0].fileOffset = offset
             p.targets[0].aliases = aliases[i] ?? []
+            p.nameFile = nameFile
             out.append(p)
         }
     }
