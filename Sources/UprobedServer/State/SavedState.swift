@@ -123,6 +123,9 @@ public struct SavedState: Sendable, Equatable {
     /// Lowest probe number never handed out (ids are `p<N>`): a restart must not give a removed
     /// probe's id to a new one, or a client still holding it would act on someone else's probe.
     public var nextID: UInt64 = 1
+    /// Some names file could not be used at load (`NameFiles.fill`): the daemon writes a
+    /// snapshot once restored, which writes the names files again. Never written.
+    public var namesRepairDue = false
 }
 
 // What the model's identities are read from on this host: at each save (`StatePersister`), and

@@ -130,7 +130,9 @@ public final class StateStore: Sendable {
             }
         }
         if var state = base {
-            for problem in names.fill(&state, recover: recoverNames) {
+            let problems = names.fill(&state, recover: recoverNames)
+            state.namesRepairDue = !problems.isEmpty
+            for problem in problems {
                 logger?.warning("a names file of the state cannot be used: names taken from the binary where it is unchanged",
                                 metadata: ["error": "\(problem)"])
             }
