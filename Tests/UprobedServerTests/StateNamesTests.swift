@@ -174,6 +174,17 @@ struct StateNamesTests {
         #expect(direct == saved, "\(String(decoding: direct, as: UTF8.self))")
         #expect(a.used == b.used && a.used.count == 1)
         #expect(!String(decoding: direct, as: UTF8.self).contains("\"f7\""))
+
+        // The same glob registered again (new records, same binary, spec and offsets) finds its
+        // names file by their layout; a names file deleted by hand is written again.
+        let name = try #require(a.used.first)
+        let again = (1...30).map { record($0, aliases: $0 == 4 ? ["x4"] : []) }
+        let c = NameRefs(files)
+        #expect(StateCodec.encodeElements(records: again, stamps: stamps, names: c) == direct && c.used == [name])
+        try FileManager.default.removeItem(atPath: files.dir + "/" + name)
+        let d = NameRefs(files)
+        #expect(StateCodec.encodeElements(records: again, stamps: stamps, names: d) == direct && d.used == [name])
+        #expect(FileManager.default.fileExists(atPath: files.dir + "/" + name), "written again")
     }
 
     @Test("collect removes the names files nothing refers to and keeps the ones stored recently")

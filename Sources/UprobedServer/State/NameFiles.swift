@@ -33,6 +33,9 @@ final class NameFiles: Sendable {
     /// When each names file was last stored (written or found already there), for `collect`:
     /// a run encoded ahead refers to its names file before its line is appended.
     private let lastStored = Mutex<[String: Double]>([:])
+    /// Names files by the layout of the registrations they were stored for (binary, spec,
+    /// offsets: `StateCodec.storedNames`), for registrations this process resolved.
+    private let byLayout = Mutex<[UInt64: String]>([:])
     /// How long after its last store a names file is kept whatever the snapshot says: longer
     /// than any attach between a run's encoding and its line.
     static let graceSeconds: Double = 600
@@ -45,7 +48,7 @@ final class NameFiles: Sendable {
         let sum = table.checksum()
         let name = NameTable.fileName(sum)
         lastStored.withLock { $0[name] = Date().timeIntervalSince1970 }
-        if known.withLock({ $0.contains(name) }) { return name }
+        if isKnown(name) { return name }
         do throws(SyscallError) {
             try write(table, checksum: sum, as: name)
         } catch {
@@ -53,6 +56,27 @@ final class NameFiles: Sendable {
         }
         known.withLock { _ = $0.insert(name) }
         return name
+    }
+
+    /// The names file stored for `layout` in this process, if it is still there (and counted
+    /// as stored now, like `store`).
+    func reused(layout: UInt64) -> String? {
+        guard let name = byLayout.withLock({ $0[layout] }), isKnown(name) else { return nil }
+        lastStored.withLock { $0[name] = Date().timeIntervalSince1970 }
+        return name
+    }
+
+    /// Whether `name` was stored or read here and is still there (one access(2): a file
+    /// deleted by hand is written again rather than referred to).
+    private func isKnown(_ name: String) -> Bool {
+        guard known.withLock({ $0.contains(name) }) else { return false }
+        if access(dir + "/" + name, F_OK) == 0 { return true }
+        known.withLock { _ = $0.remove(name) }
+        return false
+    }
+
+    func remember(layout: UInt64, name: String) {
+        byLayout.withLock { $0[layout] = name }
     }
 
     /// Writes `table`'s file piece by piece (`NameTable.chunks`), then its checksum.
@@ -208,6 +232,7 @@ final class NameFiles: Sendable {
                 guard stat(path, &st) == 0, Double(st.st_mtim.tv_sec) < now - 60 else { continue }
             } else {
                 known.withLock { _ = $0.remove(e) }
+                byLayout.withLock { $0 = $0.filter { $0.value != e } }
             }
             unlink(path)
         }
@@ -224,6 +249,13 @@ final class NameRefs {
     /// `NameFiles.store`, remembering the name.
     func store(_ table: NameTable) -> String? {
         let name = files.store(table)
+        if let name { used.insert(name) }
+        return name
+    }
+
+    /// `NameFiles.reused`, remembering the name.
+    func reused(layout: UInt64) -> String? {
+        let name = files.reused(layout: layout)
         if let name { used.insert(name) }
         return name
     }

@@ -217,6 +217,7 @@ struct RecordColumns: GroupColumns {
     let base: Int
     let count: Int
     var indices: Range<Int> { 0..<count }
+    var freshlyResolved: Bool { true }
     func id(_ i: Int) -> String { table.records[base + i].id }
     func idNumber(_ i: Int) -> UInt64? { table.records[base + i].number }
     func symbol(_ i: Int) -> String? { table.symbols[base + i] }

@@ -90,11 +90,35 @@ extension StateCodec {
         return t
     }
 
+    /// The names file of a glob group's members (stored if new), or nil to write the names
+    /// inline (`nameTable`). Members resolved by this process (`freshlyResolved`) are first
+    /// looked up by what determines their names here, the binary, the spec and the offsets
+    /// (`NameFiles.reused`): a glob registered again on the same file skips making its table
+    /// and its checksum (~40 ms for a whole binary, on the CPU the kernel's attach leaves).
+    static func storedNames(first: SavedProbe, _ probes: some GroupColumns, _ refs: NameRefs) -> String? {
+        guard !eachSymbol(first), let identity = NameIdentity(first) else { return nil }
+        var layout: UInt64? = nil
+        if probes.freshlyResolved {
+            var c = NameChecksum()
+            identity.json().withUnsafeBytes { c.add($0) }
+            let pid = first.spec.pid.map { String($0) } ?? ""
+            let spec: [UInt8] = Array(first.spec.path.utf8) + [0] + Array((first.spec.symbol ?? "").utf8) + [0] + Array(pid.utf8) + [0]
+            spec.withUnsafeBytes { c.add($0) }
+            let offsets: [UInt64] = probes.indices.map { probes.offset($0) }
+            offsets.withUnsafeBytes { c.add($0) }
+            layout = c.value
+            if let key = layout, let name = refs.reused(layout: key) { return name }
+        }
+        guard let table = nameTable(first: first, probes), let name = refs.store(table) else { return nil }
+        if let layout { refs.files.remember(layout: layout, name: name) }
+        return name
+    }
+
     /// Writes a group element: `first` in full, then each member's columns. With `names`, a
     /// glob group's names go to a names file (written and synced first) that the element
     /// names instead of its `symbols` and `aliases` columns.
     static func writeGroup(first: SavedProbe, _ probes: some GroupColumns, names: NameRefs?, into w: inout JSONWriter) {
-        let nameFile = names.flatMap { refs in nameTable(first: first, probes).flatMap { refs.store($0) } }
+        let nameFile = names.flatMap { storedNames(first: first, probes, $0) }
         w.beginObject()
         w.key("group")
         writeProbe(first, into: &w)
@@ -296,6 +320,9 @@ extension StateCodec {
 /// from 0: saved registrations, or the records of a request written ahead of its attach.
 protocol GroupColumns {
     var indices: Range<Int> { get }
+    /// The members were resolved by this process (new registrations): their names follow from
+    /// their binary, spec and offsets (`StateCodec.storedNames`).
+    var freshlyResolved: Bool { get }
     func id(_ i: Int) -> String
     func idNumber(_ i: Int) -> UInt64?
     func symbol(_ i: Int) -> String?
@@ -307,6 +334,7 @@ protocol GroupColumns {
 }
 
 extension GroupColumns {
+    var freshlyResolved: Bool { false }
     var startIndex: Int { 0 }
     var endIndex: Int { indices.upperBound }
 }
