@@ -101,7 +101,8 @@ final class NameFiles: Sendable {
             }
             if let failure { throw failure }
             try withUnsafeBytes(of: checksum.littleEndian) { (b: UnsafeRawBufferPointer) throws(SyscallError) in
-                _ = try Syscall.count("write", tmp) { Glibc.write(fd, b.baseAddress, b.count) }
+                var off = 0
+                while off < b.count { off += try Syscall.count("write", tmp) { Glibc.write(fd, b.baseAddress! + off, b.count - off) } }
             }
             try Syscall.run("fsync", tmp) { fsync(fd) }
             try Syscall.run("rename", "\(tmp), \(target)") { rename(tmp, target) }
