@@ -15,7 +15,8 @@ struct ProbeStamps: Sendable, Hashable {
 extension ProbeStamps {
     /// The stamps of `r` saved for the first time: its first target's file (if that is still
     /// the file it was resolved in) and, with a `pid` filter, the process's start time. Used
-    /// by every save and by runs encoded ahead, so both stamp alike.
+    /// by every save; runs encoded ahead take the same stamps once per request and file
+    /// (`RecordTable`), so both stamp alike.
     init(firstSave r: ProbeRecord, files: inout FileStampCache) {
         file = r.firstTarget.flatMap { files.stamp(of: $0) }
         processStart = r.spec.pid.flatMap { processStartTime($0) }
