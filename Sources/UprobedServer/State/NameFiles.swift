@@ -147,38 +147,21 @@ final class NameFiles: Sendable {
     /// their names file, else from the binary if it is still exactly their file (`recover`).
     /// Returns one message per names file that could not be used (for the log); members left
     /// without names have `unknownNames` saying why. Never drops a registration.
-    func fill(_ state: inout SavedState, recover: (NameIdentity, ProbeSpecInput) -> Names?) -> [String] {
-        guard state.probes.contains(where: { $0.nameFile != nil }) else { return [] }
-        var tables: [String: Result<Names, Problem>] = [:]
+    func fill(_ state: inout SavedState, source: NameSource? = nil, recover: (NameIdentity, ProbeSpecInput) -> Names?) -> [String] {
+        let source = source ?? NameSource(self)
         var recovered: [NameIdentity: [ProbeSpecInput: Names?]] = [:]
-        var problems: [String] = []
         for i in state.probes.indices {
             guard let file = state.probes[i].nameFile else { continue }
             state.probes[i].nameFile = nil
-            let table: Result<Names, Problem>
-            if let t = tables[file] { table = t } else {
-                table = read(file).flatMap { t -> Result<Names, Problem> in
-                    guard let id = NameIdentity(state.probes[i]), id.sameFile(as: t.identity) else {
-                        return .failure(Problem("\(dir)/\(file) belongs to another binary (\(t.identity.path))"))
-                    }
-                    var names: Names = [:]
-                    names.reserveCapacity(t.count)
-                    for k in t.offsets.indices { names[t.offsets[k]] = (t.symbols[k], t.aliases[k] ?? []) }
-                    return .success(names)
-                }
-                tables[file] = table
-                if case .failure(let p) = table { problems.append(p.message) }
-            }
             let offset = state.probes[i].targets[0].fileOffset
-            var found: (symbol: String, aliases: [String])?
-            var why = "no names file"
-            switch table {
-            case .success(let names):
-                found = names[offset]
-                if found == nil { why = "\(dir)/\(file) has no name for offset \(offset)" }
-            case .failure(let p): why = p.message
+            if let loaded = source.loaded(file, for: state.probes[i]), let k = loaded.entry(at: offset) {
+                state.probes[i].targets[0].symbol = loaded.table.symbols[k]
+                state.probes[i].targets[0].aliases = loaded.table.aliases[k] ?? []
+                continue
             }
-            if found == nil, let id = NameIdentity(state.probes[i]) {
+            var why = source.problem(file) ?? "\(dir)/\(file) has no name for offset \(offset)"
+            var found: (symbol: String, aliases: [String])?
+            if let id = NameIdentity(state.probes[i]) {
                 let spec = state.probes[i].spec
                 let names: Names?
                 if let known = recovered[id]?[spec] { names = known } else {
@@ -197,7 +180,7 @@ final class NameFiles: Sendable {
                 state.probes[i].unknownNames = why
             }
         }
-        return problems
+        return source.problems
     }
 
     /// The names of a group's members read from their binary, if it is still exactly the file
@@ -267,5 +250,74 @@ extension NameIdentity {
     /// the same file under another path).
     func sameFile(as o: NameIdentity) -> Bool {
         device == o.device && inode == o.inode && size == o.size && mtimeNanos == o.mtimeNanos && buildID == o.buildID
+    }
+}
+
+/// A names file read at load (`NameSource`). A group's members come in the order of its
+/// entries, so each is looked for at the entry after the last one found before any index is
+/// made (an index of 241,000 offsets and the lookups in it were a third of naming them).
+final class LoadedNames {
+    let table: NameTable
+    private var next = 0
+    private var index: [UInt64: Int]?
+    init(_ table: NameTable) { self.table = table }
+
+    func entry(at offset: UInt64) -> Int? {
+        let k: Int?
+        if next < table.offsets.count, table.offsets[next] == offset {
+            k = next
+        } else {
+            if index == nil {
+                var byOffset: [UInt64: Int] = [:]
+                byOffset.reserveCapacity(table.count)
+                for (k, o) in table.offsets.enumerated() where byOffset[o] == nil { byOffset[o] = k }
+                index = byOffset
+            }
+            k = index?[offset]
+        }
+        if let k { next = k + 1 }
+        return k
+    }
+}
+
+/// The names files of one load, each read once: `StateCodec.decode` and `replay` name a glob
+/// group's members from it as they make them (a second pass over 241,000 registrations took
+/// 120 ms of a restart), `NameFiles.fill` the ones left. Single-threaded.
+final class NameSource {
+    let files: NameFiles
+    private var tables: [String: Result<LoadedNames, NameFiles.Problem>] = [:]
+    /// A group's members are consecutive: the last file answers without hashing its name.
+    private var last: (file: String, table: Result<LoadedNames, NameFiles.Problem>)?
+    /// One message per names file that could not be used.
+    private(set) var problems: [String] = []
+
+    init(_ files: NameFiles) { self.files = files }
+
+    /// The names file `file` for a group whose first member is `p`; nil if it cannot be used
+    /// (`problem` says why).
+    func loaded(_ file: String, for p: SavedProbe) -> LoadedNames? {
+        try? table(file, p).get()
+    }
+
+    func problem(_ file: String) -> String? {
+        if case .failure(let p)? = tables[file] { return p.message }
+        return nil
+    }
+
+    private func table(_ file: String, _ p: SavedProbe) -> Result<LoadedNames, NameFiles.Problem> {
+        if let last, last.file == file { return last.table }
+        let table: Result<LoadedNames, NameFiles.Problem>
+        if let known = tables[file] { table = known } else {
+            table = files.read(file).flatMap { t -> Result<LoadedNames, NameFiles.Problem> in
+                guard let id = NameIdentity(p), id.sameFile(as: t.identity) else {
+                    return .failure(NameFiles.Problem("\(files.dir)/\(file) belongs to another binary (\(t.identity.path))"))
+                }
+                return .success(LoadedNames(t))
+            }
+            tables[file] = table
+            if case .failure(let p) = table { problems.append(p.message) }
+        }
+        last = (file, table)
+        return table
     }
 }

@@ -183,13 +183,13 @@ public enum StateCodec {
     /// The registrations of a `probes` or `add` list, groups (format 4) and runs (formats 2
     /// and 3: `{"run": <the first, in full>, "rows": [[id, symbol, offset(, hits(, slot(,
     /// base hits)))], …]}`) expanded.
-    static func decodeProbes(_ list: [JSONValue]) throws(StateError) -> [SavedProbe] {
+    static func decodeProbes(_ list: [JSONValue], names: NameSource? = nil) throws(StateError) -> [SavedProbe] {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var out: [SavedProbe] = []
         out.reserveCapacity(list.count)
         for (n, v) in list.enumerated() {
             if let o = v.objectValue, o["group"] != nil {
-                try decodeGroup(o, n, into: &out)
+                try decodeGroup(o, n, names: names, into: &out)
                 continue
             }
             guard let o = v.objectValue, let rowsValue = o["rows"] else {
@@ -278,7 +278,11 @@ public enum StateCodec {
         w.endObject()
     }
 
-    public static func decode(_ bytes: [UInt8]) throws(StateError) -> SavedState {
+    public static func decode(_ bytes: [UInt8]) throws(StateError) -> SavedState { try decode(bytes, names: nil) }
+
+    /// `decode`; with `names`, glob groups' members get their names from their names files as
+    /// they are read (`NameSource`), those it cannot name keep `nameFile` for `NameFiles.fill`.
+    static func decode(_ bytes: [UInt8], names: NameSource?) throws(StateError) -> SavedState {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         let value: JSONValue
         do { value = try JSONParser.parse(bytes) } catch { throw corrupt("not valid JSON: \(error)") }
@@ -290,7 +294,7 @@ public enum StateCodec {
             throw corrupt("state format version \(version) is not supported (this uprobed reads versions 1 to \(SavedState.version))")
         }
         guard let list = root["probes"]?.arrayValue else { throw corrupt("no \"probes\" list") }
-        let probes = try decodeProbes(list)
+        let probes = try decodeProbes(list, names: names)
         var seen: Set<String> = []
         for p in probes {
             guard seen.insert(p.id).inserted else { throw corrupt("probe id \(p.id) appears twice") }
@@ -325,6 +329,11 @@ public enum StateCodec {
     /// is `state_incomplete` with the missing seqs, because the registrations and removals in
     /// them, and every registration made before the log began, are not in what is left.
     public static func replay(_ log: [UInt8], onto base: SavedState) throws(StateError) -> SavedState {
+        try replay(log, onto: base, names: nil)
+    }
+
+    /// `replay`, naming glob groups' members as `decode(_:names:)` does.
+    static func replay(_ log: [UInt8], onto base: SavedState, names: NameSource?) throws(StateError) -> SavedState {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var state = base
         var index: [String: Int] = [:]
@@ -350,7 +359,7 @@ public enum StateCodec {
                 if index.removeValue(forKey: id) != nil { removed.insert(id) }
             }
             let added: [SavedProbe]
-            do throws(StateError) { added = try decodeProbes(o["add"]?.arrayValue ?? []) } catch {
+            do throws(StateError) { added = try decodeProbes(o["add"]?.arrayValue ?? [], names: names) } catch {
                 throw corrupt("log line \(n + 1): \(error.message)")
             }
             for p in added {

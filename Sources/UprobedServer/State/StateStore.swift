@@ -110,9 +110,11 @@ public final class StateStore: Sendable {
     /// parsed is an error: starting empty would overwrite registrations on the next batch.
     public func load() throws(StateError) -> SavedState? {
         var base: SavedState? = nil
+        // Names files read once for the snapshot and the logs.
+        let source = NameSource(names)
         let snapshot = try Self.readIfExists(path, "the snapshot")
         if let bytes = snapshot {
-            do { base = try StateCodec.decode(bytes) } catch {
+            do { base = try StateCodec.decode(bytes, names: source) } catch {
                 throw StateError(code: error.code, message: "\(path): \(error.message)")
             }
         }
@@ -121,7 +123,7 @@ public final class StateStore: Sendable {
         for log in [previousLogPath, logPath] {
             guard let bytes = try Self.readIfExists(log, "the log") else { continue }
             do {
-                base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
+                base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []), names: source)
             } catch {
                 guard let missing = error.missingChanges else {
                     throw StateError(code: error.code, message: "\(log): \(error.message)")
@@ -130,7 +132,7 @@ public final class StateStore: Sendable {
             }
         }
         if var state = base {
-            let problems = names.fill(&state, recover: recoverNames)
+            let problems = names.fill(&state, source: source, recover: recoverNames)
             state.namesRepairDue = !problems.isEmpty
             for problem in problems {
                 logger?.warning("a names file of the state cannot be used: names taken from the binary where it is unchanged",
