@@ -80,7 +80,7 @@ public enum StateCodec {
         for id in ids {
             if let n = ProbeID.number(id) { numbers.append(n) } else { others.append(id) }
         }
-        if !others.isEmpty { w.field("remove", strings: others) }
+        if !others.isEmpty { w.field("remove", strings: others.sorted()) }
         guard !numbers.isEmpty else { return }
         numbers.sort()
         w.key("remove_ids")
