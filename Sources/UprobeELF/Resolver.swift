@@ -46,23 +46,35 @@ public struct ProbeSpecInput: Sendable, Hashable {
 /// Compact on purpose: a whole binary is 241,000 of these, kept for as long as they are
 /// registered. What every site of one file shares (path, device, inode, build-id) is one
 /// `ResolvedFile` object that the resolver makes once per file and all its sites reference;
-/// what few sites have (aliases, a USDT semaphore, a warning) sits behind one optional
-/// reference. 40 bytes instead of 112.
+/// the symbol name is an offset into one `SymbolNames` buffer per resolution (no String
+/// per site); what few sites have (aliases, a USDT semaphore, a warning) sits behind one
+/// optional reference. 36 bytes.
 public struct ResolvedProbe: Sendable, Hashable {
     /// The file: path, device, inode, build-id (shared by the sites of one resolution).
     public var file: ResolvedFile
     /// File offset for `uprobe_multi`'s `offsets`.
     public var fileOffset: UInt64
-    /// Primary name (global/default-versioned preferred); `provider:name` for USDT; nil for a bare offset.
-    public var symbol: String?
+    /// The buffer holding the symbol name; nil: no name (a bare offset).
+    nonisolated(unsafe) private var names: SymbolNames?
     /// `aliases`, `refCtrOffset` and `warning`: nil when all are empty (the common case).
     private var details: ResolvedDetails?
+    /// Where the name is in `names`.
+    private var nameAt: UInt32
 
     public init(file: ResolvedFile, fileOffset: UInt64, symbol: String?, aliases: [String] = [],
                 refCtrOffset: UInt64? = nil, warning: String? = nil) {
+        let packed = symbol.map(SymbolNames.single)
+        self.init(file: file, fileOffset: fileOffset, names: packed?.names, nameAt: packed?.at ?? 0, aliases: aliases,
+                  refCtrOffset: refCtrOffset, warning: warning)
+    }
+
+    /// With a name already packed (`SymbolNames.pack`): a resolution packs all its names at once.
+    public init(file: ResolvedFile, fileOffset: UInt64, names: SymbolNames?, nameAt: UInt32, aliases: [String] = [],
+                refCtrOffset: UInt64? = nil, warning: String? = nil) {
         self.file = file
         self.fileOffset = fileOffset
-        self.symbol = symbol
+        self.names = names
+        self.nameAt = nameAt
         self.details = ResolvedDetails.make(aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
     }
 
@@ -70,6 +82,56 @@ public struct ResolvedProbe: Sendable, Hashable {
                 symbol: String?, aliases: [String] = [], refCtrOffset: UInt64? = nil, warning: String? = nil) {
         self.init(file: ResolvedFile(path: path, device: device, inode: inode, buildID: buildID), fileOffset: fileOffset,
                   symbol: symbol, aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
+    }
+
+    /// Primary name (global/default-versioned preferred); `provider:name` for USDT; nil for a
+    /// bare offset. Made into a String on each read: loops over many probes read
+    /// `withSymbolUTF8` instead.
+    public var symbol: String? {
+        get { names?.name(at: nameAt) }
+        set {
+            let packed = newValue.map(SymbolNames.single)
+            names = packed?.names
+            nameAt = packed?.at ?? 0
+        }
+    }
+
+    /// Whether it has a symbol name.
+    public var hasSymbol: Bool { names != nil }
+    /// The symbol name's length in UTF-8 bytes (0 without one).
+    public var symbolByteCount: Int { withSymbolUTF8 { $0.count } ?? 0 }
+
+    /// The symbol name's UTF-8 bytes (followed in memory by a NUL, so `fnmatch` can read them
+    /// as a C string), lent to `body`; nil without calling it when there is no name.
+    @inline(__always)
+    public func withSymbolUTF8<R>(_ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R? {
+        guard let names else { return nil }
+        return try names.withName(at: nameAt, body)
+    }
+
+    /// Whether the symbol is `name` (nil: no symbol), without making a String.
+    public func symbolIs(_ name: String?) -> Bool {
+        guard var name else { return names == nil }
+        return withSymbolUTF8 { mine in name.withUTF8 { mine.elementsEqual($0) } } ?? false
+    }
+
+    public static func == (a: ResolvedProbe, b: ResolvedProbe) -> Bool {
+        guard a.fileOffset == b.fileOffset, a.file == b.file, a.details == b.details else { return false }
+        switch (a.names, b.names) {
+        case (nil, nil): return true
+        case (let x?, let y?):
+            if x === y && a.nameAt == b.nameAt { return true }
+            return x.withName(at: a.nameAt) { l in y.withName(at: b.nameAt) { r in l.elementsEqual(r) } }
+        default: return false
+        }
+    }
+
+    public func hash(into h: inout Hasher) {
+        h.combine(file)
+        h.combine(fileOffset)
+        h.combine(names != nil)
+        withSymbolUTF8 { h.combine(bytes: UnsafeRawBufferPointer($0)) }
+        h.combine(details)
     }
 
     /// Absolute path the kernel must open (under `/proc/PID/root/` when the target process
@@ -373,9 +435,11 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         let inOrder = zip(sites, sites.dropFirst()).allSatisfy({ $0.offset < $1.offset }) ? sites : sites.sorted { $0.offset < $1.offset }
-        let probes = inOrder.map {
-            ResolvedProbe(file: file, fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,
-                          refCtrOffset: $0.refCtr, warning: $0.warning)
+        // The names in one buffer for all the sites (see `SymbolNames`).
+        let names = SymbolNames.pack(inOrder.lazy.map(\.symbol))
+        let probes = zip(inOrder, names).map { site, name in
+            ResolvedProbe(file: file, fileOffset: site.offset, names: name?.names, nameAt: name?.at ?? 0,
+                          aliases: site.aliases, refCtrOffset: site.refCtr, warning: site.warning)
         }
         return Resolution(probes: probes, skipped: skipped.map {
             var s = $0

@@ -13,7 +13,7 @@ extension RequestHandler {
     static func writeTarget(_ t: ResolvedProbe, into w: inout JSONWriter) {
         w.field("path", t.path)
         w.field("offset", t.fileOffset)
-        if let s = t.symbol { w.field("symbol", s) }
+        t.withSymbolUTF8 { w.field("symbol", utf8: $0) }
         if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
         if let b = t.buildID { w.field("build_id", b) }
         if let r = t.refCtrOffset { w.field("ref_ctr_offset", r) }

@@ -229,7 +229,7 @@ struct StatsRow: Sendable, BitwiseCopyable {
         countingSince = r.countingSince
         baseHits = r.baseHits
         present = true
-        if r.sites.count == 1, r.retired.isEmpty, !r.spec.latency, case .active = r.state {
+        if r.sites.count == 1, !r.hasRetired, !r.spec.latency, r.isActive {
             plain = true
             slot = r.sites[0].slot
         }

@@ -150,7 +150,9 @@ struct RecordColumns: GroupColumns {
     var indices: Range<Int> { 0..<count }
     func id(_ i: Int) -> String { records[base + i].id }
     func idNumber(_ i: Int) -> UInt64? { records[base + i].number }
-    func symbol(_ i: Int) -> String? { records[base + i].firstTarget?.symbol }
+    func writeSymbol(_ i: Int, into w: inout JSONWriter) {
+        if let t = records[base + i].firstTarget { StateCodec.writeSymbol(of: t, into: &w) } else { w.string("") }
+    }
     func offset(_ i: Int) -> UInt64 { records[base + i].firstTarget?.fileOffset ?? 0 }
     func slot(_ i: Int) -> UInt32? { StateCodec.slot(of: records[base + i]) }
     func hits(_ i: Int) -> UInt64 { records[base + i].baseHits }
@@ -171,7 +173,7 @@ extension StateCodec {
             return encodeElements(records.indices.map(saved))
         }
         var size = 1024
-        for r in records { size += r.targetCount == 1 ? bytesPerMember + (r.firstTarget?.symbol?.utf8.count ?? 0) : bytesPerProbe }
+        for r in records { size += r.targetCount == 1 ? bytesPerMember + (r.firstTarget?.symbolByteCount ?? 0) : bytesPerProbe }
         var w = JSONWriter(reservingCapacity: size)
         w.beginArray()  // for the commas between elements; its bracket is dropped
         _ = w.flush()

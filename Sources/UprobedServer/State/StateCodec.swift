@@ -245,7 +245,7 @@ public enum StateCodec {
             w.field("inode", u64(t.inode))
             if let b = t.buildID { w.field("build_id", b) }
             w.field("offset", u64(t.fileOffset))
-            if let s = t.symbol { w.field("symbol", s) }
+            t.withSymbolUTF8 { w.field("symbol", utf8: $0) }
             if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
             if let r = t.refCtrOffset { w.field("ref_ctr_offset", u64(r)) }
         }

@@ -56,9 +56,14 @@ extension StateCodec {
     static func estimatedSize(_ probes: [SavedProbe]) -> Int {
         var n = 1024
         for i in probes.indices {
-            n += probes[i].targets.count == 1 ? bytesPerMember + (probes[i].targets[0].symbol?.utf8.count ?? 0) : bytesPerProbe
+            n += probes[i].targets.count == 1 ? bytesPerMember + probes[i].targets[0].symbolByteCount : bytesPerProbe
         }
         return n
+    }
+
+    /// A target's symbol as a group's `symbols` member writes it: "" when it has none.
+    static func writeSymbol(of t: ResolvedProbe, into w: inout JSONWriter) {
+        if t.withSymbolUTF8({ w.string(utf8: $0) }) == nil { w.string("") }
     }
 
     static func writeU64(_ v: UInt64, into w: inout JSONWriter) {
@@ -105,7 +110,7 @@ extension StateCodec {
         }
         w.key("symbols")
         w.beginArray()
-        for i in probes.indices { w.string(probes.symbol(i) ?? "") }
+        for i in probes.indices { probes.writeSymbol(i, into: &w) }
         w.endArray()
         w.key("offsets")
         w.beginArray()
@@ -258,7 +263,8 @@ protocol GroupColumns {
     var indices: Range<Int> { get }
     func id(_ i: Int) -> String
     func idNumber(_ i: Int) -> UInt64?
-    func symbol(_ i: Int) -> String?
+    /// Member i's symbol as a JSON string ("" when it has none), from its bytes (no String).
+    func writeSymbol(_ i: Int, into w: inout JSONWriter)
     func offset(_ i: Int) -> UInt64
     func slot(_ i: Int) -> UInt32?
     func hits(_ i: Int) -> UInt64
@@ -277,7 +283,7 @@ struct SavedColumns: GroupColumns {
     var indices: Range<Int> { 0..<probes.count }
     func id(_ i: Int) -> String { probes[i].id }
     func idNumber(_ i: Int) -> UInt64? { ProbeID.number(probes[i].id) }
-    func symbol(_ i: Int) -> String? { probes[i].targets[0].symbol }
+    func writeSymbol(_ i: Int, into w: inout JSONWriter) { StateCodec.writeSymbol(of: probes[i].targets[0], into: &w) }
     func offset(_ i: Int) -> UInt64 { probes[i].targets[0].fileOffset }
     func slot(_ i: Int) -> UInt32? { probes[i].slots?.first }
     func hits(_ i: Int) -> UInt64 { probes[i].hits }

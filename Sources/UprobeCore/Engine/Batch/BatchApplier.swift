@@ -294,7 +294,7 @@ final class BatchApplier {
                                  registeredAtMonotonic: now.monotonic, countingSince: now.countingSince, probeSet: probeSet)
             shared = terms
         }
-        return ProbeRecord(id: id, terms: terms, sites: sites, state: state, baseHits: restored?.baseHits ?? 0,
+        return ProbeRecord(id: id, terms: terms, sites: ProbeSites(sites), state: state, baseHits: restored?.baseHits ?? 0,
                            // An adopted followed registration also has sites in older file
                            // versions (placed before its targets' sites): its targets are then
                            // not its sites' targets.
