@@ -22,7 +22,8 @@ public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
             var end = start
             while end != names.endIndex {
                 let size = names[end].map(Self.storedSize) ?? 0
-                if total + size > Int(UInt32.max), end != start { break }
+                // Offsets below UInt32.max (`ResolvedProbe.noName`).
+                if total + size >= Int(UInt32.max), end != start { break }
                 total += size
                 names.formIndex(after: &end)
             }
@@ -69,7 +70,7 @@ public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
     }
 
     /// The UTF-8 bytes of the name at `at` (followed in memory by a NUL), lent to `body`.
-    @inline(__always)
+    @inlinable
     public func withName<R>(at: UInt32, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
         try withUnsafeMutablePointerToElements { base in
             var p = Int(at)

@@ -113,7 +113,7 @@ struct CompactRecordTests {
         let file = ResolvedFile(path: "/a", device: 1, inode: 1, buildID: nil)
         for (name, p) in zip(names, packed) {
             #expect((p == nil) == (name == nil))
-            let r = ResolvedProbe(file: file, fileOffset: 0x10, names: p?.names, nameAt: p?.at ?? 0)
+            let r = ResolvedProbe(file: p.map { file.with(names: $0.names) } ?? file, fileOffset: 0x10, nameAt: p?.at)
             #expect(r.symbol == name && r.hasSymbol == (name != nil) && r.symbolIs(name))
             #expect(r.symbolByteCount == (name?.utf8.count ?? 0))
             let alone = ResolvedProbe(file: file, fileOffset: 0x10, symbol: name)
@@ -121,16 +121,19 @@ struct CompactRecordTests {
             // NUL after the bytes: fnmatch reads them in place.
             r.withSymbolUTF8 { #expect($0.baseAddress?[$0.count] == 0) }
         }
-        var renamed = ResolvedProbe(file: file, fileOffset: 0x10, names: packed[1]?.names, nameAt: packed[1]?.at ?? 0)
+        guard let f = packed[1] else { Issue.record("no name packed"); return }
+        var renamed = ResolvedProbe(file: file.with(names: f.names), fileOffset: 0x10, nameAt: f.at)
         renamed.symbol = "g"
         #expect(renamed.symbol == "g" && !renamed.symbolIs("f") && renamed != ResolvedProbe(file: file, fileOffset: 0x10, symbol: "f"))
         renamed.symbol = nil
-        #expect(renamed.symbol == nil && !renamed.hasSymbol && renamed.symbolIs(nil))
+        #expect(renamed.symbol == nil && !renamed.hasSymbol && renamed.symbolIs(String?.none))
+        #expect(renamed == ResolvedProbe(file: file, fileOffset: 0x10, symbol: nil), "names buffers are not the file's identity")
     }
 
-    @Test("what a resident probe takes: the record (one site inline) in one 96-byte malloc block, a target in 36 bytes")
+    @Test("what a resident probe takes: the record (one site inline) in one 96-byte malloc block, a target in 28 bytes, a stats row in 24")
     func sizes() {
-        #expect(MemoryLayout<ResolvedProbe>.size <= 36)
+        #expect(MemoryLayout<ResolvedProbe>.size <= 28)
+        #expect(MemoryLayout<StatsRow>.stride == 24)
         #expect(MemoryLayout<ProbeSites>.size <= 40)
         let t = target("/a", inode: 1, offset: 0x10)
         let r = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),

@@ -216,7 +216,7 @@ public final class ProbeRecord: Sendable {
     /// `targets.first`, without making the array.
     public var firstTarget: ResolvedProbe? {
         if let own = rare?.ownTargets { return own.first }
-        return sites.first?.target
+        return sites.firstTarget
     }
 
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
@@ -285,11 +285,11 @@ public final class ProbeRecord: Sendable {
 /// site), several in an array (a multi-site USDT probe, a followed registration with older
 /// files' sites), or none (degraded, ended). Reads like an array of `ProbeSite`.
 public struct ProbeSites: RandomAccessCollection, Sendable, Equatable {
-    private enum Storage: Sendable, Equatable {
+    @usableFromInline enum Storage: Sendable, Equatable {
         case one(ProbeSite)
         case many([ProbeSite])
     }
-    private let storage: Storage
+    @usableFromInline let storage: Storage
 
     public init(_ sites: some Collection<ProbeSite>) {
         if sites.count == 1, let only = sites.first {
@@ -300,19 +300,27 @@ public struct ProbeSites: RandomAccessCollection, Sendable, Equatable {
     }
     public init(_ sites: ProbeSites) { self = sites }
 
-    public var startIndex: Int { 0 }
-    public var endIndex: Int {
+    // Inlinable: the state and reply encoders (another module) read a site per record.
+    @inlinable public var startIndex: Int { 0 }
+    @inlinable public var endIndex: Int {
         switch storage {
         case .one: return 1
         case .many(let a): return a.count
         }
     }
-    public subscript(i: Int) -> ProbeSite {
+    @inlinable public subscript(i: Int) -> ProbeSite {
         switch storage {
         case .one(let s):
             precondition(i == 0, "site index out of range")
             return s
         case .many(let a): return a[i]
+        }
+    }
+    /// `first?.target`, copying the target once.
+    @inlinable public var firstTarget: ResolvedProbe? {
+        switch storage {
+        case .one(let s): return s.target
+        case .many(let a): return a.first?.target
         }
     }
 

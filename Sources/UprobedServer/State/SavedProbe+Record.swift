@@ -99,13 +99,13 @@ extension StatePersister {
     /// when it has none yet).
     static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout StampBook,
                       files: inout FileStampCache) -> SavedProbe {
-        let known = stamps[r.id]
+        let known = stamps[record: r]
         var own = known ?? ProbeStamps(firstSave: r, files: &files)
         // A registration that followed its path to a new file is stamped with that file.
         if let t = r.firstTarget, let was = own.file, was.device != t.device || was.inode != t.inode {
             own.file = files.stamp(of: t)
         }
-        if own != known { stamps[r.id] = own }
+        if own != known { stamps[record: r] = own }
         return SavedProbe(r, hits: hits, stamps: own)
     }
 
@@ -209,7 +209,8 @@ extension StateCodec {
     static func sameShape(_ a: ProbeRecord, _ sa: ProbeStamps, _ b: ProbeRecord, _ sb: ProbeStamps) -> Bool {
         // `firstTarget`: a record's `targets` is made on demand (see ProbeRecord).
         guard let ta = a.firstTarget, let tb = b.firstTarget else { return false }
-        let each = a.spec.symbol == ta.symbol
+        // On the name's bytes: a String made from each target's name was an allocation per record.
+        let each = ta.symbolIs(a.spec.symbol)
         return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt && sa == sb
             && a.probeSet == b.probeSet
             && a.spec.path == b.spec.path && a.spec.pid == b.spec.pid && a.spec.retprobe == b.spec.retprobe
@@ -217,6 +218,6 @@ extension StateCodec {
             && ta.path == tb.path && ta.device == tb.device
             && ta.inode == tb.inode && ta.buildID == tb.buildID
             && (slot(of: a) == nil) == (slot(of: b) == nil)
-            && each == (b.spec.symbol == tb.symbol) && (each || a.spec.symbol == b.spec.symbol)
+            && each == tb.symbolIs(b.spec.symbol) && (each || a.spec.symbol == b.spec.symbol)
     }
 }

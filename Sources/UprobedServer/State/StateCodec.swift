@@ -137,7 +137,7 @@ public enum StateCodec {
               p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
               p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
         let t = p.targets[0]
-        return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
+        return t.symbolIs(symbol) && t.aliases.isEmpty && t.refCtrOffset == nil
     }
 
     /// Whether two rows share everything but the id, the hits and their target's symbol and

@@ -38,7 +38,7 @@ extension StateCodec {
     }
 
     /// Whether the spec's symbol is the target's own (a plain symbol) rather than a glob's.
-    static func eachSymbol(_ p: SavedProbe) -> Bool { p.spec.symbol == p.targets[0].symbol }
+    static func eachSymbol(_ p: SavedProbe) -> Bool { p.targets[0].symbolIs(p.spec.symbol) }
 
     /// Whether two group members share everything a group writes once (`sameRowShape`, the
     /// presence of slots, and the spec's symbol unless each has its own).

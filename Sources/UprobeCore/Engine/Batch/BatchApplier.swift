@@ -343,7 +343,15 @@ final class BatchApplier {
     /// registrations it no longer has (`removing`): a reader sees a batch's registry and its
     /// uprobes together or neither.
     func publish(_ snapshot: RegistrySnapshot, removing: [TreeEdit] = []) {
-        tree.apply(removing, publishing: PublishedRegistry(snapshot))
+        // Without what the batch changed: that is for the persist hook, and readers keep the
+        // published version until the next batch (a whole binary's `batchAdded` held an
+        // array of 241,000 records for as long as no other batch came).
+        var published = snapshot
+        published.batchAdded = []
+        published.batchRemoved = []
+        published.batchEnded = []
+        published.batchFollowed = []
+        tree.apply(removing, publishing: PublishedRegistry(published))
     }
 
     func makeSnapshot() -> RegistrySnapshot {
