@@ -115,6 +115,14 @@ public final class UprobedService: Service, Sendable {
         // registration owns are detached.
         await Self.restore(saved, engine: engine, resolver: resolver, policy: policy, logger: logger,
                            kernel: kernel, counters: counters)
+        if saved?.namesRepairDue == true {
+            // A names file could not be used at load: a snapshot now writes the restored
+            // registrations' names files again, so a later replacement of the binary does not
+            // leave them without names.
+            do throws(StateError) { try persister.checkpoint(engine.snapshot) } catch {
+                logger.error("could not write the names files again", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
+            }
+        }
         // After the restore (the sets' registrations are back, so only changes are made) and
         // before serving: a client that connects finds the sets in place.
         await probeSets.completeApplied()

@@ -224,6 +224,12 @@ public final class PathWatcher: Sendable {
     /// that correspond to this registration, or a `degrade` saying why there are none.
     private func resolveNew(_ r: ProbeRecord, path: String, file: FileIdentity,
                             cache: inout [ProbeSpecInput: Result<Resolution, ResolveError>]) -> FollowChange? {
+        // A glob's registration restored without its function's name (its names file was lost
+        // with its binary: see `NameFiles`) has nothing to look for in the new file; it stays
+        // degraded with the reason the restore gave.
+        if r.spec.usdt == nil, r.firstTarget?.symbol == nil, let s = r.spec.symbol, s.contains(where: { "*?[".contains($0) }) {
+            return nil
+        }
         var spec = r.spec
         spec.path = path
         let what = r.spec.usdt.map { "USDT probe \($0)" } ?? "symbol \(r.firstTarget?.symbol ?? r.spec.symbol ?? "?")"

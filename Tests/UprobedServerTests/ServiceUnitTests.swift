@@ -312,7 +312,7 @@ struct StateFileTests {
         }
     }
 
-    @Test("a version 3 state (full entries and runs of rows with slots) loads, and the first change rewrites it as version 4 with the same registrations")
+    @Test("a version 3 state (full entries and runs of rows with slots) loads, and the first change rewrites it as version 5 with the same registrations")
     func migrateVersion3() throws {
         // As uprobed wrote version 3: a run's rows are [id, symbol, offset, hits, slot(, base hits)].
         let first = String(decoding: StateCodec.encodeLogEntry(seq: 1, add: [Self.rowProbe(1)], remove: []), as: UTF8.self)
@@ -333,7 +333,7 @@ struct StateFileTests {
         try persister.persist(snap)
         try persister.sync()
         let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
-        #expect(onDisk.contains(#""version":4"#) && !onDisk.contains(#""rows""#))
+        #expect(onDisk.contains(#""version":5"#) && !onDisk.contains(#""rows""#))
         #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
     }
 
@@ -341,7 +341,7 @@ struct StateFileTests {
     func rowFields() {
         func fields(_ v: Any) -> [String] { Mirror(reflecting: v).children.compactMap(\.label) }
         let p = Self.rowProbe(1)
-        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase", "olderSites", "retired"])
+        #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase", "olderSites", "retired", "nameFile", "unknownNames"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"])
         // A target keeps its file (path, device, inode, build-id, and the buffer its symbol is
         // in: `nameAt` is where, each row's own) and its rare parts (aliases, semaphore,
@@ -377,14 +377,15 @@ struct StateFileTests {
         #expect(decoded == [Self.rowProbe(1), second])
     }
 
-    @Test("format versions: 1 is read, 5 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
+    @Test("format versions: 1 is read, 6 is refused; after restoring a version 1 file, the first change rewrites the snapshot instead of appending to the log")
     func formatVersions() throws {
         var v1 = String(decoding: StateCodec.encode(Self.sample), as: UTF8.self)
-        v1 = v1.replacingOccurrences(of: #""version":4"#, with: #""version":1"#)
+        #expect(v1.contains(#""version":5"#))
+        v1 = v1.replacingOccurrences(of: #""version":5"#, with: #""version":1"#)
         let read = try StateCodec.decode(Array(v1.utf8))
         #expect(read.formatVersion == 1 && read.probes == Self.sample.probes)
-        let v5 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":5"#)
-        #expect(throws: StateError.self) { try StateCodec.decode(Array(v5.utf8)) }
+        let v6 = v1.replacingOccurrences(of: #""version":1"#, with: #""version":6"#)
+        #expect(throws: StateError.self) { try StateCodec.decode(Array(v6.utf8)) }
 
         let dir = try Self.tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -397,7 +398,7 @@ struct StateFileTests {
         try persister.persist(snap)
         try persister.sync()
         let onDisk = try String(contentsOfFile: store.path, encoding: .utf8)
-        #expect(onDisk.contains(#""version":4"#) && onDisk.contains(#""p20""#))
+        #expect(onDisk.contains(#""version":5"#) && onDisk.contains(#""p20""#))
         #expect(store.size(store.logPath) == 0, "nothing appended after a version 1 snapshot")
         #expect(try StateStore(dir: dir).load()?.probes.map(\.id) == ["p20", "p21"])
     }

@@ -224,5 +224,25 @@ struct PersisterMemoTests {
         #expect(book["p3"] == nil && book["p4"] == nil && book.count == 99)
         let kept = book.keeping(ProbeIDSet(["p10", "p11", "custom", "p3"]))
         #expect(kept.count == 3 && kept["p10"] == b && kept["p11"] == a && kept["custom"] == b && kept["p12"] == nil)
+
+        // Runs: 241,362 consecutive ids with one stamp, removed together, in parts, or one by one
+        // from the middle; every other id reads back as it was set.
+        var big = StampBook()
+        for n in 1...241_362 { big[ProbeID.make(UInt64(n))] = a }
+        big["p500000"] = b
+        #expect(big.count == 241_363 && big["p1"] == a && big["p241362"] == a && big["p241363"] == nil && big["p500000"] == b)
+        big.remove((1000...2000).map { ProbeID.make(UInt64($0)) } + ["p5", "p7", "custom"])
+        #expect(big.count == 241_363 - 1001 - 2)
+        #expect(big["p999"] == a && big["p1000"] == nil && big["p2000"] == nil && big["p2001"] == a && big["p5"] == nil && big["p6"] == a)
+        big["p6"] = b    // a stamp changed in the middle of a run
+        #expect(big["p6"] == b && big["p4"] == a && big["p8"] == a)
+        big["p5"] = b    // joins p6's
+        big["p7"] = a    // joins p8's
+        #expect(big["p5"] == b && big["p7"] == a && big.count == 241_363 - 1001)
+        big.remove((1...241_362).map { ProbeID.make(UInt64($0)) })
+        #expect(big.count == 1 && big["p500000"] == b && big["p3"] == nil)
+        var ids = ProbeIDSet((1...10).map { ProbeID.make(UInt64($0)) })
+        ids.subtract(["p3", "p4", "p5", "p9", "x"])
+        #expect(ids.count == 6 && ids.contains("p2") && !ids.contains("p4") && ids.contains("p6") && !ids.contains("p9") && ids.contains("p10"))
     }
 }

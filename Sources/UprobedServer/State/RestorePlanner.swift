@@ -28,9 +28,12 @@ public enum RestorePlanner {
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: targets, degradedReason: nil,
                                    probeSet: p.probeSet, baseLatency: p.latency)
             case .failure(let why):
+                // Without its function's name (`NameFiles.fill`), it says so: a followed one
+                // cannot find its function in a new file.
+                let reason = p.unknownNames.map { "\(why.reason); its function's name is unknown (\($0))" } ?? why.reason
                 return RestoreItem(id: p.id, consumer: p.consumer, owner: p.owner, spec: p.spec,
                                    registeredAt: p.registeredAt, baseHits: p.hits, targets: p.targets,
-                                   degradedReason: why.reason, ended: why.ended, probeSet: p.probeSet, baseLatency: p.latency)
+                                   degradedReason: reason, ended: why.ended, probeSet: p.probeSet, baseLatency: p.latency)
             }
         }
         return state.probes.map { p in

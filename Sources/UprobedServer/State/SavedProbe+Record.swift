@@ -15,7 +15,8 @@ struct ProbeStamps: Sendable, Hashable {
 extension ProbeStamps {
     /// The stamps of `r` saved for the first time: its first target's file (if that is still
     /// the file it was resolved in) and, with a `pid` filter, the process's start time. Used
-    /// by every save and by runs encoded ahead, so both stamp alike.
+    /// by every save; runs encoded ahead take the same stamps once per request and file
+    /// (`RecordTable`), so both stamp alike.
     init(firstSave r: ProbeRecord, files: inout FileStampCache) {
         file = r.firstTarget.flatMap { files.stamp(of: $0) }
         processStart = r.spec.pid.flatMap { processStartTime($0) }
@@ -141,23 +142,91 @@ struct KernelCounts: Sendable {
     }
 }
 
+/// New records as read once for their encoding: each one's first target's columns and its
+/// counter slot. `firstTarget` copies a target (its file, symbol and details retained and
+/// released), and so does reading an element of an array of targets: done per column and per
+/// comparison, as before, it was most of the time of encoding the 241,362 records of a whole
+/// binary (400 ms on the second CPU, longer than the kernel's attach), the more so as every
+/// target of a resolution retains one shared file object, which the writer's CPU retains
+/// and releases meanwhile too. Here each record's target is copied once.
+struct RecordTable {
+    let records: [ProbeRecord]
+    let symbols: [String?]
+    let offsets: [UInt64]
+    /// Aliases of the records that have some.
+    let aliases: [Int: [String]]
+    /// The index of each record's first target's file among `files` (-1: no target).
+    let fileIndex: [Int32]
+    let files: [ResolvedFile]
+    /// Whether the first target can be a group member's (`isMember`): it has a symbol, no
+    /// USDT semaphore, and it is the record's only target.
+    let memberTarget: [Bool]
+    let slots: [UInt32?]
+    /// `ProbeStamps(firstSave:files:)` of each record when made with `stamping` (else empty),
+    /// taken once per request and file: the records of one request on one binary share them.
+    let stamps: [ProbeStamps]
+
+    init(_ records: [ProbeRecord], stamping: Bool = false) {
+        self.records = records
+        let n = records.count
+        var symbols: [String?] = [], offsets: [UInt64] = [], aliases: [Int: [String]] = [:]
+        var fileIndex: [Int32] = [], files: [ResolvedFile] = [], memberTarget: [Bool] = []
+        var slots: [UInt32?] = [], stamps: [ProbeStamps] = []
+        symbols.reserveCapacity(n); offsets.reserveCapacity(n); fileIndex.reserveCapacity(n)
+        memberTarget.reserveCapacity(n); slots.reserveCapacity(n)
+        if stamping { stamps.reserveCapacity(n) }
+        var stampFiles = FileStampCache()
+        var last: (record: ProbeRecord, file: Int32, stamps: ProbeStamps)?
+        for (k, r) in records.enumerated() {
+            guard let t = r.firstTarget else {
+                symbols.append(nil); offsets.append(0); fileIndex.append(-1); memberTarget.append(false); slots.append(nil)
+                if stamping { stamps.append(ProbeStamps(file: nil, processStart: r.spec.pid.flatMap { processStartTime($0) })) }
+                continue
+            }
+            symbols.append(t.symbol)
+            offsets.append(t.fileOffset)
+            let a = t.aliases
+            if !a.isEmpty { aliases[k] = a }
+            let f: Int32
+            if let i = files.indices.last, files[i] === t.file || files[i] == t.file { f = Int32(i) } else if let i = files.firstIndex(of: t.file) {
+                f = Int32(i)
+            } else {
+                f = Int32(files.count)
+                files.append(t.file)
+            }
+            fileIndex.append(f)
+            memberTarget.append(t.hasSymbol && t.refCtrOffset == nil && r.targetCount == 1)
+            slots.append(StateCodec.slot(of: r, first: t))
+            guard stamping else { continue }
+            if let l = last, l.file == f, r.sameRequest(as: l.record) {
+                stamps.append(l.stamps)
+            } else {
+                let s = ProbeStamps(file: stampFiles.stamp(of: t), processStart: r.spec.pid.flatMap { processStartTime($0) })
+                last = (r, f, s)
+                stamps.append(s)
+            }
+        }
+        (self.symbols, self.offsets, self.aliases, self.fileIndex, self.files) = (symbols, offsets, aliases, fileIndex, files)
+        (self.memberTarget, self.slots, self.stamps) = (memberTarget, slots, stamps)
+    }
+}
+
 /// New records as a group's columns (`StateCodec.writeGroup`), written ahead of their attach:
 /// each one's hits are its base hits, as `SavedProbe(r, hits: r.baseHits, stamps:)` has them.
 struct RecordColumns: GroupColumns {
-    let records: [ProbeRecord]
+    let table: RecordTable
     let base: Int
     let count: Int
     var indices: Range<Int> { 0..<count }
-    func id(_ i: Int) -> String { records[base + i].id }
-    func idNumber(_ i: Int) -> UInt64? { records[base + i].number }
-    func writeSymbol(_ i: Int, into w: inout JSONWriter) {
-        if let t = records[base + i].firstTarget { StateCodec.writeSymbol(of: t, into: &w) } else { w.string("") }
-    }
-    func offset(_ i: Int) -> UInt64 { records[base + i].firstTarget?.fileOffset ?? 0 }
-    func slot(_ i: Int) -> UInt32? { StateCodec.slot(of: records[base + i]) }
-    func hits(_ i: Int) -> UInt64 { records[base + i].baseHits }
-    func baseHits(_ i: Int) -> UInt64 { slot(i) == nil ? 0 : records[base + i].baseHits }
-    func aliases(_ i: Int) -> [String] { records[base + i].firstTarget?.aliases ?? [] }
+    var freshlyResolved: Bool { true }
+    func id(_ i: Int) -> String { table.records[base + i].id }
+    func idNumber(_ i: Int) -> UInt64? { table.records[base + i].number }
+    func symbol(_ i: Int) -> String? { table.symbols[base + i] }
+    func offset(_ i: Int) -> UInt64 { table.offsets[base + i] }
+    func slot(_ i: Int) -> UInt32? { table.slots[base + i] }
+    func hits(_ i: Int) -> UInt64 { table.records[base + i].baseHits }
+    func baseHits(_ i: Int) -> UInt64 { slot(i) == nil ? 0 : table.records[base + i].baseHits }
+    func aliases(_ i: Int) -> [String] { table.aliases[base + i] ?? [] }
 }
 
 extension StateCodec {
@@ -166,25 +235,50 @@ extension StateCodec {
     /// of a whole binary, making, comparing and releasing those was half of the encoding's
     /// time. Groups are found on the records (`sameShape`, the record-side `sameGroupShape`);
     /// a run with a registration that is not an active counting one is encoded the long way.
-    static func encodeElements(records: [ProbeRecord], stamps: [ProbeStamps]) -> [UInt8] {
+    /// With `names`, a glob group's names go to a names file (`NameFiles`).
+    static func encodeElements(records: [ProbeRecord], stamps: [ProbeStamps], names: NameRefs? = nil) -> [UInt8] {
+        encodeElements(RecordTable(records), stamps: stamps, names: names)
+    }
+
+    /// `encodeElements(records:stamps:names:)` of records read already.
+    static func encodeElements(_ table: RecordTable, stamps: [ProbeStamps], names: NameRefs? = nil) -> [UInt8] {
+        let records = table.records
         func saved(_ k: Int) -> SavedProbe { SavedProbe(records[k], hits: records[k].baseHits, stamps: stamps[k]) }
         guard stamps.count == records.count,
               records.allSatisfy({ $0.state == .active && !$0.spec.latency && $0.baseLatency == nil }) else {
-            return encodeElements(records.indices.map(saved))
+            var w = JSONWriter(reservingCapacity: 1024 + records.count * bytesPerProbe)
+            w.beginArray()  // for the commas between elements; its bracket is dropped
+            _ = w.flush()
+            writeProbes(records.indices.map(saved), names: names, into: &w)
+            return w.flush()
         }
+        var member = [Bool](repeating: false, count: records.count)
+        var specFits = false
+        for k in records.indices {
+            // A request's records share their spec: judged once per request, not copied per record.
+            if k == 0 || !records[k].sameRequest(as: records[k - 1]) { specFits = isMember(spec: records[k].spec) }
+            member[k] = specFits && table.memberTarget[k]
+        }
+        // Without names in the line, a member takes its offset, id and slot: ~40 bytes.
         var size = 1024
-        for r in records { size += r.targetCount == 1 ? bytesPerMember + (r.firstTarget?.symbolByteCount ?? 0) : bytesPerProbe }
+        for k in records.indices {
+            size += records[k].targetCount != 1 ? bytesPerProbe
+                : bytesPerMember + (names == nil ? (table.symbols[k]?.utf8.count ?? 0) : 0)
+        }
         var w = JSONWriter(reservingCapacity: size)
         w.beginArray()  // for the commas between elements; its bracket is dropped
         _ = w.flush()
         var i = 0
         while i < records.count {
             var end = i + 1
-            if isMember(records[i]) {
-                while end < records.count, isMember(records[end]), sameShape(records[i], stamps[i], records[end], stamps[end]) { end += 1 }
+            if member[i] {
+                let specSymbol = records[i].spec.symbol
+                let each = specSymbol == table.symbols[i]
+                while end < records.count, member[end],
+                      sameShape(table, i, stamps[i], specSymbol: specSymbol, each: each, end, stamps[end]) { end += 1 }
             }
             if end - i > 1 {
-                writeGroup(first: saved(i), RecordColumns(records: records, base: i, count: end - i), into: &w)
+                writeGroup(first: saved(i), RecordColumns(table: table, base: i, count: end - i), names: names, into: &w)
             } else {
                 writeProbe(saved(i), into: &w)
             }
@@ -193,31 +287,34 @@ extension StateCodec {
         return w.flush()
     }
 
-    /// `isGroupMember` of an active counting record's saved form.
-    static func isMember(_ r: ProbeRecord) -> Bool {
-        r.targetCount == 1 && r.spec.symbol != nil && r.spec.offset == nil && r.spec.usdt == nil && r.firstTarget?.refCtrOffset == nil
-    }
+    /// The spec's part of `isGroupMember` (`RecordTable.memberTarget` is the target's).
+    static func isMember(spec: ProbeSpecInput) -> Bool { spec.symbol != nil && spec.offset == nil && spec.usdt == nil }
 
-    /// `SavedProbe.slots(of:)` of a one-target record, without making the array.
-    static func slot(of r: ProbeRecord) -> UInt32? {
-        guard r.sites.count == 1, r.targetCount == 1, let t = r.firstTarget else { return nil }
-        let s = r.sites[0].target
-        return s.device == t.device && s.inode == t.inode && s.fileOffset == t.fileOffset ? r.sites[0].slot : nil
+    /// `SavedProbe.slots(of:)` of a one-target record (`first`: its first target), without
+    /// making the array.
+    static func slot(of r: ProbeRecord, first: ResolvedProbe?) -> UInt32? {
+        guard r.sites.count == 1, r.targetCount == 1, let t = first else { return nil }
+        let s = r.sites[0]
+        return s.target.device == t.device && s.target.inode == t.inode && s.target.fileOffset == t.fileOffset ? s.slot : nil
     }
 
     /// `sameGroupShape` of two active counting records' saved forms (`isMember` holds for both).
-    static func sameShape(_ a: ProbeRecord, _ sa: ProbeStamps, _ b: ProbeRecord, _ sb: ProbeStamps) -> Bool {
-        // `firstTarget`: a record's `targets` is made on demand (see ProbeRecord).
-        guard let ta = a.firstTarget, let tb = b.firstTarget else { return false }
-        // On the name's bytes: a String made from each target's name was an allocation per record.
-        let each = ta.symbolIs(a.spec.symbol)
-        return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt && sa == sb
+    /// `specSymbol`: `a`'s spec symbol; `each`: whether it is its target's own (`eachSymbol`).
+    static func sameShape(_ table: RecordTable, _ i: Int, _ sa: ProbeStamps, specSymbol: String?, each: Bool,
+                          _ k: Int, _ sb: ProbeStamps) -> Bool {
+        let a = table.records[i], b = table.records[k]
+        guard table.fileIndex[i] >= 0, table.fileIndex[i] == table.fileIndex[k], sa == sb,
+              (table.slots[i] == nil) == (table.slots[k] == nil) else { return false }
+        let tbSymbol = table.symbols[k]
+        if a.sameRequest(as: b) {
+            // Same spec: a glob's spec symbol is no function's name, so only a request that
+            // named its functions has `each`, and then every member's symbol is its spec's.
+            return each == (specSymbol == tbSymbol)
+        }
+        return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.probeSet == b.probeSet
             && a.spec.path == b.spec.path && a.spec.pid == b.spec.pid && a.spec.retprobe == b.spec.retprobe
             && a.spec.force == b.spec.force && a.spec.follow == b.spec.follow && a.spec.latency == b.spec.latency
-            && ta.path == tb.path && ta.device == tb.device
-            && ta.inode == tb.inode && ta.buildID == tb.buildID
-            && (slot(of: a) == nil) == (slot(of: b) == nil)
-            && each == tb.symbolIs(b.spec.symbol) && (each || a.spec.symbol == b.spec.symbol)
+            && each == (b.spec.symbol == tbSymbol) && (each || a.spec.symbol == b.spec.symbol)
     }
 }

@@ -88,6 +88,12 @@ public struct SavedProbe: Sendable, Equatable {
     public var olderSites: [SavedSite]? = nil
     /// A followed registration's retired file versions (`ProbeRecord.retired`).
     public var retired: RetiredVersions = []
+    /// Read from a group whose names are in a names file (format 5): that file, until
+    /// `NameFiles.fill` has given the target its symbol (and aliases). Never written.
+    public var nameFile: String? = nil
+    /// Why its target has no symbol after a restore: its names file could not be used and its
+    /// binary is no longer the file it was registered on (see `NameFiles`). Never written.
+    public var unknownNames: String? = nil
 }
 
 /// A site of a followed registration in an older file version.
@@ -102,8 +108,9 @@ public struct SavedState: Sendable, Equatable {
     /// 2: runs (`StateCodec.writeProbes`) in the snapshot and the log. 3: counter slots and
     /// base hits (`SavedProbe.slots`), in full entries and as row members 5 and 6. 4: groups
     /// instead of runs (`StateCodec.writeGroup`: a glob's registrations too, per-registration
-    /// data in columns). Versions 1 to 3 are read.
-    public static let version: Int64 = 4
+    /// data in columns). 5: a glob group's names in a names file (`NameTable`), the group
+    /// naming it (`"names"`) instead of carrying a `symbols` column. Versions 1 to 4 are read.
+    public static let version: Int64 = 5
     /// The format version of the file this state was read from (`version` when made here).
     public var formatVersion: Int64 = SavedState.version
     /// /proc/sys/kernel/random/boot_id when saved: pids and start times mean nothing across boots.
@@ -116,6 +123,9 @@ public struct SavedState: Sendable, Equatable {
     /// Lowest probe number never handed out (ids are `p<N>`): a restart must not give a removed
     /// probe's id to a new one, or a client still holding it would act on someone else's probe.
     public var nextID: UInt64 = 1
+    /// Some names file could not be used at load (`NameFiles.fill`): the daemon writes a
+    /// snapshot once restored, which writes the names files again. Never written.
+    public var namesRepairDue = false
 }
 
 // What the model's identities are read from on this host: at each save (`StatePersister`), and

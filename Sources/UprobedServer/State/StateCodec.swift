@@ -14,7 +14,10 @@ public enum StateCodec {
         }
     }
 
-    public static func encode(_ state: SavedState) -> [UInt8] {
+    public static func encode(_ state: SavedState) -> [UInt8] { encode(state, names: nil) }
+
+    /// `encode`; with `names`, glob groups' names go to names files (`NameFiles`).
+    static func encode(_ state: SavedState, names: NameRefs?) -> [UInt8] {
         var w = JSONWriter(reservingCapacity: 256 + estimatedSize(state.probes))
         w.beginObject()
         w.field("format", SavedState.format)
@@ -25,7 +28,7 @@ public enum StateCodec {
         w.field("next_id", u64(state.nextID))
         w.key("probes")
         w.beginArray()
-        writeProbes(state.probes, into: &w)
+        writeProbes(state.probes, names: names, into: &w)
         w.endArray()
         w.endObject()
         return w.line()
@@ -77,7 +80,7 @@ public enum StateCodec {
         for id in ids {
             if let n = ProbeID.number(id) { numbers.append(n) } else { others.append(id) }
         }
-        if !others.isEmpty { w.field("remove", strings: others) }
+        if !others.isEmpty { w.field("remove", strings: others.sorted()) }
         guard !numbers.isEmpty else { return }
         numbers.sort()
         w.key("remove_ids")
@@ -161,7 +164,7 @@ public enum StateCodec {
     /// Writes `probes` as array elements into an open array. Consecutive registrations of one
     /// shape (`sameGroupShape`: a large request's probes on one binary, a glob's included)
     /// share one element, a group (`writeGroup`); any other is written in full.
-    static func writeProbes(_ probes: [SavedProbe], into w: inout JSONWriter) {
+    static func writeProbes(_ probes: [SavedProbe], names: NameRefs? = nil, into w: inout JSONWriter) {
         // Compared through the buffer: its elements are passed by reference, where an array's
         // would be copied for each call (10,000 copies of a registration cost ~2 ms).
         probes.withUnsafeBufferPointer { buf in
@@ -171,7 +174,7 @@ public enum StateCodec {
                 if isGroupMember(buf[i]) {
                     while end < buf.count, isGroupMember(buf[end]), sameGroupShape(buf[i], buf[end]) { end += 1 }
                 }
-                if end - i > 1 { writeGroup(UnsafeBufferPointer(rebasing: buf[i..<end]), into: &w) } else { writeProbe(buf[i], into: &w) }
+                if end - i > 1 { writeGroup(UnsafeBufferPointer(rebasing: buf[i..<end]), names: names, into: &w) } else { writeProbe(buf[i], into: &w) }
                 i = end
             }
         }
@@ -180,13 +183,13 @@ public enum StateCodec {
     /// The registrations of a `probes` or `add` list, groups (format 4) and runs (formats 2
     /// and 3: `{"run": <the first, in full>, "rows": [[id, symbol, offset(, hits(, slot(,
     /// base hits)))], …]}`) expanded.
-    static func decodeProbes(_ list: [JSONValue]) throws(StateError) -> [SavedProbe] {
+    static func decodeProbes(_ list: [JSONValue], names: NameSource? = nil) throws(StateError) -> [SavedProbe] {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var out: [SavedProbe] = []
         out.reserveCapacity(list.count)
         for (n, v) in list.enumerated() {
             if let o = v.objectValue, o["group"] != nil {
-                try decodeGroup(o, n, into: &out)
+                try decodeGroup(o, n, names: names, into: &out)
                 continue
             }
             guard let o = v.objectValue, let rowsValue = o["rows"] else {
@@ -275,7 +278,11 @@ public enum StateCodec {
         w.endObject()
     }
 
-    public static func decode(_ bytes: [UInt8]) throws(StateError) -> SavedState {
+    public static func decode(_ bytes: [UInt8]) throws(StateError) -> SavedState { try decode(bytes, names: nil) }
+
+    /// `decode`; with `names`, glob groups' members get their names from their names files as
+    /// they are read (`NameSource`), those it cannot name keep `nameFile` for `NameFiles.fill`.
+    static func decode(_ bytes: [UInt8], names: NameSource?) throws(StateError) -> SavedState {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         let value: JSONValue
         do { value = try JSONParser.parse(bytes) } catch { throw corrupt("not valid JSON: \(error)") }
@@ -287,7 +294,7 @@ public enum StateCodec {
             throw corrupt("state format version \(version) is not supported (this uprobed reads versions 1 to \(SavedState.version))")
         }
         guard let list = root["probes"]?.arrayValue else { throw corrupt("no \"probes\" list") }
-        let probes = try decodeProbes(list)
+        let probes = try decodeProbes(list, names: names)
         var seen: Set<String> = []
         for p in probes {
             guard seen.insert(p.id).inserted else { throw corrupt("probe id \(p.id) appears twice") }
@@ -322,6 +329,11 @@ public enum StateCodec {
     /// is `state_incomplete` with the missing seqs, because the registrations and removals in
     /// them, and every registration made before the log began, are not in what is left.
     public static func replay(_ log: [UInt8], onto base: SavedState) throws(StateError) -> SavedState {
+        try replay(log, onto: base, names: nil)
+    }
+
+    /// `replay`, naming glob groups' members as `decode(_:names:)` does.
+    static func replay(_ log: [UInt8], onto base: SavedState, names: NameSource?) throws(StateError) -> SavedState {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: why) }
         var state = base
         var index: [String: Int] = [:]
@@ -347,7 +359,7 @@ public enum StateCodec {
                 if index.removeValue(forKey: id) != nil { removed.insert(id) }
             }
             let added: [SavedProbe]
-            do throws(StateError) { added = try decodeProbes(o["add"]?.arrayValue ?? []) } catch {
+            do throws(StateError) { added = try decodeProbes(o["add"]?.arrayValue ?? [], names: names) } catch {
                 throw corrupt("log line \(n + 1): \(error.message)")
             }
             for p in added {

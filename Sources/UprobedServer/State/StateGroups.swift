@@ -30,7 +30,7 @@ extension StateCodec {
     /// glob), no latency measured yet (a histogram is written in full), and no file versions of
     /// a followed binary (`older_sites`, `retired`: written in full).
     static func isGroupMember(_ p: SavedProbe) -> Bool {
-        guard p.targets.count == 1, p.spec.symbol != nil, p.spec.offset == nil, p.spec.usdt == nil,
+        guard p.targets.count == 1, p.spec.symbol != nil, p.targets[0].symbol != nil, p.spec.offset == nil, p.spec.usdt == nil,
               p.targets[0].refCtrOffset == nil,
               p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
               p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
@@ -38,7 +38,7 @@ extension StateCodec {
     }
 
     /// Whether the spec's symbol is the target's own (a plain symbol) rather than a glob's.
-    static func eachSymbol(_ p: SavedProbe) -> Bool { p.targets[0].symbolIs(p.spec.symbol) }
+    static func eachSymbol(_ p: SavedProbe) -> Bool { p.spec.symbol == p.targets[0].symbol }
 
     /// Whether two group members share everything a group writes once (`sameRowShape`, the
     /// presence of slots, and the spec's symbol unless each has its own).
@@ -56,14 +56,9 @@ extension StateCodec {
     static func estimatedSize(_ probes: [SavedProbe]) -> Int {
         var n = 1024
         for i in probes.indices {
-            n += probes[i].targets.count == 1 ? bytesPerMember + probes[i].targets[0].symbolByteCount : bytesPerProbe
+            n += probes[i].targets.count == 1 ? bytesPerMember + (probes[i].targets[0].symbol?.utf8.count ?? 0) : bytesPerProbe
         }
         return n
-    }
-
-    /// A target's symbol as a group's `symbols` member writes it: "" when it has none.
-    static func writeSymbol(of t: ResolvedProbe, into w: inout JSONWriter) {
-        if t.withSymbolUTF8({ w.string(utf8: $0) }) == nil { w.string("") }
     }
 
     static func writeU64(_ v: UInt64, into w: inout JSONWriter) {
@@ -71,13 +66,59 @@ extension StateCodec {
     }
 
     /// Writes `probes` (members of one group, at least two) as one group element.
-    static func writeGroup(_ probes: UnsafeBufferPointer<SavedProbe>, into w: inout JSONWriter) {
+    static func writeGroup(_ probes: UnsafeBufferPointer<SavedProbe>, names: NameRefs?, into w: inout JSONWriter) {
         guard let first = probes.first else { return }
-        writeGroup(first: first, SavedColumns(probes: probes), into: &w)
+        writeGroup(first: first, SavedColumns(probes: probes), names: names, into: &w)
     }
 
-    /// Writes a group element: `first` in full, then each member's columns.
-    static func writeGroup(first: SavedProbe, _ probes: some GroupColumns, into w: inout JSONWriter) {
+    /// The names of a glob group's members as their names file holds them (`NameTable`); nil
+    /// if the group keeps its names inline: each member's spec symbol is its own (a request
+    /// that named its functions: the names are the request), the binary has no stamp to check
+    /// it by at restore, or a member has no name.
+    static func nameTable(first: SavedProbe, _ probes: some GroupColumns) -> NameTable? {
+        guard !eachSymbol(first), let identity = NameIdentity(first) else { return nil }
+        var t = NameTable(identity: identity)
+        t.offsets.reserveCapacity(probes.indices.count)
+        t.symbols.reserveCapacity(probes.indices.count)
+        for i in probes.indices {
+            guard let s = probes.symbol(i), !s.isEmpty else { return nil }
+            t.offsets.append(probes.offset(i))
+            t.symbols.append(s)
+            let a = probes.aliases(i)
+            if !a.isEmpty { t.aliases[i] = a }
+        }
+        return t
+    }
+
+    /// The names file of a glob group's members (stored if new), or nil to write the names
+    /// inline (`nameTable`). Members resolved by this process (`freshlyResolved`) are first
+    /// looked up by what determines their names here, the binary, the spec and the offsets
+    /// (`NameFiles.reused`): a glob registered again on the same file skips making its table
+    /// and its checksum (~40 ms for a whole binary, on the CPU the kernel's attach leaves).
+    static func storedNames(first: SavedProbe, _ probes: some GroupColumns, _ refs: NameRefs) -> String? {
+        guard !eachSymbol(first), let identity = NameIdentity(first) else { return nil }
+        var layout: UInt64? = nil
+        if probes.freshlyResolved {
+            var c = NameChecksum()
+            identity.json().withUnsafeBytes { c.add($0) }
+            let pid = first.spec.pid.map { String($0) } ?? ""
+            let spec: [UInt8] = Array(first.spec.path.utf8) + [0] + Array((first.spec.symbol ?? "").utf8) + [0] + Array(pid.utf8) + [0]
+            spec.withUnsafeBytes { c.add($0) }
+            let offsets: [UInt64] = probes.indices.map { probes.offset($0) }
+            offsets.withUnsafeBytes { c.add($0) }
+            layout = c.value
+            if let key = layout, let name = refs.reused(layout: key) { return name }
+        }
+        guard let table = nameTable(first: first, probes), let name = refs.store(table) else { return nil }
+        if let layout { refs.files.remember(layout: layout, name: name) }
+        return name
+    }
+
+    /// Writes a group element: `first` in full, then each member's columns. With `names`, a
+    /// glob group's names go to a names file (written and synced first) that the element
+    /// names instead of its `symbols` and `aliases` columns.
+    static func writeGroup(first: SavedProbe, _ probes: some GroupColumns, names: NameRefs?, into w: inout JSONWriter) {
+        let nameFile = names.flatMap { storedNames(first: first, probes, $0) }
         w.beginObject()
         w.key("group")
         writeProbe(first, into: &w)
@@ -108,10 +149,14 @@ extension StateCodec {
             for i in probes.indices { w.string(probes.id(i)) }
             w.endArray()
         }
-        w.key("symbols")
-        w.beginArray()
-        for i in probes.indices { probes.writeSymbol(i, into: &w) }
-        w.endArray()
+        if let nameFile {
+            w.field("names", nameFile)
+        } else {
+            w.key("symbols")
+            w.beginArray()
+            for i in probes.indices { w.string(probes.symbol(i) ?? "") }
+            w.endArray()
+        }
         w.key("offsets")
         w.beginArray()
         for i in probes.indices { writeU64(probes.offset(i), into: &w) }
@@ -140,12 +185,16 @@ extension StateCodec {
             w.endArray()
         }
         writeSparse("base_hits", probes.indices, where: { probes.baseHits($0) != 0 }, into: &w) { i, w in writeU64(probes.baseHits(i), into: &w) }
+        if nameFile == nil { writeAliases(probes, into: &w) }
+        w.endObject()
+    }
+
+    static func writeAliases(_ probes: some GroupColumns, into w: inout JSONWriter) {
         writeSparse("aliases", probes.indices, where: { !probes.aliases($0).isEmpty }, into: &w) { i, w in
             w.beginArray()
             for a in probes.aliases(i) { w.string(a) }
             w.endArray()
         }
-        w.endObject()
     }
 
     /// A sparse column: `[[index, value], …]` for the members where `has` holds; nothing if none.
@@ -164,13 +213,21 @@ extension StateCodec {
     }
 
     /// The members of a group element (`writeGroup`), appended to `out`.
-    static func decodeGroup(_ o: JSONObject, _ n: Int, into out: inout [SavedProbe]) throws(StateError) {
+    static func decodeGroup(_ o: JSONObject, _ n: Int, names: NameSource? = nil, into out: inout [SavedProbe]) throws(StateError) {
         func corrupt(_ why: String) -> StateError { StateError(code: .stateCorrupt, message: "probes[\(n)]: \(why)") }
         guard let first = o["group"] else { throw corrupt("a group without its first registration") }
         let template = try decodeProbe(first, n)
         guard isGroupMember(template) else { throw corrupt("a group of registrations that cannot share one entry") }
         let each = o["each_symbol"]?.boolValue ?? false
-        guard let symbols = o["symbols"]?.arrayValue, let offsets = o["offsets"]?.arrayValue else {
+        // Format 5: a glob group's names in a names file (`NameFiles.fill` reads them).
+        var nameFile: String? = nil
+        if let v = o["names"] {
+            guard let name = v.stringValue, !name.isEmpty, !each, o["symbols"] == nil, o["aliases"] == nil else {
+                throw corrupt("a group's names file is not a name, or comes with its own symbols")
+            }
+            nameFile = name
+        }
+        guard let offsets = o["offsets"]?.arrayValue, let symbols = nameFile == nil ? o["symbols"]?.arrayValue : offsets else {
             throw corrupt("a group without symbols or offsets")
         }
         let count = symbols.count
@@ -225,8 +282,11 @@ extension StateCodec {
             return names.count == a.count && !names.isEmpty ? names : nil
         }
         out.reserveCapacity(out.count + count)
+        // Named as they are made (a second pass over 241,000 registrations took 120 ms of a restart).
+        let loaded = nameFile.flatMap { names?.loaded($0, for: template) }
         for i in 0..<count {
-            guard let symbol = symbols[i].stringValue, !symbol.isEmpty, let offset = readU64(offsets[i]) else {
+            guard let symbol = nameFile == nil ? symbols[i].stringValue : "", nameFile != nil || !symbol.isEmpty,
+                  let offset = readU64(offsets[i]) else {
                 throw corrupt("member \(i) of a group has no symbol or a bad offset")
             }
             var p = template
@@ -235,9 +295,15 @@ extension StateCodec {
             p.slots = slots.map { [$0[i]] }
             p.baseHits = baseHits[i] ?? 0
             if each { p.spec.symbol = symbol }
-            p.targets[0].symbol = symbol
             p.targets[0].fileOffset = offset
-            p.targets[0].aliases = aliases[i] ?? []
+            if let loaded, let k = loaded.entry(at: offset) {
+                p.targets[0].symbol = loaded.table.symbols[k]
+                p.targets[0].aliases = loaded.table.aliases[k] ?? []
+            } else {
+                p.targets[0].symbol = nameFile == nil ? symbol : nil
+                p.targets[0].aliases = aliases[i] ?? []
+                p.nameFile = nameFile
+            }
             out.append(p)
         }
     }
@@ -261,10 +327,12 @@ extension StateCodec {
 /// from 0: saved registrations, or the records of a request written ahead of its attach.
 protocol GroupColumns {
     var indices: Range<Int> { get }
+    /// The members were resolved by this process (new registrations): their names follow from
+    /// their binary, spec and offsets (`StateCodec.storedNames`).
+    var freshlyResolved: Bool { get }
     func id(_ i: Int) -> String
     func idNumber(_ i: Int) -> UInt64?
-    /// Member i's symbol as a JSON string ("" when it has none), from its bytes (no String).
-    func writeSymbol(_ i: Int, into w: inout JSONWriter)
+    func symbol(_ i: Int) -> String?
     func offset(_ i: Int) -> UInt64
     func slot(_ i: Int) -> UInt32?
     func hits(_ i: Int) -> UInt64
@@ -273,6 +341,7 @@ protocol GroupColumns {
 }
 
 extension GroupColumns {
+    var freshlyResolved: Bool { false }
     var startIndex: Int { 0 }
     var endIndex: Int { indices.upperBound }
 }
@@ -283,7 +352,7 @@ struct SavedColumns: GroupColumns {
     var indices: Range<Int> { 0..<probes.count }
     func id(_ i: Int) -> String { probes[i].id }
     func idNumber(_ i: Int) -> UInt64? { ProbeID.number(probes[i].id) }
-    func writeSymbol(_ i: Int, into w: inout JSONWriter) { StateCodec.writeSymbol(of: probes[i].targets[0], into: &w) }
+    func symbol(_ i: Int) -> String? { probes[i].targets[0].symbol }
     func offset(_ i: Int) -> UInt64 { probes[i].targets[0].fileOffset }
     func slot(_ i: Int) -> UInt32? { probes[i].slots?.first }
     func hits(_ i: Int) -> UInt64 { probes[i].hits }

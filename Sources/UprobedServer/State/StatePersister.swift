@@ -61,6 +61,9 @@ public final class StatePersister: Sendable {
         /// `persist` leaves it to the encode-ahead queue; whatever reads the memo first settles
         /// it (`persist` and `checkpoint` begin with `settle()`).
         var unsettled: [(records: [ProbeRecord], stamps: [ProbeStamps])] = []
+        /// Names files referred to by lines appended since the last `capture` (a snapshot
+        /// being written keeps them when it collects the others: `NameFiles.collect`).
+        var namesSinceCapture: Set<String> = []
         /// A snapshot taken by `capture` is being written outside the lock (`writeCaptured`).
         /// Only one at a time: they share the temporary file, and a later one must not be
         /// overtaken by an earlier one.
@@ -132,21 +135,31 @@ public final class StatePersister: Sendable {
     /// The log text of a run of new registrations, written on a background queue.
     private final class PreparedRun: Sendable {
         let records: [ProbeRecord]
+        let names: NameFiles
         private let result = Mutex<Encoded?>(nil)
         private let done = DispatchSemaphore(value: 0)
-        init(_ records: [ProbeRecord]) { self.records = records }
+        init(_ records: [ProbeRecord], names: NameFiles) {
+            self.records = records
+            self.names = names
+        }
 
-        /// The records as log array elements, and the stamps taken for them (in their order).
+        /// The records as log array elements, the stamps taken for them (in their order), and
+        /// the names files the text refers to (written and synced by then).
         struct Encoded: Sendable {
             var text: [UInt8] = []
             var stamps: [ProbeStamps] = []
+            var names: Set<String> = []
         }
 
         func fill() {
-            var files = FileStampCache()
-            let stamps = records.map { ProbeStamps(firstSave: $0, files: &files) }
-            let text = StateCodec.encodeElements(records: records, stamps: stamps)
-            result.withLock { $0 = Encoded(text: text, stamps: stamps) }
+            let table = RecordTable(records, stamping: true)
+            let stamps = table.stamps
+            // A glob's names go to their names file here, synced before the text is handed
+            // over: this runs while the kernel attaches, and the line that refers to the file
+            // is appended only after (see `NameFiles`).
+            let refs = NameRefs(names)
+            let text = StateCodec.encodeElements(table, stamps: stamps, names: refs)
+            result.withLock { $0 = Encoded(text: text, stamps: stamps, names: refs.used) }
             done.signal()
         }
 
@@ -165,7 +178,7 @@ public final class StatePersister: Sendable {
     /// does not add (the request failed) is dropped by that batch's `persist`.
     public func prepare(_ records: [ProbeRecord]) {
         guard let first = records.first else { return }
-        let run = PreparedRun(records)
+        let run = PreparedRun(records, names: store.names)
         prepared.withLock { $0[ObjectIdentifier(first)] = run }
         aheadQueue.async { run.fill() }
     }
@@ -339,7 +352,8 @@ public final class StatePersister: Sendable {
                 if let measured { p.latency = measured }
                 return p
             }
-            let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed.sorted())
+            // Not sorted here: `writeRemovals` sorts what it writes (sorting 241,000 id strings took 10 ms).
+            let parts = StateCodec.logEntryParts(seq: m.seq + 1, add: adds, encoded: spliced.map(\.encoded.text), remove: removed)
             // A line that removes registrations may use the space reserve: acknowledged
             // removals must not come back after a restart because the disk was full.
             do throws(StateError) { try store.append(parts: parts, sync: false, useReserve: !removed.isEmpty) } catch {
@@ -355,9 +369,10 @@ public final class StatePersister: Sendable {
             m.logLines += 1
             m.logEntries += added.count + spliced.reduce(0) { $0 + $1.run.records.count }
             m.written.subtract(removed)
-            for id in removed { m.stamps.remove(id) }
+            m.stamps.remove(removed)
             m.noteWritten(added)
             m.unsettled += spliced.map { ($0.run.records, $0.encoded.stamps) }
+            for s in spliced { m.namesSinceCapture.formUnion(s.encoded.names) }
             m.lastGeneration = snapshot.generation
             if m.compactionDue && !m.snapshotInFlight {
                 // A new snapshot is written on `snapshotQueue` while batches go on. (Written
@@ -419,6 +434,7 @@ public final class StatePersister: Sendable {
             publishUnsaved(m)
         }
         m.snapshotInFlight = true
+        m.namesSinceCapture = []
         m.lastGeneration = max(m.lastGeneration, snapshot.generation)
         return Captured(snapshot: snapshot, counts: counts, stamps: m.stamps, unsettled: m.unsettled, seq: m.seq, nextID: m.nextID,
                         unsavedRemovals: m.unsavedRemovals)
@@ -437,8 +453,9 @@ public final class StatePersister: Sendable {
         state.seq = c.seq
         state.nextID = max(c.nextID, StateCodec.nextID(after: probes.map(\.id)))
         let result: Result<Void, StateError>
+        var used: Set<String> = []
         do throws(StateError) {
-            try store.write(state, covering: .previousLog)
+            used = try store.write(state, covering: .previousLog)
             result = .success(())
         } catch {
             result = .failure(error)
@@ -448,6 +465,8 @@ public final class StatePersister: Sendable {
         memo.withLock { m in
             m.snapshotInFlight = false
             if case .success = result {
+                // The names files neither this snapshot nor a line after it refers to.
+                store.names.collect(keep: used.union(m.namesSinceCapture))
                 m.snapshotBytes = store.size(store.path)
                 m.snapshotEntries = probes.count
                 m.olderSnapshot = false
@@ -538,7 +557,10 @@ public final class StatePersister: Sendable {
         state.seq = m.seq + 1
         m.nextID = max(m.nextID, StateCodec.nextID(after: probes.map(\.id)))
         state.nextID = m.nextID
-        try store.write(state)
+        let used = try store.write(state)
+        // It covers every line: only the names files it refers to are needed.
+        store.names.collect(keep: used)
+        m.namesSinceCapture = []
         m.seq += 1
         m.written = live
         m.stamps = m.stamps.keeping(live)
@@ -556,3 +578,4 @@ public final class StatePersister: Sendable {
         m.savedMark = (snapshot.generation, Self.hitSum(counts))
     }
 }
+

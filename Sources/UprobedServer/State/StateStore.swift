@@ -1,4 +1,5 @@
 import Logging
+import UprobeELF
 import SystemPackage
 import UprobeSystem
 #if canImport(Glibc)
@@ -26,10 +27,23 @@ public final class StateStore: Sendable {
     var tmpPath: String { dir + "/state.json.tmp" }
     /// Room for removals and snapshots when the disk fills up (`SpaceReserve`); made by `prepare`.
     public let reserve: SpaceReserve
+    /// The names files of glob groups (`DIR/names/`, format 5).
+    let names: NameFiles
+    let logger: Logger?
+    /// Where `load` takes a group's names from when its names file cannot be used: the
+    /// binary, if it is still the file they were registered on (tests replace it).
+    let recoverNames: @Sendable (NameIdentity, ProbeSpecInput) -> NameFiles.Names?
 
-    public init(dir: String, logger: Logger? = nil) {
+    public convenience init(dir: String, logger: Logger? = nil) {
+        self.init(dir: dir, logger: logger, recoverNames: NameFiles.fromBinary)
+    }
+
+    init(dir: String, logger: Logger?, recoverNames: @escaping @Sendable (NameIdentity, ProbeSpecInput) -> NameFiles.Names?) {
         self.dir = dir
+        self.logger = logger
+        self.recoverNames = recoverNames
         reserve = SpaceReserve(dir: dir, logger: logger)
+        names = NameFiles(stateDir: dir)
     }
 
     /// Creates the directory (mode 0700) if it is missing, and the space reserve in it.
@@ -96,9 +110,11 @@ public final class StateStore: Sendable {
     /// parsed is an error: starting empty would overwrite registrations on the next batch.
     public func load() throws(StateError) -> SavedState? {
         var base: SavedState? = nil
+        // Names files read once for the snapshot and the logs.
+        let source = NameSource(names)
         let snapshot = try Self.readIfExists(path, "the snapshot")
         if let bytes = snapshot {
-            do { base = try StateCodec.decode(bytes) } catch {
+            do { base = try StateCodec.decode(bytes, names: source) } catch {
                 throw StateError(code: error.code, message: "\(path): \(error.message)")
             }
         }
@@ -107,13 +123,27 @@ public final class StateStore: Sendable {
         for log in [previousLogPath, logPath] {
             guard let bytes = try Self.readIfExists(log, "the log") else { continue }
             do {
-                base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []))
+                base = try StateCodec.replay(bytes, onto: base ?? SavedState(bootID: nil, savedAt: 0, probes: []), names: source)
             } catch {
                 guard let missing = error.missingChanges else {
                     throw StateError(code: error.code, message: "\(log): \(error.message)")
                 }
                 throw incomplete(log, missing, hasSnapshot: snapshot != nil)
             }
+        }
+        if var state = base {
+            let problems = names.fill(&state, source: source, recover: recoverNames)
+            state.namesRepairDue = !problems.isEmpty
+            for problem in problems {
+                logger?.warning("a names file of the state cannot be used: names taken from the binary where it is unchanged",
+                                metadata: ["error": "\(problem)"])
+            }
+            let unknown = state.probes.filter { $0.unknownNames != nil }
+            if let first = unknown.first, let why = first.unknownNames {
+                logger?.error("registrations restored without their function names (they come back degraded; ids, offsets and hits are kept)",
+                              metadata: ["registrations": "\(unknown.count)", "first": "\(first.id)", "reason": "\(why)"])
+            }
+            base = state
         }
         return base
     }
@@ -253,8 +283,11 @@ public final class StateStore: Sendable {
 
     /// Writes `state` atomically and durably, then drops the logs it covers. On a full disk
     /// the space reserve is given up for it if that makes room enough (`ReserveUse.ifItFits`).
-    public func write(_ state: SavedState, covering covered: Covered = .allLogs) throws(StateError) {
-        let bytes = StateCodec.encode(state)
+    /// Returns the names files the snapshot refers to (`NameFiles.collect` keeps them).
+    @discardableResult
+    public func write(_ state: SavedState, covering covered: Covered = .allLogs) throws(StateError) -> Set<String> {
+        let refs = NameRefs(names)
+        let bytes = StateCodec.encode(state, names: refs)
         try withReserve(.ifItFits(bytes.count)) { () throws(StateError) in try writeTemporary(bytes) }
         do throws(SyscallError) { try Syscall.run("rename", "\(tmpPath), \(path)") { rename(tmpPath, path) } } catch {
             unlink(tmpPath)
@@ -265,6 +298,7 @@ public final class StateStore: Sendable {
         unlink(previousLogPath)
         if covered == .allLogs { unlink(logPath) }
         try syncDirectory()
+        return refs.used
     }
 
     /// `bytes` into the temporary snapshot file, fsynced; nothing left behind if that fails.
