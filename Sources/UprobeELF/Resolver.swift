@@ -44,25 +44,38 @@ public struct ProbeSpecInput: Sendable, Hashable {
 /// One probe site ready for the kernel: (dev, inode, file offset) plus what to tell the user.
 ///
 /// Compact on purpose: a whole binary is 241,000 of these, kept for as long as they are
-/// registered. What every site of one file shares (path, device, inode, build-id) is one
-/// `ResolvedFile` object that the resolver makes once per file and all its sites reference;
-/// what few sites have (aliases, a USDT semaphore, a warning) sits behind one optional
-/// reference. 40 bytes instead of 112.
+/// registered. What every site of one file shares (path, device, inode, build-id, and the
+/// buffer of its sites' symbol names) is one `ResolvedFile` object that the resolver makes
+/// once per file and all its sites reference; a site keeps only the offset of its name in
+/// that buffer (no String per site, and no second reference to retain at every copy); what
+/// few sites have (aliases, a USDT semaphore, a warning) sits behind one optional reference.
+/// 28 bytes.
 public struct ResolvedProbe: Sendable, Hashable {
-    /// The file: path, device, inode, build-id (shared by the sites of one resolution).
+    /// The file: path, device, inode, build-id, names (shared by the sites of one resolution).
     public var file: ResolvedFile
     /// File offset for `uprobe_multi`'s `offsets`.
     public var fileOffset: UInt64
-    /// Primary name (global/default-versioned preferred); `provider:name` for USDT; nil for a bare offset.
-    public var symbol: String?
     /// `aliases`, `refCtrOffset` and `warning`: nil when all are empty (the common case).
     private var details: ResolvedDetails?
+    /// Where the name is in `file.names`; `noName` for none.
+    @usableFromInline var nameAt: UInt32
+
+    @usableFromInline static let noName = UInt32.max
 
     public init(file: ResolvedFile, fileOffset: UInt64, symbol: String?, aliases: [String] = [],
                 refCtrOffset: UInt64? = nil, warning: String? = nil) {
+        let packed = symbol.map(SymbolNames.single)
+        self.init(file: packed.map { file.with(names: $0.names) } ?? file, fileOffset: fileOffset, nameAt: packed?.at,
+                  aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
+    }
+
+    /// With a name already packed in `file.names` (`SymbolNames.pack`; nil: no name): a
+    /// resolution packs all its names at once.
+    public init(file: ResolvedFile, fileOffset: UInt64, nameAt: UInt32?, aliases: [String] = [],
+                refCtrOffset: UInt64? = nil, warning: String? = nil) {
         self.file = file
         self.fileOffset = fileOffset
-        self.symbol = symbol
+        self.nameAt = file.names == nil ? Self.noName : nameAt ?? Self.noName
         self.details = ResolvedDetails.make(aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
     }
 
@@ -72,26 +85,72 @@ public struct ResolvedProbe: Sendable, Hashable {
                   symbol: symbol, aliases: aliases, refCtrOffset: refCtrOffset, warning: warning)
     }
 
+    /// Primary name (global/default-versioned preferred); `provider:name` for USDT; nil for a
+    /// bare offset. Made into a String on each read: loops over many probes read
+    /// `withSymbolUTF8` instead. Setting it gives the site a file object of its own.
+    public var symbol: String? {
+        get { withSymbolUTF8 { String(decoding: $0, as: UTF8.self) } }
+        set {
+            guard let newValue else { nameAt = Self.noName; return }
+            let packed = SymbolNames.single(newValue)
+            file = file.with(names: packed.names)
+            nameAt = packed.at
+        }
+    }
+
+    /// Whether it has a symbol name.
+    public var hasSymbol: Bool { nameAt != Self.noName }
+    /// The symbol name's length in UTF-8 bytes (0 without one).
+    public var symbolByteCount: Int { withSymbolUTF8 { $0.count } ?? 0 }
+
+    /// The symbol name's UTF-8 bytes (followed in memory by a NUL, so `fnmatch` can read them
+    /// as a C string), lent to `body`; nil without calling it when there is no name.
+    @inlinable
+    public func withSymbolUTF8<R>(_ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R? {
+        guard nameAt != Self.noName, let names = file.names else { return nil }
+        return try names.withName(at: nameAt, body)
+    }
+
+    /// Whether the symbol is `name` (nil: no symbol), without making a String.
+    public func symbolIs(_ name: String?) -> Bool {
+        guard var name else { return !hasSymbol }
+        return withSymbolUTF8 { mine in name.withUTF8 { mine.elementsEqual($0) } } ?? false
+    }
+
+    public static func == (a: ResolvedProbe, b: ResolvedProbe) -> Bool {
+        guard a.fileOffset == b.fileOffset, a.file == b.file, a.details == b.details, a.hasSymbol == b.hasSymbol else { return false }
+        if a.file.names === b.file.names && a.nameAt == b.nameAt { return true }
+        return a.withSymbolUTF8 { l in b.withSymbolUTF8 { r in l.elementsEqual(r) } ?? false } ?? true
+    }
+
+    public func hash(into h: inout Hasher) {
+        h.combine(file)
+        h.combine(fileOffset)
+        h.combine(hasSymbol)
+        withSymbolUTF8 { h.combine(bytes: UnsafeRawBufferPointer($0)) }
+        h.combine(details)
+    }
+
     /// Absolute path the kernel must open (under `/proc/PID/root/` when the target process
     /// lives in another mount namespace/root).
     public var path: String {
         get { file.path }
-        set { file = ResolvedFile(path: newValue, device: file.device, inode: file.inode, buildID: file.buildID) }
+        set { file = ResolvedFile(path: newValue, device: file.device, inode: file.inode, buildID: file.buildID, names: file.names) }
     }
     /// `st_dev` of the opened file.
     public var device: UInt64 {
         get { file.device }
-        set { file = ResolvedFile(path: file.path, device: newValue, inode: file.inode, buildID: file.buildID) }
+        set { file = ResolvedFile(path: file.path, device: newValue, inode: file.inode, buildID: file.buildID, names: file.names) }
     }
     /// `st_ino` of the opened file.
     public var inode: UInt64 {
         get { file.inode }
-        set { file = ResolvedFile(path: file.path, device: file.device, inode: newValue, buildID: file.buildID) }
+        set { file = ResolvedFile(path: file.path, device: file.device, inode: newValue, buildID: file.buildID, names: file.names) }
     }
     /// Hex of `NT_GNU_BUILD_ID`, if present.
     public var buildID: String? {
         get { file.buildID }
-        set { file = ResolvedFile(path: file.path, device: file.device, inode: file.inode, buildID: newValue) }
+        set { file = ResolvedFile(path: file.path, device: file.device, inode: file.inode, buildID: newValue, names: file.names) }
     }
     /// Other names at the same address.
     public var aliases: [String] {
@@ -117,12 +176,21 @@ public final class ResolvedFile: Sendable, Hashable {
     public let device: UInt64
     public let inode: UInt64
     public let buildID: String?
+    /// The symbol names of the sites that reference this object (`ResolvedProbe.nameAt`).
+    /// Not part of the file's identity: equality and hashing ignore it.
+    public nonisolated(unsafe) let names: SymbolNames?
 
-    public init(path: String, device: UInt64, inode: UInt64, buildID: String?) {
+    public init(path: String, device: UInt64, inode: UInt64, buildID: String?, names: SymbolNames? = nil) {
         self.path = path
         self.device = device
         self.inode = inode
         self.buildID = buildID
+        self.names = names
+    }
+
+    /// The same file with `names`.
+    public func with(names: SymbolNames) -> ResolvedFile {
+        ResolvedFile(path: path, device: device, inode: inode, buildID: buildID, names: names)
     }
 
     public static func == (a: ResolvedFile, b: ResolvedFile) -> Bool {
@@ -319,13 +387,30 @@ public struct Resolver: Sendable {
         out.reserveCapacity(run.count)
         // One file object for the whole run: a 10,000-name request is 10,000 probes of one file.
         let file = ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
+        var found: [Result<(sites: [Site], skipped: [SkippedSite]), ResolveError>] = []
+        found.reserveCapacity(run.count)
         for spec in run {
             do throws(ResolveError) {
                 // The run's one path was checked already: its file was opened for a spec of the
                 // run that passed `validate`.
                 try validate(spec, pathChecked: true)
-                out.append(.success(try resolve(spec, in: target, elf: elf, file: file)))
+                found.append(.success(try sites(spec, in: target, elf: elf)))
             } catch {
+                found.append(.failure(error))
+            }
+        }
+        // Every name of the run in one buffer: a 10,000-name request is 10,000 specs of one
+        // site each, and a buffer per spec was an allocation per probe.
+        var all: [String?] = []
+        for case .success(let f) in found { all += f.sites.lazy.map(\.symbol) }
+        var names = SymbolNames.pack(all)[...]
+        var files = FilesWithNames(file)
+        for f in found {
+            switch f {
+            case .success(let sites):
+                out.append(.success(resolution(sites, files: &files, names: names.prefix(sites.sites.count))))
+                names = names.dropFirst(sites.sites.count)
+            case .failure(let error):
                 out.append(.failure(error))
             }
         }
@@ -354,6 +439,15 @@ public struct Resolver: Sendable {
     /// - Parameter file: the target as a `ResolvedFile`, if the caller made one for several specs.
     private func resolve(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile,
                          file: ResolvedFile? = nil) throws(ResolveError) -> Resolution {
+        let found = try sites(spec, in: target, elf: elf)
+        // One file object for all the sites: a whole binary's 241,000 probes share it.
+        let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
+        var files = FilesWithNames(file)
+        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol))[...])
+    }
+
+    /// The sites `spec` names in order of their offsets, and the functions a glob skipped.
+    private func sites(_ spec: ProbeSpecInput, in target: Target, elf: ELFFile) throws(ResolveError) -> (sites: [Site], skipped: [SkippedSite]) {
         if (spec.retprobe || spec.latency) && elf.isGoBinary && !spec.force {
             // A latency probe hooks each call's return the same way a uretprobe does.
             throw .retprobeOnGo("\(target.path) is a Go binary: Go moves goroutine stacks, so a uretprobe (or latency probe) can corrupt "
@@ -370,18 +464,40 @@ public struct Resolver: Sendable {
         } else {
             sites = []
         }
-        // One file object for all the sites: a whole binary's 241,000 probes share it.
-        let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         let inOrder = zip(sites, sites.dropFirst()).allSatisfy({ $0.offset < $1.offset }) ? sites : sites.sorted { $0.offset < $1.offset }
-        let probes = inOrder.map {
-            ResolvedProbe(file: file, fileOffset: $0.offset, symbol: $0.symbol, aliases: $0.aliases,
-                          refCtrOffset: $0.refCtr, warning: $0.warning)
-        }
-        return Resolution(probes: probes, skipped: skipped.map {
+        return (inOrder, skipped.map {
             var s = $0
             s.path = target.path
             return s
         })
+    }
+
+    /// The probes of `found`'s sites in `file`, with their names packed already (`names`:
+    /// one per site, in order).
+    private func resolution(_ found: (sites: [Site], skipped: [SkippedSite]), files: inout FilesWithNames,
+                            names: ArraySlice<(names: SymbolNames, at: UInt32)?>) -> Resolution {
+        var probes: [ResolvedProbe] = []
+        probes.reserveCapacity(found.sites.count)
+        for (site, name) in zip(found.sites, names) {
+            probes.append(ResolvedProbe(file: files.file(with: name?.names), fileOffset: site.offset, nameAt: name?.at,
+                                        aliases: site.aliases, refCtrOffset: site.refCtr, warning: site.warning))
+        }
+        return Resolution(probes: probes, skipped: found.skipped)
+    }
+
+    /// The file object of a run for each names buffer its sites' names are in: one, unless the
+    /// names outgrew one buffer's 32-bit offsets.
+    struct FilesWithNames {
+        private let plain: ResolvedFile
+        private var last: ResolvedFile?
+        init(_ file: ResolvedFile) { plain = file }
+        mutating func file(with names: SymbolNames?) -> ResolvedFile {
+            guard let names else { return plain }
+            if let last, last.names === names { return last }
+            let made = plain.with(names: names)
+            last = made
+            return made
+        }
     }
 
     /// The `instruction_not_probeable` error for a site a spec names (`what`: "symbol 'x'",

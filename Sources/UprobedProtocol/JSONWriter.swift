@@ -120,6 +120,14 @@ public struct JSONWriter: ~Copyable {
         writeStringBody(s)
     }
 
+    /// A string value from UTF-8 bytes (valid UTF-8, as a String's are), without making a
+    /// String: a whole binary's replies and state write 241,000 symbol names.
+    @inlinable
+    public mutating func string(utf8: UnsafeBufferPointer<UInt8>) {
+        separate()
+        writeStringBody(utf8: utf8)
+    }
+
     /// A string value made of a literal prefix and a decimal number, `"p17"`, without making a
     /// String (`stats` writes one such id per probe). The prefix must not need escaping.
     @inlinable
@@ -272,6 +280,8 @@ public struct JSONWriter: ~Copyable {
 
     @inlinable
     public mutating func field(_ k: StaticString, _ s: String) { key(k); string(s) }
+
+    public mutating func field(_ k: StaticString, utf8: UnsafeBufferPointer<UInt8>) { key(k); string(utf8: utf8) }
     @inlinable
     public mutating func field(_ k: StaticString, _ v: Int64) { key(k); int(v) }
     @inlinable
@@ -364,9 +374,15 @@ public struct JSONWriter: ~Copyable {
 
     @inlinable
     mutating func writeStringBody(_ s: String) {
-        put(UInt8(ascii: "\""))
         var plain = s
-        plain.withUTF8 { utf8 in
+        plain.withUTF8 { writeStringBody(utf8: $0) }
+    }
+
+    /// `utf8` must be valid UTF-8 (as a String's bytes are).
+    @inlinable
+    mutating func writeStringBody(utf8: UnsafeBufferPointer<UInt8>) {
+        put(UInt8(ascii: "\""))
+        do {
             // Copy runs of bytes that need no escape in one go (ids, paths, symbols are one run).
             var runStart = 0
             for k in 0..<utf8.count {

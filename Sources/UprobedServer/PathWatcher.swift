@@ -249,7 +249,7 @@ public final class PathWatcher: Sendable {
         let picked: [ResolvedProbe]
         if r.spec.usdt == nil, let s = r.spec.symbol, s.contains(where: { "*?[".contains($0) }) {
             let name = r.firstTarget?.symbol
-            picked = targets.filter { $0.symbol == name }
+            picked = targets.filter { $0.symbolIs(name) }
             // The function is there, but the glob skipped it: its first instruction changed.
             if picked.isEmpty, let skipped = resolution.skipped.first(where: { $0.symbol == name }) {
                 let reason = "binary \(path) was replaced (inode \(file.inode)) and the \(what) cannot be probed in it (its first \(skipped.reason)); processes still running the old file are counted"

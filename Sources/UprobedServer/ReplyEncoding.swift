@@ -13,7 +13,7 @@ extension RequestHandler {
     static func writeTarget(_ t: ResolvedProbe, into w: inout JSONWriter) {
         w.field("path", t.path)
         w.field("offset", t.fileOffset)
-        if let s = t.symbol { w.field("symbol", s) }
+        t.withSymbolUTF8 { w.field("symbol", utf8: $0) }
         if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
         if let b = t.buildID { w.field("build_id", b) }
         if let r = t.refCtrOffset { w.field("ref_ctr_offset", r) }
@@ -43,7 +43,13 @@ extension RequestHandler {
     /// The members describing a registration: its id, its (first) site, all sites if there are
     /// several, its state if it is not active. The object is left open for more members.
     static func writeRecord(_ r: ProbeRecord, into w: inout JSONWriter) {
-        w.field("id", r.id)
+        // From the id's number: a record makes its id string when asked.
+        if let n = r.number {
+            w.key("id")
+            w.string("p", number: n)
+        } else {
+            w.field("id", r.id)
+        }
         if let first = r.firstTarget { writeTarget(first, into: &w) }
         if r.targetCount > 1 {
             w.objects("sites", r.targets) { w, t in writeTarget(t, into: &w) }
@@ -78,7 +84,8 @@ extension RequestHandler {
         struct Group {
             var key: FileKey
             var count = 0, sites = 0
-            var ranges: [(first: String, last: String, lastNumber: UInt64?)] = []
+            /// Runs of consecutive ids, as their first and last records (ids are made when written).
+            var ranges: [(first: ProbeRecord, last: ProbeRecord)] = []
         }
         var groups: [Group] = []
         var index: [FileKey: Int] = [:]
@@ -95,11 +102,10 @@ extension RequestHandler {
             }
             groups[g].count += 1
             groups[g].sites += max(r.sites.count, 1)
-            if let n = r.number, let i = groups[g].ranges.indices.last, groups[g].ranges[i].lastNumber.map({ $0 &+ 1 == n }) == true {
-                groups[g].ranges[i].last = r.id
-                groups[g].ranges[i].lastNumber = n
+            if let n = r.number, let i = groups[g].ranges.indices.last, groups[g].ranges[i].last.number.map({ $0 &+ 1 == n }) == true {
+                groups[g].ranges[i].last = r
             } else {
-                groups[g].ranges.append((r.id, r.id, r.number))
+                groups[g].ranges.append((r, r))
             }
             if r.targetCount == 1 {  // without making a targets array per record
                 if let warning = r.firstTarget?.warning { warnings.append((r.id, warning)) }
@@ -117,8 +123,8 @@ extension RequestHandler {
             w.field("count", Int64(g.count))
             w.field("sites", Int64(g.sites))
             w.objects("ids", g.ranges) { w, range in
-                w.field("first", range.first)
-                w.field("last", range.last)
+                w.field("first", range.first.id)
+                w.field("last", range.last.id)
             }
         }
         if !warnings.isEmpty {

@@ -1,6 +1,7 @@
 import Testing
 @testable import UprobeCore
 import UprobeELF
+import UprobeKernel
 
 /// The compact per-probe state: what a request shares is one object, a record's targets are its
 /// sites' unless they differ, a target's file is shared; the values read back are the same.
@@ -39,7 +40,8 @@ struct CompactRecordTests {
                                 sites: sites, registeredAt: 1, registeredAtMonotonic: .now, state: .active, baseHits: 0,
                                 targets: [t1, t2])
         #expect(plain.targets == [t1, t2] && plain.targetCount == 2 && plain.firstTarget == t1)
-        #expect(Mirror(reflecting: plain).children.first { $0.label == "ownTargets" }.map { "\($0.value)" } == "nil")
+        #expect(Mirror(reflecting: plain).children.first { $0.label == "rare" }.map { "\($0.value)" } == "nil",
+                "an active p<N> record whose targets are its sites has no rare parts")
 
         // Degraded: no sites, the targets as resolved at registration.
         let degraded = plain.with(sites: [], state: .degraded(reason: "gone"), baseHits: 5, targets: [t2], retired: [])
@@ -60,4 +62,88 @@ struct CompactRecordTests {
         #expect(first.map(\.firstTarget?.fileOffset) == [0x10, 0x20, 0x30])
         #expect(first.allSatisfy { $0.spec.symbol == "f*" && $0.consumer == nil && $0.targetCount == 1 })
     }
+
+    @Test("a record's id, state, retired versions and base histogram read back whether kept inline or apart")
+    func rareParts() {
+        let t = target("/a", inode: 1, offset: 0x10)
+        let spec = ProbeSpecInput(path: "/a", symbol: "f")
+        func record(_ id: String, state: ProbeState = .active, retired: RetiredVersions = [],
+                    latency: LatencyHistogram? = nil) -> ProbeRecord {
+            ProbeRecord(id: id, consumer: nil, owner: .daemon, spec: spec, sites: [ProbeSite(target: t, slot: 7)],
+                        registeredAt: 1, registeredAtMonotonic: .now, state: state, baseHits: 9, targets: [t],
+                        retired: retired, baseLatency: latency)
+        }
+        for (id, number) in [("p0", UInt64(0)), ("p9", 9), ("p10", 10), ("p123456789012345", 123_456_789_012_345),
+                             ("p18446744073709551615", UInt64.max)] {
+            let r = record(id)
+            #expect(r.id == id && r.number == number && r.isActive && r.state == .active && !r.hasRetired)
+            #expect(ProbeID.make(number) == id)
+        }
+        let other = record("probe-x")
+        #expect(other.id == "probe-x" && other.number == nil)
+        let degraded = record("p3", state: .degraded(reason: "gone"))
+        #expect(degraded.id == "p3" && degraded.number == 3 && degraded.state == .degraded(reason: "gone") && !degraded.isActive)
+        let v = RetiredVersion(version: FileVersion(t), hits: 4)
+        let retired = record("p4", retired: [v])
+        #expect(retired.hasRetired && retired.retired == [v] && retired.isActive)
+        var h = LatencyHistogram()
+        h.calls = 2
+        #expect(record("p5", latency: h).baseLatency == h)
+        #expect(degraded.baseHits == 9 && degraded.sites.count == 1 && degraded.sites[0].slot == 7)
+    }
+
+    @Test("a record's sites read like the array they were made from: none, one kept inline, several")
+    func probeSites() {
+        let sites = (0..<3).map { ProbeSite(target: target("/a", inode: 1, offset: 0x10 * UInt64($0 + 1)), slot: UInt32($0)) }
+        for n in 0...3 {
+            let s = ProbeSites(Array(sites.prefix(n)))
+            #expect(Array(s) == Array(sites.prefix(n)) && s.count == n && s.isEmpty == (n == 0))
+            #expect(s.map(\.slot) == (0..<UInt32(n)).map { $0 } && s.first == sites.prefix(n).first)
+        }
+        #expect(ProbeSites([sites[0]]) == ProbeSites(sites.prefix(1)) && ProbeSites([sites[0]]) != ProbeSites(sites))
+    }
+
+    @Test("packed symbol names read back as written: empty, one byte, 127 and 128 bytes (a longer length prefix), non-ASCII, absent")
+    func packedNames() {
+        let names: [String?] = ["", "f", String(repeating: "a", count: 127), String(repeating: "b", count: 128), nil,
+                                "_ZN5swift4Lowering", "größe→∞", String(repeating: "c", count: 20_000)]
+        let packed = SymbolNames.pack(names)
+        #expect(packed.count == names.count)
+        #expect(Set(packed.compactMap { $0.map { ObjectIdentifier($0.names) } }).count == 1, "one buffer for all")
+        let file = ResolvedFile(path: "/a", device: 1, inode: 1, buildID: nil)
+        for (name, p) in zip(names, packed) {
+            #expect((p == nil) == (name == nil))
+            let r = ResolvedProbe(file: p.map { file.with(names: $0.names) } ?? file, fileOffset: 0x10, nameAt: p?.at)
+            #expect(r.symbol == name && r.hasSymbol == (name != nil) && r.symbolIs(name))
+            #expect(r.symbolByteCount == (name?.utf8.count ?? 0))
+            let alone = ResolvedProbe(file: file, fileOffset: 0x10, symbol: name)
+            #expect(alone == r && alone.hashValue == r.hashValue)
+            // NUL after the bytes: fnmatch reads them in place.
+            r.withSymbolUTF8 { #expect($0.baseAddress?[$0.count] == 0) }
+        }
+        guard let f = packed[1] else { Issue.record("no name packed"); return }
+        var renamed = ResolvedProbe(file: file.with(names: f.names), fileOffset: 0x10, nameAt: f.at)
+        renamed.symbol = "g"
+        #expect(renamed.symbol == "g" && !renamed.symbolIs("f") && renamed != ResolvedProbe(file: file, fileOffset: 0x10, symbol: "f"))
+        renamed.symbol = nil
+        #expect(renamed.symbol == nil && !renamed.hasSymbol && renamed.symbolIs(String?.none))
+        #expect(renamed == ResolvedProbe(file: file, fileOffset: 0x10, symbol: nil), "names buffers are not the file's identity")
+    }
+
+    @Test("what a resident probe takes: the record (one site inline) in one 96-byte malloc block, a target in 28 bytes, a stats row in 24")
+    func sizes() {
+        #expect(MemoryLayout<ResolvedProbe>.size <= 28)
+        #expect(MemoryLayout<StatsRow>.stride == 24)
+        #expect(MemoryLayout<ProbeSites>.size <= 40)
+        let t = target("/a", inode: 1, offset: 0x10)
+        let r = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),
+                            sites: [ProbeSite(target: t, slot: 1)], registeredAt: 1, registeredAtMonotonic: .now,
+                            state: .active, baseHits: 0, targets: [t])
+        let block = mallocUsableSize(Unmanaged.passUnretained(r).toOpaque())
+        #expect(block <= 88, "usable size of the record's malloc block: \(block)")
+    }
 }
+
+/// glibc's size of the malloc block at `p` (not in the Glibc module's headers).
+@_silgen_name("malloc_usable_size")
+private func mallocUsableSize(_ p: UnsafeMutableRawPointer) -> Int

@@ -343,10 +343,11 @@ struct StateFileTests {
         let p = Self.rowProbe(1)
         #expect(fields(p) == ["id", "consumer", "owner", "spec", "registeredAt", "hits", "targets", "stamp", "pidStartTime", "degradedReason", "endedReason", "slots", "baseHits", "probeSet", "latency", "latencyBase", "olderSites", "retired", "nameFile", "unknownNames"])
         #expect(fields(p.spec) == ["path", "symbol", "offset", "usdt", "pid", "retprobe", "force", "follow", "latency"])
-        // A target keeps its file (path, device, inode, build-id) and its rare parts (aliases,
-        // semaphore, warning) behind references.
-        #expect(fields(p.targets[0]) == ["file", "fileOffset", "symbol", "details"])
-        #expect(fields(p.targets[0].file) == ["path", "device", "inode", "buildID"])
+        // A target keeps its file (path, device, inode, build-id, and the buffer its symbol is
+        // in: `nameAt` is where, each row's own) and its rare parts (aliases, semaphore,
+        // warning) behind references.
+        #expect(fields(p.targets[0]) == ["file", "fileOffset", "details", "nameAt"])
+        #expect(fields(p.targets[0].file) == ["path", "device", "inode", "buildID", "names"])
     }
 
     @Test("bad runs are state_corrupt: no rows, a short row, a first probe that cannot be a row")

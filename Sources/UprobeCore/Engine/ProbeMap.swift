@@ -208,29 +208,39 @@ public struct ProbeMap: Sendable {
 }
 
 /// What `stats` needs of a registration, kept by value beside its record (see `ProbeMap`).
+/// 24 bytes: the two flags share a word with the consumer's number.
 struct StatsRow: Sendable, BitwiseCopyable {
-    /// `ProbeMap.consumerKey` of its consumer; 0 for none.
-    var consumer: UInt32 = 0
+    /// Bits 0-29: `ProbeMap.consumerKey` of its consumer (0 for none); bit 30: `present`;
+    /// bit 31: `plain`.
+    private var consumerAndFlags: UInt32 = 0
     /// The counter slot of its only site, when `plain`.
     var slot: UInt32 = 0
     /// `ProbeRecord.countingSince`.
     var countingSince: Double = 0
     var baseHits: UInt64 = 0
+
+    private static let presentBit: UInt32 = 1 << 30
+    private static let plainBit: UInt32 = 1 << 31
+
+    /// `ProbeMap.consumerKey` of its consumer; 0 for none.
+    var consumer: UInt32 { consumerAndFlags & (Self.presentBit - 1) }
     /// False for an empty place in a chunk.
-    var present = false
+    var present: Bool { consumerAndFlags & Self.presentBit != 0 }
     /// One site, active, no retired versions, not a latency probe: its hits are `baseHits + counts[slot]`, and
     /// nothing else of the record is needed unless a per-file breakdown is asked for.
-    var plain = false
+    var plain: Bool { consumerAndFlags & Self.plainBit != 0 }
 
     init() {}
 
     init(_ r: ProbeRecord, consumer: UInt32) {
-        self.consumer = consumer
+        // Consumer numbers are reused as names go, so they stay below the number of
+        // registrations, far below 2^30.
+        precondition(consumer < Self.presentBit, "consumer number out of range")
+        consumerAndFlags = consumer | Self.presentBit
         countingSince = r.countingSince
         baseHits = r.baseHits
-        present = true
-        if r.sites.count == 1, r.retired.isEmpty, !r.spec.latency, case .active = r.state {
-            plain = true
+        if r.sites.count == 1, !r.hasRetired, !r.spec.latency, r.isActive {
+            consumerAndFlags |= Self.plainBit
             slot = r.sites[0].slot
         }
     }

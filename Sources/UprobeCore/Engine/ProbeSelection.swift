@@ -59,7 +59,13 @@ public struct ProbeSelection: Sendable, Hashable {
             }
             if let pattern = s.symbol, !symbolIsAny {
                 guard let t = target else { return false }
-                if let name = t.symbol, fnmatch(pattern, name, 0) == 0 { return true }
+                // On the name's bytes in place (NUL-terminated there): no String per record.
+                let matched = t.withSymbolUTF8 { name in
+                    name.baseAddress.map { UnsafeRawPointer($0).withMemoryRebound(to: CChar.self, capacity: name.count + 1) {
+                        fnmatch(pattern, $0, 0) == 0
+                    } } ?? false
+                }
+                if matched == true { return true }
                 return t.aliases.contains { fnmatch(pattern, $0, 0) == 0 }
             }
             return true

@@ -25,6 +25,17 @@ struct ProbeIDSet: Sendable {
         if let n = Self.number(id) { numbers.insert(n) } else { others.insert(id) }
     }
 
+    /// `contains(r.id)` and `insert(r.id)`, from the record's number: a record makes its id
+    /// string when asked.
+    func contains(_ r: ProbeRecord) -> Bool {
+        if let n = r.number { return Int(exactly: n).map { numbers.contains($0) } ?? false }
+        return others.contains(r.id)
+    }
+
+    mutating func insert(_ r: ProbeRecord) {
+        if let n = r.number, let i = Int(exactly: n) { numbers.insert(i) } else { others.insert(r.id) }
+    }
+
     mutating func formUnion(_ ids: some Sequence<String>) {
         for id in ids { insert(id) }
     }
@@ -91,6 +102,19 @@ struct StampBook: Sendable {
             } else {
                 byOther[id] = newValue.map { index(of: $0) }
             }
+        }
+    }
+
+    /// `self[r.id]`, from the record's number (a record makes its id string when asked).
+    subscript(record r: ProbeRecord) -> ProbeStamps? {
+        get {
+            guard let n = r.number else { return self[r.id] }
+            return runIndex(containing: n).map { distinct[Int(runs[$0].stamp)] }
+        }
+        set {
+            guard let n = r.number else { self[r.id] = newValue; return }
+            remove(n...n)
+            if let newValue { insert(n, index(of: newValue)) }
         }
     }
 

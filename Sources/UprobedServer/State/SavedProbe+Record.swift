@@ -100,13 +100,13 @@ extension StatePersister {
     /// when it has none yet).
     static func saved(_ r: ProbeRecord, hits: UInt64, stamps: inout StampBook,
                       files: inout FileStampCache) -> SavedProbe {
-        let known = stamps[r.id]
+        let known = stamps[record: r]
         var own = known ?? ProbeStamps(firstSave: r, files: &files)
         // A registration that followed its path to a new file is stamped with that file.
         if let t = r.firstTarget, let was = own.file, was.device != t.device || was.inode != t.inode {
             own.file = files.stamp(of: t)
         }
-        if own != known { stamps[r.id] = own }
+        if own != known { stamps[record: r] = own }
         return SavedProbe(r, hits: hits, stamps: own)
     }
 
@@ -195,7 +195,7 @@ struct RecordTable {
                 files.append(t.file)
             }
             fileIndex.append(f)
-            memberTarget.append(t.symbol != nil && t.refCtrOffset == nil && r.targetCount == 1)
+            memberTarget.append(t.hasSymbol && t.refCtrOffset == nil && r.targetCount == 1)
             slots.append(StateCodec.slot(of: r, first: t))
             guard stamping else { continue }
             if let l = last, l.file == f, r.sameRequest(as: l.record) {

@@ -18,7 +18,7 @@ extension StateCodec {
                 w.field("inode", u64(t.inode))
                 if let b = t.buildID { w.field("build_id", b) }
                 w.field("offset", u64(t.fileOffset))
-                if let sym = t.symbol { w.field("symbol", sym) }
+                t.withSymbolUTF8 { w.field("symbol", utf8: $0) }
                 if let r = t.refCtrOffset { w.field("ref_ctr_offset", u64(r)) }
                 w.field("slot", u64(UInt64(s.slot)))
             }

@@ -140,7 +140,7 @@ public enum StateCodec {
               p.latency.map({ $0.calls == 0 && $0.unobserved == 0 && $0.returns == 0 }) ?? true,
               p.latencyBase == nil, p.olderSites == nil, p.retired.isEmpty else { return false }
         let t = p.targets[0]
-        return t.symbol == symbol && t.aliases.isEmpty && t.refCtrOffset == nil
+        return t.symbolIs(symbol) && t.aliases.isEmpty && t.refCtrOffset == nil
     }
 
     /// Whether two rows share everything but the id, the hits and their target's symbol and
@@ -248,7 +248,7 @@ public enum StateCodec {
             w.field("inode", u64(t.inode))
             if let b = t.buildID { w.field("build_id", b) }
             w.field("offset", u64(t.fileOffset))
-            if let s = t.symbol { w.field("symbol", s) }
+            t.withSymbolUTF8 { w.field("symbol", utf8: $0) }
             if !t.aliases.isEmpty { w.field("aliases", strings: t.aliases) }
             if let r = t.refCtrOffset { w.field("ref_ctr_offset", u64(r)) }
         }

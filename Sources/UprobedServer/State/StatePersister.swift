@@ -89,10 +89,18 @@ public final class StatePersister: Sendable {
         mutating func settle() {
             for run in unsettled {
                 stamps.reserveCapacity(stamps.count + run.records.count)
-                for (r, s) in zip(run.records, run.stamps) { stamps[r.id] = s }
-                noteWritten(run.records.map(\.id))
+                for (r, s) in zip(run.records, run.stamps) { stamps[record: r] = s }
+                noteWritten(run.records)
             }
             unsettled.removeAll()
+        }
+
+        /// `records` are in the log now: on disk, and their ids never to be handed out again.
+        mutating func noteWritten(_ records: [ProbeRecord]) {
+            for r in records {
+                written.insert(r)
+                if let n = r.number, n < UInt64.max { nextID = max(nextID, n + 1) }
+            }
         }
 
         /// `ids` are in the log now: on disk, and never to be handed out again.
@@ -304,7 +312,7 @@ public final class StatePersister: Sendable {
                     spliced.append(f)
                     i += f.run.records.count
                 } else {
-                    if !m.written.contains(batch[i].id) { added.append(batch[i]) }
+                    if !m.written.contains(batch[i]) { added.append(batch[i]) }
                     i += 1
                 }
             }
@@ -362,7 +370,7 @@ public final class StatePersister: Sendable {
             m.logEntries += added.count + spliced.reduce(0) { $0 + $1.run.records.count }
             m.written.subtract(removed)
             m.stamps.remove(removed)
-            m.noteWritten(added.map(\.id))
+            m.noteWritten(added)
             m.unsettled += spliced.map { ($0.run.records, $0.encoded.stamps) }
             for s in spliced { m.namesSinceCapture.formUnion(s.encoded.names) }
             m.lastGeneration = snapshot.generation
@@ -438,7 +446,7 @@ public final class StatePersister: Sendable {
     private func writeCaptured(_ c: Captured) -> Result<Void, StateError> {
         var stamps = c.stamps
         for run in c.unsettled {
-            for (r, st) in zip(run.records, run.stamps) where stamps[r.id] == nil { stamps[r.id] = st }
+            for (r, st) in zip(run.records, run.stamps) where stamps[record: r] == nil { stamps[record: r] = st }
         }
         let probes = Self.savedProbes(c.snapshot, counts: c.counts, stamps: &stamps)
         var state = SavedState(bootID: bootID, savedAt: clockRealtime(), probes: probes)

@@ -313,7 +313,7 @@ final class BatchApplier {
                                  registeredAtMonotonic: now.monotonic, countingSince: now.countingSince, probeSet: probeSet)
             shared = terms
         }
-        return ProbeRecord(id: id, terms: terms, sites: sites, state: state, baseHits: restored?.baseHits ?? 0,
+        return ProbeRecord(id: id, terms: terms, sites: ProbeSites(sites), state: state, baseHits: restored?.baseHits ?? 0,
                            // An adopted followed registration also has sites in older file
                            // versions (placed before its targets' sites): its targets are then
                            // not its sites' targets.
@@ -362,7 +362,15 @@ final class BatchApplier {
     /// registrations it no longer has (`removing`): a reader sees a batch's registry and its
     /// uprobes together or neither.
     func publish(_ snapshot: RegistrySnapshot, removing: [TreeEdit] = []) {
-        tree.apply(removing, publishing: PublishedRegistry(snapshot))
+        // Without what the batch changed: that is for the persist hook, and readers keep the
+        // published version until the next batch (a whole binary's `batchAdded` held an
+        // array of 241,000 records for as long as no other batch came).
+        var published = snapshot
+        published.batchAdded = []
+        published.batchRemoved = []
+        published.batchEnded = []
+        published.batchFollowed = []
+        tree.apply(removing, publishing: PublishedRegistry(published))
     }
 
     func makeSnapshot() -> RegistrySnapshot {

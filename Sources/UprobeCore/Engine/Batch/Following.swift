@@ -52,7 +52,7 @@ extension BatchApplier {
             case .end(let reason):
                 // Ended with sites left means an earlier counter read failed: retry the detach.
                 guard !(isEnded(r) && r.sites.isEmpty) else { continue }
-                retiring.append((r.id, r.sites, nil))
+                retiring.append((r.id, Array(r.sites), nil))
                 endedIDs.append(r.id)
                 registry.replace(r.with(sites: r.sites, state: .ended(reason: reason), baseHits: r.baseHits, targets: r.targets,
                                         retired: r.retired))

@@ -19,14 +19,46 @@ struct LinkGroupKey: Hashable {
 final class LinkRecord {
     let group: LinkGroupKey
     let path: String
-    let sites: [LinkSite]
+    let sites: LinkSites
     let handle: any KernelLink
     init(group: LinkGroupKey, path: String, sites: [LinkSite], handle: any KernelLink) {
         self.group = group
         self.path = path
-        self.sites = sites
+        self.sites = LinkSites(sites)
         self.handle = handle
     }
+}
+
+/// A link's sites as columns, read like an array of `LinkSite`: 12 bytes a site (offset and
+/// slot) where an array of `LinkSite` took 24, and a whole binary's link holds 241,000 for as
+/// long as it is attached. Semaphore offsets (USDT) get a column only if a site has one.
+struct LinkSites: RandomAccessCollection {
+    private let offsets: [UInt64]
+    private let slots: [UInt32]
+    private let refCtrOffsets: [UInt64?]?
+
+    init(_ sites: [LinkSite]) {
+        var offsets: [UInt64] = [], slots: [UInt32] = []
+        offsets.reserveCapacity(sites.count)
+        slots.reserveCapacity(sites.count)
+        var semaphores = false
+        for s in sites {
+            offsets.append(s.offset)
+            slots.append(s.slot)
+            semaphores = semaphores || s.refCtrOffset != nil
+        }
+        self.offsets = offsets
+        self.slots = slots
+        refCtrOffsets = semaphores ? sites.map(\.refCtrOffset) : nil
+    }
+
+    var startIndex: Int { 0 }
+    var endIndex: Int { offsets.count }
+    subscript(i: Int) -> LinkSite {
+        LinkSite(offset: offsets[i], refCtrOffset: refCtrOffsets?[i], slot: slots[i])
+    }
+    /// The slot of site i, without making the site.
+    func slot(_ i: Int) -> UInt32 { slots[i] }
 }
 
 /// One link to create: a group's file and the sites of its requests that are still good.
@@ -169,9 +201,11 @@ final class LinkTable {
         forget(record)
         closing += 1
         var freed: [UInt32] = []
-        for s in record.sites where dead(s.slot) && slotLink[s.slot] === record {
-            slotLink[s.slot] = nil
-            freed.append(s.slot)
+        for i in record.sites.indices {
+            let slot = record.sites.slot(i)
+            guard dead(slot), slotLink[slot] === record else { continue }
+            slotLink[slot] = nil
+            freed.append(slot)
         }
         return freed
     }
@@ -223,7 +257,7 @@ final class LinkTable {
     private func enter(_ record: LinkRecord) {
         links[ObjectIdentifier(record)] = record
         groupLinks[record.group, default: []].insert(ObjectIdentifier(record))
-        for s in record.sites { slotLink[s.slot] = record }
+        for i in record.sites.indices { slotLink[record.sites.slot(i)] = record }
     }
 
     private func forget(_ record: LinkRecord) {

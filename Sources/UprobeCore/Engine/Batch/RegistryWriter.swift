@@ -17,6 +17,8 @@ final class RegistryWriter {
     private var nextNumber: UInt64 = 1
     /// Consumers of the registrations entered since the last `stageInserts`.
     private var pendingTreeInserts: [TreeEdit] = []
+    /// The largest queue buffer kept between batches (a 10,000-probe register's).
+    private static let keptQueueCapacity = 16_384
 
     init(tree: UprobeTree) {
         self.tree = tree
@@ -60,7 +62,7 @@ final class RegistryWriter {
 
     /// Queues the tree consumers of `sites` of `r`, to be staged by `stageInserts`. Only
     /// registrations with ids `p<N>` have consumers: the tree keys consumers by N.
-    func addConsumers(of r: ProbeRecord, sites: [ProbeSite]) {
+    func addConsumers(of r: ProbeRecord, sites: some Sequence<ProbeSite>) {
         guard let number = r.number else { return }
         for site in sites {
             pendingTreeInserts.append(.insertConsumer(site.uprobeKey, Consumer(
@@ -70,7 +72,7 @@ final class RegistryWriter {
     }
 
     /// The tree edits that take the consumers of `sites` of `r` out, into `edits`.
-    func removeConsumers(of r: ProbeRecord, sites: [ProbeSite], into edits: inout [TreeEdit]) {
+    func removeConsumers(of r: ProbeRecord, sites: some Sequence<ProbeSite>, into edits: inout [TreeEdit]) {
         guard let number = r.number else { return }
         for site in sites { edits.append(.removeConsumer(site.uprobeKey, registration: number)) }
     }
@@ -80,13 +82,10 @@ final class RegistryWriter {
     func stageInserts() {
         guard !pendingTreeInserts.isEmpty else { return }
         tree.stage(pendingTreeInserts)
-        pendingTreeInserts.removeAll(keepingCapacity: pendingTreeInserts.capacity <= Self.keptInserts)
+        // A small queue keeps its buffer for the next batch; a large one (a whole binary's
+        // glob: 241,000 edits, 15 MB, 61 bytes per probe) does not stay with the daemon.
+        pendingTreeInserts.removeAll(keepingCapacity: pendingTreeInserts.capacity <= Self.keptQueueCapacity)
     }
-
-    /// Staged inserts whose buffer is kept for the next batch. A whole binary's (241,000
-    /// consumers, 14.7 MB) stayed allocated after its probes were removed; a buffer for
-    /// 10,000-probe requests is kept (0.9 MB).
-    static let keptInserts = 16_384
 
     /// The staged-inserts buffer's capacity (tests: nothing of a bulk stays allocated).
     var insertBufferCapacity: Int { pendingTreeInserts.capacity }
