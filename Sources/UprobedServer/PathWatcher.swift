@@ -161,7 +161,7 @@ public final class PathWatcher: Sendable {
         // Per round, one stat per path and one resolution per spec: a glob registered once is
         // one record per function, and an upgrade must not resolve the glob once per record.
         var identities: [String: FileIdentity?] = [:]
-        var resolutions: [ProbeSpecInput: Result<Resolution, ResolveError>] = [:]
+        var resolutions: [ProbeSpecInput: FollowResolution] = [:]
         // Consecutive records mostly share their path (one request, one binary): the previous
         // record's path answers without hashing it again. This round runs every second on every
         // machine, and hashing each of 10,000 ids and paths was most of its ~6 ms.
@@ -223,7 +223,7 @@ public final class PathWatcher: Sendable {
     /// Resolves the registration's probe in the file now at `path`: an `attach` of the sites
     /// that correspond to this registration, or a `degrade` saying why there are none.
     private func resolveNew(_ r: ProbeRecord, path: String, file: FileIdentity,
-                            cache: inout [ProbeSpecInput: Result<Resolution, ResolveError>]) -> FollowChange? {
+                            cache: inout [ProbeSpecInput: FollowResolution]) -> FollowChange? {
         // A glob's registration restored without its function's name (its names file was lost
         // with its binary: see `NameFiles`) has nothing to look for in the new file; it stays
         // degraded with the reason the restore gave.
@@ -233,13 +233,15 @@ public final class PathWatcher: Sendable {
         var spec = r.spec
         spec.path = path
         let what = r.spec.usdt.map { "USDT probe \($0)" } ?? "symbol \(r.firstTarget?.symbol ?? r.spec.symbol ?? "?")"
-        let result: Result<Resolution, ResolveError>
-        if let known = cache[spec] { result = known } else {
-            do throws(ResolveError) { result = .success(try resolver.resolution(spec)) } catch { result = .failure(error) }
-            cache[spec] = result
+        let followed: FollowResolution
+        if let known = cache[spec] { followed = known } else {
+            do throws(ResolveError) { followed = FollowResolution(.success(try resolver.resolution(spec))) } catch {
+                followed = FollowResolution(.failure(error))
+            }
+            cache[spec] = followed
         }
         let resolution: Resolution
-        do { resolution = try result.get() } catch {
+        do { resolution = try followed.result.get() } catch {
             let reason = "binary \(path) was replaced (inode \(file.inode)) and the \(what) cannot be probed in it (\(error.code): \(error.message)); processes still running the old file are counted"
             logger.debug("follow: new file does not resolve", metadata: ["probe_id": "\(r.id)", "error_code": "\(error.code)"])
             return r.state == .degraded(reason: reason) ? nil : FollowChange(id: r.id, kind: .degrade(reason: reason))
@@ -249,7 +251,7 @@ public final class PathWatcher: Sendable {
         let picked: [ResolvedProbe]
         if r.spec.usdt == nil, let s = r.spec.symbol, s.contains(where: { "*?[".contains($0) }) {
             let name = r.firstTarget?.symbol
-            picked = targets.filter { $0.symbolIs(name) }
+            picked = name.map { followed.targets(named: $0) } ?? []
             // The function is there, but the glob skipped it: its first instruction changed.
             if picked.isEmpty, let skipped = resolution.skipped.first(where: { $0.symbol == name }) {
                 let reason = "binary \(path) was replaced (inode \(file.inode)) and the \(what) cannot be probed in it (its first \(skipped.reason)); processes still running the old file are counted"
@@ -330,5 +332,27 @@ public final class PathWatcher: Sendable {
             }
         }
         return out
+    }
+}
+
+/// A spec resolved in a replaced file, shared by the round's registrations of that spec. A
+/// glob is one registration per function: each looks up its own function by name here, in a
+/// table made once per round, instead of scanning every function the glob matched (a whole
+/// binary's 241,000 registrations scanning 241,000 targets each never finished).
+private final class FollowResolution {
+    let result: Result<Resolution, ResolveError>
+    private var byName: [String: [ResolvedProbe]]?
+
+    init(_ result: Result<Resolution, ResolveError>) { self.result = result }
+
+    /// The targets whose primary name is `name`.
+    func targets(named name: String) -> [ResolvedProbe] {
+        if let byName { return byName[name] ?? [] }
+        var table: [String: [ResolvedProbe]] = [:]
+        if case .success(let resolution) = result {
+            for t in resolution.probes { if let s = t.symbol { table[s, default: []].append(t) } }
+        }
+        byName = table
+        return table[name] ?? []
     }
 }

@@ -106,7 +106,7 @@ struct StateNamesRestartTests {
         #expect(rename(bin + ".new", bin) == 0)
 
         let d = try ServiceDaemon(dir: dir, config: Self.config)
-        try waitFor("all 10,000 followed to the new file", seconds: 60) {
+        try waitFor("all 10,000 followed to the new file", seconds: 180) {
             let l = try Self.listAll(d)
             return l.count == 10_000 && l.values.allSatisfy { $0["state"] == nil || $0["state"] == .string("active") }
         }
