@@ -53,7 +53,9 @@ public final class UprobedService: Service, Sendable {
 
         // The state file is read before anything attaches; a corrupt or incomplete one stops the start.
         let store = StateStore(dir: config.stateDir, logger: logger)
-        let saved: SavedState?
+        // Dropped once restored (below): `run` lasts as long as the daemon, and an async
+        // function's locals live in its frame until their scope ends.
+        var saved: SavedState?
         do {
             try store.prepare()
             saved = try Self.loadState(store, moveCorrupt: options.moveCorruptState, logger: logger)
@@ -123,6 +125,9 @@ public final class UprobedService: Service, Sendable {
                 logger.error("could not write the names files again", metadata: ["error_code": "\(error.code)", "error": "\(error.message)"])
             }
         }
+        // The loaded state is ~750 bytes per registration (180 MB for a whole binary's glob);
+        // the engine, the persister and the pins hold what they need of it by now.
+        saved = nil
         // After the restore (the sets' registrations are back, so only changes are made) and
         // before serving: a client that connects finds the sets in place.
         await probeSets.completeApplied()
