@@ -13,14 +13,12 @@ import Synchronization
 /// reply, its state entry, records a reader may still hold for a grace period) go first, and
 /// several requests within the delay share one trim.
 ///
-/// malloc_trim alone left 60 MB of a whole binary's removal resident (malloc_info and
-/// /proc/PID/smaps 12 s after it: 24 MB live, the rest free): it returns the free pages inside
-/// every arena, but the top chunk of a thread's arena only shrinks when a free leaves it above
-/// M_TRIM_THRESHOLD, which the daemon raises to 64 MiB (`DaemonProcess.keepFreedMemory`) so
-/// that 10,000-probe requests reuse their pages. So from the first request until the trim, a
-/// heap-release window (`CUprobeSys_heap_release_begin`) puts glibc's default
-/// threshold back: the bulk's frees hand the arenas' tops back as they happen, and the kept
-/// threshold returns with the window's end.
+/// malloc_trim alone is not enough: it returns the free pages inside every arena, but the top
+/// chunk of a thread's arena only shrinks when a free leaves it above M_TRIM_THRESHOLD, which
+/// the daemon raises to 64 MiB (`DaemonProcess.keepFreedMemory`) so that 10,000-probe requests
+/// reuse their pages. So from the first request until the trim, a heap-release window
+/// (`CUprobeSys_heap_release_begin`) puts glibc's default threshold back: the bulk's frees hand
+/// the arenas' tops back as they happen, and the kept threshold returns with the window's end.
 public final class MemoryTrimmer: Sendable {
     /// Probes added or removed by one batch, or slots freed by one detach round, that make a
     /// trim worth its walk. Well above 10,000: what a 10,000-probe request frees (~20 MB) the
@@ -58,12 +56,10 @@ public final class MemoryTrimmer: Sendable {
     /// then checks `followUps` times, `delay` apart, whether much of the heap was freed since,
     /// and trims again if so. A bulk batch's memory is not all freed by the time of the first
     /// trim: the registry version readers may still hold goes after a grace period, its links'
-    /// detach round and the state file's rewrite finish later. Measured after removing 241,000
-    /// probes: 170 MB freed but resident until a later trim. A removal asks at the start of its
-    /// batch and again, `within` 200 ms, when its detach round is collected (its records are
-    /// freed right after, by the writer's reclaim): opened only at the start, the window closed
-    /// before those frees (RSS 0.5 s after the links were gone: 231-253 MB), and with the
-    /// default delay from the collect the trim came after that look (239-271 MB).
+    /// detach round and the state file's rewrite finish later (after removing 241,000 probes,
+    /// 170 MB were freed after the first trim). A removal asks at the start of its batch and
+    /// again, `within` 200 ms, when its detach round is collected: its records are freed right
+    /// after, by the writer's reclaim, and must be freed inside the window.
     /// `within`: the trim's delay from this request, if not `delay` (the last request sets it).
     public func request(within: DispatchTimeInterval? = nil) {
         let wait = within ?? delay
