@@ -1,11 +1,11 @@
 // bench-latency: what a latency probe costs, measured in one run on this machine.
 //
 // 1. Per call of a probed function (the target times N calls of an empty function itself):
-//    no probe; a plain counting probe (uprobe_multi entry); a bare uprobe session program
-//    (returns 0, counts nothing: the kernel floor of any session); uprobed's latency program;
+//    no probe; a plain counting probe (uprobe_multi entry); a bare entry-return program
+//    (BPF_TRACE_UPROBE_SESSION, returns 0, counts nothing: the kernel floor of any such program); uprobed's latency program;
 //    and bpftrace's uprobe + uretprobe pair with a tid-keyed map and hist() (the peer).
 //    Conditions are interleaved round by round so the VM's drift hits them alike.
-// 2. Registering 10,000 latency probes on one binary: the kernel floor (one bare session link
+// 2. Registering 10,000 latency probes on one binary: the kernel floor (one bare entry-return link
 //    of 10,000 offsets, created and closed), the latency program's own attach (rows assigned),
 //    and uprobed end to end (one register request over its socket, unregister, detached).
 // Not a timed test: it prints tables; docs/BENCHMARKS.md records them.
@@ -101,7 +101,7 @@ func withBpftrace(_ body: () -> Double) -> Double? {
     return v
 }
 
-let names = ["no probe", "counting probe (uprobe_multi entry)", "bare session (returns 0)", "uprobed latency probe", "bpftrace uprobe+uretprobe, tid map, hist()"]
+let names = ["no probe", "counting probe (uprobe_multi entry)", "bare entry-return program (returns 0)", "uprobed latency probe", "bpftrace uprobe+uretprobe, tid map, hist()"]
 var samples = [[Double]](repeating: [], count: names.count)
 print("per-call cost: \(rounds) rounds × \(calls) calls per condition…")
 for _ in 0..<rounds {
@@ -118,7 +118,7 @@ for _ in 0..<rounds {
 }
 let bare = median(samples[2])
 print("")
-print("| per call of an empty function | median ns | min – max ns | × bare session |")
+print("| per call of an empty function | median ns | min – max ns | × bare entry-return program |")
 print("|---|---|---|---|")
 for (i, name) in names.enumerated() where !samples[i].isEmpty {
     let m = median(samples[i])
@@ -201,7 +201,7 @@ print("|---|---|---|---|")
 func row(_ name: String, _ xs: [Double]) {
     print("| \(name) | \(ms(median(xs))) | \(xs.map { String(format: "%.1f", $0 * 1000) }.joined(separator: ", ")) | \(String(format: "%.2f", median(xs) / floor)) |")
 }
-row("kernel floor: one bare session link create", floorCreate)
+row("kernel floor: one bare entry-return link create", floorCreate)
 row("kernel floor: its close", floorClose)
 row("latency program attach (rows assigned, zeroed)", progCreate)
 row("latency program close", progClose)
