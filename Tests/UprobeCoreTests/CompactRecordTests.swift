@@ -130,17 +130,55 @@ struct CompactRecordTests {
         #expect(renamed == ResolvedProbe(file: file, fileOffset: 0x10, symbol: nil), "names buffers are not the file's identity")
     }
 
-    @Test("what a resident probe takes: the record (one site inline) in one 96-byte malloc block, a target in 28 bytes, a stats row in 24")
+    @Test("what a resident probe takes: the record (one site inline) in one 80-byte malloc block, a target in 28 bytes, a stats row in 24")
     func sizes() {
         #expect(MemoryLayout<ResolvedProbe>.size <= 28)
         #expect(MemoryLayout<StatsRow>.stride == 24)
-        #expect(MemoryLayout<ProbeSites>.size <= 40)
+        #expect(MemoryLayout<ProbeSites>.size <= 32)
         let t = target("/a", inode: 1, offset: 0x10)
-        let r = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),
-                            sites: [ProbeSite(target: t, slot: 1)], registeredAt: 1, registeredAtMonotonic: .now,
-                            state: .active, baseHits: 0, targets: [t])
-        let block = mallocUsableSize(Unmanaged.passUnretained(r).toOpaque())
-        #expect(block <= 88, "usable size of the record's malloc block: \(block)")
+        for baseHits in [UInt64(0), UInt64(UInt32.max) - 1, UInt64(UInt32.max), .max] {
+            let r = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),
+                                sites: [ProbeSite(target: t, slot: 1)], registeredAt: 1, registeredAtMonotonic: .now,
+                                state: .active, baseHits: baseHits, targets: [t])
+            let block = mallocUsableSize(Unmanaged.passUnretained(r).toOpaque())
+            // 72 usable bytes: an 80-byte chunk (a 73-byte request would take 96).
+            #expect(block == 72, "usable size of the record's malloc block: \(block)")
+        }
+    }
+
+    @Test("ids and base hits near 2^32 read back whole; only those that do not fit in 32 bits take the rare parts")
+    func narrowFields() {
+        let t = target("/a", inode: 1, offset: 0x10)
+        let spec = ProbeSpecInput(path: "/a", symbol: "f")
+        func record(_ id: String, baseHits: UInt64, state: ProbeState = .active) -> ProbeRecord {
+            ProbeRecord(id: id, consumer: nil, owner: .daemon, spec: spec, sites: [ProbeSite(target: t, slot: 7)],
+                        registeredAt: 1, registeredAtMonotonic: .now, state: state, baseHits: baseHits, targets: [t])
+        }
+        func hasRare(_ r: ProbeRecord) -> Bool {
+            Mirror(reflecting: r).children.first { $0.label == "rare" }.map { "\($0.value)" } != "nil"
+        }
+        let limit = UInt64(UInt32.max)
+        let numbers: [UInt64] = [0, 1, limit - 1, limit, limit + 1, 1 << 40, .max - 1, .max]
+        let hits: [UInt64] = [0, 1, 1_000_000, limit - 1, limit, limit + 1, .max]
+        for n in numbers {
+            for h in hits {
+                let r = record(ProbeID.make(n), baseHits: h)
+                #expect(r.id == ProbeID.make(n) && r.number == n && r.baseHits == h && r.isActive)
+                #expect(hasRare(r) == (n >= limit || h >= limit), "p\(n) with \(h) base hits")
+                // A new version keeps both.
+                let next = r.with(sites: r.sites, state: .active, baseHits: h &+ 1, targets: [t], retired: [])
+                #expect(next.id == r.id && next.number == n && next.baseHits == h &+ 1)
+            }
+        }
+        // With other rare parts: a degraded record, an id not of the form p<N>.
+        let degraded = record("p4294967296", baseHits: .max, state: .degraded(reason: "gone"))
+        #expect(degraded.number == 1 << 32 && degraded.baseHits == .max && degraded.state == .degraded(reason: "gone"))
+        let other = record("probe-x", baseHits: limit)
+        #expect(other.id == "probe-x" && other.number == nil && other.baseHits == limit)
+        let otherSmall = record("p007", baseHits: 3)
+        #expect(otherSmall.id == "p007" && otherSmall.number == nil && otherSmall.baseHits == 3)
+        // A restored record (base hits below 2^32 - 1) stays one block.
+        #expect(!hasRare(record("p12", baseHits: 123_456_789)))
     }
 }
 

@@ -127,21 +127,27 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 /// Immutable and a class: snapshots and readers pass records around by one reference
 /// (one retain) instead of copying a struct full of strings and arrays (many).
 ///
-/// Compact, because a whole binary is 241,000 of them (88 bytes each, one malloc block):
-/// what every record of one request shares (consumer, owner, spec, registration time, probe
-/// set) is one `RequestTerms` object; the id is its number (`p<N>`), made into a string when
-/// asked; a single site is kept inline (`ProbeSites`), not in an array of its own; and what
-/// few records have (a degraded or ended state, targets apart from the sites, retired
-/// versions, a base histogram, an id not of the form `p<N>`) sits behind one optional
-/// reference. Measured with heaptrack on a whole-binary glob, the record with its site
+/// Compact, because a whole binary is 241,000 of them (72 bytes each, one 80-byte malloc
+/// chunk): what every record of one request shares (consumer, owner, spec, registration time,
+/// probe set) is one `RequestTerms` object; the id is its number (`p<N>`), made into a string
+/// when asked; a single site is kept inline (`ProbeSites`), not in an array of its own; the id's
+/// number and the base hits are 32 bits each; and what few records have (a degraded or ended
+/// state, targets apart from the sites, retired versions, a base histogram, an id not of the
+/// form `p<N>` or with N of 2^32 - 1 or more, base hits of 2^32 - 1 or more) sits behind one
+/// optional reference. Measured with heaptrack on a whole-binary glob, the record with its site
 /// array was 264 bytes of requested heap per probe.
+///
+/// The fields are 4 + 4 + 8 + 8 + 32 bytes after the object header (16): 72 bytes is the
+/// largest request glibc serves from an 80-byte chunk (73 takes 96). Base hits stay inline
+/// because every record restored after a restart has some (a hit count below 4,294,967,295
+/// needs no second object).
 public final class ProbeRecord: Sendable {
-    /// N of the id `p<N>`; meaningless when `rare.otherID` is set.
-    private let rawNumber: UInt64
+    /// N of the id `p<N>` when N < `UInt32.max`; `UInt32.max`: the id is in `rare`.
+    private let numberLow: UInt32
+    /// `baseHits` when below `UInt32.max`; `UInt32.max`: in `rare`.
+    private let baseHitsLow: UInt32
     /// What the records of one request share.
     let terms: RequestTerms
-    /// Hits counted before this daemon process took over (carried over from the state file).
-    public let baseHits: UInt64
     /// The rarely present parts; nil when all have their usual value.
     private let rare: RareParts?
     /// Attached sites: empty when degraded after a restart or ended. A registration that
@@ -151,14 +157,21 @@ public final class ProbeRecord: Sendable {
 
     /// What few records have, in one object.
     private final class RareParts: Sendable {
+        /// An id not of the form `p<N>`.
         let otherID: String?
+        /// N of an id `p<N>` with N ≥ `UInt32.max`.
+        let wideNumber: UInt64?
+        /// `baseHits` when ≥ `UInt32.max` (else unused).
+        let wideBaseHits: UInt64
         let state: ProbeState
         let ownTargets: [ResolvedProbe]?
         let retired: RetiredVersions
         let baseLatency: LatencyHistogram?
-        init(otherID: String?, state: ProbeState, ownTargets: [ResolvedProbe]?, retired: RetiredVersions,
-             baseLatency: LatencyHistogram?) {
+        init(otherID: String?, wideNumber: UInt64?, wideBaseHits: UInt64, state: ProbeState,
+             ownTargets: [ResolvedProbe]?, retired: RetiredVersions, baseLatency: LatencyHistogram?) {
             self.otherID = otherID
+            self.wideNumber = wideNumber
+            self.wideBaseHits = wideBaseHits
             self.state = state
             self.ownTargets = ownTargets
             self.retired = retired
@@ -166,15 +179,26 @@ public final class ProbeRecord: Sendable {
         }
     }
 
+    /// Hits counted before this daemon process took over (carried over from the state file).
+    public var baseHits: UInt64 {
+        if baseHitsLow != .max { return UInt64(baseHitsLow) }
+        return rare?.wideBaseHits ?? UInt64(baseHitsLow)
+    }
+
     /// The id: `p<N>` for every id this daemon hands out (made from `number` when asked: a
     /// short string, kept inline, so no allocation).
     public var id: String {
+        if numberLow != .max { return ProbeID.make(UInt64(numberLow)) }
         if let rare, let other = rare.otherID { return other }
-        return ProbeID.make(rawNumber)
+        return ProbeID.make(rare?.wideNumber ?? UInt64(numberLow))
     }
     /// N of an id `p<N>` (`ProbeID.number`), nil for any other id: parsed once, because the
     /// registry and the tree key by it.
-    public var number: UInt64? { rare?.otherID == nil ? rawNumber : nil }
+    public var number: UInt64? {
+        if numberLow != .max { return UInt64(numberLow) }
+        guard let rare else { return UInt64(numberLow) }
+        return rare.otherID == nil ? rare.wideNumber ?? UInt64(numberLow) : nil
+    }
     public var state: ProbeState { rare?.state ?? .active }
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public var retired: RetiredVersions { rare?.retired ?? RetiredVersions() }
@@ -236,15 +260,19 @@ public final class ProbeRecord: Sendable {
     init(id: String, terms: RequestTerms, sites: ProbeSites, state: ProbeState, baseHits: UInt64,
          targets: [ResolvedProbe]?, retired: RetiredVersions = [], baseLatency: LatencyHistogram? = nil) {
         let number = ProbeID.number(id)
-        self.rawNumber = number ?? 0
+        let narrowNumber = number.flatMap { $0 < UInt64(UInt32.max) ? UInt32($0) : nil }
+        let narrowBaseHits: UInt32? = baseHits < UInt64(UInt32.max) ? UInt32(baseHits) : nil
+        self.numberLow = narrowNumber ?? .max
+        self.baseHitsLow = narrowBaseHits ?? .max
         self.terms = terms
         self.sites = sites
-        self.baseHits = baseHits
         let ownTargets = targets.flatMap { Self.same($0, as: sites) ? nil : $0 }
         let isActive: Bool
         if case .active = state { isActive = true } else { isActive = false }
-        if number == nil || !isActive || ownTargets != nil || !retired.isEmpty || baseLatency != nil {
-            self.rare = RareParts(otherID: number == nil ? id : nil, state: state, ownTargets: ownTargets, retired: retired,
+        if narrowNumber == nil || narrowBaseHits == nil || !isActive || ownTargets != nil || !retired.isEmpty
+            || baseLatency != nil {
+            self.rare = RareParts(otherID: number == nil ? id : nil, wideNumber: narrowNumber == nil ? number : nil,
+                                  wideBaseHits: baseHits, state: state, ownTargets: ownTargets, retired: retired,
                                   baseLatency: baseLatency)
         } else {
             self.rare = nil
