@@ -127,36 +127,47 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 /// Immutable and a class: snapshots and readers pass records around by one reference
 /// (one retain) instead of copying a struct full of strings and arrays (many).
 ///
-/// Compact, because a whole binary is 241,000 of them (72 bytes each, one 80-byte malloc
-/// chunk): what every record of one request shares (consumer, owner, spec, registration time,
-/// probe set) is one `RequestTerms` object; the id is its number (`p<N>`), made into a string
-/// when asked; a single site is kept inline (`ProbeSites`), not in an array of its own; the id's
-/// number and the base hits are 32 bits each; and what few records have (a degraded or ended
-/// state, targets apart from the sites, retired versions, a base histogram, an id not of the
-/// form `p<N>` or with N of 2^32 - 1 or more, base hits of 2^32 - 1 or more) sits behind one
-/// optional reference. Measured with heaptrack on a whole-binary glob, the record with its site
-/// array was 264 bytes of requested heap per probe.
+/// Compact, because a whole binary is 241,000 of them: 56 bytes each, the largest request
+/// glibc serves from a 64-byte malloc chunk (57 takes 80). What every record of one request
+/// shares (consumer, owner, spec, registration time, probe set) is one `RequestTerms` object;
+/// the id is its number (`p<N>`), made into a string when asked; a single site is kept in the
+/// record's own fields (file object, offset, name index, slot), not in a `ProbeSite` or an
+/// array of its own; the id's number and the base hits are 32 bits each; and what few records
+/// have (a degraded or ended state, no site or several, a site with aliases, a semaphore or a
+/// warning, targets apart from the sites, retired versions, a base histogram, an id not of
+/// the form `p<N>` or with N of 2^32 - 1 or more, base hits of 2^32 - 1 or more) sits in one
+/// object that the record references instead of the terms (it holds them). Measured with
+/// heaptrack on a whole-binary glob, the record with its site array was 264 bytes of requested
+/// heap per probe.
 ///
-/// The fields are 4 + 4 + 8 + 8 + 32 bytes after the object header (16): 72 bytes is the
-/// largest request glibc serves from an 80-byte chunk (73 takes 96). Base hits stay inline
-/// because every record restored after a restart has some (a hit count below 4,294,967,295
-/// needs no second object).
+/// Base hits stay in the record because every record restored after a restart has some: a
+/// count below 4,294,967,295 needs no second object.
 public final class ProbeRecord: Sendable {
+    /// The request's terms, or the rare parts (which hold the terms).
+    private let shared: Shared
+    /// The file of the one site kept in the record's fields; nil: the sites are `rare.sites`.
+    private let siteFile: ResolvedFile?
+    /// That site's file offset, name index (`ResolvedProbe.nameIndex`, `UInt32.max` for none)
+    /// and counter slot.
+    private let siteOffset: UInt64
+    private let siteNameAt: UInt32
+    private let siteSlot: UInt32
     /// N of the id `p<N>` when N < `UInt32.max`; `UInt32.max`: the id is in `rare`.
     private let numberLow: UInt32
     /// `baseHits` when below `UInt32.max`; `UInt32.max`: in `rare`.
     private let baseHitsLow: UInt32
-    /// What the records of one request share.
-    let terms: RequestTerms
-    /// The rarely present parts; nil when all have their usual value.
-    private let rare: RareParts?
-    /// Attached sites: empty when degraded after a restart or ended. A registration that
-    /// follows its path holds the sites of every file version still mapped by some process
-    /// (the current file's plus older ones), so old processes keep being counted.
-    public let sites: ProbeSites
 
-    /// What few records have, in one object.
+    /// One reference, either way (the enum lives in the pointer's spare bits).
+    private enum Shared: Sendable {
+        case terms(RequestTerms)
+        case rare(RareParts)
+    }
+
+    /// What few records have, in one object, with the terms.
     private final class RareParts: Sendable {
+        let terms: RequestTerms
+        /// The sites when they are not the one in the record's fields.
+        let sites: ProbeSites
         /// An id not of the form `p<N>`.
         let otherID: String?
         /// N of an id `p<N>` with N ≥ `UInt32.max`.
@@ -167,8 +178,10 @@ public final class ProbeRecord: Sendable {
         let ownTargets: [ResolvedProbe]?
         let retired: RetiredVersions
         let baseLatency: LatencyHistogram?
-        init(otherID: String?, wideNumber: UInt64?, wideBaseHits: UInt64, state: ProbeState,
-             ownTargets: [ResolvedProbe]?, retired: RetiredVersions, baseLatency: LatencyHistogram?) {
+        init(terms: RequestTerms, sites: ProbeSites, otherID: String?, wideNumber: UInt64?, wideBaseHits: UInt64,
+             state: ProbeState, ownTargets: [ResolvedProbe]?, retired: RetiredVersions, baseLatency: LatencyHistogram?) {
+            self.terms = terms
+            self.sites = sites
             self.otherID = otherID
             self.wideNumber = wideNumber
             self.wideBaseHits = wideBaseHits
@@ -177,6 +190,39 @@ public final class ProbeRecord: Sendable {
             self.retired = retired
             self.baseLatency = baseLatency
         }
+    }
+
+    /// What the records of one request share.
+    var terms: RequestTerms {
+        switch shared {
+        case .terms(let t): return t
+        case .rare(let r): return r.terms
+        }
+    }
+
+    /// The rarely present parts; nil when all have their usual value.
+    private var rare: RareParts? {
+        if case .rare(let r) = shared { return r }
+        return nil
+    }
+
+    /// Whether the record needed its rare parts (tests: what stays one block).
+    var hasRareParts: Bool { rare != nil }
+
+    /// Attached sites: empty when degraded after a restart or ended. A registration that
+    /// follows its path holds the sites of every file version still mapped by some process
+    /// (the current file's plus older ones), so old processes keep being counted.
+    public var sites: ProbeSites {
+        if let site = inlineSite { return ProbeSites(one: site) }
+        return rare?.sites ?? .empty
+    }
+
+    /// The site kept in the record's fields, if any.
+    private var inlineSite: ProbeSite? {
+        guard let siteFile else { return nil }
+        return ProbeSite(target: ResolvedProbe(file: siteFile, fileOffset: siteOffset,
+                                               nameAt: siteNameAt == .max ? nil : siteNameAt),
+                         slot: siteSlot)
     }
 
     /// Hits counted before this daemon process took over (carried over from the state file).
@@ -236,11 +282,15 @@ public final class ProbeRecord: Sendable {
     /// For a registration that follows its path, `targets` are those of the newest good file.
     public var targets: [ResolvedProbe] { rare?.ownTargets ?? sites.map(\.target) }
     /// `targets.count`, without making the array.
-    public var targetCount: Int { rare?.ownTargets?.count ?? sites.count }
+    public var targetCount: Int {
+        if siteFile != nil, rare == nil { return 1 }
+        return rare?.ownTargets?.count ?? sites.count
+    }
     /// `targets.first`, without making the array.
     public var firstTarget: ResolvedProbe? {
         if let own = rare?.ownTargets { return own.first }
-        return sites.firstTarget
+        if let site = inlineSite { return site.target }
+        return rare?.sites.firstTarget
     }
 
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
@@ -264,18 +314,25 @@ public final class ProbeRecord: Sendable {
         let narrowBaseHits: UInt32? = baseHits < UInt64(UInt32.max) ? UInt32(baseHits) : nil
         self.numberLow = narrowNumber ?? .max
         self.baseHitsLow = narrowBaseHits ?? .max
-        self.terms = terms
-        self.sites = sites
+        // The one site goes in the record's fields unless it has details (aliases, a
+        // semaphore, a warning), which need the rare parts' `ProbeSites`.
+        var inline: ProbeSite?
+        if sites.count == 1, let only = sites.first, !only.target.hasDetails { inline = only }
+        self.siteFile = inline?.target.file
+        self.siteOffset = inline?.target.fileOffset ?? 0
+        self.siteNameAt = inline?.target.nameIndex ?? .max
+        self.siteSlot = inline?.slot ?? 0
         let ownTargets = targets.flatMap { Self.same($0, as: sites) ? nil : $0 }
         let isActive: Bool
         if case .active = state { isActive = true } else { isActive = false }
-        if narrowNumber == nil || narrowBaseHits == nil || !isActive || ownTargets != nil || !retired.isEmpty
-            || baseLatency != nil {
-            self.rare = RareParts(otherID: number == nil ? id : nil, wideNumber: narrowNumber == nil ? number : nil,
-                                  wideBaseHits: baseHits, state: state, ownTargets: ownTargets, retired: retired,
-                                  baseLatency: baseLatency)
+        if inline == nil || narrowNumber == nil || narrowBaseHits == nil || !isActive || ownTargets != nil
+            || !retired.isEmpty || baseLatency != nil {
+            self.shared = .rare(RareParts(terms: terms, sites: inline == nil ? sites : .empty,
+                                          otherID: number == nil ? id : nil, wideNumber: narrowNumber == nil ? number : nil,
+                                          wideBaseHits: baseHits, state: state, ownTargets: ownTargets, retired: retired,
+                                          baseLatency: baseLatency))
         } else {
-            self.rare = nil
+            self.shared = .terms(terms)
         }
     }
 
@@ -327,6 +384,11 @@ public struct ProbeSites: RandomAccessCollection, Sendable, Equatable {
         }
     }
     public init(_ sites: ProbeSites) { self = sites }
+    /// One site.
+    init(one site: ProbeSite) { storage = .one(site) }
+    /// No site.
+    static var empty: ProbeSites { ProbeSites(storage: .many([])) }
+    private init(storage: Storage) { self.storage = storage }
 
     // Inlinable: the state and reply encoders (another module) read a site per record.
     @inlinable public var startIndex: Int { 0 }
