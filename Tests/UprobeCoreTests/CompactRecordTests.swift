@@ -182,10 +182,19 @@ struct CompactRecordTests {
         detailed.target.aliases = ["alias"]
         detailed.target.warning = "w"
         let d = record([detailed])
-        #expect(d.hasRareParts && Array(d.sites) == [detailed] && d.firstTarget?.aliases == ["alias"])
+        #expect(!d.hasRareParts && d.keepsDetailedSite, "a site with details alone goes apart with the terms")
+        #expect(Array(d.sites) == [detailed] && d.firstTarget?.aliases == ["alias"] && d.targetCount == 1)
+        #expect(d.targets == [detailed.target] && d.consumer == nil && d.spec.symbol == "*" && d.baseHits == 3)
         var semaphore = plainSites[1]
         semaphore.target.refCtrOffset = 0x88
-        #expect(Array(record([semaphore]).sites) == [semaphore] && record([semaphore]).firstTarget?.refCtrOffset == 0x88)
+        let sem = record([semaphore])
+        #expect(sem.keepsDetailedSite && Array(sem.sites) == [semaphore] && sem.firstTarget?.refCtrOffset == 0x88)
+        // Details and something rare: the rare parts hold the site.
+        let degradedDetailed = record([detailed], state: .degraded(reason: "gone"))
+        #expect(degradedDetailed.hasRareParts && !degradedDetailed.keepsDetailedSite)
+        #expect(Array(degradedDetailed.sites) == [detailed] && degradedDetailed.targetCount == 1)
+        let plainAgain = d.with(sites: [plainSites[0]], state: .active, baseHits: 3, targets: [plainSites[0].target], retired: [])
+        #expect(!plainAgain.hasRareParts && !plainAgain.keepsDetailedSite && Array(plainAgain.sites) == [plainSites[0]])
         let none = record([], state: .ended(reason: "exited"))
         #expect(none.hasRareParts && none.sites.isEmpty && none.targetCount == 0 && none.firstTarget == nil)
         let degradedOne = record([plainSites[0]], state: .degraded(reason: "gone"))

@@ -133,10 +133,11 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 /// the id is its number (`p<N>`), made into a string when asked; a single site is kept in the
 /// record's own fields (file object, offset, name index, slot), not in a `ProbeSite` or an
 /// array of its own; the id's number and the base hits are 32 bits each; and what few records
-/// have (a degraded or ended state, no site or several, a site with aliases, a semaphore or a
-/// warning, targets apart from the sites, retired versions, a base histogram, an id not of
-/// the form `p<N>` or with N of 2^32 - 1 or more, base hits of 2^32 - 1 or more) sits in one
-/// object that the record references instead of the terms (it holds them). Measured with
+/// have (a degraded or ended state, no site or several, targets apart from the sites, retired
+/// versions, a base histogram, an id not of the form `p<N>` or with N of 2^32 - 1 or more,
+/// base hits of 2^32 - 1 or more) sits in one object that the record references instead of
+/// the terms (it holds them). A site with aliases, a semaphore or a warning on an otherwise
+/// usual record goes with the terms into a smaller object of its own. Measured with
 /// heaptrack on a whole-binary glob, the record with its site array was 264 bytes of requested
 /// heap per probe.
 ///
@@ -160,7 +161,19 @@ public final class ProbeRecord: Sendable {
     /// One reference, either way (the enum lives in the pointer's spare bits).
     private enum Shared: Sendable {
         case terms(RequestTerms)
+        /// Usual but for its one site's aliases, semaphore or warning (~2% of a large binary's
+        /// functions): the terms and that site, a 64-byte block instead of the rare parts' 224.
+        case detailed(DetailedSite)
         case rare(RareParts)
+    }
+
+    private final class DetailedSite: Sendable {
+        let terms: RequestTerms
+        let site: ProbeSite
+        init(terms: RequestTerms, site: ProbeSite) {
+            self.terms = terms
+            self.site = site
+        }
     }
 
     /// What few records have, in one object, with the terms.
@@ -196,6 +209,7 @@ public final class ProbeRecord: Sendable {
     var terms: RequestTerms {
         switch shared {
         case .terms(let t): return t
+        case .detailed(let d): return d.terms
         case .rare(let r): return r.terms
         }
     }
@@ -208,12 +222,18 @@ public final class ProbeRecord: Sendable {
 
     /// Whether the record needed its rare parts (tests: what stays one block).
     var hasRareParts: Bool { rare != nil }
+    /// Whether its one site is kept apart with the terms, for its details (tests).
+    var keepsDetailedSite: Bool {
+        if case .detailed = shared { return true }
+        return false
+    }
 
     /// Attached sites: empty when degraded after a restart or ended. A registration that
     /// follows its path holds the sites of every file version still mapped by some process
     /// (the current file's plus older ones), so old processes keep being counted.
     public var sites: ProbeSites {
         if let site = inlineSite { return ProbeSites(one: site) }
+        if case .detailed(let d) = shared { return ProbeSites(one: d.site) }
         return rare?.sites ?? .empty
     }
 
@@ -283,13 +303,14 @@ public final class ProbeRecord: Sendable {
     public var targets: [ResolvedProbe] { rare?.ownTargets ?? sites.map(\.target) }
     /// `targets.count`, without making the array.
     public var targetCount: Int {
-        if siteFile != nil, rare == nil { return 1 }
-        return rare?.ownTargets?.count ?? sites.count
+        guard let rare else { return 1 }   // one site, in the fields or apart with its details
+        return rare.ownTargets?.count ?? sites.count
     }
     /// `targets.first`, without making the array.
     public var firstTarget: ResolvedProbe? {
         if let own = rare?.ownTargets { return own.first }
         if let site = inlineSite { return site.target }
+        if case .detailed(let d) = shared { return d.site.target }
         return rare?.sites.firstTarget
     }
 
@@ -325,14 +346,17 @@ public final class ProbeRecord: Sendable {
         let ownTargets = targets.flatMap { Self.same($0, as: sites) ? nil : $0 }
         let isActive: Bool
         if case .active = state { isActive = true } else { isActive = false }
-        if inline == nil || narrowNumber == nil || narrowBaseHits == nil || !isActive || ownTargets != nil
-            || !retired.isEmpty || baseLatency != nil {
+        let usual = narrowNumber != nil && narrowBaseHits != nil && isActive && ownTargets == nil && retired.isEmpty
+            && baseLatency == nil
+        if usual, inline != nil {
+            self.shared = .terms(terms)
+        } else if usual, sites.count == 1, let only = sites.first {
+            self.shared = .detailed(DetailedSite(terms: terms, site: only))
+        } else {
             self.shared = .rare(RareParts(terms: terms, sites: inline == nil ? sites : .empty,
                                           otherID: number == nil ? id : nil, wideNumber: narrowNumber == nil ? number : nil,
                                           wideBaseHits: baseHits, state: state, ownTargets: ownTargets, retired: retired,
                                           baseLatency: baseLatency))
-        } else {
-            self.shared = .terms(terms)
         }
     }
 
