@@ -135,21 +135,23 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 /// array of its own; the id's number and the base hits are 32 bits each; and what few records
 /// have (a degraded or ended state, no site or several, targets apart from the sites, retired
 /// versions, a base histogram, an id not of the form `p<N>` or with N of 2^32 - 1 or more,
-/// base hits of 2^32 - 1 or more) sits in one object that the record references instead of
-/// the terms (it holds them). A site with aliases, a semaphore or a warning on an otherwise
-/// usual record goes with the terms into a smaller object of its own. Measured with
+/// base hits of 2^32 - 1 or more) sits in one object, which also holds the sites, referenced
+/// where the site's file would be. A site with aliases, a semaphore or a warning on an
+/// otherwise usual record goes into a smaller object of its own there. Measured with
 /// heaptrack on a whole-binary glob, the record with its site array was 264 bytes of requested
 /// heap per probe.
 ///
 /// Base hits stay in the record because every record restored after a restart has some: a
 /// count below 4,294,967,295 needs no second object.
 public final class ProbeRecord: Sendable {
-    /// The request's terms, or the rare parts (which hold the terms).
-    private let shared: Shared
-    /// The file of the one site kept in the record's fields; nil: the sites are `rare.sites`.
-    private let siteFile: ResolvedFile?
-    /// That site's file offset, name index (`ResolvedProbe.nameIndex`, `UInt32.max` for none)
-    /// and counter slot.
+    /// What the records of one request share. A field of its own: `r.spec`, `r.consumer` and
+    /// `r.countingSince` over 241,000 records then touch no reference count.
+    let terms: RequestTerms
+    /// Where the sites are: the one site's file (its offset, name and slot in the fields
+    /// below), the one site apart for its details, or the rare parts (which hold all sites).
+    private let home: SiteHome
+    /// The one site's file offset, name index (`ResolvedProbe.nameIndex`, `UInt32.max` for
+    /// none) and counter slot, when `home` is `.file`.
     private let siteOffset: UInt64
     private let siteNameAt: UInt32
     private let siteSlot: UInt32
@@ -158,28 +160,22 @@ public final class ProbeRecord: Sendable {
     /// `baseHits` when below `UInt32.max`; `UInt32.max`: in `rare`.
     private let baseHitsLow: UInt32
 
-    /// One reference, either way (the enum lives in the pointer's spare bits).
-    private enum Shared: Sendable {
-        case terms(RequestTerms)
+    /// One reference, whichever (the enum lives in the pointer's spare bits).
+    private enum SiteHome: Sendable {
+        case file(ResolvedFile)
         /// Usual but for its one site's aliases, semaphore or warning (~2% of a large binary's
-        /// functions): the terms and that site, a 64-byte block instead of the rare parts' 224.
+        /// functions): that site alone, a 64-byte block instead of the rare parts' 224.
         case detailed(DetailedSite)
         case rare(RareParts)
     }
 
     private final class DetailedSite: Sendable {
-        let terms: RequestTerms
         let site: ProbeSite
-        init(terms: RequestTerms, site: ProbeSite) {
-            self.terms = terms
-            self.site = site
-        }
+        init(site: ProbeSite) { self.site = site }
     }
 
-    /// What few records have, in one object, with the terms.
+    /// What few records have, in one object, with the sites.
     private final class RareParts: Sendable {
-        let terms: RequestTerms
-        /// The sites when they are not the one in the record's fields.
         let sites: ProbeSites
         /// An id not of the form `p<N>`.
         let otherID: String?
@@ -191,9 +187,8 @@ public final class ProbeRecord: Sendable {
         let ownTargets: [ResolvedProbe]?
         let retired: RetiredVersions
         let baseLatency: LatencyHistogram?
-        init(terms: RequestTerms, sites: ProbeSites, otherID: String?, wideNumber: UInt64?, wideBaseHits: UInt64,
+        init(sites: ProbeSites, otherID: String?, wideNumber: UInt64?, wideBaseHits: UInt64,
              state: ProbeState, ownTargets: [ResolvedProbe]?, retired: RetiredVersions, baseLatency: LatencyHistogram?) {
-            self.terms = terms
             self.sites = sites
             self.otherID = otherID
             self.wideNumber = wideNumber
@@ -205,26 +200,17 @@ public final class ProbeRecord: Sendable {
         }
     }
 
-    /// What the records of one request share.
-    var terms: RequestTerms {
-        switch shared {
-        case .terms(let t): return t
-        case .detailed(let d): return d.terms
-        case .rare(let r): return r.terms
-        }
-    }
-
     /// The rarely present parts; nil when all have their usual value.
     private var rare: RareParts? {
-        if case .rare(let r) = shared { return r }
+        if case .rare(let r) = home { return r }
         return nil
     }
 
     /// Whether the record needed its rare parts (tests: what stays one block).
     var hasRareParts: Bool { rare != nil }
-    /// Whether its one site is kept apart with the terms, for its details (tests).
+    /// Whether its one site is kept apart, for its details (tests).
     var keepsDetailedSite: Bool {
-        if case .detailed = shared { return true }
+        if case .detailed = home { return true }
         return false
     }
 
@@ -232,17 +218,14 @@ public final class ProbeRecord: Sendable {
     /// follows its path holds the sites of every file version still mapped by some process
     /// (the current file's plus older ones), so old processes keep being counted.
     public var sites: ProbeSites {
-        if let site = inlineSite { return ProbeSites(one: site) }
-        if case .detailed(let d) = shared { return ProbeSites(one: d.site) }
-        return rare?.sites ?? .empty
-    }
-
-    /// The site kept in the record's fields, if any.
-    private var inlineSite: ProbeSite? {
-        guard let siteFile else { return nil }
-        return ProbeSite(target: ResolvedProbe(file: siteFile, fileOffset: siteOffset,
-                                               nameAt: siteNameAt == .max ? nil : siteNameAt),
-                         slot: siteSlot)
+        switch home {
+        case .file(let file):
+            return ProbeSites(one: ProbeSite(target: ResolvedProbe(file: file, fileOffset: siteOffset,
+                                                                   nameAt: siteNameAt == .max ? nil : siteNameAt),
+                                             slot: siteSlot))
+        case .detailed(let d): return ProbeSites(one: d.site)
+        case .rare(let r): return r.sites
+        }
     }
 
     /// Hits counted before this daemon process took over (carried over from the state file).
@@ -304,14 +287,12 @@ public final class ProbeRecord: Sendable {
     /// `targets.count`, without making the array.
     public var targetCount: Int {
         guard let rare else { return 1 }   // one site, in the fields or apart with its details
-        return rare.ownTargets?.count ?? sites.count
+        return rare.ownTargets?.count ?? rare.sites.count
     }
     /// `targets.first`, without making the array.
     public var firstTarget: ResolvedProbe? {
         if let own = rare?.ownTargets { return own.first }
-        if let site = inlineSite { return site.target }
-        if case .detailed(let d) = shared { return d.site.target }
-        return rare?.sites.firstTarget
+        return sites.firstTarget
     }
 
     /// `countingSince`: `registeredAtMonotonic` as seconds after `MonotonicEpoch.start`, if
@@ -335,28 +316,30 @@ public final class ProbeRecord: Sendable {
         let narrowBaseHits: UInt32? = baseHits < UInt64(UInt32.max) ? UInt32(baseHits) : nil
         self.numberLow = narrowNumber ?? .max
         self.baseHitsLow = narrowBaseHits ?? .max
-        // The one site goes in the record's fields unless it has details (aliases, a
-        // semaphore, a warning), which need the rare parts' `ProbeSites`.
-        var inline: ProbeSite?
-        if sites.count == 1, let only = sites.first, !only.target.hasDetails { inline = only }
-        self.siteFile = inline?.target.file
-        self.siteOffset = inline?.target.fileOffset ?? 0
-        self.siteNameAt = inline?.target.nameIndex ?? .max
-        self.siteSlot = inline?.slot ?? 0
+        self.terms = terms
         let ownTargets = targets.flatMap { Self.same($0, as: sites) ? nil : $0 }
         let isActive: Bool
         if case .active = state { isActive = true } else { isActive = false }
         let usual = narrowNumber != nil && narrowBaseHits != nil && isActive && ownTargets == nil && retired.isEmpty
             && baseLatency == nil
-        if usual, inline != nil {
-            self.shared = .terms(terms)
-        } else if usual, sites.count == 1, let only = sites.first {
-            self.shared = .detailed(DetailedSite(terms: terms, site: only))
+        // The one site of a usual record goes in the record's fields unless it has details
+        // (aliases, a semaphore, a warning), which only a `ResolvedProbe` holds.
+        if usual, sites.count == 1, let only = sites.first, !only.target.hasDetails {
+            home = .file(only.target.file)
+            siteOffset = only.target.fileOffset
+            siteNameAt = only.target.nameIndex ?? .max
+            siteSlot = only.slot
         } else {
-            self.shared = .rare(RareParts(terms: terms, sites: inline == nil ? sites : .empty,
-                                          otherID: number == nil ? id : nil, wideNumber: narrowNumber == nil ? number : nil,
-                                          wideBaseHits: baseHits, state: state, ownTargets: ownTargets, retired: retired,
-                                          baseLatency: baseLatency))
+            siteOffset = 0
+            siteNameAt = .max
+            siteSlot = 0
+            if usual, sites.count == 1, let only = sites.first {
+                home = .detailed(DetailedSite(site: only))
+            } else {
+                home = .rare(RareParts(sites: sites, otherID: number == nil ? id : nil,
+                                       wideNumber: narrowNumber == nil ? number : nil, wideBaseHits: baseHits,
+                                       state: state, ownTargets: ownTargets, retired: retired, baseLatency: baseLatency))
+            }
         }
     }
 
