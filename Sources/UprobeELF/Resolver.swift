@@ -178,7 +178,7 @@ public final class ResolvedFile: Sendable, Hashable {
     public let buildID: String?
     /// The symbol names of the sites that reference this object (`ResolvedProbe.nameAt`).
     /// Not part of the file's identity: equality and hashing ignore it.
-    public nonisolated(unsafe) let names: SymbolNames?
+    public let names: SymbolNames?
 
     public init(path: String, device: UInt64, inode: UInt64, buildID: String?, names: SymbolNames? = nil) {
         self.path = path
@@ -288,17 +288,21 @@ public struct Resolver: Sendable {
     public let debugDirectories: [String]
     /// Parsed files, shared by every copy of this resolver.
     public let cache: ELFFileCache
+    /// Compresses the names buffers of large resolutions some time after they are made (the
+    /// daemon's, whose registrations keep them); nil: they stay plain.
+    public let names: NameCompactor?
 
     public init(limits: ResolverLimits = .init()) {
         self.init(limits: limits, locator: LibraryLocator())
     }
 
     public init(limits: ResolverLimits, locator: LibraryLocator, debugDirectories: [String] = ["/usr/lib/debug"],
-                cache: ELFFileCache = ELFFileCache()) {
+                cache: ELFFileCache = ELFFileCache(), names: NameCompactor? = nil) {
         self.limits = limits
         self.locator = locator
         self.debugDirectories = debugDirectories
         self.cache = cache
+        self.names = names
     }
 
     /// Resolve one spec into one or more probes (globs and multi-site USDT give several),
@@ -404,6 +408,7 @@ public struct Resolver: Sendable {
         var all: [String?] = []
         for case .success(let f) in found { all += f.sites.lazy.map(\.symbol) }
         var names = SymbolNames.pack(all)[...]
+        self.names?.schedule(names)
         var files = FilesWithNames(file)
         for f in found {
             switch f {
@@ -443,7 +448,9 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol))[...])
+        let names = SymbolNames.pack(found.sites.lazy.map(\.symbol))
+        self.names?.schedule(names)
+        return resolution(found, files: &files, names: names[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.

@@ -1,15 +1,48 @@
-/// Symbol names of many `ResolvedProbe`s in one block of memory, which each probe references
-/// by the offset of its name.
+import Synchronization
+
+/// Symbol names of many `ResolvedProbe`s in one buffer, which each probe references by the
+/// offset of its name.
 ///
 /// A whole binary's glob resolves 241,000 functions whose (mangled C++) names average 107
 /// bytes: one `String` each was 151 bytes of heap per probe (string header and terminator)
-/// plus malloc's own per-block overhead, 36 MB in all. Packed here they take 2-3 bytes on top
-/// of the name. A name is stored as its length (LEB128), its UTF-8 bytes and a NUL, so a
-/// reader gets the bytes without making a String (replies and the state file write them out
-/// as bytes) and `fnmatch` reads them in place.
+/// plus malloc's own per-block overhead, 36 MB in all. Packed (`NameBytes`) they take 2-3
+/// bytes on top of the name, and a reader gets the bytes without making a String (replies
+/// and the state file write them out as bytes; `fnmatch` reads them in place).
 ///
-/// Immutable once made (`pack`), hence `@unchecked Sendable`.
-public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
+/// Packed, they were still a third of the heap a resident whole binary holds, so a large
+/// buffer is compressed (`compact`, by `NameCompactor` some seconds after it is made, off the
+/// register's way): ~17 bytes a name. Readers meanwhile and after are unaffected but for
+/// speed: the storage is swapped under a lock, a reader keeps what it took until it is done,
+/// and offsets stay the same. A read of a compressed name decodes its block (8 KiB, ~20 µs)
+/// unless one of the last two blocks decoded holds it, so a scan in order (`list`, a glob
+/// over the symbols) decodes each block once.
+public final class SymbolNames: Sendable {
+    // @unchecked (both): `NameBytes` is immutable once made, but a ManagedBuffer cannot say so.
+    private enum Storage: @unchecked Sendable {
+        case plain(NameBytes)
+        /// `recent`: the last blocks decoded (most recent first), with the stretch each covers.
+        case compressed(CompressedNames, recent: [(plain: Range<Int>, bytes: NameBytes)])
+    }
+
+    /// Where a reader finds a name, taken under the lock and read outside it.
+    private enum Source: @unchecked Sendable {
+        case bytes(NameBytes, offset: Int)
+        case decode(CompressedNames)
+    }
+
+    private let storage: Mutex<Storage>
+    /// Uncompressed bytes of the names (for measurements and tests).
+    public let byteCount: Int
+
+    /// Blocks decoded recently that a buffer keeps: two scans at once (a `list` and a
+    /// `stats`) each find their block again.
+    static let recentBlocks = 2
+
+    private init(_ bytes: NameBytes) {
+        storage = Mutex(.plain(bytes))
+        byteCount = bytes.count
+    }
+
     /// Packs `names` (nil: no name) into as few buffers as their offsets allow (a buffer's
     /// offsets are 32-bit): the buffer and offset of each name, in order.
     public static func pack(_ names: some Collection<String?>) -> [(names: SymbolNames, at: UInt32)?] {
@@ -21,32 +54,29 @@ public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
             var total = 0
             var end = start
             while end != names.endIndex {
-                let size = names[end].map(Self.storedSize) ?? 0
+                let size = names[end].map { NameBytes.storedSize(utf8Count: $0.utf8.count) } ?? 0
                 // Offsets below UInt32.max (`ResolvedProbe.noName`).
                 if total + size >= Int(UInt32.max), end != start { break }
                 total += size
                 names.formIndex(after: &end)
             }
-            let buffer = unsafeDowncast(Self.create(minimumCapacity: total) { _ in total }, to: SymbolNames.self)
-            buffer.withUnsafeMutablePointerToElements { base in
+            var offsets: [UInt32?] = []
+            offsets.reserveCapacity(names.distance(from: start, to: end))
+            let bytes = NameBytes.make(count: total) { buffer in
+                guard let base = buffer.baseAddress else {
+                    // No bytes: every name of the stretch is nil.
+                    for _ in names[start..<end] { offsets.append(nil) }
+                    return
+                }
                 var at = 0
                 for name in names[start..<end] {
-                    guard var name else { out.append(nil); continue }
-                    out.append((buffer, UInt32(truncatingIfNeeded: at)))
-                    name.withUTF8 { utf8 in
-                        var n = utf8.count
-                        repeat {
-                            base[at] = UInt8(truncatingIfNeeded: n & 0x7f) | (n >= 0x80 ? 0x80 : 0)
-                            n >>= 7
-                            at += 1
-                        } while n > 0
-                        if let src = utf8.baseAddress { (base + at).initialize(from: src, count: utf8.count) }
-                        at += utf8.count
-                        base[at] = 0
-                        at += 1
-                    }
+                    guard var name else { offsets.append(nil); continue }
+                    offsets.append(UInt32(truncatingIfNeeded: at))
+                    at = name.withUTF8 { NameBytes.write($0, at: at, into: base) }
                 }
             }
+            let buffer = SymbolNames(bytes)
+            for at in offsets { out.append(at.map { (buffer, $0) }) }
             start = end
         }
         return out
@@ -60,36 +90,81 @@ public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
         return packed
     }
 
-    /// Bytes a name takes here: length prefix, UTF-8, NUL.
-    static func storedSize(_ name: String) -> Int {
-        let n = name.utf8.count
-        var prefix = 1
-        var v = n >> 7
-        while v > 0 { prefix += 1; v >>= 7 }
-        return prefix + n + 1
+    /// The UTF-8 bytes of the name at `at` (followed in memory by a NUL), lent to `body`.
+    public func withName<R>(at: UInt32, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
+        let at = Int(at)
+        switch source(at) {
+        case .bytes(let bytes, let offset):
+            return try bytes.withName(at: at - offset, body)
+        case .decode(let compressed):
+            let (index, plain) = compressed.block(containing: at)
+            guard let bytes = compressed.decode(block: index) else {
+                // `CompressedNames.make` decoded every block once: only memory exhaustion gets here.
+                preconditionFailure("a compressed names block did not decode")
+            }
+            storage.withLock { s in
+                guard case .compressed(let c, var recent) = s, c === compressed else { return }
+                recent.insert((plain, bytes), at: 0)
+                if recent.count > Self.recentBlocks { recent.removeLast() }
+                s = .compressed(c, recent: recent)
+            }
+            return try bytes.withName(at: at - plain.lowerBound, body)
+        }
     }
 
-    /// The UTF-8 bytes of the name at `at` (followed in memory by a NUL), lent to `body`.
-    @inlinable
-    public func withName<R>(at: UInt32, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
-        try withUnsafeMutablePointerToElements { base in
-            var p = Int(at)
-            var n = 0
-            var shift = 0
-            while true {
-                let b = base[p]
-                p += 1
-                n |= Int(b & 0x7f) << shift
-                if b & 0x80 == 0 { break }
-                shift += 7
+    private func source(_ at: Int) -> Source {
+        storage.withLock { s in
+            switch s {
+            case .plain(let bytes):
+                return .bytes(bytes, offset: 0)
+            case .compressed(let c, let recent):
+                for r in recent where r.plain.contains(at) { return .bytes(r.bytes, offset: r.plain.lowerBound) }
+                return .decode(c)
             }
-            return try body(UnsafeBufferPointer(start: base + p, count: n))
         }
     }
 
     /// The name at `at` as a String.
     public func name(at: UInt32) -> String { withName(at: at) { String(decoding: $0, as: UTF8.self) } }
 
-    /// Bytes used by the names (for measurements and tests).
-    public var byteCount: Int { header }
+    /// Bytes the names take now: `byteCount`, or the compressed blocks and what goes with them
+    /// (without the recently decoded blocks).
+    public var storedBytes: Int {
+        storage.withLock { s in
+            switch s {
+            case .plain(let bytes): return bytes.count
+            case .compressed(let c, _): return c.storedBytes
+            }
+        }
+    }
+
+    /// Whether the names are compressed.
+    public var isCompressed: Bool {
+        storage.withLock { s in
+            if case .compressed = s { return true }
+            return false
+        }
+    }
+
+    /// Compresses the names (once; nothing if they are already compressed, or if compressing
+    /// fails): the sizes before and after. Readers at the same time read either form; the
+    /// uncompressed bytes are freed inside `releasing`'s call of its argument (or, if a reader
+    /// still holds them then, when it is done), so that the caller can free them where the
+    /// memory goes back to the kernel (`NameCompactor`).
+    public func compact(releasing: (_ free: () -> Void) -> Void = { $0() }) -> (plainBytes: Int, storedBytes: Int)? {
+        // In a closure of its own: no reference to the plain bytes outlives it.
+        let made: CompressedNames? = {
+            guard case .plain(let bytes) = storage.withLock({ $0 }) else { return nil }
+            return CompressedNames.make(bytes)
+        }()
+        guard let made else { return nil }
+        var replaced: NameBytes? = storage.withLock { s in
+            guard case .plain(let bytes) = s else { return nil }
+            s = .compressed(made, recent: [])
+            return bytes
+        }
+        guard replaced != nil else { return nil }
+        releasing { replaced = nil }
+        return (byteCount, made.storedBytes)
+    }
 }

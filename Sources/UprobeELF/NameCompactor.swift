@@ -1,0 +1,142 @@
+import CUprobeSys
+import Dispatch
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Compresses large `SymbolNames` buffers some time after the resolver made them, on a thread
+/// of its own at the lowest CPU priority.
+///
+/// Compressing a whole binary's 26 MB of names takes ~1 s of CPU: on the register's way it
+/// would more than double the reply's time, so the register keeps its names plain and this
+/// compresses them `delay` later, if they are still alive: a resolution dropped before (a
+/// `resolve` request, a register undone at once, a restore's working copies) is never
+/// compressed. Buffers below `minimumBytes` stay plain (their bytes are not worth a
+/// dictionary and an index). The nice value keeps it from taking CPU a request wants.
+public final class NameCompactor: Sendable {
+    public let delay: Duration
+    public let minimumBytes: Int
+
+    private struct State {
+        /// Buffers due for compaction, oldest first.
+        var due: [WeakNames] = []
+        /// The compacting thread runs (it ends when `due` is empty).
+        var running = false
+        var totals = Totals()
+    }
+    private let state = Mutex(State())
+
+    /// What has been compressed since the start (for `status` and tests).
+    public struct Totals: Sendable, Equatable {
+        /// Buffers compressed.
+        public var buffers = 0
+        /// Their bytes before, and after.
+        public var plainBytes = 0
+        public var storedBytes = 0
+    }
+
+    /// Default `delay`: after the ELF cache has dropped the parse a large register made, so the
+    /// two do not add up at the peak, and long enough that a register undone at once is not compressed.
+    public static let defaultDelay: Duration = .seconds(5)
+    /// Default `minimumBytes`: ~600 names.
+    public static let defaultMinimumBytes = 64 << 10
+
+    public init(delay: Duration = defaultDelay, minimumBytes: Int = defaultMinimumBytes) {
+        self.delay = delay
+        self.minimumBytes = minimumBytes
+    }
+
+    public var totals: Totals { state.withLock { $0.totals } }
+
+    /// Compresses `names` after `delay` if it is big enough and still alive then.
+    public func schedule(_ names: SymbolNames) {
+        guard names.byteCount >= minimumBytes else { return }
+        let weak = WeakNames(names)
+        let (seconds, attoseconds) = delay.components
+        let nanos = Int(min(max(seconds, 0), 86_400)) * 1_000_000_000 + Int(max(attoseconds, 0) / 1_000_000_000)
+        DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .nanoseconds(nanos)) { [weak self] in
+            guard let self, weak.names != nil else { return }
+            let start = self.state.withLock { s -> Bool in
+                s.due.append(weak)
+                if s.running { return false }
+                s.running = true
+                return true
+            }
+            if start, !self.startThread() {
+                // No thread to be had: compact here rather than never.
+                self.drain()
+            }
+        }
+    }
+
+    /// Schedules every distinct buffer of a `SymbolNames.pack` result.
+    public func schedule(_ packed: some Sequence<(names: SymbolNames, at: UInt32)?>) {
+        var last: SymbolNames?
+        for case let p? in packed where p.names !== last {
+            last = p.names
+            schedule(p.names)
+        }
+    }
+
+    private func startThread() -> Bool {
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { arg in
+            guard let arg else { return nil }
+            let me = Unmanaged<NameCompactor>.fromOpaque(arg).takeRetainedValue()
+            // Linux keeps a nice value per thread: this one's work waits for any other.
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)
+            me.drain()
+            return nil
+        }, box)
+        guard rc == 0 else {
+            Unmanaged<NameCompactor>.fromOpaque(box).release()
+            return false
+        }
+        pthread_detach(thread)
+        return true
+    }
+
+    /// Compacts the due buffers until there are none; then the thread may end.
+    private func drain() {
+        while true {
+            let next = state.withLock { s -> WeakNames? in
+                if s.due.isEmpty {
+                    s.running = false
+                    return nil
+                }
+                return s.due.removeFirst()
+            }
+            guard let next else { return }
+            guard let names = next.names else { continue }
+            let large = names.byteCount >= Self.trimThreshold
+            let sizes = names.compact { free in
+                guard large else { return free() }
+                // Freed in a heap-release window and trimmed: the plain bytes were one large
+                // block, maybe at the top of an arena, which malloc_trim alone does not hand
+                // back (see `CUprobeSys_heap_release_begin`). A reader still holding them frees
+                // them when it is done, and the daemon's next trim returns that.
+                CUprobeSys_heap_release_begin()
+                free()
+                _ = malloc_trim(0)
+                CUprobeSys_heap_release_end()
+            }
+            guard let sizes else { continue }
+            state.withLock {
+                $0.totals.buffers += 1
+                $0.totals.plainBytes += sizes.plainBytes
+                $0.totals.storedBytes += sizes.storedBytes
+            }
+        }
+    }
+
+    static let trimThreshold = 4 << 20
+}
+
+/// A buffer the compactor may compress, not kept alive by it.
+private final class WeakNames: @unchecked Sendable {
+    // @unchecked: set once, at init (a weak reference's loads are safe against the object's end).
+    weak var names: SymbolNames?
+    init(_ names: SymbolNames) { self.names = names }
+}
