@@ -5,8 +5,9 @@ SWIFT   ?= swift
 PREFIX  ?= /usr/local
 # What `swift build` needs besides the Swift toolchain: libsystemd's headers, library and .pc
 # file (the CSystemd target, found through pkg-config); zlib's (the CZlib target: compressed
-# symbol names); libc and Linux UAPI headers for the C shim (libc6-dev, which pulls linux-libc-dev); the linker, crt files and libgcc (binutils, gcc);
-# libsqlite3.so.0, which SwiftPM itself loads.
+# symbol names); libc and Linux UAPI headers for the C shim (libc6-dev, which pulls
+# linux-libc-dev); the linker, crt files and libgcc (binutils, gcc); libsqlite3.so.0, which
+# SwiftPM itself loads.
 BUILD_DEBS := libsystemd-dev zlib1g-dev pkg-config libc6-dev gcc binutils libsqlite3-0
 # What the tests, sanitizer runs, benchmarks and soak call or probe: systemd-analyze and
 # systemd-socket-activate (systemd), <sys/sdt.h> for the USDT fixtures (systemtap-sdt-dev),
