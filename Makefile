@@ -64,8 +64,8 @@ test: deps
 ## these tests do not touch the OTLP exporter, and swift-otel with swift-protobuf and
 ## async-http-client would add several minutes to each of the two builds.
 sanitize: deps
-	$(SWIFT) test --sanitize=thread --disable-default-traits --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
-	$(SWIFT) test --sanitize=address --disable-default-traits --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=thread --disable-default-traits --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|CompressedNamesTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=address --disable-default-traits --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|CompressedNamesTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 
 ## libFuzzer on the JSON parser (with a differential check against Foundation) and the ELF
 ## reader, FUZZ_SECONDS each (default 30; CI runs the default). fuzz/README.md: the long run.

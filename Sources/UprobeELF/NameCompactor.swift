@@ -36,8 +36,9 @@ public final class NameCompactor: Sendable {
         public var storedBytes = 0
     }
 
-    /// Default `delay`: after the ELF cache has dropped the parse a large register made, so the
-    /// two do not add up at the peak, and long enough that a register undone at once is not compressed.
+    /// Default `delay`: past the register's own burst of work (its reply, its state write, the
+    /// trim of its transient memory), and long enough that a register undone at once is never
+    /// compressed.
     public static let defaultDelay: Duration = .seconds(5)
     /// Default `minimumBytes`: ~600 names.
     public static let defaultMinimumBytes = 64 << 10

@@ -103,7 +103,8 @@ public final class SymbolNames: Sendable {
                 preconditionFailure("a compressed names block did not decode")
             }
             storage.withLock { s in
-                guard case .compressed(let c, var recent) = s, c === compressed else { return }
+                // Another reader may have decoded the same block meanwhile.
+                guard case .compressed(let c, var recent) = s, c === compressed, !recent.contains(where: { $0.plain == plain }) else { return }
                 recent.insert((plain, bytes), at: 0)
                 if recent.count > Self.recentBlocks { recent.removeLast() }
                 s = .compressed(c, recent: recent)
