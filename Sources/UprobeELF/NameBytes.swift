@@ -8,7 +8,8 @@
 /// scanning. Immutable once filled (`make`), so shared between threads freely (a
 /// `ManagedBuffer` cannot declare itself `Sendable`: its holders do, unchecked).
 final class NameBytes: ManagedBuffer<Int, UInt8> {
-    /// A block of `count` bytes that `fill` initializes (all of them).
+    /// A block of `count` bytes that `fill` initializes (all of them; or the caller, before
+    /// anyone reads them).
     static func make(count: Int, _ fill: (UnsafeMutableBufferPointer<UInt8>) throws -> Void) rethrows -> NameBytes {
         let buffer = unsafeDowncast(create(minimumCapacity: count) { _ in count }, to: NameBytes.self)
         try buffer.withUnsafeMutablePointerToElements { try fill(UnsafeMutableBufferPointer(start: $0, count: count)) }

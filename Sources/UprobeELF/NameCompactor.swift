@@ -34,6 +34,8 @@ public final class NameCompactor: Sendable {
         /// Their bytes before, and after.
         public var plainBytes = 0
         public var storedBytes = 0
+        /// CPU time spent compressing them (the compacting thread's).
+        public var cpuMicros = 0
     }
 
     /// Default `delay`: past the register's own burst of work (its reply, its state write, the
@@ -71,15 +73,6 @@ public final class NameCompactor: Sendable {
         }
     }
 
-    /// Schedules every distinct buffer of a `SymbolNames.pack` result.
-    public func schedule(_ packed: some Sequence<(names: SymbolNames, at: UInt32)?>) {
-        var last: SymbolNames?
-        for case let p? in packed where p.names !== last {
-            last = p.names
-            schedule(p.names)
-        }
-    }
-
     private func startThread() -> Bool {
         let box = Unmanaged.passRetained(self).toOpaque()
         var thread = pthread_t()
@@ -112,6 +105,7 @@ public final class NameCompactor: Sendable {
             guard let next else { return }
             guard let names = next.names else { continue }
             let large = names.byteCount >= Self.trimThreshold
+            let cpuBefore = Self.threadCPUMicros()
             let sizes = names.compact { free in
                 guard large else { return free() }
                 // Freed in a heap-release window and trimmed: the plain bytes were one large
@@ -128,11 +122,18 @@ public final class NameCompactor: Sendable {
                 $0.totals.buffers += 1
                 $0.totals.plainBytes += sizes.plainBytes
                 $0.totals.storedBytes += sizes.storedBytes
+                $0.totals.cpuMicros += Self.threadCPUMicros() - cpuBefore
             }
         }
     }
 
     static let trimThreshold = 4 << 20
+
+    private static func threadCPUMicros() -> Int {
+        var t = timespec()
+        guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0 else { return 0 }
+        return t.tv_sec * 1_000_000 + t.tv_nsec / 1_000
+    }
 }
 
 /// A buffer the compactor may compress, not kept alive by it.

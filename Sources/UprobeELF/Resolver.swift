@@ -407,8 +407,7 @@ public struct Resolver: Sendable {
         // site each, and a buffer per spec was an allocation per probe.
         var all: [String?] = []
         for case .success(let f) in found { all += f.sites.lazy.map(\.symbol) }
-        var names = SymbolNames.pack(all)[...]
-        self.names?.schedule(names)
+        var names = SymbolNames.pack(all, compactor: self.names)[...]
         var files = FilesWithNames(file)
         for f in found {
             switch f {
@@ -448,9 +447,7 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        let names = SymbolNames.pack(found.sites.lazy.map(\.symbol))
-        self.names?.schedule(names)
-        return resolution(found, files: &files, names: names[...])
+        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol), compactor: self.names)[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.

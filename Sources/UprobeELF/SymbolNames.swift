@@ -11,9 +11,9 @@ import Synchronization
 ///
 /// Packed, they were still a third of the heap a resident whole binary holds, so a large
 /// buffer is compressed (`compact`, by `NameCompactor` some seconds after it is made, off the
-/// register's way): ~17 bytes a name. Readers meanwhile and after are unaffected but for
+/// register's way): ~16 bytes a name. Readers meanwhile and after are unaffected but for
 /// speed: the storage is swapped under a lock, a reader keeps what it took until it is done,
-/// and offsets stay the same. A read of a compressed name decodes its block (8 KiB, ~20 µs)
+/// and offsets stay the same. A read of a compressed name decodes its block (16 KiB, ~30 µs)
 /// unless one of the last two blocks decoded holds it, so a scan in order (`list`, a glob
 /// over the symbols) decodes each block once.
 public final class SymbolNames: Sendable {
@@ -44,8 +44,9 @@ public final class SymbolNames: Sendable {
     }
 
     /// Packs `names` (nil: no name) into as few buffers as their offsets allow (a buffer's
-    /// offsets are 32-bit): the buffer and offset of each name, in order.
-    public static func pack(_ names: some Collection<String?>) -> [(names: SymbolNames, at: UInt32)?] {
+    /// offsets are 32-bit): the buffer and offset of each name, in order. Each buffer made is
+    /// handed to `compactor` (`NameCompactor.schedule`).
+    public static func pack(_ names: some Collection<String?>, compactor: NameCompactor? = nil) -> [(names: SymbolNames, at: UInt32)?] {
         var out: [(names: SymbolNames, at: UInt32)?] = []
         out.reserveCapacity(names.count)
         var start = names.startIndex
@@ -60,23 +61,18 @@ public final class SymbolNames: Sendable {
                 total += size
                 names.formIndex(after: &end)
             }
-            var offsets: [UInt32?] = []
-            offsets.reserveCapacity(names.distance(from: start, to: end))
-            let bytes = NameBytes.make(count: total) { buffer in
-                guard let base = buffer.baseAddress else {
-                    // No bytes: every name of the stretch is nil.
-                    for _ in names[start..<end] { offsets.append(nil) }
-                    return
-                }
+            // Filled in place after it is wrapped: no one else holds it yet.
+            let bytes = NameBytes.make(count: total) { _ in }
+            let buffer = SymbolNames(bytes)
+            bytes.withUnsafeMutablePointerToElements { base in
                 var at = 0
                 for name in names[start..<end] {
-                    guard var name else { offsets.append(nil); continue }
-                    offsets.append(UInt32(truncatingIfNeeded: at))
+                    guard var name else { out.append(nil); continue }
+                    out.append((buffer, UInt32(truncatingIfNeeded: at)))
                     at = name.withUTF8 { NameBytes.write($0, at: at, into: base) }
                 }
             }
-            let buffer = SymbolNames(bytes)
-            for at in offsets { out.append(at.map { (buffer, $0) }) }
+            compactor?.schedule(buffer)
             start = end
         }
         return out

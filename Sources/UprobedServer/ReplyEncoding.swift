@@ -266,7 +266,7 @@ extension RequestHandler {
                           "budget": JSONValue(resolver.cache.byteBudget)])
         if let t = resolver.names?.totals {
             o["names_compacted"] = .object(["buffers": JSONValue(t.buffers), "plain_bytes": JSONValue(t.plainBytes),
-                                            "stored_bytes": JSONValue(t.storedBytes)])
+                                            "stored_bytes": JSONValue(t.storedBytes), "cpu_us": JSONValue(t.cpuMicros)])
         }
         return o
     }

@@ -174,14 +174,12 @@ struct CompressedNamesTests {
     func compactor() async throws {
         let compactor = NameCompactor(delay: .milliseconds(50), minimumBytes: 64 << 10)
         let names = Self.names(5_000)
-        let kept = SymbolNames.pack(names)
-        compactor.schedule(kept)
-        let small = SymbolNames.pack(["f", "g"] as [String?])
-        compactor.schedule(small)
+        let kept = SymbolNames.pack(names, compactor: compactor)
+        let small = SymbolNames.pack(["f", "g"] as [String?], compactor: compactor)
         do {
             // Freed before its delay: never compressed.
-            let dropped = SymbolNames.pack(Self.names(5_000))
-            compactor.schedule(dropped)
+            let dropped = SymbolNames.pack(Self.names(5_000), compactor: compactor)
+            #expect(dropped.count == 5_001)
         }
         let buffer = try #require(kept[0]?.names)
         for _ in 0..<500 where !buffer.isCompressed { try await Task.sleep(for: .milliseconds(10)) }
