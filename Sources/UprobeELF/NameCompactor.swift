@@ -8,19 +8,18 @@ import Glibc
 /// Compresses large `SymbolNames` buffers some time after the resolver made them, on a thread
 /// of its own at the lowest CPU priority.
 ///
-/// Compressing a whole binary's 26 MB of names takes ~1 s of CPU: on the register's way it
-/// would more than double the reply's time, so the register keeps its names plain and this
-/// compresses them `delay` later, if they are still alive: a resolution dropped before (a
-/// `resolve` request, a register undone at once, a restore's working copies) is never
-/// compressed. Buffers below `minimumBytes` stay plain (their bytes are not worth a
+/// Compressing a whole binary's 26 MB of names takes ~0.5 s of CPU, as much again as the
+/// register's reply takes: the register keeps its names plain and this compresses them
+/// `delay` later, if they are still alive: a resolution dropped before (a `resolve` request,
+/// a register undone at once, a restore's working copies) is never compressed. Buffers below `minimumBytes` stay plain (their bytes are not worth a
 /// dictionary and an index). The nice value keeps it from taking CPU a request wants.
 public final class NameCompactor: Sendable {
     public let delay: Duration
     public let minimumBytes: Int
 
     private struct State {
-        /// Buffers due for compaction, oldest first.
-        var due: [WeakNames] = []
+        /// Buffers due for compaction, oldest first (released ones are skipped).
+        var due: [NameStore] = []
         /// The compacting thread runs (it ends when `due` is empty).
         var running = false
         var totals = Totals()
@@ -52,16 +51,16 @@ public final class NameCompactor: Sendable {
 
     public var totals: Totals { state.withLock { $0.totals } }
 
-    /// Compresses `names` after `delay` if it is big enough and still alive then.
-    public func schedule(_ names: SymbolNames) {
+    /// Compresses `names` after `delay` if it is big enough and still alive then (held until
+    /// then, but released with its `SymbolNames`).
+    func schedule(_ names: NameStore) {
         guard names.byteCount >= minimumBytes else { return }
-        let weak = WeakNames(names)
         let (seconds, attoseconds) = delay.components
         let nanos = Int(min(max(seconds, 0), 86_400)) * 1_000_000_000 + Int(max(attoseconds, 0) / 1_000_000_000)
         DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .nanoseconds(nanos)) { [weak self] in
-            guard let self, weak.names != nil else { return }
+            guard let self else { return }
             let start = self.state.withLock { s -> Bool in
-                s.due.append(weak)
+                s.due.append(names)
                 if s.running { return false }
                 s.running = true
                 return true
@@ -95,15 +94,14 @@ public final class NameCompactor: Sendable {
     /// Compacts the due buffers until there are none; then the thread may end.
     private func drain() {
         while true {
-            let next = state.withLock { s -> WeakNames? in
+            let next = state.withLock { s -> NameStore? in
                 if s.due.isEmpty {
                     s.running = false
                     return nil
                 }
                 return s.due.removeFirst()
             }
-            guard let next else { return }
-            guard let names = next.names else { continue }
+            guard let names = next else { return }
             let large = names.byteCount >= Self.trimThreshold
             let cpuBefore = Self.threadCPUMicros()
             let sizes = names.compact { free in
@@ -134,11 +132,4 @@ public final class NameCompactor: Sendable {
         guard clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0 else { return 0 }
         return t.tv_sec * 1_000_000 + t.tv_nsec / 1_000
     }
-}
-
-/// A buffer the compactor may compress, not kept alive by it.
-private final class WeakNames: @unchecked Sendable {
-    // @unchecked: set once, at init (a weak reference's loads are safe against the object's end).
-    weak var names: SymbolNames?
-    init(_ names: SymbolNames) { self.names = names }
 }

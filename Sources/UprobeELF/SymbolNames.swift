@@ -17,31 +17,21 @@ import Synchronization
 /// unless one of the last two blocks decoded holds it, so a scan in order (`list`, a glob
 /// over the symbols) decodes each block once.
 public final class SymbolNames: Sendable {
-    // @unchecked (both): `NameBytes` is immutable once made, but a ManagedBuffer cannot say so.
-    private enum Storage: @unchecked Sendable {
-        case plain(NameBytes)
-        /// `recent`: the last blocks decoded (most recent first), with the stretch each covers.
-        case compressed(CompressedNames, recent: [(plain: Range<Int>, bytes: NameBytes)])
-    }
-
-    /// Where a reader finds a name, taken under the lock and read outside it.
-    private enum Source: @unchecked Sendable {
-        case bytes(NameBytes, offset: Int)
-        case decode(CompressedNames)
-    }
-
-    private let storage: Mutex<Storage>
+    /// The names' storage. Apart from this object so that a `NameCompactor` can hold it until
+    /// its delay without keeping the names alive (`deinit` releases them) and without a weak
+    /// reference to this one: a weak reference moves an object's reference count aside, and
+    /// every retain and release of it (a register's 241,000 (buffer, offset) pairs each retain
+    /// it) then takes the slow path.
+    let store: NameStore
     /// Uncompressed bytes of the names (for measurements and tests).
     public let byteCount: Int
 
-    /// Blocks decoded recently that a buffer keeps: two scans at once (a `list` and a
-    /// `stats`) each find their block again.
-    static let recentBlocks = 2
-
-    private init(_ bytes: NameBytes) {
-        storage = Mutex(.plain(bytes))
-        byteCount = bytes.count
+    private init(_ store: NameStore) {
+        self.store = store
+        byteCount = store.byteCount
     }
+
+    deinit { store.release() }
 
     /// Packs `names` (nil: no name) into as few buffers as their offsets allow (a buffer's
     /// offsets are 32-bit): the buffer and offset of each name, in order. Each buffer made is
@@ -63,7 +53,7 @@ public final class SymbolNames: Sendable {
             }
             // Filled in place after it is wrapped: no one else holds it yet.
             let bytes = NameBytes.make(count: total) { _ in }
-            let buffer = SymbolNames(bytes)
+            let buffer = SymbolNames(NameStore(bytes))
             bytes.withUnsafeMutablePointerToElements { base in
                 var at = 0
                 for name in names[start..<end] {
@@ -72,7 +62,7 @@ public final class SymbolNames: Sendable {
                     at = name.withUTF8 { NameBytes.write($0, at: at, into: base) }
                 }
             }
-            compactor?.schedule(buffer)
+            compactor?.schedule(buffer.store)
             start = end
         }
         return out
@@ -88,37 +78,7 @@ public final class SymbolNames: Sendable {
 
     /// The UTF-8 bytes of the name at `at` (followed in memory by a NUL), lent to `body`.
     public func withName<R>(at: UInt32, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
-        let at = Int(at)
-        switch source(at) {
-        case .bytes(let bytes, let offset):
-            return try bytes.withName(at: at - offset, body)
-        case .decode(let compressed):
-            let (index, plain) = compressed.block(containing: at)
-            guard let bytes = compressed.decode(block: index) else {
-                // `CompressedNames.make` decoded every block once: only memory exhaustion gets here.
-                preconditionFailure("a compressed names block did not decode")
-            }
-            storage.withLock { s in
-                // Another reader may have decoded the same block meanwhile.
-                guard case .compressed(let c, var recent) = s, c === compressed, !recent.contains(where: { $0.plain == plain }) else { return }
-                recent.insert((plain, bytes), at: 0)
-                if recent.count > Self.recentBlocks { recent.removeLast() }
-                s = .compressed(c, recent: recent)
-            }
-            return try bytes.withName(at: at - plain.lowerBound, body)
-        }
-    }
-
-    private func source(_ at: Int) -> Source {
-        storage.withLock { s in
-            switch s {
-            case .plain(let bytes):
-                return .bytes(bytes, offset: 0)
-            case .compressed(let c, let recent):
-                for r in recent where r.plain.contains(at) { return .bytes(r.bytes, offset: r.plain.lowerBound) }
-                return .decode(c)
-            }
-        }
+        try store.withName(at: Int(at), body)
     }
 
     /// The name at `at` as a String.
@@ -126,42 +86,16 @@ public final class SymbolNames: Sendable {
 
     /// Bytes the names take now: `byteCount`, or the compressed blocks and what goes with them
     /// (without the recently decoded blocks).
-    public var storedBytes: Int {
-        storage.withLock { s in
-            switch s {
-            case .plain(let bytes): return bytes.count
-            case .compressed(let c, _): return c.storedBytes
-            }
-        }
-    }
+    public var storedBytes: Int { store.storedBytes }
 
     /// Whether the names are compressed.
-    public var isCompressed: Bool {
-        storage.withLock { s in
-            if case .compressed = s { return true }
-            return false
-        }
-    }
+    public var isCompressed: Bool { store.isCompressed }
 
     /// Compresses the names (once; nothing if they are already compressed, or if compressing
     /// fails): the sizes before and after. Readers at the same time read either form; the
     /// uncompressed bytes are freed inside `releasing`'s call of its argument (or, if a reader
-    /// still holds them then, when it is done), so that the caller can free them where the
-    /// memory goes back to the kernel (`NameCompactor`).
+    /// still holds them then, when it is done).
     public func compact(releasing: (_ free: () -> Void) -> Void = { $0() }) -> (plainBytes: Int, storedBytes: Int)? {
-        // In a closure of its own: no reference to the plain bytes outlives it.
-        let made: CompressedNames? = {
-            guard case .plain(let bytes) = storage.withLock({ $0 }) else { return nil }
-            return CompressedNames.make(bytes)
-        }()
-        guard let made else { return nil }
-        var replaced: NameBytes? = storage.withLock { s in
-            guard case .plain(let bytes) = s else { return nil }
-            s = .compressed(made, recent: [])
-            return bytes
-        }
-        guard replaced != nil else { return nil }
-        releasing { replaced = nil }
-        return (byteCount, made.storedBytes)
+        store.compact(releasing: releasing)
     }
 }
