@@ -57,8 +57,9 @@ public final class NameCompactor: Sendable {
         guard names.byteCount >= minimumBytes else { return }
         let (seconds, attoseconds) = delay.components
         let nanos = Int(min(max(seconds, 0), 86_400)) * 1_000_000_000 + Int(max(attoseconds, 0) / 1_000_000_000)
-        DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .nanoseconds(nanos)) { [weak self] in
-            guard let self else { return }
+        // `self` held strongly, for the delay: a weak reference would give this object a side
+        // table, and every copy of the `Resolver` that holds it a slow retain.
+        DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .nanoseconds(nanos)) {
             let start = self.state.withLock { s -> Bool in
                 s.due.append(names)
                 if s.running { return false }
