@@ -8,11 +8,13 @@ import Glibc
 /// Compresses large `SymbolNames` buffers some time after the resolver made them, on a thread
 /// of its own at the lowest CPU priority.
 ///
-/// Compressing a whole binary's 26 MB of names takes ~0.5 s of CPU, as much again as the
+/// Compressing a whole binary's 26 MB of names takes ~0.5 s of CPU, about what the whole
 /// register's reply takes: the register keeps its names plain and this compresses them
 /// `delay` later, if they are still alive: a resolution dropped before (a `resolve` request,
-/// a register undone at once, a restore's working copies) is never compressed. Buffers below `minimumBytes` stay plain (their bytes are not worth a
-/// dictionary and an index). The nice value keeps it from taking CPU a request wants.
+/// a register undone at once, a restore's working copies) is never compressed, and its
+/// names are freed when it goes, not at the delay (`NameStore.release`). Buffers below
+/// `minimumBytes` stay plain (their bytes are not worth a dictionary and an index). The nice
+/// value keeps it from taking CPU a request wants.
 public final class NameCompactor: Sendable {
     public let delay: Duration
     public let minimumBytes: Int

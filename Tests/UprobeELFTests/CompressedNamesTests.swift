@@ -176,11 +176,14 @@ struct CompressedNamesTests {
         let names = Self.names(5_000)
         let kept = SymbolNames.pack(names, compactor: compactor)
         let small = SymbolNames.pack(["f", "g"] as [String?], compactor: compactor)
-        do {
-            // Freed before its delay: never compressed.
+        // Freed before its delay: never compressed, and its bytes go with it although the
+        // compactor still holds its store.
+        let droppedStore: NameStore? = {
             let dropped = SymbolNames.pack(Self.names(5_000), compactor: compactor)
-            #expect(dropped.count == 5_001)
-        }
+            #expect(dropped.count == 5_001 && Self.buffer(dropped)?.store.storedBytes ?? 0 > 64 << 10)
+            return Self.buffer(dropped)?.store
+        }()
+        #expect(droppedStore?.storedBytes == 0)
         let buffer = try #require(kept[0]?.names)
         for _ in 0..<500 where !buffer.isCompressed { try await Task.sleep(for: .milliseconds(10)) }
         // The totals are counted after the swap: wait for them too.
