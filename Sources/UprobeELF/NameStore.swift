@@ -7,6 +7,7 @@ import Synchronization
 /// decoded block, which stay alive while it holds them, so a swap (or the release) under a
 /// reader's feet frees nothing it reads. The last two blocks decoded are kept for the next
 /// readers.
+@usableFromInline
 final class NameStore: Sendable {
     // @unchecked (both): `NameBytes` is immutable once made, but a ManagedBuffer cannot say so.
     private enum Storage: @unchecked Sendable {
@@ -48,6 +49,7 @@ final class NameStore: Sendable {
 
     /// The UTF-8 bytes of the name whose length prefix is at `at` (followed in memory by a
     /// NUL), lent to `body`.
+    @usableFromInline
     func withName<R>(at: Int, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
         switch source(at) {
         case .bytes(let bytes, let offset):

@@ -178,7 +178,8 @@ public final class ResolvedFile: Sendable, Hashable {
     public let buildID: String?
     /// The symbol names of the sites that reference this object (`ResolvedProbe.nameAt`).
     /// Not part of the file's identity: equality and hashing ignore it.
-    public let names: SymbolNames?
+    /// (`SymbolNames` is immutable but a ManagedBuffer, which cannot declare itself Sendable.)
+    public nonisolated(unsafe) let names: SymbolNames?
 
     public init(path: String, device: UInt64, inode: UInt64, buildID: String?, names: SymbolNames? = nil) {
         self.path = path

@@ -16,27 +16,41 @@ import Synchronization
 /// and offsets stay the same. A read of a compressed name decodes its block (16 KiB, ~30 µs)
 /// unless one of the last two blocks decoded holds it, so a scan in order (`list`, a glob
 /// over the symbols) decodes each block once.
-public final class SymbolNames: Sendable {
-    /// The names' storage. Apart from this object so that a `NameCompactor` can hold it until
-    /// its delay without keeping the names alive (`deinit` releases them) and without a weak
-    /// reference to this one: a weak reference moves an object's reference count aside, and
-    /// every retain and release of it (a register's 241,000 (buffer, offset) pairs each retain
-    /// it) then takes the slow path.
-    let store: NameStore
-    /// Uncompressed bytes of the names (for measurements and tests).
-    public let byteCount: Int
-
-    private init(_ store: NameStore) {
-        self.store = store
-        byteCount = store.byteCount
+///
+/// A small buffer (below the compactor's `minimumBytes`, or made without one: a restore
+/// resolves each named function apart, one buffer each) keeps its bytes in this object, as
+/// one allocation, and is read without a lock; a large one keeps them in a `NameStore`.
+///
+/// Immutable itself (a large buffer's store does its own locking), so shared between threads
+/// freely (a `ManagedBuffer` cannot declare itself `Sendable`: `ResolvedFile` holds it unchecked).
+public final class SymbolNames: ManagedBuffer<SymbolNames.Header, UInt8> {
+    public struct Header {
+        /// Uncompressed bytes of the names.
+        @usableFromInline let byteCount: Int
+        /// A large buffer's storage (its bytes are not in this object), nil for a small one.
+        /// Apart from this object so that a `NameCompactor` can hold it until its delay
+        /// without keeping the names alive (`deinit` releases them) and without a weak
+        /// reference to this one: a weak reference moves an object's reference count aside,
+        /// and every retain and release of it (a register's 241,000 (buffer, offset) pairs
+        /// each retain it) then takes the slow path.
+        @usableFromInline let store: NameStore?
     }
 
-    deinit { store.release() }
+    deinit { header.store?.release() }
+
+    /// Uncompressed bytes of the names (for measurements and tests).
+    public var byteCount: Int { header.byteCount }
 
     /// Packs `names` (nil: no name) into as few buffers as their offsets allow (a buffer's
-    /// offsets are 32-bit): the buffer and offset of each name, in order. Each buffer made is
-    /// handed to `compactor` (`NameCompactor.schedule`).
+    /// offsets are 32-bit): the buffer and offset of each name, in order. Each buffer of at
+    /// least `compactor.minimumBytes` is handed to `compactor` (`NameCompactor.schedule`).
     public static func pack(_ names: some Collection<String?>, compactor: NameCompactor? = nil) -> [(names: SymbolNames, at: UInt32)?] {
+        pack(names, storeFrom: compactor?.minimumBytes, compactor: compactor)
+    }
+
+    /// `storeFrom`: buffers of at least this many bytes keep them in a `NameStore` (can be
+    /// compressed); nil: none.
+    static func pack(_ names: some Collection<String?>, storeFrom: Int?, compactor: NameCompactor? = nil) -> [(names: SymbolNames, at: UInt32)?] {
         var out: [(names: SymbolNames, at: UInt32)?] = []
         out.reserveCapacity(names.count)
         var start = names.startIndex
@@ -51,18 +65,29 @@ public final class SymbolNames: Sendable {
                 total += size
                 names.formIndex(after: &end)
             }
-            // Filled in place after it is wrapped: no one else holds it yet.
-            let bytes = NameBytes.make(count: total) { _ in }
-            let buffer = SymbolNames(NameStore(bytes))
-            bytes.withUnsafeMutablePointerToElements { base in
+            let buffer: SymbolNames
+            let fill: (UnsafeMutablePointer<UInt8>) -> Void = { base in
                 var at = 0
                 for name in names[start..<end] {
-                    guard var name else { out.append(nil); continue }
-                    out.append((buffer, UInt32(truncatingIfNeeded: at)))
+                    guard var name else { continue }
                     at = name.withUTF8 { NameBytes.write($0, at: at, into: base) }
                 }
             }
-            compactor?.schedule(buffer.store)
+            if let storeFrom, total >= storeFrom {
+                let bytes = NameBytes.make(count: total) { if let base = $0.baseAddress { fill(base) } }
+                let store = NameStore(bytes)
+                buffer = unsafeDowncast(create(minimumCapacity: 0) { _ in Header(byteCount: total, store: store) }, to: SymbolNames.self)
+                compactor?.schedule(store)
+            } else {
+                buffer = unsafeDowncast(create(minimumCapacity: total) { _ in Header(byteCount: total, store: nil) }, to: SymbolNames.self)
+                buffer.withUnsafeMutablePointerToElements { fill($0) }
+            }
+            var at = 0
+            for name in names[start..<end] {
+                guard let name else { out.append(nil); continue }
+                out.append((buffer, UInt32(truncatingIfNeeded: at)))
+                at += NameBytes.storedSize(utf8Count: name.utf8.count)
+            }
             start = end
         }
         return out
@@ -77,8 +102,22 @@ public final class SymbolNames: Sendable {
     }
 
     /// The UTF-8 bytes of the name at `at` (followed in memory by a NUL), lent to `body`.
+    @inlinable
     public func withName<R>(at: UInt32, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
-        try store.withName(at: Int(at), body)
+        if let store = header.store { return try store.withName(at: Int(at), body) }
+        return try withUnsafeMutablePointerToElements { base in
+            var p = Int(at)
+            var n = 0
+            var shift = 0
+            while true {
+                let b = base[p]
+                p += 1
+                n |= Int(b & 0x7f) << shift
+                if b & 0x80 == 0 { break }
+                shift += 7
+            }
+            return try body(UnsafeBufferPointer(start: base + p, count: n))
+        }
     }
 
     /// The name at `at` as a String.
@@ -86,16 +125,16 @@ public final class SymbolNames: Sendable {
 
     /// Bytes the names take now: `byteCount`, or the compressed blocks and what goes with them
     /// (without the recently decoded blocks).
-    public var storedBytes: Int { store.storedBytes }
+    public var storedBytes: Int { header.store?.storedBytes ?? header.byteCount }
 
     /// Whether the names are compressed.
-    public var isCompressed: Bool { store.isCompressed }
+    public var isCompressed: Bool { header.store?.isCompressed ?? false }
 
-    /// Compresses the names (once; nothing if they are already compressed, or if compressing
-    /// fails): the sizes before and after. Readers at the same time read either form; the
-    /// uncompressed bytes are freed inside `releasing`'s call of its argument (or, if a reader
-    /// still holds them then, when it is done).
+    /// Compresses the names of a large buffer (once; nothing if they are already compressed,
+    /// if compressing fails, or for a small buffer): the sizes before and after. Readers at
+    /// the same time read either form; the uncompressed bytes are freed inside `releasing`'s
+    /// call of its argument (or, if a reader still holds them then, when it is done).
     public func compact(releasing: (_ free: () -> Void) -> Void = { $0() }) -> (plainBytes: Int, storedBytes: Int)? {
-        store.compact(releasing: releasing)
+        header.store?.compact(releasing: releasing)
     }
 }

@@ -49,7 +49,7 @@ struct CompressedNamesTests {
     @Test("every name reads back after compaction: in order, backwards, at random; nil, empty, non-ASCII, a name larger than a block")
     func roundTrip() throws {
         let names = Self.names(20_000)
-        let packed = SymbolNames.pack(names)
+        let packed = SymbolNames.pack(names, storeFrom: 0)
         let buffer = try #require(Self.buffer(packed))
         #expect(packed.allSatisfy { $0 == nil || $0?.names === buffer }, "one buffer")
         #expect(!buffer.isCompressed)
@@ -75,7 +75,7 @@ struct CompressedNamesTests {
     @Test("the names on both sides of every block boundary read back, and a block covers whole names")
     func blockBoundaries() throws {
         let names = Self.names(10_000)
-        let packed = SymbolNames.pack(names)
+        let packed = SymbolNames.pack(names, storeFrom: 0)
         let buffer = try #require(Self.buffer(packed))
         let bytes: NameBytes = try #require(Self.plainBytes(buffer))
         let compressed = try #require(CompressedNames.make(bytes))
@@ -124,7 +124,7 @@ struct CompressedNamesTests {
     @Test("readers on four threads read every name right while the buffer is compressed under them")
     func concurrentSwap() throws {
         let names = Self.names(30_000)
-        let packed = SymbolNames.pack(names)
+        let packed = SymbolNames.pack(names, storeFrom: 0)
         let buffer = try #require(Self.buffer(packed))
         let wrong = Atomic<Int>(0)
         let reads = Atomic<Int>(0)
@@ -163,8 +163,11 @@ struct CompressedNamesTests {
         #expect(nils.count == 2 && nils.allSatisfy { $0 == nil })
         let one = SymbolNames.single("")
         #expect(one.names.name(at: one.at) == "" && one.names.byteCount == 2)
-        // Compressing a buffer of one short name still works (the compactor does not ask it to).
-        let small = SymbolNames.pack(["f", nil, "größe"] as [String?])
+        // A small buffer keeps its bytes inline and is never compressed; made as a store, a
+        // buffer of one short name still compresses (the compactor does not ask it to).
+        let inline = SymbolNames.pack(["f"] as [String?], compactor: NameCompactor(minimumBytes: 64 << 10))
+        #expect(inline[0]?.names.header.store == nil && inline[0]?.names.compact() == nil && inline[0]?.names.name(at: 0) == "f")
+        let small = SymbolNames.pack(["f", nil, "größe"] as [String?], storeFrom: 0)
         let buffer = try #require(small[0]?.names)
         #expect(buffer.compact() != nil)
         #expect(buffer.name(at: small[0]?.at ?? 0) == "f" && buffer.name(at: small[2]?.at ?? 0) == "größe")
@@ -180,8 +183,8 @@ struct CompressedNamesTests {
         // compactor still holds its store.
         let droppedStore: NameStore? = {
             let dropped = SymbolNames.pack(Self.names(5_000), compactor: compactor)
-            #expect(dropped.count == 5_001 && Self.buffer(dropped)?.store.storedBytes ?? 0 > 64 << 10)
-            return Self.buffer(dropped)?.store
+            #expect(dropped.count == 5_001 && Self.buffer(dropped)?.header.store?.storedBytes ?? 0 > 64 << 10)
+            return Self.buffer(dropped)?.header.store
         }()
         #expect(droppedStore?.storedBytes == 0)
         let buffer = try #require(kept[0]?.names)
