@@ -183,6 +183,7 @@ public final class ResolvedFile: Sendable, Hashable {
     public let buildID: String?
     /// The symbol names of the sites that reference this object (`ResolvedProbe.nameAt`).
     /// Not part of the file's identity: equality and hashing ignore it.
+    /// (`SymbolNames` is immutable but a ManagedBuffer, which cannot declare itself Sendable.)
     public nonisolated(unsafe) let names: SymbolNames?
 
     public init(path: String, device: UInt64, inode: UInt64, buildID: String?, names: SymbolNames? = nil) {
@@ -293,17 +294,21 @@ public struct Resolver: Sendable {
     public let debugDirectories: [String]
     /// Parsed files, shared by every copy of this resolver.
     public let cache: ELFFileCache
+    /// Compresses the names buffers of large resolutions some time after they are made (the
+    /// daemon's, whose registrations keep them); nil: they stay plain.
+    public let names: NameCompactor?
 
     public init(limits: ResolverLimits = .init()) {
         self.init(limits: limits, locator: LibraryLocator())
     }
 
     public init(limits: ResolverLimits, locator: LibraryLocator, debugDirectories: [String] = ["/usr/lib/debug"],
-                cache: ELFFileCache = ELFFileCache()) {
+                cache: ELFFileCache = ELFFileCache(), names: NameCompactor? = nil) {
         self.limits = limits
         self.locator = locator
         self.debugDirectories = debugDirectories
         self.cache = cache
+        self.names = names
     }
 
     /// Resolve one spec into one or more probes (globs and multi-site USDT give several),
@@ -408,7 +413,7 @@ public struct Resolver: Sendable {
         // site each, and a buffer per spec was an allocation per probe.
         var all: [String?] = []
         for case .success(let f) in found { all += f.sites.lazy.map(\.symbol) }
-        var names = SymbolNames.pack(all)[...]
+        var names = SymbolNames.pack(all, compactor: self.names)[...]
         var files = FilesWithNames(file)
         for f in found {
             switch f {
@@ -448,7 +453,7 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol))[...])
+        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol), compactor: self.names)[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.
