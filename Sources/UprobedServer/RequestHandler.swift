@@ -236,10 +236,12 @@ public struct RequestHandler: Sendable {
             return .failure(denial)
         }
         let resolutions: [Resolution]
+        let resolveStarted = ContinuousClock.now
         switch await resolve(inputs) {
         case .failure(let e): return .failure(e)
         case .success(let r): resolutions = r
         }
+        let resolved = ContinuousClock.now
         let items = zip(inputs, resolutions).map { RegisterItem(spec: $0, targets: $1.probes) }
         let skipped = Self.skipped(resolutions)
         let adding = items.reduce(0) { $0 + $1.probeCount }
@@ -265,6 +267,7 @@ public struct RequestHandler: Sendable {
             registered(records)
             // One line per request: a 10,000-probe request would otherwise log 10,000 lines.
             logger.info("probes registered", metadata: [
+                "resolve_us": "\((resolved - resolveStarted).microseconds)", "engine_us": "\((ContinuousClock.now - resolved).microseconds)",
                 "count": "\(records.count)", "probe_id": "\(records.first?.id ?? "")", "last_probe_id": "\(records.last?.id ?? "")",
                 "path": "\(records.first?.sites.first?.target.path ?? "")", "consumer": "\(consumer ?? "")", "peer_uid": "\(peer.uid)"])
             if logger.logLevel <= .debug {  // checked once, not 10,000 times for a large request

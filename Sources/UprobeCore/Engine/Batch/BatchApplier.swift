@@ -99,7 +99,9 @@ final class BatchApplier {
         counters.maxBatchSize = max(counters.maxBatchSize, batch.count)
 
         // Phase A: plan. Allocate slots for registrations; validate removals.
+        var timings = BatchTimings()
         let planned = plan(batch)
+        timings.mark("plan")
         var registers = planned.registers
         let removals = planned.removals
 
@@ -119,6 +121,7 @@ final class BatchApplier {
         // The small registrations' state entry goes to the log now, and its sync runs while
         // the kernel attaches them.
         let wroteAhead = writeAhead(&registers, now: now)
+        timings.mark("write_ahead")
 
         // Phase B: attach, one link per (binary, pid filter, direction) across all requests.
         // While the kernel attaches, a large request's records are made, handed to the hooks
@@ -134,9 +137,11 @@ final class BatchApplier {
         } else {
             let large = entered.map { (index: $0, plan: registers[$0]) }
             var made: [Int: [ProbeRecord]] = [:]
+            var lent = BatchTimings()  // the attach thread's own phases
             // What the attach thread may touch: the registry (and the tree through it) and the hooks.
             let registry = self.registry, prepare = self.prepare
             attachPlanned(&registers) {
+                lent = BatchTimings()
                 for (index, plan) in large {
                     let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
                     var shared: RequestTerms?
@@ -145,16 +150,24 @@ final class BatchApplier {
                                         spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active,
                                         probeSet: p.probeSet, shared: &shared)
                     }
+                    lent.mark("lent_records")
                     // The state entry first: the writer waits for it, the reply can wait longer.
                     prepare?(records)
                     plan.earlyHook?(records)
+                    lent.mark("lent_hooks")
                     for r in records { registry.insert(r) }
+                    lent.mark("lent_registry")
                     made[index] = records
                 }
                 registry.stageInserts()
+                lent.mark("lent_tree_stage")
             }
             for (index, records) in made { registers[index].early = records }
+            for p in lent.phases { timings.note(p.name, micros: p.micros) }
         }
+        timings.mark("attach")
+        timings.note("attach_kernel", micros: links.lastCreateMicros.kernel)
+        timings.note("attach_lent_wait", micros: links.lastCreateMicros.lentWait)
 
         // Phase C: commit, persist, publish, reply.
         var orphanSlots: [UInt32] = []  // attached for a request that then failed
@@ -223,11 +236,13 @@ final class BatchApplier {
         }
         compactor.retire(orphanSlots)
         slots.release(unattachedSlots)
+        timings.mark("collect")
 
         // New consumers are staged now and published with the registry below, in one version
         // with the removals (`publish`).
         registry.stageInserts()
         if !withdrawn.isEmpty { tree.stage(withdrawn) }  // staged, never published: gone before readers look
+        timings.mark("tree_stage")
         var snapshot = makeSnapshot()
         // What this batch changed, so the state file can record it without diffing the registry.
         // Registrations written ahead are in the log already; those of them that failed to
@@ -238,6 +253,7 @@ final class BatchApplier {
         let appends = !snapshot.batchAdded.isEmpty || !snapshot.batchRemoved.isEmpty
         var persistError: EngineError? = nil
         var unsavedRemoval: String? = nil
+        timings.mark("snapshot")
         if let error = commit.save(snapshot) {
             persistError = BatchCommit.notRegistered(error)
             unsavedRemoval = "the state file could not be written: \(error)"
@@ -254,8 +270,10 @@ final class BatchApplier {
             created = created.filter { aheadIndices.contains($0.key) }
             snapshot = makeSnapshot()
         }
+        timings.mark("persist")
         publish(snapshot, removing: treeRemovals)
         compactor.published()
+        timings.mark("publish")
         // Replies: at once if the state write failed or is already durable; otherwise once the
         // committer has synced the log (`persist` only appended to it).
         var replies = BatchReplies(unsavedRemoval: unsavedRemoval)
@@ -272,6 +290,7 @@ final class BatchApplier {
         }
         replies.removals = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
         commit.reply(replies, saved: persistError == nil, wroteAhead: wroteAhead, appends: appends)
+        timings.mark("reply")
 
         // Phase D: detach work is deferred (compaction_delay) so that the removals of many
         // batches share one rebuild per link and one grace period; it runs now if it is due.
@@ -280,6 +299,8 @@ final class BatchApplier {
         counters.lastBatchMicros = (ContinuousClock.now - started).microseconds
         counters.busyMicros += counters.lastBatchMicros
         publish(makeSnapshot())
+        timings.mark("after")
+        timings.log(logger, probes: removing + created.values.reduce(0, { $0 + $1.count }), what: "request batch")
         // A whole binary's registration: once its transient buffers are gone, return the heap
         // (see MemoryTrimmer). Asked last: a heap-release window open during the rest of the
         // batch (its state write, the tree's 241,000 inserts) would hand back buffers the batch
