@@ -20,15 +20,21 @@ struct PlannedProbe {
             self.probeSet = probeSet
         }
     }
-    var sites: [ProbeSite]
+    /// A function's one site inline, as its record will keep it: an array per planned probe
+    /// was 241,000 allocations of a whole binary's plan, made and freed before the attach.
+    var sites: ProbeSites
     let origin: Origin
     /// Its sites are in links adopted from the pin directory: not attached again.
     var adopted = false
 
-    init(sites: [ProbeSite], origin: Origin, adopted: Bool = false) {
+    init(sites: ProbeSites, origin: Origin, adopted: Bool = false) {
         self.sites = sites
         self.origin = origin
         self.adopted = adopted
+    }
+
+    init(sites: [ProbeSite], origin: Origin, adopted: Bool = false) {
+        self.init(sites: ProbeSites(sites), origin: origin, adopted: adopted)
     }
 
     init(sites: [ProbeSite], spec: ProbeSpecInput, restored: RestoreItem? = nil, adopted: Bool = false, probeSet: String? = nil) {
@@ -152,7 +158,7 @@ extension BatchApplier {
                         let origin = PlannedProbe.Origin(spec: item.spec, probeSet: item.probeSet)
                         for t in item.targets {
                             guard let slot = next.next() else { break }  // never: `needed` slots were allocated
-                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], origin: origin))
+                            plan.probes.append(PlannedProbe(sites: ProbeSites(CollectionOfOne(ProbeSite(target: t, slot: slot))), origin: origin))
                         }
                     }
                 }
