@@ -401,9 +401,10 @@ public struct Resolver: Sendable {
         }
         // Every name of the run in one buffer: a 10,000-name request is 10,000 specs of one
         // site each, and a buffer per spec was an allocation per probe.
-        var all: [String?] = []
-        for case .success(let f) in found { all += f.sites.lazy.map(\.symbol) }
-        var names = SymbolNames.pack(all)[...]
+        var all: [Site.Name] = []
+        all.reserveCapacity(found.reduce(0) { n, f in n + ((try? f.get())?.sites.count ?? 0) })
+        for case .success(let f) in found { all += f.sites.lazy.map(\.name) }
+        var names = Self.pack(all, elf: elf)[...]
         var files = FilesWithNames(file)
         for f in found {
             switch f {
@@ -443,7 +444,7 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol))[...])
+        return resolution(found, files: &files, names: Self.pack(found.sites.lazy.map(\.name), elf: elf)[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.
@@ -464,7 +465,9 @@ public struct Resolver: Sendable {
         } else {
             sites = []
         }
-        let inOrder = zip(sites, sites.dropFirst()).allSatisfy({ $0.offset < $1.offset }) ? sites : sites.sorted { $0.offset < $1.offset }
+        // By index: zipping the array with itself copied every site (its strings and arrays) twice.
+        let inOrder = sites.indices.dropLast().allSatisfy({ sites[$0].offset < sites[$0 + 1].offset })
+            ? sites : sites.sorted { $0.offset < $1.offset }
         return (inOrder, skipped.map {
             var s = $0
             s.path = target.path
@@ -510,7 +513,37 @@ public struct Resolver: Sendable {
             + "\(refusal); force does not override this (\(consequence)). Probe a later instruction of the function by offset")
     }
 
-    struct Site { var offset: UInt64; var symbol: String?; var aliases: [String]; var refCtr: UInt64?; var warning: String? }
+    struct Site {
+        var offset: UInt64
+        var symbol: String?
+        var aliases: [String]
+        var refCtr: UInt64?
+        var warning: String?
+        /// The symbol table entry whose name is `symbol`, which is then not made (-1: `symbol`
+        /// is the name). A glob's function with one name takes its name from the table when
+        /// the names are packed (`pack`): a String per function, made, copied with its site
+        /// and freed again, was a third of a whole binary's resolution.
+        var tableName: Int32 = -1
+
+        /// The name, where it is.
+        enum Name {
+            case string(String?)
+            case table(Int32)
+        }
+        var name: Name { tableName >= 0 ? .table(tableName) : .string(symbol) }
+    }
+
+    /// `SymbolNames.pack` of sites' names, those in `elf`'s symbol table made into a String
+    /// only for the moment the packing reads them.
+    static func pack(_ names: some Collection<Site.Name>, elf: ELFFile) -> [(names: SymbolNames, at: UInt32)?] {
+        let syms = elf.symbols
+        return SymbolNames.pack(names.lazy.map { name -> String? in
+            switch name {
+            case .string(let s): return s
+            case .table(let i): return syms.name(Int(i))
+            }
+        })
+    }
 
     // MARK: opening
 
@@ -703,14 +736,13 @@ public struct Resolver: Sendable {
             }
             if syms.isAloneAtAddress(first) {
                 // Most functions have one name: no ranking, no aliases.
-                let name = syms.name(first)
                 if let refusal = elf.unprobeableSites[off] {
                     guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
-                    skipped.append(SkippedSite(path: "", fileOffset: off, symbol: name, refusal: refusal))
+                    skipped.append(SkippedSite(path: "", fileOffset: off, symbol: syms.name(first), refusal: refusal))
                     continue
                 }
-                let warning = syms.isIFunc(first) ? ifuncWarning(name, ifuncs: [syms.symbol(first)], syms: syms) : nil
-                sites.append(Site(offset: off, symbol: name, aliases: [], refCtr: nil, warning: warning))
+                let warning = syms.isIFunc(first) ? ifuncWarning(syms.name(first), ifuncs: [syms.symbol(first)], syms: syms) : nil
+                sites.append(Site(offset: off, symbol: nil, aliases: [], refCtr: nil, warning: warning, tableName: Int32(first)))
                 continue
             }
             let here = syms.indices(at: addr).map { syms.symbol($0) }
