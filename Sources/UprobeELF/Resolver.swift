@@ -533,14 +533,27 @@ public struct Resolver: Sendable {
         var name: Name { tableName >= 0 ? .table(tableName) : .string(symbol) }
     }
 
-    /// `SymbolNames.pack` of sites' names, those in `elf`'s symbol table made into a String
-    /// only for the moment the packing reads them.
+    /// `SymbolNames.pack` of sites' names, those in `elf`'s symbol table copied from its bytes
+    /// (an ASCII name, as C and mangled names are; another is repaired as a String would be).
     static func pack(_ names: some Collection<Site.Name>, elf: ELFFile) -> [(names: SymbolNames, at: UInt32)?] {
         let syms = elf.symbols
-        return SymbolNames.pack(names.lazy.map { name -> String? in
-            switch name {
-            case .string(let s): return s
-            case .table(let i): return syms.name(Int(i))
+        let names = Array(names)
+        /// A table name that is not ASCII, as a String (it may not be valid UTF-8).
+        func repaired(_ i: Int32) -> String? {
+            syms.namesAreASCII || syms.withNameBytes(Int(i), { $0.allSatisfy { $0 < 0x80 } }) ? nil : syms.name(Int(i))
+        }
+        return SymbolNames.pack(count: names.count, utf8Count: { k in
+            switch names[k] {
+            case .string(let s): return s?.utf8.count
+            case .table(let i): return repaired(i)?.utf8.count ?? syms.nameByteCount(Int(i))
+            }
+        }, withUTF8: { k, write in
+            switch names[k] {
+            case .string(let s):
+                guard var s else { return }
+                s.withUTF8(write)
+            case .table(let i):
+                if var s = repaired(i) { s.withUTF8(write) } else { syms.withNameBytes(Int(i), write) }
             }
         })
     }

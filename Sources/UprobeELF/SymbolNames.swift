@@ -13,27 +13,39 @@ public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
     /// Packs `names` (nil: no name) into as few buffers as their offsets allow (a buffer's
     /// offsets are 32-bit): the buffer and offset of each name, in order.
     public static func pack(_ names: some Collection<String?>) -> [(names: SymbolNames, at: UInt32)?] {
+        let names = Array(names)
+        return pack(count: names.count, utf8Count: { names[$0]?.utf8.count }) { i, write in
+            guard var name = names[i] else { return }
+            name.withUTF8(write)
+        }
+    }
+
+    /// `pack` of `count` names given by their UTF-8 bytes: `utf8Count(i)` is name i's length
+    /// (nil: no name), and `withUTF8(i, write)` calls `write` once with its bytes. A resolver
+    /// packs names straight from a symbol table this way, without a String per name.
+    public static func pack(count: Int, utf8Count: (Int) -> Int?,
+                            withUTF8: (Int, (UnsafeBufferPointer<UInt8>) -> Void) -> Void) -> [(names: SymbolNames, at: UInt32)?] {
         var out: [(names: SymbolNames, at: UInt32)?] = []
-        out.reserveCapacity(names.count)
-        var start = names.startIndex
-        while start != names.endIndex {
+        out.reserveCapacity(count)
+        var start = 0
+        while start != count {
             // The names that fit in one buffer.
             var total = 0
             var end = start
-            while end != names.endIndex {
-                let size = names[end].map(Self.storedSize) ?? 0
+            while end != count {
+                let size = utf8Count(end).map(Self.storedSize(utf8Count:)) ?? 0
                 // Offsets below UInt32.max (`ResolvedProbe.noName`).
                 if total + size >= Int(UInt32.max), end != start { break }
                 total += size
-                names.formIndex(after: &end)
+                end += 1
             }
             let buffer = unsafeDowncast(Self.create(minimumCapacity: total) { _ in total }, to: SymbolNames.self)
             buffer.withUnsafeMutablePointerToElements { base in
                 var at = 0
-                for name in names[start..<end] {
-                    guard var name else { out.append(nil); continue }
+                for i in start..<end {
+                    guard utf8Count(i) != nil else { out.append(nil); continue }
                     out.append((buffer, UInt32(truncatingIfNeeded: at)))
-                    name.withUTF8 { utf8 in
+                    withUTF8(i) { utf8 in
                         var n = utf8.count
                         repeat {
                             base[at] = UInt8(truncatingIfNeeded: n & 0x7f) | (n >= 0x80 ? 0x80 : 0)
@@ -60,9 +72,8 @@ public final class SymbolNames: ManagedBuffer<Int, UInt8>, @unchecked Sendable {
         return packed
     }
 
-    /// Bytes a name takes here: length prefix, UTF-8, NUL.
-    static func storedSize(_ name: String) -> Int {
-        let n = name.utf8.count
+    /// Bytes a name of `n` UTF-8 bytes takes here: length prefix, UTF-8, NUL.
+    static func storedSize(utf8Count n: Int) -> Int {
         var prefix = 1
         var v = n >> 7
         while v > 0 { prefix += 1; v >>= 7 }
