@@ -137,23 +137,6 @@ public struct ELFSymbolTable: Sendable {
         }
         addressOrder = order
         distinctAddresses = distinctAddrs
-        namesAreASCII = Self.isASCII(names)
-    }
-
-    /// Whether every name is ASCII (so valid UTF-8 as it stands): checked once here, so that
-    /// packing a whole binary's names from their bytes checks none of them again (a check per
-    /// name, byte by byte, was a fifth of resolving a whole binary).
-    private(set) var namesAreASCII = false
-
-    /// Whether `bytes` are all ASCII, eight at a time.
-    static func isASCII(_ bytes: [UInt8]) -> Bool {
-        bytes.withUnsafeBytes { raw in
-            let words = raw.count / 8
-            var any: UInt64 = 0
-            for w in 0..<words { any |= raw.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
-            for b in raw[(words * 8)...] { any |= UInt64(b) }
-            return any & 0x8080_8080_8080_8080 == 0
-        }
     }
 
     // MARK: reading

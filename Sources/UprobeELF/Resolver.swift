@@ -444,7 +444,7 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        return resolution(found, files: &files, names: Self.pack(found.sites.lazy.map(\.name), elf: elf)[...])
+        return resolution(found, files: &files, names: Self.pack(found.sites.map(\.name), elf: elf)[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.
@@ -534,26 +534,20 @@ public struct Resolver: Sendable {
     }
 
     /// `SymbolNames.pack` of sites' names, those in `elf`'s symbol table copied from its bytes
-    /// (an ASCII name, as C and mangled names are; another is repaired as a String would be).
-    static func pack(_ names: some Collection<Site.Name>, elf: ELFFile) -> [(names: SymbolNames, at: UInt32)?] {
+    /// (valid UTF-8: the parser repairs a name that is not as it reads it).
+    static func pack(_ names: [Site.Name], elf: ELFFile) -> [(names: SymbolNames, at: UInt32)?] {
         let syms = elf.symbols
-        let names = Array(names)
-        /// A table name that is not ASCII, as a String (it may not be valid UTF-8).
-        func repaired(_ i: Int32) -> String? {
-            syms.namesAreASCII || syms.withNameBytes(Int(i), { $0.allSatisfy { $0 < 0x80 } }) ? nil : syms.name(Int(i))
-        }
         return SymbolNames.pack(count: names.count, utf8Count: { k in
             switch names[k] {
             case .string(let s): return s?.utf8.count
-            case .table(let i): return repaired(i)?.utf8.count ?? syms.nameByteCount(Int(i))
+            case .table(let i): return syms.nameByteCount(Int(i))
             }
         }, withUTF8: { k, write in
             switch names[k] {
             case .string(let s):
                 guard var s else { return }
                 s.withUTF8(write)
-            case .table(let i):
-                if var s = repaired(i) { s.withUTF8(write) } else { syms.withNameBytes(Int(i), write) }
+            case .table(let i): syms.withNameBytes(Int(i), write)
             }
         })
     }
@@ -736,6 +730,18 @@ public struct Resolver: Sendable {
             if version != nil { return versionedMatches.contains(name) }
             return fnmatch(request, name, 0) == 0
         }
+        // The refused sites' offsets in order, searched before the table is hashed: a glob over
+        // a whole binary asks for every function, and few are refused.
+        let refusals = elf.unprobeableSites
+        let refused = refusals.keys.sorted()
+        func refusal(at off: UInt64) -> InstructionRefusal? {
+            var lo = 0, hi = refused.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if refused[mid] < off { lo = mid + 1 } else { hi = mid }
+            }
+            return lo < refused.count && refused[lo] == off ? refusals[off] : nil
+        }
         var sites: [Site] = []
         sites.reserveCapacity(addresses.count)
         var skipped: [SkippedSite] = []
@@ -749,7 +755,7 @@ public struct Resolver: Sendable {
             }
             if syms.isAloneAtAddress(first) {
                 // Most functions have one name: no ranking, no aliases.
-                if let refusal = elf.unprobeableSites[off] {
+                if let refusal = refusal(at: off) {
                     guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
                     skipped.append(SkippedSite(path: "", fileOffset: off, symbol: syms.name(first), refusal: refusal))
                     continue
@@ -762,7 +768,7 @@ public struct Resolver: Sendable {
             let matchedHere = Set(here.map(\.name).filter(isMatched))
             let ranked = here.sorted { before($0, $1, matchedHere) }
             guard let primary = ranked.first else { continue }
-            if let refusal = elf.unprobeableSites[off] {
+            if let refusal = refusal(at: off) {
                 guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
                 // The path is filled in by the caller, which knows the target's.
                 skipped.append(SkippedSite(path: "", fileOffset: off, symbol: primary.name, refusal: refusal))
