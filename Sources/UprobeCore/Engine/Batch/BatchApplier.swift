@@ -101,9 +101,10 @@ final class BatchApplier {
         // Phase A: plan. Allocate slots for registrations; validate removals.
         var timings = BatchTimings()
         let planned = plan(batch)
-        timings.mark("plan")
         var registers = planned.registers
         let removals = planned.removals
+        timings.keep(probes: registers.reduce(0) { $0 + ($1.failure == nil ? $1.probes.count : 0) }
+                        + removals.reduce(0) { $0 + $1.ids.count }, firstPhase: "plan")
 
         // The removed registrations' slots die now, and a bulk removal's links start closing
         // on the detach worker at once, while this writer takes the registrations out of the
@@ -137,11 +138,11 @@ final class BatchApplier {
         } else {
             let large = entered.map { (index: $0, plan: registers[$0]) }
             var made: [Int: [ProbeRecord]] = [:]
-            var lent = BatchTimings()  // the attach thread's own phases
+            var lent = BatchTimings(kept: true)  // the attach thread's own phases (copied only if kept)
             // What the attach thread may touch: the registry (and the tree through it) and the hooks.
             let registry = self.registry, prepare = self.prepare
             attachPlanned(&registers) {
-                lent = BatchTimings()
+                lent = BatchTimings(kept: true)
                 for (index, plan) in large {
                     let records = Self.makeRecords(plan, ids: registry, now: now)
                     lent.mark("lent_records")
