@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import Testing
 @testable import UprobeCore
 import UprobeELF
@@ -81,5 +82,52 @@ import UprobeELF
             #expect(fromBytes[k]?.at == fromStrings[k]?.at)
         }
         #expect(fromBytes.compactMap { $0 }.first?.names.byteCount == fromStrings.compactMap { $0 }.first?.names.byteCount)
+    }
+}
+
+/// A log handler that keeps what it is given (message and metadata), for `BatchTimings`.
+final class KeptLog: LogHandler, @unchecked Sendable {
+    // @unchecked: `kept` only behind `lock`.
+    private let lock = NSLock()
+    private var kept: [(String, Logger.Metadata)] = []
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .info
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
+             function: String, line: UInt) {
+        lock.lock(); kept.append(("\(message)", metadata ?? [:])); lock.unlock()
+    }
+    var lines: [(String, Logger.Metadata)] { lock.lock(); defer { lock.unlock() }; return kept }
+}
+
+@Suite struct BatchTimingsTests {
+    @Test("batch timings: a bulk batch logs one line with each phase; a small one keeps and logs nothing")
+    func bulkOnly() {
+        let kept = KeptLog()
+        let logger = Logger(label: "test") { _ in kept }
+        var small = BatchTimings()
+        small.keep(probes: BatchTimings.logMinimum - 1, firstPhase: "plan")
+        small.mark("attach")
+        small.note("attach_kernel", micros: 5)
+        #expect(small.phases.isEmpty)
+        small.log(logger, probes: BatchTimings.logMinimum - 1, what: "request batch")
+        #expect(kept.lines.isEmpty)
+
+        var bulk = BatchTimings()
+        bulk.keep(probes: BatchTimings.logMinimum, firstPhase: "plan")
+        usleep(2_000)
+        bulk.mark("attach")
+        bulk.note("attach_kernel", micros: 1234)
+        bulk.log(logger, probes: BatchTimings.logMinimum, what: "request batch")
+        #expect(bulk.phases.map(\.name) == ["plan", "attach", "attach_kernel"])
+        let line = kept.lines
+        #expect(line.count == 1 && line.first?.0 == "bulk batch timings: request batch")
+        let meta = line.first?.1 ?? [:]
+        #expect(meta["attach_kernel_us"] == "1234" && meta["probes"] == "\(BatchTimings.logMinimum)")
+        #expect(UInt64("\(meta["attach_us"] ?? "0")") ?? 0 >= 2_000, "a phase is the time since the mark before it")
+        #expect(meta["plan_us"] != nil && meta["total_us"] != nil)
     }
 }
