@@ -4,10 +4,11 @@
 SWIFT   ?= swift
 PREFIX  ?= /usr/local
 # What `swift build` needs besides the Swift toolchain: libsystemd's headers, library and .pc
-# file (the CSystemd target, found through pkg-config); libc and Linux UAPI headers for the C
-# shim (libc6-dev, which pulls linux-libc-dev); the linker, crt files and libgcc (binutils, gcc);
-# libsqlite3.so.0, which SwiftPM itself loads.
-BUILD_DEBS := libsystemd-dev pkg-config libc6-dev gcc binutils libsqlite3-0
+# file (the CSystemd target, found through pkg-config); zlib's (the CZlib target: compressed
+# symbol names); libc and Linux UAPI headers for the C shim (libc6-dev, which pulls
+# linux-libc-dev); the linker, crt files and libgcc (binutils, gcc); libsqlite3.so.0, which
+# SwiftPM itself loads.
+BUILD_DEBS := libsystemd-dev zlib1g-dev pkg-config libc6-dev gcc binutils libsqlite3-0
 # What the tests, sanitizer runs, benchmarks and soak call or probe: systemd-analyze and
 # systemd-socket-activate (systemd), <sys/sdt.h> for the USDT fixtures (systemtap-sdt-dev),
 # python3 and sqlite3 as probed targets and the soak driver, promtool (prometheus), useradd
@@ -63,8 +64,8 @@ test: deps
 ## these tests do not touch the OTLP exporter, and swift-otel with swift-protobuf and
 ## async-http-client would add several minutes to each of the two builds.
 sanitize: deps
-	$(SWIFT) test --sanitize=thread --disable-default-traits --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
-	$(SWIFT) test --sanitize=address --disable-default-traits --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=thread --disable-default-traits --scratch-path .build-tsan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|CompressedNamesTests|preparedRuns|preparedReply|snapshotOffTheWriter"
+	$(SWIFT) test --sanitize=address --disable-default-traits --disable-xctest --scratch-path .build-asan --filter "UprobeTreeTests|BatchDecisionTests|UprobedProtocolTests|BlockingPoolTests|ReadPathTests|CompressedNamesTests|preparedRuns|preparedReply|snapshotOffTheWriter"
 
 ## libFuzzer on the JSON parser (with a differential check against Foundation) and the ELF
 ## reader, FUZZ_SECONDS each (default 30; CI runs the default). fuzz/README.md: the long run.

@@ -3,6 +3,7 @@
 //
 // Module layout follows the data flow (see ../shared/DESIGN.md and README.md):
 //   CUprobeSys, CSystemd      C shims: bpf(2)/perf_event_open(2), UAPI structs; libsystemd
+//   CZlib                     zlib (compressed symbol names)
 //   CTerminal                 signalfd(2) for uprobectl top
 //   UprobeErrors              the error codes every layer reports (wire and journal)
 //   UprobeSystem              POSIX calls that capture errno into one error type
@@ -53,8 +54,10 @@ let package = Package(
                 swiftSettings: strict),
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd",
                        providers: [.apt(["libsystemd-dev"])]),
+        // zlib, for the compressed symbol names of large resolutions.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .target(name: "UprobeELF",
-                dependencies: ["CUprobeSys", "UprobeErrors", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
+                dependencies: ["CUprobeSys", "CZlib", "UprobeErrors", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],
                 swiftSettings: strict),
         .target(name: "UprobeKernel",
                 dependencies: ["CUprobeSys", "UprobeErrors", "UprobeSystem", .product(name: "SystemPackage", package: "swift-system")],

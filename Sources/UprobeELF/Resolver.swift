@@ -178,6 +178,7 @@ public final class ResolvedFile: Sendable, Hashable {
     public let buildID: String?
     /// The symbol names of the sites that reference this object (`ResolvedProbe.nameAt`).
     /// Not part of the file's identity: equality and hashing ignore it.
+    /// (`SymbolNames` is immutable but a ManagedBuffer, which cannot declare itself Sendable.)
     public nonisolated(unsafe) let names: SymbolNames?
 
     public init(path: String, device: UInt64, inode: UInt64, buildID: String?, names: SymbolNames? = nil) {
@@ -288,17 +289,21 @@ public struct Resolver: Sendable {
     public let debugDirectories: [String]
     /// Parsed files, shared by every copy of this resolver.
     public let cache: ELFFileCache
+    /// Compresses the names buffers of large resolutions some time after they are made (the
+    /// daemon's, whose registrations keep them); nil: they stay plain.
+    public let names: NameCompactor?
 
     public init(limits: ResolverLimits = .init()) {
         self.init(limits: limits, locator: LibraryLocator())
     }
 
     public init(limits: ResolverLimits, locator: LibraryLocator, debugDirectories: [String] = ["/usr/lib/debug"],
-                cache: ELFFileCache = ELFFileCache()) {
+                cache: ELFFileCache = ELFFileCache(), names: NameCompactor? = nil) {
         self.limits = limits
         self.locator = locator
         self.debugDirectories = debugDirectories
         self.cache = cache
+        self.names = names
     }
 
     /// Resolve one spec into one or more probes (globs and multi-site USDT give several),
@@ -404,7 +409,7 @@ public struct Resolver: Sendable {
         var all: [Site.Name] = []
         all.reserveCapacity(found.reduce(0) { n, f in n + ((try? f.get())?.sites.count ?? 0) })
         for case .success(let f) in found { all += f.sites.lazy.map(\.name) }
-        var names = Self.pack(all, elf: elf)[...]
+        var names = Self.pack(all, elf: elf, compactor: self.names)[...]
         var files = FilesWithNames(file)
         for f in found {
             switch f {
@@ -444,7 +449,7 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        return resolution(found, files: &files, names: Self.pack(found.sites.map(\.name), elf: elf)[...])
+        return resolution(found, files: &files, names: Self.pack(found.sites.map(\.name), elf: elf, compactor: self.names)[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.
@@ -535,7 +540,8 @@ public struct Resolver: Sendable {
 
     /// `SymbolNames.pack` of sites' names, those in `elf`'s symbol table copied from its bytes
     /// (valid UTF-8: the parser repairs a name that is not as it reads it).
-    static func pack(_ names: [Site.Name], elf: ELFFile) -> [(names: SymbolNames, at: UInt32)?] {
+    /// Each buffer of at least `compactor.minimumBytes` is handed to `compactor`, as `SymbolNames.pack` does.
+    static func pack(_ names: [Site.Name], elf: ELFFile, compactor: NameCompactor?) -> [(names: SymbolNames, at: UInt32)?] {
         let syms = elf.symbols
         return SymbolNames.pack(count: names.count, utf8Count: { k in
             switch names[k] {
@@ -549,7 +555,7 @@ public struct Resolver: Sendable {
                 s.withUTF8(write)
             case .table(let i): syms.withNameBytes(Int(i), write)
             }
-        })
+        }, storeFrom: compactor?.minimumBytes, compactor: compactor)
     }
 
     // MARK: opening

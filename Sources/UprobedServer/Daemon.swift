@@ -84,9 +84,12 @@ public final class UprobedService: Service, Sendable {
                             },
                             sync: { try persister.sync() },
                             prepare: { records in persister.prepare(records) })
+        // Test-only: compress large names buffers this soon after they are made.
+        let namesDelay = ProcessInfo.processInfo.environment["UPROBED_TEST_NAMES_COMPACT_DELAY_MS"].flatMap { Int64($0) }
         let resolver = UprobeELF.Resolver(limits: ResolverLimits(maxMatchesPerSpec: config.maxGlobMatches),
                                           locator: LibraryLocator(),
-                                          cache: ELFFileCache(byteBudget: config.elfCacheBytes))
+                                          cache: ELFFileCache(byteBudget: config.elfCacheBytes),
+                                          names: NameCompactor(delay: namesDelay.map { .milliseconds($0) } ?? NameCompactor.defaultDelay))
         let policy = AccessPolicy(config: config)
         for w in policy.warnings { logger.warning("access policy: \(w)") }
         let resolverPool = NIOThreadPool(numberOfThreads: Self.resolverThreads)

@@ -279,6 +279,10 @@ extension RequestHandler {
         }
         o["elf_cache"] = .object(["files": JSONValue(resolver.cache.count), "bytes": JSONValue(resolver.cache.bytes),
                           "budget": JSONValue(resolver.cache.byteBudget)])
+        if let t = resolver.names?.totals {
+            o["names_compacted"] = .object(["buffers": JSONValue(t.buffers), "plain_bytes": JSONValue(t.plainBytes),
+                                            "stored_bytes": JSONValue(t.storedBytes), "cpu_us": JSONValue(t.cpuMicros)])
+        }
         return o
     }
 

@@ -69,19 +69,22 @@ import UprobeELF
         let names: [String?] = ["_ZN5swift3FooEv", nil, "", "ünïcödé", String(repeating: "x", count: 300)]
         let fromStrings = SymbolNames.pack(names)
         let utf8 = names.map { $0.map { Array($0.utf8) } }
-        let fromBytes = SymbolNames.pack(count: utf8.count, utf8Count: { utf8[$0]?.count }) { i, write in
-            utf8[i]?.withUnsafeBufferPointer(write)
-        }
-        #expect(fromBytes.count == names.count)
-        for (k, name) in names.enumerated() {
-            if let name {
-                #expect(fromBytes[k].map { $0.names.name(at: $0.at) } == name)
-            } else {
-                #expect(fromBytes[k] == nil)
+        // Both ways a buffer keeps its bytes: in the object (small), in a store (large).
+        for storeFrom in [nil, 1] as [Int?] {
+            let fromBytes = SymbolNames.pack(count: utf8.count, utf8Count: { utf8[$0]?.count }, withUTF8: { i, write in
+                utf8[i]?.withUnsafeBufferPointer(write)
+            }, storeFrom: storeFrom)
+            #expect(fromBytes.count == names.count)
+            for (k, name) in names.enumerated() {
+                if let name {
+                    #expect(fromBytes[k].map { $0.names.name(at: $0.at) } == name)
+                } else {
+                    #expect(fromBytes[k] == nil)
+                }
+                #expect(fromBytes[k]?.at == fromStrings[k]?.at)
             }
-            #expect(fromBytes[k]?.at == fromStrings[k]?.at)
+            #expect(fromBytes.compactMap { $0 }.first?.names.byteCount == fromStrings.compactMap { $0 }.first?.names.byteCount)
         }
-        #expect(fromBytes.compactMap { $0 }.first?.names.byteCount == fromStrings.compactMap { $0 }.first?.names.byteCount)
     }
 }
 

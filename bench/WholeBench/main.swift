@@ -8,11 +8,12 @@
 //     received; then one small `unregister` by path, until every link is gone (status);
 //   - the daemon's RSS: idle, with every probe resident (200 ms after the reply, and settled:
 //     BENCH_IDLE_SECONDS later, once the parse cache dropped the file), and after they are all removed;
-//   - `stats` with `top: 100` while a workload (the copy's -version in a loop) hits them.
+//   - `stats` with `top: 100` while a workload (the copy's -version in a loop) hits them;
+//   - `list` of them all, and `list` filtered by a symbol glob (each reads every name).
 // The binary probed is a private copy of swift-frontend (see runBench: never the toolchain's own).
 // Not a timed test: it prints a table; docs/BENCHMARKS.md records it.
 // Environment: UPROBED_BIN (the daemon), BENCH_BINARY (another binary), BENCH_CYCLES (3), BENCH_IDLE_SECONDS (12),
-// BENCH_DAEMON_CONFIG (config lines, ';'-separated), BENCH_STATS_CALLS (200).
+// BENCH_DAEMON_CONFIG (config lines, ';'-separated), BENCH_STATS_CALLS (200), BENCH_LIST_CALLS (3).
 import Foundation
 import UprobeELF
 import UprobeKernel
@@ -23,6 +24,7 @@ let env = ProcessInfo.processInfo.environment
 let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 let cycles = Int(env["BENCH_CYCLES"] ?? "") ?? 3
 let statsCalls = Int(env["BENCH_STATS_CALLS"] ?? "") ?? 200
+let listCalls = Int(env["BENCH_LIST_CALLS"] ?? "") ?? 3
 /// The pause before each floor cycle and each register, so both start with the kernel done
 /// with the previous cycle's uprobes (see bench-batch).
 let settleMicros: UInt32 = 300_000
@@ -139,6 +141,7 @@ func runBench() {
     var replyBytes = 0, residentRSS: [Int] = [], afterRSS: [Int] = [], registered = 0, settledResidentRSS = 0
     let idleSeconds = Int(env["BENCH_IDLE_SECONDS"] ?? "") ?? 12
     var statsTop: [Double] = [], workloadRuns = 0, hitsSeen: UInt64 = 0
+    var listAll: [Double] = [], listGlob: [Double] = [], listAllBytes = 0, listGlobCount = 0
     let request: JSONObject = ["op": "register", "consumer": "whole", "probes": [.object(["path": .string(binary), "symbol": "*"])]]
     // One cycle first, not counted: the daemon parses the 246,000-symbol file then.
     for cycle in 0...cycles {
@@ -184,6 +187,18 @@ func runBench() {
             stop.halt()
             while !worker.isFinished { usleep(10_000) }
             workloadRuns = stop.runs
+            // Reads of every probe's name: `list` of all, and a `list` filtered by a symbol glob
+            // (every name matched against it).
+            for _ in 0..<listCalls {
+                let s = now()
+                let (_, bytes) = call(["op": "list"])
+                listAll.append(now() - s)
+                listAllBytes = bytes
+                let g = now()
+                let (r, _) = call(["op": "list", "symbol": "*Lowering*"])
+                listGlob.append(now() - g)
+                listGlobCount = r["probes"]?.arrayValue?.count ?? 0
+            }
         }
         let c = now()
         _ = call(["op": "unregister", "path": .string(binary)])
@@ -231,6 +246,12 @@ func runBench() {
         let p99 = percentile(statsTop, 0.99)
         row(["stats top 100 of \(n), workload running (\(statsTop.count) calls)",
              "p50 \(ms(percentile(statsTop, 0.5))), p99 \(ms(p99))", "—", "—", "p99 < 20 ms", p99 < 0.020 ? "yes" : "NO"])
+    }
+    if !listAll.isEmpty {
+        row(["list of all \(n) (\(listAllBytes / 1_000_000) MB reply, \(listAll.count) calls)", "median \(ms(median(listAll))), max \(ms(listAll.max() ?? 0))",
+             "—", "—", "—", "—"])
+        row(["list by symbol glob `*Lowering*` (\(listGlobCount) of \(n), \(listGlob.count) calls)",
+             "median \(ms(median(listGlob))), max \(ms(listGlob.max() ?? 0))", "—", "—", "—", "—"])
     }
     print("")
     print("register reply: \(replyBytes) bytes (compact form). Each cycle after a \(settleMicros / 1000) ms pause: floor create \(each(floorCreate)), close \(each(floorClose)); uprobed register \(each(register)), unregister reply \(each(unregisterAck)), links gone \(each(unregisterGone)).")

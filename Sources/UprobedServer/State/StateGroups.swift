@@ -56,7 +56,7 @@ extension StateCodec {
     static func estimatedSize(_ probes: [SavedProbe]) -> Int {
         var n = 1024
         for i in probes.indices {
-            n += probes[i].targets.count == 1 ? bytesPerMember + (probes[i].targets[0].symbol?.utf8.count ?? 0) : bytesPerProbe
+            n += probes[i].targets.count == 1 ? bytesPerMember + probes[i].targets[0].symbolByteCount : bytesPerProbe
         }
         return n
     }
