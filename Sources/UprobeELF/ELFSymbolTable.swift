@@ -154,6 +154,15 @@ public struct ELFSymbolTable: Sendable {
         return names.withUnsafeBufferPointer { String(decoding: Self.bytes(e, $0), as: UTF8.self) }
     }
 
+    /// The UTF-8 bytes of symbol i's name (as in the file), lent to `body`.
+    func withNameBytes<R>(_ i: Int, _ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
+        let e = entries[i]
+        return names.withUnsafeBufferPointer { body(Self.bytes(e, $0)) }
+    }
+
+    /// The byte length of symbol i's name.
+    func nameByteCount(_ i: Int) -> Int { Int(entries[i].nameLength) }
+
     func address(_ i: Int) -> UInt64 { entries[i].address }
     func size(_ i: Int) -> UInt64 { entries[i].size }
     func isIFunc(_ i: Int) -> Bool { entries[i].flags & 8 != 0 }

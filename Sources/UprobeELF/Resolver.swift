@@ -411,9 +411,10 @@ public struct Resolver: Sendable {
         }
         // Every name of the run in one buffer: a 10,000-name request is 10,000 specs of one
         // site each, and a buffer per spec was an allocation per probe.
-        var all: [String?] = []
-        for case .success(let f) in found { all += f.sites.lazy.map(\.symbol) }
-        var names = SymbolNames.pack(all, compactor: self.names)[...]
+        var all: [Site.Name] = []
+        all.reserveCapacity(found.reduce(0) { n, f in n + ((try? f.get())?.sites.count ?? 0) })
+        for case .success(let f) in found { all += f.sites.lazy.map(\.name) }
+        var names = Self.pack(all, elf: elf, compactor: self.names)[...]
         var files = FilesWithNames(file)
         for f in found {
             switch f {
@@ -453,7 +454,7 @@ public struct Resolver: Sendable {
         // One file object for all the sites: a whole binary's 241,000 probes share it.
         let file = file ?? ResolvedFile(path: target.path, device: target.device, inode: target.inode, buildID: elf.buildID)
         var files = FilesWithNames(file)
-        return resolution(found, files: &files, names: SymbolNames.pack(found.sites.lazy.map(\.symbol), compactor: self.names)[...])
+        return resolution(found, files: &files, names: Self.pack(found.sites.map(\.name), elf: elf, compactor: self.names)[...])
     }
 
     /// The sites `spec` names in order of their offsets, and the functions a glob skipped.
@@ -474,7 +475,9 @@ public struct Resolver: Sendable {
         } else {
             sites = []
         }
-        let inOrder = zip(sites, sites.dropFirst()).allSatisfy({ $0.offset < $1.offset }) ? sites : sites.sorted { $0.offset < $1.offset }
+        // By index: zipping the array with itself copied every site (its strings and arrays) twice.
+        let inOrder = sites.indices.dropLast().allSatisfy({ sites[$0].offset < sites[$0 + 1].offset })
+            ? sites : sites.sorted { $0.offset < $1.offset }
         return (inOrder, skipped.map {
             var s = $0
             s.path = target.path
@@ -520,7 +523,45 @@ public struct Resolver: Sendable {
             + "\(refusal); force does not override this (\(consequence)). Probe a later instruction of the function by offset")
     }
 
-    struct Site { var offset: UInt64; var symbol: String?; var aliases: [String]; var refCtr: UInt64?; var warning: String? }
+    struct Site {
+        var offset: UInt64
+        var symbol: String?
+        var aliases: [String]
+        var refCtr: UInt64?
+        var warning: String?
+        /// The symbol table entry whose name is `symbol`, which is then not made (-1: `symbol`
+        /// is the name). A glob's function with one name takes its name from the table when
+        /// the names are packed (`pack`): a String per function, made, copied with its site
+        /// and freed again, was a third of a whole binary's resolution.
+        var tableName: Int32 = -1
+
+        /// The name, where it is.
+        enum Name {
+            case string(String?)
+            case table(Int32)
+        }
+        var name: Name { tableName >= 0 ? .table(tableName) : .string(symbol) }
+    }
+
+    /// `SymbolNames.pack` of sites' names, those in `elf`'s symbol table copied from its bytes
+    /// (valid UTF-8: the parser repairs a name that is not as it reads it).
+    /// Each buffer of at least `compactor.minimumBytes` is handed to `compactor`, as `SymbolNames.pack` does.
+    static func pack(_ names: [Site.Name], elf: ELFFile, compactor: NameCompactor?) -> [(names: SymbolNames, at: UInt32)?] {
+        let syms = elf.symbols
+        return SymbolNames.pack(count: names.count, utf8Count: { k in
+            switch names[k] {
+            case .string(let s): return s?.utf8.count
+            case .table(let i): return syms.nameByteCount(Int(i))
+            }
+        }, withUTF8: { k, write in
+            switch names[k] {
+            case .string(let s):
+                guard var s else { return }
+                s.withUTF8(write)
+            case .table(let i): syms.withNameBytes(Int(i), write)
+            }
+        }, storeFrom: compactor?.minimumBytes, compactor: compactor)
+    }
 
     // MARK: opening
 
@@ -700,6 +741,18 @@ public struct Resolver: Sendable {
             if version != nil { return versionedMatches.contains(name) }
             return fnmatch(request, name, 0) == 0
         }
+        // The refused sites' offsets in order, searched before the table is hashed: a glob over
+        // a whole binary asks for every function, and few are refused.
+        let refusals = elf.unprobeableSites
+        let refused = refusals.keys.sorted()
+        func refusal(at off: UInt64) -> InstructionRefusal? {
+            var lo = 0, hi = refused.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if refused[mid] < off { lo = mid + 1 } else { hi = mid }
+            }
+            return lo < refused.count && refused[lo] == off ? refusals[off] : nil
+        }
         var sites: [Site] = []
         sites.reserveCapacity(addresses.count)
         var skipped: [SkippedSite] = []
@@ -713,21 +766,20 @@ public struct Resolver: Sendable {
             }
             if syms.isAloneAtAddress(first) {
                 // Most functions have one name: no ranking, no aliases.
-                let name = syms.name(first)
-                if let refusal = elf.unprobeableSites[off] {
+                if let refusal = refusal(at: off) {
                     guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
-                    skipped.append(SkippedSite(path: "", fileOffset: off, symbol: name, refusal: refusal))
+                    skipped.append(SkippedSite(path: "", fileOffset: off, symbol: syms.name(first), refusal: refusal))
                     continue
                 }
-                let warning = syms.isIFunc(first) ? ifuncWarning(name, ifuncs: [syms.symbol(first)], syms: syms) : nil
-                sites.append(Site(offset: off, symbol: name, aliases: [], refCtr: nil, warning: warning))
+                let warning = syms.isIFunc(first) ? ifuncWarning(syms.name(first), ifuncs: [syms.symbol(first)], syms: syms) : nil
+                sites.append(Site(offset: off, symbol: nil, aliases: [], refCtr: nil, warning: warning, tableName: Int32(first)))
                 continue
             }
             let here = syms.indices(at: addr).map { syms.symbol($0) }
             let matchedHere = Set(here.map(\.name).filter(isMatched))
             let ranked = here.sorted { before($0, $1, matchedHere) }
             guard let primary = ranked.first else { continue }
-            if let refusal = elf.unprobeableSites[off] {
+            if let refusal = refusal(at: off) {
                 guard isGlob else { throw notProbeable("symbol '\(request)'", at: off, path: path, refusal) }
                 // The path is filled in by the caller, which knows the target's.
                 skipped.append(SkippedSite(path: "", fileOffset: off, symbol: primary.name, refusal: refusal))

@@ -51,26 +51,38 @@ public final class SymbolNames: ManagedBuffer<SymbolNames.Header, UInt8> {
     /// `storeFrom`: buffers of at least this many bytes keep them in a `NameStore` (can be
     /// compressed); nil: none.
     static func pack(_ names: some Collection<String?>, storeFrom: Int?, compactor: NameCompactor? = nil) -> [(names: SymbolNames, at: UInt32)?] {
+        let names = Array(names)
+        return pack(count: names.count, utf8Count: { names[$0]?.utf8.count }, withUTF8: { i, write in
+            guard var name = names[i] else { return }
+            name.withUTF8(write)
+        }, storeFrom: storeFrom, compactor: compactor)
+    }
+
+    /// `pack` of `count` names given by their UTF-8 bytes: `utf8Count(i)` is name i's length
+    /// (nil: no name), and `withUTF8(i, write)` calls `write` once with its bytes. A resolver
+    /// packs a glob's names straight from its symbol table this way: a String made per name
+    /// (twice: sized, then written) took a third of resolving a whole binary.
+    public static func pack(count: Int, utf8Count: (Int) -> Int?, withUTF8: (Int, (UnsafeBufferPointer<UInt8>) -> Void) -> Void,
+                            storeFrom: Int?, compactor: NameCompactor? = nil) -> [(names: SymbolNames, at: UInt32)?] {
         var out: [(names: SymbolNames, at: UInt32)?] = []
-        out.reserveCapacity(names.count)
-        var start = names.startIndex
-        while start != names.endIndex {
+        out.reserveCapacity(count)
+        var start = 0
+        while start != count {
             // The names that fit in one buffer.
             var total = 0
             var end = start
-            while end != names.endIndex {
-                let size = names[end].map { NameBytes.storedSize(utf8Count: $0.utf8.count) } ?? 0
+            while end != count {
+                let size = utf8Count(end).map { NameBytes.storedSize(utf8Count: $0) } ?? 0
                 // Offsets below UInt32.max (`ResolvedProbe.noName`).
                 if total + size >= Int(UInt32.max), end != start { break }
                 total += size
-                names.formIndex(after: &end)
+                end += 1
             }
             let buffer: SymbolNames
-            let fill: (UnsafeMutablePointer<UInt8>) -> Void = { base in
+            func fill(_ base: UnsafeMutablePointer<UInt8>) {
                 var at = 0
-                for name in names[start..<end] {
-                    guard var name else { continue }
-                    at = name.withUTF8 { NameBytes.write($0, at: at, into: base) }
+                for i in start..<end {
+                    withUTF8(i) { at = NameBytes.write($0, at: at, into: base) }
                 }
             }
             if let storeFrom, total >= storeFrom {
@@ -83,10 +95,10 @@ public final class SymbolNames: ManagedBuffer<SymbolNames.Header, UInt8> {
                 buffer.withUnsafeMutablePointerToElements { fill($0) }
             }
             var at = 0
-            for name in names[start..<end] {
-                guard let name else { out.append(nil); continue }
+            for i in start..<end {
+                guard let n = utf8Count(i) else { out.append(nil); continue }
                 out.append((buffer, UInt32(truncatingIfNeeded: at)))
-                at += NameBytes.storedSize(utf8Count: name.utf8.count)
+                at += NameBytes.storedSize(utf8Count: n)
             }
             start = end
         }

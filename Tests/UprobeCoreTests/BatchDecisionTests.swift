@@ -669,10 +669,14 @@ struct BatchDecisionTests {
         let queue = OpQueue()
         let taken = Mutex<[Int]>([])
         let done = DispatchSemaphore(value: 0)
-        let items = (0..<4).map { RegisterItem(spec: ProbeSpecInput(path: "/x", symbol: "f\($0)"), targets: []) }
+        let items = (0..<4).map { RegisterItem(spec: ProbeSpecInput(path: "/x", symbol: "f\($0)"),
+                                               targets: [target("/x", inode: 1, offset: UInt64($0))]) }
         func register(_ n: Int) -> PendingOp {
             .register(items: Array(items.prefix(n)), consumer: nil, peer: .daemon, early: nil, reply: { _ in })
         }
+        // One glob spec is one item however many functions it matched: its sites count.
+        let glob = RegisterItem(spec: ProbeSpecInput(path: "/x", symbol: "f*"),
+                                targets: (0..<4).map { target("/x", inode: 1, offset: UInt64($0)) })
         // A window far longer than the test: only the size of the request can end it early.
         let writer = Thread {
             while let batch = queue.nextBatch(window: .seconds(600), max: 100, largeRequest: 4) {
@@ -683,15 +687,19 @@ struct BatchDecisionTests {
         }
         writer.start()
         usleep(50_000)  // the writer now waits for work
+        #expect(queue.push(.register(items: [glob], consumer: nil, peer: .daemon, early: nil, reply: { _ in })))
+        #expect(done.wait(timeout: .now() + 30) == .success, "a glob of 4 sites is a large request: no window")
+        #expect(taken.withLock { $0 } == [1])
+        usleep(50_000)
         #expect(queue.push(register(4)))
         #expect(done.wait(timeout: .now() + 30) == .success, "a large request must not wait for the window")
-        #expect(taken.withLock { $0 } == [1])
+        #expect(taken.withLock { $0 } == [1, 1])
         usleep(50_000)
         #expect(queue.push(register(3)))
         #expect(done.wait(timeout: .now() + 1) == .timedOut, "a small request waits in the window")
         #expect(queue.close())
         #expect(done.wait(timeout: .now() + 30) == .success)
-        #expect(taken.withLock { $0 } == [1, 1])
+        #expect(taken.withLock { $0 } == [1, 1, 1])
     }
 
     @Test("a restore with adopted links: adopted registrations keep their slots (no attach, no reset), slots no one claims are detached make-before-break by the next compaction, new slots avoid the claimed ones")

@@ -83,6 +83,49 @@ public struct ProbeMap: Sendable {
         chunk.rows[i] = StatsRow(r, consumer: key)
     }
 
+    /// Inserts `records` as `insert` does each, a run of new records of one chunk at a time:
+    /// one chunk lookup and one access to its arrays per run, and one consumer count per run
+    /// of records that share their request's terms. A whole binary's 241,000 records spent a
+    /// fifth of their registry time in the lookups and exclusivity checks of one insert each.
+    mutating func insert(contentsOf records: [ProbeRecord]) {
+        var start = records.startIndex
+        while start < records.endIndex {
+            let first = records[start]
+            guard let (ci, i0) = Self.place(first.number), records[start...].count > 1 else {
+                insert(first)
+                start += 1
+                continue
+            }
+            // The run: new records in consecutive places of this chunk with the same terms.
+            let chunk = uniqueChunk(ci)
+            var end = start
+            var i = i0
+            while end < records.endIndex, i < Self.chunkSize, chunk.records[i] == nil,
+                  records[end].terms === first.terms, let n = records[end].number,
+                  n == ci &* UInt64(Self.chunkSize) &+ UInt64(i) {
+                end += 1
+                i += 1
+            }
+            guard end > start else {  // its place is taken: replaced as usual
+                insert(first)
+                start += 1
+                continue
+            }
+            let key = retainConsumerKey(first.consumer, records: end - start)
+            chunk.records.withUnsafeMutableBufferPointer { places in
+                chunk.rows.withUnsafeMutableBufferPointer { rows in
+                    for (k, r) in records[start..<end].enumerated() {
+                        places[i0 + k] = r
+                        rows[i0 + k] = StatsRow(r, consumer: key)
+                    }
+                }
+            }
+            chunk.count += end - start
+            count += end - start
+            start = end
+        }
+    }
+
     @discardableResult
     mutating func remove(_ id: String) -> ProbeRecord? {
         guard let (ci, i) = Self.place(id) else {
@@ -120,10 +163,11 @@ public struct ProbeMap: Sendable {
     /// How many consumer names are kept (one per consumer with a registration).
     var consumerNames: Int { consumerKeys.count }
 
-    private mutating func retainConsumerKey(_ consumer: String?) -> UInt32 {
+    /// `records`: how many new records take the name.
+    private mutating func retainConsumerKey(_ consumer: String?, records: Int = 1) -> UInt32 {
         guard let consumer else { return 0 }
         if let at = consumerKeys.index(forKey: consumer) {  // one hash: a register of 10,000 comes here 10,000 times
-            consumerKeys.values[at].records += 1
+            consumerKeys.values[at].records += records
             return consumerKeys.values[at].key
         }
         let k: UInt32
@@ -134,7 +178,7 @@ public struct ProbeMap: Sendable {
             k = nextConsumerKey
             nextConsumerKey += 1
         }
-        consumerKeys[consumer] = (k, 1)
+        consumerKeys[consumer] = (k, records)
         return k
     }
 

@@ -151,7 +151,11 @@ struct KernelCounts: Sendable {
 /// and releases meanwhile too. Here each record's target is copied once.
 struct RecordTable {
     let records: [ProbeRecord]
-    let symbols: [String?]
+    /// Each record's first target, whose name is read in place (`symbolIs`, `withSymbolUTF8`)
+    /// and made into a String only where a line holds it: a String per record was a third
+    /// of a whole binary's table, whose names go to a names file that a glob registered again
+    /// reuses without reading them.
+    let firstTargets: [ResolvedProbe?]
     let offsets: [UInt64]
     /// Aliases of the records that have some.
     let aliases: [Int: [String]]
@@ -169,21 +173,21 @@ struct RecordTable {
     init(_ records: [ProbeRecord], stamping: Bool = false) {
         self.records = records
         let n = records.count
-        var symbols: [String?] = [], offsets: [UInt64] = [], aliases: [Int: [String]] = [:]
+        var firstTargets: [ResolvedProbe?] = [], offsets: [UInt64] = [], aliases: [Int: [String]] = [:]
         var fileIndex: [Int32] = [], files: [ResolvedFile] = [], memberTarget: [Bool] = []
         var slots: [UInt32?] = [], stamps: [ProbeStamps] = []
-        symbols.reserveCapacity(n); offsets.reserveCapacity(n); fileIndex.reserveCapacity(n)
+        firstTargets.reserveCapacity(n); offsets.reserveCapacity(n); fileIndex.reserveCapacity(n)
         memberTarget.reserveCapacity(n); slots.reserveCapacity(n)
         if stamping { stamps.reserveCapacity(n) }
         var stampFiles = FileStampCache()
         var last: (record: ProbeRecord, file: Int32, stamps: ProbeStamps)?
         for (k, r) in records.enumerated() {
             guard let t = r.firstTarget else {
-                symbols.append(nil); offsets.append(0); fileIndex.append(-1); memberTarget.append(false); slots.append(nil)
+                firstTargets.append(nil); offsets.append(0); fileIndex.append(-1); memberTarget.append(false); slots.append(nil)
                 if stamping { stamps.append(ProbeStamps(file: nil, processStart: r.spec.pid.flatMap { processStartTime($0) })) }
                 continue
             }
-            symbols.append(t.symbol)
+            firstTargets.append(t)
             offsets.append(t.fileOffset)
             let a = t.aliases
             if !a.isEmpty { aliases[k] = a }
@@ -206,8 +210,17 @@ struct RecordTable {
                 stamps.append(s)
             }
         }
-        (self.symbols, self.offsets, self.aliases, self.fileIndex, self.files) = (symbols, offsets, aliases, fileIndex, files)
+        (self.firstTargets, self.offsets, self.aliases, self.fileIndex, self.files) = (firstTargets, offsets, aliases, fileIndex, files)
         (self.memberTarget, self.slots, self.stamps) = (memberTarget, slots, stamps)
+    }
+}
+
+extension RecordTable {
+    /// Whether record k's first target's symbol is `name` (both nil: no target, or no name, and
+    /// no name asked for), as `firstTarget?.symbol == name` without making the String.
+    func symbolIs(_ k: Int, _ name: String?) -> Bool {
+        guard let t = firstTargets[k] else { return name == nil }
+        return t.symbolIs(name)
     }
 }
 
@@ -221,7 +234,7 @@ struct RecordColumns: GroupColumns {
     var freshlyResolved: Bool { true }
     func id(_ i: Int) -> String { table.records[base + i].id }
     func idNumber(_ i: Int) -> UInt64? { table.records[base + i].number }
-    func symbol(_ i: Int) -> String? { table.symbols[base + i] }
+    func symbol(_ i: Int) -> String? { table.firstTargets[base + i]?.symbol }
     func offset(_ i: Int) -> UInt64 { table.offsets[base + i] }
     func slot(_ i: Int) -> UInt32? { table.slots[base + i] }
     func hits(_ i: Int) -> UInt64 { table.records[base + i].baseHits }
@@ -263,7 +276,7 @@ extension StateCodec {
         var size = 1024
         for k in records.indices {
             size += records[k].targetCount != 1 ? bytesPerProbe
-                : bytesPerMember + (names == nil ? (table.symbols[k]?.utf8.count ?? 0) : 0)
+                : bytesPerMember + (names == nil ? (table.firstTargets[k]?.symbolByteCount ?? 0) : 0)
         }
         var w = JSONWriter(reservingCapacity: size)
         w.beginArray()  // for the commas between elements; its bracket is dropped
@@ -273,7 +286,7 @@ extension StateCodec {
             var end = i + 1
             if member[i] {
                 let specSymbol = records[i].spec.symbol
-                let each = specSymbol == table.symbols[i]
+                let each = table.symbolIs(i, specSymbol)
                 while end < records.count, member[end],
                       sameShape(table, i, stamps[i], specSymbol: specSymbol, each: each, end, stamps[end]) { end += 1 }
             }
@@ -305,16 +318,15 @@ extension StateCodec {
         let a = table.records[i], b = table.records[k]
         guard table.fileIndex[i] >= 0, table.fileIndex[i] == table.fileIndex[k], sa == sb,
               (table.slots[i] == nil) == (table.slots[k] == nil) else { return false }
-        let tbSymbol = table.symbols[k]
         if a.sameRequest(as: b) {
             // Same spec: a glob's spec symbol is no function's name, so only a request that
             // named its functions has `each`, and then every member's symbol is its spec's.
-            return each == (specSymbol == tbSymbol)
+            return each == table.symbolIs(k, specSymbol)
         }
         return a.consumer == b.consumer && a.owner == b.owner && a.registeredAt == b.registeredAt
             && a.probeSet == b.probeSet
             && a.spec.path == b.spec.path && a.spec.pid == b.spec.pid && a.spec.retprobe == b.spec.retprobe
             && a.spec.force == b.spec.force && a.spec.follow == b.spec.follow && a.spec.latency == b.spec.latency
-            && each == (b.spec.symbol == tbSymbol) && (each || a.spec.symbol == b.spec.symbol)
+            && each == table.symbolIs(k, b.spec.symbol) && (each || a.spec.symbol == b.spec.symbol)
     }
 }

@@ -149,9 +149,12 @@ public final class StatePersister: Sendable {
             var text: [UInt8] = []
             var stamps: [ProbeStamps] = []
             var names: Set<String> = []
+            /// How long `fill` took (logged for a bulk run).
+            var micros: UInt64 = 0
         }
 
         func fill() {
+            let started = ContinuousClock.now
             let table = RecordTable(records, stamping: true)
             let stamps = table.stamps
             // A glob's names go to their names file here, synced before the text is handed
@@ -159,7 +162,8 @@ public final class StatePersister: Sendable {
             // is appended only after (see `NameFiles`).
             let refs = NameRefs(names)
             let text = StateCodec.encodeElements(table, stamps: stamps, names: refs)
-            result.withLock { $0 = Encoded(text: text, stamps: stamps, names: refs.used) }
+            let micros = (ContinuousClock.now - started).microseconds
+            result.withLock { $0 = Encoded(text: text, stamps: stamps, names: refs.used, micros: micros) }
             done.signal()
         }
 
@@ -278,7 +282,12 @@ public final class StatePersister: Sendable {
                 i += 1
             }
         }
+        let waitStarted = ContinuousClock.now
         let filled = runStarts.mapValues { run in (run: run, encoded: run.get()) }
+        if let bulk = filled.values.first(where: { $0.run.records.count >= 50_000 }) {
+            logger?.info("bulk state entry", metadata: ["probes": "\(bulk.run.records.count)", "encode_us": "\(bulk.encoded.micros)",
+                                                        "writer_waited_us": "\((ContinuousClock.now - waitStarted).microseconds)"])
+        }
         // nil: a full rewrite is due while a snapshot is being written; wait for it, then again.
         var outcome: Result<Bool, StateError>? = nil
         while outcome == nil {

@@ -99,9 +99,12 @@ final class BatchApplier {
         counters.maxBatchSize = max(counters.maxBatchSize, batch.count)
 
         // Phase A: plan. Allocate slots for registrations; validate removals.
+        var timings = BatchTimings()
         let planned = plan(batch)
         var registers = planned.registers
         let removals = planned.removals
+        timings.keep(probes: registers.reduce(0) { $0 + ($1.failure == nil ? $1.probes.count : 0) }
+                        + removals.reduce(0) { $0 + $1.ids.count }, firstPhase: "plan")
 
         // The removed registrations' slots die now, and a bulk removal's links start closing
         // on the detach worker at once, while this writer takes the registrations out of the
@@ -119,6 +122,7 @@ final class BatchApplier {
         // The small registrations' state entry goes to the log now, and its sync runs while
         // the kernel attaches them.
         let wroteAhead = writeAhead(&registers, now: now)
+        timings.mark("write_ahead")
 
         // Phase B: attach, one link per (binary, pid filter, direction) across all requests.
         // While the kernel attaches, a large request's records are made, handed to the hooks
@@ -134,27 +138,31 @@ final class BatchApplier {
         } else {
             let large = entered.map { (index: $0, plan: registers[$0]) }
             var made: [Int: [ProbeRecord]] = [:]
+            var lent = BatchTimings(kept: true)  // the attach thread's own phases (copied only if kept)
             // What the attach thread may touch: the registry (and the tree through it) and the hooks.
             let registry = self.registry, prepare = self.prepare
             attachPlanned(&registers) {
+                lent = BatchTimings(kept: true)
                 for (index, plan) in large {
-                    let (consumer, peer) = (plan.consumer, plan.peer)  // not `plan`, which the closure would copy per record
-                    var shared: RequestTerms?
-                    let records = plan.probes.map { p in
-                        Self.makeRecord(id: registry.nextID(), consumer: consumer, peer: peer,
-                                        spec: p.spec, sites: p.sites, now: now, restored: nil, state: .active,
-                                        probeSet: p.probeSet, shared: &shared)
-                    }
+                    let records = Self.makeRecords(plan, ids: registry, now: now)
+                    lent.mark("lent_records")
                     // The state entry first: the writer waits for it, the reply can wait longer.
                     prepare?(records)
                     plan.earlyHook?(records)
-                    for r in records { registry.insert(r) }
+                    lent.mark("lent_hooks")
+                    registry.insert(contentsOf: records)
+                    lent.mark("lent_registry")
                     made[index] = records
                 }
                 registry.stageInserts()
+                lent.mark("lent_tree_stage")
             }
             for (index, records) in made { registers[index].early = records }
+            for p in lent.phases { timings.note(p.name, micros: p.micros) }
         }
+        timings.mark("attach")
+        timings.note("attach_kernel", micros: links.lastCreateMicros.kernel)
+        timings.note("attach_lent_wait", micros: links.lastCreateMicros.lentWait)
 
         // Phase C: commit, persist, publish, reply.
         var orphanSlots: [UInt32] = []  // attached for a request that then failed
@@ -177,7 +185,7 @@ final class BatchApplier {
                 if let item = plan.probes.first?.restored {
                     // A restored registration that cannot attach stays registered, degraded:
                     // dropping it silently would lose an acknowledged registration.
-                    let r = record(id: item.id, plan: plan, spec: item.spec, sites: [], now: now,
+                    let r = record(id: item.id, plan: plan, spec: item.spec, sites: ProbeSites([ProbeSite]()), now: now,
                                    restored: item, state: .degraded(reason: failure.message), probeSet: item.probeSet)
                     restored[plan.index, default: []].append(.success(r))
                 }
@@ -223,11 +231,13 @@ final class BatchApplier {
         }
         compactor.retire(orphanSlots)
         slots.release(unattachedSlots)
+        timings.mark("collect")
 
         // New consumers are staged now and published with the registry below, in one version
         // with the removals (`publish`).
         registry.stageInserts()
         if !withdrawn.isEmpty { tree.stage(withdrawn) }  // staged, never published: gone before readers look
+        timings.mark("tree_stage")
         var snapshot = makeSnapshot()
         // What this batch changed, so the state file can record it without diffing the registry.
         // Registrations written ahead are in the log already; those of them that failed to
@@ -238,6 +248,7 @@ final class BatchApplier {
         let appends = !snapshot.batchAdded.isEmpty || !snapshot.batchRemoved.isEmpty
         var persistError: EngineError? = nil
         var unsavedRemoval: String? = nil
+        timings.mark("snapshot")
         if let error = commit.save(snapshot) {
             persistError = BatchCommit.notRegistered(error)
             unsavedRemoval = "the state file could not be written: \(error)"
@@ -254,8 +265,10 @@ final class BatchApplier {
             created = created.filter { aheadIndices.contains($0.key) }
             snapshot = makeSnapshot()
         }
+        timings.mark("persist")
         publish(snapshot, removing: treeRemovals)
         compactor.published()
+        timings.mark("publish")
         // Replies: at once if the state write failed or is already durable; otherwise once the
         // committer has synced the log (`persist` only appended to it).
         var replies = BatchReplies(unsavedRemoval: unsavedRemoval)
@@ -272,6 +285,7 @@ final class BatchApplier {
         }
         replies.removals = zip(removals, removedCount).map { (reply: $0.reply, count: $1) }
         commit.reply(replies, saved: persistError == nil, wroteAhead: wroteAhead, appends: appends)
+        timings.mark("reply")
 
         // Phase D: detach work is deferred (compaction_delay) so that the removals of many
         // batches share one rebuild per link and one grace period; it runs now if it is due.
@@ -280,6 +294,8 @@ final class BatchApplier {
         counters.lastBatchMicros = (ContinuousClock.now - started).microseconds
         counters.busyMicros += counters.lastBatchMicros
         publish(makeSnapshot())
+        timings.mark("after")
+        timings.log(logger, probes: removing + created.values.reduce(0, { $0 + $1.count }), what: "request batch")
         // A whole binary's registration: once its transient buffers are gone, return the heap
         // (see MemoryTrimmer). Asked last: a heap-release window open during the rest of the
         // batch (its state write, the tree's 241,000 inserts) would hand back buffers the batch
@@ -290,7 +306,7 @@ final class BatchApplier {
     }
 
     /// Makes a registration and enters it (registry and, at the next publication, tree).
-    func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: [ProbeSite], now: BatchClock,
+    func record(id: String, plan: PlannedRegister, spec: ProbeSpecInput, sites: ProbeSites, now: BatchClock,
                 restored: RestoreItem?, state: ProbeState, probeSet: String?) -> ProbeRecord {
         let r = Self.makeRecord(id: id, consumer: plan.consumer, peer: plan.peer, spec: spec, sites: sites, now: now,
                                 restored: restored, state: state, probeSet: probeSet, shared: &lastTerms)
@@ -300,7 +316,7 @@ final class BatchApplier {
 
     /// - Parameter shared: the terms of the record made before; used again when this one's
     ///   are the same (the records of one request), so a glob's records share one object.
-    private static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: [ProbeSite],
+    private static func makeRecord(id: String, consumer: String?, peer: Peer, spec: ProbeSpecInput, sites: ProbeSites,
                                    now: BatchClock, restored: RestoreItem?, state: ProbeState, probeSet: String?,
                                    shared: inout RequestTerms?) -> ProbeRecord {
         let registeredAt = restored?.registeredAt ?? now.realtime
@@ -313,13 +329,39 @@ final class BatchApplier {
                                  registeredAtMonotonic: now.monotonic, countingSince: now.countingSince, probeSet: probeSet)
             shared = terms
         }
-        return ProbeRecord(id: id, terms: terms, sites: ProbeSites(sites), state: state, baseHits: restored?.baseHits ?? 0,
+        return ProbeRecord(id: id, terms: terms, sites: sites, state: state, baseHits: restored?.baseHits ?? 0,
                            // An adopted followed registration also has sites in older file
                            // versions (placed before its targets' sites): its targets are then
                            // not its sites' targets.
                            targets: sites.isEmpty || (restored?.adoptedSlots != nil && sites.count != restored?.targets.count)
                                ? (restored?.targets ?? []) : nil,
                            retired: restored?.retired ?? [], baseLatency: restored?.baseLatency)
+    }
+
+    /// The records of a large new registration, with ids from `ids`, in its probes' order.
+    /// The probes of one spec share their `Origin`, and their records one `RequestTerms`,
+    /// found by the origin's identity: comparing each probe's spec with the last one (its
+    /// path, symbol and consumer strings), 241,000 times for a whole binary, was a tenth of
+    /// making the records.
+    static func makeRecords(_ plan: PlannedRegister, ids: RegistryWriter, now: BatchClock) -> [ProbeRecord] {
+        var records: [ProbeRecord] = []
+        records.reserveCapacity(plan.probes.count)
+        var last: (origin: PlannedProbe.Origin, terms: RequestTerms)?
+        for p in plan.probes {
+            let terms: RequestTerms
+            if let last, last.origin === p.origin {
+                terms = last.terms
+            } else {
+                terms = RequestTerms(consumer: plan.consumer, owner: plan.peer, spec: p.spec, registeredAt: now.realtime,
+                                     registeredAtMonotonic: now.monotonic, countingSince: now.countingSince,
+                                     probeSet: p.probeSet)
+                last = (p.origin, terms)
+            }
+            // New: no restored parts, and its targets are its sites'.
+            records.append(ProbeRecord(id: ids.nextID(), terms: terms, sites: p.sites, state: .active, baseHits: 0,
+                                       targets: nil))
+        }
+        return records
     }
 
     /// A batch's registration time, read once: every record of the batch carries it.

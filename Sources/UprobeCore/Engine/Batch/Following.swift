@@ -90,7 +90,7 @@ extension BatchApplier {
             attachPlanned(&plans)
             for (plan, id) in zip(plans, ids) {
                 guard let r = registry[id] else { continue }
-                let newSites = plan.probes.first?.sites ?? []
+                let newSites: [ProbeSite] = plan.probes.first.map { Array($0.sites) } ?? []
                 if let failure = plan.failure {
                     for s in newSites {
                         if links.isAttached(s.slot) {

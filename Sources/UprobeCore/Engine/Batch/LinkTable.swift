@@ -98,6 +98,9 @@ final class LinkTable {
     private var closing = 0
     /// Links created so far (`status`: links created).
     private(set) var created: UInt64 = 0
+    /// The last `create`'s time in the kernel calls, and then waiting for the lent work
+    /// (`BatchTimings`).
+    private(set) var lastCreateMicros: (kernel: UInt64, lentWait: UInt64) = (0, 0)
 
     init(kernel: any KernelBackend) {
         self.kernel = kernel
@@ -155,10 +158,15 @@ final class LinkTable {
             // to 2.4 ms for a CPU: `meanwhile` can afford such a wait, the attach cannot.
             let lent = LentWork(meanwhile)
             attacher.submit { lent.run() }
+            let started = ContinuousClock.now
             made = create()
+            let createdAt = ContinuousClock.now
             lent.wait()
+            lastCreateMicros = ((createdAt - started).microseconds, (ContinuousClock.now - createdAt).microseconds)
         } else {
+            let started = ContinuousClock.now
             made = create()
+            lastCreateMicros = ((ContinuousClock.now - started).microseconds, 0)
         }
         return zip(requests, made).map { request, result in
             switch result {

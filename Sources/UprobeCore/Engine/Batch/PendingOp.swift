@@ -21,10 +21,12 @@ enum PendingOp: Sendable {
 }
 
 extension PendingOp {
-    /// Probes a register or an unregister by ids names; 0 for every other op.
+    /// Probe sites a register resolved to (a glob's items are one spec, and a whole binary's
+    /// waited out the batch window as a one-probe request) or ids an unregister names; 0 for
+    /// every other op.
     var probeCount: Int {
         switch self {
-        case .register(let items, _, _, _, _): return items.count
+        case .register(let items, _, _, _, _): return items.reduce(0) { $0 + $1.targets.count }
         case .unregister(let ids?, _, _, _, _): return ids.count
         default: return 0
         }

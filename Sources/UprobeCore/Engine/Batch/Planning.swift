@@ -20,15 +20,21 @@ struct PlannedProbe {
             self.probeSet = probeSet
         }
     }
-    var sites: [ProbeSite]
+    /// A function's one site inline, as its record will keep it: an array per planned probe
+    /// was 241,000 allocations of a whole binary's plan, made and freed before the attach.
+    var sites: ProbeSites
     let origin: Origin
     /// Its sites are in links adopted from the pin directory: not attached again.
     var adopted = false
 
-    init(sites: [ProbeSite], origin: Origin, adopted: Bool = false) {
+    init(sites: ProbeSites, origin: Origin, adopted: Bool = false) {
         self.sites = sites
         self.origin = origin
         self.adopted = adopted
+    }
+
+    init(sites: [ProbeSite], origin: Origin, adopted: Bool = false) {
+        self.init(sites: ProbeSites(sites), origin: origin, adopted: adopted)
     }
 
     init(sites: [ProbeSite], spec: ProbeSpecInput, restored: RestoreItem? = nil, adopted: Bool = false, probeSet: String? = nil) {
@@ -75,38 +81,43 @@ struct BatchPlan {
 /// A batch's sites grouped by link: one group per (binary, pid filter, direction), in the order
 /// first seen, each with the sites of every registration in it.
 struct LinkGroups {
-    struct Member { var reg: Int; var site: LinkSite }  // `reg`: index into the registrations
     struct Group {
         var key: LinkGroupKey
         var path: String
-        var members: [Member]
+        /// The sites, handed to the kernel as they are (no copy per link request).
+        var sites: [LinkSite]
+        /// `regs[i]`: the registration (index into the registrations) of `sites[i]`.
+        var regs: [Int]
     }
     private(set) var groups: [Group] = []
 
-    /// The groups of the registrations that have not failed. Each group has a member.
+    /// The groups of the registrations that have not failed. Each group has a site.
     init(_ registers: [PlannedRegister]) {
         // Plain values only (no target copies): a 10,000-site request spent as long grouping
-        // its sites as the kernel took to attach them.
+        // its sites as the kernel took to attach them. A site's key is worked out again only
+        // when its spec (origin) or its file object changes: a glob's 241,000 sites share both.
         var groupOf: [LinkGroupKey: Int] = [:]
-        var last: (key: LinkGroupKey, group: Int)?  // consecutive sites are mostly in one group
+        var last: (origin: PlannedProbe.Origin, file: ResolvedFile, group: Int)?
         for (r, plan) in registers.enumerated() where plan.failure == nil {
             for p in plan.probes where !p.adopted {
                 for s in p.sites {
-                    let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
-                                           pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe, latency: p.spec.latency)
                     let g: Int
-                    if let last, last.key == key {
+                    if let last, last.origin === p.origin, last.file === s.target.file {
                         g = last.group
-                    } else if let known = groupOf[key] {
-                        g = known
                     } else {
-                        g = groups.count
-                        groups.append(Group(key: key, path: s.target.path, members: []))
-                        groupOf[key] = g
+                        let key = LinkGroupKey(file: FileID(device: s.target.device, inode: s.target.inode),
+                                               pid: p.spec.pid ?? 0, retprobe: p.spec.retprobe, latency: p.spec.latency)
+                        if let known = groupOf[key] {
+                            g = known
+                        } else {
+                            g = groups.count
+                            groups.append(Group(key: key, path: s.target.path, sites: [], regs: []))
+                            groupOf[key] = g
+                        }
+                        last = (p.origin, s.target.file, g)
                     }
-                    last = (key, g)
-                    groups[g].members.append(Member(reg: r, site: LinkSite(
-                        offset: s.target.fileOffset, refCtrOffset: s.target.refCtrOffset, slot: s.slot)))
+                    groups[g].sites.append(LinkSite(offset: s.target.fileOffset, refCtrOffset: s.target.refCtrOffset, slot: s.slot))
+                    groups[g].regs.append(r)
                 }
             }
         }
@@ -152,7 +163,7 @@ extension BatchApplier {
                         let origin = PlannedProbe.Origin(spec: item.spec, probeSet: item.probeSet)
                         for t in item.targets {
                             guard let slot = next.next() else { break }  // never: `needed` slots were allocated
-                            plan.probes.append(PlannedProbe(sites: [ProbeSite(target: t, slot: slot)], origin: origin))
+                            plan.probes.append(PlannedProbe(sites: ProbeSites(CollectionOfOne(ProbeSite(target: t, slot: slot))), origin: origin))
                         }
                     }
                 }
@@ -267,17 +278,18 @@ extension BatchApplier {
     /// large request's records, registry and tree work overlap its attach.
     func attachPlanned(_ registers: inout [PlannedRegister], meanwhile: (() -> Void)? = nil) {
         let groups = LinkGroups(registers).groups
-        let requests = groups.map { LinkRequest(key: $0.key, path: $0.path, sites: $0.members.map(\.site)) }
+        let requests = groups.map { LinkRequest(key: $0.key, path: $0.path, sites: $0.sites) }
         let created = links.create(requests, meanwhile: meanwhile)
         for (group, result) in zip(groups, created) {
             guard case .failure(let whole) = result else { continue }
-            let regsInGroup = Array(Set(group.members.map(\.reg))).sorted()
+            let regsInGroup = Array(Set(group.regs)).sorted()
             if regsInGroup.count == 1 {
                 registers[regsInGroup[0]].failure = attachFailure(whole, path: group.path)
                 continue
             }
             for r in regsInGroup where registers[r].failure == nil {
-                let mine = LinkRequest(key: group.key, path: group.path, sites: group.members.filter { $0.reg == r }.map(\.site))
+                let mine = LinkRequest(key: group.key, path: group.path,
+                                       sites: group.sites.indices.filter { group.regs[$0] == r }.map { group.sites[$0] })
                 for case .failure(let error) in links.create([mine], meanwhile: nil) {
                     registers[r].failure = attachFailure(error, path: group.path)
                 }

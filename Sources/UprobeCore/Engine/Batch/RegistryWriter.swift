@@ -48,6 +48,14 @@ final class RegistryWriter {
         addConsumers(of: r, sites: r.sites)
     }
 
+    /// Enters new registrations, like `insert` each (the registry in runs of one chunk: see
+    /// `ProbeMap.insert(contentsOf:)`).
+    func insert(contentsOf records: [ProbeRecord]) {
+        probes.insert(contentsOf: records)
+        pendingTreeInserts.reserveCapacity(pendingTreeInserts.count + records.count)
+        for r in records { addConsumers(of: r, sites: r.sites) }
+    }
+
     /// Swaps in a new version of an existing registration (same id). Consumers of sites it
     /// adds or drops are the caller's (`addConsumers`, `removeConsumers`).
     func replace(_ r: ProbeRecord) { probes.insert(r) }
