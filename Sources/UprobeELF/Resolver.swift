@@ -100,6 +100,11 @@ public struct ResolvedProbe: Sendable, Hashable {
 
     /// Whether it has a symbol name.
     public var hasSymbol: Bool { nameAt != Self.noName }
+    /// Where the name is in `file.names` (nil: none), and whether it has aliases, a semaphore or
+    /// a warning: a registration record keeps a site without those in fields of its own and
+    /// makes it again with `init(file:fileOffset:nameAt:)`.
+    public var nameIndex: UInt32? { nameAt == Self.noName ? nil : nameAt }
+    public var hasDetails: Bool { details != nil }
     /// The symbol name's length in UTF-8 bytes (0 without one).
     public var symbolByteCount: Int { withSymbolUTF8 { $0.count } ?? 0 }
 

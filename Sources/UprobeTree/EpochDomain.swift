@@ -18,7 +18,7 @@
 // Classic EBR has each reader copy the global epoch into its slot. The first version of this file
 // did that, and the benchmark showed the cost: the writer bumps the epoch on every publish, so
 // after each publish every reader takes one more cross-core cache miss (p99 under churn 2.2x idle;
-// see docs/BENCHMARKS-tree.md). With per-slot counters the reader touches only its own slot line
+// see docs/BENCHMARKS.md). With per-slot counters the reader touches only its own slot line
 // plus the data it reads (root pointer, nodes), and the writer instead snapshots the slots when a
 // grace period starts and waits for each odd one to change (the urcu / SRCU-per-CPU-counter idea).
 //

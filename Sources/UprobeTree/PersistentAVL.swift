@@ -4,19 +4,19 @@
 //
 // Why an AVL tree: O(log n) lookups with a worst-case height of ~1.44 log2(n) (25 for 100k keys),
 // deterministic shape (no random priorities to reproduce in tests), and a path copy touches only
-// ~log2(n) nodes of 56 + 32*consumers bytes. A B-tree would read fewer cache lines per lookup, but
+// ~log2(n) nodes of 52 + 20*consumers bytes. A B-tree would read fewer cache lines per lookup, but
 // each path copy would copy whole wide nodes, and variable-size consumer lists do not fit fixed
-// slots. One allocation per uprobe keeps bytes per registration low (see docs/BENCHMARKS-tree.md).
+// slots. One allocation per uprobe keeps bytes per registration low (see docs/BENCHMARKS.md).
 //
 // Node layout (one malloc block, never resized):
-//   NodeHeader (56 bytes): key (24), left (8), right (8), gen (8), height (4), count (4)
-//   Consumer[count] (32 bytes each) immediately after the header.
+//   NodeHeader (52 bytes): key (24), left (8), right (8), gen and height (8), count (4)
+//   Consumer[count] (20 bytes each, 4-byte aligned) immediately after the header's last field.
 // Version layout (one 64-byte-aligned block): VersionHeader (32 bytes: root, counts, sequence,
 // payload) immediately followed by a copy of the root node ("embedded root"). A reader's first two hops
 // (version record, root node's key and links) therefore land on one cache line: after each
 // publish a reader takes one cache miss less than with a separately allocated version record
 // (by construction; on the shared 2-vCPU VM the benchmark's run-to-run noise is larger than that
-// one miss, see docs/BENCHMARKS-tree.md). The embedded root belongs to its version block: the next batch copies
+// one miss, see docs/BENCHMARKS.md). The embedded root belongs to its version block: the next batch copies
 // it like any published node but never retires it separately (the whole block is retired).
 //
 // Mutation rule: a node whose `gen` equals the sequence number of the batch being built was
@@ -34,12 +34,44 @@ struct NodeHeader {
     var key: UprobeKey
     var left: NodePtr?
     var right: NodePtr?
-    /// Sequence number of the batch that allocated this node.
-    var gen: UInt64
-    var height: Int32
+    /// The sequence number of the batch that allocated this node (low 56 bits) and the node's
+    /// AVL height (high 8 bits), in one word: the node has no room for two. 2^56 batches is
+    /// more than any daemon publishes (2,000 years at a million batches per second), and an AVL
+    /// tree of 2^64 nodes is less than 93 levels high.
+    var genAndHeight: UInt64
     var count: Int32
 
-    static let consumersOffset = MemoryLayout<NodeHeader>.stride
+    static let genBits = 56
+    static let genMask: UInt64 = (1 << UInt64(genBits)) - 1
+    /// The largest batch sequence number a node can record.
+    static let maxGen = genMask
+
+    init(key: UprobeKey, gen: UInt64, height: Int32, count: Int32) {
+        self.key = key
+        left = nil
+        right = nil
+        genAndHeight = 0
+        self.count = count
+        self.gen = gen
+        self.height = height
+    }
+
+    /// Sequence number of the batch that allocated this node.
+    var gen: UInt64 {
+        @inline(__always) get { genAndHeight & Self.genMask }
+        @inline(__always) set { genAndHeight = genAndHeight & ~Self.genMask | newValue & Self.genMask }
+    }
+
+    var height: Int32 {
+        @inline(__always) get { Int32(truncatingIfNeeded: genAndHeight >> UInt64(Self.genBits)) }
+        @inline(__always) set { genAndHeight = genAndHeight & Self.genMask | UInt64(UInt8(truncatingIfNeeded: newValue)) << UInt64(Self.genBits) }
+    }
+
+    /// The consumers follow the header's last field, not its stride: `Consumer` needs only
+    /// 4-byte alignment, so a one-consumer node is 52 + 20 = 72 bytes (an 80-byte malloc chunk;
+    /// with the stride, 76 bytes would take a 96-byte chunk).
+    static let consumersOffset = (MemoryLayout<NodeHeader>.size + MemoryLayout<Consumer>.alignment - 1)
+        & ~(MemoryLayout<Consumer>.alignment - 1)
 
     @inline(__always)
     static func size(count: Int) -> Int { consumersOffset + count * MemoryLayout<Consumer>.stride }
@@ -124,6 +156,7 @@ struct BatchBuilder {
     var result: BatchResult
 
     init(base: VersionHeader, gen: UInt64) {
+        precondition(gen <= NodeHeader.maxGen, "uprobe tree: batch sequence \(gen) past what a node records")
         self.gen = gen
         root = base.root
         embeddedRoot = base.root
@@ -137,7 +170,7 @@ struct BatchBuilder {
 
     private func allocNode(key: UprobeKey, count: Int) -> NodePtr {
         let p = RawMemory.allocate(NodeHeader.size(count: count)).bindMemory(to: NodeHeader.self, capacity: 1)
-        p.initialize(to: NodeHeader(key: key, left: nil, right: nil, gen: gen, height: 1, count: Int32(count)))
+        p.initialize(to: NodeHeader(key: key, gen: gen, height: 1, count: Int32(count)))
         return p
     }
 

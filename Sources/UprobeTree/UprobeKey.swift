@@ -41,13 +41,17 @@ public struct UprobeKey: Hashable, Comparable, Sendable, BitwiseCopyable, Custom
     }
 }
 
-/// One consumer (registration) of a uprobe. 32 bytes, plain data.
+/// One consumer (registration) of a uprobe. 20 bytes, 4-byte aligned, plain data.
+///
+/// Packed for the daemon's per-probe memory: a uprobe with one consumer is one malloc block of
+/// `NodeHeader` (52 bytes) plus this, 72 bytes, which glibc serves from an 80-byte chunk (a
+/// request of 73 bytes or more takes 96). The registration id is kept as two 32-bit halves so
+/// that the struct needs only 4-byte alignment and follows the 52-byte header without padding.
+/// Hits are counted relative to the registry's records (`baseHits`), not here.
 @frozen
 public struct Consumer: Hashable, Sendable, BitwiseCopyable {
-    /// Registration id (unique per registration; the engine maps it to its spec and name).
-    public var registration: UInt64
-    /// Counter value at registration time (hits are reported relative to it).
-    public var baseline: UInt64
+    @usableFromInline var registrationLow: UInt32
+    @usableFromInline var registrationHigh: UInt32
     /// Counter slot in the counters map.
     public var slot: UInt32
     /// Pid filter: 0 = any process.
@@ -58,13 +62,21 @@ public struct Consumer: Hashable, Sendable, BitwiseCopyable {
     public static let retprobe: UInt32 = 1
 
     @inlinable
-    public init(registration: UInt64, slot: UInt32, pid: Int32 = 0, flags: UInt32 = 0,
-                baseline: UInt64 = 0) {
-        self.registration = registration
-        self.baseline = baseline
+    public init(registration: UInt64, slot: UInt32, pid: Int32 = 0, flags: UInt32 = 0) {
+        registrationLow = UInt32(truncatingIfNeeded: registration)
+        registrationHigh = UInt32(truncatingIfNeeded: registration >> 32)
         self.slot = slot
         self.pid = pid
         self.flags = flags
+    }
+
+    /// Registration id (unique per registration; the engine maps it to its spec and name).
+    @inlinable public var registration: UInt64 {
+        get { UInt64(registrationHigh) << 32 | UInt64(registrationLow) }
+        set {
+            registrationLow = UInt32(truncatingIfNeeded: newValue)
+            registrationHigh = UInt32(truncatingIfNeeded: newValue >> 32)
+        }
     }
 
     @inlinable public var isRetprobe: Bool { flags & Consumer.retprobe != 0 }

@@ -18,8 +18,9 @@ import Glibc
 ///   for the duration of the read; a thread keeps getting the same one). The closure sees one
 ///   consistent version through a ``TreeView``.
 ///
-/// Memory: one malloc block per uprobe (56-byte header + 32 bytes per consumer), i.e. 96 heap
-/// bytes per registration with one consumer per uprobe; see docs/BENCHMARKS-tree.md.
+/// Memory: one malloc block per uprobe (52-byte header + 20 bytes per consumer), i.e. 72
+/// requested bytes and an 80-byte glibc malloc chunk per registration with one consumer per
+/// uprobe; see docs/BENCHMARKS.md.
 ///
 /// Within a batch the writer's own lookups see the version it is building, and nothing reachable
 /// from it is freed before the batch is published and a grace period has passed, so no lookup

@@ -40,8 +40,12 @@ struct CompactRecordTests {
                                 sites: sites, registeredAt: 1, registeredAtMonotonic: .now, state: .active, baseHits: 0,
                                 targets: [t1, t2])
         #expect(plain.targets == [t1, t2] && plain.targetCount == 2 && plain.firstTarget == t1)
-        #expect(Mirror(reflecting: plain).children.first { $0.label == "rare" }.map { "\($0.value)" } == "nil",
-                "an active p<N> record whose targets are its sites has no rare parts")
+        #expect(plain.hasRareParts, "two sites are kept in the rare parts")
+        let single = ProbeRecord(id: "p1", consumer: "c", owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),
+                                 sites: [sites[0]], registeredAt: 1, registeredAtMonotonic: .now, state: .active, baseHits: 0,
+                                 targets: [t1])
+        #expect(!single.hasRareParts, "an active p<N> record whose one target is its site's has no rare parts")
+        #expect(single.targets == [t1] && single.targetCount == 1 && single.firstTarget == t1 && Array(single.sites) == [sites[0]])
 
         // Degraded: no sites, the targets as resolved at registration.
         let degraded = plain.with(sites: [], state: .degraded(reason: "gone"), baseHits: 5, targets: [t2], retired: [])
@@ -130,17 +134,104 @@ struct CompactRecordTests {
         #expect(renamed == ResolvedProbe(file: file, fileOffset: 0x10, symbol: nil), "names buffers are not the file's identity")
     }
 
-    @Test("what a resident probe takes: the record (one site inline) in one 96-byte malloc block, a target in 28 bytes, a stats row in 24")
+    @Test("what a resident probe takes: the record (one site inline) in one 64-byte malloc block, a target in 28 bytes, a stats row in 24")
     func sizes() {
         #expect(MemoryLayout<ResolvedProbe>.size <= 28)
         #expect(MemoryLayout<StatsRow>.stride == 24)
-        #expect(MemoryLayout<ProbeSites>.size <= 40)
+        #expect(MemoryLayout<ProbeSites>.size <= 32)
         let t = target("/a", inode: 1, offset: 0x10)
-        let r = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),
-                            sites: [ProbeSite(target: t, slot: 1)], registeredAt: 1, registeredAtMonotonic: .now,
-                            state: .active, baseHits: 0, targets: [t])
-        let block = mallocUsableSize(Unmanaged.passUnretained(r).toOpaque())
-        #expect(block <= 88, "usable size of the record's malloc block: \(block)")
+        for baseHits in [UInt64(0), UInt64(UInt32.max) - 1, UInt64(UInt32.max), .max] {
+            let r = ProbeRecord(id: "p1", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "f"),
+                                sites: [ProbeSite(target: t, slot: 1)], registeredAt: 1, registeredAtMonotonic: .now,
+                                state: .active, baseHits: baseHits, targets: [t])
+            let block = mallocUsableSize(Unmanaged.passUnretained(r).toOpaque())
+            // 56 usable bytes: a 64-byte chunk (a 57-byte request would take 80).
+            #expect(block == 56, "usable size of the record's malloc block: \(block)")
+            #expect(r.hasRareParts == (baseHits >= UInt64(UInt32.max)))
+        }
+    }
+
+    @Test("one site is kept in the record's own fields and reads back equal: with or without a name, at large offsets and slots; a site with details, several or none take the rare parts")
+    func siteInFields() {
+        let file = ResolvedFile(path: "/a", device: 7, inode: 9, buildID: "ab")
+        let names = SymbolNames.pack(["f", nil, String(repeating: "g", count: 300)])
+        func record(_ sites: [ProbeSite], state: ProbeState = .active) -> ProbeRecord {
+            ProbeRecord(id: "p5", consumer: nil, owner: .daemon, spec: ProbeSpecInput(path: "/a", symbol: "*"), sites: sites,
+                        registeredAt: 1, registeredAtMonotonic: .now, state: state, baseHits: 3, targets: sites.map(\.target))
+        }
+        var plainSites: [ProbeSite] = []
+        for (i, packed) in names.enumerated() {
+            let t = ResolvedProbe(file: packed.map { file.with(names: $0.names) } ?? file,
+                                  fileOffset: i == 2 ? .max : UInt64(0x1000 * i), nameAt: packed?.at)
+            plainSites.append(ProbeSite(target: t, slot: i == 2 ? .max : UInt32(i)))
+        }
+        plainSites.append(ProbeSite(target: ResolvedProbe(file: file, fileOffset: 0x40, symbol: nil), slot: 1 << 20))
+        for site in plainSites {
+            let r = record([site])
+            #expect(!r.hasRareParts)
+            #expect(Array(r.sites) == [site] && r.sites.count == 1 && r.targets == [site.target])
+            #expect(r.firstTarget == site.target && r.targetCount == 1 && r.sites[0].slot == site.slot)
+            #expect(r.firstTarget?.symbol == site.target.symbol && r.firstTarget?.file === site.target.file)
+            // A new version with other sites, and back.
+            let two = r.with(sites: [site, plainSites[0]], state: .active, baseHits: 4, targets: [site.target, plainSites[0].target], retired: [])
+            #expect(two.hasRareParts && Array(two.sites) == [site, plainSites[0]] && two.targetCount == 2)
+            let back = two.with(sites: [site], state: .active, baseHits: 5, targets: [site.target], retired: [])
+            #expect(!back.hasRareParts && Array(back.sites) == [site] && back.baseHits == 5)
+        }
+        var detailed = plainSites[0]
+        detailed.target.aliases = ["alias"]
+        detailed.target.warning = "w"
+        let d = record([detailed])
+        #expect(!d.hasRareParts && d.keepsDetailedSite, "a site with details alone goes apart with the terms")
+        #expect(Array(d.sites) == [detailed] && d.firstTarget?.aliases == ["alias"] && d.targetCount == 1)
+        #expect(d.targets == [detailed.target] && d.consumer == nil && d.spec.symbol == "*" && d.baseHits == 3)
+        var semaphore = plainSites[1]
+        semaphore.target.refCtrOffset = 0x88
+        let sem = record([semaphore])
+        #expect(sem.keepsDetailedSite && Array(sem.sites) == [semaphore] && sem.firstTarget?.refCtrOffset == 0x88)
+        // Details and something rare: the rare parts hold the site.
+        let degradedDetailed = record([detailed], state: .degraded(reason: "gone"))
+        #expect(degradedDetailed.hasRareParts && !degradedDetailed.keepsDetailedSite)
+        #expect(Array(degradedDetailed.sites) == [detailed] && degradedDetailed.targetCount == 1)
+        let plainAgain = d.with(sites: [plainSites[0]], state: .active, baseHits: 3, targets: [plainSites[0].target], retired: [])
+        #expect(!plainAgain.hasRareParts && !plainAgain.keepsDetailedSite && Array(plainAgain.sites) == [plainSites[0]])
+        let none = record([], state: .ended(reason: "exited"))
+        #expect(none.hasRareParts && none.sites.isEmpty && none.targetCount == 0 && none.firstTarget == nil)
+        let degradedOne = record([plainSites[0]], state: .degraded(reason: "gone"))
+        #expect(degradedOne.hasRareParts && Array(degradedOne.sites) == [plainSites[0]])
+    }
+
+    @Test("ids and base hits near 2^32 read back whole; only those that do not fit in 32 bits take the rare parts")
+    func narrowFields() {
+        let t = target("/a", inode: 1, offset: 0x10)
+        let spec = ProbeSpecInput(path: "/a", symbol: "f")
+        func record(_ id: String, baseHits: UInt64, state: ProbeState = .active) -> ProbeRecord {
+            ProbeRecord(id: id, consumer: nil, owner: .daemon, spec: spec, sites: [ProbeSite(target: t, slot: 7)],
+                        registeredAt: 1, registeredAtMonotonic: .now, state: state, baseHits: baseHits, targets: [t])
+        }
+        func hasRare(_ r: ProbeRecord) -> Bool { r.hasRareParts }
+        let limit = UInt64(UInt32.max)
+        let numbers: [UInt64] = [0, 1, limit - 1, limit, limit + 1, 1 << 40, .max - 1, .max]
+        let hits: [UInt64] = [0, 1, 1_000_000, limit - 1, limit, limit + 1, .max]
+        for n in numbers {
+            for h in hits {
+                let r = record(ProbeID.make(n), baseHits: h)
+                #expect(r.id == ProbeID.make(n) && r.number == n && r.baseHits == h && r.isActive)
+                #expect(hasRare(r) == (n >= limit || h >= limit), "p\(n) with \(h) base hits")
+                // A new version keeps both.
+                let next = r.with(sites: r.sites, state: .active, baseHits: h &+ 1, targets: [t], retired: [])
+                #expect(next.id == r.id && next.number == n && next.baseHits == h &+ 1)
+            }
+        }
+        // With other rare parts: a degraded record, an id not of the form p<N>.
+        let degraded = record("p4294967296", baseHits: .max, state: .degraded(reason: "gone"))
+        #expect(degraded.number == 1 << 32 && degraded.baseHits == .max && degraded.state == .degraded(reason: "gone"))
+        let other = record("probe-x", baseHits: limit)
+        #expect(other.id == "probe-x" && other.number == nil && other.baseHits == limit)
+        let otherSmall = record("p007", baseHits: 3)
+        #expect(otherSmall.id == "p007" && otherSmall.number == nil && otherSmall.baseHits == 3)
+        // A restored record (base hits below 2^32 - 1) stays one block.
+        #expect(!hasRare(record("p12", baseHits: 123_456_789)))
     }
 }
 

@@ -10,7 +10,7 @@ let stressSeconds: Double = {
     return 2.0
 }()
 
-/// Per-consumer self-check value: a reader that sees a consumer whose baseline is not
+/// Per-consumer self-check value: a reader that sees a consumer whose `check` is not
 /// `mix(key, registration)` read a torn, half-built or freed (debug-poisoned) record.
 @inline(__always)
 func mix(_ k: UprobeKey, _ reg: UInt64) -> UInt64 {
@@ -20,10 +20,20 @@ func mix(_ k: UprobeKey, _ reg: UInt64) -> UInt64 {
 }
 
 /// The header uprobe of the stress tree: its single consumer describes the whole version
-/// (consumer count in `slot`, order-independent checksum in `baseline`, batch number in
-/// `registration`), and is rewritten in the same batch as every other edit. A reader that sees
-/// half a batch, or a mix of two versions, finds the summary and the contents disagree.
+/// (consumer count in `slot`, order-independent checksum in `check`), and is rewritten in the
+/// same batch as every other edit. A reader that sees half a batch, or a mix of two versions,
+/// finds the summary and the contents disagree.
 let headerKey = UprobeKey(dev: 0, inode: 0, offset: 0)
+
+extension Consumer {
+    /// A consumer carrying a 64-bit self-check value in its `pid` (high half) and `flags` (low
+    /// half): every byte of the 20-byte record is then checked by the readers.
+    init(registration: UInt64, slot: UInt32, check: UInt64) {
+        self.init(registration: registration, slot: slot, pid: Int32(truncatingIfNeeded: check >> 32),
+                  flags: UInt32(truncatingIfNeeded: check))
+    }
+    var check: UInt64 { UInt64(UInt32(bitPattern: pid)) << 32 | UInt64(flags) }
+}
 
 final class StressFailures: Sendable {
     let count = Atomic<Int>(0)
@@ -44,7 +54,7 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
     let stop = Atomic<Bool>(false)
     let totalReads = Atomic<Int>(0)
     let totalBatches = Atomic<Int>(0)
-    tree.apply([.insertConsumer(headerKey, Consumer(registration: 0, slot: 0, baseline: 0))])
+    tree.apply([.insertConsumer(headerKey, Consumer(registration: 0, slot: 0, check: 0))])
 
     let writer = TestThread {
         var rng = SplitMix64(seed: seed)
@@ -61,7 +71,7 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
                 let roll = Int.random(in: 0..<100, using: &rng)
                 if roll < 55 {
                     let reg = UInt64.random(in: 1...4, using: &rng)
-                    batch.append(.insertConsumer(k, Consumer(registration: reg, slot: UInt32(reg), baseline: mix(k, reg))))
+                    batch.append(.insertConsumer(k, Consumer(registration: reg, slot: UInt32(reg), check: mix(k, reg))))
                     var list = model[k] ?? []
                     if !list.contains(reg) { list.append(reg); checksum &+= mix(k, reg); consumers += 1 }
                     model[k] = list
@@ -81,8 +91,7 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
                 }
             }
             batch.append(.insertConsumer(headerKey, Consumer(registration: 0, slot: UInt32(consumers),
-                                                             pid: Int32(truncatingIfNeeded: batchNo),
-                                                             baseline: checksum)))
+                                                             check: checksum)))
             tree.apply(batch)
             if batchNo % 256 == 0 { tree.synchronize() }
         }
@@ -115,15 +124,15 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
                             if k == headerKey { return }
                             if list.count < 1 || list.count > 4 { failures.fail("\(k): \(list.count) consumers") }
                             list.forEach { c in
-                                if c.baseline != mix(k, c.registration) || c.slot != UInt32(truncatingIfNeeded: c.registration) {
+                                if c.check != mix(k, c.registration) || c.slot != UInt32(truncatingIfNeeded: c.registration) {
                                     failures.fail("\(k): corrupt consumer \(c)")
                                 }
-                                sum &+= c.baseline
+                                sum &+= c.check
                                 n += 1
                             }
                         }
-                        if sum != header.baseline || n != Int(header.slot) {
-                            failures.fail("half a batch: seq \(v.sequence) summary (\(header.slot), \(header.baseline)) contents (\(n), \(sum))")
+                        if sum != header.check || n != Int(header.slot) {
+                            failures.fail("half a batch: seq \(v.sequence) summary (\(header.slot), \(header.check)) contents (\(n), \(sum))")
                         }
                         if v.count != keys || v.consumerCount != n + 1 {
                             failures.fail("counts: \(v.count)/\(keys) \(v.consumerCount)/\(n + 1)")
@@ -139,7 +148,7 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
                             v.withConsumers(of: k) { list in
                                 if list.isEmpty { failures.fail("\(k): empty list") }
                                 list.forEach { c in
-                                    if c.baseline != mix(k, c.registration) { failures.fail("\(k): corrupt consumer \(c)") }
+                                    if c.check != mix(k, c.registration) { failures.fail("\(k): corrupt consumer \(c)") }
                                 }
                             }
                         }
@@ -186,7 +195,7 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
     @Test func synchronizeWaitsForParkedReaderAndApplyDoesNot() {
         let tree = UprobeTree(readerSlots: 8)
         let keys = (0..<500).map { UprobeKey(dev: 3, inode: 4, offset: UInt64($0)) }
-        tree.apply(keys.map { .insertConsumer($0, Consumer(registration: $0.offset + 1, slot: 1, baseline: mix($0, $0.offset + 1))) })
+        tree.apply(keys.map { .insertConsumer($0, Consumer(registration: $0.offset + 1, slot: 1, check: mix($0, $0.offset + 1))) })
         let inside = DispatchSemaphore(value: 0)
         let release = DispatchSemaphore(value: 0)
         let readerOK = Atomic<Bool>(false)
@@ -196,7 +205,7 @@ func runStress(readers: Int, slots: Int, seconds: Double, seed: UInt64) -> (fail
                 release.wait()
                 // The writer has removed everything meanwhile; this version must be untouched.
                 var ok = v.count == 500 && v.validate().isEmpty
-                v.forEach { k, list in ok = ok && list.count == 1 && list[0].baseline == mix(k, list[0].registration) }
+                v.forEach { k, list in ok = ok && list.count == 1 && list[0].check == mix(k, list[0].registration) }
                 readerOK.store(ok, ordering: .relaxed)
             }
         }

@@ -44,7 +44,7 @@ import UprobeTree
                     let reg = UInt64.random(in: 1...6, using: &rng)
                     batch.append(.insertConsumer(k, Consumer(registration: reg, slot: UInt32(batchNo),
                                                              pid: Int32.random(in: 0...3, using: &rng),
-                                                             flags: UInt32(reg & 1), baseline: UInt64(batchNo))))
+                                                             flags: UInt32(reg & 1))))
                 } else if roll < insertBias + 35 {
                     batch.append(.removeConsumer(k, registration: UInt64.random(in: 1...6, using: &rng)))
                 } else {

@@ -11,7 +11,7 @@ import UprobeTree
         #expect(UprobeKey(dev: 1, inode: 2, offset: 9) < UprobeKey(dev: 1, inode: 3, offset: 0))
         #expect(UprobeKey(dev: 1, inode: 9, offset: 9) < UprobeKey(dev: 2, inode: 0, offset: 0))
         #expect(UprobeKey(dev: 1, inode: 2, offset: 3) < UprobeKey(dev: 1, inode: 2, offset: 4))
-        #expect(MemoryLayout<Consumer>.stride == 32)
+        #expect(MemoryLayout<Consumer>.stride == 20)
     }
 
     @Test func upsertRemoveAndBatchResult() {
@@ -22,13 +22,13 @@ import UprobeTree
             .insertConsumer(k2, Consumer(registration: 3, slot: 12)),
         ])
         #expect(r.published && r.version == 1 && r.keysAdded == 2 && r.consumersAdded == 3)
-        r = t.apply([.insertConsumer(k1, Consumer(registration: 1, slot: 99, baseline: 5))])
+        r = t.apply([.insertConsumer(k1, Consumer(registration: 1, slot: 99, pid: 5))])
         #expect(r.consumersReplaced == 1 && r.consumersAdded == 0 && r.version == 2)
         t.read { v in
             #expect(v.count == 2 && v.consumerCount == 3)
             let c = v.consumers(of: k1)
             #expect(c.map(\.registration) == [1, 2])
-            #expect(c[0].slot == 99 && c[0].baseline == 5)
+            #expect(c[0].slot == 99 && c[0].pid == 5)
             #expect(c[1].isRetprobe && c[1].pid == 42)
             // In-place access without copying the list out.
             var regs: [UInt64] = []

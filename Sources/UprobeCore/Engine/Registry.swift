@@ -127,38 +127,72 @@ public struct RetiredVersions: Sendable, Hashable, ExpressibleByArrayLiteral {
 /// Immutable and a class: snapshots and readers pass records around by one reference
 /// (one retain) instead of copying a struct full of strings and arrays (many).
 ///
-/// Compact, because a whole binary is 241,000 of them (88 bytes each, one malloc block):
-/// what every record of one request shares (consumer, owner, spec, registration time, probe
-/// set) is one `RequestTerms` object; the id is its number (`p<N>`), made into a string when
-/// asked; a single site is kept inline (`ProbeSites`), not in an array of its own; and what
-/// few records have (a degraded or ended state, targets apart from the sites, retired
-/// versions, a base histogram, an id not of the form `p<N>`) sits behind one optional
-/// reference. Measured with heaptrack on a whole-binary glob, the record with its site
-/// array was 264 bytes of requested heap per probe.
+/// Compact, because a whole binary is 241,000 of them: 56 bytes each, the largest request
+/// glibc serves from a 64-byte malloc chunk (57 takes 80). What every record of one request
+/// shares (consumer, owner, spec, registration time, probe set) is one `RequestTerms` object;
+/// the id is its number (`p<N>`), made into a string when asked; a single site is kept in the
+/// record's own fields (file object, offset, name index, slot), not in a `ProbeSite` or an
+/// array of its own; the id's number and the base hits are 32 bits each; and what few records
+/// have (a degraded or ended state, no site or several, targets apart from the sites, retired
+/// versions, a base histogram, an id not of the form `p<N>` or with N of 2^32 - 1 or more,
+/// base hits of 2^32 - 1 or more) sits in one object, which also holds the sites, referenced
+/// where the site's file would be. A site with aliases, a semaphore or a warning on an
+/// otherwise usual record goes into a smaller object of its own there. Measured with
+/// heaptrack on a whole-binary glob, the record with its site array was 264 bytes of requested
+/// heap per probe.
+///
+/// Base hits stay in the record because every record restored after a restart has some: a
+/// count below 4,294,967,295 needs no second object.
 public final class ProbeRecord: Sendable {
-    /// N of the id `p<N>`; meaningless when `rare.otherID` is set.
-    private let rawNumber: UInt64
-    /// What the records of one request share.
+    /// What the records of one request share. A field of its own: `r.spec`, `r.consumer` and
+    /// `r.countingSince` over 241,000 records then touch no reference count.
     let terms: RequestTerms
-    /// Hits counted before this daemon process took over (carried over from the state file).
-    public let baseHits: UInt64
-    /// The rarely present parts; nil when all have their usual value.
-    private let rare: RareParts?
-    /// Attached sites: empty when degraded after a restart or ended. A registration that
-    /// follows its path holds the sites of every file version still mapped by some process
-    /// (the current file's plus older ones), so old processes keep being counted.
-    public let sites: ProbeSites
+    /// Where the sites are: the one site's file (its offset, name and slot in the fields
+    /// below), the one site apart for its details, or the rare parts (which hold all sites).
+    private let home: SiteHome
+    /// The one site's file offset, name index (`ResolvedProbe.nameIndex`, `UInt32.max` for
+    /// none) and counter slot, when `home` is `.file`.
+    private let siteOffset: UInt64
+    private let siteNameAt: UInt32
+    private let siteSlot: UInt32
+    /// N of the id `p<N>` when N < `UInt32.max`; `UInt32.max`: the id is in `rare`.
+    private let numberLow: UInt32
+    /// `baseHits` when below `UInt32.max`; `UInt32.max`: in `rare`.
+    private let baseHitsLow: UInt32
 
-    /// What few records have, in one object.
+    /// One reference, whichever (the enum lives in the pointer's spare bits).
+    private enum SiteHome: Sendable {
+        case file(ResolvedFile)
+        /// Usual but for its one site's aliases, semaphore or warning (~2% of a large binary's
+        /// functions): that site alone, a 64-byte block instead of the rare parts' 224.
+        case detailed(DetailedSite)
+        case rare(RareParts)
+    }
+
+    private final class DetailedSite: Sendable {
+        let site: ProbeSite
+        init(site: ProbeSite) { self.site = site }
+    }
+
+    /// What few records have, in one object, with the sites.
     private final class RareParts: Sendable {
+        let sites: ProbeSites
+        /// An id not of the form `p<N>`.
         let otherID: String?
+        /// N of an id `p<N>` with N ≥ `UInt32.max`.
+        let wideNumber: UInt64?
+        /// `baseHits` when ≥ `UInt32.max` (else unused).
+        let wideBaseHits: UInt64
         let state: ProbeState
         let ownTargets: [ResolvedProbe]?
         let retired: RetiredVersions
         let baseLatency: LatencyHistogram?
-        init(otherID: String?, state: ProbeState, ownTargets: [ResolvedProbe]?, retired: RetiredVersions,
-             baseLatency: LatencyHistogram?) {
+        init(sites: ProbeSites, otherID: String?, wideNumber: UInt64?, wideBaseHits: UInt64,
+             state: ProbeState, ownTargets: [ResolvedProbe]?, retired: RetiredVersions, baseLatency: LatencyHistogram?) {
+            self.sites = sites
             self.otherID = otherID
+            self.wideNumber = wideNumber
+            self.wideBaseHits = wideBaseHits
             self.state = state
             self.ownTargets = ownTargets
             self.retired = retired
@@ -166,15 +200,54 @@ public final class ProbeRecord: Sendable {
         }
     }
 
+    /// The rarely present parts; nil when all have their usual value.
+    private var rare: RareParts? {
+        if case .rare(let r) = home { return r }
+        return nil
+    }
+
+    /// Whether the record needed its rare parts (tests: what stays one block).
+    var hasRareParts: Bool { rare != nil }
+    /// Whether its one site is kept apart, for its details (tests).
+    var keepsDetailedSite: Bool {
+        if case .detailed = home { return true }
+        return false
+    }
+
+    /// Attached sites: empty when degraded after a restart or ended. A registration that
+    /// follows its path holds the sites of every file version still mapped by some process
+    /// (the current file's plus older ones), so old processes keep being counted.
+    public var sites: ProbeSites {
+        switch home {
+        case .file(let file):
+            return ProbeSites(one: ProbeSite(target: ResolvedProbe(file: file, fileOffset: siteOffset,
+                                                                   nameAt: siteNameAt == .max ? nil : siteNameAt),
+                                             slot: siteSlot))
+        case .detailed(let d): return ProbeSites(one: d.site)
+        case .rare(let r): return r.sites
+        }
+    }
+
+    /// Hits counted before this daemon process took over (carried over from the state file).
+    public var baseHits: UInt64 {
+        if baseHitsLow != .max { return UInt64(baseHitsLow) }
+        return rare?.wideBaseHits ?? UInt64(baseHitsLow)
+    }
+
     /// The id: `p<N>` for every id this daemon hands out (made from `number` when asked: a
     /// short string, kept inline, so no allocation).
     public var id: String {
+        if numberLow != .max { return ProbeID.make(UInt64(numberLow)) }
         if let rare, let other = rare.otherID { return other }
-        return ProbeID.make(rawNumber)
+        return ProbeID.make(rare?.wideNumber ?? UInt64(numberLow))
     }
     /// N of an id `p<N>` (`ProbeID.number`), nil for any other id: parsed once, because the
     /// registry and the tree key by it.
-    public var number: UInt64? { rare?.otherID == nil ? rawNumber : nil }
+    public var number: UInt64? {
+        if numberLow != .max { return UInt64(numberLow) }
+        guard let rare else { return UInt64(numberLow) }
+        return rare.otherID == nil ? rare.wideNumber ?? UInt64(numberLow) : nil
+    }
     public var state: ProbeState { rare?.state ?? .active }
     /// Versions whose sites were retired, with their hits (already part of `baseHits`).
     public var retired: RetiredVersions { rare?.retired ?? RetiredVersions() }
@@ -212,7 +285,10 @@ public final class ProbeRecord: Sendable {
     /// For a registration that follows its path, `targets` are those of the newest good file.
     public var targets: [ResolvedProbe] { rare?.ownTargets ?? sites.map(\.target) }
     /// `targets.count`, without making the array.
-    public var targetCount: Int { rare?.ownTargets?.count ?? sites.count }
+    public var targetCount: Int {
+        guard let rare else { return 1 }   // one site, in the fields or apart with its details
+        return rare.ownTargets?.count ?? rare.sites.count
+    }
     /// `targets.first`, without making the array.
     public var firstTarget: ResolvedProbe? {
         if let own = rare?.ownTargets { return own.first }
@@ -236,18 +312,34 @@ public final class ProbeRecord: Sendable {
     init(id: String, terms: RequestTerms, sites: ProbeSites, state: ProbeState, baseHits: UInt64,
          targets: [ResolvedProbe]?, retired: RetiredVersions = [], baseLatency: LatencyHistogram? = nil) {
         let number = ProbeID.number(id)
-        self.rawNumber = number ?? 0
+        let narrowNumber = number.flatMap { $0 < UInt64(UInt32.max) ? UInt32($0) : nil }
+        let narrowBaseHits: UInt32? = baseHits < UInt64(UInt32.max) ? UInt32(baseHits) : nil
+        self.numberLow = narrowNumber ?? .max
+        self.baseHitsLow = narrowBaseHits ?? .max
         self.terms = terms
-        self.sites = sites
-        self.baseHits = baseHits
         let ownTargets = targets.flatMap { Self.same($0, as: sites) ? nil : $0 }
         let isActive: Bool
         if case .active = state { isActive = true } else { isActive = false }
-        if number == nil || !isActive || ownTargets != nil || !retired.isEmpty || baseLatency != nil {
-            self.rare = RareParts(otherID: number == nil ? id : nil, state: state, ownTargets: ownTargets, retired: retired,
-                                  baseLatency: baseLatency)
+        let usual = narrowNumber != nil && narrowBaseHits != nil && isActive && ownTargets == nil && retired.isEmpty
+            && baseLatency == nil
+        // The one site of a usual record goes in the record's fields unless it has details
+        // (aliases, a semaphore, a warning), which only a `ResolvedProbe` holds.
+        if usual, sites.count == 1, let only = sites.first, !only.target.hasDetails {
+            home = .file(only.target.file)
+            siteOffset = only.target.fileOffset
+            siteNameAt = only.target.nameIndex ?? .max
+            siteSlot = only.slot
         } else {
-            self.rare = nil
+            siteOffset = 0
+            siteNameAt = .max
+            siteSlot = 0
+            if usual, sites.count == 1, let only = sites.first {
+                home = .detailed(DetailedSite(site: only))
+            } else {
+                home = .rare(RareParts(sites: sites, otherID: number == nil ? id : nil,
+                                       wideNumber: narrowNumber == nil ? number : nil, wideBaseHits: baseHits,
+                                       state: state, ownTargets: ownTargets, retired: retired, baseLatency: baseLatency))
+            }
         }
     }
 
@@ -299,6 +391,11 @@ public struct ProbeSites: RandomAccessCollection, Sendable, Equatable {
         }
     }
     public init(_ sites: ProbeSites) { self = sites }
+    /// One site.
+    init(one site: ProbeSite) { storage = .one(site) }
+    /// No site.
+    static var empty: ProbeSites { ProbeSites(storage: .many([])) }
+    private init(storage: Storage) { self.storage = storage }
 
     // Inlinable: the state and reply encoders (another module) read a site per record.
     @inlinable public var startIndex: Int { 0 }
