@@ -266,9 +266,11 @@ public struct RequestHandler: Sendable {
         case .success(let records):
             registered(records)
             if records.count >= Self.releaseLaterMinimum {
-                // The request's largest arrays are let go off the reply's way, once it is written:
-                // dropping a whole binary's 241,000 records (one cache miss each), targets and
-                // resolutions here came between the engine's answer and the reply's write.
+                // The request's largest arrays are let go on another thread, not between the
+                // engine's answer and the reply's write: dropping a whole binary's 241,000 records
+                // (one cache miss each), targets and resolutions costs tens of milliseconds. The
+                // 100 ms only keeps that work off the CPU while the reply is written; nothing
+                // depends on it for correctness (the engine holds its own references).
                 let held = (records, items, resolutions)
                 DispatchQueue.global(qos: .utility).asyncAfter(deadline: .now() + .milliseconds(100)) {
                     withExtendedLifetime(held) {}
