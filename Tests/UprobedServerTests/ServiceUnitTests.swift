@@ -921,6 +921,29 @@ struct StateFileTests {
         #expect(other[0].degradedReason?.contains("earlier boot") == true)
     }
 
+    @Test("restore planning: the functions of a saved glob, each resolved apart, come back sharing one file object and one names buffer, their names and offsets unchanged")
+    func restoreSharesFiles() throws {
+        let lib = "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0"
+        let glob = try Resolver().resolution(ProbeSpecInput(path: lib, symbol: "sqlite3_*")).probes
+        try #require(glob.count > 100, "libsqlite3 exports its API")
+        // As the state file gives them back: each its own target, spec naming its function.
+        let probes = glob.enumerated().map { n, t in
+            SavedProbe(id: "p\(n + 1)", consumer: "ci", owner: Peer(pid: 1, uid: 0, gid: 0),
+                       spec: ProbeSpecInput(path: lib, symbol: t.symbol), registeredAt: 1, hits: UInt64(n),
+                       targets: [ResolvedProbe(path: t.path, device: t.device, inode: t.inode, buildID: t.buildID,
+                                               fileOffset: t.fileOffset, symbol: t.symbol)],
+                       stamp: fileStamp(t.path), pidStartTime: nil, degradedReason: nil)
+        }
+        let items = RestorePlanner.plan(SavedState(bootID: "b-1", savedAt: 1, probes: probes), resolver: Resolver(), bootID: "b-1")
+        #expect(items.count == glob.count)
+        #expect(items.allSatisfy { $0.degradedReason == nil && $0.targets.count == 1 })
+        #expect(Set(items.compactMap { $0.targets.first.map { ObjectIdentifier($0.file) } }).count == 1)
+        #expect(Set(items.compactMap { $0.targets.first?.file.names.map(ObjectIdentifier.init) }).count == 1)
+        for (item, t) in zip(items, glob) {
+            #expect(item.targets.first?.symbol == t.symbol && item.targets.first?.fileOffset == t.fileOffset)
+        }
+    }
+
     @Test("an ended registration round-trips as ended and comes back ended, never resolved or attached again")
     func endedStaysEnded() throws {
         var state = Self.sample

@@ -36,10 +36,24 @@ public enum RestorePlanner {
                                    degradedReason: reason, ended: why.ended, probeSet: p.probeSet, baseLatency: p.latency)
             }
         }
-        return state.probes.map { p in
+        var items = state.probes.map { p in
             var restored = item(p)
             restored.retired = p.retired  // history: kept whether or not the registration is adopted
             return restored
+        }
+        shareFiles(&items, compactor: resolver.names)
+        return items
+    }
+
+    /// Gives the targets of one file one file object and one names buffer (see
+    /// `ResolvedProbe.sharingFiles`): each function of a saved glob was resolved apart.
+    static func shareFiles(_ items: inout [RestoreItem], compactor: NameCompactor?) {
+        let shared = ResolvedProbe.sharingFiles(items.flatMap(\.targets), compactor: compactor)
+        var next = shared.startIndex
+        for i in items.indices {
+            let n = items[i].targets.count
+            items[i].targets = Array(shared[next..<next + n])
+            next += n
         }
     }
 
