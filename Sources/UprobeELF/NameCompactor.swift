@@ -1,6 +1,6 @@
 import CUprobeSys
 import Dispatch
-import Synchronization
+import UprobeSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -26,7 +26,8 @@ public final class NameCompactor: Sendable {
         var running = false
         var totals = Totals()
     }
-    private let state = Mutex(State())
+    /// A pthread mutex, which ThreadSanitizer understands (`PThreadMutex`).
+    private let state = PThreadMutex(State())
 
     /// What has been compressed since the start (for `status` and tests).
     public struct Totals: Sendable, Equatable {

@@ -1,4 +1,4 @@
-import Synchronization
+import UprobeSystem
 
 /// Where a `SymbolNames` keeps its names: plain (`NameBytes`) or compressed
 /// (`CompressedNames`), swapped under a lock; released when the `SymbolNames` goes.
@@ -24,7 +24,8 @@ final class NameStore: Sendable {
         case decode(CompressedNames)
     }
 
-    private let storage: Mutex<Storage>
+    /// A pthread mutex, which ThreadSanitizer understands (`PThreadMutex`).
+    private let storage: PThreadMutex<Storage>
     let byteCount: Int
 
     /// Blocks decoded recently that a buffer keeps: two scans at once (a `list` and a
@@ -32,7 +33,7 @@ final class NameStore: Sendable {
     static let recentBlocks = 2
 
     init(_ bytes: NameBytes) {
-        storage = Mutex(.plain(bytes))
+        storage = PThreadMutex(.plain(bytes))
         byteCount = bytes.count
     }
 
