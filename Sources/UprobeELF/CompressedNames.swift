@@ -137,7 +137,7 @@ final class CompressedNames: @unchecked Sendable {
         starts.reserveCapacity(bytes.count / blockBytes + 2)
         var at = 0, blockStart = 0
         while at < bytes.count {
-            let (start, n) = NameBytes.name(at: at, in: base)
+            let (start, n) = storedName(at: at, in: base)
             at = start + n + 1
             if at - blockStart >= blockBytes, at < bytes.count {
                 starts.append(UInt32(at))
@@ -159,7 +159,7 @@ final class CompressedNames: @unchecked Sendable {
         // Walk the names once, taking the first one past each stride mark.
         var at = 0, mark = 0
         while at < bytes.count {
-            let (start, n) = NameBytes.name(at: at, in: base)
+            let (start, n) = storedName(at: at, in: base)
             let next = start + n + 1
             if at >= mark {
                 // One name longer than what is left is skipped, not the rest.

@@ -26,25 +26,9 @@ final class NameBytes: ManagedBuffer<Int, UInt8> {
     /// The UTF-8 bytes of the name whose length prefix is at `at` (followed by a NUL), lent to `body`.
     func withName<R>(at: Int, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
         try withUnsafeMutablePointerToElements { base in
-            let (start, length) = Self.name(at: at, in: UnsafePointer(base))
+            let (start, length) = storedName(at: at, in: UnsafePointer(base))
             return try body(UnsafeBufferPointer(start: base + start, count: length))
         }
-    }
-
-    /// Where the bytes of the name whose length prefix is at `at` start, and their count.
-    @inline(__always)
-    static func name(at: Int, in base: UnsafePointer<UInt8>) -> (start: Int, count: Int) {
-        var p = at
-        var n = 0
-        var shift = 0
-        while true {
-            let b = base[p]
-            p += 1
-            n |= Int(b & 0x7f) << shift
-            if b & 0x80 == 0 { break }
-            shift += 7
-        }
-        return (p, n)
     }
 
     /// Bytes a name takes: length prefix, UTF-8, NUL.
@@ -69,4 +53,21 @@ final class NameBytes: ManagedBuffer<Int, UInt8> {
         base[at] = 0
         return at + 1
     }
+}
+
+/// Where the bytes of the name whose length prefix (LEB128) is at `at` start, and their count:
+/// the one reader of the layout, for `NameBytes` and for `SymbolNames`' inline bytes.
+@usableFromInline @inline(__always)
+func storedName(at: Int, in base: UnsafePointer<UInt8>) -> (start: Int, count: Int) {
+    var p = at
+    var n = 0
+    var shift = 0
+    while true {
+        let b = base[p]
+        p += 1
+        n |= Int(b & 0x7f) << shift
+        if b & 0x80 == 0 { break }
+        shift += 7
+    }
+    return (p, n)
 }

@@ -118,17 +118,8 @@ public final class SymbolNames: ManagedBuffer<SymbolNames.Header, UInt8> {
     public func withName<R>(at: UInt32, _ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R {
         if let store = header.store { return try store.withName(at: Int(at), body) }
         return try withUnsafeMutablePointerToElements { base in
-            var p = Int(at)
-            var n = 0
-            var shift = 0
-            while true {
-                let b = base[p]
-                p += 1
-                n |= Int(b & 0x7f) << shift
-                if b & 0x80 == 0 { break }
-                shift += 7
-            }
-            return try body(UnsafeBufferPointer(start: base + p, count: n))
+            let (start, count) = storedName(at: Int(at), in: UnsafePointer(base))
+            return try body(UnsafeBufferPointer(start: base + start, count: count))
         }
     }
 
