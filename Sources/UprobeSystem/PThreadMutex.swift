@@ -7,8 +7,9 @@ import Glibc
 /// For state that ThreadSanitizer checks: it understands pthread mutexes but not the
 /// Synchronization module's futex-based `Mutex`, and reports every access made under one from
 /// two threads as a data race (CI runs the concurrent tests under TSan).
-public final class PThreadMutex<Value>: @unchecked Sendable {
-    // @unchecked: `value` is only touched with `mutex` held.
+public final class PThreadMutex<Value: Sendable>: @unchecked Sendable {
+    // @unchecked: `value` is only touched with `mutex` held (and is Sendable itself, so what
+    // `withLock` hands out may cross threads).
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private var value: Value
 
